@@ -1,0 +1,23 @@
+"""An ONNX model run by ONNX Runtime inside the Python backend (the CPU stand-in for TensorRT).
+
+Triton tensor names are the ONNX input/output names. Parameters: `onnx_file` (default
+model.onnx), `intra_op_threads` (0 = ONNX Runtime's default).
+"""
+
+from tritonkit.runtime import BatchedModel
+
+
+class TritonPythonModel(BatchedModel):
+    def setup(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(self.parameters.get("intra_op_threads", "0"))
+        path = self.version_dir / self.parameters.get("onnx_file", "model.onnx")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session_inputs = [i.name for i in self.session.get_inputs()]
+        self.session_outputs = [o.name for o in self.session.get_outputs() if o.name in self.output_dtypes]
+
+    def run(self, batch):
+        feed = {name: batch[name] for name in self.session_inputs}
+        return dict(zip(self.session_outputs, self.session.run(self.session_outputs, feed)))

@@ -1,0 +1,54 @@
+"""One exception hierarchy: the CLI prints any of these in one line, without a traceback."""
+
+from __future__ import annotations
+
+
+class TritonkitError(Exception):
+    """Base of every error tritonkit raises on purpose.
+
+    `hint` tells the user how to fix it; `log_path` points at a file with details.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, hint: str | None = None, log_path: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.log_path = log_path
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.hint:
+            text += f" ({self.hint})"
+        if self.log_path:
+            text += f" [log: {self.log_path}]"
+        return text
+
+
+class UnknownFamilyError(TritonkitError):
+    pass
+
+
+class ModelSourceError(TritonkitError):
+    """The --model argument cannot be loaded (missing directory, no network, wrong family)."""
+
+
+class ExportError(TritonkitError):
+    """An ONNX export failed or does not match PyTorch within the spec's tolerance."""
+
+
+class ConfigError(TritonkitError):
+    """A config.pbtxt does not parse, or a repository is inconsistent."""
+
+
+class ServerError(TritonkitError):
+    """tritonserver could not be found, started, or it failed to load a model."""
+
+
+class InferenceError(TritonkitError):
+    """A request to the server failed."""
+
+
+class InputError(TritonkitError):
+    """One request's input is invalid; it fails alone, never its batch mates."""

@@ -1,0 +1,119 @@
+"""What a model family spec is: the single source of tensor names, dims, tolerances and batching.
+
+A spec describes a family as *exports* (PyTorch modules that become ONNX encoders) and
+*pipelines* (ensembles: a chain of Triton models wired by tensor name). Export, validation,
+config generation, the repository writer and the tests all read from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+from tritonkit.errors import ConfigError
+from tritonkit.triton_config import Batching, Tensor
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close an export must be to PyTorch: both bounds must hold."""
+
+    max_abs: float
+    min_cosine: float = 0.9999
+
+
+@dataclass
+class OnnxExport:
+    """A PyTorch module to export; its ONNX input/output names are the Triton tensor names."""
+
+    role: str
+    module: Any  # torch.nn.Module
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    # Several input batches (of different batch sizes) used to trace and to validate the export.
+    sample_inputs: list[dict[str, Any]]
+    tolerance: Tolerance
+    opset: int = 17
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One Triton model in an ensemble chain; its name is `<NAME>_<role>`."""
+
+    role: str
+    template: str  # module name in model_repository_templates
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    batching: Batching
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    files: Mapping[str, Path] = field(default_factory=dict)  # copied into the version dir
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """An ensemble `<NAME>_<role>` (or `<NAME>` when role is empty): stages wired by tensor name."""
+
+    role: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    stages: tuple[Stage, ...]
+
+    def __post_init__(self):
+        available = {t.name: t for t in self.inputs}
+        for stage in self.stages:
+            for tensor in stage.inputs:
+                source = available.get(tensor.name)
+                if source is None:
+                    raise ConfigError(f"pipeline {self.role!r}: {stage.role} needs {tensor.name}, which nothing produces")
+                if (source.dtype, source.dims) != (tensor.dtype, tensor.dims):
+                    raise ConfigError(
+                        f"pipeline {self.role!r}: {tensor.name} is {source.dtype}{list(source.dims)} where it is made "
+                        f"but {stage.role} expects {tensor.dtype}{list(tensor.dims)}"
+                    )
+            available.update({t.name: t for t in stage.outputs})
+        missing = [t.name for t in self.outputs if t.name not in available]
+        if missing:
+            raise ConfigError(f"pipeline {self.role!r}: outputs {missing} are produced by no stage")
+
+
+class FamilySpec:
+    """Base of every registered family. Subclasses set `name` and implement the three hooks."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    # Default batching per stage role; the CLI may override fields for every stage.
+    batching: ClassVar[Mapping[str, Batching]] = {}
+
+    def load(self, source: str, *, trust_remote_code: bool = False) -> Any:
+        """Load the PyTorch model and its processors from a Hub id or local directory."""
+        raise NotImplementedError
+
+    def exports(self, loaded: Any) -> list[OnnxExport]:
+        raise NotImplementedError
+
+    def pipelines(self, loaded: Any, onnx_files: Mapping[str, Path], workdir: Path) -> list[Pipeline]:
+        """The ensembles to serve; `onnx_files` maps export role -> validated ONNX file."""
+        raise NotImplementedError
+
+    def stage_batching(self, role: str) -> Batching:
+        return self.batching.get(role, Batching())
+
+
+_REGISTRY: dict[str, type[FamilySpec]] = {}
+
+
+def register(cls: type[FamilySpec]) -> type[FamilySpec]:
+    name = getattr(cls, "name", None)
+    if not name:
+        raise TypeError(f"{cls.__name__} has no family name")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"family {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def registry() -> Mapping[str, type[FamilySpec]]:
+    return dict(_REGISTRY)
+
+

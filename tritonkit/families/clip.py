@@ -1,0 +1,221 @@
+"""CLIP: image tower and text tower, each served as an ensemble that ends in projected embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from tritonkit.families.base import FamilySpec, OnnxExport, Pipeline, Stage, Tolerance, register
+from tritonkit.hf import from_pretrained
+from tritonkit.triton_config import Batching, Tensor
+
+# Public contract: ensemble tensors (see README).
+IMAGE = "IMAGE"
+IMAGE_EMBEDS = "IMAGE_EMBEDS"
+TEXT = "TEXT"
+TEXT_EMBEDS = "TEXT_EMBEDS"
+# Between composing models.
+PIXEL_VALUES = "PIXEL_VALUES"
+INPUT_IDS = "INPUT_IDS"
+ATTENTION_MASK = "ATTENTION_MASK"
+
+SAMPLE_TEXTS = ["a photo of a cat", "", "a diagram " * 60, "Ünïcødé text, numbers 1234 and #tags"]
+
+
+@dataclass
+class LoadedClip:
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+
+    @property
+    def projection_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def max_text_length(self) -> int:
+        positions = int(self.model.config.text_config.max_position_embeddings)
+        return min(int(self.tokenizer.model_max_length or positions), positions)
+
+
+def projected(output) -> Any:
+    """get_*_features return a tensor in transformers 4 and a pooled output object in 5."""
+    return output if hasattr(output, "shape") else output.pooler_output
+
+
+def _image_tower(model):
+    import torch
+
+    class ImageTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return projected(self.model.get_image_features(pixel_values=pixel_values))
+
+    return ImageTower().eval()
+
+
+def _text_tower(model):
+    import torch
+
+    class TextTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return projected(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+    return TextTower().eval()
+
+
+@register
+class ClipSpec(FamilySpec):
+    name = "clip"
+    description = "CLIP image and text towers -> ensembles NAME_image and NAME_text"
+    tolerance = Tolerance(max_abs=1e-4, min_cosine=0.9999)
+    batching: Mapping[str, Batching] = {
+        "image_preprocess": Batching(max_batch_size=16, preferred_batch_sizes=(8, 16), max_queue_delay_us=2000),
+        "image_encoder": Batching(max_batch_size=16, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
+        "text_tokenizer": Batching(max_batch_size=64, preferred_batch_sizes=(16, 32, 64), max_queue_delay_us=1000),
+        "text_encoder": Batching(max_batch_size=64, preferred_batch_sizes=(16, 32, 64), max_queue_delay_us=1000),
+    }
+
+    def load(self, source: str, *, trust_remote_code: bool = False) -> LoadedClip:
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        kwargs = {"trust_remote_code": trust_remote_code}
+        return LoadedClip(
+            model=from_pretrained(CLIPModel, source, "CLIP model", **kwargs).eval(),
+            tokenizer=from_pretrained(AutoTokenizer, source, "tokenizer", **kwargs),
+            image_processor=from_pretrained(AutoImageProcessor, source, "image processor", **kwargs),
+        )
+
+    # -- tensors ---------------------------------------------------------------------------
+    def image_recipe(self, loaded: LoadedClip):
+        from tritonkit.preprocessing.image import ImageRecipe
+
+        return ImageRecipe.from_processor(loaded.image_processor)
+
+    def tensors(self, loaded: LoadedClip) -> dict[str, Tensor]:
+        height, width = self.image_recipe(loaded).output_hw
+        length = loaded.max_text_length
+        return {
+            IMAGE: Tensor(IMAGE, "uint8", (-1,), ragged=True),
+            PIXEL_VALUES: Tensor(PIXEL_VALUES, "float32", (3, height, width)),
+            IMAGE_EMBEDS: Tensor(IMAGE_EMBEDS, "float32", (loaded.projection_dim,)),
+            TEXT: Tensor(TEXT, "string", (1,)),
+            INPUT_IDS: Tensor(INPUT_IDS, "int64", (length,)),
+            ATTENTION_MASK: Tensor(ATTENTION_MASK, "int64", (length,)),
+            TEXT_EMBEDS: Tensor(TEXT_EMBEDS, "float32", (loaded.projection_dim,)),
+        }
+
+    # -- exports ---------------------------------------------------------------------------
+    def exports(self, loaded: LoadedClip) -> list[OnnxExport]:
+        import torch
+
+        t = self.tensors(loaded)
+        generator = torch.Generator().manual_seed(0)
+        pixel_shape = t[PIXEL_VALUES].dims
+        pixel_samples = [
+            {PIXEL_VALUES: torch.randn((batch, *pixel_shape), generator=generator)} for batch in (2, 1, 5)
+        ]
+        text_samples = []
+        for texts in (SAMPLE_TEXTS[:2], SAMPLE_TEXTS[2:], SAMPLE_TEXTS[:1]):
+            encoded = loaded.tokenizer(
+                texts, padding="max_length", truncation=True, max_length=loaded.max_text_length, return_tensors="pt"
+            )
+            text_samples.append({INPUT_IDS: encoded["input_ids"], ATTENTION_MASK: encoded["attention_mask"]})
+        return [
+            OnnxExport(
+                role="image_encoder",
+                module=_image_tower(loaded.model),
+                inputs=(t[PIXEL_VALUES],),
+                outputs=(t[IMAGE_EMBEDS],),
+                sample_inputs=pixel_samples,
+                tolerance=self.tolerance,
+            ),
+            OnnxExport(
+                role="text_encoder",
+                module=_text_tower(loaded.model),
+                inputs=(t[INPUT_IDS], t[ATTENTION_MASK]),
+                outputs=(t[TEXT_EMBEDS],),
+                sample_inputs=text_samples,
+                tolerance=self.tolerance,
+            ),
+        ]
+
+    # -- pipelines -------------------------------------------------------------------------
+    def pipelines(self, loaded: LoadedClip, onnx_files: Mapping[str, Path], workdir: Path) -> list[Pipeline]:
+        t = self.tensors(loaded)
+        tokenizer_dir = Path(workdir) / "tokenizer"
+        loaded.tokenizer.save_pretrained(str(tokenizer_dir))
+        image = Pipeline(
+            role="image",
+            inputs=(t[IMAGE],),
+            outputs=(t[IMAGE_EMBEDS],),
+            stages=(
+                Stage(
+                    role="image_preprocess",
+                    template="image_preprocess",
+                    inputs=(t[IMAGE],),
+                    outputs=(t[PIXEL_VALUES],),
+                    batching=self.stage_batching("image_preprocess"),
+                    parameters={"recipe": self.image_recipe(loaded).to_json()},
+                ),
+                Stage(
+                    role="image_encoder",
+                    template="onnx_encoder",
+                    inputs=(t[PIXEL_VALUES],),
+                    outputs=(t[IMAGE_EMBEDS],),
+                    batching=self.stage_batching("image_encoder"),
+                    files={"model.onnx": onnx_files["image_encoder"]},
+                ),
+            ),
+        )
+        text = Pipeline(
+            role="text",
+            inputs=(t[TEXT],),
+            outputs=(t[TEXT_EMBEDS],),
+            stages=(
+                Stage(
+                    role="text_tokenizer",
+                    template="text_tokenizer",
+                    inputs=(t[TEXT],),
+                    outputs=(t[INPUT_IDS], t[ATTENTION_MASK]),
+                    batching=self.stage_batching("text_tokenizer"),
+                    parameters={"tokenizer_dir": "tokenizer", "max_length": str(loaded.max_text_length)},
+                    files={"tokenizer": tokenizer_dir},
+                ),
+                Stage(
+                    role="text_encoder",
+                    template="onnx_encoder",
+                    inputs=(t[INPUT_IDS], t[ATTENTION_MASK]),
+                    outputs=(t[TEXT_EMBEDS],),
+                    batching=self.stage_batching("text_encoder"),
+                    files={"model.onnx": onnx_files["text_encoder"]},
+                ),
+            ),
+        )
+        return [image, text]
+
+    # -- reference -------------------------------------------------------------------------
+    def reference_image_embeds(self, loaded: LoadedClip, images) -> Any:
+        """What the image ensemble must return: CLIPModel features of the processor's pixels."""
+        import torch
+
+        pixels = loaded.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            return projected(loaded.model.get_image_features(pixel_values=pixels)).numpy()
+
+    def reference_text_embeds(self, loaded: LoadedClip, texts: list[str]) -> Any:
+        import torch
+
+        encoded = loaded.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=loaded.max_text_length, return_tensors="pt"
+        )
+        with torch.no_grad():
+            return projected(loaded.model.get_text_features(**encoded)).numpy()

@@ -1,0 +1,1 @@
+"""Preprocessing shared by the served models and by tests."""

@@ -1,0 +1,129 @@
+"""The common body of tritonkit's Python-backend models: one batched call per `execute`.
+
+Triton hands `execute` every request the dynamic batcher merged. `BatchedModel` turns each request
+into rows (`prepare`), runs one call over all rows (`run`), and splits the result back. A request
+whose input is bad gets its own error response; its batch mates still succeed.
+
+This module is imported inside the Python-backend stub, where `triton_python_backend_utils`
+exists; it is imported lazily so the pure parts stay testable anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from tritonkit.errors import InputError
+
+LOGGER = logging.getLogger("tritonkit.runtime")
+
+# Triton data type -> numpy dtype for outputs.
+_NUMPY_OF_TRITON = {
+    "TYPE_BOOL": np.bool_,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_FP16": np.float16,
+    "TYPE_FP32": np.float32,
+    "TYPE_STRING": np.object_,
+}
+
+
+def split_rows(batch: Mapping[str, np.ndarray], counts: list[int]) -> list[dict[str, np.ndarray]]:
+    """Split arrays whose first axis holds sum(counts) rows into one dict per request."""
+    parts: list[dict[str, np.ndarray]] = [{} for _ in counts]
+    offsets = np.cumsum([0, *counts])
+    for name, array in batch.items():
+        if len(array) != offsets[-1]:
+            raise RuntimeError(f"output {name} has {len(array)} rows, expected {offsets[-1]}")
+        for i in range(len(counts)):
+            parts[i][name] = array[offsets[i] : offsets[i + 1]]
+    return parts
+
+
+def concat_rows(rows: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    names = rows[0].keys()
+    return {name: np.concatenate([r[name] for r in rows], axis=0) for name in names}
+
+
+def string_rows(array: np.ndarray, tensor: str) -> list[str]:
+    """Decode a TYPE_STRING tensor [B, 1] to str, rejecting text that is not UTF-8."""
+    texts = []
+    for item in array.reshape(-1):
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{tensor}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return texts
+
+
+class BatchedModel:
+    """Base of tritonkit's `TritonPythonModel` classes."""
+
+    def initialize(self, args: dict) -> None:
+        self.model_config = json.loads(args["model_config"])
+        self.model_name = args.get("model_name", self.model_config.get("name", "?"))
+        self.version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.parameters = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
+        self.input_names = [i["name"] for i in self.model_config["input"]]
+        self.output_dtypes = {o["name"]: _NUMPY_OF_TRITON[o["data_type"]] for o in self.model_config["output"]}
+        self.setup()
+
+    def setup(self) -> None:
+        """Load what the model needs (sessions, tokenizers) from `self.version_dir`."""
+
+    def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request's inputs -> rows to batch. Raise InputError for a bad request."""
+        return inputs
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def execute(self, requests):
+        import triton_python_backend_utils as pb_utils
+
+        responses: list = [None] * len(requests)
+        prepared: list[tuple[int, dict[str, np.ndarray]]] = []
+        for index, request in enumerate(requests):
+            try:
+                inputs = {}
+                for name in self.input_names:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    if tensor is not None:
+                        inputs[name] = tensor.as_numpy()
+                prepared.append((index, self.prepare(inputs)))
+            except InputError as exc:
+                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+            except Exception as exc:  # a bug must not take the batch down either
+                LOGGER.error("%s: unexpected error preparing a request:\n%s", self.model_name, traceback.format_exc())
+                responses[index] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"{self.model_name}: internal error: {exc}")
+                )
+        if prepared:
+            counts = [len(next(iter(rows.values()))) for _, rows in prepared]
+            try:
+                outputs = self.run(concat_rows([rows for _, rows in prepared]))
+                per_request = split_rows(outputs, counts)
+            except Exception as exc:
+                LOGGER.error("%s: batch failed:\n%s", self.model_name, traceback.format_exc())
+                error = pb_utils.TritonError(f"{self.model_name}: {exc}")
+                per_request = [error] * len(prepared)
+            for (index, _), result in zip(prepared, per_request):
+                if isinstance(result, dict):
+                    tensors = [
+                        pb_utils.Tensor(name, np.ascontiguousarray(value.astype(self.output_dtypes[name], copy=False)))
+                        for name, value in result.items()
+                    ]
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+                else:
+                    responses[index] = pb_utils.InferenceResponse(error=result)
+        return responses
+
+    def finalize(self) -> None:
+        pass

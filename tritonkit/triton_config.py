@@ -1,0 +1,193 @@
+"""Triton model configs built from the real protobuf schema, written and parsed as text format.
+
+Configs are assembled as plain dicts, turned into `model_config_pb2.ModelConfig` with
+`json_format.ParseDict` (which rejects unknown fields), and written with `text_format`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from tritonkit.errors import ConfigError
+
+# numpy dtype name -> Triton data type. "string" is Triton's BYTES/STRING type.
+TRITON_DTYPES: dict[str, str] = {
+    "bool": "TYPE_BOOL",
+    "uint8": "TYPE_UINT8",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "float16": "TYPE_FP16",
+    "float32": "TYPE_FP32",
+    "string": "TYPE_STRING",
+}
+NUMPY_DTYPES = {v: k for k, v in TRITON_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor of a Triton model, without its batch dimension."""
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+    ragged: bool = False  # lets the dynamic batcher merge requests whose shapes differ
+
+    def __post_init__(self):
+        if self.dtype not in TRITON_DTYPES:
+            raise ConfigError(f"tensor {self.name}: unknown dtype {self.dtype!r}; use one of {sorted(TRITON_DTYPES)}")
+        if not self.name or not all(isinstance(d, int) and d >= -1 and d != 0 for d in self.dims):
+            raise ConfigError(f"tensor {self.name!r}: dims must be positive or -1, got {self.dims}")
+        object.__setattr__(self, "dims", tuple(self.dims))
+
+    @property
+    def triton_type(self) -> str:
+        return TRITON_DTYPES[self.dtype]
+
+    def as_dict(self, *, is_input: bool) -> dict:
+        entry = {"name": self.name, "data_type": self.triton_type, "dims": list(self.dims)}
+        if is_input and self.ragged:
+            entry["allow_ragged_batch"] = True
+        return entry
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching and instance settings of one Triton model."""
+
+    max_batch_size: int = 16
+    preferred_batch_sizes: tuple[int, ...] = (4, 8, 16)
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.instances < 1:
+            raise ConfigError(f"instances must be >= 1, got {self.instances}")
+        if self.max_queue_delay_us < 0:
+            raise ConfigError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        preferred = tuple(sorted({int(b) for b in self.preferred_batch_sizes if b <= self.max_batch_size}))
+        if any(b < 1 for b in preferred):
+            raise ConfigError(f"preferred batch sizes must be >= 1, got {self.preferred_batch_sizes}")
+        object.__setattr__(self, "preferred_batch_sizes", preferred)
+
+    def override(self, **values) -> "Batching":
+        """A copy with the given fields replaced; None means keep."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class EnsembleStep:
+    model_name: str
+    input_map: Mapping[str, str]  # composing model's input -> ensemble tensor
+    output_map: Mapping[str, str]  # composing model's output -> ensemble tensor
+
+
+@dataclass
+class ModelFiles:
+    """A model's config plus what goes into its version directory."""
+
+    config: model_config_pb2.ModelConfig
+    files: dict[str, Path | bytes] = field(default_factory=dict)  # name in `1/` -> source
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def _parse(config: dict) -> model_config_pb2.ModelConfig:
+    try:
+        return json_format.ParseDict(config, model_config_pb2.ModelConfig())
+    except json_format.ParseError as exc:  # a bug in a spec, but say which model
+        raise ConfigError(f"model {config.get('name')!r}: invalid config: {exc}") from exc
+
+
+def python_model_config(
+    name: str,
+    inputs: Sequence[Tensor],
+    outputs: Sequence[Tensor],
+    batching: Batching,
+    parameters: Mapping[str, str] | None = None,
+    kind: str = "KIND_CPU",
+) -> model_config_pb2.ModelConfig:
+    config = {
+        "name": name,
+        "backend": "python",
+        "max_batch_size": batching.max_batch_size,
+        "input": [t.as_dict(is_input=True) for t in inputs],
+        "output": [t.as_dict(is_input=False) for t in outputs],
+        "dynamic_batching": {
+            "preferred_batch_size": list(batching.preferred_batch_sizes),
+            "max_queue_delay_microseconds": str(batching.max_queue_delay_us),
+        },
+        "instance_group": [{"count": batching.instances, "kind": kind}],
+        "parameters": {k: {"string_value": str(v)} for k, v in (parameters or {}).items()},
+    }
+    return _parse(config)
+
+
+def ensemble_config(
+    name: str,
+    inputs: Sequence[Tensor],
+    outputs: Sequence[Tensor],
+    max_batch_size: int,
+    steps: Sequence[EnsembleStep],
+) -> model_config_pb2.ModelConfig:
+    config = {
+        "name": name,
+        "platform": "ensemble",
+        "max_batch_size": max_batch_size,
+        "input": [t.as_dict(is_input=True) for t in inputs],
+        "output": [t.as_dict(is_input=False) for t in outputs],
+        "ensemble_scheduling": {
+            "step": [
+                {
+                    "model_name": s.model_name,
+                    "model_version": "-1",
+                    "input_map": dict(s.input_map),
+                    "output_map": dict(s.output_map),
+                }
+                for s in steps
+            ]
+        },
+    }
+    return _parse(config)
+
+
+def to_text(config: model_config_pb2.ModelConfig) -> str:
+    text = text_format.MessageToString(config)
+    # protobuf omits default values; Triton reads a missing max_batch_size as 0 (no batching),
+    # which is what we mean then, so nothing needs adding.
+    return text
+
+
+def parse_text(text: str, source: str = "<string>") -> model_config_pb2.ModelConfig:
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{source}: not a valid Triton model config: {exc}") from exc
+
+
+def write_config(config: model_config_pb2.ModelConfig, model_dir: Path) -> Path:
+    path = Path(model_dir) / "config.pbtxt"
+    path.write_text(to_text(config))
+    return path
+
+
+def read_config(model_dir: Path) -> model_config_pb2.ModelConfig:
+    path = Path(model_dir) / "config.pbtxt"
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing config.pbtxt")
+    return parse_text(path.read_text(), str(path))
+
+
+def parameter(config: model_config_pb2.ModelConfig, key: str, default: str | None = None) -> str | None:
+    if key in config.parameters:
+        return config.parameters[key].string_value
+    return default
