@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny random CLIP (real architecture and tokenizer), its repository, a real server."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tritonkit.build import build
+from tritonkit.families import get_family
+from tritonkit.server import TritonServer, free_port
+from tritonkit.tiny import make_tiny_clip
+
+
+def has_gpu() -> bool:
+    return os.path.exists("/dev/nvidia0")
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def encode_image(array: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
+    image = Image.fromarray(array, mode=mode) if mode else Image.fromarray(array)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def random_image(height: int, width: int, seed: int = 0, channels: int = 3) -> np.ndarray:
+    """A smooth random picture (JPEG-friendly), uint8 HxWxC."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (max(height // 16, 2), max(width // 16, 2), channels), dtype=np.uint8)
+    image = Image.fromarray(coarse.squeeze(-1) if channels == 1 else coarse).resize((width, height), Image.BILINEAR)
+    noise = rng.integers(-12, 13, (height, width, channels))
+    return np.clip(np.asarray(image).reshape(height, width, channels) + noise, 0, 255).astype(np.uint8)
+
+
+def start_server(repository: Path, **kwargs) -> TritonServer:
+    server = TritonServer(
+        repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **kwargs
+    )
+    return server.start().wait_until_ready(300)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "model")
+
+
+@pytest.fixture(scope="session")
+def clip_loaded(tiny_clip_dir):
+    spec = get_family("clip")
+    return spec, spec.load(str(tiny_clip_dir))
+
+
+@pytest.fixture(scope="session")
+def clip_repository(tiny_clip_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clip_repo") / "model_repository"
+    build("clip", str(tiny_clip_dir), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def clip_server(clip_repository):
+    server = start_server(clip_repository)
+    yield server
+    server.stop()

@@ -1,0 +1,206 @@
+"""The `tritonkit` command: a thin layer over the library API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from tritonkit.errors import InputError, TritonkitError
+
+app = typer.Typer(
+    name="tritonkit",
+    help="Turn Hugging Face multimodal models into Triton Inference Server model repositories.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+Host = Annotated[str, typer.Option(help="Address to bind (127.0.0.1 keeps the server private).")]
+GrpcPort = Annotated[int, typer.Option("--grpc-port", help="gRPC port.")]
+HttpPort = Annotated[int, typer.Option("--http-port", help="HTTP port.")]
+MetricsPort = Annotated[int, typer.Option("--metrics-port", help="Prometheus metrics port.")]
+Url = Annotated[str, typer.Option("--url", help="Server gRPC address host:port.")]
+
+
+def _int_list(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"expected comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def build(
+    family: Annotated[str, typer.Argument(help="Model family: clip.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local save_pretrained directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model repository to write into (kept models stay).")] = Path(
+        "model_repository"
+    ),
+    name: Annotated[Optional[str], typer.Option(help="Model name prefix (default: the family name).")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="Override every model's max batch size.")] = None,
+    preferred_batch_sizes: Annotated[Optional[str], typer.Option(help="Override preferred batch sizes, e.g. 4,8,16.")] = None,
+    queue_delay_us: Annotated[Optional[int], typer.Option(help="Override the dynamic batcher's max queue delay.")] = None,
+    instances: Annotated[Optional[int], typer.Option(help="Override the instance count of every model.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code from the Hub to run.")] = False,
+):
+    """Export, validate and write a Triton model repository.
+
+    Example: tritonkit build clip --model openai/clip-vit-base-patch32 --out model_repository
+    """
+    from tritonkit.build import build as run_build
+    from tritonkit.repository import BatchingOverrides
+
+    overrides = BatchingOverrides(
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=_int_list(preferred_batch_sizes),
+        max_queue_delay_us=queue_delay_us,
+        instances=instances,
+    )
+    with console.status("building") as status:
+
+        def progress(message: str) -> None:
+            status.update(message)
+            console.print(message, highlight=False)
+
+        result = run_build(
+            family, model, out, name=name, overrides=overrides, trust_remote_code=trust_remote_code, progress=progress
+        )
+    console.print(f"[green]wrote[/green] {', '.join(result.models)} to {result.out}")
+
+
+@app.command()
+def serve(
+    repository: Annotated[Path, typer.Argument(help="Model repository directory.")] = Path("model_repository"),
+    host: Host = "127.0.0.1",
+    grpc_port: GrpcPort = 8001,
+    http_port: HttpPort = 8000,
+    metrics_port: MetricsPort = 8002,
+    log_file: Annotated[Optional[Path], typer.Option(help="Where tritonserver's log goes.")] = None,
+    ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for all models to load.")] = 600,
+):
+    """Run tritonserver on a repository in the foreground; Ctrl-C stops it."""
+    from tritonkit.repository import list_models
+    from tritonkit.server import TritonServer
+
+    server = TritonServer(
+        repository, host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, log_file=log_file
+    )
+    stopping = []
+
+    def forward(signum, _frame):
+        stopping.append(signum)
+        server.stop()
+
+    server.start()
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        server.wait_until_ready(ready_timeout)
+    except TritonkitError:
+        if stopping:
+            raise typer.Exit(0)
+        raise
+    models = list_models(repository)
+    print(
+        f"tritonkit: ready: {len(models)} models on grpc {server.grpc_url}, http {server.http_url}, "
+        f"metrics {server.metrics_url} (log: {server.log_file})",
+        flush=True,
+    )
+    code = server.process.wait()
+    server.stop()
+    if stopping:
+        raise typer.Exit(0)
+    errors = "\n".join(server.error_lines()[-20:])
+    raise TritonkitError(f"tritonserver exited with code {code}:\n{errors}", log_path=str(server.log_file))
+
+
+@app.command()
+def infer(
+    model: Annotated[str, typer.Argument(help="Ensemble name, e.g. clip_image or clip_text.")],
+    inputs: Annotated[list[str], typer.Argument(help="Files for byte inputs (images), strings for text inputs.")],
+    url: Url = "127.0.0.1:8001",
+    save: Annotated[Optional[Path], typer.Option(help="Write the embeddings to this .npy file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line per input.")] = False,
+):
+    """Call an embedding ensemble: image files -> embeddings, strings -> embeddings.
+
+    Example: tritonkit infer clip_image cat.jpg dog.png
+    """
+    import numpy as np
+
+    from tritonkit.client import TritonkitClient
+
+    with TritonkitClient(url) as client:
+        model_inputs, _, _ = client.model_io(model)
+        if model_inputs[0]["data_type"] == "TYPE_STRING":
+            embeddings = client.embed_texts(inputs, model=model)
+        else:
+            embeddings = client.embed_images(inputs, model=model)
+    if save:
+        np.save(save, embeddings)
+    for item, vector in zip(inputs, embeddings):
+        if as_json:
+            print(json.dumps({"input": item, "embedding": [float(v) for v in vector]}))
+        else:
+            head = ", ".join(f"{v:+.4f}" for v in vector[:4])
+            print(f"{item}: dim {len(vector)}, norm {np.linalg.norm(vector):.4f}, [{head}, ...]")
+
+
+@app.command()
+def families():
+    """List the model families tritonkit can build."""
+    from tritonkit.families import registry
+
+    for name, spec in sorted(registry().items()):
+        print(f"{name}: {spec.description}")
+
+
+@app.command("make-tiny")
+def make_tiny(
+    family: Annotated[str, typer.Argument(help="clip")],
+    out: Annotated[Path, typer.Argument(help="Directory to save_pretrained into.")],
+):
+    """Save a small random-initialised model (real architecture and tokenizer) for demos and tests."""
+    from tritonkit import tiny
+
+    makers = {"clip": tiny.make_tiny_clip}
+    if family not in makers:
+        raise InputError(f"no tiny model for {family!r}", hint=f"choose one of: {', '.join(makers)}")
+    makers[family](out)
+    console.print(f"saved a tiny random {family} to {out}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except TritonkitError as exc:
+        if os.environ.get("TRITONKIT_DEBUG") == "1":
+            raise
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

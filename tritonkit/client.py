@@ -1,0 +1,123 @@
+"""A small gRPC client for tritonkit's ensembles (tritonclient underneath)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from tritonkit.errors import InferenceError, InputError
+
+
+def pack_byte_rows(items: Sequence[bytes]) -> np.ndarray:
+    """Encoded files -> UINT8 [B, max_len], each row zero-padded at the end."""
+    if not items:
+        raise InputError("no inputs given")
+    width = max(len(b) for b in items)
+    rows = np.zeros((len(items), max(width, 1)), dtype=np.uint8)
+    for i, data in enumerate(items):
+        rows[i, : len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return rows
+
+
+def read_inputs(items: Iterable[bytes | str | Path]) -> list[bytes]:
+    out = []
+    for item in items:
+        if isinstance(item, bytes):
+            out.append(item)
+            continue
+        path = Path(item)
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        out.append(path.read_bytes())
+    return out
+
+
+class TritonkitClient:
+    def __init__(self, url: str = "127.0.0.1:8001", timeout_s: float | None = 120):
+        import tritonclient.grpc as grpcclient
+
+        self.url = url
+        self.timeout_s = timeout_s
+        self._grpc = grpcclient
+        self.client = grpcclient.InferenceServerClient(url)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "TritonkitClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def model_io(self, model: str) -> tuple[list[dict], list[dict], int]:
+        try:
+            config = self.client.get_model_config(model, as_json=True)["config"]
+        except Exception as exc:
+            raise InferenceError(f"model {model!r} is not available at {self.url}: {_message(exc)}") from None
+        return config["input"], config["output"], int(config.get("max_batch_size", 0))
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request; arrays carry their batch dimension."""
+        tensors, outputs = [], []
+        for name, array in inputs.items():
+            datatype = "BYTES" if array.dtype == object else _TRITON_OF_NUMPY[array.dtype.name]
+            tensor = self._grpc.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        _, model_outputs, _ = self.model_io(model)
+        outputs = [self._grpc.InferRequestedOutput(o["name"]) for o in model_outputs]
+        try:
+            result = self.client.infer(model, tensors, outputs=outputs, client_timeout=self.timeout_s)
+        except Exception as exc:
+            raise InferenceError(f"{model}: {_message(exc)}") from None
+        return {o["name"]: result.as_numpy(o["name"]) for o in model_outputs}
+
+    def _batched(self, model: str, rows: list, make_input) -> np.ndarray:
+        inputs, outputs, max_batch = self.model_io(model)
+        (input_name,), (output_name,) = [i["name"] for i in inputs], [o["name"] for o in outputs]
+        step = max_batch or 1
+        parts = [
+            self.infer(model, {input_name: make_input(rows[i : i + step])})[output_name]
+            for i in range(0, len(rows), step)
+        ]
+        return np.concatenate(parts, axis=0)
+
+    def embed_images(self, images: Iterable[bytes | str | Path], model: str = "clip_image") -> np.ndarray:
+        """Encoded image files (paths or bytes) -> embeddings [N, D]."""
+        return self._batched(model, read_inputs(images), pack_byte_rows)
+
+    def embed_texts(self, texts: Sequence[str], model: str = "clip_text") -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            raise InputError("no texts given")
+        return self._batched(model, texts, lambda chunk: np.array([[t.encode()] for t in chunk], dtype=object))
+
+    def statistics(self, model: str) -> dict:
+        return self.client.get_inference_statistics(model, as_json=True)
+
+
+_TRITON_OF_NUMPY = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+}
+
+
+def _message(exc: Exception) -> str:
+    message = getattr(exc, "message", None)
+    text = message() if callable(message) else str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def executed_batch_sizes(statistics: dict, model: str) -> dict[int, int]:
+    """Batch size -> number of executions, from Triton's statistics of `model`."""
+    for entry in statistics.get("model_stats", []):
+        if entry["name"] == model:
+            return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in entry.get("batch_stats", [])}
+    return {}

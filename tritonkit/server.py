@@ -1,0 +1,225 @@
+"""Start and stop a real tritonserver for a model repository.
+
+Uses `tritonserver` from PATH when there is one (an NGC container); otherwise the binary bundled
+in the nvidia-pytriton wheel, with its libraries, its Python backend, and the backend stub that
+matches the running Python (the stub then runs this environment's interpreter and packages).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tritonkit.errors import ServerError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}
+EXIT_TIMEOUT_S = 30
+_ERROR_LINE = re.compile(r"^E\d{4} |failed to load|error:|UNAVAILABLE", re.IGNORECASE)
+# What a CPU-only machine always logs; not the reason anything failed.
+_BENIGN = re.compile(r"CudaDriverHelper|unable to create stream|CUDA driver|NVML|DCGM", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Installation:
+    binary: Path
+    backend_source: Path | None  # the wheel's backends/ (to complete with the stub), or None
+    libraries: Path | None
+    caches: Path | None
+
+
+def find_tritonserver() -> Installation:
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return Installation(Path(on_path), None, None, None)
+    try:
+        import pytriton
+    except ImportError:
+        raise ServerError(
+            "no tritonserver found",
+            hint="install tritonkit[cpu] (which bundles one in nvidia-pytriton) or run inside an NGC tritonserver container",
+        ) from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    binary = root / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise ServerError(f"nvidia-pytriton is installed but has no server binary at {binary}")
+    return Installation(binary, root / "backends", libs if libs.is_dir() else None, root / "caches")
+
+
+def _python_backend_dir(installation: Installation, workdir: Path) -> Path:
+    """The wheel's backends plus the stub built for this Python version."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = installation.binary.parent.parent / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"the bundled tritonserver has no Python-backend stub for Python {version}")
+    backends = workdir / "backends"
+    shutil.copytree(installation.backend_source, backends, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
+    return backends
+
+
+def server_environment(installation: Installation) -> dict[str, str]:
+    env = os.environ.copy()
+    # The stub embeds libpython: this interpreter's own library must win over the system's
+    # (a different patch release fails on symbols such as _PyModule_Add).
+    library_dirs = [sysconfig.get_config_var("LIBDIR") or ""]
+    if installation.libraries:
+        library_dirs.append(str(installation.libraries))
+    library_dirs.append(env.get("LD_LIBRARY_PATH", ""))
+    env["LD_LIBRARY_PATH"] = ":".join(d for d in library_dirs if d)
+    # The stub runs the first python3 on PATH: make it this environment's.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver process serving `repository`; a context manager that stops it on exit."""
+
+    repository: Path
+    host: str = DEFAULT_HOST
+    grpc_port: int = DEFAULT_PORTS["grpc"]
+    http_port: int = DEFAULT_PORTS["http"]
+    metrics_port: int = DEFAULT_PORTS["metrics"]
+    log_file: Path | None = None
+    response_cache_bytes: int = 0  # 0: no response cache
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = field(default=None, init=False)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self, installation: Installation, workdir: Path) -> list[str]:
+        args = [
+            str(installation.binary),
+            f"--model-repository={Path(self.repository).resolve()}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--model-control-mode=none",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            f"--log-verbose={self.log_verbose}",
+        ]
+        if installation.backend_source is not None:
+            args.append(f"--backend-directory={_python_backend_dir(installation, workdir)}")
+        if installation.caches is not None:
+            args.append(f"--cache-directory={installation.caches}")
+        if self.response_cache_bytes:
+            args.append(f"--cache-config=local,size={self.response_cache_bytes}")
+        return args + list(self.extra_args)
+
+    def start(self) -> "TritonServer":
+        repository = Path(self.repository)
+        if not repository.is_dir():
+            raise ServerError(f"{repository}: no such model repository directory")
+        for name, port in (("grpc", self.grpc_port), ("http", self.http_port), ("metrics", self.metrics_port)):
+            if not port_is_free(self.host, port):
+                raise ServerError(f"port {port} on {self.host} is already in use", hint=f"pass --{name}-port with a free port")
+        installation = find_tritonserver()
+        self._workdir = Path(tempfile.mkdtemp(prefix="tritonkit-server-"))
+        if self.log_file is None:
+            self.log_file = self._workdir / "tritonserver.log"
+        self._log = open(self.log_file, "wb")
+        self.process = subprocess.Popen(
+            self.command(installation, self._workdir),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=server_environment(installation),
+            start_new_session=True,  # Ctrl-C reaches us; we forward a clean SIGTERM
+        )
+        return self
+
+    def logs(self) -> str:
+        if self.log_file is None or not Path(self.log_file).exists():
+            return ""
+        return Path(self.log_file).read_text(errors="replace")
+
+    def error_lines(self) -> list[str]:
+        return [
+            line for line in self.logs().splitlines() if _ERROR_LINE.search(line) and not _BENIGN.search(line)
+        ]
+
+    def is_ready(self) -> bool:
+        import tritonclient.grpc as grpcclient
+
+        try:
+            with grpcclient.InferenceServerClient(self.grpc_url) as client:
+                return client.is_server_ready(client_timeout=2)
+        except Exception:
+            return False
+
+    def wait_until_ready(self, timeout: float = 300) -> "TritonServer":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                errors = "\n".join(self.error_lines()[-20:]) or self.logs()[-3000:]
+                raise ServerError(
+                    f"tritonserver exited with code {self.process.returncode} before it was ready:\n{errors}",
+                    log_path=str(self.log_file),
+                )
+            if self.is_ready():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"tritonserver was not ready after {timeout:.0f} s", log_path=str(self.log_file))
+
+    def stop(self, timeout: float = EXIT_TIMEOUT_S + 10) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        return self.process.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start().wait_until_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
