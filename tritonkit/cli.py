@@ -99,7 +99,7 @@ def serve(
 
     def forward(signum, _frame):
         stopping.append(signum)
-        server.stop()
+        server.terminate()
 
     server.start()
     signal.signal(signal.SIGINT, forward)
@@ -107,6 +107,7 @@ def serve(
     try:
         server.wait_until_ready(ready_timeout)
     except TritonkitError:
+        server.stop()
         if stopping:
             raise typer.Exit(0)
         raise

@@ -204,11 +204,16 @@ class TritonServer:
         self.stop()
         raise ServerError(f"tritonserver was not ready after {timeout:.0f} s", log_path=str(self.log_file))
 
+    def terminate(self) -> None:
+        """Ask tritonserver to exit (safe in a signal handler: it does not wait)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = EXIT_TIMEOUT_S + 10) -> int | None:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv and run the whole test suite against a real tritonserver.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+python -m pytest -q "$@"

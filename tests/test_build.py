@@ -1,0 +1,59 @@
+"""Building: validation against PyTorch, kept models, and failures that leave the repository intact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tritonkit.build import build
+from tritonkit.errors import ExportError, ModelSourceError
+from tritonkit.families.base import Tolerance
+from tritonkit.families.clip import ClipSpec
+from tritonkit.repository import BatchingOverrides, list_models, read_repository
+
+
+def test_build_records_the_measured_error_when_export_is_validated(clip_repository):
+    report = json.loads((clip_repository / "clip_image_encoder" / "1" / "export_report.json").read_text())
+    assert report["passed"] is True
+    assert 0 <= report["max_abs_error"] <= report["tolerance_max_abs"]
+    assert report["min_cosine"] >= 0.9999
+    assert report["batch_sizes"] == [2, 1, 5]
+
+
+def test_build_keeps_existing_models_when_a_second_name_is_added(tiny_clip_dir, clip_repository, tmp_path):
+    out = tmp_path / "repo"
+    build("clip", str(tiny_clip_dir), out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("config.pbtxt")}
+    build("clip", str(tiny_clip_dir), out, name="clip2", overrides=BatchingOverrides(instances=2, max_batch_size=4))
+    models = list_models(out)
+    assert "clip_image" in models and "clip2_image" in models and len(models) == 12
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    configs = read_repository(out)
+    assert configs["clip2_image_encoder"].instance_group[0].count == 2
+    assert configs["clip2_image"].max_batch_size == 4
+    assert configs["clip_image_encoder"].instance_group[0].count == 1
+    assert not [p for p in out.parent.iterdir() if ".staging-" in p.name]
+
+
+def test_build_fails_and_keeps_the_repository_when_export_misses_tolerance(tiny_clip_dir, tmp_path, monkeypatch):
+    out = tmp_path / "repo"
+    build("clip", str(tiny_clip_dir), out)
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(ClipSpec, "tolerance", Tolerance(max_abs=0.0, min_cosine=1.0))
+    with pytest.raises(ExportError, match=r"max abs error .* \(limit 0\).*does not match PyTorch"):
+        build("clip", str(tiny_clip_dir), out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+    assert not [p for p in out.parent.iterdir() if ".staging-" in p.name]
+
+
+def test_build_names_the_problem_when_model_directory_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        build("clip", str(tmp_path / "empty"), tmp_path / "out")
+
+
+def test_build_gives_a_clear_error_when_hub_is_unreachable(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match="cannot load the CLIP model"):
+        build("clip", "openai/clip-vit-base-patch32-not-cached", tmp_path / "out")

@@ -1,0 +1,98 @@
+"""The `tritonkit` command as a user runs it: a real process, a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import encode_image, random_image
+from tritonkit.server import free_port
+
+TRITONKIT = [sys.executable, "-m", "tritonkit.cli"]
+
+
+def run(*args, timeout=300, **kwargs):
+    return subprocess.run([*TRITONKIT, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def ports() -> list[str]:
+    return ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+
+
+def test_cli_prints_one_line_without_traceback_when_family_is_unknown():
+    result = run("build", "nosuchfamily", "--model", "x")
+    assert result.returncode == 2
+    assert "unknown model family 'nosuchfamily'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_shows_the_traceback_when_debugging(tmp_path):
+    result = run("build", "nosuchfamily", "--model", "x", env={**os.environ, "TRITONKIT_DEBUG": "1"})
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@pytest.mark.server
+def test_serve_exits_nonzero_with_the_server_error_when_a_model_is_broken(clip_repository, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(clip_repository / "clip_text_tokenizer", repo / "clip_text_tokenizer")
+    (repo / "clip_text_tokenizer" / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('deliberately broken model')\n"
+    )
+    result = run("serve", str(repo), *ports())
+    assert result.returncode == 2
+    assert "deliberately broken model" in result.stderr
+    assert "Traceback (most recent call last)" not in result.stderr.split("deliberately")[0]
+
+
+@pytest.mark.server
+def test_serve_reports_ready_and_stops_cleanly_when_interrupted(clip_repository, tmp_path):
+    grpc_port = free_port()
+    args = ["serve", str(clip_repository), "--grpc-port", str(grpc_port), "--http-port", str(free_port()),
+            "--metrics-port", str(free_port())]
+    process = subprocess.Popen([*TRITONKIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("tritonkit: ready: 6 models on grpc 127.0.0.1:"), line + process.stderr.read()
+        image = tmp_path / "cat.jpg"
+        image.write_bytes(encode_image(random_image(100, 120), "JPEG"))
+        result = run("infer", "clip_image", str(image), "--url", f"127.0.0.1:{grpc_port}", "--json",
+                     "--save", str(tmp_path / "e.npy"))
+        assert result.returncode == 0, result.stderr
+        record = json.loads(result.stdout.splitlines()[0])
+        assert record["input"] == str(image) and len(record["embedding"]) == 32
+        assert np.allclose(np.load(tmp_path / "e.npy")[0], record["embedding"], atol=1e-6)
+        text = run("infer", "clip_text", "a cat", "a dog", "--url", f"127.0.0.1:{grpc_port}")
+        assert text.returncode == 0 and text.stdout.count("dim 32") == 2
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.server
+def test_serve_refuses_to_start_when_port_is_taken(clip_repository):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        taken = sock.getsockname()[1]
+        result = run("serve", str(clip_repository), "--grpc-port", str(taken))
+    assert result.returncode == 2
+    assert f"port {taken} on 127.0.0.1 is already in use" in result.stderr
+
+
+def test_infer_names_the_server_when_it_is_not_there(tmp_path):
+    image = tmp_path / "x.jpg"
+    image.write_bytes(b"x")
+    result = run("infer", "clip_image", str(image), "--url", f"127.0.0.1:{free_port()}", timeout=60)
+    assert result.returncode == 2 and "is not available at" in result.stderr
