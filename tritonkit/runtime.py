@@ -85,6 +85,10 @@ class BatchedModel:
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def finish(self, outputs: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request's share of `run`'s outputs -> its response tensors (e.g. regroup rows)."""
+        return outputs
+
     def execute(self, requests):
         import triton_python_backend_utils as pb_utils
 
@@ -114,7 +118,13 @@ class BatchedModel:
                 LOGGER.error("%s: batch failed:\n%s", self.model_name, traceback.format_exc())
                 error = pb_utils.TritonError(f"{self.model_name}: {exc}")
                 per_request = [error] * len(prepared)
-            for (index, _), result in zip(prepared, per_request):
+            for (index, rows), result in zip(prepared, per_request):
+                if isinstance(result, dict):
+                    try:
+                        result = self.finish(result, rows)
+                    except Exception as exc:
+                        LOGGER.error("%s: finishing a request failed:\n%s", self.model_name, traceback.format_exc())
+                        result = pb_utils.TritonError(f"{self.model_name}: {exc}")
                 if isinstance(result, dict):
                     tensors = [
                         pb_utils.Tensor(name, np.ascontiguousarray(value.astype(self.output_dtypes[name], copy=False)))

@@ -1,0 +1,223 @@
+"""Whisper: audio bytes -> log-mel windows -> encoder -> batched greedy decoder with a KV cache -> text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from tritonkit.errors import ExportError
+from tritonkit.families.base import FamilySpec, OnnxExport, Pipeline, Stage, Tolerance, register
+from tritonkit.hf import from_pretrained
+from tritonkit.triton_config import Batching, Tensor
+
+# Public contract (see README).
+AUDIO = "AUDIO"
+TEXT = "TEXT"
+TOKENS = "TOKENS"
+# Between composing models and inside the decoder's graphs.
+INPUT_FEATURES = "INPUT_FEATURES"
+WINDOW_ROW = "WINDOW_ROW"  # which row of the request each 30 s window came from
+ENCODER_HIDDEN = "ENCODER_HIDDEN"
+CROSS_KEYS, CROSS_VALUES = "CROSS_KEYS", "CROSS_VALUES"
+INPUT_IDS, PAST_KEYS, PAST_VALUES = "INPUT_IDS", "PAST_KEYS", "PAST_VALUES"
+LOGITS, PRESENT_KEYS, PRESENT_VALUES = "LOGITS", "PRESENT_KEYS", "PRESENT_VALUES"
+
+
+@dataclass
+class LoadedWhisper:
+    model: Any
+    processor: Any
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def cache_dims(self) -> tuple[int, int, int]:
+        c = self.config
+        return c.decoder_layers, c.decoder_attention_heads, c.d_model // c.decoder_attention_heads
+
+
+@register
+class WhisperSpec(FamilySpec):
+    name = "whisper"
+    description = "Whisper speech recognition -> ensemble NAME (AUDIO bytes in, TEXT out)"
+    encoder_tolerance = Tolerance(max_abs=2e-3, min_cosine=0.9999)
+    decoder_tolerance = Tolerance(max_abs=5e-3, min_cosine=0.9999)
+    batching: Mapping[str, Batching] = {
+        "audio_preprocess": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16), max_queue_delay_us=2000),
+        "encoder": Batching(max_batch_size=32, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
+        "decoder": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16, 32), max_queue_delay_us=5000),
+    }
+
+    def load(self, source: str, *, trust_remote_code: bool = False) -> LoadedWhisper:
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        kwargs = {"trust_remote_code": trust_remote_code}
+        return LoadedWhisper(
+            model=from_pretrained(WhisperForConditionalGeneration, source, "Whisper model", **kwargs).eval(),
+            processor=from_pretrained(WhisperProcessor, source, "Whisper processor", **kwargs),
+        )
+
+    def tensors(self, loaded: LoadedWhisper) -> dict[str, Tensor]:
+        c = loaded.config
+        layers, heads, head_dim = loaded.cache_dims
+        frames = 2 * c.max_source_positions
+        cache = (layers, heads, -1, head_dim)
+        return {
+            AUDIO: Tensor(AUDIO, "uint8", (-1,), ragged=True),
+            INPUT_FEATURES: Tensor(INPUT_FEATURES, "float32", (c.num_mel_bins, frames)),
+            WINDOW_ROW: Tensor(WINDOW_ROW, "int32", (1,)),
+            ENCODER_HIDDEN: Tensor(ENCODER_HIDDEN, "float32", (c.max_source_positions, c.d_model)),
+            CROSS_KEYS: Tensor(CROSS_KEYS, "float32", (layers, heads, c.max_source_positions, head_dim)),
+            CROSS_VALUES: Tensor(CROSS_VALUES, "float32", (layers, heads, c.max_source_positions, head_dim)),
+            INPUT_IDS: Tensor(INPUT_IDS, "int64", (-1,)),
+            PAST_KEYS: Tensor(PAST_KEYS, "float32", cache),
+            PAST_VALUES: Tensor(PAST_VALUES, "float32", cache),
+            LOGITS: Tensor(LOGITS, "float32", (c.vocab_size,)),
+            PRESENT_KEYS: Tensor(PRESENT_KEYS, "float32", cache),
+            PRESENT_VALUES: Tensor(PRESENT_VALUES, "float32", cache),
+            TEXT: Tensor(TEXT, "string", (1,)),
+            TOKENS: Tensor(TOKENS, "int64", (-1,)),
+        }
+
+    def exports(self, loaded: LoadedWhisper) -> list[OnnxExport]:
+        import torch
+
+        from tritonkit.whisper_decoding import cross_kv_module, decoder_step_module
+
+        t = self.tensors(loaded)
+        c = loaded.config
+        g = torch.Generator().manual_seed(0)
+        encoder = _encoder_module(loaded.model)
+        features = [{INPUT_FEATURES: torch.randn((b, *t[INPUT_FEATURES].dims), generator=g) * 0.5} for b in (2, 1)]
+        cross = cross_kv_module(loaded.model)
+        step = decoder_step_module(loaded.model)
+        layers, heads, head_dim = loaded.cache_dims
+        step_samples = []
+        with torch.no_grad():
+            for batch, prompt, past in ((2, 2, 0), (3, 1, 3), (1, 1, 5)):
+                hidden = torch.randn((batch, c.max_source_positions, c.d_model), generator=g)
+                ck, cv = cross(hidden)
+                step_samples.append(
+                    {
+                        INPUT_IDS: torch.randint(0, c.vocab_size, (batch, prompt), generator=g),
+                        PAST_KEYS: torch.randn((batch, layers, heads, past, head_dim), generator=g),
+                        PAST_VALUES: torch.randn((batch, layers, heads, past, head_dim), generator=g),
+                        CROSS_KEYS: ck,
+                        CROSS_VALUES: cv,
+                        "_hidden": hidden,
+                    }
+                )
+        check_decoder_step(loaded.model, step, step_samples[0], self.decoder_tolerance)
+        for sample in step_samples:
+            sample.pop("_hidden")
+        hidden_samples = [
+            {ENCODER_HIDDEN: torch.randn((b, c.max_source_positions, c.d_model), generator=g)} for b in (2, 1)
+        ]
+        return [
+            OnnxExport("encoder", encoder, (t[INPUT_FEATURES],), (t[ENCODER_HIDDEN],), features, self.encoder_tolerance),
+            OnnxExport(
+                "decoder_cross_kv", cross, (t[ENCODER_HIDDEN],), (t[CROSS_KEYS], t[CROSS_VALUES]),
+                hidden_samples, self.decoder_tolerance,
+            ),
+            OnnxExport(
+                "decoder_step",
+                step,
+                (t[INPUT_IDS], t[PAST_KEYS], t[PAST_VALUES], t[CROSS_KEYS], t[CROSS_VALUES]),
+                (t[LOGITS], t[PRESENT_KEYS], t[PRESENT_VALUES]),
+                step_samples,
+                self.decoder_tolerance,
+            ),
+        ]
+
+    def decode_settings(self, loaded: LoadedWhisper):
+        from tritonkit.whisper_decoding import DecodeSettings
+
+        return DecodeSettings.from_generation_config(loaded.model.generation_config, loaded.processor.tokenizer)
+
+    def pipelines(self, loaded: LoadedWhisper, onnx_files: Mapping[str, Path], workdir: Path) -> list[Pipeline]:
+        from tritonkit.preprocessing.audio import AudioRecipe
+
+        t = self.tensors(loaded)
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        mel_filters = workdir / "mel_filters.npy"
+        np.save(mel_filters, np.asarray(loaded.processor.feature_extractor.mel_filters, dtype=np.float32))
+        tokenizer_dir = workdir / "tokenizer"
+        loaded.processor.tokenizer.save_pretrained(str(tokenizer_dir))
+        recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
+        return [
+            Pipeline(
+                role="",
+                inputs=(t[AUDIO],),
+                outputs=(t[TEXT], t[TOKENS]),
+                stages=(
+                    Stage(
+                        role="audio_preprocess",
+                        template="audio_preprocess",
+                        inputs=(t[AUDIO],),
+                        outputs=(t[INPUT_FEATURES], t[WINDOW_ROW]),
+                        batching=self.stage_batching("audio_preprocess"),
+                        parameters={"recipe": recipe.to_json()},
+                        files={"mel_filters.npy": mel_filters},
+                    ),
+                    Stage(
+                        role="encoder",
+                        template="onnx_encoder",
+                        inputs=(t[INPUT_FEATURES],),
+                        outputs=(t[ENCODER_HIDDEN],),
+                        batching=self.stage_batching("encoder"),
+                        files={"model.onnx": onnx_files["encoder"]},
+                    ),
+                    Stage(
+                        role="decoder",
+                        template="whisper_decoder",
+                        inputs=(t[ENCODER_HIDDEN], t[WINDOW_ROW]),
+                        outputs=(t[TEXT], t[TOKENS]),
+                        batching=self.stage_batching("decoder"),
+                        parameters={"decode_settings": self.decode_settings(loaded).to_json(), "tokenizer_dir": "tokenizer"},
+                        files={
+                            "cross_kv.onnx": onnx_files["decoder_cross_kv"],
+                            "step.onnx": onnx_files["decoder_step"],
+                            "tokenizer": tokenizer_dir,
+                        },
+                    ),
+                ),
+            )
+        ]
+
+
+def _encoder_module(model):
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = model.model.encoder
+
+        def forward(self, input_features):
+            return self.encoder(input_features=input_features).last_hidden_state
+
+    return Encoder().eval()
+
+
+def check_decoder_step(model, step, sample: dict, tolerance: Tolerance) -> float:
+    """The re-implemented decoder step must give transformers' logits (first step, no cache)."""
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    with torch.no_grad():
+        ours = step(sample[INPUT_IDS], sample[PAST_KEYS], sample[PAST_VALUES], sample[CROSS_KEYS], sample[CROSS_VALUES])[0]
+        theirs = model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=sample["_hidden"]),
+            decoder_input_ids=sample[INPUT_IDS],
+            use_cache=False,
+        ).logits[:, -1]
+    error = float((ours - theirs).abs().max())
+    if error > tolerance.max_abs:
+        raise ExportError(f"decoder_step: differs from transformers by {error:.3g} (limit {tolerance.max_abs:g})")
+    return error

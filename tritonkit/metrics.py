@@ -1,0 +1,31 @@
+"""Accuracy measures shared by tests, accuracy reports and benchmarks."""
+
+from __future__ import annotations
+
+import re
+
+
+def normalize_words(text: str) -> list[str]:
+    """Lowercase words without punctuation (hyphens and apostrophes inside words kept)."""
+    return re.findall(r"[a-z0-9]+(?:['-][a-z0-9]+)*", text.lower())
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(edit distance in words, number of reference words)."""
+    ref, hyp = normalize_words(reference), normalize_words(hypothesis)
+    previous = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        current = [i]
+        for j, h in enumerate(hyp, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
+        previous = current
+    return previous[-1], len(ref)
+
+
+def wer(references: list[str], hypotheses: list[str]) -> float:
+    """Corpus word error rate: total edits over total reference words."""
+    errors = words = 0
+    for reference, hypothesis in zip(references, hypotheses, strict=True):
+        e, n = word_errors(reference, hypothesis)
+        errors, words = errors + e, words + n
+    return errors / max(words, 1)

@@ -1,0 +1,117 @@
+"""Audio file bytes -> 16 kHz mono -> 30 s windows -> Whisper log-mel features.
+
+The log-mel computation is WhisperFeatureExtractor's (pad to 30 s, periodic Hann STFT with
+n_fft 400 and hop 160, power spectrum, the model's own Slaney mel filters, log10, clamp at
+max - 8, (x + 4) / 4), vectorised over windows with numpy.
+
+Long audio is cut into windows of at most 30 s. Each cut is placed at the quietest 100 ms of the
+last `search_seconds` before the 30 s mark, so words are rarely split and the texts of the
+windows are simply joined.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from tritonkit.errors import InputError
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP = 160
+WINDOW_SECONDS = 30
+WINDOW_SAMPLES = SAMPLE_RATE * WINDOW_SECONDS
+FRAMES = WINDOW_SAMPLES // HOP  # 3000
+
+
+@dataclass(frozen=True)
+class AudioRecipe:
+    n_mels: int = 80
+    max_seconds: float = 600.0
+    max_bytes: int = 200 * 1024 * 1024
+    search_seconds: float = 5.0  # where to look for a quiet cut before each 30 s mark
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AudioRecipe":
+        return cls(**json.loads(text))
+
+
+def decode_audio(data: bytes, recipe: AudioRecipe) -> np.ndarray:
+    """Encoded audio (WAV, FLAC, OGG/Vorbis/Opus, MP3 where libsndfile has it) -> float32 16 kHz mono."""
+    import soundfile
+
+    if len(data) == 0:
+        raise InputError("AUDIO: empty input (0 bytes)")
+    if len(data) > recipe.max_bytes:
+        raise InputError(f"AUDIO: {len(data)} bytes exceeds the {recipe.max_bytes} byte limit")
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as sound:
+            seconds = sound.frames / sound.samplerate if sound.samplerate else 0
+            if seconds > recipe.max_seconds:
+                raise InputError(f"AUDIO: {seconds:.0f} s exceeds the {recipe.max_seconds:.0f} s limit")
+            samples = sound.read(dtype="float32", always_2d=True)
+            rate = sound.samplerate
+    except InputError:
+        raise
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        reason = str(exc).strip().split(": ")[-1] or type(exc).__name__  # drop "Error opening <BytesIO ...>"
+        raise InputError(f"AUDIO: not a decodable audio file ({reason})") from None
+    if samples.shape[0] == 0:
+        raise InputError("AUDIO: the file holds no samples")
+    mono = samples.mean(axis=1, dtype=np.float32)
+    return resample(mono, rate)
+
+
+def resample(samples: np.ndarray, rate: int) -> np.ndarray:
+    if rate == SAMPLE_RATE:
+        return np.ascontiguousarray(samples, dtype=np.float32)
+    import soxr
+
+    return soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+
+
+def split_windows(samples: np.ndarray, recipe: AudioRecipe) -> list[np.ndarray]:
+    """Cut into pieces of at most 30 s, each cut at the quietest 100 ms before the 30 s mark."""
+    pieces, start = [], 0
+    search = int(recipe.search_seconds * SAMPLE_RATE)
+    block = SAMPLE_RATE // 10
+    while len(samples) - start > WINDOW_SAMPLES:
+        region = samples[start + WINDOW_SAMPLES - search : start + WINDOW_SAMPLES]
+        energy = np.square(region[: len(region) // block * block].reshape(-1, block)).mean(axis=1)
+        quietest = int(np.argmin(energy))
+        cut = start + WINDOW_SAMPLES - search + quietest * block + block // 2
+        pieces.append(samples[start:cut])
+        start = cut
+    pieces.append(samples[start:])
+    return pieces
+
+
+def hann_window() -> np.ndarray:
+    """Periodic Hann window of N_FFT samples (as torch.hann_window and transformers' "hann")."""
+    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
+
+
+def log_mel(windows: list[np.ndarray], mel_filters: np.ndarray) -> np.ndarray:
+    """Pieces of <= 30 s -> features [N, n_mels, 3000]. `mel_filters` is [n_freq=201, n_mels]."""
+    padded = np.zeros((len(windows), WINDOW_SAMPLES), dtype=np.float32)
+    for i, piece in enumerate(windows):
+        padded[i, : min(len(piece), WINDOW_SAMPLES)] = piece[:WINDOW_SAMPLES]
+    # center=True with reflect padding, as torch.stft in the feature extractor
+    padded = np.pad(padded, ((0, 0), (N_FFT // 2, N_FFT // 2)), mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT, axis=1)[:, ::HOP]  # [N, 3001, 400]
+    spectrum = np.fft.rfft(frames * hann_window(), axis=-1)
+    power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)[:, :-1]  # drop the last frame
+    mel = power @ mel_filters.astype(np.float32)  # [N, 3000, n_mels]
+    log_spec = np.log10(np.maximum(mel, 1e-10))
+    log_spec = np.maximum(log_spec, log_spec.max(axis=(1, 2), keepdims=True) - 8.0)
+    return np.ascontiguousarray(((log_spec + 4.0) / 4.0).transpose(0, 2, 1), dtype=np.float32)
+
+
+def audio_bytes_to_features(data: bytes, recipe: AudioRecipe, mel_filters: np.ndarray) -> np.ndarray:
+    return log_mel(split_windows(decode_audio(data, recipe), recipe), mel_filters)

@@ -1,0 +1,265 @@
+"""Whisper's decoder as two export-friendly graphs, and the batched greedy loop that drives them.
+
+`CrossKV` computes every layer's cross-attention keys/values once per window; `DecoderStep`
+takes new tokens plus the self-attention cache and returns the last position's logits and the
+grown cache. Both are batch-first: [B, layers, heads, length, head_dim].
+
+`GreedyDecoder` decodes a whole dynamic batch together with the model's generation config
+(suppress tokens, begin-suppress tokens, the no-timestamps prompt, language detection and the
+task tokens of multilingual models). Finished rows leave the batch, so they stop costing work.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from tritonkit.errors import InputError
+
+
+def _modules():
+    import torch
+
+    class CrossKV(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.layers = model.model.decoder.layers
+            self.heads = model.config.decoder_attention_heads
+
+        def forward(self, encoder_hidden):
+            batch, length, dim = encoder_hidden.shape
+            keys, values = [], []
+            for layer in self.layers:
+                attention = layer.encoder_attn
+                k = attention.k_proj(encoder_hidden).view(batch, length, self.heads, -1).transpose(1, 2)
+                v = attention.v_proj(encoder_hidden).view(batch, length, self.heads, -1).transpose(1, 2)
+                keys.append(k)
+                values.append(v)
+            return torch.stack(keys, 1), torch.stack(values, 1)
+
+    class DecoderStep(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            decoder = model.model.decoder
+            self.decoder = decoder
+            self.proj_out = model.proj_out
+            self.heads = model.config.decoder_attention_heads
+            self.embed_scale = float(getattr(decoder, "embed_scale", 1.0) or 1.0)
+
+        @staticmethod
+        def attend(q, k, v, mask):
+            scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+            if mask is not None:
+                scores = scores + mask
+            return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+        def split(self, x):
+            batch, length, _ = x.shape
+            return x.view(batch, length, self.heads, -1).transpose(1, 2)
+
+        def merge(self, x):
+            batch, _, length, _ = x.shape
+            return x.transpose(1, 2).reshape(batch, length, -1)
+
+        def forward(self, input_ids, past_keys, past_values, cross_keys, cross_values):
+            past = past_keys.shape[3]
+            new = input_ids.shape[1]
+            positions = self.decoder.embed_positions.weight[past : past + new]
+            hidden = self.decoder.embed_tokens(input_ids) * self.embed_scale + positions
+            # query i (at absolute position past + i) sees keys 0 .. past + i
+            key_positions = torch.arange(past + new).unsqueeze(0)
+            query_positions = torch.arange(new).unsqueeze(1) + past
+            mask = torch.where(key_positions <= query_positions, 0.0, float("-inf")).to(hidden.dtype)
+            present_keys, present_values = [], []
+            for i, layer in enumerate(self.decoder.layers):
+                residual = hidden
+                x = layer.self_attn_layer_norm(hidden)
+                attention = layer.self_attn
+                q = self.split(attention.q_proj(x))
+                k = torch.cat([past_keys[:, i], self.split(attention.k_proj(x))], dim=2)
+                v = torch.cat([past_values[:, i], self.split(attention.v_proj(x))], dim=2)
+                present_keys.append(k)
+                present_values.append(v)
+                hidden = residual + attention.out_proj(self.merge(self.attend(q, k, v, mask)))
+                residual = hidden
+                x = layer.encoder_attn_layer_norm(hidden)
+                cross = layer.encoder_attn
+                q = self.split(cross.q_proj(x))
+                hidden = residual + cross.out_proj(self.merge(self.attend(q, cross_keys[:, i], cross_values[:, i], None)))
+                residual = hidden
+                x = layer.final_layer_norm(hidden)
+                hidden = residual + layer.fc2(layer.activation_fn(layer.fc1(x)))
+            hidden = self.decoder.layer_norm(hidden[:, -1])
+            return self.proj_out(hidden), torch.stack(present_keys, 1), torch.stack(present_values, 1)
+
+    return CrossKV, DecoderStep
+
+
+def cross_kv_module(model):
+    return _modules()[0](model).eval()
+
+
+def decoder_step_module(model):
+    return _modules()[1](model).eval()
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What greedy decoding needs from a model's generation config and tokenizer."""
+
+    start_token: int
+    end_token: int
+    no_timestamps_token: int | None
+    suppress_tokens: tuple[int, ...]
+    begin_suppress_tokens: tuple[int, ...]
+    max_length: int
+    multilingual: bool = False
+    language_tokens: dict[str, int] = field(default_factory=dict)  # "en" -> id
+    task_tokens: dict[str, int] = field(default_factory=dict)  # "transcribe" / "translate" -> id
+
+    @classmethod
+    def from_generation_config(cls, generation, tokenizer) -> "DecodeSettings":
+        languages = {}
+        for token, token_id in (getattr(generation, "lang_to_id", None) or {}).items():
+            languages[token.strip("<|>")] = int(token_id)
+        return cls(
+            start_token=int(generation.decoder_start_token_id),
+            end_token=int(generation.eos_token_id),
+            no_timestamps_token=getattr(generation, "no_timestamps_token_id", None),
+            suppress_tokens=tuple(int(t) for t in (generation.suppress_tokens or [])),
+            begin_suppress_tokens=tuple(int(t) for t in (generation.begin_suppress_tokens or [])),
+            max_length=int(generation.max_length or 448),
+            multilingual=bool(getattr(generation, "is_multilingual", False)),
+            language_tokens=languages,
+            task_tokens={k: int(v) for k, v in (getattr(generation, "task_to_id", None) or {}).items()},
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DecodeSettings":
+        data = json.loads(text)
+        data["suppress_tokens"] = tuple(data["suppress_tokens"])
+        data["begin_suppress_tokens"] = tuple(data["begin_suppress_tokens"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Per-request options: language (None = detect), task, and a cap on new tokens."""
+
+    language: str | None = None
+    task: str = "transcribe"
+    max_new_tokens: int | None = None
+
+    def validate(self, settings: DecodeSettings) -> "DecodeOptions":
+        if self.task not in ("transcribe", "translate"):
+            raise InputError(f"TASK: {self.task!r} is not one of transcribe, translate")
+        if not settings.multilingual:
+            if self.task == "translate":
+                raise InputError("TASK: translate needs a multilingual model; this one is English-only")
+            if self.language not in (None, "", "en"):
+                raise InputError(f"LANGUAGE: {self.language!r} is not available; this model is English-only")
+        elif self.language and self.language not in settings.language_tokens:
+            raise InputError(f"LANGUAGE: unknown language code {self.language!r}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise InputError(f"MAX_NEW_TOKENS: must be >= 1, got {self.max_new_tokens}")
+        return self
+
+
+class GreedyDecoder:
+    """Greedy decoding of many windows at once over two ONNX Runtime sessions."""
+
+    def __init__(self, cross_kv_session, step_session, settings: DecodeSettings):
+        self.cross_kv = cross_kv_session
+        self.step = step_session
+        self.settings = settings
+        vocab = step_session.get_outputs()[0].shape[-1]
+        self.suppress = np.zeros(vocab, dtype=bool)
+        self.suppress[[t for t in settings.suppress_tokens if t < vocab]] = True
+        self.begin_suppress = self.suppress.copy()
+        self.begin_suppress[[t for t in settings.begin_suppress_tokens if t < vocab]] = True
+        past_shape = step_session.get_inputs()[1].shape  # [B, layers, heads, past, head_dim]
+        self.cache_shape = tuple(int(d) for d in past_shape[1:3]) + (0, int(past_shape[4]))
+
+    def _run(self, ids, past_keys, past_values, cross_keys, cross_values):
+        return self.step.run(
+            None,
+            {
+                "INPUT_IDS": ids,
+                "PAST_KEYS": past_keys,
+                "PAST_VALUES": past_values,
+                "CROSS_KEYS": cross_keys,
+                "CROSS_VALUES": cross_values,
+            },
+        )
+
+    def detect_languages(self, cross_keys, cross_values) -> list[str]:
+        count = cross_keys.shape[0]
+        empty = np.zeros((count, *self.cache_shape), dtype=np.float32)
+        ids = np.full((count, 1), self.settings.start_token, dtype=np.int64)
+        logits = self._run(ids, empty, empty, cross_keys, cross_values)[0]
+        codes = list(self.settings.language_tokens)
+        token_ids = np.array([self.settings.language_tokens[c] for c in codes])
+        return [codes[i] for i in logits[:, token_ids].argmax(axis=1)]
+
+    def prompt(self, options: DecodeOptions, language: str | None) -> list[int]:
+        s = self.settings
+        tokens = [s.start_token]
+        if s.multilingual:
+            tokens += [s.language_tokens[language], s.task_tokens[options.task]]
+        if s.no_timestamps_token is not None:
+            tokens.append(s.no_timestamps_token)
+        return tokens
+
+    def decode(self, encoder_hidden: np.ndarray, options: list[DecodeOptions]) -> tuple[list[list[int]], list[str | None]]:
+        """Tokens (without prompt and end token) and the language used, one per window."""
+        count = len(encoder_hidden)
+        cross_keys, cross_values = self.cross_kv.run(None, {"ENCODER_HIDDEN": encoder_hidden})
+        languages: list[str | None] = [o.language or None for o in options]
+        if self.settings.multilingual:
+            undetected = [i for i, lang in enumerate(languages) if lang is None]
+            if undetected:
+                for i, code in zip(undetected, self.detect_languages(cross_keys[undetected], cross_values[undetected])):
+                    languages[i] = code
+        prompts = [self.prompt(o, lang) for o, lang in zip(options, languages)]
+        limits = [
+            min(self.settings.max_length - len(p), o.max_new_tokens or self.settings.max_length)
+            for p, o in zip(prompts, options)
+        ]
+        results: list[list[int]] = [[] for _ in range(count)]
+        # Rows with prompts of one length start together (all rows, unless options differ).
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        for rows in by_length.values():
+            self._greedy(rows, prompts, limits, cross_keys, cross_values, results)
+        return results, languages
+
+    def _greedy(self, rows, prompts, limits, cross_keys, cross_values, results) -> None:
+        active = np.array(rows)
+        ids = np.array([prompts[i] for i in rows], dtype=np.int64)
+        keys = np.zeros((len(rows), *self.cache_shape), dtype=np.float32)
+        values = keys
+        ck, cv = cross_keys[active], cross_values[active]
+        first = True
+        while len(active):
+            logits, keys, values = self._run(ids, keys, values, ck, cv)
+            logits[:, self.begin_suppress if first else self.suppress] = -np.inf
+            first = False
+            next_tokens = logits.argmax(axis=1)
+            keep = np.ones(len(active), dtype=bool)
+            for j, (row, token) in enumerate(zip(active, next_tokens)):
+                if token == self.settings.end_token:
+                    keep[j] = False
+                    continue
+                results[row].append(int(token))
+                if len(results[row]) >= limits[row]:
+                    keep[j] = False
+            if not keep.all():
+                active, keys, values, ck, cv = active[keep], keys[keep], values[keep], ck[keep], cv[keep]
+                next_tokens = next_tokens[keep]
+            ids = next_tokens[:, None].astype(np.int64)
