@@ -75,3 +75,65 @@ def clip_server(clip_repository):
     server = start_server(clip_repository)
     yield server
     server.stop()
+
+
+# -- Whisper ------------------------------------------------------------------------------------
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello there. This is a test of the speech recognition system.",
+    "Please call me back tomorrow morning at nine.",
+    "The weather is nice today and the sun is shining.",
+    "We will meet in the conference room after lunch.",
+    "She sells sea shells by the sea shore.",
+    "I would like a cup of coffee with milk.",
+    "The train leaves the station at ten o'clock.",
+    "Thank you very much for your help.",
+    "My favorite color is blue.",
+    "Open the window, it is very warm in here.",
+]
+# American English voice, slowed down with gaps between words: what tiny.en hears best of espeak.
+ESPEAK_VOICE = ["-v", "en-us", "-s", "130", "-g", "4"]
+
+
+def speak(text: str, path: Path, rate: int = 22050) -> Path:
+    """espeak-ng speech of `text` as a WAV file."""
+    import shutil
+    import subprocess
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    subprocess.run(["espeak-ng", *ESPEAK_VOICE, "-w", str(path), text], check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_files(tmp_path_factory) -> list[bytes]:
+    folder = tmp_path_factory.mktemp("speech")
+    return [speak(text, folder / f"{i}.wav").read_bytes() for i, text in enumerate(SENTENCES)]
+
+
+@pytest.fixture(scope="session")
+def whisper_dir(tmp_path_factory) -> Path:
+    from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper
+
+    return convert_ct2_whisper(bundled_tiny_en(), tmp_path_factory.mktemp("whisper") / "tiny.en")
+
+
+@pytest.fixture(scope="session")
+def whisper_loaded(whisper_dir):
+    spec = get_family("whisper")
+    return spec, spec.load(str(whisper_dir))
+
+
+@pytest.fixture(scope="session")
+def whisper_repository(whisper_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("whisper_repo") / "model_repository"
+    build("whisper", str(whisper_dir), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def whisper_server(whisper_repository):
+    server = start_server(whisper_repository)
+    yield server
+    server.stop()

@@ -12,6 +12,7 @@ from tritonkit.triton_config import Batching, Tensor
 # Every registered family needs a row: (family, ensemble roles it serves).
 FAMILY_ROWS = {
     "clip": {"image", "text"},
+    "whisper": {""},
 }
 
 
@@ -19,15 +20,16 @@ def test_every_registered_family_has_a_test_row():
     assert set(registry()) == set(FAMILY_ROWS)
 
 
-def test_family_serves_its_ensembles_when_built(clip_loaded, tmp_path):
-    spec, loaded = clip_loaded
+@pytest.mark.parametrize("loaded_fixture", ["clip_loaded", "whisper_loaded"])
+def test_family_serves_its_ensembles_when_built(loaded_fixture, request, tmp_path):
+    spec, loaded = request.getfixturevalue(loaded_fixture)
     onnx_files = {e.role: tmp_path / f"{e.role}.onnx" for e in spec.exports(loaded)}
     pipelines = spec.pipelines(loaded, onnx_files, tmp_path)
     assert {p.role for p in pipelines} == FAMILY_ROWS[spec.name]
 
 
 def test_get_family_names_the_choices_when_unknown():
-    with pytest.raises(UnknownFamilyError, match="choose one of: clip"):
+    with pytest.raises(UnknownFamilyError, match="choose one of: clip, whisper"):
         get_family("siglip-nope")
 
 
