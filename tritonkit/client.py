@@ -95,6 +95,15 @@ class TritonkitClient:
             raise InputError("no texts given")
         return self._batched(model, texts, lambda chunk: np.array([[t.encode()] for t in chunk], dtype=object))
 
+    def transcribe(self, audio: Iterable[bytes | str | Path], model: str = "whisper") -> list[str]:
+        """Audio files (paths or bytes) -> one text each; files are sent one per request so the
+        server's dynamic batcher, not the client, decides the batches."""
+        texts = []
+        for data in read_inputs(audio):
+            result = self.infer(model, {"AUDIO": pack_byte_rows([data])})
+            texts.append(result["TEXT"][0, 0].decode("utf-8"))
+        return texts
+
     def statistics(self, model: str) -> dict:
         return self.client.get_inference_statistics(model, as_json=True)
 
