@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 Host = Annotated[str, typer.Option(help="Address to bind (127.0.0.1 keeps the server private).")]
 GrpcPort = Annotated[int, typer.Option("--grpc-port", help="gRPC port.")]
