@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Whisper tiny.en, side by side in one run on the same clips: the served ensemble (concurrency 1
+and 8), transformers `generate` (batch 1 and 8), and faster-whisper on the same CTranslate2 model
+(concurrency 1, and its batched pipeline at batch 8). Reports audio-seconds per wall second and WER.
+
+    python scripts/bench_whisper.py [--clips 16] [--json out.json] [--markdown docs/BENCHMARKS.md]
+
+Needs espeak-ng (the clips are spoken sentences) and `pip install faster-whisper`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tritonkit.build import build  # noqa: E402
+from tritonkit.client import TritonkitClient, pack_byte_rows  # noqa: E402
+from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper  # noqa: E402
+from tritonkit.metrics import wer  # noqa: E402
+from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio  # noqa: E402
+from tritonkit.server import TritonServer, free_port  # noqa: E402
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello there. This is a test of the speech recognition system.",
+    "Please call me back tomorrow morning at nine.",
+    "The weather is nice today and the sun is shining.",
+    "We will meet in the conference room after lunch.",
+    "I would like a cup of coffee with milk.",
+    "Thank you very much for your help.",
+    "Open the window, it is very warm in here.",
+]
+
+
+def make_clips(folder: Path, count: int) -> tuple[list[bytes], list[str]]:
+    """Clips of two or three sentences each (about 5 to 9 s), spoken by espeak-ng."""
+    clips, texts = [], []
+    for i in range(count):
+        chosen = [SENTENCES[(i + k) % len(SENTENCES)] for k in range(2 + i % 2)]
+        text = " ".join(chosen)
+        path = folder / f"clip{i}.wav"
+        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "130", "-g", "4", "-w", str(path), text], check=True)
+        clips.append(path.read_bytes())
+        texts.append(text)
+    return clips, texts
+
+
+def timed(function):
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def bench_served(url: str, clips: list[bytes], concurrency: int) -> tuple[list[str], float]:
+    def call(data):
+        with TritonkitClient(url) as client:
+            return client.infer("whisper", {"AUDIO": pack_byte_rows([data])})["TEXT"][0, 0].decode()
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return timed(lambda: list(pool.map(call, clips)))
+
+
+def bench_transformers(model_dir: Path, samples: list[np.ndarray], batch: int) -> tuple[list[str], float]:
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    model = WhisperForConditionalGeneration.from_pretrained(str(model_dir)).eval()
+    processor = WhisperProcessor.from_pretrained(str(model_dir))
+
+    def run():
+        texts = []
+        for i in range(0, len(samples), batch):
+            features = processor.feature_extractor(samples[i : i + batch], sampling_rate=SAMPLE_RATE, return_tensors="pt")
+            with torch.no_grad():
+                ids = model.generate(features["input_features"])
+            texts += processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return texts
+
+    return timed(run)
+
+
+def bench_faster_whisper(samples: list[np.ndarray], batch: int) -> tuple[list[str], float]:
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    model = WhisperModel(str(bundled_tiny_en()), device="cpu", compute_type="float32", cpu_threads=os.cpu_count())
+    if batch == 1:
+
+        def run():
+            return [
+                " ".join(s.text for s in model.transcribe(a, beam_size=1, language="en", without_timestamps=True)[0])
+                for a in samples
+            ]
+
+    else:
+        pipeline = BatchedInferencePipeline(model)
+
+        def run():
+            return [
+                " ".join(s.text for s in pipeline.transcribe(a, beam_size=1, language="en", batch_size=batch,
+                                                             without_timestamps=True)[0])
+                for a in samples
+            ]
+
+    return timed(run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=16)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path, help="write the results table into this file")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-whisper-"))
+    model_dir = convert_ct2_whisper(bundled_tiny_en(), work / "tiny.en")
+    build("whisper", str(model_dir), work / "repo")
+    clips, references = make_clips(work, args.clips)
+    samples = [decode_audio(c, AudioRecipe()) for c in clips]
+    audio_seconds = sum(len(s) for s in samples) / SAMPLE_RATE
+
+    rows = []
+
+    def record(system: str, setting: str, texts: list[str], seconds: float) -> None:
+        rows.append({"system": system, "setting": setting, "audio_s_per_s": audio_seconds / seconds,
+                     "wall_s": seconds, "wer": wer(references, texts)})
+        print(f"{system:<28} {setting:<22} {audio_seconds / seconds:7.2f} audio-s/s  WER {rows[-1]['wer']:.3f}", flush=True)
+
+    server = TritonServer(work / "repo", grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    with server:
+        bench_served(server.grpc_url, clips[:2], 2)  # warm-up
+        for concurrency in (1, 8):
+            texts, seconds = bench_served(server.grpc_url, clips, concurrency)
+            record("tritonkit ensemble", f"concurrency {concurrency}", texts, seconds)
+    for batch in (1, 8):
+        texts, seconds = bench_transformers(model_dir, samples, batch)
+        record("transformers generate", f"batch {batch}", texts, seconds)
+    try:
+        for batch in (1, 8):
+            texts, seconds = bench_faster_whisper(samples, batch)
+            record("faster-whisper (fp32)", "sequential" if batch == 1 else f"batched pipeline {batch}", texts, seconds)
+    except ImportError:
+        print("faster-whisper is not installed: pip install faster-whisper", file=sys.stderr)
+
+    result = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version()},
+        "clips": args.clips, "audio_seconds": audio_seconds, "rows": rows,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        write_markdown(args.markdown, result)
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    """Replace the Whisper section of the benchmark report (between its markers)."""
+    start, end = "<!-- bench_whisper:start -->", "<!-- bench_whisper:end -->"
+    lines = [start, "", f"{result['clips']} espeak-ng clips, {result['audio_seconds']:.0f} s of audio in all, "
+             f"{result['machine']['cpus']} CPUs. Command: `python scripts/bench_whisper.py --markdown docs/BENCHMARKS.md`.", "",
+             "| system | setting | audio-s / s | WER |", "|---|---|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['system']} | {row['setting']} | {row['audio_s_per_s']:.2f} | {row['wer']:.3f} |")
+    fw = [r for r in result["rows"] if r["system"].startswith("faster-whisper")]
+    ours = [r for r in result["rows"] if r["setting"] == "concurrency 8"]
+    if fw and ours:
+        best = max(fw, key=lambda r: r["audio_s_per_s"])
+        lines += ["", f"Served ensemble at concurrency 8 / best faster-whisper ({best['setting']}): "
+                  f"**{ours[0]['audio_s_per_s'] / best['audio_s_per_s']:.2f}x**."]
+    lines += ["", end]
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text:
+        text = text[: text.index(start)] + "\n".join(lines) + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n## Whisper tiny.en\n\n" + "\n".join(lines) + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
