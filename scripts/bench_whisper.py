@@ -15,7 +15,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,29 +30,20 @@ from tritonkit.client import TritonkitClient, pack_byte_rows  # noqa: E402
 from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper  # noqa: E402
 from tritonkit.metrics import wer  # noqa: E402
 from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio  # noqa: E402
+from tritonkit.samples import SENTENCES, speak  # noqa: E402
 from tritonkit.server import TritonServer, free_port  # noqa: E402
 
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello there. This is a test of the speech recognition system.",
-    "Please call me back tomorrow morning at nine.",
-    "The weather is nice today and the sun is shining.",
-    "We will meet in the conference room after lunch.",
-    "I would like a cup of coffee with milk.",
-    "Thank you very much for your help.",
-    "Open the window, it is very warm in here.",
-]
+# The clearest of the spoken sample sentences.
+BENCH_SENTENCES = [s for i, s in enumerate(SENTENCES) if i not in (5, 7, 9)]
 
 
 def make_clips(folder: Path, count: int) -> tuple[list[bytes], list[str]]:
     """Clips of two or three sentences each (about 5 to 9 s), spoken by espeak-ng."""
     clips, texts = [], []
     for i in range(count):
-        chosen = [SENTENCES[(i + k) % len(SENTENCES)] for k in range(2 + i % 2)]
+        chosen = [BENCH_SENTENCES[(i + k) % len(BENCH_SENTENCES)] for k in range(2 + i % 2)]
         text = " ".join(chosen)
-        path = folder / f"clip{i}.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "130", "-g", "4", "-w", str(path), text], check=True)
-        clips.append(path.read_bytes())
+        clips.append(speak(text, folder / f"clip{i}.wav").read_bytes())
         texts.append(text)
     return clips, texts
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tritonkit import samples
 from tritonkit.build import build
+from tritonkit.samples import SENTENCES
 from tritonkit.families import get_family
 from tritonkit.server import TritonServer, free_port
 from tritonkit.tiny import make_tiny_clip
@@ -78,32 +80,10 @@ def clip_server(clip_repository):
 
 
 # -- Whisper ------------------------------------------------------------------------------------
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello there. This is a test of the speech recognition system.",
-    "Please call me back tomorrow morning at nine.",
-    "The weather is nice today and the sun is shining.",
-    "We will meet in the conference room after lunch.",
-    "She sells sea shells by the sea shore.",
-    "I would like a cup of coffee with milk.",
-    "The train leaves the station at ten o'clock.",
-    "Thank you very much for your help.",
-    "My favorite color is blue.",
-    "Open the window, it is very warm in here.",
-]
-# American English voice, slowed down with gaps between words: what tiny.en hears best of espeak.
-ESPEAK_VOICE = ["-v", "en-us", "-s", "130", "-g", "4"]
-
-
-def speak(text: str, path: Path, rate: int = 22050) -> Path:
-    """espeak-ng speech of `text` as a WAV file."""
-    import shutil
-    import subprocess
-
-    if shutil.which("espeak-ng") is None:
+def speak(text: str, path: Path) -> Path:
+    if not samples.espeak_available():
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
-    subprocess.run(["espeak-ng", *ESPEAK_VOICE, "-w", str(path), text], check=True, capture_output=True)
-    return path
+    return samples.speak(text, path)
 
 
 @pytest.fixture(scope="session")

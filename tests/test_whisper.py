@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import SENTENCES
 from tritonkit.client import TritonkitClient, executed_batch_sizes, pack_byte_rows
 from tritonkit.errors import InferenceError
 from tritonkit.metrics import wer
 from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio
+from tritonkit.samples import SENTENCES
 
 
 def features(loaded, data: bytes) -> np.ndarray:

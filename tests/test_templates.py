@@ -1,0 +1,48 @@
+"""The model.py templates are importable modules whose models share the batched runtime."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from tritonkit.errors import InputError
+from tritonkit.families import registry
+from tritonkit.runtime import BatchedModel, concat_rows, split_rows, string_rows
+
+TEMPLATES = sorted(p.stem for p in Path("model_repository_templates").glob("*.py") if p.stem != "__init__")
+
+
+def test_every_template_defines_a_batched_triton_python_model():
+    assert TEMPLATES
+    for name in TEMPLATES:
+        module = importlib.import_module(f"model_repository_templates.{name}")
+        assert issubclass(module.TritonPythonModel, BatchedModel), name
+
+
+def test_every_template_is_used_by_a_registered_family(clip_loaded, whisper_loaded, tmp_path):
+    used = set()
+    for spec, loaded in (clip_loaded, whisper_loaded):
+        onnx = {e.role: tmp_path / f"{e.role}.onnx" for e in spec.exports(loaded)}
+        for pipeline in spec.pipelines(loaded, onnx, tmp_path / spec.name):
+            used |= {stage.template for stage in pipeline.stages}
+    assert used == set(TEMPLATES)
+    assert set(registry()) == {"clip", "whisper"}
+
+
+def test_rows_split_back_per_request_when_batched():
+    import numpy as np
+
+    rows = [{"X": np.arange(2)}, {"X": np.arange(3) + 10}]
+    batch = concat_rows(rows)
+    parts = split_rows({"Y": batch["X"] * 2}, [2, 3])
+    assert [p["Y"].tolist() for p in parts] == [[0, 2], [20, 22, 24]]
+
+
+def test_string_rows_reject_text_when_not_utf8():
+    import numpy as np
+
+    assert string_rows(np.array([[b"caf\xc3\xa9"]], dtype=object), "TEXT") == ["café"]
+    with pytest.raises(InputError, match="TEXT: not valid UTF-8"):
+        string_rows(np.array([[b"\xff"]], dtype=object), "TEXT")
