@@ -11,7 +11,11 @@ from tritonkit.errors import InputError
 from tritonkit.families import registry
 from tritonkit.runtime import BatchedModel, concat_rows, split_rows, string_rows
 
-TEMPLATES = sorted(p.stem for p in Path("model_repository_templates").glob("*.py") if p.stem != "__init__")
+import model_repository_templates
+
+TEMPLATES = sorted(
+    p.stem for p in Path(model_repository_templates.__file__).parent.glob("*.py") if p.stem != "__init__"
+)
 
 
 def test_every_template_defines_a_batched_triton_python_model():
