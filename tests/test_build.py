@@ -57,3 +57,10 @@ def test_build_gives_a_clear_error_when_hub_is_unreachable(tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelSourceError, match="cannot load the CLIP model"):
         build("clip", "openai/clip-vit-base-patch32-not-cached", tmp_path / "out")
+
+
+def test_build_rejects_the_name_when_it_is_not_a_plain_identifier(tiny_clip_dir, tmp_path):
+    from tritonkit.errors import InputError
+
+    with pytest.raises(InputError, match="--name '../evil'"):
+        build("clip", str(tiny_clip_dir), tmp_path / "out", name="../evil")

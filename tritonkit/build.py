@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tritonkit.errors import ExportError
+from tritonkit.errors import ExportError, InputError
 from tritonkit.export import ValidationReport, export_onnx, validate_onnx
 from tritonkit.families import get_family
 from tritonkit.repository import BatchingOverrides, plan_models, staging_dir, write_models
@@ -35,7 +35,7 @@ def build(
     spec = get_family(family)
     name = name or spec.name
     if not name.replace("_", "").replace("-", "").isalnum():
-        raise ExportError(f"--name {name!r}: use letters, digits, '_' and '-' only")
+        raise InputError(f"--name {name!r}: use letters, digits, '_' and '-' only")
     progress(f"loading {family} from {model}")
     loaded = spec.load(model, trust_remote_code=trust_remote_code)
     staging = staging_dir(out)
