@@ -7,6 +7,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from tritonkit.dtypes import wire_datatype
 from tritonkit.errors import InferenceError, InputError
 
 
@@ -42,6 +43,7 @@ class TritonkitClient:
         self.timeout_s = timeout_s
         self._grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(url)
+        self._model_io: dict[str, tuple[list[dict], list[dict], int]] = {}
 
     def close(self) -> None:
         self.client.close()
@@ -53,18 +55,20 @@ class TritonkitClient:
         self.close()
 
     def model_io(self, model: str) -> tuple[list[dict], list[dict], int]:
-        try:
-            config = self.client.get_model_config(model, as_json=True)["config"]
-        except Exception as exc:
-            raise InferenceError(f"model {model!r} is not available at {self.url}: {_message(exc)}") from None
-        return config["input"], config["output"], int(config.get("max_batch_size", 0))
+        """Inputs, outputs and max batch size of `model`, asked of the server once per model."""
+        if model not in self._model_io:
+            try:
+                config = self.client.get_model_config(model, as_json=True)["config"]
+            except Exception as exc:
+                raise InferenceError(f"model {model!r} is not available at {self.url}: {_message(exc)}") from None
+            self._model_io[model] = (config["input"], config["output"], int(config.get("max_batch_size", 0)))
+        return self._model_io[model]
 
     def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One request; arrays carry their batch dimension."""
-        tensors, outputs = [], []
+        tensors = []
         for name, array in inputs.items():
-            datatype = "BYTES" if array.dtype == object else _TRITON_OF_NUMPY[array.dtype.name]
-            tensor = self._grpc.InferInput(name, list(array.shape), datatype)
+            tensor = self._grpc.InferInput(name, list(array.shape), wire_datatype(array))
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
         _, model_outputs, _ = self.model_io(model)
@@ -106,16 +110,6 @@ class TritonkitClient:
 
     def statistics(self, model: str) -> dict:
         return self.client.get_inference_statistics(model, as_json=True)
-
-
-_TRITON_OF_NUMPY = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "float32": "FP32",
-}
 
 
 def _message(exc: Exception) -> str:

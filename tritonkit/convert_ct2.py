@@ -75,6 +75,10 @@ def _linear(variables, prefix: str, split: int = 1) -> list[tuple[np.ndarray, np
     return list(zip(weights, biases))
 
 
+def _layer_indices(variables: dict[str, np.ndarray], side: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in variables if (m := re.match(rf"{side}/layer_(\d+)/", k))})
+
+
 def whisper_state_dict(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     state: dict[str, np.ndarray] = {}
 
@@ -105,8 +109,7 @@ def whisper_state_dict(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray
         put_linear(f"{hf}.out_proj", out)
 
     for side in ("encoder", "decoder"):
-        layers = sorted({int(m.group(1)) for k in variables if (m := re.match(rf"{side}/layer_(\d+)/", k))})
-        for i in layers:
+        for i in _layer_indices(variables, side):
             hf, ct = f"model.{side}.layers.{i}", f"{side}/layer_{i}"
             attention(f"{hf}.self_attn", f"{ct}/self_attention", fused_qkv=True)
             put_norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
@@ -156,10 +159,7 @@ def convert_ct2_whisper(source: Path, out: Path) -> Path:
     tokenizer_json = json.loads((source / "tokenizer.json").read_text())
 
     vocab_size, d_model = variables["decoder/embeddings/weight"].shape
-    layers = {
-        side: len({k.split("/")[1] for k in variables if re.match(rf"{side}/layer_\d+/", k)})
-        for side in ("encoder", "decoder")
-    }
+    layers = {side: len(_layer_indices(variables, side)) for side in ("encoder", "decoder")}
     eot = _token_id(tokenizer_json, "<|endoftext|>")
     sot = _token_id(tokenizer_json, "<|startoftranscript|>")
     no_timestamps = _token_id(tokenizer_json, "<|notimestamps|>")

@@ -18,20 +18,10 @@ from typing import Mapping
 
 import numpy as np
 
+from tritonkit.dtypes import numpy_dtype
 from tritonkit.errors import InputError
 
 LOGGER = logging.getLogger("tritonkit.runtime")
-
-# Triton data type -> numpy dtype for outputs.
-_NUMPY_OF_TRITON = {
-    "TYPE_BOOL": np.bool_,
-    "TYPE_UINT8": np.uint8,
-    "TYPE_INT32": np.int32,
-    "TYPE_INT64": np.int64,
-    "TYPE_FP16": np.float16,
-    "TYPE_FP32": np.float32,
-    "TYPE_STRING": np.object_,
-}
 
 
 def split_rows(batch: Mapping[str, np.ndarray], counts: list[int]) -> list[dict[str, np.ndarray]]:
@@ -72,7 +62,7 @@ class BatchedModel:
         self.version_dir = Path(args["model_repository"]) / args["model_version"]
         self.parameters = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
         self.input_names = [i["name"] for i in self.model_config["input"]]
-        self.output_dtypes = {o["name"]: _NUMPY_OF_TRITON[o["data_type"]] for o in self.model_config["output"]}
+        self.output_dtypes = {o["name"]: numpy_dtype(o["data_type"]) for o in self.model_config["output"]}
         self.setup()
 
     def setup(self) -> None:

@@ -14,19 +14,8 @@ from typing import Mapping, Sequence
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
+from tritonkit.dtypes import TRITON_DTYPES
 from tritonkit.errors import ConfigError
-
-# numpy dtype name -> Triton data type. "string" is Triton's BYTES/STRING type.
-TRITON_DTYPES: dict[str, str] = {
-    "bool": "TYPE_BOOL",
-    "uint8": "TYPE_UINT8",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "float16": "TYPE_FP16",
-    "float32": "TYPE_FP32",
-    "string": "TYPE_STRING",
-}
-NUMPY_DTYPES = {v: k for k, v in TRITON_DTYPES.items()}
 
 
 @dataclass(frozen=True)

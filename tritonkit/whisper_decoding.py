@@ -107,7 +107,7 @@ def decoder_step_module(model):
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """What greedy decoding needs from a model's generation config and tokenizer."""
+    """What greedy decoding needs from a model's generation config."""
 
     start_token: int
     end_token: int
@@ -120,7 +120,7 @@ class DecodeSettings:
     task_tokens: dict[str, int] = field(default_factory=dict)  # "transcribe" / "translate" -> id
 
     @classmethod
-    def from_generation_config(cls, generation, tokenizer) -> "DecodeSettings":
+    def from_generation_config(cls, generation) -> "DecodeSettings":
         languages = {}
         for token, token_id in (getattr(generation, "lang_to_id", None) or {}).items():
             languages[token.strip("<|>")] = int(token_id)

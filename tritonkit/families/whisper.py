@@ -137,7 +137,7 @@ class WhisperSpec(FamilySpec):
     def decode_settings(self, loaded: LoadedWhisper):
         from tritonkit.whisper_decoding import DecodeSettings
 
-        return DecodeSettings.from_generation_config(loaded.model.generation_config, loaded.processor.tokenizer)
+        return DecodeSettings.from_generation_config(loaded.model.generation_config)
 
     def pipelines(self, loaded: LoadedWhisper, onnx_files: Mapping[str, Path], workdir: Path) -> list[Pipeline]:
         from tritonkit.preprocessing.audio import AudioRecipe
