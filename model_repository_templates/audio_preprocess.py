@@ -1,34 +1,57 @@
 """Encoded audio bytes (UINT8 [-1], one file per row) -> Whisper log-mel windows.
 
 Each row becomes one or more 30 s windows; `WINDOW_ROW` tells the decoder which row each window
-came from. Parameter `recipe`: the JSON of `tritonkit.preprocessing.audio.AudioRecipe`; the
-model's mel filters are `mel_filters.npy` in the version directory.
+came from, and `DECODE_OPTIONS` carries the row's options (optional inputs LANGUAGE, TASK,
+MAX_NEW_TOKENS), checked here so a bad option fails before any encoder work. Parameters: `recipe`
+(JSON of `tritonkit.preprocessing.audio.AudioRecipe`) and `decode_settings` (JSON of
+`tritonkit.whisper_decoding.DecodeSettings`); the mel filters are `mel_filters.npy`.
 """
 
 import numpy as np
 
 from tritonkit.errors import InputError
 from tritonkit.preprocessing.audio import AudioRecipe, decode_audio, log_mel, split_windows
-from tritonkit.runtime import BatchedModel
+from tritonkit.runtime import BatchedModel, string_rows
+from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings
 
 
 class TritonPythonModel(BatchedModel):
     def setup(self):
         self.recipe = AudioRecipe.from_json(self.parameters["recipe"])
+        self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
         self.mel_filters = np.load(self.version_dir / "mel_filters.npy")
-        (self.audio_input,) = self.input_names
-        self.features_output, self.row_output = self.output_dtypes
+        self.audio_input, self.language_input, self.task_input, self.max_tokens_input = self.input_names
+        self.features_output, self.row_output, self.options_output = self.output_dtypes
         self.max_windows = int(self.model_config["max_batch_size"])
+
+    def row_options(self, inputs, count: int) -> list[DecodeOptions]:
+        def column(name, convert):
+            if name not in inputs:
+                return [None] * count
+            values = inputs[name].reshape(-1)
+            if len(values) != count:
+                raise InputError(f"{name}: {len(values)} values for {count} audio rows; give one per row")
+            return convert(values, name)
+
+        languages = column(self.language_input, string_rows)
+        tasks = column(self.task_input, string_rows)
+        limits = column(self.max_tokens_input, lambda values, _: [int(v) for v in values])
+        return [
+            DecodeOptions(language, task or "transcribe", limit).validate(self.settings)
+            for language, task, limit in zip(languages, tasks, limits)
+        ]
 
     def prepare(self, inputs):
         rows = inputs[self.audio_input]
         if rows.ndim != 2 or rows.shape[1] == 0:
             raise InputError(f"{self.audio_input}: empty input (shape {list(rows.shape)})")
-        windows, owners = [], []
+        row_options = self.row_options(inputs, len(rows))
+        windows, owners, options = [], [], []
         for index, row in enumerate(rows):
             pieces = split_windows(decode_audio(row.tobytes(), self.recipe), self.recipe)
             windows += pieces
             owners += [index] * len(pieces)
+            options += [row_options[index].to_json().encode()] * len(pieces)
         if len(windows) > self.max_windows:
             raise InputError(
                 f"{self.audio_input}: {len(windows)} windows of 30 s in one request exceed the limit of "
@@ -37,6 +60,7 @@ class TritonPythonModel(BatchedModel):
         return {
             self.features_output: log_mel(windows, self.mel_filters),
             self.row_output: np.array(owners, dtype=np.int32)[:, None],
+            self.options_output: np.array(options, dtype=object)[:, None],
         }
 
     def run(self, batch):

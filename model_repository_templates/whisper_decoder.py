@@ -1,8 +1,9 @@
 """Whisper's decoder: greedy decoding of a whole dynamic batch of windows with a KV cache.
 
-Inputs: encoder hidden states and `WINDOW_ROW` (the request row each window belongs to).
-Outputs, one row per request row: the text and its tokens (windows joined in order; TOKENS is
-padded with -1). Files: cross_kv.onnx, step.onnx, tokenizer/. Parameter `decode_settings`: the JSON
+Inputs: encoder hidden states, `WINDOW_ROW` (the request row each window belongs to) and
+`DECODE_OPTIONS` (each window's options, checked by the preprocessing model). Outputs, one row per
+request row: the text, its tokens (windows joined in order; padded with -1) and the language of
+its first window. Files: cross_kv.onnx, step.onnx, tokenizer/. Parameter `decode_settings`: the JSON
 of `tritonkit.whisper_decoding.DecodeSettings`.
 """
 
@@ -26,30 +27,36 @@ class TritonPythonModel(BatchedModel):
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
         self.decoder = GreedyDecoder(session("cross_kv.onnx"), session("step.onnx"), self.settings)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.version_dir / self.parameters["tokenizer_dir"]))
-        self.hidden_input, self.row_input = self.input_names
-        self.text_output, self.tokens_output = self.output_dtypes
+        self.hidden_input, self.row_input, self.options_input = self.input_names
+        self.text_output, self.tokens_output, self.language_output = self.output_dtypes
 
     def prepare(self, inputs):
-        count = len(inputs[self.hidden_input])
-        options = np.empty(count, dtype=object)
-        options[:] = [DecodeOptions().validate(self.settings)] * count
+        options = np.empty(len(inputs[self.options_input]), dtype=object)
+        options[:] = [DecodeOptions.from_json(raw) for raw in inputs[self.options_input].reshape(-1)]
         return {**inputs, "options": options}
 
     def run(self, batch):
-        tokens, _ = self.decoder.decode(batch[self.hidden_input], list(batch["options"]))
+        tokens, languages = self.decoder.decode(batch[self.hidden_input], list(batch["options"]))
         window_tokens = np.empty(len(tokens), dtype=object)
         window_tokens[:] = tokens
-        return {"window_tokens": window_tokens}
+        return {"window_tokens": window_tokens, "window_language": np.array(languages, dtype=object)}
 
     def finish(self, outputs, rows):
         owners = rows[self.row_input].reshape(-1)
         count = int(owners.max()) + 1
         joined = [[] for _ in range(count)]
-        for owner, tokens in zip(owners, outputs["window_tokens"]):
+        languages = [b""] * count
+        for owner, tokens, language in zip(owners, outputs["window_tokens"], outputs["window_language"]):
+            if not languages[owner]:
+                languages[owner] = language.encode()
             joined[owner].extend(tokens)
         width = max(1, max(len(t) for t in joined))
         token_array = np.full((count, width), -1, dtype=np.int64)
         for i, t in enumerate(joined):
             token_array[i, : len(t)] = t
         texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip().encode() for t in joined]
-        return {self.text_output: np.array(texts, dtype=object)[:, None], self.tokens_output: token_array}
+        return {
+            self.text_output: np.array(texts, dtype=object)[:, None],
+            self.tokens_output: token_array,
+            self.language_output: np.array(languages, dtype=object)[:, None],
+        }

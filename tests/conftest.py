@@ -117,3 +117,25 @@ def whisper_server(whisper_repository):
     server = start_server(whisper_repository)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def multilingual_whisper_dir(tmp_path_factory) -> Path:
+    from tritonkit.tiny import make_tiny_whisper
+
+    return make_tiny_whisper(tmp_path_factory.mktemp("whisper_multilingual") / "model")
+
+
+@pytest.fixture(scope="session")
+def multilingual_whisper_loaded(multilingual_whisper_dir):
+    spec = get_family("whisper")
+    return spec, spec.load(str(multilingual_whisper_dir))
+
+
+@pytest.fixture(scope="session")
+def multilingual_whisper_server(multilingual_whisper_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whisper_multilingual_repo") / "model_repository"
+    build("whisper", str(multilingual_whisper_dir), out)
+    server = start_server(out)
+    yield server
+    server.stop()

@@ -192,3 +192,23 @@ def test_convert_command_fails_clearly_when_source_is_not_ctranslate2(tmp_path):
     )
     assert result.returncode == 2
     assert "not a CTranslate2 Whisper model (missing model.bin)" in result.stderr
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"language": "fr"}, "LANGUAGE: 'fr' is not available; this model is English-only"),
+        ({"task": "translate"}, "TASK: translate needs a multilingual model; this one is English-only"),
+    ],
+)
+def test_english_only_model_rejects_other_languages_and_translation(options, message, whisper_server, speech_files):
+    from tritonkit.client import whisper_inputs
+
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        with pytest.raises(InferenceError, match=message):
+            client.infer("whisper", whisper_inputs(speech_files[0], **options))
+        english = client.infer("whisper", whisper_inputs(speech_files[0], language="English"))
+        default = client.infer("whisper", whisper_inputs(speech_files[0]))
+    assert served_tokens(english) == served_tokens(default)
+    assert english["DECODED_LANGUAGE"][0, 0] == b"en"

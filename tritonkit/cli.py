@@ -161,17 +161,25 @@ def infer(
 def transcribe(
     files: Annotated[list[Path], typer.Argument(help="Audio files: WAV, FLAC, OGG (MP3 where libsndfile supports it).")],
     model: Annotated[str, typer.Option(help="Whisper ensemble name.")] = "whisper",
+    language: Annotated[
+        Optional[str], typer.Option(help="Spoken language (code or name, e.g. fr or french); default: detected.")
+    ] = None,
+    task: Annotated[str, typer.Option(help="transcribe, or translate (into English).")] = "transcribe",
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Cap on tokens per 30 s window.")] = None,
+    show_language: Annotated[bool, typer.Option(help="Print the language before each text.")] = False,
     url: Url = "127.0.0.1:8001",
 ):
-    """Transcribe audio files with a served Whisper ensemble.
+    """Transcribe (or translate) audio files with a served Whisper ensemble.
 
-    Example: tritonkit transcribe meeting.wav
+    Example: tritonkit transcribe meeting.wav --language de --task translate
     """
     from tritonkit.client import TritonkitClient
 
     with TritonkitClient(url) as client:
-        for path, text in zip(files, client.transcribe(files, model=model)):
-            print(f"{path}: {text}" if len(files) > 1 else text)
+        transcripts = client.transcribe(files, model=model, language=language, task=task, max_new_tokens=max_new_tokens)
+    for path, transcript in zip(files, transcripts):
+        text = f"[{transcript.language}] {transcript.text}" if show_language else transcript.text
+        print(f"{path}: {text}" if len(files) > 1 else text)
 
 
 @app.command("convert-ct2-whisper")
@@ -199,13 +207,13 @@ def families():
 
 @app.command("make-tiny")
 def make_tiny(
-    family: Annotated[str, typer.Argument(help="clip")],
+    family: Annotated[str, typer.Argument(help="clip, or whisper (multilingual)")],
     out: Annotated[Path, typer.Argument(help="Directory to save_pretrained into.")],
 ):
     """Save a small random-initialised model (real architecture and tokenizer) for demos and tests."""
     from tritonkit import tiny
 
-    makers = {"clip": tiny.make_tiny_clip}
+    makers = {"clip": tiny.make_tiny_clip, "whisper": tiny.make_tiny_whisper}
     if family not in makers:
         raise InputError(f"no tiny model for {family!r}", hint=f"choose one of: {', '.join(makers)}")
     makers[family](out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -33,6 +34,30 @@ def read_inputs(items: Iterable[bytes | str | Path]) -> list[bytes]:
             raise InputError(f"{path}: no such file")
         out.append(path.read_bytes())
     return out
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    language: str  # the language asked for, or the one detected in the first 30 s window
+    tokens: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def whisper_inputs(
+    data: bytes, language: str | None = None, task: str | None = None, max_new_tokens: int | None = None
+) -> dict[str, np.ndarray]:
+    """One audio file and its options as the Whisper ensemble's inputs (options left out when None)."""
+    inputs = {"AUDIO": pack_byte_rows([data])}
+    if language is not None:
+        inputs["LANGUAGE"] = np.array([[language.encode()]], dtype=object)
+    if task is not None:
+        inputs["TASK"] = np.array([[task.encode()]], dtype=object)
+    if max_new_tokens is not None:
+        inputs["MAX_NEW_TOKENS"] = np.array([[max_new_tokens]], dtype=np.int32)
+    return inputs
 
 
 class TritonkitClient:
@@ -99,14 +124,34 @@ class TritonkitClient:
             raise InputError("no texts given")
         return self._batched(model, texts, lambda chunk: np.array([[t.encode()] for t in chunk], dtype=object))
 
-    def transcribe(self, audio: Iterable[bytes | str | Path], model: str = "whisper") -> list[str]:
-        """Audio files (paths or bytes) -> one text each; files are sent one per request so the
-        server's dynamic batcher, not the client, decides the batches."""
-        texts = []
-        for data in read_inputs(audio):
-            result = self.infer(model, {"AUDIO": pack_byte_rows([data])})
-            texts.append(result["TEXT"][0, 0].decode("utf-8"))
-        return texts
+    def transcribe(
+        self,
+        audio: Iterable[bytes | str | Path],
+        model: str = "whisper",
+        *,
+        language: str | None = None,
+        task: str | None = None,
+        max_new_tokens: int | None = None,
+        concurrency: int = 4,
+    ) -> list[Transcript]:
+        """Audio files (paths or bytes) -> one transcript each, in order.
+
+        Each file is its own request and up to `concurrency` are in flight, so the server's dynamic
+        batcher, not the client, forms the batches. `language` None lets a multilingual model detect
+        it; `task` is "transcribe" (default) or "translate" (into English)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(data: bytes) -> Transcript:
+            result = self.infer(model, whisper_inputs(data, language, task, max_new_tokens))
+            return Transcript(
+                text=result["TEXT"][0, 0].decode("utf-8"),
+                language=result["DECODED_LANGUAGE"][0, 0].decode(),
+                tokens=tuple(int(t) for t in result["TOKENS"][0] if t >= 0),
+            )
+
+        files = read_inputs(audio)
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            return list(pool.map(one, files))
 
     def statistics(self, model: str) -> dict:
         return self.client.get_inference_statistics(model, as_json=True)

@@ -93,3 +93,119 @@ def make_tiny_clip(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(str(directory))
     return directory
+
+
+WHISPER_SPECIALS = ("<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>")
+
+
+def multilingual_whisper_tokenizer_json() -> dict:
+    """Whisper's multilingual token layout (51865 ids) on the English BPE of the bundled tiny.en.
+
+    Multilingual Whisper has one more ordinary token than English Whisper, so every special token
+    sits one id higher (<|endoftext|> 50257, <|startoftranscript|> 50258, languages from 50259).
+    The extra ordinary token at 50256 is a placeholder no merge produces; random weights make the
+    exact BPE irrelevant, the id layout is what decoding depends on.
+    """
+    import copy
+    import json
+
+    from tritonkit.convert_ct2 import bundled_tiny_en
+
+    english = json.loads((bundled_tiny_en() / "tokenizer.json").read_text())
+    data = copy.deepcopy(english)
+    vocab = data["model"]["vocab"]
+    end_of_text = vocab.pop("<|endoftext|>")
+    vocab["<|tritonkit-placeholder|>"] = end_of_text
+    shift = {t["id"]: t["id"] + 1 for t in data["added_tokens"]}
+    for token in data["added_tokens"]:
+        token["id"] = shift[token["id"]]
+    for special in data["post_processor"]["special_tokens"].values():
+        special["ids"] = [shift.get(i, i) for i in special["ids"]]
+    return data
+
+
+def make_tiny_whisper(
+    directory: Path,
+    *,
+    d_model: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    max_length: int = 48,
+    init_std: float = 1.0,
+    seed: int = 0,
+) -> Path:
+    """A random multilingual WhisperForConditionalGeneration with Whisper's real token layout.
+
+    Decoding stops after `max_length` tokens (the generation config's max_length): random weights
+    seldom choose the end token, so this keeps tests quick. With the usual init (std 0.02) every
+    input decodes to the same tokens; `init_std` 1.0 makes tokens and detected languages depend
+    on the audio, which is what the tests need to tell inputs and options apart.
+    """
+    import json
+
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer_json = multilingual_whisper_tokenizer_json()
+    ids = {t["content"]: t["id"] for t in tokenizer_json["added_tokens"]}
+    languages = {f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in ids}
+    end, start = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    # Whisper suppresses a fixed list of punctuation-like ordinary tokens plus the special ones.
+    suppress = [1, 2, 7, 8, 9, 10, 14, 25, 26, 27, 28, 29, 31, 58, 59, 60, 61, 62, 63, 90, 91, 92, 93]
+    suppress += [ids[s] for s in WHISPER_SPECIALS[:-1]]
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        vocab_size=51865,
+        num_mel_bins=80,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=4 * d_model,
+        decoder_ffn_dim=4 * d_model,
+        max_source_positions=1500,
+        max_target_positions=448,
+        pad_token_id=end,
+        bos_token_id=end,
+        eos_token_id=end,
+        decoder_start_token_id=start,
+        suppress_tokens=suppress,
+        begin_suppress_tokens=[220, end],
+        init_std=init_std,
+    )
+    model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=start,
+        bos_token_id=end,
+        eos_token_id=end,
+        pad_token_id=end,
+        max_length=max_length,
+        suppress_tokens=suppress,
+        begin_suppress_tokens=[220, end],
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        is_multilingual=True,
+        lang_to_id=languages,
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        return_timestamps=False,
+    )
+    model.save_pretrained(str(directory))
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "WhisperTokenizer", "model_max_length": config.max_target_positions})
+    )
+    tokenizer = WhisperTokenizer.from_pretrained(str(directory))
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(
+        str(directory)
+    )
+    return directory

@@ -26,6 +26,7 @@ class Tensor:
     dtype: str
     dims: tuple[int, ...]
     ragged: bool = False  # lets the dynamic batcher merge requests whose shapes differ
+    optional: bool = False  # an input requests may leave out
 
     def __post_init__(self):
         if self.dtype not in TRITON_DTYPES:
@@ -42,6 +43,8 @@ class Tensor:
         entry = {"name": self.name, "data_type": self.triton_type, "dims": list(self.dims)}
         if is_input and self.ragged:
             entry["allow_ragged_batch"] = True
+        if is_input and self.optional:
+            entry["optional"] = True
         return entry
 
 

@@ -114,13 +114,17 @@ class DecodeSettings:
     no_timestamps_token: int | None
     suppress_tokens: tuple[int, ...]
     begin_suppress_tokens: tuple[int, ...]
-    max_length: int
+    max_length: int  # new tokens per window, as transformers counts it for Whisper
+    max_target_positions: int = 448  # the decoder's positions: prompt + new tokens fit in them
     multilingual: bool = False
     language_tokens: dict[str, int] = field(default_factory=dict)  # "en" -> id
     task_tokens: dict[str, int] = field(default_factory=dict)  # "transcribe" / "translate" -> id
+    language_names: dict[str, str] = field(default_factory=dict)  # "french" -> "fr"
 
     @classmethod
-    def from_generation_config(cls, generation) -> "DecodeSettings":
+    def from_generation_config(cls, generation, max_target_positions: int = 448) -> "DecodeSettings":
+        from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
         languages = {}
         for token, token_id in (getattr(generation, "lang_to_id", None) or {}).items():
             languages[token.strip("<|>")] = int(token_id)
@@ -130,10 +134,12 @@ class DecodeSettings:
             no_timestamps_token=getattr(generation, "no_timestamps_token_id", None),
             suppress_tokens=tuple(int(t) for t in (generation.suppress_tokens or [])),
             begin_suppress_tokens=tuple(int(t) for t in (generation.begin_suppress_tokens or [])),
-            max_length=int(generation.max_length or 448),
+            max_length=int(generation.max_length or max_target_positions),
+            max_target_positions=int(max_target_positions),
             multilingual=bool(getattr(generation, "is_multilingual", False)),
             language_tokens=languages,
             task_tokens={k: int(v) for k, v in (getattr(generation, "task_to_id", None) or {}).items()},
+            language_names={name: code for name, code in TO_LANGUAGE_CODE.items() if code in languages},
         )
 
     def to_json(self) -> str:
@@ -156,18 +162,33 @@ class DecodeOptions:
     max_new_tokens: int | None = None
 
     def validate(self, settings: DecodeSettings) -> "DecodeOptions":
-        if self.task not in ("transcribe", "translate"):
+        """The options with the language as a code ("French" -> "fr"); InputError if unusable."""
+        task = (self.task or "transcribe").strip().lower()
+        if task not in ("transcribe", "translate"):
             raise InputError(f"TASK: {self.task!r} is not one of transcribe, translate")
+        language = (self.language or "").strip().lower() or None
+        if language is not None:
+            language = settings.language_names.get(language, language)
         if not settings.multilingual:
-            if self.task == "translate":
+            if task == "translate":
                 raise InputError("TASK: translate needs a multilingual model; this one is English-only")
-            if self.language not in (None, "", "en"):
+            if language not in (None, "en", "english"):
                 raise InputError(f"LANGUAGE: {self.language!r} is not available; this model is English-only")
-        elif self.language and self.language not in settings.language_tokens:
-            raise InputError(f"LANGUAGE: unknown language code {self.language!r}")
+            language = None
+        elif language is not None and language not in settings.language_tokens:
+            raise InputError(
+                f"LANGUAGE: unknown language {self.language!r}; use a code such as en, fr, de or a name such as french"
+            )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InputError(f"MAX_NEW_TOKENS: must be >= 1, got {self.max_new_tokens}")
-        return self
+        return DecodeOptions(language, task, self.max_new_tokens)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "DecodeOptions":
+        return cls(**json.loads(text))
 
 
 class GreedyDecoder:
@@ -216,18 +237,22 @@ class GreedyDecoder:
         return tokens
 
     def decode(self, encoder_hidden: np.ndarray, options: list[DecodeOptions]) -> tuple[list[list[int]], list[str | None]]:
-        """Tokens (without prompt and end token) and the language used, one per window."""
+        """Tokens (without prompt and end token) and the language decoded in, one per window.
+
+        A multilingual model detects the language of each window that has none given."""
         count = len(encoder_hidden)
         cross_keys, cross_values = self.cross_kv.run(None, {"ENCODER_HIDDEN": encoder_hidden})
         languages: list[str | None] = [o.language or None for o in options]
-        if self.settings.multilingual:
+        if not self.settings.multilingual:
+            languages = ["en"] * count
+        else:
             undetected = [i for i, lang in enumerate(languages) if lang is None]
             if undetected:
                 for i, code in zip(undetected, self.detect_languages(cross_keys[undetected], cross_values[undetected])):
                     languages[i] = code
         prompts = [self.prompt(o, lang) for o, lang in zip(options, languages)]
         limits = [
-            min(self.settings.max_length - len(p), o.max_new_tokens or self.settings.max_length)
+            min(o.max_new_tokens or self.settings.max_length, self.settings.max_target_positions - len(p))
             for p, o in zip(prompts, options)
         ]
         results: list[list[int]] = [[] for _ in range(count)]

@@ -66,6 +66,8 @@ class Pipeline:
                 source = available.get(tensor.name)
                 if source is None:
                     raise ConfigError(f"pipeline {self.role!r}: {stage.role} needs {tensor.name}, which nothing produces")
+                if source.optional and not tensor.optional:
+                    raise ConfigError(f"pipeline {self.role!r}: {stage.role} requires {tensor.name}, which requests may leave out")
                 if (source.dtype, source.dims) != (tensor.dtype, tensor.dims):
                     raise ConfigError(
                         f"pipeline {self.role!r}: {tensor.name} is {source.dtype}{list(source.dims)} where it is made "

@@ -15,11 +15,14 @@ from tritonkit.triton_config import Batching, Tensor
 
 # Public contract (see README).
 AUDIO = "AUDIO"
+LANGUAGE, TASK, MAX_NEW_TOKENS = "LANGUAGE", "TASK", "MAX_NEW_TOKENS"  # optional per-request options
 TEXT = "TEXT"
 TOKENS = "TOKENS"
+DECODED_LANGUAGE = "DECODED_LANGUAGE"  # the language given, or detected in the first window
 # Between composing models and inside the decoder's graphs.
 INPUT_FEATURES = "INPUT_FEATURES"
 WINDOW_ROW = "WINDOW_ROW"  # which row of the request each 30 s window came from
+DECODE_OPTIONS = "DECODE_OPTIONS"  # each window's validated options (JSON of DecodeOptions)
 ENCODER_HIDDEN = "ENCODER_HIDDEN"
 CROSS_KEYS, CROSS_VALUES = "CROSS_KEYS", "CROSS_VALUES"
 INPUT_IDS, PAST_KEYS, PAST_VALUES = "INPUT_IDS", "PAST_KEYS", "PAST_VALUES"
@@ -69,6 +72,11 @@ class WhisperSpec(FamilySpec):
         cache = (layers, heads, -1, head_dim)
         return {
             AUDIO: Tensor(AUDIO, "uint8", (-1,), ragged=True),
+            LANGUAGE: Tensor(LANGUAGE, "string", (1,), optional=True),
+            TASK: Tensor(TASK, "string", (1,), optional=True),
+            MAX_NEW_TOKENS: Tensor(MAX_NEW_TOKENS, "int32", (1,), optional=True),
+            DECODE_OPTIONS: Tensor(DECODE_OPTIONS, "string", (1,)),
+            DECODED_LANGUAGE: Tensor(DECODED_LANGUAGE, "string", (1,)),
             INPUT_FEATURES: Tensor(INPUT_FEATURES, "float32", (c.num_mel_bins, frames)),
             WINDOW_ROW: Tensor(WINDOW_ROW, "int32", (1,)),
             ENCODER_HIDDEN: Tensor(ENCODER_HIDDEN, "float32", (c.max_source_positions, c.d_model)),
@@ -137,7 +145,7 @@ class WhisperSpec(FamilySpec):
     def decode_settings(self, loaded: LoadedWhisper):
         from tritonkit.whisper_decoding import DecodeSettings
 
-        return DecodeSettings.from_generation_config(loaded.model.generation_config)
+        return DecodeSettings.from_generation_config(loaded.model.generation_config, loaded.config.max_target_positions)
 
     def pipelines(self, loaded: LoadedWhisper, onnx_files: Mapping[str, Path], workdir: Path) -> list[Pipeline]:
         from tritonkit.preprocessing.audio import AudioRecipe
@@ -150,19 +158,21 @@ class WhisperSpec(FamilySpec):
         tokenizer_dir = workdir / "tokenizer"
         loaded.processor.tokenizer.save_pretrained(str(tokenizer_dir))
         recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
+        settings = self.decode_settings(loaded).to_json()
+        options = (t[LANGUAGE], t[TASK], t[MAX_NEW_TOKENS])
         return [
             Pipeline(
                 role="",
-                inputs=(t[AUDIO],),
-                outputs=(t[TEXT], t[TOKENS]),
+                inputs=(t[AUDIO], *options),
+                outputs=(t[TEXT], t[TOKENS], t[DECODED_LANGUAGE]),
                 stages=(
                     Stage(
                         role="audio_preprocess",
                         template="audio_preprocess",
-                        inputs=(t[AUDIO],),
-                        outputs=(t[INPUT_FEATURES], t[WINDOW_ROW]),
+                        inputs=(t[AUDIO], *options),
+                        outputs=(t[INPUT_FEATURES], t[WINDOW_ROW], t[DECODE_OPTIONS]),
                         batching=self.stage_batching("audio_preprocess"),
-                        parameters={"recipe": recipe.to_json()},
+                        parameters={"recipe": recipe.to_json(), "decode_settings": settings},
                         files={"mel_filters.npy": mel_filters},
                     ),
                     Stage(
@@ -176,10 +186,10 @@ class WhisperSpec(FamilySpec):
                     Stage(
                         role="decoder",
                         template="whisper_decoder",
-                        inputs=(t[ENCODER_HIDDEN], t[WINDOW_ROW]),
-                        outputs=(t[TEXT], t[TOKENS]),
+                        inputs=(t[ENCODER_HIDDEN], t[WINDOW_ROW], t[DECODE_OPTIONS]),
+                        outputs=(t[TEXT], t[TOKENS], t[DECODED_LANGUAGE]),
                         batching=self.stage_batching("decoder"),
-                        parameters={"decode_settings": self.decode_settings(loaded).to_json(), "tokenizer_dir": "tokenizer"},
+                        parameters={"decode_settings": settings, "tokenizer_dir": "tokenizer"},
                         files={
                             "cross_kv.onnx": onnx_files["decoder_cross_kv"],
                             "step.onnx": onnx_files["decoder_step"],

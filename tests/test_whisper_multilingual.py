@@ -1,0 +1,109 @@
+"""A small random multilingual Whisper: language detection, forced language, translate and the
+per-request options, through the served ensemble, token for token against transformers."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tritonkit.client import TritonkitClient, whisper_inputs
+from tritonkit.errors import InferenceError
+from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio
+
+pytestmark = pytest.mark.server
+
+# (per-request options sent to the ensemble, the same options for transformers generate)
+OPTION_ROWS = [
+    pytest.param({}, {}, id="detected language"),
+    pytest.param({"language": "fr"}, {"language": "fr"}, id="forced language"),
+    pytest.param({"language": "German", "task": "translate"}, {"language": "de", "task": "translate"}, id="translate"),
+    pytest.param({"task": "translate"}, {"task": "translate"}, id="detect then translate"),
+    pytest.param({"max_new_tokens": 5}, {"max_new_tokens": 5}, id="max new tokens"),
+]
+
+
+def reference(loaded, data: bytes, options: dict) -> tuple[list[int], str]:
+    """transformers generate's tokens (prompt and end token removed) and the language it used."""
+    import torch
+
+    model = loaded.model
+    samples = decode_audio(data, AudioRecipe())
+    features = torch.from_numpy(
+        loaded.processor.feature_extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]
+    )
+    options = {"task": "transcribe", **options}  # transformers leaves the task token out unless asked
+    with torch.no_grad():
+        tokens = model.generate(features, **options)[0].tolist()
+        language = options.get("language")
+        if language is None:
+            detected = int(model.detect_language(features)[0])
+            language = next(k for k, v in model.generation_config.lang_to_id.items() if v == detected).strip("<|>")
+    return [t for t in tokens if t != model.generation_config.eos_token_id], language
+
+
+def served(result: dict) -> tuple[list[int], str]:
+    return [int(t) for t in result["TOKENS"][0] if t >= 0], result["DECODED_LANGUAGE"][0, 0].decode()
+
+
+@pytest.mark.parametrize("options, generate_options", OPTION_ROWS)
+def test_served_tokens_and_language_equal_transformers(
+    options, generate_options, multilingual_whisper_server, multilingual_whisper_loaded, speech_files
+):
+    _, loaded = multilingual_whisper_loaded
+    with TritonkitClient(multilingual_whisper_server.grpc_url) as client:
+        for data in speech_files[:3]:
+            result = client.infer("whisper", whisper_inputs(data, **options))
+            assert served(result) == reference(loaded, data, generate_options)
+
+
+def test_options_change_the_prompt(multilingual_whisper_server, speech_files):
+    """Guards the test above against a model that ignores its prompt."""
+    with TritonkitClient(multilingual_whisper_server.grpc_url) as client:
+        outputs = {
+            str(options): served(client.infer("whisper", whisper_inputs(speech_files[0], **options)))[0]
+            for options in ({"language": "fr"}, {"language": "de"}, {"language": "de", "task": "translate"})
+        }
+    assert len(set(map(tuple, outputs.values()))) == 3, outputs
+
+
+def test_requests_with_different_options_batch_together_with_their_single_results(
+    multilingual_whisper_server, speech_files
+):
+    url = multilingual_whisper_server.grpc_url
+    cases = [
+        (data, options)
+        for data in speech_files[:4]
+        for options in ({}, {"language": "es"}, {"language": "ja", "task": "translate"}, {"max_new_tokens": 3})
+    ]
+    with TritonkitClient(url) as client:
+        single = [served(client.infer("whisper", whisper_inputs(d, **o))) for d, o in cases]
+
+    def call(case):
+        data, options = case
+        with TritonkitClient(url) as c:
+            return served(c.infer("whisper", whisper_inputs(data, **options)))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert list(pool.map(call, cases)) == single
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"language": "xx"}, "LANGUAGE: unknown language 'xx'"),
+        ({"task": "summarize"}, "TASK: 'summarize' is not one of transcribe, translate"),
+        ({"max_new_tokens": 0}, "MAX_NEW_TOKENS: must be >= 1, got 0"),
+    ],
+)
+def test_bad_options_fail_with_a_message_naming_the_option(options, message, multilingual_whisper_server, speech_files):
+    with TritonkitClient(multilingual_whisper_server.grpc_url) as client:
+        with pytest.raises(InferenceError, match=message):
+            client.infer("whisper", whisper_inputs(speech_files[0], **options))
+
+
+def test_client_transcribe_passes_options_and_reports_the_language(multilingual_whisper_server, speech_files):
+    with TritonkitClient(multilingual_whisper_server.grpc_url) as client:
+        transcripts = client.transcribe(speech_files[:2], language="it", task="translate", max_new_tokens=4)
+    assert [t.language for t in transcripts] == ["it", "it"]
+    assert all(len(t.tokens) == 4 for t in transcripts)
