@@ -1,6 +1,8 @@
-"""Encoded audio bytes (UINT8 [-1], one file per row) -> Whisper log-mel windows.
+"""Encoded audio bytes (UINT8 [-1], one file per row) -> 30 s windows of Whisper's input.
 
-Each row becomes one or more 30 s windows; `WINDOW_ROW` tells the decoder which row each window
+The first output is either log-mel features (INPUT_FEATURES, computed here with numpy) or the
+windows' 16 kHz samples (WINDOW_SAMPLES) for a DALI log-mel stage. Each row becomes one or more
+30 s windows; `WINDOW_ROW` tells the decoder which row each window
 came from, and `DECODE_OPTIONS` carries the row's options (optional inputs LANGUAGE, TASK,
 MAX_NEW_TOKENS), checked here so a bad option fails before any encoder work. Parameters: `recipe`
 (JSON of `tritonkit.preprocessing.audio.AudioRecipe`) and `decode_settings` (JSON of
@@ -10,7 +12,7 @@ MAX_NEW_TOKENS), checked here so a bad option fails before any encoder work. Par
 import numpy as np
 
 from tritonkit.errors import InputError
-from tritonkit.preprocessing.audio import AudioRecipe, decode_audio, log_mel, split_windows
+from tritonkit.preprocessing.audio import AudioRecipe, decode_audio, log_mel, pad_window, split_windows
 from tritonkit.runtime import BatchedModel, string_rows
 from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings
 
@@ -21,7 +23,8 @@ class TritonPythonModel(BatchedModel):
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
         self.mel_filters = np.load(self.version_dir / "mel_filters.npy")
         self.audio_input, self.language_input, self.task_input, self.max_tokens_input = self.input_names
-        self.features_output, self.row_output, self.options_output = self.output_dtypes
+        self.windows_output, self.row_output, self.options_output = self.output_dtypes
+        self.emit_features = self.windows_output == "INPUT_FEATURES"
         self.max_windows = int(self.model_config["max_batch_size"])
 
     def row_options(self, inputs, count: int) -> list[DecodeOptions]:
@@ -58,7 +61,9 @@ class TritonPythonModel(BatchedModel):
                 f"{self.max_windows}; send fewer or shorter files per request"
             )
         return {
-            self.features_output: log_mel(windows, self.mel_filters),
+            self.windows_output: log_mel(windows, self.mel_filters) if self.emit_features else np.stack(
+                [pad_window(w) for w in windows]
+            ),
             self.row_output: np.array(owners, dtype=np.int32)[:, None],
             self.options_output: np.array(options, dtype=object)[:, None],
         }

@@ -3,7 +3,8 @@
 Inputs: encoder hidden states, `WINDOW_ROW` (the request row each window belongs to) and
 `DECODE_OPTIONS` (each window's options, checked by the preprocessing model). Outputs, one row per
 request row: the text, its tokens (windows joined in order; padded with -1) and the language of
-its first window. Files: cross_kv.onnx, step.onnx, tokenizer/. Parameter `decode_settings`: the JSON
+its first window. Parameter `providers`: ONNX Runtime execution providers, comma-separated
+(default CPUExecutionProvider; GPU repositories ask for CUDA first). Files: cross_kv.onnx, step.onnx, tokenizer/. Parameter `decode_settings`: the JSON
 of `tritonkit.whisper_decoding.DecodeSettings`.
 """
 
@@ -21,8 +22,16 @@ class TritonPythonModel(BatchedModel):
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(self.parameters.get("intra_op_threads", "0"))
 
+        providers = self.parameters.get("providers", "CPUExecutionProvider").split(",")
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise RuntimeError(
+                f"{self.model_name}: ONNX Runtime here lacks {', '.join(missing)}; this repository was built with "
+                "--target gpu: run it on a GPU machine with onnxruntime-gpu, or rebuild with --target cpu"
+            )
+
         def session(name):
-            return ort.InferenceSession(str(self.version_dir / name), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(self.version_dir / name), options, providers=providers)
 
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
         self.decoder = GreedyDecoder(session("cross_kv.onnx"), session("step.onnx"), self.settings)

@@ -79,6 +79,18 @@ def clip_server(clip_repository):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def clip_python_server(tiny_clip_dir, tmp_path_factory):
+    """CLIP with --preprocessing python (PIL), the exact transformers path."""
+    from tritonkit.families.base import BuildOptions
+
+    out = tmp_path_factory.mktemp("clip_python_repo") / "model_repository"
+    build("clip", str(tiny_clip_dir), out, options=BuildOptions(preprocessing="python"))
+    server = start_server(out)
+    yield server
+    server.stop()
+
+
 # -- Whisper ------------------------------------------------------------------------------------
 def speak(text: str, path: Path) -> Path:
     if not samples.espeak_available():

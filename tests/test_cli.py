@@ -96,3 +96,25 @@ def test_infer_names_the_server_when_it_is_not_there(tmp_path):
     image.write_bytes(b"x")
     result = run("infer", "clip_image", str(image), "--url", f"127.0.0.1:{free_port()}", timeout=60)
     assert result.returncode == 2 and "is not available at" in result.stderr
+
+
+def test_preprocess_command_saves_the_encoder_input_the_server_computes(clip_repository, clip_loaded, tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tests.conftest import encode_image, random_image
+    from tritonkit.preprocessing.dali import image_pixels
+
+    spec, loaded = clip_loaded
+    image = encode_image(random_image(300, 200, seed=3), "PNG")
+    (tmp_path / "a.png").write_bytes(image)
+    result = subprocess.run(
+        [sys.executable, "-m", "tritonkit.cli", "preprocess", str(clip_repository), "clip_image", str(tmp_path / "a.png"),
+         "--out", str(tmp_path / "pixels.npy")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "PIXEL_VALUES: shape [1, 3, 224, 224] float32" in result.stdout
+    np.testing.assert_array_equal(np.load(tmp_path / "pixels.npy"), image_pixels(spec.image_recipe(loaded), [image]))

@@ -25,9 +25,37 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, atol: float) -> None:
     assert np.abs(actual - expected).max() <= atol, f"max abs error {np.abs(actual - expected).max()}"
 
 
-def reference_images(clip_loaded, files: list[bytes]) -> np.ndarray:
+def transformers_images(clip_loaded, files: list[bytes]) -> np.ndarray:
     spec, loaded = clip_loaded
     return spec.reference_image_embeds(loaded, [Image.open(io.BytesIO(f)) for f in files])
+
+
+def dali_images(clip_loaded, files: list[bytes]) -> np.ndarray:
+    """CLIPModel features of the pixels that the DALI pipeline computes in this process."""
+    import torch
+
+    from tritonkit.families.clip import projected
+    from tritonkit.preprocessing.dali import image_pixels
+
+    spec, loaded = clip_loaded
+    pixels = torch.from_numpy(image_pixels(spec.image_recipe(loaded), files))
+    with torch.no_grad():
+        return projected(loaded.model.get_image_features(pixel_values=pixels)).numpy()
+
+
+# The repository built with each preprocessing engine, and what its image ensemble must equal:
+# PIL computes CLIPImageProcessor's pixels exactly; DALI computes its own (its cubic resize differs
+# from PIL's by at most ~2 grey levels, see test_dali_preprocessing), so the served DALI ensemble
+# is held to the model run on DALI's in-process pixels.
+ENGINES = {"python": ("clip_python_server", transformers_images), "dali": ("clip_server", dali_images)}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def served(request):
+    server_fixture, reference = ENGINES[request.param]
+    server = request.getfixturevalue(server_fixture)
+    with TritonkitClient(server.grpc_url) as c:
+        yield c, server, reference
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +64,8 @@ def client(clip_server):
         yield c
 
 
-def test_image_ensemble_matches_transformers_when_jpeg_and_png(client, clip_loaded):
+def test_image_ensemble_matches_its_reference_when_jpeg_and_png(served, clip_loaded):
+    client, _, reference = served
     spec, _ = clip_loaded
     files = [
         encode_image(random_image(480, 640, seed=1), "JPEG"),
@@ -44,17 +73,25 @@ def test_image_ensemble_matches_transformers_when_jpeg_and_png(client, clip_load
         encode_image(random_image(224, 224, seed=3, channels=4), "PNG", mode="RGBA"),
         encode_image(random_image(90, 700, seed=4, channels=1)[..., 0], "JPEG"),
     ]
-    expected = reference_images(clip_loaded, files)
+    expected = reference(clip_loaded, files)
     for file, want in zip(files, expected):  # one request each
         assert_close(client.embed_images([file]), want[None], spec.tolerance.max_abs)
     # all in one request: rows of different lengths, zero-padded
     assert_close(client.embed_images(files), expected, spec.tolerance.max_abs)
 
 
-def test_image_ensemble_batches_concurrent_requests_when_many_clients(client, clip_server, clip_loaded):
+def test_dali_ensemble_stays_close_to_transformers(client, clip_loaded):
+    files = [encode_image(random_image(480, 640, seed=1), "JPEG"), encode_image(random_image(333, 251, seed=2), "PNG")]
+    got, want = client.embed_images(files), transformers_images(clip_loaded, files)
+    cosine = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+    assert cosine.min() > 0.999, cosine
+
+
+def test_image_ensemble_batches_concurrent_requests_when_many_clients(served, clip_loaded):
+    client, clip_server, reference = served
     spec, _ = clip_loaded
     files = [encode_image(random_image(200 + 7 * i, 260, seed=10 + i), "JPEG") for i in range(24)]
-    expected = reference_images(clip_loaded, files)
+    expected = reference(clip_loaded, files)
     before = executed_batch_sizes(client.statistics("clip_image_encoder"), "clip_image_encoder")
     with ThreadPoolExecutor(max_workers=12) as pool:
         results = list(pool.map(lambda f: TritonkitClient(clip_server.grpc_url).embed_images([f]), files))
@@ -74,11 +111,12 @@ def test_text_ensemble_matches_transformers_when_short_empty_and_overlong(client
         assert_close(client.embed_texts([text]), want[None], spec.tolerance.max_abs)
 
 
-def test_image_request_fails_alone_when_its_batch_mates_are_valid(client, clip_server, clip_loaded):
+def test_image_request_fails_alone_when_its_batch_mates_are_valid(served, clip_loaded):
+    client, clip_server, reference = served
     spec, _ = clip_loaded
     good = encode_image(random_image(300, 300, seed=5), "JPEG")
     bad_inputs = [b"not an image at all", good[: len(good) // 3], b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj"]
-    expected = reference_images(clip_loaded, [good])
+    expected = reference(clip_loaded, [good])
 
     def call(data: bytes):
         try:
@@ -93,10 +131,11 @@ def test_image_request_fails_alone_when_its_batch_mates_are_valid(client, clip_s
         assert_close(result, expected, spec.tolerance.max_abs)
     for result in results[1:4]:
         assert isinstance(result, InferenceError)
-        assert "IMAGE: not a decodable image" in str(result)
+        assert "IMAGE: not decodable" in str(result) or "IMAGE: not a decodable image" in str(result), result
 
 
-def test_image_request_is_rejected_when_empty(client):
+def test_image_request_is_rejected_when_empty(served):
+    client, _, _ = served
     with pytest.raises(InferenceError, match="IMAGE: empty input"):
         client.infer("clip_image", {"IMAGE": np.zeros((1, 1), dtype=np.uint8)[:, :0]})
 

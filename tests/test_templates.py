@@ -26,11 +26,14 @@ def test_every_template_defines_a_batched_triton_python_model():
 
 
 def test_every_template_is_used_by_a_registered_family(clip_loaded, whisper_loaded, tmp_path):
+    from tritonkit.families.base import BuildOptions
+
     used = set()
     for spec, loaded in (clip_loaded, whisper_loaded):
         onnx = {e.role: tmp_path / f"{e.role}.onnx" for e in spec.exports(loaded)}
-        for pipeline in spec.pipelines(loaded, onnx, tmp_path / spec.name):
-            used |= {stage.template for stage in pipeline.stages}
+        for options in (BuildOptions(), BuildOptions(preprocessing="python"), BuildOptions(target="gpu")):
+            for pipeline in spec.pipelines(loaded, onnx, tmp_path / spec.name, options):
+                used |= {stage.template for stage in pipeline.stages if stage.template}
     assert used == set(TEMPLATES)
     assert set(registry()) == {"clip", "whisper"}
 

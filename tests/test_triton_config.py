@@ -7,11 +7,11 @@ from google.protobuf import text_format
 
 from tritonkit.errors import ConfigError
 from tritonkit.repository import list_models, read_repository
-from tritonkit.triton_config import Batching, Tensor, parse_text, python_model_config, to_text
+from tritonkit.triton_config import Batching, Tensor, parse_text, model_config, to_text
 
 
 def test_config_round_trips_when_written_and_parsed_again():
-    config = python_model_config(
+    config = model_config(
         "m",
         [Tensor("IMAGE", "uint8", (-1,), ragged=True)],
         [Tensor("OUT", "float32", (3, 4))],

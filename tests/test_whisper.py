@@ -132,30 +132,38 @@ def test_audio_is_rejected_when_longer_than_the_limit(whisper_server):
             client.infer("whisper", {"AUDIO": pack_byte_rows([long_silence])})
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["speech", "silence", "clipping noise", "8 kHz", "44.1 kHz stereo"],
-)
-def test_log_mel_matches_whisper_feature_extractor_when_input_is(case, whisper_loaded, speech_files):
-    import soxr
+AUDIO_CASES = ["speech", "silence", "clipping noise", "8 kHz", "44.1 kHz stereo"]
 
-    from tritonkit.preprocessing.audio import log_mel
+
+def audio_case(case: str, speech_files: list[bytes]) -> np.ndarray:
+    """16 kHz mono samples of one of AUDIO_CASES, decoded (and resampled) as the server does."""
+    import soxr
 
     def resample_to(samples, rate):
         return soxr.resample(samples, SAMPLE_RATE, rate).astype(np.float32)
 
-    _, loaded = whisper_loaded
     rng = np.random.default_rng(0)
     speech = decode_audio(speech_files[0], AudioRecipe())
-    samples = {
-        "speech": speech,
-        "silence": np.zeros(SAMPLE_RATE * 4, dtype=np.float32),
-        "clipping noise": np.clip(rng.normal(0, 2, SAMPLE_RATE * 5), -1, 1).astype(np.float32),
-        "8 kHz": decode_audio(wav_bytes(resample_to(speech, 8000), 8000), AudioRecipe()),
-        "44.1 kHz stereo": decode_audio(
-            wav_bytes(np.stack([rng.normal(0, 0.1, 44100 * 3)] * 2, axis=1).astype(np.float32), 44100), AudioRecipe()
-        ),
-    }[case]
+    if case == "speech":
+        return speech
+    if case == "silence":
+        return np.zeros(SAMPLE_RATE * 4, dtype=np.float32)
+    if case == "clipping noise":
+        return np.clip(rng.normal(0, 2, SAMPLE_RATE * 5), -1, 1).astype(np.float32)
+    if case == "8 kHz":
+        return decode_audio(wav_bytes(resample_to(speech, 8000), 8000), AudioRecipe())
+    if case == "44.1 kHz stereo":
+        stereo = np.stack([rng.normal(0, 0.1, 44100 * 3)] * 2, axis=1).astype(np.float32)
+        return decode_audio(wav_bytes(stereo, 44100), AudioRecipe())
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", AUDIO_CASES)
+def test_numpy_log_mel_matches_whisper_feature_extractor_when_input_is(case, whisper_loaded, speech_files):
+    from tritonkit.preprocessing.audio import log_mel
+
+    _, loaded = whisper_loaded
+    samples = audio_case(case, speech_files)
     extractor = loaded.processor.feature_extractor
     ours = log_mel([samples], extractor.mel_filters)
     reference = extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]

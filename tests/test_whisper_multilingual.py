@@ -23,27 +23,50 @@ OPTION_ROWS = [
 ]
 
 
-def reference(loaded, data: bytes, options: dict) -> tuple[list[int], str]:
-    """transformers generate's tokens (prompt and end token removed) and the language it used."""
+# Random weights give near-ties: a step whose best two logits are closer than this may flip
+# between ONNX Runtime and PyTorch (float32 rounding, ~1e-5), so tokens are compared up to it.
+NEAR_TIE = 1e-3
+
+
+def reference(loaded, repository, data: bytes, options: dict) -> tuple[list[int], str, int]:
+    """transformers generate's tokens (prompt and end token removed), the language it used, and
+    how many leading tokens are decided by a margin larger than NEAR_TIE.
+
+    It gets the features the served preprocessing computes (read back with tritonkit.offline):
+    preprocessing parity is tested on its own; these tests are about decoding."""
     import torch
 
+    from tritonkit.offline import preprocess
+
     model = loaded.model
-    samples = decode_audio(data, AudioRecipe())
-    features = torch.from_numpy(
-        loaded.processor.feature_extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]
-    )
+    features = torch.from_numpy(preprocess(repository, "whisper", [data])["INPUT_FEATURES"])
     options = {"task": "transcribe", **options}  # transformers leaves the task token out unless asked
     with torch.no_grad():
-        tokens = model.generate(features, **options)[0].tolist()
+        out = model.generate(features, **options, return_dict_in_generate=True, output_scores=True)
         language = options.get("language")
         if language is None:
             detected = int(model.detect_language(features)[0])
             language = next(k for k, v in model.generation_config.lang_to_id.items() if v == detected).strip("<|>")
-    return [t for t in tokens if t != model.generation_config.eos_token_id], language
+    generated = out.sequences[0, -len(out.scores) :].tolist()  # sequences start with the prompt here
+    tokens = [t for t in generated if t != model.generation_config.eos_token_id]
+    top2 = torch.stack(out.scores, 1)[0].topk(2, dim=-1).values
+    ties = ((top2[:, 0] - top2[:, 1]) < NEAR_TIE).nonzero()
+    decided = int(ties[0]) if len(ties) else len(tokens)
+    return tokens, language, decided
 
 
 def served(result: dict) -> tuple[list[int], str]:
     return [int(t) for t in result["TOKENS"][0] if t >= 0], result["DECODED_LANGUAGE"][0, 0].decode()
+
+
+def assert_same_decoding(result: dict, want: tuple[list[int], str, int]) -> None:
+    tokens, language = served(result)
+    want_tokens, want_language, decided = want
+    assert language == want_language
+    assert decided >= min(len(want_tokens), 16), "too many near-ties to compare; change the model seed"
+    assert tokens[:decided] == want_tokens[:decided]
+    if decided == len(want_tokens):
+        assert tokens == want_tokens
 
 
 @pytest.mark.parametrize("options, generate_options", OPTION_ROWS)
@@ -54,7 +77,7 @@ def test_served_tokens_and_language_equal_transformers(
     with TritonkitClient(multilingual_whisper_server.grpc_url) as client:
         for data in speech_files[:3]:
             result = client.infer("whisper", whisper_inputs(data, **options))
-            assert served(result) == reference(loaded, data, generate_options)
+            assert_same_decoding(result, reference(loaded, multilingual_whisper_server.repository, data, generate_options))
 
 
 def test_options_change_the_prompt(multilingual_whisper_server, speech_files):

@@ -10,6 +10,7 @@ from typing import Callable
 from tritonkit.errors import ExportError, InputError
 from tritonkit.export import ValidationReport, export_onnx, validate_onnx
 from tritonkit.families import get_family
+from tritonkit.families.base import BuildOptions
 from tritonkit.repository import BatchingOverrides, plan_models, staging_dir, write_models
 
 Progress = Callable[[str], None]
@@ -29,6 +30,7 @@ def build(
     *,
     name: str | None = None,
     overrides: BatchingOverrides = BatchingOverrides(),
+    options: BuildOptions = BuildOptions(),
     trust_remote_code: bool = False,
     progress: Progress = lambda message: None,
 ) -> BuildResult:
@@ -52,7 +54,8 @@ def build(
             report.write(path.with_name("export_report.json"))
             onnx_files[export.role] = path
             reports.append(report)
-        pipelines = spec.pipelines(loaded, onnx_files, staging / "assets")
+        progress(f"writing the {options.target} repository's pipelines ({options.preprocessing} preprocessing)")
+        pipelines = spec.pipelines(loaded, onnx_files, staging / "assets", options)
         models = plan_models(name, pipelines, overrides)
         for m in models:  # the validation report travels with the encoder it validates
             onnx = m.files.get("model.onnx")

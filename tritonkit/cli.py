@@ -51,6 +51,15 @@ def build(
     preferred_batch_sizes: Annotated[Optional[str], typer.Option(help="Override preferred batch sizes, e.g. 4,8,16.")] = None,
     queue_delay_us: Annotated[Optional[int], typer.Option(help="Override the dynamic batcher's max queue delay.")] = None,
     instances: Annotated[Optional[int], typer.Option(help="Override the instance count of every model.")] = None,
+    target: Annotated[str, typer.Option(help="cpu: Python-backend models (runs here); gpu: DALI and ONNX Runtime backends on GPUs.")] = "cpu",
+    preprocessing: Annotated[str, typer.Option(help="dali (the DALI pipelines), or python (PIL/numpy, exact transformers parity; cpu only).")] = "dali",
+    resize_mode: Annotated[Optional[str], typer.Option(help="Images: crop (as CLIP), fit (stretch) or pad (letterbox).")] = None,
+    image_formats: Annotated[Optional[str], typer.Option(help="Accepted image formats, e.g. jpeg,png,webp,bmp,tiff (gif: python only).")] = None,
+    max_image_bytes: Annotated[Optional[int], typer.Option(help="Largest accepted encoded image.")] = None,
+    max_image_pixels: Annotated[Optional[int], typer.Option(help="Largest accepted image area (decompression bombs fail).")] = None,
+    exif_orientation: Annotated[Optional[bool], typer.Option("--exif-orientation/--ignore-exif-orientation", help="Turn images upright by their EXIF orientation (default: yes).")] = None,
+    max_audio_seconds: Annotated[Optional[float], typer.Option(help="Longest accepted audio file (default 600).")] = None,
+    dali_threads: Annotated[int, typer.Option(help="CPU threads of each DALI pipeline.")] = 1,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code from the Hub to run.")] = False,
 ):
     """Export, validate and write a Triton model repository.
@@ -58,8 +67,23 @@ def build(
     Example: tritonkit build clip --model openai/clip-vit-base-patch32 --out model_repository
     """
     from tritonkit.build import build as run_build
+    from tritonkit.families.base import BuildOptions
     from tritonkit.repository import BatchingOverrides
 
+    image_options = {
+        "resize_mode": resize_mode,
+        "formats": tuple(f.strip() for f in image_formats.split(",") if f.strip()) if image_formats else None,
+        "max_bytes": max_image_bytes,
+        "max_pixels": max_image_pixels,
+        "exif_orientation": exif_orientation,
+    }
+    options = BuildOptions(
+        target=target,
+        preprocessing=preprocessing,
+        image={k: v for k, v in image_options.items() if v is not None},
+        max_audio_seconds=max_audio_seconds,
+        dali_threads=dali_threads,
+    )
     overrides = BatchingOverrides(
         max_batch_size=max_batch_size,
         preferred_batch_sizes=_int_list(preferred_batch_sizes),
@@ -73,7 +97,8 @@ def build(
             console.print(message, highlight=False)
 
         result = run_build(
-            family, model, out, name=name, overrides=overrides, trust_remote_code=trust_remote_code, progress=progress
+            family, model, out, name=name, overrides=overrides, options=options,
+            trust_remote_code=trust_remote_code, progress=progress,
         )
     console.print(f"[green]wrote[/green] {', '.join(result.models)} to {result.out}")
 
@@ -180,6 +205,37 @@ def transcribe(
     for path, transcript in zip(files, transcripts):
         text = f"[{transcript.language}] {transcript.text}" if show_language else transcript.text
         print(f"{path}: {text}" if len(files) > 1 else text)
+
+
+@app.command()
+def preprocess(
+    repository: Annotated[Path, typer.Argument(help="Model repository directory.")],
+    ensemble: Annotated[str, typer.Argument(help="Ensemble whose preprocessing to run, e.g. clip_image or whisper.")],
+    files: Annotated[list[Path], typer.Argument(help="Input files (images or audio), one row each.")],
+    out: Annotated[Optional[Path], typer.Option(help="Save the tensors: .npy (one tensor) or .npz.")] = None,
+):
+    """Run an ensemble's preprocessing offline, as the server would, and show or save the encoder's input.
+
+    Example: tritonkit preprocess model_repository clip_image cat.jpg --out pixels.npy
+    """
+    import numpy as np
+
+    from tritonkit.client import read_inputs
+    from tritonkit.offline import preprocess as run_preprocess
+
+    tensors = run_preprocess(repository, ensemble, read_inputs(files))
+    for name, array in tensors.items():
+        print(
+            f"{name}: shape {list(array.shape)} {array.dtype}, min {array.min():.6g}, max {array.max():.6g}, "
+            f"mean {array.mean():.6g}"
+        )
+    if out is not None:
+        if out.suffix == ".npz" or len(tensors) > 1:
+            np.savez(out.with_suffix(".npz"), **tensors)
+            console.print(f"saved {', '.join(tensors)} to {out.with_suffix('.npz')}")
+        else:
+            np.save(out, next(iter(tensors.values())))
+            console.print(f"saved {next(iter(tensors))} to {out}")
 
 
 @app.command("convert-ct2-whisper")

@@ -21,12 +21,13 @@ from tritonkit.triton_config import (
     EnsembleStep,
     ModelFiles,
     ensemble_config,
-    python_model_config,
+    model_config,
     read_config,
     write_config,
 )
 
 VERSION = "1"
+TEMPLATE_PARAMETER = "tritonkit_template"  # which model_repository_templates source a model.py is
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,15 @@ def plan_models(name: str, pipelines: Sequence[Pipeline], overrides: BatchingOve
             batching = overrides.apply(stage.batching)
             max_batch = batching.max_batch_size if max_batch is None else min(max_batch, batching.max_batch_size)
             if stage_name not in composing:
-                config = python_model_config(stage_name, stage.inputs, stage.outputs, batching, stage.parameters)
-                files = {"model.py": template_path(stage.template), **stage.files}
+                parameters = dict(stage.parameters)
+                if stage.template is not None:
+                    parameters[TEMPLATE_PARAMETER] = stage.template
+                config = model_config(
+                    stage_name, stage.inputs, stage.outputs, batching, parameters, backend=stage.backend, kind=stage.kind
+                )
+                files = dict(stage.files)
+                if stage.template is not None:
+                    files["model.py"] = template_path(stage.template)
                 composing[stage_name] = ModelFiles(config, files)
             steps.append(
                 EnsembleStep(

@@ -22,6 +22,9 @@ from tritonkit.dtypes import numpy_dtype
 from tritonkit.errors import InputError
 
 LOGGER = logging.getLogger("tritonkit.runtime")
+# `run` may return this key: an object array with one entry per row, None or the message of a row
+# that failed; a request with a failed row gets that message as its error response.
+ROW_ERRORS = "__row_errors__"
 
 
 def split_rows(batch: Mapping[str, np.ndarray], counts: list[int]) -> list[dict[str, np.ndarray]]:
@@ -73,6 +76,7 @@ class BatchedModel:
         return inputs
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """All rows -> outputs with the same number of rows (plus ROW_ERRORS for rows that failed)."""
         raise NotImplementedError
 
     def finish(self, outputs: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -109,6 +113,10 @@ class BatchedModel:
                 error = pb_utils.TritonError(f"{self.model_name}: {exc}")
                 per_request = [error] * len(prepared)
             for (index, rows), result in zip(prepared, per_request):
+                if isinstance(result, dict) and ROW_ERRORS in result:
+                    failed = [e for e in result.pop(ROW_ERRORS) if e is not None]
+                    if failed:
+                        result = pb_utils.TritonError(str(failed[0]))
                 if isinstance(result, dict):
                     try:
                         result = self.finish(result, rows)

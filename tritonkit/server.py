@@ -83,6 +83,16 @@ def server_environment(installation: Installation) -> dict[str, str]:
     return env
 
 
+def repository_backends(repository: Path) -> set[str]:
+    """The backends a repository's models ask for ("" for ensembles)."""
+    from tritonkit.repository import read_repository
+
+    try:
+        return {config.backend for config in read_repository(Path(repository)).values()}
+    except Exception:  # an unreadable repository is reported by the server itself
+        return set()
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
@@ -147,6 +157,8 @@ class TritonServer:
             args.append(f"--cache-directory={installation.caches}")
         if self.response_cache_bytes:
             args.append(f"--cache-config=local,size={self.response_cache_bytes}")
+        if "dali" in repository_backends(self.repository):
+            args.append("--backend-config=dali,release_after_unload=true")  # frees DALI's GPU memory on unload
         return args + list(self.extra_args)
 
     def start(self) -> "TritonServer":
@@ -157,6 +169,15 @@ class TritonServer:
             if not port_is_free(self.host, port):
                 raise ServerError(f"port {port} on {self.host} is already in use", hint=f"pass --{name}-port with a free port")
         installation = find_tritonserver()
+        if installation.backend_source is not None:  # the wheel's server: it has the Python backend only
+            missing = sorted(repository_backends(repository) - {"python", ""})
+            if missing:
+                raise ServerError(
+                    f"{repository} needs the {', '.join(missing)} backend(s), which the tritonserver bundled in "
+                    "nvidia-pytriton does not have",
+                    hint="it was built with --target gpu: serve it with an NGC tritonserver container on a GPU machine, "
+                    "or rebuild with --target cpu",
+                )
         self._workdir = Path(tempfile.mkdtemp(prefix="tritonkit-server-"))
         if self.log_file is None:
             self.log_file = self._workdir / "tritonserver.log"

@@ -100,17 +100,28 @@ def _parse(config: dict) -> model_config_pb2.ModelConfig:
         raise ConfigError(f"model {config.get('name')!r}: invalid config: {exc}") from exc
 
 
-def python_model_config(
+BACKENDS = ("python", "dali", "onnxruntime")
+KINDS = ("KIND_CPU", "KIND_GPU")
+
+
+def model_config(
     name: str,
     inputs: Sequence[Tensor],
     outputs: Sequence[Tensor],
     batching: Batching,
     parameters: Mapping[str, str] | None = None,
+    *,
+    backend: str = "python",
     kind: str = "KIND_CPU",
 ) -> model_config_pb2.ModelConfig:
+    """A composing model: `backend` runs it (Python backend, DALI backend, ONNX Runtime backend)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"model {name!r}: unknown backend {backend!r}; use one of {BACKENDS}")
+    if kind not in KINDS:
+        raise ConfigError(f"model {name!r}: unknown instance kind {kind!r}; use one of {KINDS}")
     config = {
         "name": name,
-        "backend": "python",
+        "backend": backend,
         "max_batch_size": batching.max_batch_size,
         "input": [t.as_dict(is_input=True) for t in inputs],
         "output": [t.as_dict(is_input=False) for t in outputs],

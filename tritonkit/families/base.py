@@ -39,15 +39,60 @@ class OnnxExport:
 
 @dataclass(frozen=True)
 class Stage:
-    """One Triton model in an ensemble chain; its name is `<NAME>_<role>`."""
+    """One Triton model in an ensemble chain; its name is `<NAME>_<role>`.
+
+    A Python-backend stage names its `model.py` source in model_repository_templates
+    (`template`); other backends (dali, onnxruntime) bring their model file in `files`."""
 
     role: str
-    template: str  # module name in model_repository_templates
+    template: str | None  # module name in model_repository_templates (Python backend only)
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
     batching: Batching
     parameters: Mapping[str, str] = field(default_factory=dict)
     files: Mapping[str, Path] = field(default_factory=dict)  # copied into the version dir
+    backend: str = "python"
+    kind: str = "KIND_CPU"
+
+    def __post_init__(self):
+        if (self.backend == "python") != (self.template is not None):
+            raise ConfigError(f"stage {self.role!r}: a template is needed by, and only by, the Python backend")
+
+
+TARGETS = ("cpu", "gpu")
+PREPROCESSING = ("dali", "python")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a build may choose beyond the model: where it runs and how inputs are handled.
+
+    `target` cpu writes Python-backend models only (what runs here); gpu writes DALI-backend
+    preprocessing and ONNX Runtime-backend encoders on KIND_GPU instances. `preprocessing` dali
+    runs the DALI pipeline definitions (on CPU inside Python-backend models for target cpu);
+    python runs PIL and numpy instead (exact transformers parity, CPU only)."""
+
+    target: str = "cpu"
+    preprocessing: str = "dali"
+    image: Mapping[str, Any] = field(default_factory=dict)  # ImageRecipe options: resize_mode, formats, ...
+    max_audio_seconds: float | None = None
+    dali_threads: int = 1
+
+    def __post_init__(self):
+        from tritonkit.errors import InputError
+
+        if self.target not in TARGETS:
+            raise InputError(f"--target {self.target!r}: use one of {', '.join(TARGETS)}")
+        if self.preprocessing not in PREPROCESSING:
+            raise InputError(f"--preprocessing {self.preprocessing!r}: use one of {', '.join(PREPROCESSING)}")
+        if self.target == "gpu" and self.preprocessing != "dali":
+            raise InputError("--target gpu preprocesses with DALI; leave out --preprocessing python")
+        if self.dali_threads < 1:
+            raise InputError("--dali-threads must be >= 1")
+
+    @property
+    def gpu(self) -> bool:
+        return self.target == "gpu"
 
 
 @dataclass(frozen=True)
@@ -94,7 +139,9 @@ class FamilySpec:
     def exports(self, loaded: Any) -> list[OnnxExport]:
         raise NotImplementedError
 
-    def pipelines(self, loaded: Any, onnx_files: Mapping[str, Path], workdir: Path) -> list[Pipeline]:
+    def pipelines(
+        self, loaded: Any, onnx_files: Mapping[str, Path], workdir: Path, options: BuildOptions = BuildOptions()
+    ) -> list[Pipeline]:
         """The ensembles to serve; `onnx_files` maps export role -> validated ONNX file."""
         raise NotImplementedError
 
@@ -119,3 +166,40 @@ def registry() -> Mapping[str, type[FamilySpec]]:
     return dict(_REGISTRY)
 
 
+
+
+def dali_stage(
+    role: str,
+    graph,
+    inputs: tuple[Tensor, ...],
+    outputs: tuple[Tensor, ...],
+    batching: Batching,
+    options: BuildOptions,
+    workdir: Path,
+    *,
+    image_recipe=None,
+) -> Stage:
+    """A preprocessing stage from a DALI graph definition (`tritonkit.preprocessing.dali`).
+
+    Target gpu: a DALI-backend model with GPU operators. Target cpu: the same graph with CPU
+    operators, run by the `dali_pipeline` Python-backend template (which also checks images
+    per request when given `image_recipe`)."""
+    from tritonkit.preprocessing.dali import serialize
+
+    device = "gpu" if options.gpu else "cpu"
+    path = Path(workdir) / f"{role}.{device}.dali"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(serialize(graph, device, batching.max_batch_size, options.dali_threads))
+    parameters = {"num_threads": str(options.dali_threads)}
+    if options.gpu:
+        return Stage(role, None, inputs, outputs, batching, parameters, {"model.dali": path}, backend="dali", kind="KIND_GPU")
+    if image_recipe is not None:
+        parameters["image_recipe"] = image_recipe.to_json()
+    return Stage(role, "dali_pipeline", inputs, outputs, batching, parameters, {"model.dali": path})
+
+
+def encoder_stage(role: str, inputs, outputs, batching: Batching, onnx_file: Path, options: BuildOptions) -> Stage:
+    """An ONNX encoder: ONNX Runtime inside the Python backend on CPU, the ONNX Runtime backend on GPU."""
+    if options.gpu:
+        return Stage(role, None, inputs, outputs, batching, {}, {"model.onnx": onnx_file}, backend="onnxruntime", kind="KIND_GPU")
+    return Stage(role, "onnx_encoder", inputs, outputs, batching, {}, {"model.onnx": onnx_file})

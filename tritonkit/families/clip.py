@@ -6,7 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from tritonkit.families.base import FamilySpec, OnnxExport, Pipeline, Stage, Tolerance, register
+from tritonkit.families.base import (
+    BuildOptions,
+    FamilySpec,
+    OnnxExport,
+    Pipeline,
+    Stage,
+    Tolerance,
+    dali_stage,
+    encoder_stage,
+    register,
+)
 from tritonkit.hf import from_pretrained
 from tritonkit.triton_config import Batching, Tensor
 
@@ -17,6 +27,7 @@ TEXT = "TEXT"
 TEXT_EMBEDS = "TEXT_EMBEDS"
 # Between composing models.
 PIXEL_VALUES = "PIXEL_VALUES"
+CHECKED_IMAGE = "CHECKED_IMAGE"  # GPU repositories: IMAGE after the per-request checks
 INPUT_IDS = "INPUT_IDS"
 ATTENTION_MASK = "ATTENTION_MASK"
 
@@ -95,16 +106,25 @@ class ClipSpec(FamilySpec):
         )
 
     # -- tensors ---------------------------------------------------------------------------
-    def image_recipe(self, loaded: LoadedClip):
-        from tritonkit.preprocessing.image import ImageRecipe
+    def image_recipe(self, loaded: LoadedClip, options: BuildOptions = BuildOptions()):
+        from tritonkit.errors import InputError
+        from tritonkit.preprocessing.image import DALI_FORMATS, ImageRecipe
 
-        return ImageRecipe.from_processor(loaded.image_processor)
+        recipe = ImageRecipe.from_processor(loaded.image_processor).with_options(**options.image)
+        undecodable = sorted(set(recipe.formats) - set(DALI_FORMATS))
+        if options.preprocessing == "dali" and undecodable:
+            raise InputError(
+                f"DALI does not decode {', '.join(undecodable)} images",
+                hint="leave them out of --image-formats, or use --preprocessing python (CPU only)",
+            )
+        return recipe
 
     def tensors(self, loaded: LoadedClip) -> dict[str, Tensor]:
         height, width = self.image_recipe(loaded).output_hw
         length = loaded.max_text_length
         return {
             IMAGE: Tensor(IMAGE, "uint8", (-1,), ragged=True),
+            CHECKED_IMAGE: Tensor(CHECKED_IMAGE, "uint8", (-1,), ragged=True),
             PIXEL_VALUES: Tensor(PIXEL_VALUES, "float32", (3, height, width)),
             IMAGE_EMBEDS: Tensor(IMAGE_EMBEDS, "float32", (loaded.projection_dim,)),
             TEXT: Tensor(TEXT, "string", (1,)),
@@ -149,30 +169,58 @@ class ClipSpec(FamilySpec):
         ]
 
     # -- pipelines -------------------------------------------------------------------------
-    def pipelines(self, loaded: LoadedClip, onnx_files: Mapping[str, Path], workdir: Path) -> list[Pipeline]:
+    def pipelines(
+        self, loaded: LoadedClip, onnx_files: Mapping[str, Path], workdir: Path, options: BuildOptions = BuildOptions()
+    ) -> list[Pipeline]:
+        from tritonkit.preprocessing.dali import image_graph
+
         t = self.tensors(loaded)
         tokenizer_dir = Path(workdir) / "tokenizer"
         loaded.tokenizer.save_pretrained(str(tokenizer_dir))
-        image = Pipeline(
-            role="image",
-            inputs=(t[IMAGE],),
-            outputs=(t[IMAGE_EMBEDS],),
-            stages=(
+        recipe = self.image_recipe(loaded, options)
+        batching = self.stage_batching("image_preprocess")
+        if options.preprocessing == "python":
+            preprocess = (
                 Stage(
                     role="image_preprocess",
                     template="image_preprocess",
                     inputs=(t[IMAGE],),
                     outputs=(t[PIXEL_VALUES],),
-                    batching=self.stage_batching("image_preprocess"),
-                    parameters={"recipe": self.image_recipe(loaded).to_json()},
+                    batching=batching,
+                    parameters={"recipe": recipe.to_json()},
                 ),
+            )
+        elif options.gpu:  # header checks per request in Python, then the DALI backend
+            preprocess = (
                 Stage(
-                    role="image_encoder",
-                    template="onnx_encoder",
-                    inputs=(t[PIXEL_VALUES],),
-                    outputs=(t[IMAGE_EMBEDS],),
-                    batching=self.stage_batching("image_encoder"),
-                    files={"model.onnx": onnx_files["image_encoder"]},
+                    role="image_check",
+                    template="image_check",
+                    inputs=(t[IMAGE],),
+                    outputs=(t[CHECKED_IMAGE],),
+                    batching=batching,
+                    parameters={"image_recipe": recipe.to_json()},
+                ),
+                dali_stage(
+                    "image_preprocess", image_graph(recipe, CHECKED_IMAGE), (t[CHECKED_IMAGE],), (t[PIXEL_VALUES],),
+                    batching, options, workdir,
+                ),
+            )
+        else:
+            preprocess = (
+                dali_stage(
+                    "image_preprocess", image_graph(recipe, IMAGE), (t[IMAGE],), (t[PIXEL_VALUES],),
+                    batching, options, workdir, image_recipe=recipe,
+                ),
+            )
+        image = Pipeline(
+            role="image",
+            inputs=(t[IMAGE],),
+            outputs=(t[IMAGE_EMBEDS],),
+            stages=(
+                *preprocess,
+                encoder_stage(
+                    "image_encoder", (t[PIXEL_VALUES],), (t[IMAGE_EMBEDS],), self.stage_batching("image_encoder"),
+                    onnx_files["image_encoder"], options,
                 ),
             ),
         )
@@ -190,13 +238,9 @@ class ClipSpec(FamilySpec):
                     parameters={"tokenizer_dir": "tokenizer", "max_length": str(loaded.max_text_length)},
                     files={"tokenizer": tokenizer_dir},
                 ),
-                Stage(
-                    role="text_encoder",
-                    template="onnx_encoder",
-                    inputs=(t[INPUT_IDS], t[ATTENTION_MASK]),
-                    outputs=(t[TEXT_EMBEDS],),
-                    batching=self.stage_batching("text_encoder"),
-                    files={"model.onnx": onnx_files["text_encoder"]},
+                encoder_stage(
+                    "text_encoder", (t[INPUT_IDS], t[ATTENTION_MASK]), (t[TEXT_EMBEDS],),
+                    self.stage_batching("text_encoder"), onnx_files["text_encoder"], options,
                 ),
             ),
         )

@@ -8,8 +8,19 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from tritonkit.preprocessing.audio import SAMPLE_RATE, WINDOW_SECONDS
 from tritonkit.errors import ExportError
-from tritonkit.families.base import FamilySpec, OnnxExport, Pipeline, Stage, Tolerance, register
+from tritonkit.families.base import (
+    BuildOptions,
+    FamilySpec,
+    OnnxExport,
+    Pipeline,
+    Stage,
+    Tolerance,
+    dali_stage,
+    encoder_stage,
+    register,
+)
 from tritonkit.hf import from_pretrained
 from tritonkit.triton_config import Batching, Tensor
 
@@ -21,6 +32,7 @@ TOKENS = "TOKENS"
 DECODED_LANGUAGE = "DECODED_LANGUAGE"  # the language given, or detected in the first window
 # Between composing models and inside the decoder's graphs.
 INPUT_FEATURES = "INPUT_FEATURES"
+WINDOW_SAMPLES = "WINDOW_SAMPLES"  # one 30 s window of 16 kHz samples, zero-padded (DALI log-mel input)
 WINDOW_ROW = "WINDOW_ROW"  # which row of the request each 30 s window came from
 DECODE_OPTIONS = "DECODE_OPTIONS"  # each window's validated options (JSON of DecodeOptions)
 ENCODER_HIDDEN = "ENCODER_HIDDEN"
@@ -52,6 +64,7 @@ class WhisperSpec(FamilySpec):
     decoder_tolerance = Tolerance(max_abs=5e-3, min_cosine=0.9999)
     batching: Mapping[str, Batching] = {
         "audio_preprocess": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16), max_queue_delay_us=2000),
+        "log_mel": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16), max_queue_delay_us=1000),
         "encoder": Batching(max_batch_size=32, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
         "decoder": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16, 32), max_queue_delay_us=5000),
     }
@@ -78,6 +91,7 @@ class WhisperSpec(FamilySpec):
             DECODE_OPTIONS: Tensor(DECODE_OPTIONS, "string", (1,)),
             DECODED_LANGUAGE: Tensor(DECODED_LANGUAGE, "string", (1,)),
             INPUT_FEATURES: Tensor(INPUT_FEATURES, "float32", (c.num_mel_bins, frames)),
+            WINDOW_SAMPLES: Tensor(WINDOW_SAMPLES, "float32", (WINDOW_SECONDS * SAMPLE_RATE,)),
             WINDOW_ROW: Tensor(WINDOW_ROW, "int32", (1,)),
             ENCODER_HIDDEN: Tensor(ENCODER_HIDDEN, "float32", (c.max_source_positions, c.d_model)),
             CROSS_KEYS: Tensor(CROSS_KEYS, "float32", (layers, heads, c.max_source_positions, head_dim)),
@@ -147,8 +161,11 @@ class WhisperSpec(FamilySpec):
 
         return DecodeSettings.from_generation_config(loaded.model.generation_config, loaded.config.max_target_positions)
 
-    def pipelines(self, loaded: LoadedWhisper, onnx_files: Mapping[str, Path], workdir: Path) -> list[Pipeline]:
+    def pipelines(
+        self, loaded: LoadedWhisper, onnx_files: Mapping[str, Path], workdir: Path, options: BuildOptions = BuildOptions()
+    ) -> list[Pipeline]:
         from tritonkit.preprocessing.audio import AudioRecipe
+        from tritonkit.preprocessing.dali import log_mel_graph
 
         t = self.tensors(loaded)
         workdir = Path(workdir)
@@ -158,45 +175,60 @@ class WhisperSpec(FamilySpec):
         tokenizer_dir = workdir / "tokenizer"
         loaded.processor.tokenizer.save_pretrained(str(tokenizer_dir))
         recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
+        if options.max_audio_seconds is not None:
+            recipe = recipe.with_options(max_seconds=options.max_audio_seconds)
         settings = self.decode_settings(loaded).to_json()
-        options = (t[LANGUAGE], t[TASK], t[MAX_NEW_TOKENS])
+        request_options = (t[LANGUAGE], t[TASK], t[MAX_NEW_TOKENS])
+        # DALI computes log-mel in its own stage (GPU operators on a GPU); the python engine
+        # computes it with numpy in the decoding stage.
+        windows = t[WINDOW_SAMPLES] if options.preprocessing == "dali" else t[INPUT_FEATURES]
+        stages = [
+            Stage(
+                role="audio_preprocess",
+                template="audio_preprocess",
+                inputs=(t[AUDIO], *request_options),
+                outputs=(windows, t[WINDOW_ROW], t[DECODE_OPTIONS]),
+                batching=self.stage_batching("audio_preprocess"),
+                parameters={"recipe": recipe.to_json(), "decode_settings": settings},
+                files={"mel_filters.npy": mel_filters},
+            )
+        ]
+        if options.preprocessing == "dali":
+            stages.append(
+                dali_stage(
+                    "log_mel", log_mel_graph(loaded.config.num_mel_bins, WINDOW_SAMPLES), (t[WINDOW_SAMPLES],),
+                    (t[INPUT_FEATURES],), self.stage_batching("log_mel"), options, workdir,
+                )
+            )
+        decoder_parameters = {"decode_settings": settings, "tokenizer_dir": "tokenizer"}
+        if options.gpu:
+            decoder_parameters["providers"] = "CUDAExecutionProvider,CPUExecutionProvider"
+        stages += [
+            encoder_stage(
+                "encoder", (t[INPUT_FEATURES],), (t[ENCODER_HIDDEN],), self.stage_batching("encoder"),
+                onnx_files["encoder"], options,
+            ),
+            Stage(
+                role="decoder",
+                template="whisper_decoder",
+                inputs=(t[ENCODER_HIDDEN], t[WINDOW_ROW], t[DECODE_OPTIONS]),
+                outputs=(t[TEXT], t[TOKENS], t[DECODED_LANGUAGE]),
+                batching=self.stage_batching("decoder"),
+                parameters=decoder_parameters,
+                files={
+                    "cross_kv.onnx": onnx_files["decoder_cross_kv"],
+                    "step.onnx": onnx_files["decoder_step"],
+                    "tokenizer": tokenizer_dir,
+                },
+                kind="KIND_GPU" if options.gpu else "KIND_CPU",
+            ),
+        ]
         return [
             Pipeline(
                 role="",
-                inputs=(t[AUDIO], *options),
+                inputs=(t[AUDIO], *request_options),
                 outputs=(t[TEXT], t[TOKENS], t[DECODED_LANGUAGE]),
-                stages=(
-                    Stage(
-                        role="audio_preprocess",
-                        template="audio_preprocess",
-                        inputs=(t[AUDIO], *options),
-                        outputs=(t[INPUT_FEATURES], t[WINDOW_ROW], t[DECODE_OPTIONS]),
-                        batching=self.stage_batching("audio_preprocess"),
-                        parameters={"recipe": recipe.to_json(), "decode_settings": settings},
-                        files={"mel_filters.npy": mel_filters},
-                    ),
-                    Stage(
-                        role="encoder",
-                        template="onnx_encoder",
-                        inputs=(t[INPUT_FEATURES],),
-                        outputs=(t[ENCODER_HIDDEN],),
-                        batching=self.stage_batching("encoder"),
-                        files={"model.onnx": onnx_files["encoder"]},
-                    ),
-                    Stage(
-                        role="decoder",
-                        template="whisper_decoder",
-                        inputs=(t[ENCODER_HIDDEN], t[WINDOW_ROW], t[DECODE_OPTIONS]),
-                        outputs=(t[TEXT], t[TOKENS], t[DECODED_LANGUAGE]),
-                        batching=self.stage_batching("decoder"),
-                        parameters={"decode_settings": settings, "tokenizer_dir": "tokenizer"},
-                        files={
-                            "cross_kv.onnx": onnx_files["decoder_cross_kv"],
-                            "step.onnx": onnx_files["decoder_step"],
-                            "tokenizer": tokenizer_dir,
-                        },
-                    ),
-                ),
+                stages=tuple(stages),
             )
         ]
 

@@ -41,6 +41,21 @@ class AudioRecipe:
     def from_json(cls, text: str) -> "AudioRecipe":
         return cls(**json.loads(text))
 
+    def with_options(self, **options) -> "AudioRecipe":
+        import dataclasses
+
+        recipe = dataclasses.replace(self, **{k: v for k, v in options.items() if v is not None})
+        if recipe.max_seconds <= 0:
+            raise InputError(f"the audio duration limit must be > 0 s, got {recipe.max_seconds}")
+        return recipe
+
+
+def pad_window(piece: np.ndarray) -> np.ndarray:
+    """A piece of <= 30 s zero-padded to exactly 30 s, as the feature extractor pads."""
+    window = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
+    window[: min(len(piece), WINDOW_SAMPLES)] = piece[:WINDOW_SAMPLES]
+    return window
+
 
 def decode_audio(data: bytes, recipe: AudioRecipe) -> np.ndarray:
     """Encoded audio (WAV, FLAC, OGG/Vorbis/Opus, MP3 where libsndfile has it) -> float32 16 kHz mono."""
@@ -99,9 +114,7 @@ def hann_window() -> np.ndarray:
 
 def log_mel(windows: list[np.ndarray], mel_filters: np.ndarray) -> np.ndarray:
     """Pieces of <= 30 s -> features [N, n_mels, 3000]. `mel_filters` is [n_freq=201, n_mels]."""
-    padded = np.zeros((len(windows), WINDOW_SAMPLES), dtype=np.float32)
-    for i, piece in enumerate(windows):
-        padded[i, : min(len(piece), WINDOW_SAMPLES)] = piece[:WINDOW_SAMPLES]
+    padded = np.stack([pad_window(piece) for piece in windows])
     # center=True with reflect padding, as torch.stft in the feature extractor
     padded = np.pad(padded, ((0, 0), (N_FFT // 2, N_FFT // 2)), mode="reflect")
     frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT, axis=1)[:, ::HOP]  # [N, 3001, 400]
