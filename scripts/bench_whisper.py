@@ -14,7 +14,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from tritonkit.client import TritonkitClient, pack_byte_rows  # noqa: E402
 from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper  # noqa: E402
 from tritonkit.metrics import wer  # noqa: E402
 from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio  # noqa: E402
+from tritonkit.reporting import machine, markdown_table, replace_section  # noqa: E402
 from tritonkit.samples import SENTENCES, speak  # noqa: E402
 from tritonkit.server import TritonServer, free_port  # noqa: E402
 
@@ -145,8 +145,7 @@ def main() -> None:
         print("faster-whisper is not installed: pip install faster-whisper", file=sys.stderr)
 
     result = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "clips": args.clips, "audio_seconds": audio_seconds, "rows": rows,
     }
     if args.json:
@@ -157,25 +156,19 @@ def main() -> None:
 
 def write_markdown(path: Path, result: dict) -> None:
     """Replace the Whisper section of the benchmark report (between its markers)."""
-    start, end = "<!-- bench_whisper:start -->", "<!-- bench_whisper:end -->"
-    lines = [start, "", f"{result['clips']} espeak-ng clips, {result['audio_seconds']:.0f} s of audio in all, "
-             f"{result['machine']['cpus']} CPUs. Command: `python scripts/bench_whisper.py --markdown docs/BENCHMARKS.md`.", "",
-             "| system | setting | audio-s / s | WER |", "|---|---|---:|---:|"]
-    for row in result["rows"]:
-        lines.append(f"| {row['system']} | {row['setting']} | {row['audio_s_per_s']:.2f} | {row['wer']:.3f} |")
+    lines = [f"{result['clips']} espeak-ng clips, {result['audio_seconds']:.0f} s of audio in all, "
+             f"{result['machine']['cpus']} CPUs. Command: `python scripts/bench_whisper.py --markdown docs/BENCHMARKS.md`.", ""]
+    lines += markdown_table(
+        ["system", "setting", "audio-s / s", "WER"],
+        [[r["system"], r["setting"], f"{r['audio_s_per_s']:.2f}", f"{r['wer']:.3f}"] for r in result["rows"]],
+    )
     fw = [r for r in result["rows"] if r["system"].startswith("faster-whisper")]
     ours = [r for r in result["rows"] if r["setting"] == "concurrency 8"]
     if fw and ours:
         best = max(fw, key=lambda r: r["audio_s_per_s"])
         lines += ["", f"Served ensemble at concurrency 8 / best faster-whisper ({best['setting']}): "
                   f"**{ours[0]['audio_s_per_s'] / best['audio_s_per_s']:.2f}x**."]
-    lines += ["", end]
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in text:
-        text = text[: text.index(start)] + "\n".join(lines) + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n## Whisper tiny.en\n\n" + "\n".join(lines) + "\n"
-    path.write_text(text)
+    replace_section(path, "bench_whisper", "Whisper tiny.en", lines)
 
 
 if __name__ == "__main__":

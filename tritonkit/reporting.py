@@ -1,0 +1,31 @@
+"""Benchmark reports: sections of docs/BENCHMARKS.md that each script regenerates in place."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version()}
+
+
+def markdown_table(header: list[str], rows: list[list], align_right_from: int = 2) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join("---" if i < align_right_from else "---:" for i in range(len(header))) + "|")
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def replace_section(path: Path, name: str, title: str, lines: list[str]) -> None:
+    """Put `lines` between the `name` markers of `path`, adding the section under `title` if new."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    body = "\n".join([start, "", *lines, "", end])
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text:
+        text = text[: text.index(start)] + body + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + f"\n\n## {title}\n\n" + body + "\n"
+    path.write_text(text)
