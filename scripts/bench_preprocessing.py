@@ -175,7 +175,9 @@ def resampler_gap() -> list[dict]:
     from transformers import WhisperFeatureExtractor
 
     extractor = WhisperFeatureExtractor(feature_size=80)
-    pipe = Pipeline(batch_size=1, num_threads=1, device_id=None)
+    pipe = Pipeline(
+        batch_size=1, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False, prefetch_queue_depth=1
+    )
     with pipe:
         data = fn.external_source(name="AUDIO", dtype=types.UINT8, ndim=1)
         audio, _ = fn.decoders.audio(data, sample_rate=SAMPLE_RATE, downmix=True, dtype=types.FLOAT)
