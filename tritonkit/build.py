@@ -11,6 +11,7 @@ from tritonkit.errors import ExportError, InputError
 from tritonkit.export import ValidationReport, export_onnx, validate_onnx
 from tritonkit.families import get_family
 from tritonkit.families.base import BuildOptions
+from tritonkit.precision import AccuracyReport, PrecisionOptions
 from tritonkit.repository import BatchingOverrides, plan_models, staging_dir, write_models
 
 Progress = Callable[[str], None]
@@ -21,6 +22,8 @@ class BuildResult:
     out: Path
     models: list[str]
     reports: list[ValidationReport] = field(default_factory=list)
+    accuracy: dict[str, AccuracyReport] = field(default_factory=dict)  # variant -> report
+    precision_variant: str = "fp32"
 
 
 def build(
@@ -31,6 +34,7 @@ def build(
     name: str | None = None,
     overrides: BatchingOverrides = BatchingOverrides(),
     options: BuildOptions = BuildOptions(),
+    precision: PrecisionOptions = PrecisionOptions(),
     trust_remote_code: bool = False,
     progress: Progress = lambda message: None,
 ) -> BuildResult:
@@ -42,8 +46,9 @@ def build(
     loaded = spec.load(model, trust_remote_code=trust_remote_code)
     staging = staging_dir(out)
     try:
-        onnx_files, reports = {}, []
+        onnx_files, reports, exports = {}, [], {}
         for export in spec.exports(loaded):
+            exports[export.role] = export
             progress(f"exporting {export.role} to ONNX")
             path = export_onnx(export, staging / "onnx" / export.role / "model.onnx")
             progress(f"validating {export.role} against PyTorch")
@@ -54,15 +59,55 @@ def build(
             report.write(path.with_name("export_report.json"))
             onnx_files[export.role] = path
             reports.append(report)
+        accuracy, variant = {}, "fp32"
+        if precision.variants():
+            onnx_files, accuracy, variant = reduce_precision(spec, loaded, exports, onnx_files, precision, staging, progress)
         progress(f"writing the {options.target} repository's pipelines ({options.preprocessing} preprocessing)")
         pipelines = spec.pipelines(loaded, onnx_files, staging / "assets", options)
         models = plan_models(name, pipelines, overrides)
-        for m in models:  # the validation report travels with the encoder it validates
-            onnx = m.files.get("model.onnx")
-            if onnx is not None:
-                m.files["export_report.json"] = Path(onnx).with_name("export_report.json")
+        for m in models:  # the reports travel with the graphs they judge
+            onnx = [Path(f) for name, f in m.files.items() if str(name).endswith(".onnx")]
+            if onnx:
+                m.files["export_report.json"] = onnx[0].parent / "export_report.json"
+                if accuracy:
+                    m.files["accuracy_report.json"] = staging / "onnx" / "accuracy_report.json"
         progress(f"writing {len(models)} models to {out}")
         names = write_models(models, out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return BuildResult(Path(out), names, reports)
+    return BuildResult(Path(out), names, reports, accuracy, variant)
+
+
+def reduce_precision(spec, loaded, exports, onnx_files, precision: PrecisionOptions, staging: Path, progress: Progress):
+    """Build each requested variant of every graph, judge it, and keep the fastest that passes."""
+    import json
+
+    from tritonkit.precision import choose, convert, evaluate
+
+    progress("preparing calibration and held-out data")
+    data = spec.precision_data(loaded, exports, onnx_files, precision.calibration_data)
+    thresholds = dict(spec.precision_thresholds.get(precision.precision, {}))
+    if precision.min_cosine is not None:
+        thresholds["min_cosine"] = precision.min_cosine
+    if precision.max_wer_increase is not None:
+        thresholds["max_wer_increase"] = precision.max_wer_increase
+    task_check = spec.task_check(loaded, data, onnx_files)
+    files, reports = {}, {}
+    for variant in precision.variants():
+        files[variant] = {}
+        for role, fp32 in onnx_files.items():
+            progress(f"converting {role} to {variant}")
+            files[variant][role] = convert(
+                Path(fp32), Path(fp32).with_name(f"model.{variant}.onnx"), variant,
+                data.calibration.get(role, []), precision.calibration_method,
+            )
+        progress(f"measuring {variant} against FP32 on held-out data ({data.source})")
+        reports[variant] = evaluate(variant, exports, files[variant], data, thresholds, task_check)
+        progress(reports[variant].summary())
+    chosen = choose(reports, precision.force)
+    summary = {"chosen": chosen, "reports": {v: {**r.__dict__, "passed": r.passed} for v, r in reports.items()}}
+    (staging / "onnx" / "accuracy_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not reports[chosen].passed:
+        progress(f"warning: {chosen} failed its accuracy report; kept because of --force")
+    progress(f"using {chosen}")
+    return files[chosen], reports, chosen

@@ -148,6 +148,19 @@ class FamilySpec:
     def stage_batching(self, role: str) -> Batching:
         return self.batching.get(role, Batching())
 
+    # -- reduced precision (tritonkit.precision) -----------------------------------------
+    # Per precision ("fp16", "int8"): the bounds a variant's accuracy report must meet.
+    precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {}
+
+    def precision_data(self, loaded: Any, exports: Mapping[str, OnnxExport], onnx_files: Mapping[str, Path],
+                       calibration_dir: Path | None):
+        """Calibration and held-out inputs of every export (a `tritonkit.precision.PrecisionData`)."""
+        raise NotImplementedError(f"{self.name}: reduced precision is not supported")
+
+    def task_check(self, loaded: Any, data, onnx_files: Mapping[str, Path]):
+        """A callable(variant files) -> task metrics against FP32 (e.g. WER), or None."""
+        return None
+
 
 _REGISTRY: dict[str, type[FamilySpec]] = {}
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from tritonkit.families.base import (
     BuildOptions,
     FamilySpec,
@@ -32,6 +34,19 @@ INPUT_IDS = "INPUT_IDS"
 ATTENTION_MASK = "ATTENTION_MASK"
 
 SAMPLE_TEXTS = ["a photo of a cat", "", "a diagram " * 60, "Ünïcødé text, numbers 1234 and #tags"]
+# The default calibration captions (with synthetic images) when --calibration-data is not given.
+CALIBRATION_CAPTIONS = [
+    "a photo of a dog playing in the snow", "a red car parked on a city street", "two people hiking up a mountain",
+    "a bowl of fruit on a wooden table", "an aerial view of a coastline", "a black and white portrait of a woman",
+    "a diagram of a neural network", "a cat sleeping on a laptop keyboard", "a plate of pasta with tomato sauce",
+    "a crowded train station at rush hour", "a sunset over the ocean", "a child reading a book",
+    "the interior of a modern kitchen", "a close-up of a flower with a bee", "a bicycle leaning against a wall",
+    "a screenshot of a spreadsheet", "a herd of cows in a green field", "a painting of a harbour at night",
+    "a person typing on a phone", "a bridge across a river in autumn", "a birthday cake with candles",
+    "a snowy forest road", "a street market with vegetables", "a close-up photo of a watch",
+]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+CALIBRATION_BATCH = 4
 
 
 @dataclass
@@ -246,6 +261,54 @@ class ClipSpec(FamilySpec):
         )
         return [image, text]
 
+    # -- reduced precision -----------------------------------------------------------------
+    precision_thresholds = {"fp16": {"min_cosine": 0.999}, "int8": {"min_cosine": 0.99}}
+
+    def precision_data(self, loaded: LoadedClip, exports, onnx_files, calibration_dir):
+        """Images (*.jpg, *.png, ...) and captions (*.txt, one per line) from `calibration_dir`,
+        or 32 synthetic photos and 24 built-in captions. A quarter of each is held out."""
+        from tritonkit.errors import InputError
+        from tritonkit.precision import PrecisionData, data_files, split_files
+        from tritonkit.preprocessing.image import ImageRecipe, image_bytes_to_pixels
+
+        if calibration_dir is not None:
+            images = [p.read_bytes() for p in data_files(calibration_dir, IMAGE_SUFFIXES)]
+            texts = [line.strip() for p in data_files(calibration_dir, (".txt",)) for line in p.read_text().splitlines()]
+            texts = [t for t in texts if t]
+            if not images or not texts:
+                raise InputError(
+                    f"--calibration-data {calibration_dir}: needs images (jpg, png, ...) and captions (*.txt, one per line)"
+                )
+            source = f"{len(images)} images and {len(texts)} captions from {calibration_dir}"
+        else:
+            images = [synthetic_photo(seed) for seed in range(32)]
+            texts = list(CALIBRATION_CAPTIONS)
+            source = "32 synthetic photos and 24 built-in captions (pass --calibration-data for your own)"
+        recipe = ImageRecipe.from_processor(loaded.image_processor).with_options(formats=("jpeg", "png", "webp", "gif", "bmp", "tiff"))
+
+        def pixel_feeds(files):
+            pixels = np.stack([image_bytes_to_pixels(f, recipe) for f in files])
+            return [{PIXEL_VALUES: pixels[i : i + CALIBRATION_BATCH]} for i in range(0, len(pixels), CALIBRATION_BATCH)]
+
+        def text_feeds(captions):
+            feeds = []
+            for i in range(0, len(captions), CALIBRATION_BATCH):
+                encoded = loaded.tokenizer(
+                    captions[i : i + CALIBRATION_BATCH], padding="max_length", truncation=True,
+                    max_length=loaded.max_text_length, return_tensors="np",
+                )
+                feeds.append({INPUT_IDS: encoded["input_ids"].astype(np.int64),
+                              ATTENTION_MASK: encoded["attention_mask"].astype(np.int64)})
+            return feeds
+
+        image_calibration, image_heldout = split_files(images)
+        text_calibration, text_heldout = split_files(texts)
+        return PrecisionData(
+            calibration={"image_encoder": pixel_feeds(image_calibration), "text_encoder": text_feeds(text_calibration)},
+            heldout={"image_encoder": pixel_feeds(image_heldout), "text_encoder": text_feeds(text_heldout)},
+            source=source,
+        )
+
     # -- reference -------------------------------------------------------------------------
     def reference_image_embeds(self, loaded: LoadedClip, images) -> Any:
         """What the image ensemble must return: CLIPModel features of the processor's pixels."""
@@ -263,3 +326,17 @@ class ClipSpec(FamilySpec):
         )
         with torch.no_grad():
             return projected(loaded.model.get_text_features(**encoded)).numpy()
+
+
+def synthetic_photo(seed: int, height: int = 360, width: int = 480) -> bytes:
+    """A smooth random JPEG: a stand-in photo for calibration when the user gives none."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1000 + seed)
+    coarse = rng.integers(0, 256, (height // 24, width // 24, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

@@ -156,6 +156,129 @@ class WhisperSpec(FamilySpec):
             ),
         ]
 
+    # -- reduced precision -----------------------------------------------------------------
+    precision_thresholds = {
+        "fp16": {"min_cosine": 0.99, "max_wer_increase": 0.02},
+        "int8": {"min_cosine": 0.9, "max_wer_increase": 0.02},
+    }
+
+    def precision_data(self, loaded: LoadedWhisper, exports, onnx_files, calibration_dir):
+        """Audio files (wav, flac, ogg, mp3; a same-named .txt holds the transcript, used for WER)
+        from `calibration_dir`, or the spoken sample sentences (espeak-ng). Every second file is held out.
+
+        The decoder graphs only run inside the decoding loop, so their calibration inputs are
+        recorded while the FP32 graphs decode the calibration audio."""
+        from tritonkit.errors import InputError
+        from tritonkit.precision import PrecisionData, data_files, split_files
+        from tritonkit.preprocessing.audio import AudioRecipe, decode_audio
+        from tritonkit.samples import SENTENCES, espeak_available, speak
+
+        if calibration_dir is not None:
+            paths = data_files(calibration_dir, (".wav", ".flac", ".ogg", ".mp3"))
+            if not paths:
+                raise InputError(f"--calibration-data {calibration_dir}: no audio files (wav, flac, ogg, mp3)")
+            clips = [p.read_bytes() for p in paths]
+            texts = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else None for p in paths]
+            source = f"{len(clips)} audio files from {calibration_dir}"
+        elif espeak_available():
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as folder:
+                clips = [speak(text, Path(folder) / f"{i}.wav").read_bytes() for i, text in enumerate(SENTENCES)]
+            texts = list(SENTENCES)
+            source = f"{len(clips)} sentences spoken by espeak-ng (pass --calibration-data for your own audio)"
+        else:
+            raise InputError(
+                "reduced-precision Whisper needs audio to calibrate and judge on",
+                hint="pass --calibration-data DIR with audio files (and .txt transcripts), or install espeak-ng",
+            )
+        recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
+        samples = [decode_audio(clip, recipe) for clip in clips]
+        indices = list(range(len(clips)))
+        calibration_ids, heldout_ids = split_files(indices, heldout_share=0.5)  # WER needs words to count
+        mel_filters = np.asarray(loaded.processor.feature_extractor.mel_filters, dtype=np.float32)
+        recorded = {role: self._recorded_feeds(loaded, onnx_files, [samples[i] for i in ids], mel_filters)
+                    for role, ids in (("calibration", calibration_ids), ("heldout", heldout_ids))}
+        return PrecisionData(
+            calibration=recorded["calibration"],
+            heldout={role: feeds[:8] for role, feeds in recorded["heldout"].items()},
+            source=source,
+            task={
+                "samples": [samples[i] for i in heldout_ids],
+                "texts": [texts[i] for i in heldout_ids],
+                "mel_filters": mel_filters,
+            },
+        )
+
+    def _recorded_feeds(self, loaded, onnx_files, samples, mel_filters) -> dict[str, list]:
+        import onnxruntime as ort
+
+        from tritonkit.precision import RecordingSession
+        from tritonkit.preprocessing.audio import AudioRecipe, log_mel, split_windows
+        from tritonkit.whisper_decoding import DecodeOptions, GreedyDecoder
+
+        recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
+        windows = [w for s in samples for w in split_windows(s, recipe)]
+        features = [log_mel(windows[i : i + 2], mel_filters) for i in range(0, len(windows), 2)]
+        encoder = ort.InferenceSession(str(onnx_files["encoder"]), providers=["CPUExecutionProvider"])
+        hidden = [encoder.run(None, {INPUT_FEATURES: f})[0] for f in features]
+        cross = RecordingSession(ort.InferenceSession(str(onnx_files["decoder_cross_kv"]), providers=["CPUExecutionProvider"]))
+        step = RecordingSession(
+            ort.InferenceSession(str(onnx_files["decoder_step"]), providers=["CPUExecutionProvider"]), keep_every=3, limit=48
+        )
+        decoder = GreedyDecoder(cross, step, self.decode_settings(loaded))
+        for h in hidden:
+            decoder.decode(h, [DecodeOptions()] * len(h))
+        return {
+            "encoder": [{INPUT_FEATURES: f} for f in features],
+            "decoder_cross_kv": cross.feeds,
+            "decoder_step": step.feeds,
+        }
+
+    def task_check(self, loaded: LoadedWhisper, data, onnx_files):
+        """WER and token agreement of a variant's whole pipeline against FP32's on held-out audio."""
+        from tritonkit.metrics import wer
+
+        reference_tokens, reference_texts = self._transcribe(loaded, onnx_files, data.task)
+        truths = data.task["texts"]
+
+        def check(files) -> dict[str, float]:
+            tokens, texts = self._transcribe(loaded, files, data.task)
+            metrics = {
+                "token_agreement": sum(a == b for a, b in zip(tokens, reference_tokens)) / len(tokens),
+                "wer_vs_fp32": wer(reference_texts, texts),
+            }
+            if all(t is not None for t in truths):
+                metrics["wer_fp32"] = wer(truths, reference_texts)
+                metrics["wer"] = wer(truths, texts)
+                metrics["wer_increase"] = metrics["wer"] - metrics["wer_fp32"]
+            else:
+                metrics["wer_increase"] = metrics["wer_vs_fp32"]
+            return metrics
+
+        return check
+
+    def _transcribe(self, loaded, files, task) -> tuple[list[list[int]], list[str]]:
+        import onnxruntime as ort
+
+        from tritonkit.preprocessing.audio import AudioRecipe, log_mel, split_windows
+        from tritonkit.whisper_decoding import DecodeOptions, GreedyDecoder
+
+        def session(role):
+            return ort.InferenceSession(str(files[role]), providers=["CPUExecutionProvider"])
+
+        encoder = session("encoder")
+        decoder = GreedyDecoder(session("decoder_cross_kv"), session("decoder_step"), self.decode_settings(loaded))
+        recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
+        all_tokens, texts = [], []
+        for samples in task["samples"]:
+            features = log_mel(split_windows(samples, recipe), task["mel_filters"])
+            hidden = encoder.run(None, {INPUT_FEATURES: features})[0]
+            tokens = [t for window in decoder.decode(hidden, [DecodeOptions()] * len(hidden))[0] for t in window]
+            all_tokens.append(tokens)
+            texts.append(loaded.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip())
+        return all_tokens, texts
+
     def decode_settings(self, loaded: LoadedWhisper):
         from tritonkit.whisper_decoding import DecodeSettings
 

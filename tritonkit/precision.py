@@ -1,0 +1,312 @@
+"""Reduced precision for exported ONNX graphs: INT8 (static QDQ or dynamic) and FP16, each
+checked against the FP32 PyTorch model before a build may use it.
+
+- INT8 static: ONNX Runtime's calibrated quantization to a QDQ graph, symmetric INT8 activations
+  and per-channel weights (the form TensorRT consumes for explicit INT8; its implicit calibrators
+  are deprecated since 10.1).
+- INT8 dynamic: weights INT8, activations quantized at run time; CPU only, no calibration.
+- Which nodes: the linear layers only (MatMul/Gemm with a constant weight), except those fed by
+  an activation function (an MLP's down projection, whose input has outliers). Attention's
+  activation-by-activation MatMuls, convolutions, LayerNorm, Softmax and residual Adds stay in
+  float. Measured on Whisper tiny.en's encoder: quantizing every MatMul and Conv gives a cosine of
+  0.62 to FP32 on speech; this recipe gives 0.99 (`scripts/bench_precision.py` reports it).
+- FP16: float16 weights and compute, with LayerNorm, Softmax, reductions and the graph's inputs
+  and outputs kept in float32.
+
+`auto` (the INT8 default) builds both INT8 variants and keeps the faster one that passes its
+accuracy report, measured on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from tritonkit.errors import ExportError, InputError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+QUANTIZATIONS = ("auto", "static", "dynamic")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+QUANTIZED_OPS = ["MatMul", "Gemm"]
+ACTIVATION_FUNCTIONS = {"Erf", "Gelu", "FastGelu", "Sigmoid", "Tanh", "Relu", "QuickGelu"}
+FP16_KEEP_FLOAT32 = [
+    "LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceMax", "Pow", "Sqrt", "Erf", "Exp", "Log",
+]
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    precision: str = "fp32"
+    quantization: str = "auto"  # INT8 only
+    calibration_method: str = "minmax"  # INT8 static only
+    calibration_data: Path | None = None  # the user's own images/audio/texts; else a documented default
+    force: bool = False  # keep a variant whose accuracy report failed
+    min_cosine: float | None = None  # override the family's bound
+    max_wer_increase: float | None = None  # override the family's bound (speech)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise InputError(f"--quantization {self.quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise InputError(f"--calibration-method {self.calibration_method!r}: use one of {', '.join(CALIBRATION_METHODS)}")
+        if self.calibration_data is not None and not Path(self.calibration_data).is_dir():
+            raise InputError(f"--calibration-data {self.calibration_data}: no such directory")
+
+    def variants(self) -> list[str]:
+        """The graph variants to build and compare: fp16, int8-static, int8-dynamic."""
+        if self.precision == "fp16":
+            return ["fp16"]
+        if self.precision == "int8":
+            return {"auto": ["int8-static", "int8-dynamic"], "static": ["int8-static"], "dynamic": ["int8-dynamic"]}[
+                self.quantization
+            ]
+        return []
+
+
+@dataclass
+class PrecisionData:
+    """What a family hands the precision step: encoder inputs to calibrate on, held-out inputs
+    to judge by (never the same), and anything its task-level check needs."""
+
+    calibration: dict[str, list[Feeds]]  # export role -> feeds
+    heldout: dict[str, list[Feeds]]
+    source: str  # where the data came from, for the report
+    task: dict = field(default_factory=dict)
+
+
+@dataclass
+class AccuracyReport:
+    variant: str
+    data_source: str
+    graphs: dict[str, dict[str, float]]  # role -> min_cosine, mean_cosine, max_abs_error vs FP32 PyTorch
+    task: dict[str, float]  # family metrics (Whisper: WER, token agreement)
+    thresholds: dict[str, float]
+    failures: list[str]
+    latency_ms: dict[str, float]  # role -> median ms of one held-out batch here
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        parts = [
+            f"{role} cosine min {g['min_cosine']:.4f} mean {g['mean_cosine']:.4f}, max abs {g['max_abs_error']:.3g}"
+            for role, g in self.graphs.items()
+        ]
+        parts += [f"{k} {v:.4g}" for k, v in self.task.items()]
+        verdict = "ok" if self.passed else "FAILED: " + "; ".join(self.failures)
+        return f"{self.variant}: " + ", ".join(parts) + f": {verdict}"
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(json.dumps({**asdict(self), "passed": self.passed}, indent=2) + "\n")
+
+
+class FeedReader:
+    """ONNX Runtime's CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds: list[Feeds]):
+        self._feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def convert(fp32: Path, out: Path, variant: str, calibration: list[Feeds], method: str = "minmax") -> Path:
+    """Write `variant` of the FP32 graph `fp32` to `out`."""
+    import onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if variant == "fp16":
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            model = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True, op_block_list=FP16_KEEP_FLOAT32)
+            onnx.save(model, str(out))
+        elif variant == "int8-dynamic":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(
+                str(fp32), str(out), op_types_to_quantize=QUANTIZED_OPS, weight_type=QuantType.QInt8,
+                nodes_to_exclude=nodes_kept_in_float(onnx.load(str(fp32))),
+            )
+        elif variant == "int8-static":
+            _quantize_static(fp32, out, calibration, method)
+        else:
+            raise ValueError(f"unknown precision variant {variant!r}")
+    except (InputError, ValueError):
+        raise
+    except Exception as exc:
+        raise ExportError(f"{fp32.parent.name}: {variant} conversion failed: {exc}") from exc
+    return out
+
+
+def _quantize_static(fp32: Path, out: Path, calibration: list[Feeds], method: str) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration:
+        raise InputError("INT8 static quantization needs calibration samples")
+    prepared = out.with_name(out.stem + ".prepared.onnx")
+    import onnx
+
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    quantize_static(
+        str(prepared),
+        str(out),
+        FeedReader(calibration),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=QUANTIZED_OPS,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=methods[method],
+        nodes_to_exclude=nodes_kept_in_float(onnx.load(str(prepared))),
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
+    prepared.unlink(missing_ok=True)
+
+
+ELEMENTWISE = {"Mul", "Add", "Div", "Sub", "Pow", "Sqrt", "Cast", "Identity"}
+
+
+def nodes_kept_in_float(model) -> list[str]:
+    """MatMul/Gemm nodes that stay float: no constant weight (attention), or fed by an activation
+    function through elementwise ops only (an MLP's down projection, e.g. x * 0.5 * (1 + erf(...)))."""
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def after_activation(tensor: str, hops: int = 8) -> bool:
+        node = producer.get(tensor)
+        if node is None or hops == 0:
+            return False
+        if node.op_type in ACTIVATION_FUNCTIONS:
+            return True
+        if node.op_type not in ELEMENTWISE:
+            return False
+        return any(after_activation(i, hops - 1) for i in node.input if i not in constants)
+
+    kept = []
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        weights = [i for i in node.input if i in constants]
+        activations = [i for i in node.input if i and i not in constants]
+        if not weights or any(after_activation(a) for a in activations):
+            kept.append(node.name)
+    return kept
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+
+
+def compare_graph(module, onnx_file: Path, outputs: list[str], heldout: list[Feeds]) -> tuple[dict[str, float], float]:
+    """Variant vs the FP32 PyTorch module on held-out feeds: cosine min/mean, max abs; and the
+    median latency of one feed."""
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    all_cosines, max_abs, times = [], 0.0, []
+    for feed in heldout:
+        with torch.no_grad():
+            expected = module(*[torch.from_numpy(feed[n]) for n in names])
+        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+        start = time.perf_counter()
+        actual = session.run(outputs, {n: feed[n] for n in names})
+        times.append(time.perf_counter() - start)
+        for want, got in zip(expected, actual):
+            want = want.numpy()
+            all_cosines.append(cosines(want, got))
+            max_abs = max(max_abs, float(np.abs(want - got).max()))
+    values = np.concatenate(all_cosines)
+    stats = {"min_cosine": float(values.min()), "mean_cosine": float(values.mean()), "max_abs_error": max_abs}
+    return stats, float(np.median(times) * 1000)
+
+
+def choose(reports: Mapping[str, AccuracyReport], force: bool) -> str:
+    """The variant to ship: the fastest that passed (or, forced, the fastest)."""
+    candidates = [v for v, r in reports.items() if r.passed] or (list(reports) if force else [])
+    if not candidates:
+        raise ExportError(
+            "no reduced-precision variant passed its accuracy report: "
+            + " | ".join(r.summary() for r in reports.values()),
+            hint="see accuracy_report.json; use --force to build anyway, or --precision fp32",
+        )
+    return min(candidates, key=lambda v: sum(reports[v].latency_ms.values()))
+
+
+def split_files(files: list[Path], heldout_share: float = 0.25) -> tuple[list[Path], list[Path]]:
+    """Calibration and held-out files: every 4th file is held out (at least one of each)."""
+    if len(files) < 2:
+        raise InputError("calibration data needs at least 2 files (some are held out to judge accuracy)")
+    step = max(2, round(1 / heldout_share))
+    heldout = files[step - 1 :: step]
+    return [f for f in files if f not in heldout], heldout
+
+
+def data_files(directory: Path, suffixes: Iterable[str]) -> list[Path]:
+    suffixes = {s.lower() for s in suffixes}
+    return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+
+
+class RecordingSession:
+    """Wraps an ONNX Runtime session and keeps (a sample of) the feeds it runs: the calibration
+    inputs of graphs that only run inside a loop, such as a decoder step."""
+
+    def __init__(self, session, keep_every: int = 1, limit: int = 64):
+        self.session = session
+        self.keep_every = keep_every
+        self.limit = limit
+        self.feeds: list[Feeds] = []
+        self._calls = 0
+
+    def run(self, outputs, feed):
+        if self._calls % self.keep_every == 0 and len(self.feeds) < self.limit:
+            self.feeds.append({k: np.array(v) for k, v in feed.items()})
+        self._calls += 1
+        return self.session.run(outputs, feed)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def evaluate(
+    variant: str,
+    exports: Mapping[str, object],
+    files: Mapping[str, Path],
+    data: PrecisionData,
+    thresholds: dict[str, float],
+    task_check: Callable[[Mapping[str, Path]], dict[str, float]] | None = None,
+) -> AccuracyReport:
+    """The accuracy report of one variant: every graph against FP32 PyTorch, then the family's
+    task-level check (which also fills failures by its own thresholds)."""
+    graphs, latency, failures = {}, {}, []
+    for role, export in exports.items():
+        stats, ms = compare_graph(export.module, files[role], [t.name for t in export.outputs], data.heldout[role])
+        graphs[role], latency[role] = stats, ms
+        if stats["min_cosine"] < thresholds["min_cosine"]:
+            failures.append(f"{role} min cosine {stats['min_cosine']:.4f} < {thresholds['min_cosine']}")
+    task = task_check(files) if task_check else {}
+    if "wer_increase" in task and task["wer_increase"] > thresholds.get("max_wer_increase", float("inf")):
+        failures.append(f"WER rises by {task['wer_increase']:.3f} > {thresholds['max_wer_increase']}")
+    return AccuracyReport(variant, data.source, graphs, task, thresholds, failures, latency)
