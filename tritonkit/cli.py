@@ -60,6 +60,13 @@ def build(
     exif_orientation: Annotated[Optional[bool], typer.Option("--exif-orientation/--ignore-exif-orientation", help="Turn images upright by their EXIF orientation (default: yes).")] = None,
     max_audio_seconds: Annotated[Optional[float], typer.Option(help="Longest accepted audio file (default 600).")] = None,
     dali_threads: Annotated[int, typer.Option(help="CPU threads of each DALI pipeline.")] = 1,
+    precision: Annotated[str, typer.Option(help="fp32, fp16, or int8 (each judged against FP32 before use).")] = "fp32",
+    quantization: Annotated[str, typer.Option(help="INT8: static (calibrated QDQ), dynamic, or auto (the faster that passes).")] = "auto",
+    calibration_data: Annotated[Optional[Path], typer.Option(help="Your images+captions (CLIP) or audio+.txt (Whisper) to calibrate and judge on.")] = None,
+    calibration_method: Annotated[str, typer.Option(help="INT8 static: minmax, entropy or percentile.")] = "minmax",
+    min_cosine: Annotated[Optional[float], typer.Option(help="Accuracy bound: min cosine to FP32 on held-out inputs.")] = None,
+    max_wer_increase: Annotated[Optional[float], typer.Option(help="Accuracy bound (speech): max WER rise over FP32.")] = None,
+    force: Annotated[bool, typer.Option(help="Build even when the accuracy report fails.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code from the Hub to run.")] = False,
 ):
     """Export, validate and write a Triton model repository.
@@ -68,8 +75,13 @@ def build(
     """
     from tritonkit.build import build as run_build
     from tritonkit.families.base import BuildOptions
+    from tritonkit.precision import PrecisionOptions
     from tritonkit.repository import BatchingOverrides
 
+    precision_options = PrecisionOptions(
+        precision=precision, quantization=quantization, calibration_method=calibration_method,
+        calibration_data=calibration_data, force=force, min_cosine=min_cosine, max_wer_increase=max_wer_increase,
+    )
     image_options = {
         "resize_mode": resize_mode,
         "formats": tuple(f.strip() for f in image_formats.split(",") if f.strip()) if image_formats else None,
@@ -97,7 +109,7 @@ def build(
             console.print(message, highlight=False)
 
         result = run_build(
-            family, model, out, name=name, overrides=overrides, options=options,
+            family, model, out, name=name, overrides=overrides, options=options, precision=precision_options,
             trust_remote_code=trust_remote_code, progress=progress,
         )
     console.print(f"[green]wrote[/green] {', '.join(result.models)} to {result.out}")

@@ -1,0 +1,119 @@
+"""INT8 and FP16 builds: accuracy reports, the failure bound, and serving on a real tritonserver."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.conftest import encode_image, random_image, start_server
+from tritonkit.build import build
+from tritonkit.client import TritonkitClient, pack_byte_rows
+from tritonkit.errors import ExportError
+from tritonkit.metrics import wer
+from tritonkit.precision import PrecisionOptions, nodes_kept_in_float
+from tritonkit.samples import SENTENCES
+
+VARIANTS = [("int8", "static"), ("int8", "dynamic"), ("fp16", "auto")]
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}")
+def clip_variant(request, tiny_clip_dir, tmp_path_factory):
+    precision, quantization = request.param
+    out = tmp_path_factory.mktemp(f"clip_{precision}_{quantization}") / "model_repository"
+    result = build("clip", str(tiny_clip_dir), out, precision=PrecisionOptions(precision, quantization))
+    return result
+
+
+def test_clip_variant_writes_its_accuracy_report_beside_each_encoder(clip_variant):
+    (variant,) = clip_variant.accuracy
+    for encoder in ("clip_image_encoder", "clip_text_encoder"):
+        report = json.loads((clip_variant.out / encoder / "1" / "accuracy_report.json").read_text())
+        assert report["chosen"] == variant
+        graphs = report["reports"][variant]["graphs"]
+        assert graphs["image_encoder"]["min_cosine"] >= 0.99 and graphs["text_encoder"]["min_cosine"] >= 0.99
+        assert report["reports"][variant]["passed"]
+
+
+def test_clip_variant_graph_is_what_it_claims(clip_variant):
+    model = onnx.load(str(clip_variant.out / "clip_image_encoder" / "1" / "model.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    variant = clip_variant.precision_variant
+    if variant == "int8-static":
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    elif variant == "int8-dynamic":
+        assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+    else:
+        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    assert {"LayerNormalization", "Softmax"} <= ops  # kept in float
+
+
+def test_clip_variant_serves_embeddings_close_to_fp32(clip_variant, clip_loaded):
+    spec, loaded = clip_loaded
+    from tritonkit.preprocessing.dali import image_pixels
+    import torch
+    from tritonkit.families.clip import projected
+
+    files = [encode_image(random_image(240, 320, seed=s), "JPEG") for s in range(3)]
+    with torch.no_grad():
+        pixels = torch.from_numpy(image_pixels(spec.image_recipe(loaded), files))
+        want = projected(loaded.model.get_image_features(pixel_values=pixels)).numpy()
+    server = start_server(clip_variant.out)
+    try:
+        with TritonkitClient(server.grpc_url) as client:
+            got = client.embed_images(files)
+            texts = client.embed_texts(["a photo of a cat", "a dog"])
+    finally:
+        server.stop()
+    cosine = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+    assert cosine.min() > 0.99, cosine
+    assert np.isfinite(texts).all() and texts.shape == (2, spec.tensors(loaded)["TEXT_EMBEDS"].dims[0])
+
+
+def test_build_fails_when_accuracy_misses_the_bound_unless_forced(tiny_clip_dir, tmp_path):
+    impossible = PrecisionOptions("int8", "dynamic", min_cosine=1.000001)
+    with pytest.raises(ExportError, match="no reduced-precision variant passed"):
+        build("clip", str(tiny_clip_dir), tmp_path / "repo", precision=impossible)
+    assert not (tmp_path / "repo" / "clip_image_encoder").exists()
+    forced = PrecisionOptions("int8", "dynamic", min_cosine=1.000001, force=True)
+    result = build("clip", str(tiny_clip_dir), tmp_path / "repo", precision=forced)
+    assert not result.accuracy["int8-dynamic"].passed and (tmp_path / "repo" / "clip_image_encoder").is_dir()
+
+
+def test_int8_recipe_keeps_attention_and_mlp_down_projections_in_float(clip_variant):
+    model = onnx.load(str(clip_variant.out / "clip_text_encoder" / "1" / "model.onnx"))
+    if clip_variant.precision_variant != "int8-static":
+        pytest.skip("checked on the static QDQ graph")
+    kept = nodes_kept_in_float(model)
+    assert any("fc2" in name for name in kept) and any("self_attn" in name for name in kept)
+
+
+def test_calibration_data_must_exist():
+    from tritonkit.errors import InputError
+
+    with pytest.raises(InputError, match="no such directory"):
+        PrecisionOptions("int8", calibration_data="/nonexistent/calibration")
+
+
+@pytest.fixture(scope="module")
+def whisper_int8(whisper_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whisper_int8") / "model_repository"
+    return build("whisper", str(whisper_dir), out, precision=PrecisionOptions("int8", "static"))
+
+
+@pytest.mark.server
+def test_whisper_int8_keeps_wer_within_two_points_of_fp32_on_the_spoken_clips(whisper_int8, whisper_server, speech_files):
+    report = whisper_int8.accuracy["int8-static"]
+    assert report.passed, report.summary()
+    server = start_server(whisper_int8.out)
+    try:
+        with TritonkitClient(server.grpc_url) as client:
+            int8 = [t.text for t in client.transcribe(speech_files)]
+    finally:
+        server.stop()
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        fp32 = [t.text for t in client.transcribe(speech_files)]
+    print(f"WER fp32 {wer(SENTENCES, fp32):.3f}, int8 {wer(SENTENCES, int8):.3f}")
+    assert wer(SENTENCES, int8) <= wer(SENTENCES, fp32) + 0.02, (fp32, int8)
