@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import encode_image, random_image, start_server
+from tests.conftest import encode_image, has_gpu, random_image, start_server
 from tritonkit.build import build
 from tritonkit.errors import ServerError
 from tritonkit.families.base import BuildOptions
@@ -85,5 +85,98 @@ def test_gpu_clip_repository_serves_on_a_gpu_server(gpu_clip_repository):
         with TritonkitClient(server.grpc_url) as client:
             embeds = client.embed_images([encode_image(random_image(240, 320), "JPEG")])
         assert embeds.shape[0] == 1 and np.isfinite(embeds).all()
+    finally:
+        server.stop()
+
+
+def run_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tritonkit.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_repositories_pass_check_for_the_gpu_target_and_round_trip(gpu_clip_repository, gpu_whisper_repository):
+    from tritonkit.check import check_repository
+    from tritonkit.triton_config import parse_text, to_text
+
+    for repository in (gpu_clip_repository, gpu_whisper_repository):
+        report = check_repository(repository, "gpu")
+        assert report.ok, report.errors
+        assert not check_repository(repository, "cpu").ok  # KIND_GPU and non-Python backends
+        for name, config in read_repository(repository).items():
+            assert parse_text(to_text(config)) == config, name
+    encoder = read_repository(gpu_clip_repository)["clip_image_encoder"]
+    assert encoder.model_warmup[0].inputs["PIXEL_VALUES"].zero_data
+
+
+def test_onnxruntime_tensorrt_accelerator_is_configured(tiny_clip_dir, tmp_path):
+    build("clip", str(tiny_clip_dir), tmp_path / "repo", options=BuildOptions(target="gpu", engine="onnxruntime-trt"))
+    encoder = read_repository(tmp_path / "repo")["clip_text_encoder"]
+    (accelerator,) = encoder.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP32"
+
+
+def test_check_reports_broken_wiring_missing_files_and_unsuited_kinds(clip_repository, tmp_path):
+    import shutil
+
+    from tritonkit.check import check_repository
+    from tritonkit.triton_config import read_config, write_config
+
+    assert check_repository(clip_repository, "cpu").ok
+    broken = tmp_path / "broken"
+    shutil.copytree(clip_repository, broken)
+    (broken / "clip_text_encoder" / "1" / "model.py").unlink()
+    config = read_config(broken / "clip_image_encoder")
+    config.input[0].dims[1] = 336  # the preprocessing makes 224
+    write_config(config, broken / "clip_image_encoder")
+    result = run_cli("check", str(broken))
+    assert result.returncode == 2
+    assert "clip_text_encoder: the python backend needs 1/model.py, which is missing" in result.stderr
+    assert "PIXEL_VALUES is TYPE_FP32[3, 224, 224] but clip_image_encoder.PIXEL_VALUES expects TYPE_FP32[3, 336, 224]" in result.stderr
+
+
+def test_tensorrt_commands_fail_fast_without_a_gpu(tiny_clip_dir, clip_repository, tmp_path):
+    if has_gpu():
+        pytest.skip("a GPU is present")
+    for args in (
+        ["engine", str(clip_repository / "clip_image_encoder" / "1" / "model.onnx"), "--out", str(tmp_path / "e")],
+        ["build", "clip", "--model", str(tiny_clip_dir), "--out", str(tmp_path / "r"), "--target", "gpu", "--engine", "tensorrt"],
+    ):
+        result = run_cli(*args)
+        assert result.returncode == 2 and "TensorRT engines need an NVIDIA GPU" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_trtexec_equivalent_names_the_profile_and_precision(tmp_path):
+    from tritonkit.tensorrt import EngineProfile, trtexec_command
+    from tritonkit.triton_config import Tensor
+
+    command = trtexec_command(
+        tmp_path / "m.onnx", tmp_path / "m.plan", [Tensor("PIXEL_VALUES", "float32", (3, 224, 224))],
+        EngineProfile(1, 8, 16), strongly_typed=True, fp16_flag=False, timing_cache=tmp_path / "t.cache",
+    )
+    assert "--minShapes=PIXEL_VALUES:1x3x224x224" in command and "--maxShapes=PIXEL_VALUES:16x3x224x224" in command
+    assert "--stronglyTyped" in command and "--fp16" not in command
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_tensorrt_plans_are_built_and_served(precision, tiny_clip_dir, tmp_path):
+    """Never run here: builds engines with TensorRT and serves them on a GPU tritonserver."""
+    from tritonkit.client import TritonkitClient
+    from tritonkit.precision import PrecisionOptions
+
+    result = build(
+        "clip", str(tiny_clip_dir), tmp_path / "repo", options=BuildOptions(target="gpu", engine="tensorrt"),
+        precision=PrecisionOptions(precision, "static"),
+    )
+    plans = list((result.out / "clip_image_encoder" / "1").glob("model.plan"))
+    assert plans and (result.out / "clip_image_encoder" / "1" / "reproduce.sh").is_file()
+    server = start_server(result.out)
+    try:
+        with TritonkitClient(server.grpc_url) as client:
+            assert np.isfinite(client.embed_images([encode_image(random_image(240, 320), "JPEG")])).all()
     finally:
         server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,10 @@ def build(
     progress: Progress = lambda message: None,
 ) -> BuildResult:
     spec = get_family(family)
+    if options.engine == "tensorrt":
+        from tritonkit.tensorrt import require_gpu
+
+        require_gpu()  # before any slow work
     name = name or spec.name
     if not name.replace("_", "").replace("-", "").isalnum():
         raise InputError(f"--name {name!r}: use letters, digits, '_' and '-' only")
@@ -62,6 +67,7 @@ def build(
         accuracy, variant = {}, "fp32"
         if precision.variants():
             onnx_files, accuracy, variant = reduce_precision(spec, loaded, exports, onnx_files, precision, staging, progress)
+        options = dataclasses.replace(options, precision=variant)
         progress(f"writing the {options.target} repository's pipelines ({options.preprocessing} preprocessing)")
         pipelines = spec.pipelines(loaded, onnx_files, staging / "assets", options)
         models = plan_models(name, pipelines, overrides)

@@ -60,6 +60,7 @@ def build(
     exif_orientation: Annotated[Optional[bool], typer.Option("--exif-orientation/--ignore-exif-orientation", help="Turn images upright by their EXIF orientation (default: yes).")] = None,
     max_audio_seconds: Annotated[Optional[float], typer.Option(help="Longest accepted audio file (default 600).")] = None,
     dali_threads: Annotated[int, typer.Option(help="CPU threads of each DALI pipeline.")] = 1,
+    engine: Annotated[str, typer.Option(help="--target gpu encoders: onnxruntime, onnxruntime-trt (its TensorRT accelerator) or tensorrt (plans built here; needs a GPU).")] = "onnxruntime",
     precision: Annotated[str, typer.Option(help="fp32, fp16, or int8 (each judged against FP32 before use).")] = "fp32",
     quantization: Annotated[str, typer.Option(help="INT8: static (calibrated QDQ), dynamic, or auto (the faster that passes).")] = "auto",
     calibration_data: Annotated[Optional[Path], typer.Option(help="Your images+captions (CLIP) or audio+.txt (Whisper) to calibrate and judge on.")] = None,
@@ -95,6 +96,7 @@ def build(
         image={k: v for k, v in image_options.items() if v is not None},
         max_audio_seconds=max_audio_seconds,
         dali_threads=dali_threads,
+        engine=engine,
     )
     overrides = BatchingOverrides(
         max_batch_size=max_batch_size,
@@ -250,6 +252,46 @@ def preprocess(
             console.print(f"saved {next(iter(tensors))} to {out}")
 
 
+@app.command()
+def check(
+    repository: Annotated[Path, typer.Argument(help="Model repository directory.")],
+    target: Annotated[Optional[str], typer.Option(help="Also check that models suit cpu or gpu serving.")] = None,
+):
+    """Validate a repository without loading it: schema, ensemble wiring, files, instance kinds."""
+    from tritonkit.check import check_repository
+
+    if target not in (None, "cpu", "gpu"):
+        raise InputError(f"--target {target!r}: use cpu or gpu")
+    report = check_repository(repository, target)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    for error in report.errors:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+    verdict = "ok" if report.ok else f"{len(report.errors)} error(s)"
+    print(f"{repository}: {len(report.models)} models checked: {verdict}")
+    if not report.ok:
+        raise typer.Exit(2)
+
+
+@app.command()
+def engine(
+    onnx_file: Annotated[Path, typer.Argument(help="An ONNX graph with a dynamic batch axis (e.g. REPO/clip_image_encoder/1/model.onnx).")],
+    out: Annotated[Path, typer.Option(help="Directory for the plan, builder log, timing cache and reproduce.sh.")],
+    batch: Annotated[str, typer.Option(help="min,opt,max batch of the optimization profile.")] = "1,8,16",
+    precision: Annotated[str, typer.Option(help="What the graph holds: fp32, fp16 or int8 (QDQ).")] = "fp32",
+    fp16: Annotated[bool, typer.Option(help="Let TensorRT use FP16 kernels for an FP32 graph.")] = False,
+):
+    """Build a TensorRT engine from an ONNX graph (needs an NVIDIA GPU; fails at once without one)."""
+    from tritonkit.tensorrt import EngineProfile, build_engine, onnx_inputs, require_gpu
+
+    require_gpu()
+    sizes = _int_list(batch) or ()
+    if len(sizes) != 3 or not 1 <= sizes[0] <= sizes[1] <= sizes[2]:
+        raise InputError(f"--batch {batch!r}: give min,opt,max with 1 <= min <= opt <= max")
+    result = build_engine(onnx_file, out, onnx_inputs(onnx_file), EngineProfile(*sizes), precision=precision, allow_fp16=fp16)
+    console.print(f"wrote {result.plan} (log {result.log}, trtexec equivalent {result.reproduce})")
+
+
 @app.command("convert-ct2-whisper")
 def convert_ct2_whisper(
     out: Annotated[Path, typer.Argument(help="Directory to write the transformers model into.")],
@@ -290,7 +332,9 @@ def make_tiny(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns a command's typer.Exit code here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except TritonkitError as exc:
         if os.environ.get("TRITONKIT_DEBUG") == "1":
             raise

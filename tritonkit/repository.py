@@ -67,7 +67,8 @@ def plan_models(name: str, pipelines: Sequence[Pipeline], overrides: BatchingOve
                 if stage.template is not None:
                     parameters[TEMPLATE_PARAMETER] = stage.template
                 config = model_config(
-                    stage_name, stage.inputs, stage.outputs, batching, parameters, backend=stage.backend, kind=stage.kind
+                    stage_name, stage.inputs, stage.outputs, batching, parameters, backend=stage.backend, kind=stage.kind,
+                    extra=stage.config_extra,
                 )
                 files = dict(stage.files)
                 if stage.template is not None:

@@ -100,7 +100,7 @@ def _parse(config: dict) -> model_config_pb2.ModelConfig:
         raise ConfigError(f"model {config.get('name')!r}: invalid config: {exc}") from exc
 
 
-BACKENDS = ("python", "dali", "onnxruntime")
+BACKENDS = ("python", "dali", "onnxruntime", "tensorrt")
 KINDS = ("KIND_CPU", "KIND_GPU")
 
 
@@ -113,6 +113,7 @@ def model_config(
     *,
     backend: str = "python",
     kind: str = "KIND_CPU",
+    extra: Mapping | None = None,
 ) -> model_config_pb2.ModelConfig:
     """A composing model: `backend` runs it (Python backend, DALI backend, ONNX Runtime backend)."""
     if backend not in BACKENDS:
@@ -131,8 +132,23 @@ def model_config(
         },
         "instance_group": [{"count": batching.instances, "kind": kind}],
         "parameters": {k: {"string_value": str(v)} for k, v in (parameters or {}).items()},
+        **(extra or {}),  # other ModelConfig fields (optimization, model_warmup), checked by the schema
     }
     return _parse(config)
+
+
+def warmup(inputs: Sequence[Tensor], batch_size: int = 1) -> dict:
+    """A `model_warmup` entry of zeros: the first real request does not pay for engine setup."""
+    return {
+        "model_warmup": [
+            {
+                "name": "zeros",
+                "batch_size": batch_size,
+                "inputs": {t.name: {"data_type": t.triton_type, "dims": [max(d, 1) for d in t.dims], "zero_data": True}
+                           for t in inputs},
+            }
+        ]
+    }
 
 
 def ensemble_config(

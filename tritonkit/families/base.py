@@ -53,6 +53,7 @@ class Stage:
     files: Mapping[str, Path] = field(default_factory=dict)  # copied into the version dir
     backend: str = "python"
     kind: str = "KIND_CPU"
+    config_extra: Mapping[str, Any] = field(default_factory=dict)  # more ModelConfig fields
 
     def __post_init__(self):
         if (self.backend == "python") != (self.template is not None):
@@ -61,6 +62,7 @@ class Stage:
 
 TARGETS = ("cpu", "gpu")
 PREPROCESSING = ("dali", "python")
+ENGINES = ("onnxruntime", "onnxruntime-trt", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class BuildOptions:
     image: Mapping[str, Any] = field(default_factory=dict)  # ImageRecipe options: resize_mode, formats, ...
     max_audio_seconds: float | None = None
     dali_threads: int = 1
+    engine: str = "onnxruntime"  # gpu target: how encoders run (ONNX Runtime, its TensorRT provider, or TensorRT plans)
+    precision: str = "fp32"  # what the encoders' graphs hold (set by the build from the chosen variant)
 
     def __post_init__(self):
         from tritonkit.errors import InputError
@@ -89,6 +93,10 @@ class BuildOptions:
             raise InputError("--target gpu preprocesses with DALI; leave out --preprocessing python")
         if self.dali_threads < 1:
             raise InputError("--dali-threads must be >= 1")
+        if self.engine not in ENGINES:
+            raise InputError(f"--engine {self.engine!r}: use one of {', '.join(ENGINES)}")
+        if self.engine != "onnxruntime" and not self.gpu:
+            raise InputError(f"--engine {self.engine} is for --target gpu")
 
     @property
     def gpu(self) -> bool:
@@ -212,7 +220,31 @@ def dali_stage(
 
 
 def encoder_stage(role: str, inputs, outputs, batching: Batching, onnx_file: Path, options: BuildOptions) -> Stage:
-    """An ONNX encoder: ONNX Runtime inside the Python backend on CPU, the ONNX Runtime backend on GPU."""
-    if options.gpu:
-        return Stage(role, None, inputs, outputs, batching, {}, {"model.onnx": onnx_file}, backend="onnxruntime", kind="KIND_GPU")
-    return Stage(role, "onnx_encoder", inputs, outputs, batching, {}, {"model.onnx": onnx_file})
+    """An ONNX encoder. CPU: ONNX Runtime inside the Python backend. GPU: the ONNX Runtime backend
+    (optionally with its TensorRT execution accelerator), or a TensorRT plan built here, each on
+    KIND_GPU with a warmup request."""
+    from tritonkit.triton_config import warmup
+
+    if not options.gpu:
+        return Stage(role, "onnx_encoder", inputs, outputs, batching, {}, {"model.onnx": onnx_file})
+    extra = warmup(inputs)
+    if options.engine == "tensorrt":
+        from tritonkit.tensorrt import EngineProfile, build_engine
+
+        preferred = batching.preferred_batch_sizes or (batching.max_batch_size,)
+        profile = EngineProfile(1, min(max(preferred), batching.max_batch_size), batching.max_batch_size)
+        engine = build_engine(
+            Path(onnx_file), Path(onnx_file).parent / "engine", inputs, profile,
+            precision={"int8-static": "int8", "fp16": "fp16"}.get(options.precision, "fp32"),
+        )
+        files = {"model.plan": engine.plan, "builder.log": engine.log, "reproduce.sh": engine.reproduce}
+        return Stage(role, None, inputs, outputs, batching, {}, files, backend="tensorrt", kind="KIND_GPU", config_extra=extra)
+    if options.engine == "onnxruntime-trt":
+        mode = {"int8-static": "INT8", "fp16": "FP16"}.get(options.precision, "FP32")
+        extra["optimization"] = {
+            "execution_accelerators": {
+                "gpu_execution_accelerator": [{"name": "tensorrt", "parameters": {"precision_mode": mode}}]
+            }
+        }
+    return Stage(role, None, inputs, outputs, batching, {}, {"model.onnx": onnx_file}, backend="onnxruntime",
+                 kind="KIND_GPU", config_extra=extra)
