@@ -11,7 +11,6 @@ Needs espeak-ng (the clips are spoken sentences) and `pip install faster-whisper
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys

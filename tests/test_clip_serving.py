@@ -149,3 +149,31 @@ def test_byte_rows_are_zero_padded_when_lengths_differ():
     rows = pack_byte_rows([b"abc", b"z"])
     assert rows.dtype == np.uint8 and rows.shape == (2, 3)
     assert rows[1].tobytes() == b"z\x00\x00"
+
+
+def cache_hits(client: TritonkitClient, model: str) -> int:
+    for entry in client.statistics(model).get("model_stats", []):
+        if entry["name"] == model:
+            return int(entry["inference_stats"].get("cache_hit", {}).get("count", 0))
+    return 0
+
+
+def test_repeated_inputs_are_answered_from_the_response_cache(clip_repository, clip_loaded):
+    from tests.conftest import start_server
+
+    server = start_server(clip_repository, response_cache_bytes=16 * 1024 * 1024)
+    try:
+        with TritonkitClient(server.grpc_url) as client:
+            image = encode_image(random_image(200, 300, seed=42), "JPEG")
+            first = client.embed_images([image])
+            again = client.embed_images([image])
+            texts = [client.embed_texts(["a cached caption"]) for _ in range(3)]
+            np.testing.assert_array_equal(first, again)
+            np.testing.assert_array_equal(texts[0], texts[2])
+            assert cache_hits(client, "clip_image") == 1
+            assert cache_hits(client, "clip_text") == 2
+            # the composing models ran once per distinct input
+            encoder = executed_batch_sizes(client.statistics("clip_image_encoder"), "clip_image_encoder")
+            assert sum(encoder.values()) == 1
+    finally:
+        server.stop()

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import encode_image, random_image, start_server
 from tritonkit.build import build
-from tritonkit.client import TritonkitClient, pack_byte_rows
+from tritonkit.client import TritonkitClient
 from tritonkit.errors import ExportError
 from tritonkit.metrics import wer
 from tritonkit.precision import PrecisionOptions, nodes_kept_in_float

@@ -9,7 +9,6 @@ import pytest
 
 from tritonkit.client import TritonkitClient, whisper_inputs
 from tritonkit.errors import InferenceError
-from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio
 
 pytestmark = pytest.mark.server
 

@@ -126,13 +126,15 @@ def serve(
     metrics_port: MetricsPort = 8002,
     log_file: Annotated[Optional[Path], typer.Option(help="Where tritonserver's log goes.")] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for all models to load.")] = 600,
+    cache_mb: Annotated[int, typer.Option(help="Response cache size in MiB (embedding ensembles use it); 0 turns it off.")] = 256,
 ):
     """Run tritonserver on a repository in the foreground; Ctrl-C stops it."""
     from tritonkit.repository import list_models
     from tritonkit.server import TritonServer
 
     server = TritonServer(
-        repository, host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, log_file=log_file
+        repository, host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, log_file=log_file,
+        response_cache_bytes=max(cache_mb, 0) * 1024 * 1024,
     )
     stopping = []
 

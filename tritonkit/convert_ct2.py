@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import struct
 from pathlib import Path
 
@@ -139,14 +138,7 @@ def _token_id(tokenizer_json: dict, content: str) -> int | None:
 def convert_ct2_whisper(source: Path, out: Path) -> Path:
     """Write a transformers Whisper directory (model, tokenizer, feature extractor, generation config)."""
     import torch
-    from transformers import (
-        GenerationConfig,
-        WhisperConfig,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-        WhisperProcessor,
-        WhisperTokenizer,
-    )
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 
     source, out = Path(source), Path(out)
     for required in ("model.bin", "config.json", "tokenizer.json"):
@@ -213,14 +205,21 @@ def convert_ct2_whisper(source: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = generation
     model.save_pretrained(str(out))
-    shutil.copy2(source / "tokenizer.json", out / "tokenizer.json")
-    (out / "tokenizer_config.json").write_text(
+    save_whisper_processor(out, json.loads((source / "tokenizer.json").read_text()), config)
+    return out
+
+
+def save_whisper_processor(directory: Path, tokenizer_json: dict, config) -> None:
+    """A WhisperProcessor (tokenizer from a tokenizers JSON, feature extractor) beside a model."""
+    from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
+
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    (directory / "tokenizer_config.json").write_text(
         json.dumps({"tokenizer_class": "WhisperTokenizer", "model_max_length": config.max_target_positions})
     )
-    tokenizer = WhisperTokenizer.from_pretrained(str(out))
+    tokenizer = WhisperTokenizer.from_pretrained(str(directory))
     extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
-    WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(str(out))
-    return out
+    WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(str(directory))
 
 
 def bundled_tiny_en() -> Path:

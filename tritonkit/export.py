@@ -11,6 +11,7 @@ import numpy as np
 
 from tritonkit.errors import ExportError
 from tritonkit.families.base import OnnxExport
+from tritonkit.metrics import cosines
 
 
 @dataclass
@@ -71,13 +72,6 @@ def export_onnx(export: OnnxExport, path: Path) -> Path:
     return path
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
-
-
 def validate_onnx(export: OnnxExport, path: Path) -> ValidationReport:
     """Run PyTorch and ONNX Runtime on every sample batch; shape mismatches are fatal."""
     import onnxruntime as ort
@@ -97,7 +91,7 @@ def validate_onnx(export: OnnxExport, path: Path) -> ValidationReport:
             if want.shape != got.shape:
                 raise ExportError(f"{export.role}: output {name} has shape {got.shape} in ONNX, {want.shape} in PyTorch")
             max_abs = max(max_abs, float(np.abs(want - got).max()) if want.size else 0.0)
-            min_cos = min(min_cos, float(_cosines(want, got).min()))
+            min_cos = min(min_cos, float(cosines(want, got).min()))
         batches.append(int(next(iter(sample.values())).shape[0]))
     return ValidationReport(
         role=export.role,

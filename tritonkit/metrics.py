@@ -29,3 +29,13 @@ def wer(references: list[str], hypotheses: list[str]) -> float:
         e, n = word_errors(reference, hypothesis)
         errors, words = errors + e, words + n
     return errors / max(words, 1)
+
+
+def cosines(a, b):
+    """Row-wise cosine similarity of two batches (any trailing shape), in float64."""
+    import numpy as np
+
+    a = np.asarray(a).reshape(len(a), -1).astype(np.float64)
+    b = np.asarray(b).reshape(len(b), -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)

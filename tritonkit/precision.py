@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from tritonkit.errors import ExportError, InputError
+from tritonkit.metrics import cosines
 
 PRECISIONS = ("fp32", "fp16", "int8")
 QUANTIZATIONS = ("auto", "static", "dynamic")
@@ -209,13 +210,6 @@ def nodes_kept_in_float(model) -> list[str]:
         if not weights or any(after_activation(a) for a in activations):
             kept.append(node.name)
     return kept
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
 
 
 def compare_graph(module, onnx_file: Path, outputs: list[str], heldout: list[Feeds]) -> tuple[dict[str, float], float]:

@@ -82,7 +82,8 @@ def plan_models(name: str, pipelines: Sequence[Pipeline], overrides: BatchingOve
                 )
             )
         ensemble = ensemble_config(
-            model_name(name, pipeline.role), pipeline.inputs, pipeline.outputs, max_batch or 0, steps
+            model_name(name, pipeline.role), pipeline.inputs, pipeline.outputs, max_batch or 0, steps,
+            response_cache=pipeline.response_cache,
         )
         ensembles.append(ModelFiles(ensemble, {}))
     return [*composing.values(), *ensembles]

@@ -141,18 +141,11 @@ def make_tiny_whisper(
     input decodes to the same tokens; `init_std` 0.5 makes tokens and detected languages depend
     on the audio, which is what the tests need to tell inputs and options apart.
     """
-    import json
-
     import torch
-    from transformers import (
-        GenerationConfig,
-        WhisperConfig,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-        WhisperProcessor,
-        WhisperTokenizer,
-    )
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    from tritonkit.convert_ct2 import save_whisper_processor
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -200,12 +193,5 @@ def make_tiny_whisper(
         return_timestamps=False,
     )
     model.save_pretrained(str(directory))
-    (directory / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "WhisperTokenizer", "model_max_length": config.max_target_positions})
-    )
-    tokenizer = WhisperTokenizer.from_pretrained(str(directory))
-    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(
-        str(directory)
-    )
+    save_whisper_processor(directory, tokenizer_json, config)
     return directory

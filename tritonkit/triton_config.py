@@ -157,6 +157,7 @@ def ensemble_config(
     outputs: Sequence[Tensor],
     max_batch_size: int,
     steps: Sequence[EnsembleStep],
+    response_cache: bool = False,
 ) -> model_config_pb2.ModelConfig:
     config = {
         "name": name,
@@ -176,6 +177,8 @@ def ensemble_config(
             ]
         },
     }
+    if response_cache:  # served from Triton's response cache when the server has one
+        config["response_cache"] = {"enable": True}
     return _parse(config)
 
 

@@ -111,6 +111,8 @@ class Pipeline:
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
     stages: tuple[Stage, ...]
+    # Deterministic, small outputs (embeddings): a repeated input is answered from Triton's cache.
+    response_cache: bool = False
 
     def __post_init__(self):
         available = {t.name: t for t in self.inputs}

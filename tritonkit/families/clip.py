@@ -231,6 +231,7 @@ class ClipSpec(FamilySpec):
             role="image",
             inputs=(t[IMAGE],),
             outputs=(t[IMAGE_EMBEDS],),
+            response_cache=True,
             stages=(
                 *preprocess,
                 encoder_stage(
@@ -243,6 +244,7 @@ class ClipSpec(FamilySpec):
             role="text",
             inputs=(t[TEXT],),
             outputs=(t[TEXT_EMBEDS],),
+            response_cache=True,
             stages=(
                 Stage(
                     role="text_tokenizer",
