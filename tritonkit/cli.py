@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -292,6 +293,79 @@ def engine(
         raise InputError(f"--batch {batch!r}: give min,opt,max with 1 <= min <= opt <= max")
     result = build_engine(onnx_file, out, onnx_inputs(onnx_file), EngineProfile(*sizes), precision=precision, allow_fp16=fp16)
     console.print(f"wrote {result.plan} (log {result.log}, trtexec equivalent {result.reproduce})")
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Argument(help="Model or ensemble to load, e.g. clip_image, clip_text, whisper.")],
+    input: Annotated[Optional[list[Path]], typer.Option("--input", "-i", help="Files to send (images, audio); repeat the flag.")] = None,
+    text: Annotated[Optional[list[str]], typer.Option(help="Texts to send to a text model; repeat the flag.")] = None,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,4,16",
+    duration: Annotated[Optional[float], typer.Option(help="Seconds per level (default 10 unless --requests).")] = None,
+    requests: Annotated[Optional[int], typer.Option(help="Requests per level instead of a duration.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of throughput against p99 latency.")] = None,
+    timeout: Annotated[float, typer.Option(help="Client timeout per request, seconds.")] = 60,
+    perf_analyzer: Annotated[bool, typer.Option("--perf-analyzer", help="Run perf_analyzer (if on PATH) with the same settings instead.")] = False,
+    url: Url = "127.0.0.1:8001",
+):
+    """Load a served model with concurrent gRPC requests and report throughput, latency and where time goes.
+
+    Example: tritonkit bench clip_image -i cat.jpg -i dog.png --concurrency 1,4,16 --duration 10 --json r.json --plot r.png
+    """
+    import tempfile
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from tritonkit import bench as load
+    from tritonkit.client import read_inputs
+
+    items = read_inputs(input or []) + [t.encode("utf-8") for t in (text or [])]
+    if not items:
+        raise InputError("nothing to send", hint="give --input FILE (images, audio) or --text TEXT")
+    levels = _int_list(concurrency) or (1,)
+    if duration is None and requests is None:
+        duration = 10.0
+    if perf_analyzer:
+        import tritonclient.grpc as grpcclient
+
+        config = grpcclient.InferenceServerClient(url).get_model_config(model, as_json=True)["config"]
+        data = load.perf_analyzer_input(config, items, Path(tempfile.mkdtemp()) / "input.json")
+        raise typer.Exit(load.run_perf_analyzer(load.perf_analyzer_command(url, model, data, levels, duration)))
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=1.0)
+        started = {}
+
+        def progress(label: str, fraction: float) -> None:
+            began = started.setdefault(label, time.monotonic())
+            done = fraction if requests else min((time.monotonic() - began) / duration, 1.0)
+            bar.update(task, description=label, completed=done)
+
+        results = load.run_bench(url, model, items, levels, duration_s=None if requests else duration,
+                                 requests=requests, timeout_s=timeout, progress=progress)
+    table = Table(title=f"{model} at {url}")
+    for column in ("concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "timeouts", "client CPU"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(str(r.concurrency), f"{r.throughput:.1f}", f"{r.p50_ms:.1f}", f"{r.p90_ms:.1f}", f"{r.p99_ms:.1f}",
+                      str(r.errors), str(r.timeouts), f"{r.client_cpu_share:.0%}")
+    console.print(table)
+    for r in results:
+        breakdown = Table(title=f"server time per request at concurrency {r.concurrency} (ms)")
+        for column in ("model", "requests", "queue", "input", "infer", "output", "cache hits", "batch sizes"):
+            breakdown.add_column(column, justify="right" if column != "model" else "left")
+        for name, m in r.models.items():
+            sizes = " ".join(f"{b}x{n}" for b, n in m.batch_sizes.items())
+            breakdown.add_row(name, str(m.requests), f"{m.queue_ms:.2f}", f"{m.compute_input_ms:.2f}",
+                              f"{m.compute_infer_ms:.2f}", f"{m.compute_output_ms:.2f}", str(m.cache_hits), sizes)
+        console.print(breakdown)
+        if r.first_error:
+            console.print(f"[red]first error:[/red] {r.first_error}", highlight=False)
+    if json_out:
+        load.write_json(results, json_out, {"model": model, "url": url, "inputs": len(items)})
+    if plot:
+        load.write_plot(results, plot, f"{model}: throughput vs p99")
 
 
 @app.command("convert-ct2-whisper")
