@@ -30,28 +30,9 @@ from tritonkit.export import export_onnx  # noqa: E402
 from tritonkit.families import get_family  # noqa: E402
 from tritonkit.precision import convert, evaluate  # noqa: E402
 from tritonkit.reporting import machine, markdown_table, replace_section  # noqa: E402
+from tritonkit.tiny import make_vit_b32_clip  # noqa: E402
 
 VARIANTS = ["fp32", "int8-static", "int8-dynamic", "fp16"]
-
-
-def vit_b32_clip(folder: Path) -> Path:
-    """A randomly initialised CLIP ViT-B/32 (the openai/clip-vit-base-patch32 architecture)."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from tritonkit.tiny import write_clip_tokenizer
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
-        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                       "num_attention_heads": 12, "image_size": 224, "patch_size": 32},
-        projection_dim=512,
-    )
-    CLIPModel(config).eval().save_pretrained(str(folder))
-    write_clip_tokenizer(folder)
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(str(folder))
-    return folder
 
 
 def throughput(onnx_file: Path, feed: dict, repeats: int = 5) -> float:
@@ -92,7 +73,7 @@ def variants(spec, loaded, folder: Path, progress=print):
 
 def bench_clip(folder: Path) -> list[dict]:
     spec = get_family("clip")
-    loaded = spec.load(str(vit_b32_clip(folder / "model")))
+    loaded = spec.load(str(make_vit_b32_clip(folder / "model")))
     files, reports, data = variants(spec, loaded, folder / "onnx")
     rng = np.random.default_rng(0)
     pixels = {"PIXEL_VALUES": rng.normal(0, 1, (16, 3, 224, 224)).astype(np.float32)}

@@ -170,15 +170,17 @@ def _breakdown(before: dict, after: dict) -> dict[str, ModelBreakdown]:
 
 
 def run_bench(url: str, model: str, items: Sequence[bytes], concurrencies: Sequence[int], *,
-              duration_s: float | None = 10.0, requests: int | None = None, timeout_s: float = 60.0,
+              duration_s: float | None = None, requests: int | None = None, timeout_s: float = 60.0,
               progress: Callable[[str, float], None] | None = None) -> list[LevelResult]:
     """Measure each concurrency level in turn against a running server."""
     import tritonclient.grpc as grpcclient
 
     if not items:
         raise InputError("bench needs at least one input")
-    if (duration_s is None) == (requests is None):
-        raise InputError("give either a duration or a request count")
+    if duration_s is not None and requests is not None:
+        raise InputError("give either a duration or a request count, not both")
+    if duration_s is None and requests is None:
+        duration_s = 10.0
     if any(c < 1 for c in concurrencies):
         raise InputError("concurrency levels must be >= 1")
     sync = grpcclient.InferenceServerClient(url)

@@ -95,6 +95,25 @@ def make_tiny_clip(
     return directory
 
 
+def make_vit_b32_clip(directory: Path, seed: int = 0) -> Path:
+    """A random-initialised CLIP with openai/clip-vit-base-patch32's architecture, for speed figures."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                       "num_attention_heads": 12, "image_size": 224, "patch_size": 32},
+        projection_dim=512,
+    )
+    CLIPModel(config).eval().save_pretrained(str(directory))
+    write_clip_tokenizer(directory)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(str(directory))
+    return directory
+
+
 WHISPER_SPECIALS = ("<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>")
 
 

@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""CLIP image embeddings, JPEG in, side by side in one run on the same photos:
+
+- transformers eager: `CLIPProcessor` + `CLIPModel.get_image_features`, batch 16, one process;
+- the in-process ceiling: tritonkit's own preprocessing (the repository's DALI pipeline) and the
+  same ONNX Runtime graph the repository serves, batch 16, no server;
+- the served `clip_image` ensemble on a real tritonserver, `tritonkit bench` at concurrency 16.
+
+For FP32 and INT8 builds (INT8 as `tritonkit build --precision int8` picks it, with its accuracy
+report). The model has the CLIP ViT-B/32 architecture with random weights (speed does not
+depend on them).
+
+    python scripts/bench_clip.py [--images 64] [--duration 20] [--json out.json] [--markdown docs/BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tritonkit.bench import run_bench  # noqa: E402
+from tritonkit.build import build  # noqa: E402
+from tritonkit.families.clip import synthetic_photo  # noqa: E402
+from tritonkit.precision import PrecisionOptions  # noqa: E402
+from tritonkit.preprocessing.dali import DaliRunner  # noqa: E402
+from tritonkit.preprocessing.image import ImageRecipe, checked_image_bytes  # noqa: E402
+from tritonkit.reporting import machine, markdown_table, replace_section  # noqa: E402
+from tritonkit.repository import VERSION  # noqa: E402
+from tritonkit.server import TritonServer, free_port  # noqa: E402
+from tritonkit.tiny import make_vit_b32_clip  # noqa: E402
+from tritonkit.triton_config import parameter, read_config  # noqa: E402
+
+BATCH = 16
+CONCURRENCY = 16
+
+
+def photos(count: int) -> list[bytes]:
+    return [synthetic_photo(seed, 480, 640) for seed in range(count)]
+
+
+def best_rate(function, items: int, repeats: int = 3) -> float:
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return items / best
+
+
+def transformers_eager(model_dir: Path, files: list[bytes]) -> float:
+    import torch
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    from tritonkit.families.clip import projected
+
+    model = CLIPModel.from_pretrained(str(model_dir)).eval()
+    processor = CLIPProcessor.from_pretrained(str(model_dir))
+
+    def run():
+        with torch.no_grad():
+            for i in range(0, len(files), BATCH):
+                images = [Image.open(io.BytesIO(f)).convert("RGB") for f in files[i : i + BATCH]]
+                pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+                projected(model.get_image_features(pixel_values=pixels))
+
+    return best_rate(run, len(files))
+
+
+def in_process_ceiling(repository: Path, files: list[bytes]) -> float:
+    """The repository's own preprocessing and encoder graph, called directly in this process."""
+    import onnxruntime as ort
+
+    preprocess = repository / "clip_image_preprocess"
+    recipe = ImageRecipe.from_json(parameter(read_config(preprocess), "image_recipe"))
+    runner = DaliRunner((preprocess / VERSION / "model.dali").read_bytes(), BATCH)
+    session = ort.InferenceSession(str(repository / "clip_image_encoder" / VERSION / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+
+    def run():
+        for i in range(0, len(files), BATCH):
+            rows = [np.frombuffer(checked_image_bytes(f, recipe), dtype=np.uint8) for f in files[i : i + BATCH]]
+            pixels = np.stack([r[0] for r in runner.run({"IMAGE": rows})])
+            session.run(None, {"PIXEL_VALUES": pixels})
+
+    return best_rate(run, len(files))
+
+
+def served(repository: Path, files: list[bytes], duration: float) -> tuple[float, dict]:
+    server = TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    server.start().wait_until_ready(600)
+    try:
+        run_bench(server.grpc_url, "clip_image", files[:8], [4], requests=16)  # warm-up
+        (level,) = run_bench(server.grpc_url, "clip_image", files, [CONCURRENCY], duration_s=duration)
+    finally:
+        server.stop()
+    breakdown = {name: {"queue_ms": m.queue_ms, "infer_ms": m.compute_infer_ms, "batch_sizes": m.batch_sizes}
+                 for name, m in level.models.items()}
+    return level.throughput, {"p99_ms": level.p99_ms, "errors": level.errors, "client_cpu_share": level.client_cpu_share,
+                              "models": breakdown}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    files = photos(args.images)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-clip-") as folder:
+        model_dir = make_vit_b32_clip(Path(folder) / "vit-b-32")
+        eager = transformers_eager(model_dir, files)
+        print(f"transformers eager: {eager:.1f} images/s", flush=True)
+        for precision in ("fp32", "int8"):
+            repository = Path(folder) / f"repo-{precision}"
+            result = build("clip", str(model_dir), repository, precision=PrecisionOptions(precision))
+            ceiling = in_process_ceiling(repository, files)
+            throughput, details = served(repository, files, args.duration)
+            accuracy = (
+                result.accuracy[result.precision_variant].graphs["image_encoder"]["min_cosine"] if result.accuracy else 1.0
+            )
+            rows.append({"precision": result.precision_variant, "served": throughput, "ceiling": ceiling, "eager": eager,
+                         "min_cosine": accuracy, **details})
+            print(json.dumps(rows[-1]), flush=True)
+    result = {"machine": machine(), "images": args.images, "duration_s": args.duration, "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        write_markdown(args.markdown, result)
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    lines = [f"{result['images']} JPEG photos (480x640), {result['machine']['cpus']} CPUs; served: `tritonkit bench` at "
+             f"concurrency {CONCURRENCY} for {result['duration_s']:.0f} s (load generator on the same cores). Command: "
+             "`python scripts/bench_clip.py --markdown docs/BENCHMARKS.md`.", ""]
+    lines += markdown_table(
+        ["precision", "served images/s", "in-process ceiling", "transformers eager", "served / eager", "served / ceiling",
+         "p99 ms", "min cosine to FP32"],
+        [[r["precision"], f"{r['served']:.1f}", f"{r['ceiling']:.1f}", f"{r['eager']:.1f}",
+          f"**{r['served'] / r['eager']:.2f}x**", f"**{r['served'] / r['ceiling']:.2f}x**", f"{r['p99_ms']:.0f}",
+          f"{r['min_cosine']:.4f}"] for r in result["rows"]],
+        align_right_from=1,
+    )
+    lines += ["", "Server time per request at concurrency 16 (ms; queue / compute infer) and executed batch sizes:", ""]
+    for r in result["rows"]:
+        parts = [f"{name} {m['queue_ms']:.1f} / {m['infer_ms']:.1f} ({' '.join(f'{b}x{n}' for b, n in m['batch_sizes'].items())})"
+                 for name, m in r["models"].items() if name != "clip_image"]
+        lines.append(f"- {r['precision']}: " + "; ".join(parts) + f"; client CPU {r['client_cpu_share']:.0%} of the machine")
+    replace_section(path, "bench_clip", "CLIP image embeddings (served vs baselines)", lines)
+
+
+if __name__ == "__main__":
+    main()
