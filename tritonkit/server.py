@@ -93,6 +93,29 @@ def repository_backends(repository: Path) -> set[str]:
         return set()
 
 
+def process_tree_rss(pid: int) -> dict[int, int]:
+    """Resident bytes of a process and all its descendants (tritonserver and its backend stubs), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    rss, stack = {}, [pid]
+    page = os.sysconf("SC_PAGE_SIZE")
+    while stack:
+        current = stack.pop()
+        try:
+            rss[current] = int((Path("/proc") / str(current) / "statm").read_text().split()[1]) * page
+        except OSError:
+            continue
+        stack += children.get(current, [])
+    return rss
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
