@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +118,26 @@ def test_preprocess_command_saves_the_encoder_input_the_server_computes(clip_rep
     assert result.returncode == 0, result.stderr
     assert "PIXEL_VALUES: shape [1, 3, 224, 224] float32" in result.stdout
     np.testing.assert_array_equal(np.load(tmp_path / "pixels.npy"), image_pixels(spec.image_recipe(loaded), [image]))
+
+
+@pytest.mark.server
+def test_serve_forwards_sigterm_and_the_server_exits_within_its_timeout(clip_repository):
+    import time
+
+    from tritonkit.server import EXIT_TIMEOUT_S, process_tree_rss
+
+    args = ["serve", str(clip_repository), *ports()]
+    process = subprocess.Popen([*TRITONKIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith("tritonkit: ready:")
+        tree = set(process_tree_rss(process.pid))
+        assert len(tree) > 2  # tritonkit, tritonserver, stubs
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=EXIT_TIMEOUT_S + 15) == 0
+        assert time.monotonic() - began < EXIT_TIMEOUT_S + 10
+        time.sleep(1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in tree - {process.pid}), "server processes outlived serve"
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -87,3 +87,33 @@ def test_killed_stub_fails_requests_in_flight_fast_and_the_model_serves_again(cl
         assert stub_pids(server, "clip_image_encoder") and stub not in stub_pids(server, "clip_image_encoder")
     finally:
         server.stop()
+
+
+def test_a_build_killed_at_any_moment_leaves_the_previous_repository_servable(tiny_clip_dir, clip_repository, tmp_path):
+    import shutil
+
+    from tritonkit.repository import read_repository
+
+    out = tmp_path / "repo"
+    shutil.copytree(clip_repository, out)
+    before = {name: str(config) for name, config in read_repository(out).items()}
+    files_before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for delay in (1.0, 4.0, 7.0, 9.0):
+        build = subprocess.Popen([sys.executable, "-m", "tritonkit.cli", "build", "clip", "--model", str(tiny_clip_dir),
+                                  "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        build.kill()
+        build.wait()
+        assert {name: str(config) for name, config in read_repository(out).items()} == before, f"killed after {delay} s"
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == files_before
+    server = start_server(out)
+    try:
+        with TritonkitClient(server.grpc_url) as client:
+            assert client.embed_images([encode_image(random_image(100, 120), "JPEG")]).shape[0] == 1
+    finally:
+        server.stop()
+    # the next build clears what the killed ones left beside the repository
+    subprocess.run([sys.executable, "-m", "tritonkit.cli", "build", "clip", "--model", str(tiny_clip_dir), "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    assert not list(tmp_path.glob(".repo.staging-*"))
+    assert {name: str(config) for name, config in read_repository(out).items()} == before  # same inputs, same configs

@@ -13,7 +13,7 @@ from tritonkit.export import ValidationReport, export_onnx, validate_onnx
 from tritonkit.families import get_family
 from tritonkit.families.base import BuildOptions
 from tritonkit.precision import AccuracyReport, PrecisionOptions
-from tritonkit.repository import BatchingOverrides, plan_models, staging_dir, write_models
+from tritonkit.repository import BatchingOverrides, plan_models, release, staging_dir, write_models
 
 Progress = Callable[[str], None]
 
@@ -81,6 +81,7 @@ def build(
         names = write_models(models, out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        release(out)
     return BuildResult(Path(out), names, reports, accuracy, variant)
 
 

@@ -7,6 +7,7 @@ a failed build leaves the previous models untouched.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -106,30 +107,85 @@ def _write_model(model: ModelFiles, root: Path) -> Path:
 
 
 def staging_dir(out: Path) -> Path:
-    """A fresh directory on the same filesystem as `out`, so the final moves are renames."""
+    """A fresh directory on the same filesystem as `out`, so the final swap is a rename.
+
+    Takes an exclusive lock for `out` (one build at a time; a second one fails with a clear
+    error) and removes what builds killed before they finished left behind."""
+    import fcntl
+
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(out.parent / f".{out.name}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise TritonkitError(f"--out {out}: another build is writing this repository", hint="wait for it to finish") from None
+    _LOCKS[str(out)] = lock  # released when the process ends
+    for stale in out.parent.glob(f".{out.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
 
 
+_LOCKS: dict = {}
+
+
+def release(out: Path) -> None:
+    lock = _LOCKS.pop(str(Path(out).resolve()), None)
+    if lock is not None:
+        lock.close()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    import ctypes
+    import os
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange)
+    return result == 0
+
+
 def write_models(models: Iterable[ModelFiles], out: Path, staging: Path) -> list[str]:
-    """Write into `staging`, then swap each model directory into `out` by rename."""
+    """Write the whole new repository into `staging` (the models of `out` that this build does not
+    replace are hard-linked in), then swap it with `out` in one atomic step. A build killed at any
+    moment leaves `out` as it was; a server reading `out` sees either repository, never a mix."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TritonkitError(f"--out {out}: cannot create the repository directory ({exc.strerror})") from exc
+    if not os.access(out, os.W_OK):
+        raise TritonkitError(f"--out {out}: the directory is not writable", hint="choose another --out or fix its permissions")
     models = list(models)
-    built = staging / "models"
+    names = {m.name for m in models}
+    built = staging / "repository"
     built.mkdir(exist_ok=True)
     for model in models:
         _write_model(model, built)
-    for model in models:
-        target = out / model.name
-        if target.exists():
-            target.rename(staging / f"previous-{model.name}")
-        (built / model.name).rename(target)
+    for kept in Path(out).iterdir():  # other families, other --names, files beside the models
+        if kept.name not in names:
+            destination = built / kept.name
+            if kept.is_dir():
+                shutil.copytree(kept, destination, copy_function=_link_or_copy, symlinks=True)
+            else:
+                _link_or_copy(kept, destination)
+    if not exchange(built, out):  # not Linux: two renames, with a moment where `out` is absent
+        out.rename(staging / "previous")
+        built.rename(out)
     return [m.name for m in models]
+
+
+def _link_or_copy(source, destination) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def list_models(repo: Path) -> list[str]:
