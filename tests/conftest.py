@@ -18,6 +18,19 @@ from tritonkit.server import TritonServer, free_port
 from tritonkit.tiny import make_tiny_clip
 
 
+@pytest.fixture(scope="session", autouse=True)
+def export_cache_dir(tmp_path_factory):
+    """Builds in tests share one export cache of their own, never the user's."""
+    folder = tmp_path_factory.mktemp("export_cache")
+    previous = os.environ.get("TRITONKIT_CACHE_DIR")
+    os.environ["TRITONKIT_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("TRITONKIT_CACHE_DIR", None)
+    else:
+        os.environ["TRITONKIT_CACHE_DIR"] = previous
+
+
 def has_gpu() -> bool:
     return os.path.exists("/dev/nvidia0")
 

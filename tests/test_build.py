@@ -64,3 +64,33 @@ def test_build_rejects_the_name_when_it_is_not_a_plain_identifier(tiny_clip_dir,
 
     with pytest.raises(InputError, match="--name '../evil'"):
         build("clip", str(tiny_clip_dir), tmp_path / "out", name="../evil")
+
+
+def test_rebuild_reuses_cached_exports_and_writes_identical_configs(tiny_clip_dir, tmp_path, export_cache_dir):
+    from tritonkit.build import build
+    from tritonkit.repository import read_repository
+
+    messages: list[str] = []
+    first = build("clip", str(tiny_clip_dir), tmp_path / "a")
+    build("clip", str(tiny_clip_dir), tmp_path / "b", progress=messages.append)
+    assert sum("reusing the cached export" in m for m in messages) == 2, messages
+    assert not any(m.startswith("exporting") for m in messages)
+    a, b = read_repository(first.out), read_repository(tmp_path / "b")
+    assert {n: str(c) for n, c in a.items()} == {n: str(c) for n, c in b.items()}
+    for model in ("clip_image_encoder", "clip_text_encoder"):
+        assert (first.out / model / "1" / "model.onnx").read_bytes() == (tmp_path / "b" / model / "1" / "model.onnx").read_bytes()
+
+
+def test_changed_model_files_are_exported_again(tiny_clip_dir, tmp_path):
+    import shutil
+
+    from tritonkit.build import build
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_clip_dir, copy)
+    build("clip", str(copy), tmp_path / "a")
+    config = copy / "config.json"
+    config.write_text(config.read_text().replace("\n", "\n ", 1))  # same model, different bytes
+    messages: list[str] = []
+    build("clip", str(copy), tmp_path / "b", progress=messages.append)
+    assert sum(m.startswith("exporting") for m in messages) == 2

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tritonkit import export_cache
 from tritonkit.errors import ExportError, InputError
 from tritonkit.export import ValidationReport, export_onnx, validate_onnx
 from tritonkit.families import get_family
@@ -52,16 +53,25 @@ def build(
     staging = staging_dir(out)
     try:
         onnx_files, reports, exports = {}, [], {}
+        key = export_cache.export_key(model, family)
         for export in spec.exports(loaded):
             exports[export.role] = export
-            progress(f"exporting {export.role} to ONNX")
-            path = export_onnx(export, staging / "onnx" / export.role / "model.onnx")
-            progress(f"validating {export.role} against PyTorch")
-            report = validate_onnx(export, path)
-            progress(report.summary())
+            path = staging / "onnx" / export.role / "model.onnx"
+            if export_cache.fetch(key, export.role, path):
+                report = ValidationReport.read(path.with_name("export_report.json"))
+                report.tolerance_max_abs = export.tolerance.max_abs  # judged by today's tolerance
+                report.tolerance_min_cosine = export.tolerance.min_cosine
+                progress(f"reusing the cached export of {export.role}: {report.summary()}")
+            else:
+                progress(f"exporting {export.role} to ONNX")
+                export_onnx(export, path)
+                progress(f"validating {export.role} against PyTorch")
+                report = validate_onnx(export, path)
+                progress(report.summary())
+                report.write(path.with_name("export_report.json"))
+                export_cache.store(key, export.role, path)
             if not report.passed:
                 raise ExportError(f"{report.summary()}: the ONNX export does not match PyTorch")
-            report.write(path.with_name("export_report.json"))
             onnx_files[export.role] = path
             reports.append(report)
         accuracy, variant = {}, "fp32"

@@ -37,6 +37,12 @@ class ValidationReport:
     def write(self, path: Path) -> None:
         path.write_text(json.dumps({**asdict(self), "passed": self.passed}, indent=2) + "\n")
 
+    @classmethod
+    def read(cls, path: Path) -> "ValidationReport":
+        data = json.loads(Path(path).read_text())
+        data.pop("passed", None)
+        return cls(**data)
+
 
 def export_onnx(export: OnnxExport, path: Path) -> Path:
     import onnx
