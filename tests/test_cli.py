@@ -141,3 +141,12 @@ def test_serve_forwards_sigterm_and_the_server_exits_within_its_timeout(clip_rep
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_build_names_an_unwritable_out_before_any_work(tiny_clip_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run("build", "clip", "--model", str(tiny_clip_dir), "--out", str(blocker / "repo"))
+    assert result.returncode == 2
+    assert f"--out {blocker / 'repo'}: cannot write beside it" in result.stderr and "Traceback" not in result.stderr
+    assert "loading clip" not in result.stderr

@@ -177,3 +177,11 @@ def test_repeated_inputs_are_answered_from_the_response_cache(clip_repository, c
             assert sum(encoder.values()) == 1
     finally:
         server.stop()
+
+
+def test_a_one_megabyte_text_is_truncated_to_the_model_length(client, clip_loaded):
+    spec, loaded = clip_loaded
+    text = "word " * 200_000
+    got = client.embed_texts([text])
+    want = spec.reference_text_embeds(loaded, [text])
+    assert np.abs(got - want).max() <= spec.tolerance.max_abs

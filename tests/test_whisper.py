@@ -220,3 +220,23 @@ def test_english_only_model_rejects_other_languages_and_translation(options, mes
         default = client.infer("whisper", whisper_inputs(speech_files[0]))
     assert served_tokens(english) == served_tokens(default)
     assert english["DECODED_LANGUAGE"][0, 0] == b"en"
+
+
+@pytest.mark.server
+def test_silence_is_answered_with_a_short_text_not_an_error(whisper_server):
+    silence = wav_bytes(np.zeros(5 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        (transcript,) = client.transcribe([silence])
+    assert len(transcript.text) < 40, transcript.text
+
+
+@pytest.mark.server
+def test_an_unsupported_codec_fails_with_a_message(whisper_server):
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("speech.wav", b"RIFF")
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        with pytest.raises(InferenceError, match="AUDIO: not a decodable audio file"):
+            client.infer("whisper", {"AUDIO": pack_byte_rows([buffer.getvalue()])})

@@ -48,10 +48,10 @@ def build(
     name = name or spec.name
     if not name.replace("_", "").replace("-", "").isalnum():
         raise InputError(f"--name {name!r}: use letters, digits, '_' and '-' only")
-    progress(f"loading {family} from {model}")
-    loaded = spec.load(model, trust_remote_code=trust_remote_code)
-    staging = staging_dir(out)
+    staging = staging_dir(out)  # a bad --out fails here, before any slow work
     try:
+        progress(f"loading {family} from {model}")
+        loaded = spec.load(model, trust_remote_code=trust_remote_code)
         onnx_files, reports, exports = {}, [], {}
         key = export_cache.export_key(model, family)
         for export in spec.exports(loaded):

@@ -114,8 +114,13 @@ def staging_dir(out: Path) -> Path:
     import fcntl
 
     out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(out.parent / f".{out.name}.lock", "w")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(out.parent / f".{out.name}.lock", "w")
+    except OSError as exc:
+        raise TritonkitError(
+            f"--out {out}: cannot write beside it ({exc.strerror})", hint="choose an --out in a writable directory"
+        ) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
