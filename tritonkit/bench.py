@@ -143,6 +143,23 @@ def _stats(client, models: list[str]) -> dict[str, dict]:
     return out
 
 
+def _settled_stats(client, models: list[str], before: dict, model: str, successes: int, wait_s: float = 5.0) -> dict:
+    """Statistics after a level: Triton updates them just after it answers, so read until the
+    ensemble has counted every success and two reads agree."""
+    def successes_of(stats):
+        return int(stats.get(model, {}).get("inference_stats", {}).get("success", {}).get("count", 0))
+
+    deadline = time.monotonic() + wait_s
+    previous = _stats(client, models)
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        current = _stats(client, models)
+        if current == previous and successes_of(current) - successes_of(before) >= successes:
+            return current
+        previous = current
+    return previous
+
+
 def _breakdown(before: dict, after: dict) -> dict[str, ModelBreakdown]:
     def field_of(entry, key, part="ns"):
         return int(entry.get("inference_stats", {}).get(key, {}).get(part, 0))
@@ -206,11 +223,12 @@ def run_bench(url: str, model: str, items: Sequence[bytes], concurrencies: Seque
                 _run_level(url, model, feeds, concurrency, duration_s, requests, timeout_s, tick)
             )
             cpu = (_cpu_seconds() - cpu_before) / seconds / (os.cpu_count() or 1)
+            after = _settled_stats(sync, models, before, model, len(latencies))
             results.append(LevelResult(
                 concurrency=concurrency, requests=len(latencies) + errors + timeouts, errors=errors, timeouts=timeouts,
                 seconds=seconds, throughput=len(latencies) / seconds, p50_ms=percentile(latencies, 50),
                 p90_ms=percentile(latencies, 90), p99_ms=percentile(latencies, 99), client_cpu_share=cpu,
-                models=_breakdown(before, _stats(sync, models)), first_error=first_error,
+                models=_breakdown(before, after), first_error=first_error,
             ))
         return results
     finally:
