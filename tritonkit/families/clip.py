@@ -271,7 +271,7 @@ class ClipSpec(FamilySpec):
         or 32 synthetic photos and 24 built-in captions. A quarter of each is held out."""
         from tritonkit.errors import InputError
         from tritonkit.precision import PrecisionData, data_files, split_files
-        from tritonkit.preprocessing.image import ImageRecipe, image_bytes_to_pixels
+        from tritonkit.preprocessing.image import PIL_FORMATS, ImageRecipe, image_bytes_to_pixels
 
         if calibration_dir is not None:
             images = [p.read_bytes() for p in data_files(calibration_dir, IMAGE_SUFFIXES)]
@@ -286,7 +286,7 @@ class ClipSpec(FamilySpec):
             images = [synthetic_photo(seed) for seed in range(32)]
             texts = list(CALIBRATION_CAPTIONS)
             source = "32 synthetic photos and 24 built-in captions (pass --calibration-data for your own)"
-        recipe = ImageRecipe.from_processor(loaded.image_processor).with_options(formats=("jpeg", "png", "webp", "gif", "bmp", "tiff"))
+        recipe = ImageRecipe.from_processor(loaded.image_processor).with_options(formats=PIL_FORMATS)
 
         def pixel_feeds(files):
             pixels = np.stack([image_bytes_to_pixels(f, recipe) for f in files])

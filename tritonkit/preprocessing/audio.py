@@ -124,7 +124,3 @@ def log_mel(windows: list[np.ndarray], mel_filters: np.ndarray) -> np.ndarray:
     log_spec = np.log10(np.maximum(mel, 1e-10))
     log_spec = np.maximum(log_spec, log_spec.max(axis=(1, 2), keepdims=True) - 8.0)
     return np.ascontiguousarray(((log_spec + 4.0) / 4.0).transpose(0, 2, 1), dtype=np.float32)
-
-
-def audio_bytes_to_features(data: bytes, recipe: AudioRecipe, mel_filters: np.ndarray) -> np.ndarray:
-    return log_mel(split_windows(decode_audio(data, recipe), recipe), mel_filters)
