@@ -18,6 +18,8 @@ from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings
 
 
 class TritonPythonModel(BatchedModel):
+    metrics_role = "preprocess"
+
     def setup(self):
         self.recipe = AudioRecipe.from_json(self.parameters["recipe"])
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
@@ -33,7 +35,7 @@ class TritonPythonModel(BatchedModel):
                 return [None] * count
             values = inputs[name].reshape(-1)
             if len(values) != count:
-                raise InputError(f"{name}: {len(values)} values for {count} audio rows; give one per row")
+                raise InputError(f"{name}: {len(values)} values for {count} audio rows; give one per row", reason="bad_option")
             return convert(values, name)
 
         languages = column(self.language_input, string_rows)
@@ -47,7 +49,7 @@ class TritonPythonModel(BatchedModel):
     def prepare(self, inputs):
         rows = inputs[self.audio_input]
         if rows.ndim != 2 or rows.shape[1] == 0:
-            raise InputError(f"{self.audio_input}: empty input (shape {list(rows.shape)})")
+            raise InputError(f"{self.audio_input}: empty input (shape {list(rows.shape)})", reason="empty")
         row_options = self.row_options(inputs, len(rows))
         windows, owners, options = [], [], []
         for index, row in enumerate(rows):
@@ -58,7 +60,8 @@ class TritonPythonModel(BatchedModel):
         if len(windows) > self.max_windows:
             raise InputError(
                 f"{self.audio_input}: {len(windows)} windows of 30 s in one request exceed the limit of "
-                f"{self.max_windows}; send fewer or shorter files per request"
+                f"{self.max_windows}; send fewer or shorter files per request",
+                reason="too_long",
             )
         return {
             self.windows_output: log_mel(windows, self.mel_filters) if self.emit_features else np.stack(

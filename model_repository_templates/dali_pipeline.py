@@ -19,6 +19,8 @@ from tritonkit.runtime import ROW_ERRORS, BatchedModel
 
 
 class TritonPythonModel(BatchedModel):
+    metrics_role = "preprocess"
+
     def setup(self):
         self.runner = DaliRunner(
             (self.version_dir / "model.dali").read_bytes(),
@@ -34,7 +36,7 @@ class TritonPythonModel(BatchedModel):
             return inputs
         rows = inputs[self.first_input]
         if rows.ndim != 2 or rows.shape[1] == 0:
-            raise InputError(f"{self.first_input}: empty input (shape {list(rows.shape)})")
+            raise InputError(f"{self.first_input}: empty input (shape {list(rows.shape)})", reason="empty")
         checked = np.empty(len(rows), dtype=object)
         checked[:] = [
             np.frombuffer(checked_image_bytes(row.tobytes(), self.image_recipe), dtype=np.uint8) for row in rows
@@ -50,7 +52,7 @@ class TritonPythonModel(BatchedModel):
             rows = []
             for i, result in enumerate(results):
                 if isinstance(result, RowFailed):
-                    errors[i] = f"{self.first_input}: not decodable ({result})"
+                    errors[i] = InputError(f"{self.first_input}: not decodable ({result})", reason="undecodable")
                     rows.append(np.zeros_like(good[position]) if good is not None else np.zeros(1, np.float32))
                 else:
                     rows.append(result[position])

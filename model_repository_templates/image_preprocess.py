@@ -12,6 +12,8 @@ from tritonkit.runtime import BatchedModel
 
 
 class TritonPythonModel(BatchedModel):
+    metrics_role = "preprocess"
+
     def setup(self):
         self.recipe = ImageRecipe.from_json(self.parameters["recipe"])
         (self.image_input,) = self.input_names
@@ -20,7 +22,7 @@ class TritonPythonModel(BatchedModel):
     def prepare(self, inputs):
         rows = inputs[self.image_input]
         if rows.ndim != 2 or rows.shape[1] == 0:
-            raise InputError(f"{self.image_input}: empty input (shape {list(rows.shape)})")
+            raise InputError(f"{self.image_input}: empty input (shape {list(rows.shape)})", reason="empty")
         pixels = [image_bytes_to_pixels(row.tobytes(), self.recipe) for row in rows]
         return {self.pixels_output: np.stack(pixels)}
 

@@ -10,6 +10,8 @@ from tritonkit.runtime import BatchedModel, string_rows
 
 
 class TritonPythonModel(BatchedModel):
+    metrics_role = "preprocess"
+
     def setup(self):
         from transformers import AutoTokenizer
 

@@ -15,6 +15,8 @@ from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings, GreedyDeco
 
 
 class TritonPythonModel(BatchedModel):
+    metrics_role = "decoder"
+
     def setup(self):
         import onnxruntime as ort
         from transformers import AutoTokenizer
@@ -48,7 +50,11 @@ class TritonPythonModel(BatchedModel):
         tokens, languages = self.decoder.decode(batch[self.hidden_input], list(batch["options"]))
         window_tokens = np.empty(len(tokens), dtype=object)
         window_tokens[:] = tokens
-        return {"window_tokens": window_tokens, "window_language": np.array(languages, dtype=object)}
+        return {
+            "window_tokens": window_tokens,
+            "window_language": np.array(languages, dtype=object),
+            "window_steps": np.array(self.decoder.steps_per_window, dtype=np.int64),
+        }
 
     def finish(self, outputs, rows):
         owners = rows[self.row_input].reshape(-1)
@@ -64,6 +70,7 @@ class TritonPythonModel(BatchedModel):
         for i, t in enumerate(joined):
             token_array[i, : len(t)] = t
         texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip().encode() for t in joined]
+        self.metrics.decoded(tokens=sum(len(t) for t in joined), steps=int(outputs["window_steps"].sum()))
         return {
             self.text_output: np.array(texts, dtype=object)[:, None],
             self.tokens_output: token_array,

@@ -2,12 +2,18 @@
 # Create .venv with tritonkit (CPU flavor) and its test tools. Idempotent; safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# espeak-ng speaks the test and demo sentences for Whisper.
-if ! command -v espeak-ng > /dev/null; then
+# espeak-ng speaks the test and demo sentences for Whisper; prometheus brings promtool and a real
+# Prometheus for the tests of the generated alerts and dashboard (tritonkit k8s).
+missing=()
+command -v espeak-ng > /dev/null || missing+=(espeak-ng)
+command -v promtool > /dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
-    (apt-get install -y -q espeak-ng > /dev/null 2>&1 || { apt-get update -q > /dev/null && apt-get install -y -q espeak-ng > /dev/null; })
+    export DEBIAN_FRONTEND=noninteractive
+    (apt-get install -y -q --no-install-recommends "${missing[@]}" > /dev/null 2>&1 ||
+      { apt-get update -q > /dev/null && apt-get install -y -q --no-install-recommends "${missing[@]}" > /dev/null; })
   else
-    echo "setup: espeak-ng is missing (apt-get install espeak-ng); the Whisper speech tests will be skipped" >&2
+    echo "setup: missing ${missing[*]} (apt-get install ${missing[*]}); the tests that need them will fail or skip" >&2
   fi
 fi
 PYTHON=${PYTHON:-python3}

@@ -150,3 +150,24 @@ def test_build_names_an_unwritable_out_before_any_work(tiny_clip_dir, tmp_path):
     assert result.returncode == 2
     assert f"--out {blocker / 'repo'}: cannot write beside it" in result.stderr and "Traceback" not in result.stderr
     assert "loading clip" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing model directory", "no such directory"),
+        ("directory without a model", "no config.json in that directory"),
+        ("model of another family", "is a 'clip' model, not whisper (build it with `tritonkit build clip`)"),
+    ],
+)
+def test_build_names_a_bad_model_directory_in_one_line(case, message, tiny_clip_dir, tmp_path):
+    model = {
+        "missing model directory": tmp_path / "nowhere",
+        "directory without a model": tmp_path,
+        "model of another family": tiny_clip_dir,
+    }[case]
+    family = "whisper" if case == "model of another family" else "clip"
+    result = run("build", family, "--model", str(model), "--out", str(tmp_path / "repo"))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr  # the error (wrapped), nothing else

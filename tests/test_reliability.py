@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,27 +22,30 @@ pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_soak_with_mixed_valid_and_invalid_requests(clip_repository, tmp_path):
+@pytest.mark.parametrize("family", ["clip", "whisper"])
+def test_soak_with_mixed_valid_and_invalid_requests(family, request, tmp_path):
     """The CI-length soak (60 s at concurrency 16); scripts/soak.py defaults to 10 minutes."""
+    repository = request.getfixturevalue(f"{family}_repository")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "soak.py"), "--repository", str(clip_repository), "--duration", "60",
-         "--json", str(tmp_path / "soak.json")],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, str(ROOT / "scripts" / "soak.py"), "--family", family, "--repository", str(repository),
+         "--duration", "60", "--json", str(tmp_path / "soak.json")],
+        capture_output=True, text=True, timeout=900,
     )
     report = json.loads((tmp_path / "soak.json").read_text())
     assert result.returncode == 0, report["violations"]
     counts = report["counts"]
     assert all(c["sent"] > 0 for c in counts.values())
-    assert counts["jpeg"]["ok"] == counts["jpeg"]["sent"] and counts["pdf"]["error"] == counts["pdf"]["sent"]
-    assert report["timeouts"] == 0 and report["server_alive"]
+    valid, invalid = ("jpeg", "pdf") if family == "clip" else ("speech wav", "612 s audio")
+    assert counts[valid]["ok"] == counts[valid]["sent"] and counts[invalid]["error"] == counts[invalid]["sent"]
+    assert report["timeouts"] == 0 and report["server_alive"] and report["unexpected_total"] == 0
 
 
-def stub_pids(server, model: str) -> list[int]:
-    """The Python-backend stub processes of `model` under this server."""
+def stub_pids(root_pid: int, model: str) -> list[int]:
+    """The Python-backend stub processes of `model` below process `root_pid`."""
     from tritonkit.server import process_tree_rss
 
     pids = []
-    for pid in process_tree_rss(server.process.pid):
+    for pid in process_tree_rss(root_pid):
         try:
             command = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
@@ -51,42 +55,68 @@ def stub_pids(server, model: str) -> list[int]:
     return pids
 
 
-def test_killed_stub_fails_requests_in_flight_fast_and_the_model_serves_again(clip_repository):
-    server = start_server(clip_repository)
+def test_killed_stub_fails_requests_in_flight_fast_and_serve_brings_the_model_back(clip_repository, tmp_path):
+    """Triton 2.51 does not restart a killed stub (its model would fail every later request), so
+    `tritonkit serve` watches the stubs and restarts the server; docs/RELIABILITY.md quotes the times."""
+    from tests.conftest import free_port
+
+    grpc_port = free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "tritonkit.cli", "serve", str(clip_repository), "--grpc-port", str(grpc_port),
+         "--http-port", str(free_port()), "--metrics-port", str(free_port()), "--log-file", str(tmp_path / "server.log")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
     image = encode_image(random_image(200, 260, seed=9), "JPEG")
+    url = f"127.0.0.1:{grpc_port}"
 
     def call(_):
         began = time.monotonic()
         try:
-            with TritonkitClient(server.grpc_url, timeout_s=60) as client:
+            with TritonkitClient(url, timeout_s=60) as client:
                 client.embed_images([image])
             return "ok", time.monotonic() - began
         except InferenceError as exc:
             return str(exc), time.monotonic() - began
 
     try:
-        (stub,) = stub_pids(server, "clip_image_encoder")
+        assert serve.stdout.readline().startswith("tritonkit: ready:")
+        (stub,) = stub_pids(serve.pid, "clip_image_encoder")
+        stop_load = threading.Event()
+
+        def load(_):
+            results = []
+            while not stop_load.is_set():
+                results.append(call(0))
+            return results
+
         with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [pool.submit(call, i) for i in range(40)]
-            time.sleep(0.5)
+            futures = [pool.submit(load, i) for i in range(8)]
+            time.sleep(2)
             os.kill(stub, signal.SIGKILL)
-            results = [f.result() for f in futures]
+            killed_at = time.monotonic()
+            time.sleep(1)
+            stop_load.set()
+            results = [r for f in futures for r in f.result()]
+        failed = [r for r, _ in results if r != "ok"]
+        print(f"failed around the kill: {len(failed)} of {len(results)}; errors: {sorted(set(failed))}")
+        assert failed, "no request was in flight when the stub died"
         assert max(seconds for _, seconds in results) < 30, "a request hung after the stub died"
-        killed_at, recovered = time.monotonic(), None
-        while time.monotonic() - killed_at < 30:
-            if call(0)[0] == "ok":
-                recovered = time.monotonic() - killed_at
-                break
-            time.sleep(0.5)
-        print(f"failed in flight: {sum(r != 'ok' for r, _ in results)} of {len(results)}; recovered after {recovered} s")
-        print("first error:", next((r for r, _ in results if r != "ok"), None))
-        if recovered is None:
-            pytest.xfail("Triton 2.51's Python backend does not restart a killed stub: the model fails fast but "
-                         "stays down (issue 7: supervise and reload)")
-        assert recovered is not None, "the model did not serve again within 30 s"
-        assert stub_pids(server, "clip_image_encoder") and stub not in stub_pids(server, "clip_image_encoder")
+        assert serve.stdout.readline().startswith(f"tritonkit: a Python-backend process died (pid {stub}); restarting")
+        restarted = serve.stdout.readline()
+        assert restarted.startswith("tritonkit: tritonserver restarted: serving again"), restarted
+        assert call(0)[0] == "ok"
+        recovered = time.monotonic() - killed_at
+        print(f"served again {recovered:.1f} s after the stub was killed ({restarted.strip()})")
+        assert stub_pids(serve.pid, "clip_image_encoder") not in ([], [stub])
+        assert serve.poll() is None
     finally:
-        server.stop()
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+    assert serve.returncode == 0
+    assert (tmp_path / "server.log").read_text().count("Started GRPCInferenceService") == 2
 
 
 def test_a_build_killed_at_any_moment_leaves_the_previous_repository_servable(tiny_clip_dir, clip_repository, tmp_path):

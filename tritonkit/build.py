@@ -51,6 +51,7 @@ def build(
     staging = staging_dir(out)  # a bad --out fails here, before any slow work
     try:
         progress(f"loading {family} from {model}")
+        spec.check_model_type(model)
         loaded = spec.load(model, trust_remote_code=trust_remote_code)
         onnx_files, reports, exports = {}, [], {}
         key = export_cache.export_key(model, family)

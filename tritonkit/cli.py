@@ -128,6 +128,7 @@ def serve(
     log_file: Annotated[Optional[Path], typer.Option(help="Where tritonserver's log goes.")] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for all models to load.")] = 600,
     cache_mb: Annotated[int, typer.Option(help="Response cache size in MiB (embedding ensembles use it); 0 turns it off.")] = 256,
+    supervise: Annotated[bool, typer.Option(help="Restart tritonserver when a Python-backend process dies (Triton does not).")] = True,
 ):
     """Run tritonserver on a repository in the foreground; Ctrl-C stops it."""
     from tritonkit.repository import list_models
@@ -159,7 +160,10 @@ def serve(
         f"metrics {server.metrics_url} (log: {server.log_file})",
         flush=True,
     )
-    code = server.process.wait()
+    code = server.serve_forever(
+        supervise, stopping=lambda: bool(stopping), report=lambda message: print(f"tritonkit: {message}", flush=True),
+        ready_timeout=ready_timeout,
+    )
     server.stop()
     if stopping:
         raise typer.Exit(0)
@@ -274,6 +278,93 @@ def check(
     print(f"{repository}: {len(report.models)} models checked: {verdict}")
     if not report.ok:
         raise typer.Exit(2)
+
+
+@app.command()
+def k8s(
+    repository: Annotated[Path, typer.Argument(help="Model repository the manifests serve (its configs decide them).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the manifests.")] = Path("k8s"),
+    name: Annotated[str, typer.Option(help="Name of the Deployment, Service and everything else.")] = "tritonkit",
+    namespace: Annotated[Optional[str], typer.Option(help="Namespace (default: kubectl's current one).")] = None,
+    image: Annotated[Optional[str], typer.Option(help="Server image (default: tritonkit-tritonserver:RELEASE, built from the generated Dockerfile).")] = None,
+    triton_release: Annotated[str, typer.Option(help="NGC tritonserver release the image is based on (24.10 = tritonserver 2.51).")] = "24.10",
+    replicas: Annotated[int, typer.Option(help="Replicas (the autoscaler's minimum).")] = 2,
+    max_replicas: Annotated[Optional[int], typer.Option(help="The autoscaler's maximum (default 4 x --replicas).")] = None,
+    gpus_per_replica: Annotated[Optional[int], typer.Option(help="GPUs per replica (default: 1 if the repository has GPU instances, else 0).")] = None,
+    model_store: Annotated[str, typer.Option(help="pvc (a ReadOnlyMany claim mounted at /models) or an s3:// gs:// as:// URL Triton reads itself.")] = "pvc",
+    storage_size: Annotated[str, typer.Option(help="Size of the model volume claim (--model-store pvc).")] = "20Gi",
+    cpu: Annotated[str, typer.Option(help="CPU request and limit per replica.")] = "4",
+    memory: Annotated[str, typer.Option(help="Memory request and limit per replica (see `tritonkit plan`).")] = "16Gi",
+    shm_size: Annotated[Optional[str], typer.Option(help="/dev/shm size (default: 256Mi per Python-backend instance, at least 1Gi).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Ingress host name.")] = None,
+    tls_secret: Annotated[Optional[str], typer.Option(help="TLS secret for the Ingresses (gRPC through ingress-nginx needs TLS).")] = None,
+    target_queue_ms: Annotated[float, typer.Option(help="Autoscaler target: average queue time per request, ms.")] = 50.0,
+    p99_alert_ms: Annotated[float, typer.Option(help="Alert when an ensemble's p99 latency stays above this, ms.")] = 1000.0,
+    error_ratio_alert: Annotated[float, typer.Option(help="Alert when this share of an ensemble's requests fails.")] = 0.05,
+):
+    """Kubernetes manifests, alerts, autoscaling and a Grafana dashboard for serving REPOSITORY."""
+    from tritonkit.k8s import K8sOptions, write_manifests
+
+    options = K8sOptions(
+        name=name, namespace=namespace, image=image, triton_release=triton_release, replicas=replicas,
+        max_replicas=max_replicas, gpus_per_replica=gpus_per_replica, model_store=model_store,
+        storage_size=storage_size, cpu=cpu, memory=memory,
+        shm_size=shm_size, host=host, tls_secret=tls_secret, target_queue_ms=target_queue_ms,
+        p99_alert_ms=p99_alert_ms, error_ratio_alert=error_ratio_alert,
+    )
+    written = write_manifests(repository, out, options)
+    console.print(f"wrote {len(written)} files to {out}: {', '.join(p.name for p in written)}", highlight=False)
+
+
+@app.command()
+def plan(
+    repository: Annotated[Path, typer.Argument(help="Model repository to plan for.")],
+    qps: Annotated[Optional[float], typer.Option(help="Target requests per second (needs --bench).")] = None,
+    bench: Annotated[Optional[Path], typer.Option(help="`tritonkit bench --json` result of one replica on the target hardware.")] = None,
+    gpu_memory_gb: Annotated[float, typer.Option(help="Memory of one GPU.")] = 24.0,
+    gpu_hour_price: Annotated[Optional[float], typer.Option(help="Price of one GPU hour, for the monthly cost.")] = None,
+    utilization: Annotated[float, typer.Option(help="Share of the measured throughput to plan each replica for (headroom).")] = 0.7,
+    max_p99_ms: Annotated[Optional[float], typer.Option(help="Only count bench levels whose p99 latency is within this.")] = None,
+    overhead_mb: Annotated[float, typer.Option(help="Fixed memory per instance (Python-backend stub, CUDA context).")] = 300.0,
+    dim: Annotated[Optional[list[str]], typer.Option(help="Size of a symbolic graph dim, NAME=SIZE (repeatable).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON.")] = None,
+):
+    """Memory per model instance, GPUs per replica, replicas for --qps and the monthly cost."""
+    from rich.table import Table
+
+    from tritonkit.plan import make_plan, mib
+
+    dims = {}
+    for item in dim or []:
+        name, _, size = item.partition("=")
+        if not name or not size.isdigit():
+            raise InputError(f"--dim {item!r}: use NAME=SIZE, e.g. --dim PAST_KEYS_dim3=447")
+        dims[name] = int(size)
+    result = make_plan(repository, qps=qps, bench=bench, gpu_memory_gb=gpu_memory_gb, gpu_hour_price=gpu_hour_price,
+                       utilization=utilization, max_p99_ms=max_p99_ms, overhead_mb=overhead_mb, dims=dims)
+    table = Table(title=f"memory per instance ({repository})")
+    for column in ("model", "instances", "max batch", "weights MiB", "workspace MiB", "overhead MiB", "per instance MiB",
+                   f"fit one {gpu_memory_gb:g} GB GPU"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for m in result.models:
+        table.add_row(m.name, str(m.instances), str(m.max_batch_size), mib(m.weight_bytes), mib(m.workspace_bytes),
+                      mib(m.overhead_bytes), mib(m.bytes_per_instance), str(result.instances_per_gpu.get(m.name, "-")))
+    Console(width=max(Console().width, 150)).print(table)
+    lines = [f"one replica: {mib(result.replica_bytes)} MiB -> {result.gpus_per_replica} GPU(s) of {gpu_memory_gb:g} GB"]
+    if result.throughput:
+        t = result.throughput
+        lines.append(f"measured: {t.model} {t.requests_per_s:.1f} req/s per replica (concurrency {t.concurrency}, p99 {t.p99_ms:.0f} ms)")
+    if result.replicas:
+        lines.append(f"replicas for {result.qps:g} req/s at {result.utilization:.0%} utilisation: {result.replicas}")
+    if result.monthly_cost is not None:
+        lines.append(f"monthly cost: {result.replicas} x {result.gpus_per_replica} GPU x {result.gpu_hour_price:g}/h x 730 h "
+                     f"= {result.monthly_cost:,.2f}")
+    for line in lines:
+        print(line)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
 
 
 @app.command()

@@ -51,4 +51,20 @@ class InferenceError(TritonkitError):
 
 
 class InputError(TritonkitError):
-    """One request's input is invalid; it fails alone, never its batch mates."""
+    """One request's input is invalid; it fails alone, never its batch mates.
+
+    `reason` is a short fixed word (one of REJECT_REASONS) that labels the served models'
+    rejected-inputs counter, so dashboards can group rejections without parsing messages.
+    """
+
+    def __init__(self, message: str, *, reason: str = "invalid", hint: str | None = None, log_path: str | None = None):
+        super().__init__(message, hint=hint, log_path=log_path)
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
+        self.reason = reason
+
+
+REJECT_REASONS = (
+    "invalid", "empty", "too_large", "too_long", "undecodable", "unsupported_format", "decompression_bomb",
+    "bad_text", "bad_option",
+)

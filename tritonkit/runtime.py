@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import traceback
 from pathlib import Path
 from typing import Mapping
@@ -20,6 +21,7 @@ import numpy as np
 
 from tritonkit.dtypes import numpy_dtype
 from tritonkit.errors import InputError
+from tritonkit.model_metrics import ModelMetrics
 
 LOGGER = logging.getLogger("tritonkit.runtime")
 # `run` may return this key: an object array with one entry per row, None or the message of a row
@@ -52,12 +54,23 @@ def string_rows(array: np.ndarray, tensor: str) -> list[str]:
         try:
             texts.append(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise InputError(f"{tensor}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            raise InputError(f"{tensor}: not valid UTF-8 text ({exc.reason} at byte {exc.start})", reason="bad_text") from None
     return texts
+
+
+def encoded_size(array: np.ndarray) -> int | None:
+    """Bytes of an encoded input (UINT8 rows or strings); None for numeric tensors."""
+    if array.dtype == np.uint8:
+        return int(array.nbytes)
+    if array.dtype == object:
+        return sum(len(item) if isinstance(item, (bytes, str)) else 0 for item in array.reshape(-1))
+    return None
 
 
 class BatchedModel:
     """Base of tritonkit's `TritonPythonModel` classes."""
+
+    metrics_role = ""  # "preprocess" or "decoder": which of tritonkit.model_metrics this model reports
 
     def initialize(self, args: dict) -> None:
         self.model_config = json.loads(args["model_config"])
@@ -66,6 +79,7 @@ class BatchedModel:
         self.parameters = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
         self.input_names = [i["name"] for i in self.model_config["input"]]
         self.output_dtypes = {o["name"]: numpy_dtype(o["data_type"]) for o in self.model_config["output"]}
+        self.metrics = ModelMetrics(self.model_name, self.metrics_role)
         self.setup()
 
     def setup(self) -> None:
@@ -88,23 +102,33 @@ class BatchedModel:
 
         responses: list = [None] * len(requests)
         prepared: list[tuple[int, dict[str, np.ndarray]]] = []
+        seconds = [0.0] * len(requests)  # per request: its own decoding plus its share of the batch
+        sizes: list[dict[str, int]] = [{} for _ in requests]
         for index, request in enumerate(requests):
+            began = time.perf_counter()
             try:
                 inputs = {}
                 for name in self.input_names:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     if tensor is not None:
                         inputs[name] = tensor.as_numpy()
+                first = inputs.get(self.input_names[0])
+                size = encoded_size(first) if first is not None else None
+                if size is not None:
+                    sizes[index][self.input_names[0]] = size
                 prepared.append((index, self.prepare(inputs)))
             except InputError as exc:
+                self.metrics.rejected(exc.reason)
                 responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
             except Exception as exc:  # a bug must not take the batch down either
                 LOGGER.error("%s: unexpected error preparing a request:\n%s", self.model_name, traceback.format_exc())
                 responses[index] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"{self.model_name}: internal error: {exc}")
                 )
+            seconds[index] = time.perf_counter() - began
         if prepared:
             counts = [len(next(iter(rows.values()))) for _, rows in prepared]
+            began = time.perf_counter()
             try:
                 outputs = self.run(concat_rows([rows for _, rows in prepared]))
                 per_request = split_rows(outputs, counts)
@@ -112,10 +136,14 @@ class BatchedModel:
                 LOGGER.error("%s: batch failed:\n%s", self.model_name, traceback.format_exc())
                 error = pb_utils.TritonError(f"{self.model_name}: {exc}")
                 per_request = [error] * len(prepared)
+            batch_seconds = time.perf_counter() - began
+            for (index, rows), count in zip(prepared, counts):
+                seconds[index] += batch_seconds * count / sum(counts)
             for (index, rows), result in zip(prepared, per_request):
                 if isinstance(result, dict) and ROW_ERRORS in result:
                     failed = [e for e in result.pop(ROW_ERRORS) if e is not None]
                     if failed:
+                        self.metrics.rejected(getattr(failed[0], "reason", "invalid"))
                         result = pb_utils.TritonError(str(failed[0]))
                 if isinstance(result, dict):
                     try:
@@ -131,7 +159,9 @@ class BatchedModel:
                     responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
                 else:
                     responses[index] = pb_utils.InferenceResponse(error=result)
+        for index in range(len(requests)):
+            self.metrics.preprocessed(seconds[index], sizes[index])
         return responses
 
     def finalize(self) -> None:
-        pass
+        self.metrics.close()

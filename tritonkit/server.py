@@ -19,12 +19,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tritonkit.errors import ServerError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}
 EXIT_TIMEOUT_S = 30
+# After a stub died the server is broken anyway: in-flight requests get this long, then it is killed.
+RESTART_GRACE_S = 5
+SUPERVISE_POLL_S = 1.0
 _ERROR_LINE = re.compile(r"^E\d{4} |failed to load|error:|UNAVAILABLE", re.IGNORECASE)
 # What a CPU-only machine always logs; not the reason anything failed.
 _BENIGN = re.compile(r"CudaDriverHelper|unable to create stream|CUDA driver|NVML|DCGM", re.IGNORECASE)
@@ -145,6 +149,7 @@ class TritonServer:
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = field(default=None, init=False)
+    restarts: int = field(default=0, init=False)
 
     @property
     def grpc_url(self) -> str:
@@ -184,12 +189,25 @@ class TritonServer:
             args.append("--backend-config=dali,release_after_unload=true")  # frees DALI's GPU memory on unload
         return args + list(self.extra_args)
 
-    def start(self) -> "TritonServer":
+    def stub_pids(self) -> set[int]:
+        """The Python-backend stub processes of this server (one per model instance)."""
+        if self.process is None:
+            return set()
+        stubs = set()
+        for pid in process_tree_rss(self.process.pid):
+            try:
+                if b"triton_python_backend_stub" in (Path("/proc") / str(pid) / "cmdline").read_bytes():
+                    stubs.add(pid)
+            except OSError:
+                continue
+        return stubs
+
+    def start(self, check_ports: bool = True) -> "TritonServer":
         repository = Path(self.repository)
         if not repository.is_dir():
             raise ServerError(f"{repository}: no such model repository directory")
         for name, port in (("grpc", self.grpc_port), ("http", self.http_port), ("metrics", self.metrics_port)):
-            if not port_is_free(self.host, port):
+            if check_ports and not port_is_free(self.host, port):
                 raise ServerError(f"port {port} on {self.host} is already in use", hint=f"pass --{name}-port with a free port")
         installation = find_tritonserver()
         if installation.backend_source is not None:  # the wheel's server: it has the Python backend only
@@ -204,7 +222,7 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="tritonkit-server-"))
         if self.log_file is None:
             self.log_file = self._workdir / "tritonserver.log"
-        self._log = open(self.log_file, "wb")
+        self._log = open(self.log_file, "wb" if check_ports else "ab")  # a restart keeps the earlier log
         self.process = subprocess.Popen(
             self.command(installation, self._workdir),
             stdout=self._log,
@@ -261,11 +279,56 @@ class TritonServer:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                pass
+        self._kill_leftovers()
         self._log.close()
         shutil.rmtree(self._workdir / "backends", ignore_errors=True)
         return self.process.returncode
+
+    def _kill_leftovers(self) -> None:
+        """SIGKILL whatever is left of the server's session (it, or stubs a killed server orphaned)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait()
+
+    def serve_forever(
+        self, supervise: bool = True, stopping: Callable[[], bool] = lambda: False,
+        report: Callable[[str], None] = lambda message: None, ready_timeout: float = 600,
+    ) -> int:
+        """Wait for the server to exit; with `supervise`, restart it when a Python-backend stub dies.
+
+        Triton 2.51 does not restart a killed stub: its model would fail every request from then on,
+        while the readiness endpoint still answers 200. So the stub processes are watched directly,
+        and a lost one restarts the whole server on the same ports (model control mode stays none).
+        """
+        stubs = self.stub_pids()
+        while True:
+            try:
+                return self.process.wait(timeout=SUPERVISE_POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            if not supervise or stopping() or not stubs:
+                continue
+            lost = stubs - self.stub_pids()
+            if not lost:
+                continue
+            lost_at = time.monotonic()
+            report(f"a Python-backend process died (pid {', '.join(map(str, sorted(lost)))}); restarting tritonserver")
+            self.stop(timeout=RESTART_GRACE_S)
+            if stopping():
+                return self.process.returncode
+            self.start(check_ports=False)
+            try:
+                self.wait_until_ready(ready_timeout)
+            except ServerError:
+                if stopping():  # SIGTERM during the restart
+                    return self.process.returncode
+                raise
+            self.restarts += 1
+            report(f"tritonserver restarted: serving again {time.monotonic() - lost_at:.1f} s after the process died")
+            stubs = self.stub_pids()
 
     def __enter__(self) -> "TritonServer":
         return self.start().wait_until_ready()

@@ -165,22 +165,23 @@ class DecodeOptions:
         """The options with the language as a code ("French" -> "fr"); InputError if unusable."""
         task = (self.task or "transcribe").strip().lower()
         if task not in ("transcribe", "translate"):
-            raise InputError(f"TASK: {self.task!r} is not one of transcribe, translate")
+            raise InputError(f"TASK: {self.task!r} is not one of transcribe, translate", reason="bad_option")
         language = (self.language or "").strip().lower() or None
         if language is not None:
             language = settings.language_names.get(language, language)
         if not settings.multilingual:
             if task == "translate":
-                raise InputError("TASK: translate needs a multilingual model; this one is English-only")
+                raise InputError("TASK: translate needs a multilingual model; this one is English-only", reason="bad_option")
             if language not in (None, "en", "english"):
-                raise InputError(f"LANGUAGE: {self.language!r} is not available; this model is English-only")
+                raise InputError(f"LANGUAGE: {self.language!r} is not available; this model is English-only", reason="bad_option")
             language = None
         elif language is not None and language not in settings.language_tokens:
             raise InputError(
-                f"LANGUAGE: unknown language {self.language!r}; use a code such as en, fr, de or a name such as french"
+                f"LANGUAGE: unknown language {self.language!r}; use a code such as en, fr, de or a name such as french",
+                reason="bad_option",
             )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise InputError(f"MAX_NEW_TOKENS: must be >= 1, got {self.max_new_tokens}")
+            raise InputError(f"MAX_NEW_TOKENS: must be >= 1, got {self.max_new_tokens}", reason="bad_option")
         return DecodeOptions(language, task, self.max_new_tokens)
 
     def to_json(self) -> str:
@@ -205,6 +206,7 @@ class GreedyDecoder:
         self.begin_suppress[[t for t in settings.begin_suppress_tokens if t < vocab]] = True
         past_shape = step_session.get_inputs()[1].shape  # [B, layers, heads, past, head_dim]
         self.cache_shape = tuple(int(d) for d in past_shape[1:3]) + (0, int(past_shape[4]))
+        self.steps_per_window: list[int] = []  # decoder steps each window of the last `decode` took (metrics)
 
     def _run(self, ids, past_keys, past_values, cross_keys, cross_values):
         return self.step.run(
@@ -256,6 +258,7 @@ class GreedyDecoder:
             for p, o in zip(prompts, options)
         ]
         results: list[list[int]] = [[] for _ in range(count)]
+        self.steps_per_window = [0] * count
         # Rows with prompts of one length start together (all rows, unless options differ).
         by_length: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
@@ -273,6 +276,8 @@ class GreedyDecoder:
         first = True
         while len(active):
             logits, keys, values = self._run(ids, keys, values, ck, cv)
+            for row in active:
+                self.steps_per_window[row] += 1
             logits[:, self.begin_suppress if first else self.suppress] = -np.inf
             first = False
             next_tokens = logits.argmax(axis=1)

@@ -61,6 +61,9 @@ class Stage:
 
 
 TARGETS = ("cpu", "gpu")
+# A stage's parameter naming worst-case values of its graphs' symbolic dims (JSON {dim: size});
+# `tritonkit plan` sizes activation memory with them (the batch dim is the max batch size).
+PLAN_DIMS_PARAMETER = "tritonkit_plan_dims"
 PREPROCESSING = ("dali", "python")
 ENGINES = ("onnxruntime", "onnxruntime-trt", "tensorrt")
 
@@ -139,12 +142,34 @@ class FamilySpec:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # transformers `model_type`s this family builds (config.json); another fails before loading.
+    model_types: ClassVar[tuple[str, ...]] = ()
     # Default batching per stage role; the CLI may override fields for every stage.
     batching: ClassVar[Mapping[str, Batching]] = {}
 
     def load(self, source: str, *, trust_remote_code: bool = False) -> Any:
         """Load the PyTorch model and its processors from a Hub id or local directory."""
         raise NotImplementedError
+
+    def check_model_type(self, source: str) -> None:
+        """A local model of another family fails with its name, not deep inside transformers."""
+        import json
+
+        from tritonkit.errors import ModelSourceError
+
+        config = Path(source).expanduser() / "config.json"
+        if not self.model_types or not config.is_file():
+            return
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return  # the loader reports an unreadable config
+        if model_type and model_type not in self.model_types:
+            owner = next((n for n, s in _REGISTRY.items() if model_type in s.model_types), None)
+            raise ModelSourceError(
+                f"--model {source} is a {model_type!r} model, not {self.name}",
+                hint=f"build it with `tritonkit build {owner}`" if owner else f"{self.name} builds {', '.join(self.model_types)} models",
+            )
 
     def exports(self, loaded: Any) -> list[OnnxExport]:
         raise NotImplementedError

@@ -101,6 +101,7 @@ def _text_tower(model):
 @register
 class ClipSpec(FamilySpec):
     name = "clip"
+    model_types = ("clip",)
     description = "CLIP image and text towers -> ensembles NAME_image and NAME_text"
     tolerance = Tolerance(max_abs=1e-4, min_cosine=0.9999)
     batching: Mapping[str, Batching] = {

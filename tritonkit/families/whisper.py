@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -11,6 +13,7 @@ import numpy as np
 from tritonkit.preprocessing.audio import SAMPLE_RATE, WINDOW_SECONDS
 from tritonkit.errors import ExportError
 from tritonkit.families.base import (
+    PLAN_DIMS_PARAMETER,
     BuildOptions,
     FamilySpec,
     OnnxExport,
@@ -59,6 +62,7 @@ class LoadedWhisper:
 @register
 class WhisperSpec(FamilySpec):
     name = "whisper"
+    model_types = ("whisper",)
     description = "Whisper speech recognition -> ensemble NAME (AUDIO bytes in, TEXT out)"
     encoder_tolerance = Tolerance(max_abs=2e-3, min_cosine=0.9999)
     decoder_tolerance = Tolerance(max_abs=5e-3, min_cosine=0.9999)
@@ -323,7 +327,13 @@ class WhisperSpec(FamilySpec):
                     (t[INPUT_FEATURES],), self.stage_batching("log_mel"), options, workdir,
                 )
             )
-        decoder_parameters = {"decode_settings": settings, "tokenizer_dir": "tokenizer"}
+        longest = loaded.config.max_target_positions
+        decoder_parameters = {
+            "decode_settings": settings,
+            "tokenizer_dir": "tokenizer",
+            # the step graph's sequence dims at their largest, for `tritonkit plan`'s memory estimate
+            PLAN_DIMS_PARAMETER: json.dumps({"INPUT_IDS_dim1": 1, "PAST_KEYS_dim3": longest - 1, "PAST_VALUES_dim3": longest - 1}),
+        }
         if options.gpu:
             decoder_parameters["providers"] = "CUDAExecutionProvider,CPUExecutionProvider"
         stages += [

@@ -62,23 +62,23 @@ def decode_audio(data: bytes, recipe: AudioRecipe) -> np.ndarray:
     import soundfile
 
     if len(data) == 0:
-        raise InputError("AUDIO: empty input (0 bytes)")
+        raise InputError("AUDIO: empty input (0 bytes)", reason="empty")
     if len(data) > recipe.max_bytes:
-        raise InputError(f"AUDIO: {len(data)} bytes exceeds the {recipe.max_bytes} byte limit")
+        raise InputError(f"AUDIO: {len(data)} bytes exceeds the {recipe.max_bytes} byte limit", reason="too_large")
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as sound:
             seconds = sound.frames / sound.samplerate if sound.samplerate else 0
             if seconds > recipe.max_seconds:
-                raise InputError(f"AUDIO: {seconds:.0f} s exceeds the {recipe.max_seconds:.0f} s limit")
+                raise InputError(f"AUDIO: {seconds:.0f} s exceeds the {recipe.max_seconds:.0f} s limit", reason="too_long")
             samples = sound.read(dtype="float32", always_2d=True)
             rate = sound.samplerate
     except InputError:
         raise
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         reason = str(exc).strip().split(": ")[-1] or type(exc).__name__  # drop "Error opening <BytesIO ...>"
-        raise InputError(f"AUDIO: not a decodable audio file ({reason})") from None
+        raise InputError(f"AUDIO: not a decodable audio file ({reason})", reason="undecodable") from None
     if samples.shape[0] == 0:
-        raise InputError("AUDIO: the file holds no samples")
+        raise InputError("AUDIO: the file holds no samples", reason="empty")
     mono = samples.mean(axis=1, dtype=np.float32)
     return resample(mono, rate)
 

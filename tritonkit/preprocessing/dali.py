@@ -210,7 +210,7 @@ def image_pixels(recipe: ImageRecipe, files: Sequence[bytes]) -> np.ndarray:
     results = runner.run({"IMAGE": checked})
     for result in results:
         if isinstance(result, RowFailed):
-            raise InputError(f"IMAGE: not decodable ({result})")
+            raise InputError(f"IMAGE: not decodable ({result})", reason="undecodable")
     return np.stack([result[0] for result in results])
 
 

@@ -120,25 +120,31 @@ class ImageRecipe:
 def inspect_image(data: bytes, recipe: ImageRecipe) -> Image.Image:
     """Check the size limits and the format from the header alone (nothing is decoded yet)."""
     if len(data) == 0:
-        raise InputError("IMAGE: empty input (0 bytes)")
+        raise InputError("IMAGE: empty input (0 bytes)", reason="empty")
     if len(data) > recipe.max_bytes:
-        raise InputError(f"IMAGE: {len(data)} bytes exceeds the {recipe.max_bytes} byte limit")
+        raise InputError(f"IMAGE: {len(data)} bytes exceeds the {recipe.max_bytes} byte limit", reason="too_large")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise InputError("IMAGE: not a decodable image (unknown format)") from None
+        raise InputError("IMAGE: not a decodable image (unknown format)", reason="undecodable") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"IMAGE: rejected as a decompression bomb ({exc})") from None
+        raise InputError(f"IMAGE: rejected as a decompression bomb ({exc})", reason="decompression_bomb") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"IMAGE: not a decodable image ({exc})") from None
+        raise InputError(f"IMAGE: not a decodable image ({exc})", reason="undecodable") from None
     fmt = _FORMAT_ALIASES.get((image.format or "").lower(), (image.format or "").lower())
     if fmt not in recipe.formats:
-        raise InputError(f"IMAGE: {fmt or 'unknown'} images are not accepted (accepted: {', '.join(recipe.formats)})")
+        raise InputError(
+            f"IMAGE: {fmt or 'unknown'} images are not accepted (accepted: {', '.join(recipe.formats)})",
+            reason="unsupported_format",
+        )
     width, height = image.size
     if width * height > recipe.max_pixels:
-        raise InputError(f"IMAGE: {width}x{height} = {width * height} pixels exceeds the {recipe.max_pixels} pixel limit")
+        raise InputError(
+            f"IMAGE: {width}x{height} = {width * height} pixels exceeds the {recipe.max_pixels} pixel limit",
+            reason="too_large",
+        )
     return image
 
 
@@ -152,9 +158,9 @@ def decode_image(data: bytes, recipe: ImageRecipe) -> Image.Image:
             if recipe.exif_orientation:
                 image = ImageOps.exif_transpose(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"IMAGE: rejected as a decompression bomb ({exc})") from None
+        raise InputError(f"IMAGE: rejected as a decompression bomb ({exc})", reason="decompression_bomb") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"IMAGE: not a decodable image ({exc})") from None
+        raise InputError(f"IMAGE: not a decodable image ({exc})", reason="undecodable") from None
     return to_rgb(image)
 
 

@@ -1,0 +1,263 @@
+"""`tritonkit k8s`: manifests checked against the Kubernetes and prometheus-operator schemas offline,
+every PromQL expression through promtool, and the expressions evaluated by a real Prometheus
+scraping a real tritonserver."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import encode_image, random_image
+from tritonkit import promql
+from tritonkit.k8s import K8sOptions, RepositoryFacts, manifests
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBERNETES_VERSION = "1.30"
+# What the checked-in k8s/ folder was generated with (README, docs/DEPLOY.md).
+CHECKED_IN_ARGS: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def demo_repository(clip_repository, whisper_repository, tmp_path_factory) -> Path:
+    """The README demo's repository: the CLIP and Whisper builds side by side."""
+    out = tmp_path_factory.mktemp("demo") / "model_repository"
+    for source in (clip_repository, whisper_repository):
+        for model in source.iterdir():
+            if (model / "config.pbtxt").is_file():
+                shutil.copytree(model, out / model.name, ignore=shutil.ignore_patterns("__pycache__"))
+    return out
+
+
+def documents(files) -> list[dict]:
+    return [doc for f in files if f.path.endswith(".yaml") and f.path != "prometheus-adapter-rules.yaml"
+            for doc in yaml.safe_load_all(f.text) if doc]
+
+
+def validate(resource: dict) -> None:
+    """Built-in kinds against Kubernetes' OpenAPI schemas; prometheus-operator kinds against the
+    models generated from its CRDs (unknown fields must not be dropped silently)."""
+    if resource["apiVersion"].startswith("monitoring.coreos.com/"):
+        from cloudcoil.models.prometheus_operator import v1
+
+        model = getattr(v1, resource["kind"]).model_validate(resource)
+        assert model.model_dump(by_alias=True, exclude_none=True, mode="json") == resource
+    elif resource["apiVersion"].startswith("kustomize.config.k8s.io/"):
+        assert set(resource) == {"apiVersion", "kind", "resources"} | ({"namespace"} & set(resource))
+    else:
+        import kubernetes_validate
+
+        kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        K8sOptions(),
+        K8sOptions(name="speech", namespace="ml", replicas=3, gpus_per_replica=2, model_store="s3://bucket/models",
+                   host="infer.example.com", tls_secret="infer-tls", image="registry.local/tk:1"),
+    ],
+    ids=["defaults", "gpu-s3-tls"],
+)
+def test_every_manifest_validates_against_the_schemas(demo_repository, options):
+    files = manifests(demo_repository, options)
+    resources = documents(files)
+    kinds = sorted(r["kind"] for r in resources)
+    expected = ["Deployment", "HorizontalPodAutoscaler", "Ingress", "Ingress", "Kustomization", "PodDisruptionBudget",
+                "PrometheusRule", "Service", "ServiceMonitor"]
+    if options.model_store == "pvc":
+        expected.append("PersistentVolumeClaim")
+    assert kinds == sorted(expected)
+    for resource in resources:
+        validate(resource)
+    kustomization = next(r for r in resources if r["kind"] == "Kustomization")
+    assert sorted(kustomization["resources"]) == sorted(
+        f.path for f in files if f.path.endswith(".yaml") and f.path not in ("kustomization.yaml", "prometheus-adapter-rules.yaml")
+    )
+
+
+def test_a_schema_violation_is_caught(demo_repository):
+    import kubernetes_validate
+
+    deployment = documents(manifests(demo_repository))[0]
+    deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limit"] = {}  # typo of "limits"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(deployment)
+
+
+def test_deployment_follows_the_repository_and_options(demo_repository):
+    facts = RepositoryFacts.read(demo_repository)
+    assert facts.ensembles == ("clip_image", "clip_text", "whisper")
+    assert not facts.needs_gpu and facts.python_instances == 8
+
+    def deployment(**options):
+        return next(d for d in documents(manifests(demo_repository, K8sOptions(**options))) if d["kind"] == "Deployment")
+
+    pod = deployment()["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"][0] == "tritonserver" and "--model-repository=/models" in container["args"]
+    assert "--model-control-mode=none" in container["args"]
+    assert "--metrics-config=summary_latencies=true" in container["args"]
+    assert f"--cache-config=local,size={256 * 1024 * 1024}" in container["args"]  # the CLIP ensembles use the cache
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"] == {"medium": "Memory", "sizeLimit": "2048Mi"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert {p: container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {
+        "startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready", "livenessProbe": "/v2/health/live"}
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+
+    gpu = deployment(gpus_per_replica=2, model_store="gs://bucket/repo")["spec"]["template"]["spec"]
+    assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert "--model-repository=gs://bucket/repo" in gpu["containers"][0]["args"]
+    assert not any("persistentVolumeClaim" in v for v in gpu["volumes"])
+    assert gpu["containers"][0]["envFrom"] == [{"secretRef": {"name": "tritonkit-storage-credentials", "optional": True}}]
+
+
+def test_ingress_routes_each_ensemble_and_allows_large_slow_requests(demo_repository):
+    http, grpc = [d for d in documents(manifests(demo_repository)) if d["kind"] == "Ingress"]
+    paths = [p["path"] for p in http["spec"]["rules"][0]["http"]["paths"]]
+    assert paths == ["/v2/models/clip_image", "/v2/models/clip_text", "/v2/models/whisper", "/v2/health"]
+    for ingress in (http, grpc):
+        annotations = ingress["metadata"]["annotations"]
+        assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == "100m"
+        assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "300"
+    assert grpc["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+
+
+def test_autoscaler_targets_the_metric_the_adapter_rule_defines(demo_repository):
+    files = {f.path: f.text for f in manifests(demo_repository, K8sOptions(target_queue_ms=20))}
+    hpa = yaml.safe_load(files["hpa.yaml"])
+    adapter = yaml.safe_load(files["prometheus-adapter-rules.yaml"])
+    (rule,) = adapter["rules"]["custom"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == rule["name"]["as"] == promql.QUEUE_METRIC
+    assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "20000"  # microseconds
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool is missing: scripts/setup.sh installs it (apt-get install prometheus)")
+    return path
+
+
+def test_every_promql_expression_parses_with_promtool(demo_repository, tmp_path):
+    files = {f.path: f.text for f in manifests(demo_repository)}
+    rule = yaml.safe_load(files["prometheusrule.yaml"])
+    (tmp_path / "alerts.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    facts = RepositoryFacts.read(demo_repository)
+    recorded = [{"record": f"tritonkit:check_{i}", "expr": expr}
+                for i, (_, expr) in enumerate(promql.expressions("tritonkit", facts.models, facts.steps))]
+    dashboard = json.loads(files["grafana-dashboard.json"])
+    recorded += [{"record": f"tritonkit:panel_{p['id']}", "expr": p["targets"][0]["expr"]} for p in dashboard["panels"]]
+    (tmp_path / "expressions.yaml").write_text(yaml.safe_dump({"groups": [{"name": "check", "rules": recorded}]}))
+    result = subprocess.run([promtool(), "check", "rules", str(tmp_path / "alerts.yaml"), str(tmp_path / "expressions.yaml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rule['spec']['groups'][0]['rules'])} rules found" in result.stdout
+    # and a broken expression is rejected, so the check has teeth
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump({"groups": [{"name": "b", "rules": [
+        {"record": "x", "expr": "sum by (model) (rate(nv_inference_count[5m])"}]}]}))
+    broken = subprocess.run([promtool(), "check", "rules", str(tmp_path / "broken.yaml")], capture_output=True, text=True)
+    assert broken.returncode != 0
+
+
+def test_checked_in_k8s_folder_is_what_the_generator_writes_for_the_demo_repository(demo_repository, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tritonkit.cli", "k8s", str(demo_repository), "--out", str(tmp_path),
+                             *CHECKED_IN_ARGS], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    generated = sorted(p.name for p in tmp_path.iterdir())
+    for name in generated:
+        assert (ROOT / "k8s" / name).read_text() == (tmp_path / name).read_text(), (
+            f"k8s/{name} is stale: regenerate with `tritonkit k8s demo/model_repository --out k8s`"
+        )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--name", "Bad_Name"], "--name 'Bad_Name': use lower-case letters"),
+        (["--model-store", "ftp://x"], "--model-store 'ftp://x': use 'pvc' or a URL"),
+        (["--replicas", "0"], "--replicas must be >= 1"),
+    ],
+)
+def test_bad_options_fail_with_one_line(demo_repository, tmp_path, args, message):
+    result = subprocess.run([sys.executable, "-m", "tritonkit.cli", "k8s", str(demo_repository), "--out", str(tmp_path),
+                             *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+# -- the expressions against real data ------------------------------------------------------------
+def query(prometheus_url: str, expr: str) -> list:
+    url = f"{prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    answer = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+@pytest.mark.server
+def test_a_real_prometheus_scraping_tritonserver_answers_the_dashboard_and_alerts(clip_repository, tmp_path):
+    from tests.conftest import free_port, start_server
+    from tritonkit.client import TritonkitClient, pack_byte_rows
+    from tritonkit.errors import InferenceError
+
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.fail("prometheus is missing: scripts/setup.sh installs it (apt-get install prometheus)")
+    server = start_server(clip_repository, response_cache_bytes=16 * 2**20,
+                          extra_args=["--metrics-config=summary_latencies=true"])
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "tritonkit", "static_configs": [{"targets": [f"127.0.0.1:{server.metrics_port}"]}]}],
+    }))
+    scraper = subprocess.Popen(
+        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        image = encode_image(random_image(64, 64, seed=1), "JPEG")
+        began = time.monotonic()
+        with TritonkitClient(server.grpc_url) as client:
+            while time.monotonic() - began < 12:  # traffic across several scrapes
+                client.embed_images([image, encode_image(random_image(64, 64, seed=int(time.monotonic() * 1000)), "PNG")])
+                client.embed_texts(["a cat"])
+                with pytest.raises(InferenceError):
+                    client.infer("clip_image", {"IMAGE": pack_byte_rows([b"%PDF-1.4 not an image"])})
+                time.sleep(0.2)
+        time.sleep(3)  # the last scrapes
+        facts = RepositoryFacts.read(clip_repository)
+        no_data = {"GPU utilisation", "GPU memory used", "Tokens generated per second (tritonkit)"}  # no GPU, no decoder
+        for title, expr, _, _ in promql.dashboard_panels(facts.models, facts.steps):
+            result = query(url, expr)
+            assert (not result) if title in no_data else result, f"{title}: {expr} -> {result}"
+            if title == "Response cache hit ratio":
+                assert max(float(r["value"][1]) for r in result) > 0.5  # the same JPEG again and again
+        rules = {(r["alert"], r["labels"].get("model")): r["expr"] for r in
+                 promql.alert_group("tritonkit", (*facts.models, "not_served"), facts.steps, p99_ms=0,
+                                    error_ratio_limit=0.01)["rules"]}
+        assert {r["metric"]["model"] for r in query(url, rules["TritonkitP99LatencyHigh", None])} == {"clip_image", "clip_text"}
+        firing = {r["metric"]["model"] for r in query(url, rules["TritonkitErrorRatioHigh", None])}
+        assert firing == {"clip_image"}  # the PDFs; clip_text has no failures
+        assert not query(url, rules["TritonkitReplicaDown", None])
+        assert not query(url, rules["TritonkitModelNotReady", "clip_image"])
+        assert query(url, rules["TritonkitModelNotReady", "not_served"])
+        adapter = promql.adapter_values()["rules"]["custom"][0]["metricsQuery"]
+        per_pod = adapter.replace("<<.LabelMatchers>>", 'job="tritonkit"').replace("<<.GroupBy>>", "instance")
+        assert np.isfinite(float(query(url, per_pod)[0]["value"][1]))
+    finally:
+        scraper.terminate()
+        scraper.wait(timeout=30)
+        server.stop()

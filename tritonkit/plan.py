@@ -1,0 +1,260 @@
+"""Capacity planning: memory per model instance, GPUs per replica, replicas for a target rate, cost.
+
+Memory of one instance = its weights (the graph's initializers, so at the precision the build
+chose; other files at their size) + the activation workspace at the max batch size + a fixed
+per-instance overhead (a Python-backend stub, a CUDA context). The workspace is the peak of the
+bytes of intermediate tensors alive at once when the graph's nodes run in order, each tensor freed
+after its last consumer: what an allocator that reuses memory perfectly needs. Symbolic dims are
+bound to the max batch size ("batch") or to the worst case the build recorded in the model's
+`tritonkit_plan_dims` parameter; any other dim counts as 1 and is reported.
+
+Replicas come from a `tritonkit bench` result measured on one replica of the target hardware.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tritonkit.errors import InputError
+from tritonkit.families.base import PLAN_DIMS_PARAMETER
+from tritonkit.repository import read_repository
+
+HOURS_PER_MONTH = 730
+BATCH_DIM = "batch"
+# Files in a version directory that are not loaded by the model.
+NOT_LOADED = {"model.py", "export_report.json", "accuracy_report.json", "builder.log", "reproduce.sh"}
+
+
+@dataclass(frozen=True)
+class GraphMemory:
+    file: str
+    weight_bytes: int
+    workspace_bytes: int
+    unsized_tensors: int  # intermediate tensors whose shape could not be inferred (not counted)
+    assumed_dims: tuple[str, ...]  # symbolic dims nobody gave a size: counted as 1
+
+
+def _dtype_size(elem_type: int) -> int:
+    from onnx import helper
+
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+
+
+def _initializer_bytes(tensor) -> int:
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    return int(np.prod(tensor.dims, dtype=np.int64)) * _dtype_size(tensor.data_type)
+
+
+def graph_memory(path: Path, dims: dict[str, int]) -> GraphMemory:
+    """Weights and the peak activation bytes of an ONNX graph with `dims` bound."""
+    import onnx
+
+    model = onnx.load(str(path))
+    weights = sum(_initializer_bytes(t) for t in model.graph.initializer)
+    assumed = set()
+    initializer_names = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializer_names:
+            continue
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                size = dims.get(dim.dim_param)
+                if size is None:
+                    assumed.add(dim.dim_param)
+                    size = 1
+                dim.ClearField("dim_param")
+                dim.dim_value = size
+    for value in model.graph.output:  # let inference fill the outputs from the bound inputs
+        value.type.tensor_type.ClearField("shape")
+    try:  # ONNX Runtime's symbolic inference resolves far more than onnx's (Reshape of computed shapes)
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    except Exception:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    sizes: dict[str, int | None] = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        shape = value.type.tensor_type.shape
+        known = value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape.dim)
+        sizes[value.name] = (
+            int(np.prod([d.dim_value for d in shape.dim], dtype=np.int64)) * _dtype_size(value.type.tensor_type.elem_type)
+            if known else None
+        )
+    nodes = list(inferred.graph.node)
+    last_use: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for name in node.input:
+            last_use[name] = index
+    outputs = {o.name for o in inferred.graph.output}
+    live = {v.name for v in inferred.graph.input if v.name not in initializer_names}
+    unsized = {name for name in live if sizes.get(name) is None}
+
+    def live_bytes() -> int:
+        return sum(sizes.get(name) or 0 for name in live)
+
+    peak = live_bytes()
+    for index, node in enumerate(nodes):
+        for name in node.output:
+            if name:
+                live.add(name)
+                if sizes.get(name) is None:
+                    unsized.add(name)
+        peak = max(peak, live_bytes())
+        for name in node.input:
+            if name in live and last_use.get(name) == index and name not in outputs:
+                live.discard(name)
+    return GraphMemory(path.name, weights, peak, len(unsized), tuple(sorted(assumed)))
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    name: str
+    instances: int
+    max_batch_size: int
+    weight_bytes: int
+    workspace_bytes: int
+    overhead_bytes: int
+    graphs: tuple[GraphMemory, ...] = ()
+
+    @property
+    def bytes_per_instance(self) -> int:
+        return self.weight_bytes + self.workspace_bytes + self.overhead_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.instances * self.bytes_per_instance
+
+
+@dataclass(frozen=True)
+class Throughput:
+    model: str
+    requests_per_s: float  # one replica, the best level within the latency bound
+    concurrency: int
+    p99_ms: float
+
+    @classmethod
+    def from_bench(cls, path: Path, max_p99_ms: float | None = None) -> "Throughput":
+        try:
+            result = json.loads(Path(path).read_text())
+            levels = result["levels"]
+            model = result["model"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"--bench {path}: not a `tritonkit bench --json` result ({exc})") from None
+        usable = [lv for lv in levels if not lv.get("errors") and (max_p99_ms is None or lv["p99_ms"] <= max_p99_ms)]
+        if not usable:
+            bound = f" with p99 <= {max_p99_ms:g} ms" if max_p99_ms is not None else ""
+            raise InputError(f"--bench {path}: no error-free level{bound}", hint="benchmark lower concurrency or relax --max-p99-ms")
+        best = max(usable, key=lambda lv: lv["throughput"])
+        return cls(model, float(best["throughput"]), int(best["concurrency"]), float(best["p99_ms"]))
+
+
+@dataclass(frozen=True)
+class Plan:
+    models: tuple[ModelPlan, ...]
+    replica_bytes: int
+    gpu_memory_bytes: int
+    gpus_per_replica: int
+    instances_per_gpu: dict[str, int]
+    qps: float | None = None
+    throughput: Throughput | None = None
+    utilization: float = 0.7
+    replicas: int | None = None
+    gpu_hour_price: float | None = None
+    monthly_cost: float | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        for model, entry in zip(self.models, data["models"]):
+            entry["bytes_per_instance"] = model.bytes_per_instance
+            entry["total_bytes"] = model.total_bytes
+        return data
+
+
+def model_plans(repository: Path, overhead_bytes: int = 300 * 2**20, dims: dict[str, int] | None = None) -> list[ModelPlan]:
+    """Memory of every non-ensemble model of a repository."""
+    plans = []
+    for name, config in read_repository(repository).items():
+        if config.platform == "ensemble":
+            continue
+        version_dir = Path(repository) / name / "1"
+        bound = {BATCH_DIM: max(config.max_batch_size, 1)}
+        recorded = config.parameters.get(PLAN_DIMS_PARAMETER)
+        if recorded is not None:
+            bound.update(json.loads(recorded.string_value))
+        bound.update(dims or {})
+        graphs, weights, workspace = [], 0, 0
+        for path in sorted(version_dir.rglob("*")) if version_dir.is_dir() else []:
+            if not path.is_file() or path.name in NOT_LOADED or "__pycache__" in path.parts:
+                continue
+            if path.suffix == ".onnx":
+                memory = graph_memory(path, bound)
+                graphs.append(memory)
+                weights += memory.weight_bytes
+                workspace = max(workspace, memory.workspace_bytes)  # graphs of one model run one after another
+            else:
+                weights += path.stat().st_size
+        instances = sum(max(g.count, 1) for g in config.instance_group) or 1
+        plans.append(ModelPlan(name, instances, config.max_batch_size, weights, workspace, overhead_bytes, tuple(graphs)))
+    if not plans:
+        raise InputError(f"{repository}: no models to plan for", hint="build one with `tritonkit build`")
+    return plans
+
+
+def make_plan(
+    repository: Path,
+    qps: float | None = None,
+    bench: Path | None = None,
+    gpu_memory_gb: float = 24.0,
+    gpu_hour_price: float | None = None,
+    utilization: float = 0.7,
+    max_p99_ms: float | None = None,
+    overhead_mb: float = 300.0,
+    dims: dict[str, int] | None = None,
+) -> Plan:
+    if qps is not None and qps <= 0:
+        raise InputError(f"--qps must be > 0, got {qps:g}")
+    if not 0 < utilization <= 1:
+        raise InputError(f"--utilization must be in (0, 1], got {utilization:g}")
+    if gpu_memory_gb <= 0:
+        raise InputError(f"--gpu-memory-gb must be > 0, got {gpu_memory_gb:g}")
+    if qps is not None and bench is None:
+        raise InputError("--qps needs --bench RESULT.json", hint="measure one replica with `tritonkit bench MODEL ... --json RESULT.json`")
+    models = tuple(model_plans(repository, int(overhead_mb * 2**20), dims))
+    gpu_bytes = int(gpu_memory_gb * 2**30)
+    replica_bytes = sum(m.total_bytes for m in models)
+    notes = []
+    for model in models:
+        for graph in model.graphs:
+            if graph.assumed_dims:
+                notes.append(f"{model.name}/{graph.file}: dims {', '.join(graph.assumed_dims)} counted as 1 (pass --dim NAME=SIZE)")
+            if graph.unsized_tensors:
+                notes.append(f"{model.name}/{graph.file}: {graph.unsized_tensors} tensors of unknown shape not counted")
+    plan = Plan(
+        models=models,
+        replica_bytes=replica_bytes,
+        gpu_memory_bytes=gpu_bytes,
+        gpus_per_replica=max(1, math.ceil(replica_bytes / gpu_bytes)),
+        instances_per_gpu={m.name: gpu_bytes // m.bytes_per_instance for m in models if m.bytes_per_instance},
+        utilization=utilization,
+        gpu_hour_price=gpu_hour_price,
+        notes=tuple(notes),
+    )
+    if bench is not None:
+        throughput = Throughput.from_bench(bench, max_p99_ms)
+        replicas = None
+        if qps is not None:
+            replicas = max(1, math.ceil(qps / (throughput.requests_per_s * utilization)))
+        cost = replicas * plan.gpus_per_replica * gpu_hour_price * HOURS_PER_MONTH if replicas and gpu_hour_price else None
+        plan = Plan(**{**plan.__dict__, "qps": qps, "throughput": throughput, "replicas": replicas, "monthly_cost": cost})
+    return plan
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
