@@ -1,9 +1,11 @@
 """An ONNX model run by ONNX Runtime inside the Python backend (the CPU stand-in for TensorRT).
 
 Triton tensor names are the ONNX input/output names. Parameters: `onnx_file` (default
-model.onnx), `intra_op_threads` (0 = ONNX Runtime's default).
+model.onnx), `intra_op_threads` (0 = ONNX Runtime's default), `feature_cache_entries` (0 = off:
+rows seen before are answered from `tritonkit.row_cache` without running the graph).
 """
 
+from tritonkit.row_cache import RowCache
 from tritonkit.runtime import BatchedModel
 
 
@@ -17,7 +19,16 @@ class TritonPythonModel(BatchedModel):
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.session_inputs = [i.name for i in self.session.get_inputs()]
         self.session_outputs = [o.name for o in self.session.get_outputs() if o.name in self.output_dtypes]
+        entries = int(self.parameters.get("feature_cache_entries", "0"))
+        self.cache = RowCache(entries) if entries > 0 else None
+
+    def compute(self, feed):
+        return dict(zip(self.session_outputs, self.session.run(self.session_outputs, feed)))
 
     def run(self, batch):
         feed = {name: batch[name] for name in self.session_inputs}
-        return dict(zip(self.session_outputs, self.session.run(self.session_outputs, feed)))
+        if self.cache is None:
+            return self.compute(feed)
+        outputs, hits = self.cache.run(feed, self.compute)
+        self.metrics.cache_lookups(hits=hits, misses=len(next(iter(feed.values()))) - hits)
+        return outputs

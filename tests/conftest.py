@@ -164,3 +164,31 @@ def multilingual_whisper_server(multilingual_whisper_dir, tmp_path_factory):
     server = start_server(out)
     yield server
     server.stop()
+
+
+# -- LLaVA --------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    from tritonkit.tiny import make_tiny_llava
+
+    return make_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "model")
+
+
+@pytest.fixture(scope="session")
+def llava_loaded(tiny_llava_dir):
+    spec = get_family("llava")
+    return spec, spec.load(str(tiny_llava_dir))
+
+
+@pytest.fixture(scope="session")
+def llava_repository(tiny_llava_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("llava_repo") / "model_repository"
+    build("llava", str(tiny_llava_dir), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llava_server(llava_repository):
+    server = start_server(llava_repository)
+    yield server
+    server.stop()

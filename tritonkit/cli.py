@@ -42,7 +42,7 @@ def _int_list(text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 @app.command()
 def build(
-    family: Annotated[str, typer.Argument(help="Model family: clip.")],
+    family: Annotated[str, typer.Argument(help="Model family: clip, whisper or llava (see `tritonkit families`).")],
     model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local save_pretrained directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model repository to write into (kept models stay).")] = Path(
         "model_repository"
@@ -226,6 +226,35 @@ def transcribe(
     for path, transcript in zip(files, transcripts):
         text = f"[{transcript.language}] {transcript.text}" if show_language else transcript.text
         print(f"{path}: {text}" if len(files) > 1 else text)
+
+
+@app.command()
+def chat(
+    image: Annotated[Path, typer.Argument(help="An image file.")],
+    prompt: Annotated[str, typer.Argument(help="The question about it.")],
+    model: Annotated[str, typer.Option(help="Chat ensemble name (NAME_chat; streaming uses NAME_chat_stream).")] = "llava_chat",
+    url: Url = "127.0.0.1:8001",
+    stream: Annotated[bool, typer.Option(help="Print the answer as it is generated.")] = True,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many tokens.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sample at this temperature (default: greedy).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set of tokens holding this probability.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling: the same seed gives the same answer.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this string (repeatable).")] = None,
+):
+    """Ask a LLaVA repository a question about an image."""
+    from tritonkit.client import TritonkitClient
+
+    if not image.is_file():
+        raise InputError(f"{image}: no such file")
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop or ()))
+    with TritonkitClient(url, timeout_s=600) as client:
+        if stream:
+            for piece in client.chat_stream(image, prompt, model=f"{model}_stream", **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            print(client.chat(image, prompt, model=model, **options))
 
 
 @app.command()
@@ -484,13 +513,13 @@ def families():
 
 @app.command("make-tiny")
 def make_tiny(
-    family: Annotated[str, typer.Argument(help="clip, or whisper (multilingual)")],
+    family: Annotated[str, typer.Argument(help="clip, llava, or whisper (multilingual)")],
     out: Annotated[Path, typer.Argument(help="Directory to save_pretrained into.")],
 ):
     """Save a small random-initialised model (real architecture and tokenizer) for demos and tests."""
     from tritonkit import tiny
 
-    makers = {"clip": tiny.make_tiny_clip, "whisper": tiny.make_tiny_whisper}
+    makers = {"clip": tiny.make_tiny_clip, "llava": tiny.make_tiny_llava, "whisper": tiny.make_tiny_whisper}
     if family not in makers:
         raise InputError(f"no tiny model for {family!r}", hint=f"choose one of: {', '.join(makers)}")
     makers[family](out)

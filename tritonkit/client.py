@@ -60,6 +60,25 @@ def whisper_inputs(
     return inputs
 
 
+def chat_inputs(
+    image: bytes, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
+    top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
+) -> dict[str, np.ndarray]:
+    """One image, one prompt and its options as the LLaVA chat ensembles' inputs (None left out)."""
+    inputs = {"IMAGE": pack_byte_rows([image]), "PROMPT": np.array([[prompt.encode()]], dtype=object)}
+    if max_new_tokens is not None:
+        inputs["MAX_NEW_TOKENS"] = np.array([[max_new_tokens]], dtype=np.int32)
+    if temperature is not None:
+        inputs["TEMPERATURE"] = np.array([[temperature]], dtype=np.float32)
+    if top_p is not None:
+        inputs["TOP_P"] = np.array([[top_p]], dtype=np.float32)
+    if seed is not None:
+        inputs["SEED"] = np.array([[seed]], dtype=np.int64)
+    if stop:
+        inputs["STOP"] = np.array([[s.encode() for s in stop]], dtype=object)
+    return inputs
+
+
 class TritonkitClient:
     def __init__(self, url: str = "127.0.0.1:8001", timeout_s: float | None = 120):
         import tritonclient.grpc as grpcclient
@@ -152,6 +171,40 @@ class TritonkitClient:
         files = read_inputs(audio)
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             return list(pool.map(one, files))
+
+    def chat(self, image: bytes | str | Path, prompt: str, model: str = "llava_chat", **options) -> str:
+        """The answer to `prompt` about `image`, whole (options: max_new_tokens, temperature, top_p, seed, stop)."""
+        (data,) = read_inputs([image])
+        return self.infer(model, chat_inputs(data, prompt, **options))["TEXT"][0, 0].decode("utf-8")
+
+    def chat_stream(self, image: bytes | str | Path, prompt: str, model: str = "llava_chat_stream", **options):
+        """Yield the answer's text piece by piece as the server generates it (gRPC streaming)."""
+        import queue
+
+        (data,) = read_inputs([image])
+        tensors = []
+        for name, array in chat_inputs(data, prompt, **options).items():
+            tensors.append(self._grpc.InferInput(name, list(array.shape), wire_datatype(array)))
+            tensors[-1].set_data_from_numpy(array)
+        answers: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        try:
+            self.client.async_stream_infer(model, tensors, enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = answers.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise InferenceError(f"{model}: no answer within {self.timeout_s:g} s") from None
+                if error is not None:
+                    raise InferenceError(f"{model}: {_message(error)}")
+                piece = result.as_numpy("TEXT")
+                if piece is not None:
+                    yield piece.reshape(-1)[0].decode("utf-8")
+                final = result.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    return
+        finally:
+            self.client.stop_stream()
 
     def statistics(self, model: str) -> dict:
         return self.client.get_inference_statistics(model, as_json=True)

@@ -258,6 +258,15 @@ def split_files(files: list[Path], heldout_share: float = 0.25) -> tuple[list[Pa
     return [f for f in files if f not in heldout], heldout
 
 
+def image_feeds(images: list[bytes], image_processor, tensor: str, batch: int = 4) -> list[Feeds]:
+    """Encoded images -> batches of the encoder's pixel input, preprocessed as the model's processor does."""
+    from tritonkit.preprocessing.image import PIL_FORMATS, ImageRecipe, image_bytes_to_pixels
+
+    recipe = ImageRecipe.from_processor(image_processor).with_options(formats=PIL_FORMATS)
+    pixels = np.stack([image_bytes_to_pixels(data, recipe) for data in images])
+    return [{tensor: pixels[i : i + batch]} for i in range(0, len(pixels), batch)]
+
+
 def data_files(directory: Path, suffixes: Iterable[str]) -> list[Path]:
     suffixes = {s.lower() for s in suffixes}
     return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)

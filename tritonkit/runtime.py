@@ -97,6 +97,17 @@ class BatchedModel:
         """One request's share of `run`'s outputs -> its response tensors (e.g. regroup rows)."""
         return outputs
 
+    def read_inputs(self, request) -> dict[str, np.ndarray]:
+        """A request's inputs by name (optional inputs it left out are absent)."""
+        import triton_python_backend_utils as pb_utils
+
+        inputs = {}
+        for name in self.input_names:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                inputs[name] = tensor.as_numpy()
+        return inputs
+
     def execute(self, requests):
         import triton_python_backend_utils as pb_utils
 
@@ -107,11 +118,7 @@ class BatchedModel:
         for index, request in enumerate(requests):
             began = time.perf_counter()
             try:
-                inputs = {}
-                for name in self.input_names:
-                    tensor = pb_utils.get_input_tensor_by_name(request, name)
-                    if tensor is not None:
-                        inputs[name] = tensor.as_numpy()
+                inputs = self.read_inputs(request)
                 first = inputs.get(self.input_names[0])
                 size = encoded_size(first) if first is not None else None
                 if size is not None:

@@ -214,3 +214,85 @@ def make_tiny_whisper(
     model.save_pretrained(str(directory))
     save_whisper_processor(directory, tokenizer_json, config)
     return directory
+
+
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), as llava-hf's chat template.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{ item['text'] + ' '}}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def make_tiny_llava(
+    directory: Path,
+    *,
+    image_size: int = 64,
+    patch_size: int = 16,
+    vision_hidden: int = 32,
+    text_hidden: int = 64,
+    layers: int = 2,
+    init_std: float = 0.2,
+    seed: int = 0,
+) -> Path:
+    """A random LlavaForConditionalGeneration: a CLIP vision tower and a small Llama, with a real
+    BPE tokenizer (GPT-2's, from the bundled Whisper tiny.en) plus LLaVA's `<image>` token and
+    chat template, and a CLIPImageProcessor; saved with save_pretrained.
+
+    `init_std` above the usual 0.02 makes the generated tokens depend on the image and prompt."""
+    import json
+
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    from tritonkit.convert_ct2 import bundled_tiny_en
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    from tokenizers import Tokenizer, processors
+
+    bpe = Tokenizer.from_file(str(bundled_tiny_en() / "tokenizer.json"))
+    bos = bpe.token_to_id("<|endoftext|>")
+    # Whisper's post-processor adds its task tokens; a causal LM's adds just BOS (as Llama's does).
+    bpe.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>", pad_token="<pad>", model_max_length=2048,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, num_hidden_layers=layers,
+                              num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=4 * text_hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       initializer_range=init_std)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=(image_size // patch_size) ** 2, initializer_range=init_std)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(directory))
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=LLAVA_CHAT_TEMPLATE,
+                               patch_size=patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1)
+    processor.save_pretrained(str(directory))
+    (directory / "tritonkit_tiny.json").write_text(json.dumps({"made_by": "tritonkit.tiny.make_tiny_llava"}))
+    return directory

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tritonkit.errors import UnknownFamilyError
 from tritonkit.families.base import FamilySpec, OnnxExport, Pipeline, Stage, Tolerance, register, registry
-from tritonkit.families import clip as _clip, whisper as _whisper  # noqa: F401  (registers the built-ins)
+from tritonkit.families import clip as _clip, llava as _llava, whisper as _whisper  # noqa: F401  (registers the built-ins)
 
 
 def get_family(name: str) -> FamilySpec:

@@ -246,6 +246,43 @@ def dali_stage(
     return Stage(role, "dali_pipeline", inputs, outputs, batching, parameters, {"model.dali": path})
 
 
+def image_recipe_for(image_processor, options: BuildOptions):
+    """The model's own image processor settings, with the build's image options."""
+    from tritonkit.errors import InputError
+    from tritonkit.preprocessing.image import DALI_FORMATS, ImageRecipe
+
+    recipe = ImageRecipe.from_processor(image_processor).with_options(**options.image)
+    undecodable = sorted(set(recipe.formats) - set(DALI_FORMATS))
+    if options.preprocessing == "dali" and undecodable:
+        raise InputError(
+            f"DALI does not decode {', '.join(undecodable)} images",
+            hint="leave them out of --image-formats, or use --preprocessing python (CPU only)",
+        )
+    return recipe
+
+
+def image_preprocess_stages(
+    recipe, image: Tensor, checked: Tensor, pixels: Tensor, batching: Batching, options: BuildOptions, workdir: Path
+) -> tuple[Stage, ...]:
+    """Encoded image bytes -> pixel values: PIL/numpy (`--preprocessing python`), DALI CPU
+    operators in the Python backend (target cpu), or per-request header checks in Python followed
+    by the DALI backend (target gpu: DALI fails a whole batch on one bad image)."""
+    from tritonkit.preprocessing.dali import image_graph
+
+    if options.preprocessing == "python":
+        return (Stage("image_preprocess", "image_preprocess", (image,), (pixels,), batching, {"recipe": recipe.to_json()}),)
+    if options.gpu:
+        return (
+            Stage("image_check", "image_check", (image,), (checked,), batching, {"image_recipe": recipe.to_json()}),
+            dali_stage("image_preprocess", image_graph(recipe, checked.name), (checked,), (pixels,), batching, options,
+                       workdir),
+        )
+    return (
+        dali_stage("image_preprocess", image_graph(recipe, image.name), (image,), (pixels,), batching, options, workdir,
+                   image_recipe=recipe),
+    )
+
+
 def encoder_stage(role: str, inputs, outputs, batching: Batching, onnx_file: Path, options: BuildOptions) -> Stage:
     """An ONNX encoder. CPU: ONNX Runtime inside the Python backend. GPU: the ONNX Runtime backend
     (optionally with its TensorRT execution accelerator), or a TensorRT plan built here, each on

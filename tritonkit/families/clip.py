@@ -15,8 +15,9 @@ from tritonkit.families.base import (
     Pipeline,
     Stage,
     Tolerance,
-    dali_stage,
     encoder_stage,
+    image_preprocess_stages,
+    image_recipe_for,
     register,
 )
 from tritonkit.hf import from_pretrained
@@ -123,17 +124,7 @@ class ClipSpec(FamilySpec):
 
     # -- tensors ---------------------------------------------------------------------------
     def image_recipe(self, loaded: LoadedClip, options: BuildOptions = BuildOptions()):
-        from tritonkit.errors import InputError
-        from tritonkit.preprocessing.image import DALI_FORMATS, ImageRecipe
-
-        recipe = ImageRecipe.from_processor(loaded.image_processor).with_options(**options.image)
-        undecodable = sorted(set(recipe.formats) - set(DALI_FORMATS))
-        if options.preprocessing == "dali" and undecodable:
-            raise InputError(
-                f"DALI does not decode {', '.join(undecodable)} images",
-                hint="leave them out of --image-formats, or use --preprocessing python (CPU only)",
-            )
-        return recipe
+        return image_recipe_for(loaded.image_processor, options)
 
     def tensors(self, loaded: LoadedClip) -> dict[str, Tensor]:
         height, width = self.image_recipe(loaded).output_hw
@@ -188,46 +179,13 @@ class ClipSpec(FamilySpec):
     def pipelines(
         self, loaded: LoadedClip, onnx_files: Mapping[str, Path], workdir: Path, options: BuildOptions = BuildOptions()
     ) -> list[Pipeline]:
-        from tritonkit.preprocessing.dali import image_graph
-
         t = self.tensors(loaded)
         tokenizer_dir = Path(workdir) / "tokenizer"
         loaded.tokenizer.save_pretrained(str(tokenizer_dir))
         recipe = self.image_recipe(loaded, options)
-        batching = self.stage_batching("image_preprocess")
-        if options.preprocessing == "python":
-            preprocess = (
-                Stage(
-                    role="image_preprocess",
-                    template="image_preprocess",
-                    inputs=(t[IMAGE],),
-                    outputs=(t[PIXEL_VALUES],),
-                    batching=batching,
-                    parameters={"recipe": recipe.to_json()},
-                ),
-            )
-        elif options.gpu:  # header checks per request in Python, then the DALI backend
-            preprocess = (
-                Stage(
-                    role="image_check",
-                    template="image_check",
-                    inputs=(t[IMAGE],),
-                    outputs=(t[CHECKED_IMAGE],),
-                    batching=batching,
-                    parameters={"image_recipe": recipe.to_json()},
-                ),
-                dali_stage(
-                    "image_preprocess", image_graph(recipe, CHECKED_IMAGE), (t[CHECKED_IMAGE],), (t[PIXEL_VALUES],),
-                    batching, options, workdir,
-                ),
-            )
-        else:
-            preprocess = (
-                dali_stage(
-                    "image_preprocess", image_graph(recipe, IMAGE), (t[IMAGE],), (t[PIXEL_VALUES],),
-                    batching, options, workdir, image_recipe=recipe,
-                ),
-            )
+        preprocess = image_preprocess_stages(
+            recipe, t[IMAGE], t[CHECKED_IMAGE], t[PIXEL_VALUES], self.stage_batching("image_preprocess"), options, workdir
+        )
         image = Pipeline(
             role="image",
             inputs=(t[IMAGE],),
@@ -271,8 +229,7 @@ class ClipSpec(FamilySpec):
         """Images (*.jpg, *.png, ...) and captions (*.txt, one per line) from `calibration_dir`,
         or 32 synthetic photos and 24 built-in captions. A quarter of each is held out."""
         from tritonkit.errors import InputError
-        from tritonkit.precision import PrecisionData, data_files, split_files
-        from tritonkit.preprocessing.image import PIL_FORMATS, ImageRecipe, image_bytes_to_pixels
+        from tritonkit.precision import PrecisionData, data_files, image_feeds, split_files
 
         if calibration_dir is not None:
             images = [p.read_bytes() for p in data_files(calibration_dir, IMAGE_SUFFIXES)]
@@ -287,11 +244,9 @@ class ClipSpec(FamilySpec):
             images = [synthetic_photo(seed) for seed in range(32)]
             texts = list(CALIBRATION_CAPTIONS)
             source = "32 synthetic photos and 24 built-in captions (pass --calibration-data for your own)"
-        recipe = ImageRecipe.from_processor(loaded.image_processor).with_options(formats=PIL_FORMATS)
 
         def pixel_feeds(files):
-            pixels = np.stack([image_bytes_to_pixels(f, recipe) for f in files])
-            return [{PIXEL_VALUES: pixels[i : i + CALIBRATION_BATCH]} for i in range(0, len(pixels), CALIBRATION_BATCH)]
+            return image_feeds(files, loaded.image_processor, PIXEL_VALUES, CALIBRATION_BATCH)
 
         def text_feeds(captions):
             feeds = []

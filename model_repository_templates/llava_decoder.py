@@ -1,0 +1,141 @@
+"""LLaVA's language model (PyTorch) generating answers for a dynamic batch of image features + prompts.
+
+Inputs: IMAGE_FEATURES [tokens, hidden] (the vision encoder's), PROMPT (STRING [1]) and the
+optional MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SEED, STOP. Output: TEXT. In a decoupled model
+(`model_transaction_policy { decoupled: true }`, the NAME_chat_stream ensemble) every request gets
+its text piece by piece as tokens are generated, then an empty final response. Parameters:
+`language_model_dir`, `processor_dir`, `max_new_tokens` (default and limit), `image_token_id`,
+`eos_token_ids` (JSON), `device` (cpu or cuda). See `tritonkit.llava_decoding`.
+"""
+
+import json
+import traceback
+
+import numpy as np
+
+from tritonkit.errors import InputError
+from tritonkit.llava_decoding import ChatGenerator, ChatOptions
+from tritonkit.runtime import LOGGER, BatchedModel, string_rows
+
+
+class TritonPythonModel(BatchedModel):
+    metrics_role = "decoder"
+
+    def setup(self):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoProcessor
+
+        device = self.parameters.get("device", "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"{self.model_name} was built for a GPU (--target gpu) and no CUDA device is visible")
+        language_model = AutoModelForCausalLM.from_pretrained(str(self.version_dir / self.parameters["language_model_dir"]))
+        self.processor = AutoProcessor.from_pretrained(str(self.version_dir / self.parameters["processor_dir"]))
+        self.generator = ChatGenerator(
+            language_model.eval().to(device), self.processor.tokenizer, int(self.parameters["image_token_id"]),
+            json.loads(self.parameters["eos_token_ids"]), device,
+        )
+        self.max_new_tokens = int(self.parameters["max_new_tokens"])
+        self.decoupled = bool(self.model_config.get("model_transaction_policy", {}).get("decoupled", False))
+        (self.features_input, self.prompt_input, self.max_tokens_input, self.temperature_input, self.top_p_input,
+         self.seed_input, self.stop_input) = self.input_names
+        (self.text_output,) = self.output_dtypes
+
+    def row_options(self, inputs, count: int) -> list[ChatOptions]:
+        def column(name, convert):
+            if name not in inputs:
+                return [None] * count
+            values = inputs[name].reshape(count, -1) if inputs[name].size else np.zeros((count, 0))
+            if len(values) != count:
+                raise InputError(f"{name}: {len(values)} rows for {count} prompts; give one per row", reason="bad_option")
+            return [convert(row, name) for row in values]
+
+        limits = column(self.max_tokens_input, lambda row, _: int(row[0]))
+        temperatures = column(self.temperature_input, lambda row, _: float(row[0]))
+        top_ps = column(self.top_p_input, lambda row, _: float(row[0]))
+        seeds = column(self.seed_input, lambda row, _: int(row[0]))
+        stops = column(self.stop_input, lambda row, name: tuple(s for s in string_rows(row, name) if s))
+        return [
+            ChatOptions(
+                max_new_tokens=limit, temperature=0.0 if temperature is None else temperature,
+                top_p=1.0 if top_p is None else top_p, seed=seed, stop=stop or (),
+            ).validate(self.max_new_tokens)
+            for limit, temperature, top_p, seed, stop in zip(limits, temperatures, top_ps, seeds, stops)
+        ]
+
+    def prepare(self, inputs):
+        features = inputs[self.features_input]
+        prompts = string_rows(inputs[self.prompt_input], self.prompt_input)
+        if len(prompts) != len(features):
+            raise InputError(f"{self.prompt_input}: {len(prompts)} prompts for {len(features)} images", reason="bad_option")
+        if self.decoupled and len(prompts) != 1:
+            raise InputError(f"{self.model_name} streams one answer per request; send one image and prompt",
+                             reason="bad_option")
+        options = self.row_options(inputs, len(prompts))
+        ids = np.empty(len(prompts), dtype=object)
+        ids[:] = [
+            self.generator.prompt_ids(self.prompt_text(prompt), features.shape[1]) for prompt in prompts
+        ]
+        packed = np.empty(len(prompts), dtype=object)
+        packed[:] = options
+        return {self.features_input: features, "prompt_ids": ids, "options": packed}
+
+    def prompt_text(self, prompt: str) -> str:
+        if "<image>" in prompt:
+            raise InputError(f"{self.prompt_input}: do not write <image>; the image goes in IMAGE", reason="bad_text")
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    def generate(self, batch, on_text=None):
+        return self.generator.generate(
+            list(batch[self.features_input]), list(batch["prompt_ids"]), list(batch["options"]), self.max_new_tokens,
+            on_text,
+        )
+
+    def run(self, batch):
+        results = self.generate(batch)
+        texts = np.array([[r.text.encode()] for r in results], dtype=object)
+        tokens = np.array([len(r.tokens) for r in results], dtype=np.int64)
+        steps = np.array([r.steps for r in results], dtype=np.int64)
+        return {self.text_output: texts, "tokens": tokens, "steps": steps}
+
+    def finish(self, outputs, rows):
+        self.metrics.decoded(tokens=int(outputs["tokens"].sum()), steps=int(outputs["steps"].sum()))
+        return {self.text_output: outputs[self.text_output]}
+
+    def execute(self, requests):
+        if not self.decoupled:
+            return super().execute(requests)
+        import triton_python_backend_utils as pb_utils
+
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        senders, prepared = [], []
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                prepared.append((sender, self.prepare(self.read_inputs(request))))
+            except InputError as exc:
+                self.metrics.rejected(exc.reason)
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=final)
+            except Exception as exc:
+                LOGGER.error("%s: unexpected error preparing a request:\n%s", self.model_name, traceback.format_exc())
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.model_name}: {exc}")), flags=final)
+        if not prepared:
+            return None
+        senders = [sender for sender, _ in prepared]
+        batch = {name: np.concatenate([rows[name] for _, rows in prepared]) for name in prepared[0][1]}
+
+        def send_piece(row, piece):
+            text = pb_utils.Tensor(self.text_output, np.array([[piece.encode()]], dtype=object))
+            senders[row].send(pb_utils.InferenceResponse(output_tensors=[text]))
+
+        try:
+            results = self.generate(batch, send_piece)
+        except Exception as exc:
+            LOGGER.error("%s: batch failed:\n%s", self.model_name, traceback.format_exc())
+            for sender in senders:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.model_name}: {exc}")), flags=final)
+            return None
+        for sender, result in zip(senders, results):
+            self.metrics.decoded(tokens=len(result.tokens), steps=result.steps)
+            sender.send(flags=final)
+        return None

@@ -1,0 +1,199 @@
+"""LLaVA image question answering served end to end: a tiny random LlavaForConditionalGeneration
+(CLIP vision tower, small Llama, real BPE tokenizer) against transformers `generate`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import encode_image, random_image
+from tritonkit.client import TritonkitClient
+from tritonkit.errors import InferenceError
+from tritonkit.offline import preprocess
+
+pytestmark = pytest.mark.server
+CASES = [
+    (1, "What is in the picture?"),
+    (2, "Describe the colours."),
+    (3, "How many people are there? Answer briefly."),
+    (4, "Écris une légende pour cette image."),
+]
+NEW_TOKENS = 12
+
+
+def image(seed: int) -> bytes:
+    return encode_image(random_image(72 + 8 * seed, 96, seed=seed), "JPEG")
+
+
+def reference_text(llava_loaded, llava_repository, data: bytes, prompt: str) -> str:
+    """transformers `generate` (greedy) on the pixels the served preprocessing computes."""
+    spec, loaded = llava_loaded
+    pixels = preprocess(llava_repository, "llava_chat", [data])["PIXEL_VALUES"]
+    tokens = spec.reference_tokens(loaded, pixels, prompt, NEW_TOKENS)
+    return loaded.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_greedy_answers_are_the_tokens_of_transformers_generate(llava_server, llava_loaded, llava_repository):
+    with TritonkitClient(llava_server.grpc_url) as client:
+        for seed, prompt in CASES:
+            served = client.chat(image(seed), prompt, max_new_tokens=NEW_TOKENS)
+            assert served == reference_text(llava_loaded, llava_repository, image(seed), prompt), prompt
+
+
+def test_concurrent_requests_decode_together_with_the_same_answers(llava_server):
+    def ask(case):
+        seed, prompt = case
+        with TritonkitClient(llava_server.grpc_url) as client:
+            return client.chat(image(seed), prompt, max_new_tokens=NEW_TOKENS)
+
+    with TritonkitClient(llava_server.grpc_url) as client:
+        alone = [client.chat(image(seed), prompt, max_new_tokens=NEW_TOKENS) for seed, prompt in CASES]
+        before = executed_batches(client, "llava_decoder")
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            together = list(pool.map(ask, CASES * 2))
+        after = executed_batches(client, "llava_decoder")
+    assert together == alone * 2
+    assert len(set(alone)) == len(alone)  # the answers depend on the image and prompt
+    grown = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+    assert any(size > 1 and count > 0 for size, count in grown.items()), grown
+
+
+def executed_batches(client, model: str) -> dict[int, int]:
+    from tritonkit.client import executed_batch_sizes
+
+    return executed_batch_sizes(client.statistics(model), model)
+
+
+def test_streaming_yields_the_same_text_token_by_token(llava_server):
+    with TritonkitClient(llava_server.grpc_url) as client:
+        for seed, prompt in CASES[:2]:
+            whole = client.chat(image(seed), prompt, max_new_tokens=NEW_TOKENS)
+            pieces = list(client.chat_stream(image(seed), prompt, max_new_tokens=NEW_TOKENS))
+            assert "".join(pieces) == whole
+            assert len(pieces) >= NEW_TOKENS // 2  # piece by piece, not all at the end
+
+
+def test_sampling_with_a_seed_is_reproducible_alone_and_in_a_batch(llava_server):
+    options = dict(max_new_tokens=NEW_TOKENS, temperature=0.9, top_p=0.95)
+    with TritonkitClient(llava_server.grpc_url) as client:
+        greedy = client.chat(image(1), CASES[0][1], max_new_tokens=NEW_TOKENS)
+        first = client.chat(image(1), CASES[0][1], seed=7, **options)
+        again = client.chat(image(1), CASES[0][1], seed=7, **options)
+        other = client.chat(image(1), CASES[0][1], seed=8, **options)
+
+    def ask(seed):
+        with TritonkitClient(llava_server.grpc_url) as client:
+            return client.chat(image(1), CASES[0][1], seed=seed, **options)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        batched = list(pool.map(ask, [7, 8, 9, 7, 8, 9]))
+    assert first == again == batched[0] == batched[3]
+    assert other == batched[1] == batched[4]
+    assert len({first, other, greedy}) == 3
+
+
+def test_a_stop_string_ends_the_answer_before_it(llava_server):
+    with TritonkitClient(llava_server.grpc_url) as client:
+        whole = client.chat(image(2), CASES[1][1], max_new_tokens=NEW_TOKENS)
+        stop = whole.split()[3]
+        cut = client.chat(image(2), CASES[1][1], max_new_tokens=NEW_TOKENS, stop=("zzzz-never", stop))
+        streamed = "".join(client.chat_stream(image(2), CASES[1][1], max_new_tokens=NEW_TOKENS, stop=(stop,)))
+    assert cut == whole[: whole.find(stop)] == streamed
+
+
+def metric(server, name: str, model: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and s.labels.get("model") == model)
+
+
+def test_a_repeated_image_is_not_encoded_again(llava_server):
+    fresh = encode_image(random_image(64, 64, seed=1234), "PNG")
+    hits = "tritonkit_feature_cache_hits_total"
+    misses = "tritonkit_feature_cache_misses_total"
+    before = (metric(llava_server, hits, "llava_vision_encoder"), metric(llava_server, misses, "llava_vision_encoder"))
+    with TritonkitClient(llava_server.grpc_url) as client:
+        answers = [client.chat(fresh, prompt, max_new_tokens=4) for prompt in ("One?", "Two?", "Three?")]
+    after = (metric(llava_server, hits, "llava_vision_encoder"), metric(llava_server, misses, "llava_vision_encoder"))
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 1)
+    assert len(answers) == 3
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"temperature": -1.0}, "TEMPERATURE: must be >= 0"),
+        ({"top_p": 0.0}, "TOP_P: must be in (0, 1]"),
+        ({"max_new_tokens": 0}, "MAX_NEW_TOKENS: must be between 1 and 256"),
+    ],
+)
+def test_bad_options_fail_their_request_with_a_message(llava_server, options, message):
+    with TritonkitClient(llava_server.grpc_url) as client:
+        with pytest.raises(InferenceError, match=message.replace("(", r"\(").replace("]", r"\]")):
+            client.chat(image(1), "What?", **options)
+        with pytest.raises(InferenceError, match=message.replace("(", r"\(").replace("]", r"\]")):
+            list(client.chat_stream(image(1), "What?", **options))
+
+
+def test_a_bad_image_or_prompt_fails_alone(llava_server):
+    with TritonkitClient(llava_server.grpc_url) as client:
+        with pytest.raises(InferenceError, match="IMAGE: "):
+            client.chat(b"%PDF-1.4 not an image", "What?")
+        with pytest.raises(InferenceError, match="do not write <image>"):
+            client.chat(image(1), "<image> What?")
+        assert client.chat(image(1), CASES[0][1], max_new_tokens=2)
+
+
+def test_chat_command_streams_the_answer(llava_server, tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(image(3))
+    url = llava_server.grpc_url
+    args = [sys.executable, "-m", "tritonkit.cli", "chat", str(path), CASES[2][1], "--url", url, "--max-new-tokens", "8"]
+    streamed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    whole = subprocess.run([*args, "--no-stream"], capture_output=True, text=True, timeout=300)
+    assert streamed.returncode == 0 and whole.returncode == 0, streamed.stderr + whole.stderr
+    assert streamed.stdout == whole.stdout and len(streamed.stdout.strip()) > 0
+
+
+def test_int8_vision_encoder_is_judged_and_served(tiny_llava_dir, tmp_path):
+    import json
+
+    from tritonkit.build import build
+    from tritonkit.precision import PrecisionOptions
+    from tritonkit.server import TritonServer, free_port
+
+    out = tmp_path / "repo"
+    build("llava", str(tiny_llava_dir), out, precision=PrecisionOptions(precision="int8"))
+    report = json.loads((out / "llava_vision_encoder" / "1" / "accuracy_report.json").read_text())
+    chosen = report["reports"][report["chosen"]]
+    assert report["chosen"].startswith("int8") and chosen["passed"]
+    server = TritonServer(out, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()).start()
+    try:
+        server.wait_until_ready(300)
+        with TritonkitClient(server.grpc_url) as client:
+            assert client.chat(image(1), CASES[0][1], max_new_tokens=4)
+    finally:
+        server.stop()
+
+
+def test_gpu_repository_is_written_and_checked(tiny_llava_dir, tmp_path):
+    from tritonkit.build import build
+    from tritonkit.check import check_repository
+    from tritonkit.families.base import BuildOptions
+    from tritonkit.repository import read_repository
+
+    out = tmp_path / "repo"
+    build("llava", str(tiny_llava_dir), out, options=BuildOptions(target="gpu"))
+    configs = read_repository(out)
+    assert configs["llava_image_preprocess"].backend == "dali"
+    assert configs["llava_vision_encoder"].backend == "onnxruntime"
+    assert configs["llava_decoder_stream"].model_transaction_policy.decoupled
+    assert configs["llava_decoder"].parameters["device"].string_value == "cuda"
+    report = check_repository(out, "gpu")
+    assert report.ok, report.errors

@@ -1,0 +1,257 @@
+"""LLaVA: image question answering. The vision tower plus the multimodal projector is the encoder
+(ONNX); the language model generates in a Python-backend decoder that builds the input embeddings
+the way `LlavaForConditionalGeneration` does (chat template, `<image>` expanded to one token per
+image feature, features in place of those tokens)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from tritonkit.families.base import (
+    BuildOptions,
+    FamilySpec,
+    OnnxExport,
+    Pipeline,
+    Stage,
+    Tolerance,
+    encoder_stage,
+    image_preprocess_stages,
+    image_recipe_for,
+    register,
+)
+from tritonkit.hf import from_pretrained
+from tritonkit.triton_config import Batching, Tensor
+
+# Public contract: ensemble tensors (see README).
+IMAGE = "IMAGE"
+PROMPT = "PROMPT"
+TEXT = "TEXT"
+MAX_NEW_TOKENS = "MAX_NEW_TOKENS"
+TEMPERATURE = "TEMPERATURE"
+TOP_P = "TOP_P"
+SEED = "SEED"
+STOP = "STOP"
+# Between composing models.
+PIXEL_VALUES = "PIXEL_VALUES"
+CHECKED_IMAGE = "CHECKED_IMAGE"
+IMAGE_FEATURES = "IMAGE_FEATURES"
+
+DEFAULT_MAX_NEW_TOKENS = 256
+# Repeated images skip the encoder: it keeps this many images' features (keyed by their pixels).
+FEATURE_CACHE_ENTRIES = 256
+
+
+@dataclass
+class LoadedLlava:
+    model: Any  # LlavaForConditionalGeneration
+    processor: Any  # LlavaProcessor
+
+    @property
+    def image_tokens(self) -> int:
+        """Image features (= `<image>` tokens) per image."""
+        vision = self.model.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        strategy = self.model.config.vision_feature_select_strategy
+        return patches if strategy == "default" else patches + 1
+
+    @property
+    def text_hidden(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+
+def _vision_encoder(model):
+    """pixel_values -> projected image features [B, tokens, text hidden], as get_image_features."""
+    import torch
+
+    config = model.config
+    layer = config.vision_feature_layer
+
+    class VisionEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = model.model.vision_tower
+            self.projector = model.model.multi_modal_projector
+
+        def forward(self, pixel_values):
+            hidden = self.vision(pixel_values, output_hidden_states=True).hidden_states
+            if isinstance(layer, int):
+                selected = hidden[layer]
+                if config.vision_feature_select_strategy == "default":
+                    selected = selected[:, 1:]
+            else:
+                pool = [hidden[i][:, 1:] if config.vision_feature_select_strategy == "default" else hidden[i] for i in layer]
+                selected = torch.cat(pool, dim=-1)
+            return self.projector(selected)
+
+    return VisionEncoder().eval()
+
+
+def language_model(model):
+    """A causal LM with the LLaVA language model's weights (what the decoder runs)."""
+    from transformers import AutoModelForCausalLM
+
+    causal = AutoModelForCausalLM.from_config(model.config.text_config)
+    causal.model.load_state_dict(model.model.language_model.state_dict())
+    causal.lm_head.load_state_dict(model.lm_head.state_dict())
+    causal.generation_config = model.generation_config
+    return causal.eval()
+
+
+@register
+class LlavaSpec(FamilySpec):
+    name = "llava"
+    model_types = ("llava",)
+    description = "LLaVA image question answering -> ensembles NAME_chat and NAME_chat_stream (IMAGE + PROMPT in, TEXT out)"
+    tolerance = Tolerance(max_abs=1e-4, min_cosine=0.9999)
+    batching: Mapping[str, Batching] = {
+        "image_preprocess": Batching(max_batch_size=16, preferred_batch_sizes=(8, 16), max_queue_delay_us=2000),
+        "vision_encoder": Batching(max_batch_size=16, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
+        "decoder": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
+        "decoder_stream": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
+    }
+
+    def load(self, source: str, *, trust_remote_code: bool = False) -> LoadedLlava:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        kwargs = {"trust_remote_code": trust_remote_code}
+        return LoadedLlava(
+            model=from_pretrained(LlavaForConditionalGeneration, source, "LLaVA model", **kwargs).eval(),
+            processor=from_pretrained(AutoProcessor, source, "processor", **kwargs),
+        )
+
+    def tensors(self, loaded: LoadedLlava) -> dict[str, Tensor]:
+        height, width = image_recipe_for(loaded.processor.image_processor, BuildOptions()).output_hw
+        return {
+            IMAGE: Tensor(IMAGE, "uint8", (-1,), ragged=True),
+            CHECKED_IMAGE: Tensor(CHECKED_IMAGE, "uint8", (-1,), ragged=True),
+            PROMPT: Tensor(PROMPT, "string", (1,)),
+            MAX_NEW_TOKENS: Tensor(MAX_NEW_TOKENS, "int32", (1,), optional=True),
+            TEMPERATURE: Tensor(TEMPERATURE, "float32", (1,), optional=True),
+            TOP_P: Tensor(TOP_P, "float32", (1,), optional=True),
+            SEED: Tensor(SEED, "int64", (1,), optional=True),
+            STOP: Tensor(STOP, "string", (-1,), ragged=True, optional=True),
+            PIXEL_VALUES: Tensor(PIXEL_VALUES, "float32", (3, height, width)),
+            IMAGE_FEATURES: Tensor(IMAGE_FEATURES, "float32", (loaded.image_tokens, loaded.text_hidden)),
+            TEXT: Tensor(TEXT, "string", (1,)),
+        }
+
+    def exports(self, loaded: LoadedLlava) -> list[OnnxExport]:
+        import torch
+
+        t = self.tensors(loaded)
+        generator = torch.Generator().manual_seed(0)
+        samples = [{PIXEL_VALUES: torch.randn((batch, *t[PIXEL_VALUES].dims), generator=generator)} for batch in (2, 1, 3)]
+        return [
+            OnnxExport(
+                role="vision_encoder",
+                module=_vision_encoder(loaded.model),
+                inputs=(t[PIXEL_VALUES],),
+                outputs=(t[IMAGE_FEATURES],),
+                sample_inputs=samples,
+                tolerance=self.tolerance,
+            )
+        ]
+
+    def pipelines(
+        self, loaded: LoadedLlava, onnx_files: Mapping[str, Path], workdir: Path, options: BuildOptions = BuildOptions()
+    ) -> list[Pipeline]:
+        t = self.tensors(loaded)
+        workdir = Path(workdir)
+        language_dir, processor_dir = workdir / "language_model", workdir / "processor"
+        language_model(loaded.model).save_pretrained(str(language_dir))
+        loaded.processor.save_pretrained(str(processor_dir))
+        recipe = image_recipe_for(loaded.processor.image_processor, options)
+        image_stages = image_preprocess_stages(
+            recipe, t[IMAGE], t[CHECKED_IMAGE], t[PIXEL_VALUES], self.stage_batching("image_preprocess"), options, workdir
+        )
+        encoder = encoder_stage(
+            "vision_encoder", (t[PIXEL_VALUES],), (t[IMAGE_FEATURES],), self.stage_batching("vision_encoder"),
+            onnx_files["vision_encoder"], options,
+        )
+        if encoder.template == "onnx_encoder":
+            encoder = replace(encoder, parameters={**encoder.parameters, "feature_cache_entries": str(FEATURE_CACHE_ENTRIES)})
+        options_in = (t[MAX_NEW_TOKENS], t[TEMPERATURE], t[TOP_P], t[SEED], t[STOP])
+        parameters = {
+            "language_model_dir": "language_model",
+            "processor_dir": "processor",
+            "max_new_tokens": str(DEFAULT_MAX_NEW_TOKENS),
+            "image_token_id": str(loaded.model.config.image_token_id),
+            "eos_token_ids": json.dumps(_eos_ids(loaded.model)),
+        }
+        if options.gpu:
+            parameters["device"] = "cuda"
+
+        def decoder(role: str, stream: bool) -> Stage:
+            return Stage(
+                role=role,
+                template="llava_decoder",
+                inputs=(t[IMAGE_FEATURES], t[PROMPT], *options_in),
+                outputs=(t[TEXT],),
+                batching=self.stage_batching(role),
+                parameters=parameters,
+                files={"language_model": language_dir, "processor": processor_dir},
+                kind="KIND_GPU" if options.gpu else "KIND_CPU",
+                config_extra={"model_transaction_policy": {"decoupled": True}} if stream else {},
+            )
+
+        inputs = (t[IMAGE], t[PROMPT], *options_in)
+        return [
+            Pipeline("chat", inputs, (t[TEXT],), (*image_stages, encoder, decoder("decoder", False))),
+            Pipeline("chat_stream", inputs, (t[TEXT],), (*image_stages, encoder, decoder("decoder_stream", True))),
+        ]
+
+    # -- reduced precision -----------------------------------------------------------------
+    precision_thresholds = {"fp16": {"min_cosine": 0.999}, "int8": {"min_cosine": 0.99}}
+
+    def precision_data(self, loaded: LoadedLlava, exports, onnx_files, calibration_dir):
+        """Images (*.jpg, *.png, ...) from `calibration_dir`, or 32 synthetic photos; a quarter held out."""
+        from tritonkit.errors import InputError
+        from tritonkit.families.clip import IMAGE_SUFFIXES, synthetic_photo
+        from tritonkit.precision import PrecisionData, data_files, image_feeds, split_files
+
+        if calibration_dir is not None:
+            images = [p.read_bytes() for p in data_files(calibration_dir, IMAGE_SUFFIXES)]
+            if not images:
+                raise InputError(f"--calibration-data {calibration_dir}: needs images (jpg, png, ...)")
+            source = f"{len(images)} images from {calibration_dir}"
+        else:
+            images = [synthetic_photo(seed) for seed in range(32)]
+            source = "32 synthetic photos (pass --calibration-data for your own)"
+
+        def feeds(files):
+            return image_feeds(files, loaded.processor.image_processor, PIXEL_VALUES)
+
+        calibration, heldout = split_files(images)
+        return PrecisionData(calibration={"vision_encoder": feeds(calibration)},
+                             heldout={"vision_encoder": feeds(heldout)}, source=source)
+
+    # -- reference (tests) -----------------------------------------------------------------
+    def prompt_text(self, loaded: LoadedLlava, prompt: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return loaded.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    def reference_tokens(self, loaded: LoadedLlava, pixel_values: np.ndarray, prompt: str, max_new_tokens: int) -> list[int]:
+        """transformers `generate` (greedy) on these pixels: the tokens the chat ensemble must return."""
+        import torch
+
+        text = self.prompt_text(loaded, prompt)
+        image_tokens = "<image>" * loaded.image_tokens
+        ids = loaded.processor.tokenizer(text.replace("<image>", image_tokens), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = loaded.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.from_numpy(pixel_values),
+                do_sample=False, max_new_tokens=max_new_tokens,
+            )
+        return out[0, ids.shape[1]:].tolist()
+
+
+def _eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.text_config.eos_token_id
+    return sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})

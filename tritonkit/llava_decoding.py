@@ -1,0 +1,181 @@
+"""LLaVA's text generation, as the served decoder runs it: a whole dynamic batch at once.
+
+Each request's prompt goes through the model's chat template; its `<image>` token becomes one
+token per image feature, and the embeddings of those tokens are replaced by the features (what
+`LlavaForConditionalGeneration` does). Prompts of a batch are left-padded and decoded together
+with the language model's KV cache: greedy by default, or sampling (temperature, top-p) from a
+per-request generator seeded with SEED, so a seeded request gives the same text whatever it was
+batched with. A request stops at an end token, at `max_new_tokens`, or when its text contains
+one of its stop strings (the text is cut before it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tritonkit.errors import InputError
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    max_new_tokens: int | None = None
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=())
+
+    def validate(self, limit: int) -> "ChatOptions":
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= limit:
+            raise InputError(f"MAX_NEW_TOKENS: must be between 1 and {limit}, got {self.max_new_tokens}", reason="bad_option")
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise InputError(f"TEMPERATURE: must be >= 0 (0 is greedy), got {self.temperature}", reason="bad_option")
+        if not np.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InputError(f"TOP_P: must be in (0, 1], got {self.top_p}", reason="bad_option")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
+            raise InputError(f"STOP: up to {MAX_STOP_STRINGS} non-empty strings", reason="bad_option")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ChatOptions":
+        data = json.loads(text)
+        data["stop"] = tuple(data.get("stop", ()))
+        return cls(**data)
+
+
+@dataclass
+class Generated:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    steps: int = 0
+    finished: bool = False
+    emitted: int = 0  # characters of `text` already streamed
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    positions = [text.find(s) for s in stop if s in text]
+    return (text[: min(positions)], True) if positions else (text, False)
+
+
+def streamable(text: str, stop: Sequence[str]) -> int:
+    """How much of `text` can be streamed now: not a trailing partial character (U+FFFD from an
+    unfinished UTF-8 sequence), nor an end that may turn out to begin a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[end - k : end] == s[:k]:
+                hold = max(hold, k)
+                break
+    return end - hold
+
+
+class ChatGenerator:
+    def __init__(self, lm, tokenizer, image_token_id: int, eos_token_ids: Sequence[int], device: str = "cpu"):
+        import torch
+
+        self.torch = torch
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.eos = set(int(e) for e in eos_token_ids)
+        self.device = device
+        self.embed = lm.get_input_embeddings()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+
+    def prompt_ids(self, prompt_text: str, image_tokens: int) -> list[int]:
+        """Token ids of a chat-templated prompt with `<image>` expanded to one token per feature,
+        tokenized as LlavaProcessor tokenizes (with the tokenizer's special tokens, e.g. BOS)."""
+        ids = self.tokenizer(prompt_text)["input_ids"]
+        if ids.count(self.image_token_id) != 1:
+            raise InputError("PROMPT: the chat template must place exactly one <image>; do not write <image> yourself",
+                             reason="bad_text")
+        at = ids.index(self.image_token_id)
+        return ids[:at] + [self.image_token_id] * image_tokens + ids[at + 1 :]
+
+    def generate(
+        self,
+        features: Sequence[np.ndarray],
+        prompts: Sequence[list[int]],
+        options: Sequence[ChatOptions],
+        default_max_new_tokens: int,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> list[Generated]:
+        """Decode every row together. `on_text(row, piece)` streams each row's new text."""
+        torch = self.torch
+        count = len(prompts)
+        longest = max(len(p) for p in prompts)
+        ids = torch.full((count, longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((count, longest), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, longest - len(prompt):] = torch.tensor(prompt)
+            mask[i, longest - len(prompt):] = 1
+        with torch.no_grad():
+            embeds = self.embed(ids.to(self.device))
+            for i, feature in enumerate(features):
+                positions = (ids[i] == self.image_token_id).nonzero().flatten()
+                embeds[i, positions] = torch.from_numpy(np.asarray(feature)).to(embeds.dtype).to(self.device)
+            mask = mask.to(self.device)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            output = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True)
+            cache = output.past_key_values
+            logits = output.logits[:, -1, :].float()
+            generators = [torch.Generator().manual_seed(int(o.seed)) if o.seed is not None else None for o in options]
+            limits = [o.max_new_tokens or default_max_new_tokens for o in options]
+            results = [Generated() for _ in range(count)]
+            next_position = position_ids[:, -1:] + 1
+            while True:
+                chosen = []
+                for i, (row_logits, o) in enumerate(zip(logits, options)):
+                    if results[i].finished:
+                        chosen.append(self.pad_id)
+                        continue
+                    chosen.append(self._choose(row_logits, o, generators[i]))
+                for i, token in enumerate(chosen):
+                    result = results[i]
+                    if result.finished:
+                        continue
+                    result.steps += 1
+                    if token in self.eos:
+                        result.finished = True
+                    else:
+                        result.tokens.append(token)
+                        text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
+                        result.text, stopped = cut_at_stop(text, options[i].stop)
+                        result.finished = stopped or len(result.tokens) >= limits[i]
+                    if on_text is not None:
+                        end = len(result.text) if result.finished else streamable(result.text, options[i].stop)
+                        if end > result.emitted:
+                            on_text(i, result.text[result.emitted:end])
+                            result.emitted = end
+                if all(r.finished for r in results):
+                    return results
+                step_ids = torch.tensor(chosen, dtype=torch.long, device=self.device)[:, None]
+                mask = torch.cat([mask, torch.ones((count, 1), dtype=mask.dtype, device=self.device)], dim=1)
+                output = self.lm(input_ids=step_ids, attention_mask=mask, position_ids=next_position,
+                                 past_key_values=cache, use_cache=True)
+                cache = output.past_key_values
+                logits = output.logits[:, -1, :].float()
+                next_position = next_position + 1
+
+    def _choose(self, logits, options: ChatOptions, generator) -> int:
+        torch = self.torch
+        if options.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.cpu() / options.temperature, dim=-1)
+        if options.top_p < 1:
+            ordered, order = probs.sort(descending=True)
+            keep = ordered.cumsum(0) - ordered < options.top_p  # the smallest prefix reaching top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
+            probs = probs / probs.sum()
+        return int(torch.multinomial(probs, 1, generator=generator))
