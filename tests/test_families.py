@@ -12,6 +12,7 @@ from tritonkit.triton_config import Batching, Tensor
 # Every registered family needs a row: (family, ensemble roles it serves).
 FAMILY_ROWS = {
     "clip": {"image", "text"},
+    "llava": {"chat", "chat_stream"},
     "whisper": {""},
 }
 
@@ -20,7 +21,7 @@ def test_every_registered_family_has_a_test_row():
     assert set(registry()) == set(FAMILY_ROWS)
 
 
-@pytest.mark.parametrize("loaded_fixture", ["clip_loaded", "whisper_loaded"])
+@pytest.mark.parametrize("loaded_fixture", ["clip_loaded", "llava_loaded", "whisper_loaded"])
 def test_family_serves_its_ensembles_when_built(loaded_fixture, request, tmp_path):
     spec, loaded = request.getfixturevalue(loaded_fixture)
     onnx_files = {e.role: tmp_path / f"{e.role}.onnx" for e in spec.exports(loaded)}
@@ -29,7 +30,7 @@ def test_family_serves_its_ensembles_when_built(loaded_fixture, request, tmp_pat
 
 
 def test_get_family_names_the_choices_when_unknown():
-    with pytest.raises(UnknownFamilyError, match="choose one of: clip, whisper"):
+    with pytest.raises(UnknownFamilyError, match="choose one of: clip, llava, whisper"):
         get_family("siglip-nope")
 
 

@@ -25,17 +25,17 @@ def test_every_template_defines_a_batched_triton_python_model():
         assert issubclass(module.TritonPythonModel, BatchedModel), name
 
 
-def test_every_template_is_used_by_a_registered_family(clip_loaded, whisper_loaded, tmp_path):
+def test_every_template_is_used_by_a_registered_family(clip_loaded, whisper_loaded, llava_loaded, tmp_path):
     from tritonkit.families.base import BuildOptions
 
     used = set()
-    for spec, loaded in (clip_loaded, whisper_loaded):
+    for spec, loaded in (clip_loaded, whisper_loaded, llava_loaded):
         onnx = {e.role: tmp_path / f"{e.role}.onnx" for e in spec.exports(loaded)}
         for options in (BuildOptions(), BuildOptions(preprocessing="python"), BuildOptions(target="gpu")):
             for pipeline in spec.pipelines(loaded, onnx, tmp_path / spec.name, options):
                 used |= {stage.template for stage in pipeline.stages if stage.template}
     assert used == set(TEMPLATES)
-    assert set(registry()) == {"clip", "whisper"}
+    assert set(registry()) == {"clip", "llava", "whisper"}
 
 
 def test_rows_split_back_per_request_when_batched():
