@@ -14,8 +14,8 @@ import traceback
 import numpy as np
 
 from tritonkit.errors import InputError
-from tritonkit.llava_decoding import ChatGenerator, ChatOptions
-from tritonkit.runtime import LOGGER, BatchedModel, string_rows
+from tritonkit.llava_decoding import ChatGenerator, ChatOptions, chat_prompt
+from tritonkit.runtime import LOGGER, BatchedModel, concat_rows, string_rows
 
 
 class TritonPythonModel(BatchedModel):
@@ -82,8 +82,7 @@ class TritonPythonModel(BatchedModel):
     def prompt_text(self, prompt: str) -> str:
         if "<image>" in prompt:
             raise InputError(f"{self.prompt_input}: do not write <image>; the image goes in IMAGE", reason="bad_text")
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return chat_prompt(self.processor, prompt)
 
     def generate(self, batch, on_text=None):
         return self.generator.generate(
@@ -108,21 +107,18 @@ class TritonPythonModel(BatchedModel):
         import triton_python_backend_utils as pb_utils
 
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        senders, prepared = [], []
+        prepared = []
         for request in requests:
             sender = request.get_response_sender()
-            try:
-                prepared.append((sender, self.prepare(self.read_inputs(request))))
-            except InputError as exc:
-                self.metrics.rejected(exc.reason)
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=final)
-            except Exception as exc:
-                LOGGER.error("%s: unexpected error preparing a request:\n%s", self.model_name, traceback.format_exc())
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.model_name}: {exc}")), flags=final)
+            rows = self.prepare_request(request)
+            if isinstance(rows, dict):
+                prepared.append((sender, rows))
+            else:
+                sender.send(pb_utils.InferenceResponse(error=rows), flags=final)
         if not prepared:
             return None
         senders = [sender for sender, _ in prepared]
-        batch = {name: np.concatenate([rows[name] for _, rows in prepared]) for name in prepared[0][1]}
+        batch = concat_rows([rows for _, rows in prepared])
 
         def send_piece(row, piece):
             text = pb_utils.Tensor(self.text_output, np.array([[piece.encode()]], dtype=object))

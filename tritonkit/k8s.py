@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonkit import promql
 from tritonkit.errors import InputError
 from tritonkit.repository import read_repository
+from tritonkit.triton_config import instance_count
 
 # NGC release 24.10 ships tritonserver 2.51, the version tritonkit is tested against.
 DEFAULT_TRITON_RELEASE = "24.10"
@@ -77,7 +78,6 @@ class RepositoryFacts:
     """What the manifests need to know about a repository."""
 
     models: tuple[str, ...]
-    ensembles: tuple[str, ...]
     steps: dict[str, tuple[str, ...]]  # ensemble -> the models it runs
     cached_ensembles: tuple[str, ...]
     python_instances: int
@@ -95,19 +95,21 @@ class RepositoryFacts:
         for config in configs.values():
             if config.platform == "ensemble":
                 continue
-            groups = config.instance_group or [mc.ModelInstanceGroup(count=1)]
             if config.backend == "python":
-                python += sum(max(g.count, 1) for g in groups)
-            gpu |= any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in groups)
+                python += instance_count(config)
+            gpu |= any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
         return cls(
             models=tuple(sorted(configs)),
-            ensembles=tuple(sorted(ensembles)),
             steps={n: tuple(s.model_name for s in configs[n].ensemble_scheduling.step) for n in sorted(ensembles)},
             cached_ensembles=tuple(sorted(n for n in ensembles if configs[n].response_cache.enable)),
             python_instances=python,
             needs_gpu=gpu,
             backends=tuple(sorted({c.backend for c in configs.values() if c.backend})),
         )
+
+    @property
+    def ensembles(self) -> tuple[str, ...]:
+        return tuple(self.steps)
 
 
 def shm_size(facts: RepositoryFacts) -> str:
@@ -117,8 +119,13 @@ def shm_size(facts: RepositoryFacts) -> str:
     return f"{max(1024, 256 * facts.python_instances)}Mi"
 
 
+def _selector(options: K8sOptions) -> dict[str, str]:
+    """The label that picks this deployment's pods."""
+    return {"app.kubernetes.io/name": options.name}
+
+
 def _labels(options: K8sOptions) -> dict[str, str]:
-    return {"app.kubernetes.io/name": options.name, "app.kubernetes.io/part-of": "tritonkit"}
+    return {**_selector(options), "app.kubernetes.io/part-of": "tritonkit"}
 
 
 def _metadata(options: K8sOptions, suffix: str = "", **extra) -> dict:
@@ -207,7 +214,7 @@ def deployment(options: K8sOptions, facts: RepositoryFacts) -> dict:
     }
     if env_from:
         container["envFrom"] = env_from
-    selector = {"app.kubernetes.io/name": options.name}
+    selector = _selector(options)
     pod_spec = {
         "securityContext": {
             "runAsNonRoot": True,
@@ -258,7 +265,7 @@ def service(options: K8sOptions) -> dict:
         "metadata": _metadata(options),
         "spec": {
             "type": "ClusterIP",
-            "selector": {"app.kubernetes.io/name": options.name},
+            "selector": _selector(options),
             "ports": [
                 {"name": "http", "port": PORTS["http"], "targetPort": "http", "protocol": "TCP"},
                 {"name": "grpc", "port": PORTS["grpc"], "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
@@ -300,7 +307,7 @@ def pod_disruption_budget(options: K8sOptions) -> dict:
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": _metadata(options),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": options.name}}},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(options)}},
     }
 
 
@@ -310,7 +317,7 @@ def service_monitor(options: K8sOptions) -> dict:
         "kind": "ServiceMonitor",
         "metadata": _metadata(options),
         "spec": {
-            "selector": {"matchLabels": {"app.kubernetes.io/name": options.name}},
+            "selector": {"matchLabels": _selector(options)},
             "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
         },
     }

@@ -11,8 +11,7 @@ one of its stop strings (the text is cut before it).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -41,15 +40,6 @@ class ChatOptions:
             raise InputError(f"STOP: up to {MAX_STOP_STRINGS} non-empty strings", reason="bad_option")
         return self
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "ChatOptions":
-        data = json.loads(text)
-        data["stop"] = tuple(data.get("stop", ()))
-        return cls(**data)
-
 
 @dataclass
 class Generated:
@@ -58,6 +48,12 @@ class Generated:
     steps: int = 0
     finished: bool = False
     emitted: int = 0  # characters of `text` already streamed
+
+
+def chat_prompt(processor, prompt: str) -> str:
+    """The model's chat template around one image and the user's prompt, ready for generation."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -136,15 +132,12 @@ class ChatGenerator:
             next_position = position_ids[:, -1:] + 1
             while True:
                 chosen = []
-                for i, (row_logits, o) in enumerate(zip(logits, options)):
-                    if results[i].finished:
+                for i, (row_logits, result) in enumerate(zip(logits, results)):
+                    if result.finished:
                         chosen.append(self.pad_id)
                         continue
-                    chosen.append(self._choose(row_logits, o, generators[i]))
-                for i, token in enumerate(chosen):
-                    result = results[i]
-                    if result.finished:
-                        continue
+                    token = self._choose(row_logits, options[i], generators[i])
+                    chosen.append(token)
                     result.steps += 1
                     if token in self.eos:
                         result.finished = True

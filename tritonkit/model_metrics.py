@@ -61,12 +61,13 @@ class ModelMetrics:
             self._metrics[key] = family.Metric(**arguments)
         return self._metrics[key]
 
-    def preprocessed(self, seconds: float, input_bytes: dict[str, int]) -> None:
-        if self._pb is None or self.role != "preprocess":
-            return
-        self._metric(PREPROCESS_SECONDS, "HISTOGRAM", SECONDS_BUCKETS).observe(seconds)
-        for name, size in input_bytes.items():
-            self._metric(INPUT_BYTES, "HISTOGRAM", BYTES_BUCKETS, input=name).observe(float(size))
+    def received(self, tensor: str, size: int) -> None:
+        if self._pb is not None and self.role == "preprocess":
+            self._metric(INPUT_BYTES, "HISTOGRAM", BYTES_BUCKETS, input=tensor).observe(float(size))
+
+    def preprocessed(self, seconds: float) -> None:
+        if self._pb is not None and self.role == "preprocess":
+            self._metric(PREPROCESS_SECONDS, "HISTOGRAM", SECONDS_BUCKETS).observe(seconds)
 
     def rejected(self, reason: str) -> None:
         if self._pb is not None:

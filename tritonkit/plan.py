@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from tritonkit.errors import InputError
 from tritonkit.families.base import PLAN_DIMS_PARAMETER
-from tritonkit.repository import read_repository
+from tritonkit.repository import VERSION, read_repository
+from tritonkit.triton_config import instance_count
 
 HOURS_PER_MONTH = 730
 BATCH_DIM = "batch"
@@ -95,20 +96,20 @@ def graph_memory(path: Path, dims: dict[str, int]) -> GraphMemory:
     live = {v.name for v in inferred.graph.input if v.name not in initializer_names}
     unsized = {name for name in live if sizes.get(name) is None}
 
-    def live_bytes() -> int:
-        return sum(sizes.get(name) or 0 for name in live)
-
-    peak = live_bytes()
+    live_bytes = sum(sizes.get(name) or 0 for name in live)
+    peak = live_bytes
     for index, node in enumerate(nodes):
         for name in node.output:
-            if name:
+            if name and name not in live:
                 live.add(name)
+                live_bytes += sizes.get(name) or 0
                 if sizes.get(name) is None:
                     unsized.add(name)
-        peak = max(peak, live_bytes())
+        peak = max(peak, live_bytes)
         for name in node.input:
             if name in live and last_use.get(name) == index and name not in outputs:
                 live.discard(name)
+                live_bytes -= sizes.get(name) or 0
     return GraphMemory(path.name, weights, peak, len(unsized), tuple(sorted(assumed)))
 
 
@@ -183,7 +184,7 @@ def model_plans(repository: Path, overhead_bytes: int = 300 * 2**20, dims: dict[
     for name, config in read_repository(repository).items():
         if config.platform == "ensemble":
             continue
-        version_dir = Path(repository) / name / "1"
+        version_dir = Path(repository) / name / VERSION
         bound = {BATCH_DIM: max(config.max_batch_size, 1)}
         recorded = config.parameters.get(PLAN_DIMS_PARAMETER)
         if recorded is not None:
@@ -200,7 +201,7 @@ def model_plans(repository: Path, overhead_bytes: int = 300 * 2**20, dims: dict[
                 workspace = max(workspace, memory.workspace_bytes)  # graphs of one model run one after another
             else:
                 weights += path.stat().st_size
-        instances = sum(max(g.count, 1) for g in config.instance_group) or 1
+        instances = instance_count(config)
         plans.append(ModelPlan(name, instances, config.max_batch_size, weights, workspace, overhead_bytes, tuple(graphs)))
     if not plans:
         raise InputError(f"{repository}: no models to plan for", hint="build one with `tritonkit build`")
@@ -252,7 +253,7 @@ def make_plan(
         if qps is not None:
             replicas = max(1, math.ceil(qps / (throughput.requests_per_s * utilization)))
         cost = replicas * plan.gpus_per_replica * gpu_hour_price * HOURS_PER_MONTH if replicas and gpu_hour_price else None
-        plan = Plan(**{**plan.__dict__, "qps": qps, "throughput": throughput, "replicas": replicas, "monthly_cost": cost})
+        plan = replace(plan, qps=qps, throughput=throughput, replicas=replicas, monthly_cost=cost)
     return plan
 
 

@@ -108,30 +108,37 @@ class BatchedModel:
                 inputs[name] = tensor.as_numpy()
         return inputs
 
+    def prepare_request(self, request):
+        """One request's rows, or the TritonError to answer it with (a bad input fails it alone)."""
+        import triton_python_backend_utils as pb_utils
+
+        try:
+            inputs = self.read_inputs(request)
+            first = inputs.get(self.input_names[0])
+            size = encoded_size(first) if first is not None else None
+            if size is not None:
+                self.metrics.received(self.input_names[0], size)
+            return self.prepare(inputs)
+        except InputError as exc:
+            self.metrics.rejected(exc.reason)
+            return pb_utils.TritonError(str(exc))
+        except Exception as exc:  # a bug must not take the batch down either
+            LOGGER.error("%s: unexpected error preparing a request:\n%s", self.model_name, traceback.format_exc())
+            return pb_utils.TritonError(f"{self.model_name}: internal error: {exc}")
+
     def execute(self, requests):
         import triton_python_backend_utils as pb_utils
 
         responses: list = [None] * len(requests)
         prepared: list[tuple[int, dict[str, np.ndarray]]] = []
         seconds = [0.0] * len(requests)  # per request: its own decoding plus its share of the batch
-        sizes: list[dict[str, int]] = [{} for _ in requests]
         for index, request in enumerate(requests):
             began = time.perf_counter()
-            try:
-                inputs = self.read_inputs(request)
-                first = inputs.get(self.input_names[0])
-                size = encoded_size(first) if first is not None else None
-                if size is not None:
-                    sizes[index][self.input_names[0]] = size
-                prepared.append((index, self.prepare(inputs)))
-            except InputError as exc:
-                self.metrics.rejected(exc.reason)
-                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
-            except Exception as exc:  # a bug must not take the batch down either
-                LOGGER.error("%s: unexpected error preparing a request:\n%s", self.model_name, traceback.format_exc())
-                responses[index] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"{self.model_name}: internal error: {exc}")
-                )
+            rows = self.prepare_request(request)
+            if isinstance(rows, dict):
+                prepared.append((index, rows))
+            else:
+                responses[index] = pb_utils.InferenceResponse(error=rows)
             seconds[index] = time.perf_counter() - began
         if prepared:
             counts = [len(next(iter(rows.values()))) for _, rows in prepared]
@@ -166,8 +173,8 @@ class BatchedModel:
                     responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
                 else:
                     responses[index] = pb_utils.InferenceResponse(error=result)
-        for index in range(len(requests)):
-            self.metrics.preprocessed(seconds[index], sizes[index])
+        for request_seconds in seconds:
+            self.metrics.preprocessed(request_seconds)
         return responses
 
     def finalize(self) -> None:

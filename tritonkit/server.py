@@ -149,7 +149,6 @@ class TritonServer:
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = field(default=None, init=False)
-    restarts: int = field(default=0, init=False)
 
     @property
     def grpc_url(self) -> str:
@@ -326,7 +325,6 @@ class TritonServer:
                 if stopping():  # SIGTERM during the restart
                     return self.process.returncode
                 raise
-            self.restarts += 1
             report(f"tritonserver restarted: serving again {time.monotonic() - lost_at:.1f} s after the process died")
             stubs = self.stub_pids()
 

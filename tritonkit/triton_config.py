@@ -209,6 +209,11 @@ def read_config(model_dir: Path) -> model_config_pb2.ModelConfig:
     return parse_text(path.read_text(), str(path))
 
 
+def instance_count(config: model_config_pb2.ModelConfig) -> int:
+    """Instances Triton runs of a model (an instance group without a count runs one)."""
+    return sum(max(group.count, 1) for group in config.instance_group) or 1
+
+
 def parameter(config: model_config_pb2.ModelConfig, key: str, default: str | None = None) -> str | None:
     if key in config.parameters:
         return config.parameters[key].string_value

@@ -231,15 +231,13 @@ class LlavaSpec(FamilySpec):
                              heldout={"vision_encoder": feeds(heldout)}, source=source)
 
     # -- reference (tests) -----------------------------------------------------------------
-    def prompt_text(self, loaded: LoadedLlava, prompt: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return loaded.processor.apply_chat_template(conversation, add_generation_prompt=True)
-
     def reference_tokens(self, loaded: LoadedLlava, pixel_values: np.ndarray, prompt: str, max_new_tokens: int) -> list[int]:
         """transformers `generate` (greedy) on these pixels: the tokens the chat ensemble must return."""
         import torch
 
-        text = self.prompt_text(loaded, prompt)
+        from tritonkit.llava_decoding import chat_prompt
+
+        text = chat_prompt(loaded.processor, prompt)
         image_tokens = "<image>" * loaded.image_tokens
         ids = loaded.processor.tokenizer(text.replace("<image>", image_tokens), return_tensors="pt")["input_ids"]
         with torch.no_grad():
