@@ -5,17 +5,16 @@ optional MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SEED, STOP. Output: TEXT. In a deco
 (`model_transaction_policy { decoupled: true }`, the NAME_chat_stream ensemble) every request gets
 its text piece by piece as tokens are generated, then an empty final response. Parameters:
 `language_model_dir`, `processor_dir`, `max_new_tokens` (default and limit), `image_token_id`,
-`eos_token_ids` (JSON), `device` (cpu or cuda). See `tritonkit.llava_decoding`.
+`eos_token_ids` (JSON), `device` (cpu or cuda), `max_prompt_bytes`. See `tritonkit.llava_decoding`.
 """
 
 import json
-import traceback
 
 import numpy as np
 
 from tritonkit.errors import InputError
-from tritonkit.llava_decoding import ChatGenerator, ChatOptions, chat_prompt
-from tritonkit.runtime import LOGGER, BatchedModel, concat_rows, string_rows
+from tritonkit.llava_decoding import DEFAULT_MAX_PROMPT_BYTES, ChatGenerator, ChatOptions, chat_prompt
+from tritonkit.runtime import BatchedModel, concat_rows, string_rows
 
 
 class TritonPythonModel(BatchedModel):
@@ -35,6 +34,7 @@ class TritonPythonModel(BatchedModel):
             json.loads(self.parameters["eos_token_ids"]), device,
         )
         self.max_new_tokens = int(self.parameters["max_new_tokens"])
+        self.max_prompt_bytes = int(self.parameters.get("max_prompt_bytes", DEFAULT_MAX_PROMPT_BYTES))
         self.decoupled = bool(self.model_config.get("model_transaction_policy", {}).get("decoupled", False))
         (self.features_input, self.prompt_input, self.max_tokens_input, self.temperature_input, self.top_p_input,
          self.seed_input, self.stop_input) = self.input_names
@@ -64,6 +64,12 @@ class TritonPythonModel(BatchedModel):
 
     def prepare(self, inputs):
         features = inputs[self.features_input]
+        for raw in inputs[self.prompt_input].reshape(-1):
+            if len(raw) > self.max_prompt_bytes:
+                raise InputError(
+                    f"{self.prompt_input}: {len(raw)} bytes exceeds the {self.max_prompt_bytes} byte limit "
+                    "(max_prompt_bytes; rebuild with --max-prompt-bytes to change it)", reason="too_long",
+                )
         prompts = string_rows(inputs[self.prompt_input], self.prompt_input)
         if len(prompts) != len(features):
             raise InputError(f"{self.prompt_input}: {len(prompts)} prompts for {len(features)} images", reason="bad_option")
@@ -76,7 +82,10 @@ class TritonPythonModel(BatchedModel):
             self.generator.prompt_ids(self.prompt_text(prompt), features.shape[1]) for prompt in prompts
         ]
         packed = np.empty(len(prompts), dtype=object)
-        packed[:] = options
+        packed[:] = [
+            self.generator.fit(row_ids, features.shape[1], row_options, self.max_new_tokens)
+            for row_ids, row_options in zip(ids, options)
+        ]
         return {self.features_input: features, "prompt_ids": ids, "options": packed}
 
     def prompt_text(self, prompt: str) -> str:
@@ -114,24 +123,39 @@ class TritonPythonModel(BatchedModel):
             if isinstance(rows, dict):
                 prepared.append((sender, rows))
             else:
-                sender.send(pb_utils.InferenceResponse(error=rows), flags=final)
-        if not prepared:
-            return None
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(rows)), flags=final)
+        if prepared:
+            self.stream(prepared)
+        return None
+
+    def stream(self, prepared) -> None:
+        """Generate for every request together, sending pieces as they come. When the batch fails,
+        the requests that had received nothing yet are generated again alone; one that had already
+        received text gets an error of its own (its text cannot be taken back)."""
+        import triton_python_backend_utils as pb_utils
+
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         senders = [sender for sender, _ in prepared]
-        batch = concat_rows([rows for _, rows in prepared])
+        started = [False] * len(prepared)
 
         def send_piece(row, piece):
             text = pb_utils.Tensor(self.text_output, np.array([[piece.encode()]], dtype=object))
             senders[row].send(pb_utils.InferenceResponse(output_tensors=[text]))
+            started[row] = True
 
         try:
-            results = self.generate(batch, send_piece)
+            results = self.generate(concat_rows([rows for _, rows in prepared]), send_piece)
         except Exception as exc:
-            LOGGER.error("%s: batch failed:\n%s", self.model_name, traceback.format_exc())
-            for sender in senders:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.model_name}: {exc}")), flags=final)
-            return None
+            message = self.failure(exc, "a streamed batch")
+            if len(prepared) > 1:
+                for (sender, rows), sent in zip(prepared, started):
+                    if sent:
+                        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=final)
+                    else:
+                        self.stream([(sender, rows)])
+            else:
+                senders[0].send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=final)
+            return
         for sender, result in zip(senders, results):
             self.metrics.decoded(tokens=len(result.tokens), steps=result.steps)
             sender.send(flags=final)
-        return None

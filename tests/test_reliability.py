@@ -63,7 +63,8 @@ def test_killed_stub_fails_requests_in_flight_fast_and_serve_brings_the_model_ba
     grpc_port = free_port()
     serve = subprocess.Popen(
         [sys.executable, "-m", "tritonkit.cli", "serve", str(clip_repository), "--grpc-port", str(grpc_port),
-         "--http-port", str(free_port()), "--metrics-port", str(free_port()), "--log-file", str(tmp_path / "server.log")],
+         "--http-port", str(free_port()), "--metrics-port", str(free_port()), "--log-file", str(tmp_path / "server.log"),
+         "--cache-mb", "0"],  # the response cache would answer the repeated image without the encoder
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     image = encode_image(random_image(200, 260, seed=9), "JPEG")
@@ -103,7 +104,7 @@ def test_killed_stub_fails_requests_in_flight_fast_and_serve_brings_the_model_ba
         assert max(seconds for _, seconds in results) < 30, "a request hung after the stub died"
         assert serve.stdout.readline().startswith(f"tritonkit: a Python-backend process died (pid {stub}); restarting")
         restarted = serve.stdout.readline()
-        assert restarted.startswith("tritonkit: tritonserver restarted: serving again"), restarted
+        assert restarted.startswith("tritonkit: tritonserver restarted (restart 1): serving again"), restarted
         assert call(0)[0] == "ok"
         recovered = time.monotonic() - killed_at
         print(f"served again {recovered:.1f} s after the stub was killed ({restarted.strip()})")
@@ -150,3 +151,113 @@ def test_a_build_killed_at_any_moment_leaves_the_previous_repository_servable(ti
                    check=True, capture_output=True, timeout=600)
     assert not list(tmp_path.glob(".repo.staging-*"))
     assert {name: str(config) for name, config in read_repository(out).items()} == before  # same inputs, same configs
+
+
+def tritonserver_pid(serve_pid: int) -> int:
+    """The tritonserver process `tritonkit serve` runs now."""
+    from tritonkit.server import process_tree_rss
+
+    for pid in process_tree_rss(serve_pid):
+        try:
+            command = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if command[0].endswith(b"bin/tritonserver"):
+            return pid
+    raise AssertionError("tritonkit serve runs no tritonserver")
+
+
+def start_serve(repository: Path, tmp_path: Path, *args: str):
+    from tests.conftest import free_port
+
+    grpc_port, metrics_port = free_port(), free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "tritonkit.cli", "serve", str(repository), "--grpc-port", str(grpc_port),
+         "--http-port", str(free_port()), "--metrics-port", str(metrics_port), "--log-file", str(tmp_path / "server.log"),
+         *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    line = serve.stdout.readline()
+    assert line.startswith("tritonkit: ready:"), line
+    return serve, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics"
+
+
+def stop_serve(serve) -> int:
+    serve.send_signal(signal.SIGTERM)
+    try:
+        return serve.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        serve.kill()
+        return serve.wait()
+
+
+def test_killed_tritonserver_under_load_fails_requests_fast_and_is_restarted(clip_repository, tmp_path):
+    """A crash of tritonserver itself (what a bad request once caused) is recovered like a lost stub."""
+    import urllib.request
+
+    serve, url, metrics_url = start_serve(clip_repository, tmp_path, "--cache-mb", "0")  # the encoder runs each time
+    image = encode_image(random_image(200, 260, seed=9), "JPEG")
+
+    def call():
+        began = time.monotonic()
+        try:
+            with TritonkitClient(url, timeout_s=60) as client:
+                client.embed_images([image])
+            return "ok", time.monotonic() - began
+        except InferenceError as exc:
+            return str(exc), time.monotonic() - began
+
+    try:
+        server_pid = tritonserver_pid(serve.pid)
+        stop_load = threading.Event()
+
+        def load():
+            results = []
+            while not stop_load.is_set():
+                results.append(call())
+            return results
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            futures = [pool.submit(load) for _ in range(8)]
+            time.sleep(2)
+            os.kill(server_pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            time.sleep(1)
+            stop_load.set()
+            results = [r for f in futures for r in f.result()]
+        failed = [seconds for r, seconds in results if r != "ok"]
+        assert failed, "no request was in flight when the server died"
+        assert max(failed) < 10, f"a request took {max(failed):.1f} s to fail after the server died"
+        died = serve.stdout.readline()
+        assert died.startswith("tritonkit: tritonserver exited with signal 9 (SIGKILL); restarting tritonserver"), died
+        restarted = serve.stdout.readline()
+        assert restarted.startswith("tritonkit: tritonserver restarted (restart 1): serving again"), restarted
+        assert call()[0] == "ok"
+        print(f"served again {time.monotonic() - killed_at:.1f} s after tritonserver was killed ({restarted.strip()})")
+        assert tritonserver_pid(serve.pid) != server_pid
+        scraped = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+        restarts = [line for line in scraped.splitlines() if line.startswith("tritonkit_server_restarts{")]
+        assert restarts and all(line.endswith(" 1") for line in restarts), restarts
+    finally:
+        code = stop_serve(serve)
+    assert code == 0
+
+
+def test_a_crash_loop_ends_serve_with_the_servers_last_log_lines(tmp_path):
+    from tests.test_batch_isolation import write_faulty_repository
+
+    repository = write_faulty_repository(tmp_path / "repository")
+    serve, url, _ = start_serve(repository, tmp_path, "--max-restarts", "1", "--restart-window", "600")
+    try:
+        os.kill(tritonserver_pid(serve.pid), signal.SIGKILL)
+        assert serve.stdout.readline().startswith("tritonkit: tritonserver exited with signal 9 (SIGKILL); restarting")
+        assert serve.stdout.readline().startswith("tritonkit: tritonserver restarted (restart 1)")
+        os.kill(tritonserver_pid(serve.pid), signal.SIGKILL)
+        output = serve.communicate(timeout=60)[0]
+    finally:
+        if serve.poll() is None:
+            stop_serve(serve)
+    assert serve.returncode == 2
+    assert "error: tritonserver exited with signal 9 (SIGKILL): 2 crashes within 600 s, not restarting again" in output
+    assert "its last log lines:" in output and "Started GRPCInferenceService" in output  # the log's tail, verbatim
+    assert f"[log: {tmp_path / 'server.log'}]" in output

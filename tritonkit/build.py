@@ -81,7 +81,7 @@ def build(
         options = dataclasses.replace(options, precision=variant)
         progress(f"writing the {options.target} repository's pipelines ({options.preprocessing} preprocessing)")
         pipelines = spec.pipelines(loaded, onnx_files, staging / "assets", options)
-        models = plan_models(name, pipelines, overrides)
+        models = plan_models(name, pipelines, overrides, options.max_request_bytes or spec.max_request_bytes)
         for m in models:  # the reports travel with the graphs they judge
             onnx = [Path(f) for name, f in m.files.items() if str(name).endswith(".onnx")]
             if onnx:

@@ -31,6 +31,13 @@ MetricsPort = Annotated[int, typer.Option("--metrics-port", help="Prometheus met
 Url = Annotated[str, typer.Option("--url", help="Server gRPC address host:port.")]
 
 
+def labelled(label: str, style: str, text: str) -> None:
+    """`label text` on stderr; the text is plain (a "[log: PATH]" or a log line's brackets are not markup)."""
+    from rich.text import Text
+
+    console.print(Text.assemble((label, style), " ", text), highlight=False)
+
+
 def _int_list(text: Optional[str]) -> Optional[tuple[int, ...]]:
     if text is None:
         return None
@@ -58,6 +65,9 @@ def build(
     image_formats: Annotated[Optional[str], typer.Option(help="Accepted image formats, e.g. jpeg,png,webp,bmp,tiff (gif: python only).")] = None,
     max_image_bytes: Annotated[Optional[int], typer.Option(help="Largest accepted encoded image.")] = None,
     max_image_pixels: Annotated[Optional[int], typer.Option(help="Largest accepted image area (decompression bombs fail).")] = None,
+    max_resize_pixels: Annotated[Optional[int], typer.Option(help="Largest image area after the resize before the crop (very elongated images fail; default 16000000).")] = None,
+    max_request_bytes: Annotated[Optional[int], typer.Option(help="Largest request in all (its files and strings; default 64 MiB, Whisper 256 MiB).")] = None,
+    max_prompt_bytes: Annotated[Optional[int], typer.Option(help="Chat: largest prompt, checked before tokenizing (default 65536); its tokens must also fit the context.")] = None,
     exif_orientation: Annotated[Optional[bool], typer.Option("--exif-orientation/--ignore-exif-orientation", help="Turn images upright by their EXIF orientation (default: yes).")] = None,
     max_audio_seconds: Annotated[Optional[float], typer.Option(help="Longest accepted audio file (default 600).")] = None,
     dali_threads: Annotated[int, typer.Option(help="CPU threads of each DALI pipeline.")] = 1,
@@ -89,6 +99,7 @@ def build(
         "formats": tuple(f.strip() for f in image_formats.split(",") if f.strip()) if image_formats else None,
         "max_bytes": max_image_bytes,
         "max_pixels": max_image_pixels,
+        "max_resize_pixels": max_resize_pixels,
         "exif_orientation": exif_orientation,
     }
     options = BuildOptions(
@@ -96,6 +107,8 @@ def build(
         preprocessing=preprocessing,
         image={k: v for k, v in image_options.items() if v is not None},
         max_audio_seconds=max_audio_seconds,
+        max_request_bytes=max_request_bytes,
+        max_prompt_bytes=max_prompt_bytes,
         dali_threads=dali_threads,
         engine=engine,
     )
@@ -109,7 +122,7 @@ def build(
 
         def progress(message: str) -> None:
             status.update(message)
-            console.print(message, highlight=False)
+            console.print(message, highlight=False, markup=False)
 
         result = run_build(
             family, model, out, name=name, overrides=overrides, options=options, precision=precision_options,
@@ -128,7 +141,9 @@ def serve(
     log_file: Annotated[Optional[Path], typer.Option(help="Where tritonserver's log goes.")] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for all models to load.")] = 600,
     cache_mb: Annotated[int, typer.Option(help="Response cache size in MiB (embedding ensembles use it); 0 turns it off.")] = 256,
-    supervise: Annotated[bool, typer.Option(help="Restart tritonserver when a Python-backend process dies (Triton does not).")] = True,
+    supervise: Annotated[bool, typer.Option(help="Restart tritonserver when it dies or a Python-backend process does (Triton does not).")] = True,
+    max_restarts: Annotated[int, typer.Option(help="Crash loop: give up after more than this many restarts within --restart-window.")] = 5,
+    restart_window: Annotated[float, typer.Option(help="Seconds over which --max-restarts counts crashes.")] = 300,
 ):
     """Run tritonserver on a repository in the foreground; Ctrl-C stops it."""
     from tritonkit.repository import list_models
@@ -162,7 +177,7 @@ def serve(
     )
     code = server.serve_forever(
         supervise, stopping=lambda: bool(stopping), report=lambda message: print(f"tritonkit: {message}", flush=True),
-        ready_timeout=ready_timeout,
+        ready_timeout=ready_timeout, max_restarts=max_restarts, restart_window_s=restart_window,
     )
     server.stop()
     if stopping:
@@ -300,9 +315,9 @@ def check(
         raise InputError(f"--target {target!r}: use cpu or gpu")
     report = check_repository(repository, target)
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        labelled("warning:", "yellow", str(warning))
     for error in report.errors:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        labelled("error:", "red", str(error))
     verdict = "ok" if report.ok else f"{len(report.errors)} error(s)"
     print(f"{repository}: {len(report.models)} models checked: {verdict}")
     if not report.ok:
@@ -391,7 +406,7 @@ def plan(
     for line in lines:
         print(line)
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        labelled("note:", "yellow", str(note))
     if json_out:
         json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
 
@@ -481,7 +496,7 @@ def bench(
                               f"{m.compute_infer_ms:.2f}", f"{m.compute_output_ms:.2f}", str(m.cache_hits), sizes)
         console.print(breakdown)
         if r.first_error:
-            console.print(f"[red]first error:[/red] {r.first_error}", highlight=False)
+            labelled("first error:", "red", str(r.first_error))
     if json_out:
         load.write_json(results, json_out, {"model": model, "url": url, "inputs": len(items)})
     if plot:
@@ -534,7 +549,7 @@ def main() -> None:
     except TritonkitError as exc:
         if os.environ.get("TRITONKIT_DEBUG") == "1":
             raise
-        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        labelled("error:", "red", str(exc))
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -2,6 +2,25 @@
 
 from __future__ import annotations
 
+# gRPC carries an error in its trailers (8 KiB soft limit by default) and HTTP servers cap header
+# sizes too: every message a served model returns stays below this, and echoed values far below.
+MAX_MESSAGE_CHARS = 1000
+MAX_SHOWN_CHARS = 40
+
+
+def shown(value: object, limit: int = MAX_SHOWN_CHARS) -> str:
+    """`repr(value)` cut to `limit` characters, for echoing a client's value in a message."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    length = f" ({len(value)} characters)" if isinstance(value, (str, bytes)) else ""
+    return f"{text[: limit - 3]}...{length}"
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A message cut to `limit` characters (what a served model's error may carry)."""
+    return message if len(message) <= limit else message[: limit - 20] + f"... [{len(message) - limit + 20} more]"
+
 
 class TritonkitError(Exception):
     """Base of every error tritonkit raises on purpose.

@@ -11,7 +11,7 @@ one of its stop strings (the text is cut before it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,6 +19,13 @@ import numpy as np
 from tritonkit.errors import InputError
 
 MAX_STOP_STRINGS = 16
+DEFAULT_MAX_PROMPT_BYTES = 64 * 1024  # checked before tokenizing; the token count is checked after
+MAX_STOP_CHARS = 256
+# Sampling temperatures: below the floor the logits divided by it overflow float32 (1e-40 gave
+# inf and NaN probabilities), so such a temperature decodes greedily, as vLLM treats them; the
+# ceiling is OpenAI's.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -30,14 +37,19 @@ class ChatOptions:
     stop: tuple[str, ...] = field(default=())
 
     def validate(self, limit: int) -> "ChatOptions":
+        """These options checked against the decoder's limits; a temperature below MIN_TEMPERATURE is greedy."""
         if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= limit:
             raise InputError(f"MAX_NEW_TOKENS: must be between 1 and {limit}, got {self.max_new_tokens}", reason="bad_option")
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise InputError(f"TEMPERATURE: must be >= 0 (0 is greedy), got {self.temperature}", reason="bad_option")
+        if not np.isfinite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise InputError(f"TEMPERATURE: must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {self.temperature:g}",
+                             reason="bad_option")
         if not np.isfinite(self.top_p) or not 0 < self.top_p <= 1:
-            raise InputError(f"TOP_P: must be in (0, 1], got {self.top_p}", reason="bad_option")
-        if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
-            raise InputError(f"STOP: up to {MAX_STOP_STRINGS} non-empty strings", reason="bad_option")
+            raise InputError(f"TOP_P: must be in (0, 1], got {self.top_p:g}", reason="bad_option")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise InputError(f"STOP: up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters",
+                             reason="bad_option")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            return replace(self, temperature=0.0)
         return self
 
 
@@ -80,6 +92,7 @@ class ChatGenerator:
     def __init__(self, lm, tokenizer, image_token_id: int, eos_token_ids: Sequence[int], device: str = "cpu"):
         import torch
 
+        self.context_length = int(getattr(lm.config, "max_position_embeddings", 0) or 0)  # 0: unknown
         self.torch = torch
         self.lm = lm
         self.tokenizer = tokenizer
@@ -98,6 +111,23 @@ class ChatGenerator:
                              reason="bad_text")
         at = ids.index(self.image_token_id)
         return ids[:at] + [self.image_token_id] * image_tokens + ids[at + 1 :]
+
+    def fit(self, ids: list[int], image_tokens: int, options: ChatOptions, default_max_new_tokens: int) -> ChatOptions:
+        """The options with MAX_NEW_TOKENS fitted into the context: an explicit one must fit whole
+        beside the prompt; the default is cut to what is left. InputError when nothing fits."""
+        if not self.context_length:
+            return options
+        left = self.context_length - len(ids)
+        wanted = options.max_new_tokens or default_max_new_tokens
+        if options.max_new_tokens is not None and wanted > left or left < 1:
+            raise InputError(
+                f"PROMPT: {len(ids) - image_tokens} prompt tokens + {image_tokens} image tokens + "
+                f"{wanted if options.max_new_tokens is not None else 1} new tokens exceed the model's "
+                f"{self.context_length}-token context; shorten the prompt"
+                + (" or lower MAX_NEW_TOKENS" if options.max_new_tokens is not None else ""),
+                reason="too_long",
+            )
+        return replace(options, max_new_tokens=min(wanted, left))
 
     def generate(
         self,
@@ -165,7 +195,9 @@ class ChatGenerator:
         torch = self.torch
         if options.temperature == 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits.cpu() / options.temperature, dim=-1)
+        probs = torch.softmax(logits.cpu().double() / options.temperature, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # logits that were already inf or NaN: nothing to sample from
+            return int(logits.nan_to_num(nan=float("-inf")).argmax())
         if options.top_p < 1:
             ordered, order = probs.sort(descending=True)
             keep = ordered.cumsum(0) - ordered < options.top_p  # the smallest prefix reaching top_p

@@ -15,6 +15,7 @@ GENERATED_TOKENS = "tritonkit_generated_tokens_total"
 DECODE_STEPS = "tritonkit_decode_steps"
 CACHE_HITS = "tritonkit_feature_cache_hits_total"
 CACHE_MISSES = "tritonkit_feature_cache_misses_total"
+SERVER_RESTARTS = "tritonkit_server_restarts"
 
 SECONDS_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 BYTES_BUCKETS = [1e3, 1e4, 1e5, 1e6, 1e7, 1e8]
@@ -28,6 +29,7 @@ DESCRIPTIONS = {
     DECODE_STEPS: "Decoder steps one request took (all its windows)",
     CACHE_HITS: "Encoder rows answered from the feature cache (a repeated image)",
     CACHE_MISSES: "Encoder rows computed (not in the feature cache)",
+    SERVER_RESTARTS: "Times `tritonkit serve` restarted tritonserver (a crash, or a Python-backend process lost)",
 }
 
 
@@ -45,6 +47,17 @@ class ModelMetrics:
             self._pb = None
         else:
             self._pb = pb_utils if hasattr(pb_utils, "MetricFamily") else None
+        self._report_restarts()
+
+    def _report_restarts(self) -> None:
+        """Every model reports the supervisor's count (a gauge: instances set the same value)."""
+        import os
+
+        from tritonkit.server import RESTARTS_ENV
+
+        restarts = os.environ.get(RESTARTS_ENV)
+        if self._pb is not None and restarts is not None:
+            self._metric(SERVER_RESTARTS, "GAUGE").set(float(restarts))
 
     def _metric(self, name: str, kind: str, buckets: list[float] | None = None, **labels: str):
         key = (name, tuple(sorted(labels.items())))

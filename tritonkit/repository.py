@@ -29,6 +29,7 @@ from tritonkit.triton_config import (
 
 VERSION = "1"
 TEMPLATE_PARAMETER = "tritonkit_template"  # which model_repository_templates source a model.py is
+REQUEST_BYTES_PARAMETER = "max_request_bytes"
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,14 @@ def model_name(name: str, role: str) -> str:
     return f"{name}_{role}" if role else name
 
 
-def plan_models(name: str, pipelines: Sequence[Pipeline], overrides: BatchingOverrides = BatchingOverrides()) -> list[ModelFiles]:
-    """Configs and files of every model (composing models first, then ensembles)."""
+def plan_models(
+    name: str, pipelines: Sequence[Pipeline], overrides: BatchingOverrides = BatchingOverrides(),
+    max_request_bytes: int | None = None,
+) -> list[ModelFiles]:
+    """Configs and files of every model (composing models first, then ensembles).
+
+    `max_request_bytes` goes to every Python-backend model that reads a client's tensors, which
+    rejects a larger request before any work (`tritonkit.runtime.BatchedModel.request_bytes`)."""
     composing: dict[str, ModelFiles] = {}
     ensembles: list[ModelFiles] = []
     for pipeline in pipelines:
@@ -67,6 +74,9 @@ def plan_models(name: str, pipelines: Sequence[Pipeline], overrides: BatchingOve
                 parameters = dict(stage.parameters)
                 if stage.template is not None:
                     parameters[TEMPLATE_PARAMETER] = stage.template
+                    client_inputs = {t.name for t in pipeline.inputs} & {t.name for t in stage.inputs}
+                    if max_request_bytes and client_inputs:
+                        parameters[REQUEST_BYTES_PARAMETER] = str(max_request_bytes)
                 config = model_config(
                     stage_name, stage.inputs, stage.outputs, batching, parameters, backend=stage.backend, kind=stage.kind,
                     extra=stage.config_extra,

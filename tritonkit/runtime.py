@@ -20,7 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from tritonkit.dtypes import numpy_dtype
-from tritonkit.errors import InputError
+from tritonkit.errors import InputError, bounded
 from tritonkit.model_metrics import ModelMetrics
 
 LOGGER = logging.getLogger("tritonkit.runtime")
@@ -108,23 +108,79 @@ class BatchedModel:
                 inputs[name] = tensor.as_numpy()
         return inputs
 
-    def prepare_request(self, request):
-        """One request's rows, or the TritonError to answer it with (a bad input fails it alone)."""
-        import triton_python_backend_utils as pb_utils
+    def request_bytes(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Reject a request whose encoded inputs (bytes, strings) exceed `max_request_bytes`."""
+        limit = self.parameters.get("max_request_bytes")
+        if not limit:
+            return
+        total = sum(size for size in map(encoded_size, inputs.values()) if size is not None)
+        if total > int(limit):
+            raise InputError(
+                f"request: {total} bytes of input exceed the {int(limit)} byte limit "
+                "(max_request_bytes; rebuild with --max-request-bytes to change it)",
+                reason="too_large",
+            )
 
+    def prepare_request(self, request):
+        """One request's rows, or the message to fail it with (a bad input fails it alone)."""
         try:
             inputs = self.read_inputs(request)
             first = inputs.get(self.input_names[0])
             size = encoded_size(first) if first is not None else None
             if size is not None:
                 self.metrics.received(self.input_names[0], size)
+            self.request_bytes(inputs)
             return self.prepare(inputs)
-        except InputError as exc:
-            self.metrics.rejected(exc.reason)
-            return pb_utils.TritonError(str(exc))
         except Exception as exc:  # a bug must not take the batch down either
-            LOGGER.error("%s: unexpected error preparing a request:\n%s", self.model_name, traceback.format_exc())
-            return pb_utils.TritonError(f"{self.model_name}: internal error: {exc}")
+            return self.failure(exc, "preparing a request")
+
+    def failure(self, exc: Exception, doing: str) -> str:
+        """The message one request is failed with; an InputError is the client's, anything else a bug."""
+        if isinstance(exc, InputError):
+            self.metrics.rejected(exc.reason)
+            return bounded(str(exc))
+        LOGGER.error("%s: %s failed:\n%s", self.model_name, doing, traceback.format_exc())
+        return bounded(f"{self.model_name}: {exc}")
+
+    def run_requests(self, groups: list[dict[str, np.ndarray]]) -> list:
+        """`run` over every request's rows at once -> per request its outputs or an error message.
+
+        When the batch fails, each request is run again alone, so only the culpable one fails and
+        with its own message (an exception from the combined batch names none of them)."""
+        counts = [len(next(iter(rows.values()))) for rows in groups]
+        try:
+            return split_rows(self.run(concat_rows(groups)), counts)
+        except Exception as exc:
+            if len(groups) == 1:
+                return [self.failure(exc, "a request")]
+            LOGGER.warning("%s: a batch of %d requests failed (%s); running them one by one",
+                           self.model_name, len(groups), bounded(str(exc), 200))
+        results = []
+        for rows, count in zip(groups, counts):
+            try:
+                results.append(split_rows(self.run(rows), [count])[0])
+            except Exception as exc:
+                results.append(self.failure(exc, "a request"))
+        return results
+
+    def respond(self, result, rows: dict[str, np.ndarray]):
+        """One request's response: its tensors, or an error of its own (never one shared with batch mates)."""
+        import triton_python_backend_utils as pb_utils
+
+        if isinstance(result, dict):
+            try:
+                failed = [e for e in result.pop(ROW_ERRORS, ()) if e is not None]
+                if failed:
+                    raise failed[0] if isinstance(failed[0], Exception) else InputError(str(failed[0]))
+                result = self.finish(result, rows)
+                tensors = [
+                    pb_utils.Tensor(name, np.ascontiguousarray(value.astype(self.output_dtypes[name], copy=False)))
+                    for name, value in result.items()
+                ]
+                return pb_utils.InferenceResponse(output_tensors=tensors)
+            except Exception as exc:
+                result = self.failure(exc, "finishing a request")
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(result))
 
     def execute(self, requests):
         import triton_python_backend_utils as pb_utils
@@ -138,41 +194,16 @@ class BatchedModel:
             if isinstance(rows, dict):
                 prepared.append((index, rows))
             else:
-                responses[index] = pb_utils.InferenceResponse(error=rows)
+                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(rows))
             seconds[index] = time.perf_counter() - began
         if prepared:
             counts = [len(next(iter(rows.values()))) for _, rows in prepared]
             began = time.perf_counter()
-            try:
-                outputs = self.run(concat_rows([rows for _, rows in prepared]))
-                per_request = split_rows(outputs, counts)
-            except Exception as exc:
-                LOGGER.error("%s: batch failed:\n%s", self.model_name, traceback.format_exc())
-                error = pb_utils.TritonError(f"{self.model_name}: {exc}")
-                per_request = [error] * len(prepared)
+            results = self.run_requests([rows for _, rows in prepared])
             batch_seconds = time.perf_counter() - began
-            for (index, rows), count in zip(prepared, counts):
+            for (index, rows), count, result in zip(prepared, counts, results):
                 seconds[index] += batch_seconds * count / sum(counts)
-            for (index, rows), result in zip(prepared, per_request):
-                if isinstance(result, dict) and ROW_ERRORS in result:
-                    failed = [e for e in result.pop(ROW_ERRORS) if e is not None]
-                    if failed:
-                        self.metrics.rejected(getattr(failed[0], "reason", "invalid"))
-                        result = pb_utils.TritonError(str(failed[0]))
-                if isinstance(result, dict):
-                    try:
-                        result = self.finish(result, rows)
-                    except Exception as exc:
-                        LOGGER.error("%s: finishing a request failed:\n%s", self.model_name, traceback.format_exc())
-                        result = pb_utils.TritonError(f"{self.model_name}: {exc}")
-                if isinstance(result, dict):
-                    tensors = [
-                        pb_utils.Tensor(name, np.ascontiguousarray(value.astype(self.output_dtypes[name], copy=False)))
-                        for name, value in result.items()
-                    ]
-                    responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
-                else:
-                    responses[index] = pb_utils.InferenceResponse(error=result)
+                responses[index] = self.respond(result, rows)
         for request_seconds in seconds:
             self.metrics.preprocessed(request_seconds)
         return responses

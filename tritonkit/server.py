@@ -29,6 +29,13 @@ EXIT_TIMEOUT_S = 30
 # After a stub died the server is broken anyway: in-flight requests get this long, then it is killed.
 RESTART_GRACE_S = 5
 SUPERVISE_POLL_S = 1.0
+# Restarts back off (none before the first, then 1, 2, 4 ... s); more than MAX_RESTARTS crashes
+# within RESTART_WINDOW_S is a crash loop, and serve gives up with the server's last log lines.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 300.0
+MAX_BACKOFF_S = 30.0
+# The server's environment carries its restart count; tritonkit's models export it as a gauge.
+RESTARTS_ENV = "TRITONKIT_SERVER_RESTARTS"
 _ERROR_LINE = re.compile(r"^E\d{4} |failed to load|error:|UNAVAILABLE", re.IGNORECASE)
 # What a CPU-only machine always logs; not the reason anything failed.
 _BENIGN = re.compile(r"CudaDriverHelper|unable to create stream|CUDA driver|NVML|DCGM", re.IGNORECASE)
@@ -120,6 +127,16 @@ def process_tree_rss(pid: int) -> dict[int, int]:
     return rss
 
 
+def exit_description(code: int) -> str:
+    """'code 1', or 'signal 6 (SIGABRT)' for a process a signal ended."""
+    if code >= 0:
+        return f"code {code}"
+    try:
+        return f"signal {-code} ({signal.Signals(-code).name})"
+    except ValueError:
+        return f"signal {-code}"
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
@@ -149,6 +166,7 @@ class TritonServer:
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = field(default=None, init=False)
+    restarts: int = field(default=0, init=False)  # by serve_forever, since start
 
     @property
     def grpc_url(self) -> str:
@@ -222,11 +240,13 @@ class TritonServer:
         if self.log_file is None:
             self.log_file = self._workdir / "tritonserver.log"
         self._log = open(self.log_file, "wb" if check_ports else "ab")  # a restart keeps the earlier log
+        environment = server_environment(installation)
+        environment[RESTARTS_ENV] = str(self.restarts)
         self.process = subprocess.Popen(
             self.command(installation, self._workdir),
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=server_environment(installation),
+            env=environment,
             start_new_session=True,  # Ctrl-C reaches us; we forward a clean SIGTERM
         )
         return self
@@ -295,37 +315,59 @@ class TritonServer:
     def serve_forever(
         self, supervise: bool = True, stopping: Callable[[], bool] = lambda: False,
         report: Callable[[str], None] = lambda message: None, ready_timeout: float = 600,
+        max_restarts: int = MAX_RESTARTS, restart_window_s: float = RESTART_WINDOW_S,
     ) -> int:
-        """Wait for the server to exit; with `supervise`, restart it when a Python-backend stub dies.
+        """Wait for the server to exit; with `supervise`, restart it when it dies or a stub does.
 
-        Triton 2.51 does not restart a killed stub: its model would fail every request from then on,
-        while the readiness endpoint still answers 200. So the stub processes are watched directly,
-        and a lost one restarts the whole server on the same ports (model control mode stays none).
-        """
+        Triton 2.51 does not restart a killed Python-backend stub: its model would fail every
+        request from then on while the readiness endpoint still answers 200. So the stubs are
+        watched too, and a lost one restarts the whole server. Restarts keep the ports (model
+        control mode stays none); a crash loop ends in a ServerError with the last log lines."""
         stubs = self.stub_pids()
+        crashes: list[float] = []
         while True:
             try:
-                return self.process.wait(timeout=SUPERVISE_POLL_S)
+                code: int | None = self.process.wait(timeout=SUPERVISE_POLL_S)
             except subprocess.TimeoutExpired:
-                pass
-            if not supervise or stopping() or not stubs:
+                code = None
+            if stopping() or not supervise:
+                if code is not None:
+                    return code
                 continue
-            lost = stubs - self.stub_pids()
-            if not lost:
-                continue
-            lost_at = time.monotonic()
-            report(f"a Python-backend process died (pid {', '.join(map(str, sorted(lost)))}); restarting tritonserver")
-            self.stop(timeout=RESTART_GRACE_S)
+            if code is None:
+                lost = stubs - self.stub_pids() if stubs else set()
+                if not lost:
+                    continue
+                reason = f"a Python-backend process died (pid {', '.join(map(str, sorted(lost)))})"
+            else:
+                reason = f"tritonserver exited with {exit_description(code)}"
+            died_at = time.monotonic()
+            crashes = [t for t in crashes if died_at - t < restart_window_s] + [died_at]
+            self.stop(timeout=RESTART_GRACE_S)  # in-flight requests get this long; the rest is killed
+            if len(crashes) > max_restarts:
+                tail = "\n".join(self.logs().splitlines()[-20:])
+                raise ServerError(
+                    f"{reason}: {len(crashes)} crashes within {restart_window_s:.0f} s, not restarting again; "
+                    f"its last log lines:\n{tail}",
+                    log_path=str(self.log_file),
+                )
+            delay = min(2.0 ** (len(crashes) - 2), MAX_BACKOFF_S) if len(crashes) > 1 else 0.0
+            report(f"{reason}; restarting tritonserver" + (f" in {delay:g} s" if delay else ""))
+            while time.monotonic() < died_at + delay and not stopping():
+                time.sleep(0.1)
             if stopping():
                 return self.process.returncode
+            self.restarts += 1
             self.start(check_ports=False)
             try:
                 self.wait_until_ready(ready_timeout)
-            except ServerError:
+            except ServerError as exc:
                 if stopping():  # SIGTERM during the restart
                     return self.process.returncode
-                raise
-            report(f"tritonserver restarted: serving again {time.monotonic() - lost_at:.1f} s after the process died")
+                report(f"tritonserver did not come back: {str(exc).splitlines()[0]}")
+                continue  # counted as another crash
+            report(f"tritonserver restarted (restart {self.restarts}): serving again "
+                   f"{time.monotonic() - died_at:.1f} s after the process died")
             stubs = self.stub_pids()
 
     def __enter__(self) -> "TritonServer":

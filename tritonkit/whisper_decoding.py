@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tritonkit.errors import InputError
+from tritonkit.errors import InputError, shown
 
 
 def _modules():
@@ -165,7 +165,7 @@ class DecodeOptions:
         """The options with the language as a code ("French" -> "fr"); InputError if unusable."""
         task = (self.task or "transcribe").strip().lower()
         if task not in ("transcribe", "translate"):
-            raise InputError(f"TASK: {self.task!r} is not one of transcribe, translate", reason="bad_option")
+            raise InputError(f"TASK: {shown(self.task)} is not one of transcribe, translate", reason="bad_option")
         language = (self.language or "").strip().lower() or None
         if language is not None:
             language = settings.language_names.get(language, language)
@@ -173,11 +173,11 @@ class DecodeOptions:
             if task == "translate":
                 raise InputError("TASK: translate needs a multilingual model; this one is English-only", reason="bad_option")
             if language not in (None, "en", "english"):
-                raise InputError(f"LANGUAGE: {self.language!r} is not available; this model is English-only", reason="bad_option")
+                raise InputError(f"LANGUAGE: {shown(self.language)} is not available; this model is English-only", reason="bad_option")
             language = None
         elif language is not None and language not in settings.language_tokens:
             raise InputError(
-                f"LANGUAGE: unknown language {self.language!r}; use a code such as en, fr, de or a name such as french",
+                f"LANGUAGE: unknown language {shown(self.language)}; use a code such as en, fr, de or a name such as french",
                 reason="bad_option",
             )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:

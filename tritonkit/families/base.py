@@ -81,6 +81,8 @@ class BuildOptions:
     preprocessing: str = "dali"
     image: Mapping[str, Any] = field(default_factory=dict)  # ImageRecipe options: resize_mode, formats, ...
     max_audio_seconds: float | None = None
+    max_request_bytes: int | None = None  # all encoded inputs of one request; None: the family's default
+    max_prompt_bytes: int | None = None  # one text prompt (chat), checked before tokenizing
     dali_threads: int = 1
     engine: str = "onnxruntime"  # gpu target: how encoders run (ONNX Runtime, its TensorRT provider, or TensorRT plans)
     precision: str = "fp32"  # what the encoders' graphs hold (set by the build from the chosen variant)
@@ -96,6 +98,9 @@ class BuildOptions:
             raise InputError("--target gpu preprocesses with DALI; leave out --preprocessing python")
         if self.dali_threads < 1:
             raise InputError("--dali-threads must be >= 1")
+        for flag, value in (("--max-request-bytes", self.max_request_bytes), ("--max-prompt-bytes", self.max_prompt_bytes)):
+            if value is not None and value < 1:
+                raise InputError(f"{flag} must be >= 1, got {value}")
         if self.engine not in ENGINES:
             raise InputError(f"--engine {self.engine!r}: use one of {', '.join(ENGINES)}")
         if self.engine != "onnxruntime" and not self.gpu:
@@ -146,6 +151,8 @@ class FamilySpec:
     model_types: ClassVar[tuple[str, ...]] = ()
     # Default batching per stage role; the CLI may override fields for every stage.
     batching: ClassVar[Mapping[str, Batching]] = {}
+    # What one request may send in all (its encoded files and strings); --max-request-bytes overrides.
+    max_request_bytes: ClassVar[int] = 64 * 1024 * 1024
 
     def load(self, source: str, *, trust_remote_code: bool = False) -> Any:
         """Load the PyTorch model and its processors from a Hub id or local directory."""

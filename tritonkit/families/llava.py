@@ -25,6 +25,7 @@ from tritonkit.families.base import (
     register,
 )
 from tritonkit.hf import from_pretrained
+from tritonkit.llava_decoding import DEFAULT_MAX_PROMPT_BYTES
 from tritonkit.triton_config import Batching, Tensor
 
 # Public contract: ensemble tensors (see README).
@@ -182,6 +183,7 @@ class LlavaSpec(FamilySpec):
             "max_new_tokens": str(DEFAULT_MAX_NEW_TOKENS),
             "image_token_id": str(loaded.model.config.image_token_id),
             "eos_token_ids": json.dumps(_eos_ids(loaded.model)),
+            "max_prompt_bytes": str(options.max_prompt_bytes or DEFAULT_MAX_PROMPT_BYTES),
         }
         if options.gpu:
             parameters["device"] = "cuda"

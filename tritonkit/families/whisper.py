@@ -66,6 +66,7 @@ class WhisperSpec(FamilySpec):
     description = "Whisper speech recognition -> ensemble NAME (AUDIO bytes in, TEXT out)"
     encoder_tolerance = Tolerance(max_abs=2e-3, min_cosine=0.9999)
     decoder_tolerance = Tolerance(max_abs=5e-3, min_cosine=0.9999)
+    max_request_bytes = 256 * 1024 * 1024  # one audio file may be 200 MiB (AudioRecipe.max_bytes)
     batching: Mapping[str, Batching] = {
         "audio_preprocess": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16), max_queue_delay_us=2000),
         "log_mel": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16), max_queue_delay_us=1000),

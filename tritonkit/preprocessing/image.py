@@ -26,6 +26,9 @@ from tritonkit.errors import InputError
 
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
+# The image after its resize and before the crop: resizing the short edge of a 1x20000 strip to
+# 224 would make 224x4480000 pixels (3 GB). 16M pixels allows up to ~300:1 at 224.
+DEFAULT_MAX_RESIZE_PIXELS = 16_000_000
 RESIZE_MODES = ("crop", "fit", "pad")
 # What each engine decodes; names are lower-case PIL format names ("mpo" is a phone's JPEG).
 PIL_FORMATS = ("jpeg", "png", "webp", "gif", "bmp", "tiff")
@@ -46,6 +49,7 @@ class ImageRecipe:
     std: tuple[float, float, float] | None
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_resize_pixels: int = DEFAULT_MAX_RESIZE_PIXELS
     resize_mode: str = "crop"
     formats: tuple[str, ...] = DALI_FORMATS
     exif_orientation: bool = True
@@ -57,7 +61,7 @@ class ImageRecipe:
         unknown = sorted(set(formats) - set(PIL_FORMATS))
         if unknown or not formats:
             raise InputError(f"image formats {unknown or '[]'}: choose from {', '.join(PIL_FORMATS)}")
-        if self.max_bytes < 1 or self.max_pixels < 1:
+        if self.max_bytes < 1 or self.max_pixels < 1 or self.max_resize_pixels < 1:
             raise InputError("image size limits must be >= 1")
         object.__setattr__(self, "formats", formats)
 
@@ -143,6 +147,13 @@ def inspect_image(data: bytes, recipe: ImageRecipe) -> Image.Image:
     if width * height > recipe.max_pixels:
         raise InputError(
             f"IMAGE: {width}x{height} = {width * height} pixels exceeds the {recipe.max_pixels} pixel limit",
+            reason="too_large",
+        )
+    resized_h, resized_w = resized_size(height, width, recipe)
+    if resized_h * resized_w > recipe.max_resize_pixels:
+        raise InputError(
+            f"IMAGE: {width}x{height} is too elongated: its resize to {resized_w}x{resized_h} exceeds the "
+            f"{recipe.max_resize_pixels} pixel limit (max_resize_pixels); crop it closer to square",
             reason="too_large",
         )
     return image
