@@ -1,16 +1,18 @@
 #!/usr/bin/env python
-"""Soak test: mixed valid and invalid requests at concurrency 16 against a served CLIP or Whisper repository.
+"""Soak test: mixed valid and invalid requests at concurrency 16 against a served CLIP, Whisper or LLaVA repository.
 
 Checks, for the whole run: no valid request fails, every invalid request is answered with an
-error, no request hangs (client timeouts are counted), and the resident memory of tritonserver
+error of its own (a short message, not a broken stream or a lost connection), no request hangs (client timeouts are counted), and the resident memory of tritonserver
 and its Python-backend stubs levels off (the median of the last third of the run within a bound
 of the middle third's; the first third fills batch-sized buffers, shown per process in the report). Exits 1 on any
 violation; prints a JSON report.
 
-    python scripts/soak.py [--family clip|whisper] [--repository REPO] [--duration 600] [--concurrency 16]
+    python scripts/soak.py [--family clip|whisper|llava] [--repository REPO] [--duration 600] [--concurrency 16]
                            [--max-rss-growth-mb 300]
 
-Without --repository it builds one first: the tiny random CLIP, or Whisper tiny.en from the bundled weights.
+Without --repository it builds one first: the tiny random CLIP or LLaVA, or Whisper tiny.en from the bundled weights.
+The invalid inputs include what once crashed or stalled the server: tiny sampling temperatures, prompts
+beyond the context, a 1x20000 image, 20 KB option strings.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def clip_cases() -> list[Case]:
         Case("pdf", "clip_image", image(b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n"), False),
         Case("decompression bomb", "clip_image", image(bomb.getvalue()), False),
         Case("non-utf8 text", "clip_text", text(b"\xff\xfe\xfd bad"), False),
+        Case("1x20000 image", "clip_image", image(elongated_png()), False),
     ]
 
 
@@ -119,10 +122,56 @@ def whisper_cases() -> list[Case]:
         Case("612 s audio", "whisper", audio(encoded(np.zeros(612 * 8000, np.float32), 8000, "WAV")), False),
         Case("unknown language", "whisper", audio(speech, language="klingon"), False),
         Case("unknown task", "whisper", audio(speech, task="summarize"), False),
+        Case("20 KB language", "whisper", audio(speech, language="q" * 20_000), False),
+        Case("20 KB task", "whisper", audio(speech, task="q" * 20_000), False),
     ]
 
 
-FAMILIES = {"clip": clip_cases, "whisper": whisper_cases}
+def elongated_png() -> bytes:
+    """1x20000 pixels: its resize before the crop once took an image stub to 3.2 GB."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (1, 20000, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def llava_cases() -> list[Case]:
+    """What clients of the LLaVA chat ensemble send, good and bad."""
+    from tritonkit.client import chat_inputs
+    from tritonkit.families.clip import synthetic_photo
+
+    photo = synthetic_photo(5, 120, 160)
+
+    def chat(prompt: str, image: bytes = photo, **options) -> dict[str, np.ndarray]:
+        return chat_inputs(image, prompt, **{"max_new_tokens": 8, **options})
+
+    def raw_prompt(raw: bytes) -> dict[str, np.ndarray]:
+        return {**chat("x"), "PROMPT": string(raw)}
+
+    return [
+        Case("greedy", "llava_chat", chat("What is in the picture?"), True),
+        Case("sampled", "llava_chat", chat("Describe it.", temperature=0.7, top_p=0.9, seed=3), True),
+        Case("temperature 1e-40", "llava_chat", chat("Describe it.", temperature=1e-40), True),
+        Case("stop string", "llava_chat", chat("Describe it.", stop=("the",)), True),
+        Case("100 KB prompt", "llava_chat", chat("a" * 100_000), False),
+        Case("prompt beyond the context", "llava_chat", chat("word " * 3000), False),
+        Case("max tokens beyond the context", "llava_chat", chat("word " * 1850, max_new_tokens=256), False),
+        Case("1x20000 image", "llava_chat", chat("What?", image=elongated_png()), False),
+        Case("pdf image", "llava_chat", chat("What?", image=b"%PDF-1.4\n"), False),
+        Case("20 KB stop string", "llava_chat", chat("What?", stop=("q" * 20_000,)), False),
+        Case("temperature 5", "llava_chat", chat("What?", temperature=5.0), False),
+        Case("top_p 0", "llava_chat", chat("What?", top_p=0.0), False),
+        Case("non-utf8 prompt", "llava_chat", raw_prompt(b"\xff\xfe bad"), False),
+    ]
+
+
+FAMILIES = {"clip": clip_cases, "whisper": whisper_cases, "llava": llava_cases}
+# What an invalid request must not get instead of its own error: the server or the stream broke.
+TRANSPORT_FAILURES = ("Stream removed", "Socket closed", "failed to connect", "Connection reset", "metadata size")
+MAX_ERROR_CHARS = 1100  # tritonkit.errors.MAX_MESSAGE_CHARS plus the ensemble's prefix
 
 
 async def soak(url: str, cases: list[Case], duration: float, concurrency: int, timeout: float, server_pid: int) -> dict:
@@ -157,6 +206,8 @@ async def soak(url: str, cases: list[Case], duration: float, concurrency: int, t
                     counts[case.label]["error"] += 1
                     if case.valid:
                         unexpected.append(f"{case.label}: {text.strip().splitlines()[0][:200]}")
+                    elif any(f in text for f in TRANSPORT_FAILURES) or len(text) > MAX_ERROR_CHARS:
+                        unexpected.append(f"{case.label}: no message of its own ({len(text)} chars): {text[:200]}")
 
     timeline: list[tuple[float, float]] = []  # (seconds into the run, MB resident), to see growth level off
 
@@ -195,7 +246,7 @@ def process_label(pid: int) -> str:
 
 
 def tiny_repository(family: str, folder: Path) -> Path:
-    """The tiny random CLIP, or the bundled real Whisper tiny.en, built into a repository."""
+    """The tiny random CLIP or LLaVA, or the bundled real Whisper tiny.en, built into a repository."""
     from tritonkit.build import build
 
     repository = folder / "repo"
@@ -203,6 +254,10 @@ def tiny_repository(family: str, folder: Path) -> Path:
         from tritonkit.tiny import make_tiny_clip
 
         build("clip", str(make_tiny_clip(folder / "clip")), repository)
+    elif family == "llava":
+        from tritonkit.tiny import make_tiny_llava
+
+        build("llava", str(make_tiny_llava(folder / "llava")), repository)
     else:
         from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper
 

@@ -22,20 +22,27 @@ pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("family", ["clip", "whisper"])
+SOAK_LABELS = {  # family -> (a valid case, an invalid case) of scripts/soak.py
+    "clip": ("jpeg", "1x20000 image"),
+    "whisper": ("speech wav", "20 KB language"),
+    "llava": ("temperature 1e-40", "100 KB prompt"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SOAK_LABELS))
 def test_soak_with_mixed_valid_and_invalid_requests(family, request, tmp_path):
-    """The CI-length soak (60 s at concurrency 16); scripts/soak.py defaults to 10 minutes."""
+    """The CI-length soak (45-60 s at concurrency 16); scripts/soak.py defaults to 10 minutes."""
     repository = request.getfixturevalue(f"{family}_repository")
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "soak.py"), "--family", family, "--repository", str(repository),
-         "--duration", "60", "--json", str(tmp_path / "soak.json")],
+         "--duration", "45" if family == "llava" else "60", "--json", str(tmp_path / "soak.json")],
         capture_output=True, text=True, timeout=900,
     )
     report = json.loads((tmp_path / "soak.json").read_text())
     assert result.returncode == 0, report["violations"]
     counts = report["counts"]
     assert all(c["sent"] > 0 for c in counts.values())
-    valid, invalid = ("jpeg", "pdf") if family == "clip" else ("speech wav", "612 s audio")
+    valid, invalid = SOAK_LABELS[family]
     assert counts[valid]["ok"] == counts[valid]["sent"] and counts[invalid]["error"] == counts[invalid]["sent"]
     assert report["timeouts"] == 0 and report["server_alive"] and report["unexpected_total"] == 0
 
