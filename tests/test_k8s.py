@@ -206,6 +206,20 @@ def query(prometheus_url: str, expr: str) -> list:
     return answer["data"]["result"]
 
 
+def wait_for_last_scrape(prometheus_url: str, metrics_url: str, timeout: float = 60) -> None:
+    """Poll until Prometheus holds the server's current request count (the traffic has stopped)."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    (expected,) = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('nv_inference_request_success{model="clip_image"')]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = query(prometheus_url, 'nv_inference_request_success{model="clip_image"}')
+        if result and float(result[0]["value"][1]) == expected:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"Prometheus did not scrape the last count ({expected:g}) within {timeout:g} s")
+
+
 @pytest.mark.server
 def test_a_real_prometheus_scraping_tritonserver_answers_the_dashboard_and_alerts(clip_repository, tmp_path):
     from tests.conftest import free_port, start_server
@@ -237,7 +251,7 @@ def test_a_real_prometheus_scraping_tritonserver_answers_the_dashboard_and_alert
                 with pytest.raises(InferenceError):
                     client.infer("clip_image", {"IMAGE": pack_byte_rows([b"%PDF-1.4 not an image"])})
                 time.sleep(0.2)
-        time.sleep(3)  # the last scrapes
+        wait_for_last_scrape(url, server.metrics_url)
         facts = RepositoryFacts.read(clip_repository)
         no_data = {"GPU utilisation", "GPU memory used", "Tokens generated per second (tritonkit)"}  # no GPU, no decoder
         for title, expr, _, _ in promql.dashboard_panels(facts.models, facts.steps):
