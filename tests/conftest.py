@@ -13,9 +13,9 @@ from PIL import Image
 from tritonkit import samples
 from tritonkit.build import build
 from tritonkit.samples import SENTENCES
-from tritonkit.families import get_family
+from tritonkit.families import get_family, registry
+from tritonkit.families.clip import ClipSpec
 from tritonkit.server import TritonServer, free_port
-from tritonkit.tiny import make_tiny_clip
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -67,9 +67,74 @@ def start_server(repository: Path, **kwargs) -> TritonServer:
     return server.start().wait_until_ready(300)
 
 
+# Families whose ensembles are NAME_image and NAME_text (CLIP and its variants): the embedding
+# tests run once per family, derived from the registry.
+EMBEDDING_FAMILIES = sorted(name for name, spec in registry().items() if issubclass(spec, ClipSpec))
+
+
 @pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "model")
+def tiny_model_dir(tmp_path_factory):
+    """family -> a tiny random model of it (its spec's `make_tiny`), made once per session."""
+    made: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in made:
+            made[family] = get_family(family).make_tiny(tmp_path_factory.mktemp(f"tiny_{family}") / "model")
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def embedding_repositories(tiny_model_dir, tmp_path_factory):
+    """(family, preprocessing) -> the repository of that embedding family's tiny model, built once."""
+    from tritonkit.families.base import BuildOptions
+
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, preprocessing: str = "dali") -> Path:
+        if (family, preprocessing) not in built:
+            out = tmp_path_factory.mktemp(f"{family}_{preprocessing}_repo") / "model_repository"
+            build(family, str(tiny_model_dir(family)), out, options=BuildOptions(preprocessing=preprocessing))
+            built[family, preprocessing] = out
+        return built[family, preprocessing]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def embedding_servers(embedding_repositories, tiny_model_dir):
+    """(family, preprocessing) -> (spec, loaded, repository, server), started once per session."""
+    started: dict[tuple[str, str], tuple] = {}
+
+    def get(family: str, preprocessing: str = "dali"):
+        if (family, preprocessing) not in started:
+            spec = get_family(family)
+            repository = embedding_repositories(family, preprocessing)
+            started[family, preprocessing] = (spec, spec.load(str(tiny_model_dir(family))), repository,
+                                              start_server(repository))
+        return started[family, preprocessing]
+
+    yield get
+    for *_, server in started.values():
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def family_repository(request, embedding_repositories):
+    """family -> a built repository of it: the tiny model (Whisper: the real tiny.en)."""
+
+    def get(family: str) -> Path:
+        if family in EMBEDDING_FAMILIES:
+            return embedding_repositories(family)
+        return request.getfixturevalue(f"{family}_repository")
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir("clip")
 
 
 @pytest.fixture(scope="session")
@@ -79,29 +144,13 @@ def clip_loaded(tiny_clip_dir):
 
 
 @pytest.fixture(scope="session")
-def clip_repository(tiny_clip_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("clip_repo") / "model_repository"
-    build("clip", str(tiny_clip_dir), out)
-    return out
+def clip_repository(embedding_repositories) -> Path:
+    return embedding_repositories("clip")
 
 
 @pytest.fixture(scope="session")
-def clip_server(clip_repository):
-    server = start_server(clip_repository)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def clip_python_server(tiny_clip_dir, tmp_path_factory):
-    """CLIP with --preprocessing python (PIL), the exact transformers path."""
-    from tritonkit.families.base import BuildOptions
-
-    out = tmp_path_factory.mktemp("clip_python_repo") / "model_repository"
-    build("clip", str(tiny_clip_dir), out, options=BuildOptions(preprocessing="python"))
-    server = start_server(out)
-    yield server
-    server.stop()
+def clip_server(embedding_servers):
+    return embedding_servers("clip")[3]
 
 
 # -- Whisper ------------------------------------------------------------------------------------
@@ -145,10 +194,8 @@ def whisper_server(whisper_repository):
 
 
 @pytest.fixture(scope="session")
-def multilingual_whisper_dir(tmp_path_factory) -> Path:
-    from tritonkit.tiny import make_tiny_whisper
-
-    return make_tiny_whisper(tmp_path_factory.mktemp("whisper_multilingual") / "model")
+def multilingual_whisper_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir("whisper")  # the family's tiny model is a random multilingual Whisper
 
 
 @pytest.fixture(scope="session")
@@ -168,10 +215,8 @@ def multilingual_whisper_server(multilingual_whisper_dir, tmp_path_factory):
 
 # -- LLaVA --------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def tiny_llava_dir(tmp_path_factory) -> Path:
-    from tritonkit.tiny import make_tiny_llava
-
-    return make_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "model")
+def tiny_llava_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir("llava")
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 
 from tritonkit.errors import ConfigError, UnknownFamilyError
-from tritonkit.families import get_family, registry
+from tritonkit.families import family_names, get_family, registry
 from tritonkit.families.base import FamilySpec, Pipeline, Stage, register
 from tritonkit.triton_config import Batching, Tensor
 
-# Every registered family needs a row: (family, ensemble roles it serves).
+# Every registered family needs a row: the ensemble roles it serves. The other tests take their
+# family lists from the registry (tests.conftest.EMBEDDING_FAMILIES, family_names()).
 FAMILY_ROWS = {
     "clip": {"image", "text"},
     "llava": {"chat", "chat_stream"},
+    "siglip": {"image", "text"},
     "whisper": {""},
 }
 
@@ -21,17 +23,37 @@ def test_every_registered_family_has_a_test_row():
     assert set(registry()) == set(FAMILY_ROWS)
 
 
-@pytest.mark.parametrize("loaded_fixture", ["clip_loaded", "llava_loaded", "whisper_loaded"])
-def test_family_serves_its_ensembles_when_built(loaded_fixture, request, tmp_path):
-    spec, loaded = request.getfixturevalue(loaded_fixture)
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_model_dir):
+    loaded: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in loaded:
+            spec = get_family(family)
+            loaded[family] = (spec, spec.load(str(tiny_model_dir(family))))
+        return loaded[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_family_serves_its_ensembles_when_built(family, tiny_loaded, tmp_path):
+    spec, loaded = tiny_loaded(family)
     onnx_files = {e.role: tmp_path / f"{e.role}.onnx" for e in spec.exports(loaded)}
+    assert {e.role for e in spec.exports(loaded)} == set(spec.tolerances)  # one tolerance per export
     pipelines = spec.pipelines(loaded, onnx_files, tmp_path)
     assert {p.role for p in pipelines} == FAMILY_ROWS[spec.name]
 
 
+@pytest.mark.parametrize("family", family_names())
+def test_make_tiny_writes_a_model_its_family_loads(family, tiny_loaded):
+    spec, loaded = tiny_loaded(family)
+    assert type(loaded) is spec.loaded_class and loaded.model.__class__.__name__ == spec.model_class
+
+
 def test_get_family_names_the_choices_when_unknown():
-    with pytest.raises(UnknownFamilyError, match="choose one of: clip, llava, whisper"):
-        get_family("siglip-nope")
+    with pytest.raises(UnknownFamilyError, match="choose one of: " + ", ".join(family_names())):
+        get_family("nope")
 
 
 def test_register_rejects_a_second_family_with_the_same_name():

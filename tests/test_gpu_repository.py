@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import encode_image, has_gpu, random_image, start_server
+from tests.conftest import EMBEDDING_FAMILIES, encode_image, has_gpu, random_image, start_server
 from tritonkit.build import build
 from tritonkit.errors import ServerError
+from tritonkit.families import family_names
 from tritonkit.families.base import BuildOptions
 from tritonkit.repository import read_repository
 
@@ -32,18 +33,44 @@ def kinds(config) -> set[str]:
     return {model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group}
 
 
-def test_gpu_clip_repository_uses_the_dali_and_onnxruntime_backends(gpu_clip_repository):
-    configs = read_repository(gpu_clip_repository)
-    check, preprocess = configs["clip_image_check"], configs["clip_image_preprocess"]
+@pytest.fixture(scope="module", params=family_names())
+def gpu_family_repository(request, tiny_model_dir, tmp_path_factory):
+    """Every registered family's tiny model built for --target gpu."""
+    family = request.param
+    out = tmp_path_factory.mktemp(f"gpu_{family}") / "model_repository"
+    build(family, str(tiny_model_dir(family)), out, options=BuildOptions(target="gpu"))
+    return family, out
+
+
+def test_gpu_repository_of_every_family_passes_check_and_round_trips(gpu_family_repository):
+    from tritonkit.check import check_repository
+    from tritonkit.triton_config import parse_text, to_text
+
+    family, repository = gpu_family_repository
+    report = check_repository(repository, "gpu")
+    assert report.ok, report.errors
+    assert not check_repository(repository, "cpu").ok  # KIND_GPU and non-Python backends
+    configs = read_repository(repository)
+    for name, config in configs.items():
+        assert parse_text(to_text(config)) == config, name
+    assert any(kinds(c) == {"KIND_GPU"} for c in configs.values())
+
+
+def test_gpu_embedding_repository_uses_the_dali_and_onnxruntime_backends(gpu_family_repository):
+    family, repository = gpu_family_repository
+    if family not in EMBEDDING_FAMILIES:
+        pytest.skip("the embedding families' layout")
+    configs = read_repository(repository)
+    check, preprocess = configs[f"{family}_image_check"], configs[f"{family}_image_preprocess"]
     assert (check.backend, kinds(check)) == ("python", {"KIND_CPU"})
     assert (preprocess.backend, kinds(preprocess)) == ("dali", {"KIND_GPU"})
     assert preprocess.input[0].name == "CHECKED_IMAGE" and preprocess.input[0].allow_ragged_batch
-    assert (gpu_clip_repository / "clip_image_preprocess" / "1" / "model.dali").stat().st_size > 0
-    for encoder in ("clip_image_encoder", "clip_text_encoder"):
+    assert (repository / f"{family}_image_preprocess" / "1" / "model.dali").stat().st_size > 0
+    for encoder in (f"{family}_image_encoder", f"{family}_text_encoder"):
         assert (configs[encoder].backend, kinds(configs[encoder])) == ("onnxruntime", {"KIND_GPU"})
-        assert (gpu_clip_repository / encoder / "1" / "model.onnx").is_file()
-    steps = [s.model_name for s in configs["clip_image"].ensemble_scheduling.step]
-    assert steps == ["clip_image_check", "clip_image_preprocess", "clip_image_encoder"]
+        assert (repository / encoder / "1" / "model.onnx").is_file()
+    steps = [s.model_name for s in configs[f"{family}_image"].ensemble_scheduling.step]
+    assert steps == [f"{family}_image_check", f"{family}_image_preprocess", f"{family}_image_encoder"]
 
 
 def test_gpu_whisper_repository_computes_log_mel_in_dali(gpu_whisper_repository):

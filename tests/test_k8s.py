@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tritonkit.families import family_names
 import yaml
 
 from tests.conftest import encode_image, random_image
@@ -83,6 +85,17 @@ def test_every_manifest_validates_against_the_schemas(demo_repository, options):
     assert sorted(kustomization["resources"]) == sorted(
         f.path for f in files if f.path.endswith(".yaml") and f.path not in ("kustomization.yaml", "prometheus-adapter-rules.yaml")
     )
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_the_manifests_of_every_family_validate(family, family_repository):
+    repository = family_repository(family)
+    resources = documents(manifests(repository))
+    for resource in resources:
+        validate(resource)
+    http = next(d for d in resources if d["kind"] == "Ingress")
+    routed = {p["path"] for p in http["spec"]["rules"][0]["http"]["paths"]}
+    assert {f"/v2/models/{e}" for e in RepositoryFacts.read(repository).ensembles} <= routed
 
 
 def test_a_schema_violation_is_caught(demo_repository):

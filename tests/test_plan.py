@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tritonkit.errors import InputError
+from tritonkit.families import family_names
 from tritonkit.plan import graph_memory, make_plan
 from tritonkit.triton_config import Batching, Tensor, model_config, write_config
 
@@ -109,3 +110,16 @@ def test_plan_rejects_bad_requests_clearly(hand_repository, tmp_path):
         make_plan(hand_repository, qps=10, bench=tmp_path / "bad.json")
     with pytest.raises(InputError, match="no error-free level with p99 <= 10 ms"):
         make_plan(hand_repository, qps=10, bench=bench_result(tmp_path / "b.json"), max_p99_ms=10)
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_every_family_repository_is_planned_from_its_graphs(family, family_repository):
+    from tritonkit.plan import model_plans
+
+    repository = family_repository(family)
+    plans = {p.name: p for p in model_plans(repository)}
+    encoders = [p for p in plans.values() if p.graphs]
+    assert encoders, f"{family}: no ONNX graph was sized"
+    for plan in encoders:
+        assert plan.weight_bytes >= sum(g.weight_bytes for g in plan.graphs) > 0
+        assert plan.workspace_bytes > 0 and plan.instances >= 1

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.conftest import encode_image, random_image, start_server
+from tests.conftest import EMBEDDING_FAMILIES, encode_image, random_image, start_server
 from tritonkit.build import build
 from tritonkit.client import TritonkitClient
 from tritonkit.errors import ExportError
@@ -19,28 +19,31 @@ from tritonkit.samples import SENTENCES
 VARIANTS = [("int8", "static"), ("int8", "dynamic"), ("fp16", "auto")]
 
 
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}")
-def clip_variant(request, tiny_clip_dir, tmp_path_factory):
-    precision, quantization = request.param
-    out = tmp_path_factory.mktemp(f"clip_{precision}_{quantization}") / "model_repository"
-    result = build("clip", str(tiny_clip_dir), out, precision=PrecisionOptions(precision, quantization))
-    return result
+@pytest.fixture(scope="module", params=[(f, *v) for f in EMBEDDING_FAMILIES for v in VARIANTS],
+                ids=lambda p: f"{p[0]}-{p[1]}-{p[2]}")
+def embedding_variant(request, tiny_model_dir, tmp_path_factory):
+    family, precision, quantization = request.param
+    out = tmp_path_factory.mktemp(f"{family}_{precision}_{quantization}") / "model_repository"
+    result = build(family, str(tiny_model_dir(family)), out, precision=PrecisionOptions(precision, quantization))
+    return family, result
 
 
-def test_clip_variant_writes_its_accuracy_report_beside_each_encoder(clip_variant):
-    (variant,) = clip_variant.accuracy
-    for encoder in ("clip_image_encoder", "clip_text_encoder"):
-        report = json.loads((clip_variant.out / encoder / "1" / "accuracy_report.json").read_text())
+def test_variant_writes_its_accuracy_report_beside_each_encoder(embedding_variant):
+    family, variant_build = embedding_variant
+    (variant,) = variant_build.accuracy
+    for encoder in (f"{family}_image_encoder", f"{family}_text_encoder"):
+        report = json.loads((variant_build.out / encoder / "1" / "accuracy_report.json").read_text())
         assert report["chosen"] == variant
         graphs = report["reports"][variant]["graphs"]
         assert graphs["image_encoder"]["min_cosine"] >= 0.99 and graphs["text_encoder"]["min_cosine"] >= 0.99
         assert report["reports"][variant]["passed"]
 
 
-def test_clip_variant_graph_is_what_it_claims(clip_variant):
-    model = onnx.load(str(clip_variant.out / "clip_image_encoder" / "1" / "model.onnx"))
+def test_variant_graph_is_what_it_claims(embedding_variant):
+    family, variant_build = embedding_variant
+    model = onnx.load(str(variant_build.out / f"{family}_image_encoder" / "1" / "model.onnx"))
     ops = {n.op_type for n in model.graph.node}
-    variant = clip_variant.precision_variant
+    variant = variant_build.precision_variant
     if variant == "int8-static":
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     elif variant == "int8-dynamic":
@@ -50,21 +53,25 @@ def test_clip_variant_graph_is_what_it_claims(clip_variant):
     assert {"LayerNormalization", "Softmax"} <= ops  # kept in float
 
 
-def test_clip_variant_serves_embeddings_close_to_fp32(clip_variant, clip_loaded):
-    spec, loaded = clip_loaded
-    from tritonkit.preprocessing.dali import image_pixels
+def test_variant_serves_embeddings_close_to_fp32(embedding_variant, tiny_model_dir):
     import torch
-    from tritonkit.families.clip import projected
 
+    from tritonkit.families import get_family
+    from tritonkit.families.clip import projected
+    from tritonkit.preprocessing.dali import image_pixels
+
+    family, variant_build = embedding_variant
+    spec = get_family(family)
+    loaded = spec.load(str(tiny_model_dir(family)))
     files = [encode_image(random_image(240, 320, seed=s), "JPEG") for s in range(3)]
     with torch.no_grad():
         pixels = torch.from_numpy(image_pixels(spec.image_recipe(loaded), files))
         want = projected(loaded.model.get_image_features(pixel_values=pixels)).numpy()
-    server = start_server(clip_variant.out)
+    server = start_server(variant_build.out)
     try:
         with TritonkitClient(server.grpc_url) as client:
-            got = client.embed_images(files)
-            texts = client.embed_texts(["a photo of a cat", "a dog"])
+            got = client.embed_images(files, model=f"{family}_image")
+            texts = client.embed_texts(["a photo of a cat", "a dog"], model=f"{family}_text")
     finally:
         server.stop()
     cosine = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
@@ -82,9 +89,10 @@ def test_build_fails_when_accuracy_misses_the_bound_unless_forced(tiny_clip_dir,
     assert not result.accuracy["int8-dynamic"].passed and (tmp_path / "repo" / "clip_image_encoder").is_dir()
 
 
-def test_int8_recipe_keeps_attention_and_mlp_down_projections_in_float(clip_variant):
-    model = onnx.load(str(clip_variant.out / "clip_text_encoder" / "1" / "model.onnx"))
-    if clip_variant.precision_variant != "int8-static":
+def test_int8_recipe_keeps_attention_and_mlp_down_projections_in_float(embedding_variant):
+    family, variant_build = embedding_variant
+    model = onnx.load(str(variant_build.out / f"{family}_text_encoder" / "1" / "model.onnx"))
+    if variant_build.precision_variant != "int8-static":
         pytest.skip("checked on the static QDQ graph")
     kept = nodes_kept_in_float(model)
     assert any("fc2" in name for name in kept) and any("self_attn" in name for name in kept)

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from tritonkit.errors import InputError, TritonkitError
+from tritonkit.families import family_names
 
 app = typer.Typer(
     name="tritonkit",
@@ -49,7 +50,7 @@ def _int_list(text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 @app.command()
 def build(
-    family: Annotated[str, typer.Argument(help="Model family: clip, whisper or llava (see `tritonkit families`).")],
+    family: Annotated[str, typer.Argument(help=f"Model family: {', '.join(family_names())} (see `tritonkit families`).")],
     model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local save_pretrained directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model repository to write into (kept models stay).")] = Path(
         "model_repository"
@@ -528,17 +529,14 @@ def families():
 
 @app.command("make-tiny")
 def make_tiny(
-    family: Annotated[str, typer.Argument(help="clip, llava, or whisper (multilingual)")],
+    family: Annotated[str, typer.Argument(help=f"One of: {', '.join(family_names())}.")],
     out: Annotated[Path, typer.Argument(help="Directory to save_pretrained into.")],
 ):
     """Save a small random-initialised model (real architecture and tokenizer) for demos and tests."""
-    from tritonkit import tiny
+    from tritonkit.families import get_family
 
-    makers = {"clip": tiny.make_tiny_clip, "llava": tiny.make_tiny_llava, "whisper": tiny.make_tiny_whisper}
-    if family not in makers:
-        raise InputError(f"no tiny model for {family!r}", hint=f"choose one of: {', '.join(makers)}")
-    makers[family](out)
-    console.print(f"saved a tiny random {family} to {out}")
+    get_family(family).make_tiny(out)
+    console.print(f"saved a tiny random {family} to {out}", markup=False)
 
 
 def main() -> None:

@@ -1,10 +1,17 @@
-"""Registered model families. Importing this package registers every built-in family."""
+"""Registered model families. Importing this package registers every module in it: a family is one
+file here with one `@register`ed spec, and everything else (CLI, builds, tests) reads the registry."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from tritonkit.errors import UnknownFamilyError
 from tritonkit.families.base import FamilySpec, OnnxExport, Pipeline, Stage, Tolerance, register, registry
-from tritonkit.families import clip as _clip, llava as _llava, whisper as _whisper  # noqa: F401  (registers the built-ins)
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def get_family(name: str) -> FamilySpec:
@@ -16,4 +23,9 @@ def get_family(name: str) -> FamilySpec:
     return families[name]()
 
 
-__all__ = ["FamilySpec", "OnnxExport", "Pipeline", "Stage", "Tolerance", "get_family", "register", "registry"]
+def family_names() -> list[str]:
+    return sorted(registry())
+
+
+__all__ = ["FamilySpec", "OnnxExport", "Pipeline", "Stage", "Tolerance", "family_names", "get_family", "register",
+           "registry"]

@@ -143,19 +143,48 @@ class Pipeline:
 
 
 class FamilySpec:
-    """Base of every registered family. Subclasses set `name` and implement the three hooks."""
+    """Base of every registered family: its facts as class attributes, its graphs and ensembles as
+    three hooks (`exports`, `pipelines`, `make_tiny`). A variant subclasses its parent and sets
+    only what differs (`SiglipSpec(ClipSpec)`)."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     # transformers `model_type`s this family builds (config.json); another fails before loading.
     model_types: ClassVar[tuple[str, ...]] = ()
+    # What `load` reads: the transformers model class, and per field of `loaded_class` the
+    # transformers class (usually an Auto class) that loads that processor.
+    model_class: ClassVar[str] = ""
+    processor_classes: ClassVar[Mapping[str, str]] = {}
+    loaded_class: ClassVar[type] = object
+    # How close each export role's ONNX graph must be to PyTorch.
+    tolerances: ClassVar[Mapping[str, Tolerance]] = {}
     # Default batching per stage role; the CLI may override fields for every stage.
     batching: ClassVar[Mapping[str, Batching]] = {}
     # What one request may send in all (its encoded files and strings); --max-request-bytes overrides.
     max_request_bytes: ClassVar[int] = 64 * 1024 * 1024
 
     def load(self, source: str, *, trust_remote_code: bool = False) -> Any:
-        """Load the PyTorch model and its processors from a Hub id or local directory."""
+        """The PyTorch model and its processors from a Hub id or a local save_pretrained directory."""
+        import transformers
+
+        from tritonkit.hf import from_pretrained
+
+        kwargs = {"trust_remote_code": trust_remote_code}
+        model = from_pretrained(getattr(transformers, self.model_class), source, f"{self.name} model", **kwargs)
+        processors = {
+            field: from_pretrained(getattr(transformers, loader), source, field.replace("_", " "), **kwargs)
+            for field, loader in self.processor_classes.items()
+        }
+        return self.loaded_class(model=model.eval(), **processors)
+
+    def tolerance(self, role: str) -> Tolerance:
+        if role not in self.tolerances:
+            raise ConfigError(f"family {self.name!r} has no tolerance for its export {role!r}")
+        return self.tolerances[role]
+
+    @staticmethod
+    def make_tiny(directory: Path) -> Path:
+        """Save a small random-initialised model of this family (real architecture and tokenizer)."""
         raise NotImplementedError
 
     def check_model_type(self, source: str) -> None:

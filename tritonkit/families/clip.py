@@ -20,7 +20,6 @@ from tritonkit.families.base import (
     image_recipe_for,
     register,
 )
-from tritonkit.hf import from_pretrained
 from tritonkit.triton_config import Batching, Tensor
 
 # Public contract: ensemble tensors (see README).
@@ -57,7 +56,7 @@ class LoadedClip:
     image_processor: Any
 
     @property
-    def projection_dim(self) -> int:
+    def embedding_dim(self) -> int:
         return int(self.model.config.projection_dim)
 
     @property
@@ -86,6 +85,7 @@ def _image_tower(model):
 
 
 def _text_tower(model):
+    """input_ids (and, where the family takes one, attention_mask) -> projected text features."""
     import torch
 
     class TextTower(torch.nn.Module):
@@ -93,10 +93,15 @@ def _text_tower(model):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask):
-            return projected(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+        def forward(self, input_ids, attention_mask=None):
+            masks = {} if attention_mask is None else {"attention_mask": attention_mask}
+            return projected(self.model.get_text_features(input_ids=input_ids, **masks))
 
     return TextTower().eval()
+
+
+# Text tensors -> the tokenizer's names for them.
+TOKENIZER_OUTPUTS = {INPUT_IDS: "input_ids", ATTENTION_MASK: "attention_mask"}
 
 
 @register
@@ -104,7 +109,15 @@ class ClipSpec(FamilySpec):
     name = "clip"
     model_types = ("clip",)
     description = "CLIP image and text towers -> ensembles NAME_image and NAME_text"
-    tolerance = Tolerance(max_abs=1e-4, min_cosine=0.9999)
+    model_class = "CLIPModel"
+    processor_classes = {"tokenizer": "AutoTokenizer", "image_processor": "AutoImageProcessor"}
+    loaded_class = LoadedClip
+    tolerances = {
+        "image_encoder": Tolerance(max_abs=1e-4, min_cosine=0.9999),
+        "text_encoder": Tolerance(max_abs=1e-4, min_cosine=0.9999),
+    }
+    # What the text encoder takes, in order (the tokenizer stage makes the same tensors).
+    text_inputs: tuple[str, ...] = (INPUT_IDS, ATTENTION_MASK)
     batching: Mapping[str, Batching] = {
         "image_preprocess": Batching(max_batch_size=16, preferred_batch_sizes=(8, 16), max_queue_delay_us=2000),
         "image_encoder": Batching(max_batch_size=16, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
@@ -112,15 +125,20 @@ class ClipSpec(FamilySpec):
         "text_encoder": Batching(max_batch_size=64, preferred_batch_sizes=(16, 32, 64), max_queue_delay_us=1000),
     }
 
-    def load(self, source: str, *, trust_remote_code: bool = False) -> LoadedClip:
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+    @staticmethod
+    def make_tiny(directory: Path) -> Path:
+        from tritonkit.tiny import make_tiny_clip
 
-        kwargs = {"trust_remote_code": trust_remote_code}
-        return LoadedClip(
-            model=from_pretrained(CLIPModel, source, "CLIP model", **kwargs).eval(),
-            tokenizer=from_pretrained(AutoTokenizer, source, "tokenizer", **kwargs),
-            image_processor=from_pretrained(AutoImageProcessor, source, "image processor", **kwargs),
+        return make_tiny_clip(directory)
+
+    def encode_texts(self, loaded: LoadedClip, texts: list[str], return_tensors: str = "np") -> dict[str, Any]:
+        """Texts as the text encoder takes them: the model's tokenizer, padded and truncated to its
+        maximum length (what the served tokenizer stage computes)."""
+        encoded = loaded.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=loaded.max_text_length,
+            return_tensors=return_tensors,
         )
+        return {name: encoded[TOKENIZER_OUTPUTS[name]] for name in self.text_inputs}
 
     # -- tensors ---------------------------------------------------------------------------
     def image_recipe(self, loaded: LoadedClip, options: BuildOptions = BuildOptions()):
@@ -133,11 +151,11 @@ class ClipSpec(FamilySpec):
             IMAGE: Tensor(IMAGE, "uint8", (-1,), ragged=True),
             CHECKED_IMAGE: Tensor(CHECKED_IMAGE, "uint8", (-1,), ragged=True),
             PIXEL_VALUES: Tensor(PIXEL_VALUES, "float32", (3, height, width)),
-            IMAGE_EMBEDS: Tensor(IMAGE_EMBEDS, "float32", (loaded.projection_dim,)),
+            IMAGE_EMBEDS: Tensor(IMAGE_EMBEDS, "float32", (loaded.embedding_dim,)),
             TEXT: Tensor(TEXT, "string", (1,)),
             INPUT_IDS: Tensor(INPUT_IDS, "int64", (length,)),
             ATTENTION_MASK: Tensor(ATTENTION_MASK, "int64", (length,)),
-            TEXT_EMBEDS: Tensor(TEXT_EMBEDS, "float32", (loaded.projection_dim,)),
+            TEXT_EMBEDS: Tensor(TEXT_EMBEDS, "float32", (loaded.embedding_dim,)),
         }
 
     # -- exports ---------------------------------------------------------------------------
@@ -150,12 +168,10 @@ class ClipSpec(FamilySpec):
         pixel_samples = [
             {PIXEL_VALUES: torch.randn((batch, *pixel_shape), generator=generator)} for batch in (2, 1, 5)
         ]
-        text_samples = []
-        for texts in (SAMPLE_TEXTS[:2], SAMPLE_TEXTS[2:], SAMPLE_TEXTS[:1]):
-            encoded = loaded.tokenizer(
-                texts, padding="max_length", truncation=True, max_length=loaded.max_text_length, return_tensors="pt"
-            )
-            text_samples.append({INPUT_IDS: encoded["input_ids"], ATTENTION_MASK: encoded["attention_mask"]})
+        text_samples = [
+            self.encode_texts(loaded, texts, "pt") for texts in (SAMPLE_TEXTS[:2], SAMPLE_TEXTS[2:], SAMPLE_TEXTS[:1])
+        ]
+        text_inputs = tuple(t[name] for name in self.text_inputs)
         return [
             OnnxExport(
                 role="image_encoder",
@@ -163,15 +179,15 @@ class ClipSpec(FamilySpec):
                 inputs=(t[PIXEL_VALUES],),
                 outputs=(t[IMAGE_EMBEDS],),
                 sample_inputs=pixel_samples,
-                tolerance=self.tolerance,
+                tolerance=self.tolerance("image_encoder"),
             ),
             OnnxExport(
                 role="text_encoder",
                 module=_text_tower(loaded.model),
-                inputs=(t[INPUT_IDS], t[ATTENTION_MASK]),
+                inputs=text_inputs,
                 outputs=(t[TEXT_EMBEDS],),
                 sample_inputs=text_samples,
-                tolerance=self.tolerance,
+                tolerance=self.tolerance("text_encoder"),
             ),
         ]
 
@@ -180,6 +196,7 @@ class ClipSpec(FamilySpec):
         self, loaded: LoadedClip, onnx_files: Mapping[str, Path], workdir: Path, options: BuildOptions = BuildOptions()
     ) -> list[Pipeline]:
         t = self.tensors(loaded)
+        text_inputs = tuple(t[name] for name in self.text_inputs)
         tokenizer_dir = Path(workdir) / "tokenizer"
         loaded.tokenizer.save_pretrained(str(tokenizer_dir))
         recipe = self.image_recipe(loaded, options)
@@ -209,13 +226,13 @@ class ClipSpec(FamilySpec):
                     role="text_tokenizer",
                     template="text_tokenizer",
                     inputs=(t[TEXT],),
-                    outputs=(t[INPUT_IDS], t[ATTENTION_MASK]),
+                    outputs=text_inputs,
                     batching=self.stage_batching("text_tokenizer"),
                     parameters={"tokenizer_dir": "tokenizer", "max_length": str(loaded.max_text_length)},
                     files={"tokenizer": tokenizer_dir},
                 ),
                 encoder_stage(
-                    "text_encoder", (t[INPUT_IDS], t[ATTENTION_MASK]), (t[TEXT_EMBEDS],),
+                    "text_encoder", text_inputs, (t[TEXT_EMBEDS],),
                     self.stage_batching("text_encoder"), onnx_files["text_encoder"], options,
                 ),
             ),
@@ -249,15 +266,11 @@ class ClipSpec(FamilySpec):
             return image_feeds(files, loaded.image_processor, PIXEL_VALUES, CALIBRATION_BATCH)
 
         def text_feeds(captions):
-            feeds = []
-            for i in range(0, len(captions), CALIBRATION_BATCH):
-                encoded = loaded.tokenizer(
-                    captions[i : i + CALIBRATION_BATCH], padding="max_length", truncation=True,
-                    max_length=loaded.max_text_length, return_tensors="np",
-                )
-                feeds.append({INPUT_IDS: encoded["input_ids"].astype(np.int64),
-                              ATTENTION_MASK: encoded["attention_mask"].astype(np.int64)})
-            return feeds
+            return [
+                {name: value.astype(np.int64) for name, value in
+                 self.encode_texts(loaded, captions[i : i + CALIBRATION_BATCH]).items()}
+                for i in range(0, len(captions), CALIBRATION_BATCH)
+            ]
 
         image_calibration, image_heldout = split_files(images)
         text_calibration, text_heldout = split_files(texts)
@@ -279,11 +292,10 @@ class ClipSpec(FamilySpec):
     def reference_text_embeds(self, loaded: LoadedClip, texts: list[str]) -> Any:
         import torch
 
-        encoded = loaded.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=loaded.max_text_length, return_tensors="pt"
-        )
+        encoded = self.encode_texts(loaded, texts, "pt")
         with torch.no_grad():
-            return projected(loaded.model.get_text_features(**encoded)).numpy()
+            return projected(loaded.model.get_text_features(
+                **{TOKENIZER_OUTPUTS[name]: value for name, value in encoded.items()})).numpy()
 
 
 def synthetic_photo(seed: int, height: int = 360, width: int = 480) -> bytes:

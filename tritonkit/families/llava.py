@@ -24,7 +24,6 @@ from tritonkit.families.base import (
     image_recipe_for,
     register,
 )
-from tritonkit.hf import from_pretrained
 from tritonkit.llava_decoding import DEFAULT_MAX_PROMPT_BYTES
 from tritonkit.triton_config import Batching, Tensor
 
@@ -108,7 +107,10 @@ class LlavaSpec(FamilySpec):
     name = "llava"
     model_types = ("llava",)
     description = "LLaVA image question answering -> ensembles NAME_chat and NAME_chat_stream (IMAGE + PROMPT in, TEXT out)"
-    tolerance = Tolerance(max_abs=1e-4, min_cosine=0.9999)
+    model_class = "LlavaForConditionalGeneration"
+    processor_classes = {"processor": "AutoProcessor"}
+    loaded_class = LoadedLlava
+    tolerances = {"vision_encoder": Tolerance(max_abs=1e-4, min_cosine=0.9999)}
     batching: Mapping[str, Batching] = {
         "image_preprocess": Batching(max_batch_size=16, preferred_batch_sizes=(8, 16), max_queue_delay_us=2000),
         "vision_encoder": Batching(max_batch_size=16, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
@@ -116,14 +118,12 @@ class LlavaSpec(FamilySpec):
         "decoder_stream": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
     }
 
-    def load(self, source: str, *, trust_remote_code: bool = False) -> LoadedLlava:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+    @staticmethod
+    def make_tiny(directory: Path) -> Path:
+        """A small random LLaVA: CLIP vision tower, small Llama, GPT-2 BPE with LLaVA's <image> token."""
+        from tritonkit.tiny import make_tiny_llava
 
-        kwargs = {"trust_remote_code": trust_remote_code}
-        return LoadedLlava(
-            model=from_pretrained(LlavaForConditionalGeneration, source, "LLaVA model", **kwargs).eval(),
-            processor=from_pretrained(AutoProcessor, source, "processor", **kwargs),
-        )
+        return make_tiny_llava(directory)
 
     def tensors(self, loaded: LoadedLlava) -> dict[str, Tensor]:
         height, width = image_recipe_for(loaded.processor.image_processor, BuildOptions()).output_hw
@@ -154,7 +154,7 @@ class LlavaSpec(FamilySpec):
                 inputs=(t[PIXEL_VALUES],),
                 outputs=(t[IMAGE_FEATURES],),
                 sample_inputs=samples,
-                tolerance=self.tolerance,
+                tolerance=self.tolerance("vision_encoder"),
             )
         ]
 

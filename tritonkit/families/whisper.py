@@ -24,7 +24,6 @@ from tritonkit.families.base import (
     encoder_stage,
     register,
 )
-from tritonkit.hf import from_pretrained
 from tritonkit.triton_config import Batching, Tensor
 
 # Public contract (see README).
@@ -64,8 +63,14 @@ class WhisperSpec(FamilySpec):
     name = "whisper"
     model_types = ("whisper",)
     description = "Whisper speech recognition -> ensemble NAME (AUDIO bytes in, TEXT out)"
-    encoder_tolerance = Tolerance(max_abs=2e-3, min_cosine=0.9999)
-    decoder_tolerance = Tolerance(max_abs=5e-3, min_cosine=0.9999)
+    model_class = "WhisperForConditionalGeneration"
+    processor_classes = {"processor": "WhisperProcessor"}
+    loaded_class = LoadedWhisper
+    tolerances = {
+        "encoder": Tolerance(max_abs=2e-3, min_cosine=0.9999),
+        "decoder_cross_kv": Tolerance(max_abs=5e-3, min_cosine=0.9999),
+        "decoder_step": Tolerance(max_abs=5e-3, min_cosine=0.9999),
+    }
     max_request_bytes = 256 * 1024 * 1024  # one audio file may be 200 MiB (AudioRecipe.max_bytes)
     batching: Mapping[str, Batching] = {
         "audio_preprocess": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16), max_queue_delay_us=2000),
@@ -74,14 +79,12 @@ class WhisperSpec(FamilySpec):
         "decoder": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16, 32), max_queue_delay_us=5000),
     }
 
-    def load(self, source: str, *, trust_remote_code: bool = False) -> LoadedWhisper:
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    @staticmethod
+    def make_tiny(directory: Path) -> Path:
+        """A small random multilingual Whisper (Whisper's real 51865-id token layout)."""
+        from tritonkit.tiny import make_tiny_whisper
 
-        kwargs = {"trust_remote_code": trust_remote_code}
-        return LoadedWhisper(
-            model=from_pretrained(WhisperForConditionalGeneration, source, "Whisper model", **kwargs).eval(),
-            processor=from_pretrained(WhisperProcessor, source, "Whisper processor", **kwargs),
-        )
+        return make_tiny_whisper(directory)
 
     def tensors(self, loaded: LoadedWhisper) -> dict[str, Tensor]:
         c = loaded.config
@@ -139,17 +142,17 @@ class WhisperSpec(FamilySpec):
                         "_hidden": hidden,
                     }
                 )
-        check_decoder_step(loaded.model, step, step_samples[0], self.decoder_tolerance)
+        check_decoder_step(loaded.model, step, step_samples[0], self.tolerance("decoder_step"))
         for sample in step_samples:
             sample.pop("_hidden")
         hidden_samples = [
             {ENCODER_HIDDEN: torch.randn((b, c.max_source_positions, c.d_model), generator=g)} for b in (2, 1)
         ]
         return [
-            OnnxExport("encoder", encoder, (t[INPUT_FEATURES],), (t[ENCODER_HIDDEN],), features, self.encoder_tolerance),
+            OnnxExport("encoder", encoder, (t[INPUT_FEATURES],), (t[ENCODER_HIDDEN],), features, self.tolerance("encoder")),
             OnnxExport(
                 "decoder_cross_kv", cross, (t[ENCODER_HIDDEN],), (t[CROSS_KEYS], t[CROSS_VALUES]),
-                hidden_samples, self.decoder_tolerance,
+                hidden_samples, self.tolerance("decoder_cross_kv"),
             ),
             OnnxExport(
                 "decoder_step",
@@ -157,7 +160,7 @@ class WhisperSpec(FamilySpec):
                 (t[INPUT_IDS], t[PAST_KEYS], t[PAST_VALUES], t[CROSS_KEYS], t[CROSS_VALUES]),
                 (t[LOGITS], t[PRESENT_KEYS], t[PRESENT_VALUES]),
                 step_samples,
-                self.decoder_tolerance,
+                self.tolerance("decoder_step"),
             ),
         ]
 
