@@ -8,6 +8,7 @@ import pytest
 
 from tritonkit.build import build
 from tritonkit.errors import ExportError, ModelSourceError
+from tritonkit.families import family_names
 from tritonkit.families.base import Tolerance
 from tritonkit.families.clip import ClipSpec
 from tritonkit.repository import BatchingOverrides, list_models, read_repository
@@ -40,7 +41,8 @@ def test_build_fails_and_keeps_the_repository_when_export_misses_tolerance(tiny_
     out = tmp_path / "repo"
     build("clip", str(tiny_clip_dir), out)
     snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    monkeypatch.setattr(ClipSpec, "tolerance", Tolerance(max_abs=0.0, min_cosine=1.0))
+    impossible = Tolerance(max_abs=0.0, min_cosine=1.0)
+    monkeypatch.setattr(ClipSpec, "tolerances", {"image_encoder": impossible, "text_encoder": impossible})
     with pytest.raises(ExportError, match=r"max abs error .* \(limit 0\).*does not match PyTorch"):
         build("clip", str(tiny_clip_dir), out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
@@ -94,3 +96,24 @@ def test_changed_model_files_are_exported_again(tiny_clip_dir, tmp_path):
     messages: list[str] = []
     build("clip", str(copy), tmp_path / "b", progress=messages.append)
     assert sum(m.startswith("exporting") for m in messages) == 2
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_every_graph_ships_its_own_export_report(family, family_repository):
+    """Each graph's report goes beside it (once, the Whisper decoder shipped its cross-attention
+    graph's report for its step graph too)."""
+    from tritonkit.build import report_name
+    from tritonkit.repository import read_repository
+
+    repository = family_repository(family)
+    graphs = 0
+    for name in read_repository(repository):
+        version = repository / name / "1"
+        for graph in sorted(version.glob("*.onnx")):
+            report = json.loads((version / report_name(graph.name)).read_text())
+            assert report["passed"]
+            graphs += 1
+            expected_role = {"cross_kv.onnx": "decoder_cross_kv", "step.onnx": "decoder_step"}.get(graph.name)
+            if expected_role:
+                assert report["role"] == expected_role, (name, graph.name, report["role"])
+    assert graphs

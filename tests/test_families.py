@@ -41,7 +41,7 @@ def test_family_serves_its_ensembles_when_built(family, tiny_loaded, tmp_path):
     spec, loaded = tiny_loaded(family)
     onnx_files = {e.role: tmp_path / f"{e.role}.onnx" for e in spec.exports(loaded)}
     assert {e.role for e in spec.exports(loaded)} == set(spec.tolerances)  # one tolerance per export
-    pipelines = spec.pipelines(loaded, onnx_files, tmp_path)
+    pipelines = spec.pipelines(loaded, onnx_files)
     assert {p.role for p in pipelines} == FAMILY_ROWS[spec.name]
 
 

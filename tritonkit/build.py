@@ -6,13 +6,13 @@ import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from tritonkit import export_cache
 from tritonkit.errors import ExportError, InputError
 from tritonkit.export import ValidationReport, export_onnx, validate_onnx
 from tritonkit.families import get_family
-from tritonkit.families.base import BuildOptions
+from tritonkit.families.base import Artefact, BuildOptions, Pipeline
 from tritonkit.precision import AccuracyReport, PrecisionOptions
 from tritonkit.repository import BatchingOverrides, plan_models, release, staging_dir, write_models
 
@@ -79,21 +79,49 @@ def build(
         if precision.variants():
             onnx_files, accuracy, variant = reduce_precision(spec, loaded, exports, onnx_files, precision, staging, progress)
         options = dataclasses.replace(options, precision=variant)
-        progress(f"writing the {options.target} repository's pipelines ({options.preprocessing} preprocessing)")
-        pipelines = spec.pipelines(loaded, onnx_files, staging / "assets", options)
+        progress(f"describing the {options.target} repository's pipelines ({options.preprocessing} preprocessing)")
+        pipelines = spec.pipelines(loaded, onnx_files, options)
+        accuracy_file = staging / "onnx" / "accuracy_report.json" if accuracy else None
+        pipelines = make_artefacts(pipelines, staging / "assets", staging / "onnx", accuracy_file, progress)
         models = plan_models(name, pipelines, overrides, options.max_request_bytes or spec.max_request_bytes)
-        for m in models:  # the reports travel with the graphs they judge
-            onnx = [Path(f) for name, f in m.files.items() if str(name).endswith(".onnx")]
-            if onnx:
-                m.files["export_report.json"] = onnx[0].parent / "export_report.json"
-                if accuracy:
-                    m.files["accuracy_report.json"] = staging / "onnx" / "accuracy_report.json"
         progress(f"writing {len(models)} models to {out}")
         names = write_models(models, out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         release(out)
     return BuildResult(Path(out), names, reports, accuracy, variant)
+
+
+def report_name(graph_file: str) -> str:
+    """Where a graph's export report goes: export_report.json beside model.onnx / model.plan,
+    STEM.export_report.json beside any other graph (a model with several, e.g. step.onnx)."""
+    stem = Path(graph_file).name.split(".")[0]
+    return "export_report.json" if stem == "model" else f"{stem}.export_report.json"
+
+
+def make_artefacts(
+    pipelines: list[Pipeline], assets: Path, exports: Path, accuracy: Path | None, progress: Progress
+) -> list[Pipeline]:
+    """Make every stage's artefacts, each once and as its own printed step, and put each graph's
+    export report (and the accuracy report) beside it: the pipelines then name only files that exist."""
+    made: dict[Artefact, Mapping[str, Path]] = {}
+    resolved = []
+    for pipeline in pipelines:
+        stages = []
+        for stage in pipeline.stages:
+            files = dict(stage.files)
+            for artefact in stage.artefacts:
+                if artefact not in made:
+                    progress(f"{stage.role}: {artefact.what}")
+                    made[artefact] = artefact.make(assets / f"{len(made):02d}_{stage.role}")
+                files.update(made[artefact])
+            for graph_file, role in stage.graphs.items():
+                files[report_name(graph_file)] = exports / role / "export_report.json"
+                if accuracy is not None:
+                    files["accuracy_report.json"] = accuracy
+            stages.append(dataclasses.replace(stage, files=files, artefacts=()))
+        resolved.append(dataclasses.replace(pipeline, stages=tuple(stages)))
+    return resolved
 
 
 def reduce_precision(spec, loaded, exports, onnx_files, precision: PrecisionOptions, staging: Path, progress: Progress):

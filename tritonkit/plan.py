@@ -192,7 +192,8 @@ def model_plans(repository: Path, overhead_bytes: int = 300 * 2**20, dims: dict[
         bound.update(dims or {})
         graphs, weights, workspace = [], 0, 0
         for path in sorted(version_dir.rglob("*")) if version_dir.is_dir() else []:
-            if not path.is_file() or path.name in NOT_LOADED or "__pycache__" in path.parts:
+            if not path.is_file() or path.name in NOT_LOADED or path.name.endswith(".export_report.json") \
+                    or "__pycache__" in path.parts:
                 continue
             if path.suffix == ".onnx":
                 memory = graph_memory(path, bound)

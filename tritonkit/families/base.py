@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from tritonkit.errors import ConfigError
 from tritonkit.triton_config import Batching, Tensor
@@ -37,12 +37,25 @@ class OnnxExport:
     opset: int = 17
 
 
+@dataclass(frozen=True, eq=False)  # an artefact shared by two stages is made once (compared by identity)
+class Artefact:
+    """Files a stage ships that the build makes: `pipelines()` only describes them, and the build
+    makes each one as a step of its own, printing `what` (serialized DALI graphs, TensorRT plans,
+    saved tokenizers and language models). `make(folder)` writes into `folder` and returns the
+    files by their name in the model's version directory."""
+
+    what: str
+    make: Callable[[Path], Mapping[str, Path]]
+
+
 @dataclass(frozen=True)
 class Stage:
     """One Triton model in an ensemble chain; its name is `<NAME>_<role>`.
 
     A Python-backend stage names its `model.py` source in model_repository_templates
-    (`template`); other backends (dali, onnxruntime) bring their model file in `files`."""
+    (`template`); other backends (dali, onnxruntime) bring their model file in `files` or make it
+    in an artefact. `graphs` names the export role of each graph file it ships, so that graph's
+    export and accuracy reports go beside it."""
 
     role: str
     template: str | None  # module name in model_repository_templates (Python backend only)
@@ -54,6 +67,8 @@ class Stage:
     backend: str = "python"
     kind: str = "KIND_CPU"
     config_extra: Mapping[str, Any] = field(default_factory=dict)  # more ModelConfig fields
+    artefacts: tuple[Artefact, ...] = ()
+    graphs: Mapping[str, str] = field(default_factory=dict)  # file in the version dir -> export role
 
     def __post_init__(self):
         if (self.backend == "python") != (self.template is not None):
@@ -210,10 +225,9 @@ class FamilySpec:
     def exports(self, loaded: Any) -> list[OnnxExport]:
         raise NotImplementedError
 
-    def pipelines(
-        self, loaded: Any, onnx_files: Mapping[str, Path], workdir: Path, options: BuildOptions = BuildOptions()
-    ) -> list[Pipeline]:
-        """The ensembles to serve; `onnx_files` maps export role -> validated ONNX file."""
+    def pipelines(self, loaded: Any, onnx_files: Mapping[str, Path], options: BuildOptions = BuildOptions()) -> list[Pipeline]:
+        """The ensembles to serve, described (nothing is written: files to make are `Artefact`s);
+        `onnx_files` maps export role -> validated ONNX file."""
         raise NotImplementedError
 
     def stage_batching(self, role: str) -> Batching:
@@ -259,7 +273,6 @@ def dali_stage(
     outputs: tuple[Tensor, ...],
     batching: Batching,
     options: BuildOptions,
-    workdir: Path,
     *,
     image_recipe=None,
 ) -> Stage:
@@ -271,15 +284,31 @@ def dali_stage(
     from tritonkit.preprocessing.dali import serialize
 
     device = "gpu" if options.gpu else "cpu"
-    path = Path(workdir) / f"{role}.{device}.dali"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(serialize(graph, device, batching.max_batch_size, options.dali_threads))
+
+    def make(folder: Path) -> Mapping[str, Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "model.dali"
+        path.write_bytes(serialize(graph, device, batching.max_batch_size, options.dali_threads))
+        return {"model.dali": path}
+
+    serialized = Artefact(f"serialize its DALI graph with {device.upper()} operators", make)
     parameters = {"num_threads": str(options.dali_threads)}
     if options.gpu:
-        return Stage(role, None, inputs, outputs, batching, parameters, {"model.dali": path}, backend="dali", kind="KIND_GPU")
+        return Stage(role, None, inputs, outputs, batching, parameters, backend="dali", kind="KIND_GPU",
+                     artefacts=(serialized,))
     if image_recipe is not None:
         parameters["image_recipe"] = image_recipe.to_json()
-    return Stage(role, "dali_pipeline", inputs, outputs, batching, parameters, {"model.dali": path})
+    return Stage(role, "dali_pipeline", inputs, outputs, batching, parameters, artefacts=(serialized,))
+
+
+def saved_pretrained(what: str, name: str, saver: Callable[[str], Any]) -> Artefact:
+    """An artefact that `save_pretrained`s a tokenizer, processor or model into the folder `name`."""
+
+    def make(folder: Path) -> Mapping[str, Path]:
+        saver(str(folder / name))
+        return {name: folder / name}
+
+    return Artefact(f"save the {what}", make)
 
 
 def image_recipe_for(image_processor, options: BuildOptions):
@@ -298,7 +327,7 @@ def image_recipe_for(image_processor, options: BuildOptions):
 
 
 def image_preprocess_stages(
-    recipe, image: Tensor, checked: Tensor, pixels: Tensor, batching: Batching, options: BuildOptions, workdir: Path
+    recipe, image: Tensor, checked: Tensor, pixels: Tensor, batching: Batching, options: BuildOptions
 ) -> tuple[Stage, ...]:
     """Encoded image bytes -> pixel values: PIL/numpy (`--preprocessing python`), DALI CPU
     operators in the Python backend (target cpu), or per-request header checks in Python followed
@@ -310,35 +339,40 @@ def image_preprocess_stages(
     if options.gpu:
         return (
             Stage("image_check", "image_check", (image,), (checked,), batching, {"image_recipe": recipe.to_json()}),
-            dali_stage("image_preprocess", image_graph(recipe, checked.name), (checked,), (pixels,), batching, options,
-                       workdir),
+            dali_stage("image_preprocess", image_graph(recipe, checked.name), (checked,), (pixels,), batching, options),
         )
     return (
-        dali_stage("image_preprocess", image_graph(recipe, image.name), (image,), (pixels,), batching, options, workdir,
+        dali_stage("image_preprocess", image_graph(recipe, image.name), (image,), (pixels,), batching, options,
                    image_recipe=recipe),
     )
 
 
 def encoder_stage(role: str, inputs, outputs, batching: Batching, onnx_file: Path, options: BuildOptions) -> Stage:
     """An ONNX encoder. CPU: ONNX Runtime inside the Python backend. GPU: the ONNX Runtime backend
-    (optionally with its TensorRT execution accelerator), or a TensorRT plan built here, each on
-    KIND_GPU with a warmup request."""
+    (optionally with its TensorRT execution accelerator), or a TensorRT plan that the build makes,
+    each on KIND_GPU with a warmup request."""
     from tritonkit.triton_config import warmup
 
     if not options.gpu:
-        return Stage(role, "onnx_encoder", inputs, outputs, batching, {}, {"model.onnx": onnx_file})
+        return Stage(role, "onnx_encoder", inputs, outputs, batching, {}, {"model.onnx": onnx_file},
+                     graphs={"model.onnx": role})
     extra = warmup(inputs)
     if options.engine == "tensorrt":
-        from tritonkit.tensorrt import EngineProfile, build_engine
+        from tritonkit.tensorrt import EngineProfile
 
         preferred = batching.preferred_batch_sizes or (batching.max_batch_size,)
         profile = EngineProfile(1, min(max(preferred), batching.max_batch_size), batching.max_batch_size)
-        engine = build_engine(
-            Path(onnx_file), Path(onnx_file).parent / "engine", inputs, profile,
-            precision={"int8-static": "int8", "fp16": "fp16"}.get(options.precision, "fp32"),
-        )
-        files = {"model.plan": engine.plan, "builder.log": engine.log, "reproduce.sh": engine.reproduce}
-        return Stage(role, None, inputs, outputs, batching, {}, files, backend="tensorrt", kind="KIND_GPU", config_extra=extra)
+        precision = {"int8-static": "int8", "fp16": "fp16"}.get(options.precision, "fp32")
+
+        def make(folder: Path) -> Mapping[str, Path]:
+            from tritonkit.tensorrt import build_engine
+
+            engine = build_engine(Path(onnx_file), folder, inputs, profile, precision=precision)
+            return {"model.plan": engine.plan, "builder.log": engine.log, "reproduce.sh": engine.reproduce}
+
+        plan = Artefact(f"build a {precision.upper()} TensorRT plan (batch {profile.min_batch}-{profile.max_batch})", make)
+        return Stage(role, None, inputs, outputs, batching, {}, backend="tensorrt", kind="KIND_GPU", config_extra=extra,
+                     artefacts=(plan,), graphs={"model.plan": role})
     if options.engine == "onnxruntime-trt":
         mode = {"int8-static": "INT8", "fp16": "FP16"}.get(options.precision, "FP32")
         extra["optimization"] = {
@@ -347,4 +381,4 @@ def encoder_stage(role: str, inputs, outputs, batching: Batching, onnx_file: Pat
             }
         }
     return Stage(role, None, inputs, outputs, batching, {}, {"model.onnx": onnx_file}, backend="onnxruntime",
-                 kind="KIND_GPU", config_extra=extra)
+                 kind="KIND_GPU", config_extra=extra, graphs={"model.onnx": role})

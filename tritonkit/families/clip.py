@@ -19,6 +19,7 @@ from tritonkit.families.base import (
     image_preprocess_stages,
     image_recipe_for,
     register,
+    saved_pretrained,
 )
 from tritonkit.triton_config import Batching, Tensor
 
@@ -193,15 +194,13 @@ class ClipSpec(FamilySpec):
 
     # -- pipelines -------------------------------------------------------------------------
     def pipelines(
-        self, loaded: LoadedClip, onnx_files: Mapping[str, Path], workdir: Path, options: BuildOptions = BuildOptions()
+        self, loaded: LoadedClip, onnx_files: Mapping[str, Path], options: BuildOptions = BuildOptions()
     ) -> list[Pipeline]:
         t = self.tensors(loaded)
         text_inputs = tuple(t[name] for name in self.text_inputs)
-        tokenizer_dir = Path(workdir) / "tokenizer"
-        loaded.tokenizer.save_pretrained(str(tokenizer_dir))
         recipe = self.image_recipe(loaded, options)
         preprocess = image_preprocess_stages(
-            recipe, t[IMAGE], t[CHECKED_IMAGE], t[PIXEL_VALUES], self.stage_batching("image_preprocess"), options, workdir
+            recipe, t[IMAGE], t[CHECKED_IMAGE], t[PIXEL_VALUES], self.stage_batching("image_preprocess"), options
         )
         image = Pipeline(
             role="image",
@@ -229,7 +228,7 @@ class ClipSpec(FamilySpec):
                     outputs=text_inputs,
                     batching=self.stage_batching("text_tokenizer"),
                     parameters={"tokenizer_dir": "tokenizer", "max_length": str(loaded.max_text_length)},
-                    files={"tokenizer": tokenizer_dir},
+                    artefacts=(saved_pretrained("tokenizer", "tokenizer", loaded.tokenizer.save_pretrained),),
                 ),
                 encoder_stage(
                     "text_encoder", text_inputs, (t[TEXT_EMBEDS],),

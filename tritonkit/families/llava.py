@@ -23,6 +23,7 @@ from tritonkit.families.base import (
     image_preprocess_stages,
     image_recipe_for,
     register,
+    saved_pretrained,
 )
 from tritonkit.llava_decoding import DEFAULT_MAX_PROMPT_BYTES
 from tritonkit.triton_config import Batching, Tensor
@@ -159,16 +160,18 @@ class LlavaSpec(FamilySpec):
         ]
 
     def pipelines(
-        self, loaded: LoadedLlava, onnx_files: Mapping[str, Path], workdir: Path, options: BuildOptions = BuildOptions()
+        self, loaded: LoadedLlava, onnx_files: Mapping[str, Path], options: BuildOptions = BuildOptions()
     ) -> list[Pipeline]:
         t = self.tensors(loaded)
-        workdir = Path(workdir)
-        language_dir, processor_dir = workdir / "language_model", workdir / "processor"
-        language_model(loaded.model).save_pretrained(str(language_dir))
-        loaded.processor.save_pretrained(str(processor_dir))
+        # both decoders (whole and streaming) ship the same two folders, made once
+        saved = (
+            saved_pretrained("language model (PyTorch)", "language_model",
+                             lambda path: language_model(loaded.model).save_pretrained(path)),
+            saved_pretrained("processor", "processor", loaded.processor.save_pretrained),
+        )
         recipe = image_recipe_for(loaded.processor.image_processor, options)
         image_stages = image_preprocess_stages(
-            recipe, t[IMAGE], t[CHECKED_IMAGE], t[PIXEL_VALUES], self.stage_batching("image_preprocess"), options, workdir
+            recipe, t[IMAGE], t[CHECKED_IMAGE], t[PIXEL_VALUES], self.stage_batching("image_preprocess"), options
         )
         encoder = encoder_stage(
             "vision_encoder", (t[PIXEL_VALUES],), (t[IMAGE_FEATURES],), self.stage_batching("vision_encoder"),
@@ -196,7 +199,7 @@ class LlavaSpec(FamilySpec):
                 outputs=(t[TEXT],),
                 batching=self.stage_batching(role),
                 parameters=parameters,
-                files={"language_model": language_dir, "processor": processor_dir},
+                artefacts=saved,
                 kind="KIND_GPU" if options.gpu else "KIND_CPU",
                 config_extra={"model_transaction_policy": {"decoupled": True}} if stream else {},
             )

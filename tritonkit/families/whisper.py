@@ -14,6 +14,7 @@ from tritonkit.preprocessing.audio import SAMPLE_RATE, WINDOW_SECONDS
 from tritonkit.errors import ExportError
 from tritonkit.families.base import (
     PLAN_DIMS_PARAMETER,
+    Artefact,
     BuildOptions,
     FamilySpec,
     OnnxExport,
@@ -23,6 +24,7 @@ from tritonkit.families.base import (
     dali_stage,
     encoder_stage,
     register,
+    saved_pretrained,
 )
 from tritonkit.triton_config import Batching, Tensor
 
@@ -293,18 +295,18 @@ class WhisperSpec(FamilySpec):
         return DecodeSettings.from_generation_config(loaded.model.generation_config, loaded.config.max_target_positions)
 
     def pipelines(
-        self, loaded: LoadedWhisper, onnx_files: Mapping[str, Path], workdir: Path, options: BuildOptions = BuildOptions()
+        self, loaded: LoadedWhisper, onnx_files: Mapping[str, Path], options: BuildOptions = BuildOptions()
     ) -> list[Pipeline]:
         from tritonkit.preprocessing.audio import AudioRecipe
         from tritonkit.preprocessing.dali import log_mel_graph
 
         t = self.tensors(loaded)
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        mel_filters = workdir / "mel_filters.npy"
-        np.save(mel_filters, np.asarray(loaded.processor.feature_extractor.mel_filters, dtype=np.float32))
-        tokenizer_dir = workdir / "tokenizer"
-        loaded.processor.tokenizer.save_pretrained(str(tokenizer_dir))
+
+        def save_mel_filters(folder: Path) -> Mapping[str, Path]:
+            folder.mkdir(parents=True, exist_ok=True)
+            np.save(folder / "mel_filters.npy", np.asarray(loaded.processor.feature_extractor.mel_filters, dtype=np.float32))
+            return {"mel_filters.npy": folder / "mel_filters.npy"}
+
         recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
         if options.max_audio_seconds is not None:
             recipe = recipe.with_options(max_seconds=options.max_audio_seconds)
@@ -321,14 +323,14 @@ class WhisperSpec(FamilySpec):
                 outputs=(windows, t[WINDOW_ROW], t[DECODE_OPTIONS]),
                 batching=self.stage_batching("audio_preprocess"),
                 parameters={"recipe": recipe.to_json(), "decode_settings": settings},
-                files={"mel_filters.npy": mel_filters},
+                artefacts=(Artefact("save the mel filter bank", save_mel_filters),),
             )
         ]
         if options.preprocessing == "dali":
             stages.append(
                 dali_stage(
                     "log_mel", log_mel_graph(loaded.config.num_mel_bins, WINDOW_SAMPLES), (t[WINDOW_SAMPLES],),
-                    (t[INPUT_FEATURES],), self.stage_batching("log_mel"), options, workdir,
+                    (t[INPUT_FEATURES],), self.stage_batching("log_mel"), options,
                 )
             )
         longest = loaded.config.max_target_positions
@@ -352,11 +354,9 @@ class WhisperSpec(FamilySpec):
                 outputs=(t[TEXT], t[TOKENS], t[DECODED_LANGUAGE]),
                 batching=self.stage_batching("decoder"),
                 parameters=decoder_parameters,
-                files={
-                    "cross_kv.onnx": onnx_files["decoder_cross_kv"],
-                    "step.onnx": onnx_files["decoder_step"],
-                    "tokenizer": tokenizer_dir,
-                },
+                files={"cross_kv.onnx": onnx_files["decoder_cross_kv"], "step.onnx": onnx_files["decoder_step"]},
+                graphs={"cross_kv.onnx": "decoder_cross_kv", "step.onnx": "decoder_step"},
+                artefacts=(saved_pretrained("tokenizer", "tokenizer", loaded.processor.tokenizer.save_pretrained),),
                 kind="KIND_GPU" if options.gpu else "KIND_CPU",
             ),
         ]
