@@ -35,7 +35,9 @@ class TritonPythonModel(BatchedModel):
                 return [None] * count
             values = inputs[name].reshape(-1)
             if len(values) != count:
-                raise InputError(f"{name}: {len(values)} values for {count} audio rows; give one per row", reason="bad_option")
+                raise InputError(
+                    f"{name}: {len(values)} values for {count} audio rows; give one per row", reason="bad_option"
+                )
             return convert(values, name)
 
         languages = column(self.language_input, string_rows)
@@ -64,9 +66,9 @@ class TritonPythonModel(BatchedModel):
                 reason="too_long",
             )
         return {
-            self.windows_output: log_mel(windows, self.mel_filters) if self.emit_features else np.stack(
-                [pad_window(w) for w in windows]
-            ),
+            self.windows_output: log_mel(windows, self.mel_filters)
+            if self.emit_features
+            else np.stack([pad_window(w) for w in windows]),
             self.row_output: np.array(owners, dtype=np.int32)[:, None],
             self.options_output: np.array(options, dtype=object)[:, None],
         }

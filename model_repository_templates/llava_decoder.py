@@ -27,17 +27,29 @@ class TritonPythonModel(BatchedModel):
         device = self.parameters.get("device", "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"{self.model_name} was built for a GPU (--target gpu) and no CUDA device is visible")
-        language_model = AutoModelForCausalLM.from_pretrained(str(self.version_dir / self.parameters["language_model_dir"]))
+        language_model = AutoModelForCausalLM.from_pretrained(
+            str(self.version_dir / self.parameters["language_model_dir"])
+        )
         self.processor = AutoProcessor.from_pretrained(str(self.version_dir / self.parameters["processor_dir"]))
         self.generator = ChatGenerator(
-            language_model.eval().to(device), self.processor.tokenizer, int(self.parameters["image_token_id"]),
-            json.loads(self.parameters["eos_token_ids"]), device,
+            language_model.eval().to(device),
+            self.processor.tokenizer,
+            int(self.parameters["image_token_id"]),
+            json.loads(self.parameters["eos_token_ids"]),
+            device,
         )
         self.max_new_tokens = int(self.parameters["max_new_tokens"])
         self.max_prompt_bytes = int(self.parameters.get("max_prompt_bytes", DEFAULT_MAX_PROMPT_BYTES))
         self.decoupled = bool(self.model_config.get("model_transaction_policy", {}).get("decoupled", False))
-        (self.features_input, self.prompt_input, self.max_tokens_input, self.temperature_input, self.top_p_input,
-         self.seed_input, self.stop_input) = self.input_names
+        (
+            self.features_input,
+            self.prompt_input,
+            self.max_tokens_input,
+            self.temperature_input,
+            self.top_p_input,
+            self.seed_input,
+            self.stop_input,
+        ) = self.input_names
         (self.text_output,) = self.output_dtypes
 
     def row_options(self, inputs, count: int) -> list[ChatOptions]:
@@ -46,7 +58,9 @@ class TritonPythonModel(BatchedModel):
                 return [None] * count
             values = inputs[name].reshape(count, -1) if inputs[name].size else np.zeros((count, 0))
             if len(values) != count:
-                raise InputError(f"{name}: {len(values)} rows for {count} prompts; give one per row", reason="bad_option")
+                raise InputError(
+                    f"{name}: {len(values)} rows for {count} prompts; give one per row", reason="bad_option"
+                )
             return [convert(row, name) for row in values]
 
         limits = column(self.max_tokens_input, lambda row, _: int(row[0]))
@@ -56,8 +70,11 @@ class TritonPythonModel(BatchedModel):
         stops = column(self.stop_input, lambda row, name: tuple(s for s in string_rows(row, name) if s))
         return [
             ChatOptions(
-                max_new_tokens=limit, temperature=0.0 if temperature is None else temperature,
-                top_p=1.0 if top_p is None else top_p, seed=seed, stop=stop or (),
+                max_new_tokens=limit,
+                temperature=0.0 if temperature is None else temperature,
+                top_p=1.0 if top_p is None else top_p,
+                seed=seed,
+                stop=stop or (),
             ).validate(self.max_new_tokens)
             for limit, temperature, top_p, seed, stop in zip(limits, temperatures, top_ps, seeds, stops)
         ]
@@ -68,19 +85,21 @@ class TritonPythonModel(BatchedModel):
             if len(raw) > self.max_prompt_bytes:
                 raise InputError(
                     f"{self.prompt_input}: {len(raw)} bytes exceeds the {self.max_prompt_bytes} byte limit "
-                    "(max_prompt_bytes; rebuild with --max-prompt-bytes to change it)", reason="too_long",
+                    "(max_prompt_bytes; rebuild with --max-prompt-bytes to change it)",
+                    reason="too_long",
                 )
         prompts = string_rows(inputs[self.prompt_input], self.prompt_input)
         if len(prompts) != len(features):
-            raise InputError(f"{self.prompt_input}: {len(prompts)} prompts for {len(features)} images", reason="bad_option")
+            raise InputError(
+                f"{self.prompt_input}: {len(prompts)} prompts for {len(features)} images", reason="bad_option"
+            )
         if self.decoupled and len(prompts) != 1:
-            raise InputError(f"{self.model_name} streams one answer per request; send one image and prompt",
-                             reason="bad_option")
+            raise InputError(
+                f"{self.model_name} streams one answer per request; send one image and prompt", reason="bad_option"
+            )
         options = self.row_options(inputs, len(prompts))
         ids = np.empty(len(prompts), dtype=object)
-        ids[:] = [
-            self.generator.prompt_ids(self.prompt_text(prompt), features.shape[1]) for prompt in prompts
-        ]
+        ids[:] = [self.generator.prompt_ids(self.prompt_text(prompt), features.shape[1]) for prompt in prompts]
         packed = np.empty(len(prompts), dtype=object)
         packed[:] = [
             self.generator.fit(row_ids, features.shape[1], row_options, self.max_new_tokens)
@@ -95,7 +114,10 @@ class TritonPythonModel(BatchedModel):
 
     def generate(self, batch, on_text=None):
         return self.generator.generate(
-            list(batch[self.features_input]), list(batch["prompt_ids"]), list(batch["options"]), self.max_new_tokens,
+            list(batch[self.features_input]),
+            list(batch["prompt_ids"]),
+            list(batch["options"]),
+            self.max_new_tokens,
             on_text,
         )
 

@@ -28,7 +28,11 @@ class TritonPythonModel(BatchedModel):
     def run(self, batch):
         texts = list(batch[self.text_input])
         encoded = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="np",
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="np",
             return_attention_mask=bool(self.mask_output),
         )
         outputs = {self.ids_output: encoded["input_ids"]}

@@ -27,17 +27,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tritonkit.bench import run_bench  # noqa: E402
-from tritonkit.build import build  # noqa: E402
-from tritonkit.families.clip import synthetic_photo  # noqa: E402
-from tritonkit.precision import PrecisionOptions  # noqa: E402
-from tritonkit.preprocessing.dali import DaliRunner  # noqa: E402
-from tritonkit.preprocessing.image import ImageRecipe, checked_image_bytes  # noqa: E402
-from tritonkit.reporting import machine, markdown_table, replace_section  # noqa: E402
-from tritonkit.repository import VERSION  # noqa: E402
-from tritonkit.server import TritonServer, free_port  # noqa: E402
-from tritonkit.tiny import make_vit_b32_clip  # noqa: E402
-from tritonkit.triton_config import parameter, read_config  # noqa: E402
+from tritonkit.bench import run_bench
+from tritonkit.build import build
+from tritonkit.families.clip import synthetic_photo
+from tritonkit.precision import PrecisionOptions
+from tritonkit.preprocessing.dali import DaliRunner
+from tritonkit.preprocessing.image import ImageRecipe, checked_image_bytes
+from tritonkit.reporting import machine, markdown_table, replace_section
+from tritonkit.repository import VERSION
+from tritonkit.server import TritonServer, free_port
+from tritonkit.tiny import make_vit_b32_clip
+from tritonkit.triton_config import parameter, read_config
 
 BATCH = 16
 CONCURRENCY = 16
@@ -84,8 +84,9 @@ def in_process_ceiling(repository: Path, files: list[bytes]) -> float:
     preprocess = repository / "clip_image_preprocess"
     recipe = ImageRecipe.from_json(parameter(read_config(preprocess), "image_recipe"))
     runner = DaliRunner((preprocess / VERSION / "model.dali").read_bytes(), BATCH)
-    session = ort.InferenceSession(str(repository / "clip_image_encoder" / VERSION / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(repository / "clip_image_encoder" / VERSION / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
 
     def run():
         for i in range(0, len(files), BATCH):
@@ -104,10 +105,16 @@ def served(repository: Path, files: list[bytes], duration: float) -> tuple[float
         (level,) = run_bench(server.grpc_url, "clip_image", files, [CONCURRENCY], duration_s=duration)
     finally:
         server.stop()
-    breakdown = {name: {"queue_ms": m.queue_ms, "infer_ms": m.compute_infer_ms, "batch_sizes": m.batch_sizes}
-                 for name, m in level.models.items()}
-    return level.throughput, {"p99_ms": level.p99_ms, "errors": level.errors, "client_cpu_share": level.client_cpu_share,
-                              "models": breakdown}
+    breakdown = {
+        name: {"queue_ms": m.queue_ms, "infer_ms": m.compute_infer_ms, "batch_sizes": m.batch_sizes}
+        for name, m in level.models.items()
+    }
+    return level.throughput, {
+        "p99_ms": level.p99_ms,
+        "errors": level.errors,
+        "client_cpu_share": level.client_cpu_share,
+        "models": breakdown,
+    }
 
 
 def main() -> None:
@@ -129,10 +136,20 @@ def main() -> None:
             ceiling = in_process_ceiling(repository, files)
             throughput, details = served(repository, files, args.duration)
             accuracy = (
-                result.accuracy[result.precision_variant].graphs["image_encoder"]["min_cosine"] if result.accuracy else 1.0
+                result.accuracy[result.precision_variant].graphs["image_encoder"]["min_cosine"]
+                if result.accuracy
+                else 1.0
             )
-            rows.append({"precision": result.precision_variant, "served": throughput, "ceiling": ceiling, "eager": eager,
-                         "min_cosine": accuracy, **details})
+            rows.append(
+                {
+                    "precision": result.precision_variant,
+                    "served": throughput,
+                    "ceiling": ceiling,
+                    "eager": eager,
+                    "min_cosine": accuracy,
+                    **details,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     result = {"machine": machine(), "images": args.images, "duration_s": args.duration, "rows": rows}
     if args.json:
@@ -142,22 +159,48 @@ def main() -> None:
 
 
 def write_markdown(path: Path, result: dict) -> None:
-    lines = [f"{result['images']} JPEG photos (480x640), {result['machine']['cpus']} CPUs; served: `tritonkit bench` at "
-             f"concurrency {CONCURRENCY} for {result['duration_s']:.0f} s (load generator on the same cores). Command: "
-             "`python scripts/bench_clip.py --markdown docs/BENCHMARKS.md`.", ""]
+    lines = [
+        f"{result['images']} JPEG photos (480x640), {result['machine']['cpus']} CPUs; served: `tritonkit bench` at "
+        f"concurrency {CONCURRENCY} for {result['duration_s']:.0f} s (load generator on the same cores). Command: "
+        "`python scripts/bench_clip.py --markdown docs/BENCHMARKS.md`.",
+        "",
+    ]
     lines += markdown_table(
-        ["precision", "served images/s", "in-process ceiling", "transformers eager", "served / eager", "served / ceiling",
-         "p99 ms", "min cosine to FP32"],
-        [[r["precision"], f"{r['served']:.1f}", f"{r['ceiling']:.1f}", f"{r['eager']:.1f}",
-          f"**{r['served'] / r['eager']:.2f}x**", f"**{r['served'] / r['ceiling']:.2f}x**", f"{r['p99_ms']:.0f}",
-          f"{r['min_cosine']:.4f}"] for r in result["rows"]],
+        [
+            "precision",
+            "served images/s",
+            "in-process ceiling",
+            "transformers eager",
+            "served / eager",
+            "served / ceiling",
+            "p99 ms",
+            "min cosine to FP32",
+        ],
+        [
+            [
+                r["precision"],
+                f"{r['served']:.1f}",
+                f"{r['ceiling']:.1f}",
+                f"{r['eager']:.1f}",
+                f"**{r['served'] / r['eager']:.2f}x**",
+                f"**{r['served'] / r['ceiling']:.2f}x**",
+                f"{r['p99_ms']:.0f}",
+                f"{r['min_cosine']:.4f}",
+            ]
+            for r in result["rows"]
+        ],
         align_right_from=1,
     )
     lines += ["", "Server time per request at concurrency 16 (ms; queue / compute infer) and executed batch sizes:", ""]
     for r in result["rows"]:
-        parts = [f"{name} {m['queue_ms']:.1f} / {m['infer_ms']:.1f} ({' '.join(f'{b}x{n}' for b, n in m['batch_sizes'].items())})"
-                 for name, m in r["models"].items() if name != "clip_image"]
-        lines.append(f"- {r['precision']}: " + "; ".join(parts) + f"; client CPU {r['client_cpu_share']:.0%} of the machine")
+        parts = [
+            f"{name} {m['queue_ms']:.1f} / {m['infer_ms']:.1f} ({' '.join(f'{b}x{n}' for b, n in m['batch_sizes'].items())})"
+            for name, m in r["models"].items()
+            if name != "clip_image"
+        ]
+        lines.append(
+            f"- {r['precision']}: " + "; ".join(parts) + f"; client CPU {r['client_cpu_share']:.0%} of the machine"
+        )
     replace_section(path, "bench_clip", "CLIP image embeddings (served vs baselines)", lines)
 
 

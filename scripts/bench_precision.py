@@ -26,11 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tritonkit.export import export_onnx  # noqa: E402
-from tritonkit.families import get_family  # noqa: E402
-from tritonkit.precision import convert, evaluate  # noqa: E402
-from tritonkit.reporting import machine, markdown_table, replace_section  # noqa: E402
-from tritonkit.tiny import make_vit_b32_clip  # noqa: E402
+from tritonkit.export import export_onnx
+from tritonkit.families import get_family
+from tritonkit.precision import convert, evaluate
+from tritonkit.reporting import machine, markdown_table, replace_section
+from tritonkit.tiny import make_vit_b32_clip
 
 VARIANTS = ["fp32", "int8-static", "int8-dynamic", "fp16"]
 
@@ -81,14 +81,16 @@ def bench_clip(folder: Path) -> list[dict]:
     rows = []
     for variant in VARIANTS:
         report = reports[variant]
-        rows.append({
-            "variant": variant,
-            "images_per_s": throughput(files[variant]["image_encoder"], pixels),
-            "texts_per_s": throughput(files[variant]["text_encoder"], texts),
-            "image_min_cosine": report.graphs["image_encoder"]["min_cosine"],
-            "text_min_cosine": report.graphs["text_encoder"]["min_cosine"],
-            "passed": report.passed,
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "images_per_s": throughput(files[variant]["image_encoder"], pixels),
+                "texts_per_s": throughput(files[variant]["text_encoder"], texts),
+                "image_min_cosine": report.graphs["image_encoder"]["min_cosine"],
+                "text_min_cosine": report.graphs["text_encoder"]["min_cosine"],
+                "passed": report.passed,
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -103,9 +105,13 @@ def bench_whisper(folder: Path) -> list[dict]:
     loaded = spec.load(str(convert_ct2_whisper(bundled_tiny_en(), folder / "tiny.en")))
     files, reports, data = variants(spec, loaded, folder / "onnx")
     # Speed and WER over every spoken sentence; the accuracy reports judge the held-out half only.
-    task = {**data.task, "samples": [
-        decode_audio(speak(sentence, folder / f"{i}.wav").read_bytes(), AudioRecipe()) for i, sentence in enumerate(SENTENCES)
-    ]}
+    task = {
+        **data.task,
+        "samples": [
+            decode_audio(speak(sentence, folder / f"{i}.wav").read_bytes(), AudioRecipe())
+            for i, sentence in enumerate(SENTENCES)
+        ],
+    }
     samples, texts = task["samples"], list(SENTENCES)
     seconds = sum(len(s) for s in samples) / SAMPLE_RATE
     rows = []
@@ -116,14 +122,16 @@ def bench_whisper(folder: Path) -> list[dict]:
         elapsed = time.perf_counter() - start
         reference_tokens = reference_tokens or tokens
         report = reports[variant]
-        rows.append({
-            "variant": variant,
-            "audio_s_per_s": seconds / elapsed,
-            "wer": wer(texts, hypotheses),
-            "token_agreement": sum(a == b for a, b in zip(tokens, reference_tokens)) / len(tokens),
-            "encoder_min_cosine": report.graphs["encoder"]["min_cosine"],
-            "passed": report.passed,
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "audio_s_per_s": seconds / elapsed,
+                "wer": wer(texts, hypotheses),
+                "token_agreement": sum(a == b for a, b in zip(tokens, reference_tokens)) / len(tokens),
+                "encoder_min_cosine": report.graphs["encoder"]["min_cosine"],
+                "passed": report.passed,
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -149,17 +157,32 @@ def main() -> None:
 
 
 def write_markdown(path: Path, result: dict) -> None:
-    lines = [f"{result['machine']['cpus']} CPUs, ONNX Runtime CPU provider in one process, best of 5 batches. "
-             "Command: `python scripts/bench_precision.py --markdown docs/BENCHMARKS.md`.", ""]
+    lines = [
+        f"{result['machine']['cpus']} CPUs, ONNX Runtime CPU provider in one process, best of 5 batches. "
+        "Command: `python scripts/bench_precision.py --markdown docs/BENCHMARKS.md`.",
+        "",
+    ]
     if "clip" in result:
         fp32 = result["clip"][0]
-        lines += ["CLIP ViT-B/32 architecture (random weights), image batch 16, text batch 16; cosine to FP32 "
-                  "PyTorch on held-out inputs:", ""]
+        lines += [
+            "CLIP ViT-B/32 architecture (random weights), image batch 16, text batch 16; cosine to FP32 "
+            "PyTorch on held-out inputs:",
+            "",
+        ]
         lines += markdown_table(
             ["variant", "images / s", "vs fp32", "texts / s", "image min cosine", "text min cosine", "report"],
-            [[r["variant"], f"{r['images_per_s']:.1f}", f"{r['images_per_s'] / fp32['images_per_s']:.2f}x",
-              f"{r['texts_per_s']:.1f}", f"{r['image_min_cosine']:.4f}", f"{r['text_min_cosine']:.4f}",
-              "pass" if r["passed"] else "fail"] for r in result["clip"]],
+            [
+                [
+                    r["variant"],
+                    f"{r['images_per_s']:.1f}",
+                    f"{r['images_per_s'] / fp32['images_per_s']:.2f}x",
+                    f"{r['texts_per_s']:.1f}",
+                    f"{r['image_min_cosine']:.4f}",
+                    f"{r['text_min_cosine']:.4f}",
+                    "pass" if r["passed"] else "fail",
+                ]
+                for r in result["clip"]
+            ],
             align_right_from=1,
         )
         lines.append("")
@@ -168,9 +191,18 @@ def write_markdown(path: Path, result: dict) -> None:
         lines += ["Whisper tiny.en (real weights), encoder + greedy decoder over the 11 spoken sentences:", ""]
         lines += markdown_table(
             ["variant", "audio-s / s", "vs fp32", "WER", "same tokens as fp32", "encoder min cosine", "report"],
-            [[r["variant"], f"{r['audio_s_per_s']:.1f}", f"{r['audio_s_per_s'] / fp32['audio_s_per_s']:.2f}x",
-              f"{r['wer']:.3f}", f"{r['token_agreement']:.2f}", f"{r['encoder_min_cosine']:.4f}",
-              "pass" if r["passed"] else "fail"] for r in result["whisper"]],
+            [
+                [
+                    r["variant"],
+                    f"{r['audio_s_per_s']:.1f}",
+                    f"{r['audio_s_per_s'] / fp32['audio_s_per_s']:.2f}x",
+                    f"{r['wer']:.3f}",
+                    f"{r['token_agreement']:.2f}",
+                    f"{r['encoder_min_cosine']:.4f}",
+                    "pass" if r["passed"] else "fail",
+                ]
+                for r in result["whisper"]
+            ],
             align_right_from=1,
         )
     replace_section(path, "bench_precision", "Precision (FP32, INT8, FP16) on CPU", lines)

@@ -29,10 +29,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tritonkit.preprocessing.audio import SAMPLE_RATE, WINDOW_SAMPLES, log_mel  # noqa: E402
-from tritonkit.preprocessing.dali import DaliRunner, image_graph, log_mel_graph, serialize  # noqa: E402
-from tritonkit.preprocessing.image import ImageRecipe, image_bytes_to_pixels  # noqa: E402
-from tritonkit.reporting import machine, markdown_table, replace_section  # noqa: E402
+from tritonkit.preprocessing.audio import SAMPLE_RATE, WINDOW_SAMPLES, log_mel
+from tritonkit.preprocessing.dali import DaliRunner, image_graph, log_mel_graph, serialize
+from tritonkit.preprocessing.image import ImageRecipe, image_bytes_to_pixels
+from tritonkit.reporting import machine, markdown_table, replace_section
 
 BATCH_IMAGES, BATCH_WINDOWS = 16, 8
 
@@ -61,7 +61,9 @@ def windows(count: int) -> list[np.ndarray]:
     out = []
     for i in range(count):
         pitch = 110 + 20 * i
-        voice = sum(np.sin(2 * np.pi * pitch * k * t) / k for k in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+        voice = sum(np.sin(2 * np.pi * pitch * k * t) / k for k in range(1, 6)) * (
+            0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)
+        )
         out.append((0.1 * voice + rng.normal(0, 0.01, len(t))).astype(np.float32))
     return out
 
@@ -116,18 +118,35 @@ def bench_images(count: int) -> list[dict]:
         return out
 
     reference = transformers_run()
-    results = [{"system": "transformers CLIPImageProcessor", "setting": f"batch {BATCH_IMAGES}",
-                "per_s": rate(transformers_run, count), "max_abs": 0.0, "mean_abs": 0.0}]
+    results = [
+        {
+            "system": "transformers CLIPImageProcessor",
+            "setting": f"batch {BATCH_IMAGES}",
+            "per_s": rate(transformers_run, count),
+            "max_abs": 0.0,
+            "mean_abs": 0.0,
+        }
+    ]
     pil = [image_bytes_to_pixels(f, recipe) for f in files]
-    results.append({"system": "tritonkit PIL engine", "setting": "one at a time",
-                    "per_s": rate(lambda: [image_bytes_to_pixels(f, recipe) for f in files], count),
-                    **dict(zip(("max_abs", "mean_abs"), differences(pil, reference)))})
+    results.append(
+        {
+            "system": "tritonkit PIL engine",
+            "setting": "one at a time",
+            "per_s": rate(lambda: [image_bytes_to_pixels(f, recipe) for f in files], count),
+            **dict(zip(("max_abs", "mean_abs"), differences(pil, reference))),
+        }
+    )
     for threads in (1, 2):
         runner = dali_runner(image_graph(recipe, "IMAGE"), BATCH_IMAGES, threads)
         ours = run_dali(runner, "IMAGE", rows)
-        results.append({"system": "tritonkit DALI (CPU operators)", "setting": f"batch {BATCH_IMAGES}, {threads} threads",
-                        "per_s": rate(lambda: run_dali(runner, "IMAGE", rows), count),
-                        **dict(zip(("max_abs", "mean_abs"), differences(ours, reference)))})
+        results.append(
+            {
+                "system": "tritonkit DALI (CPU operators)",
+                "setting": f"batch {BATCH_IMAGES}, {threads} threads",
+                "per_s": rate(lambda runner=runner: run_dali(runner, "IMAGE", rows), count),
+                **dict(zip(("max_abs", "mean_abs"), differences(ours, reference))),
+            }
+        )
     return results
 
 
@@ -145,8 +164,15 @@ def bench_audio(count: int) -> list[dict]:
         return out
 
     reference = transformers_run()
-    results = [{"system": "transformers WhisperFeatureExtractor", "setting": f"batch {BATCH_WINDOWS}",
-                "per_s": rate(transformers_run, seconds), "max_abs": 0.0, "mean_abs": 0.0}]
+    results = [
+        {
+            "system": "transformers WhisperFeatureExtractor",
+            "setting": f"batch {BATCH_WINDOWS}",
+            "per_s": rate(transformers_run, seconds),
+            "max_abs": 0.0,
+            "mean_abs": 0.0,
+        }
+    ]
 
     def numpy_run():
         out = []
@@ -154,15 +180,25 @@ def bench_audio(count: int) -> list[dict]:
             out += list(log_mel(chunk, extractor.mel_filters))
         return out
 
-    results.append({"system": "tritonkit numpy log-mel", "setting": f"batch {BATCH_WINDOWS}",
-                    "per_s": rate(numpy_run, seconds),
-                    **dict(zip(("max_abs", "mean_abs"), differences(numpy_run(), reference)))})
+    results.append(
+        {
+            "system": "tritonkit numpy log-mel",
+            "setting": f"batch {BATCH_WINDOWS}",
+            "per_s": rate(numpy_run, seconds),
+            **dict(zip(("max_abs", "mean_abs"), differences(numpy_run(), reference))),
+        }
+    )
     for threads in (1, 2):
         runner = dali_runner(log_mel_graph(80, "WINDOW_SAMPLES"), BATCH_WINDOWS, threads)
         ours = run_dali(runner, "WINDOW_SAMPLES", samples)
-        results.append({"system": "tritonkit DALI log-mel (CPU operators)", "setting": f"batch {BATCH_WINDOWS}, {threads} threads",
-                        "per_s": rate(lambda: run_dali(runner, "WINDOW_SAMPLES", samples), seconds),
-                        **dict(zip(("max_abs", "mean_abs"), differences(ours, reference)))})
+        results.append(
+            {
+                "system": "tritonkit DALI log-mel (CPU operators)",
+                "setting": f"batch {BATCH_WINDOWS}, {threads} threads",
+                "per_s": rate(lambda runner=runner: run_dali(runner, "WINDOW_SAMPLES", samples), seconds),
+                **dict(zip(("max_abs", "mean_abs"), differences(ours, reference))),
+            }
+        )
     return results
 
 
@@ -193,9 +229,13 @@ def resampler_gap() -> list[dict]:
         (out,) = pipe.run()
         dali = np.array(out[0])
         ours = soxr.resample(resampled, rate_hz, SAMPLE_RATE, quality="HQ").astype(np.float32)
-        features = [extractor(x, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"][0] for x in (dali, ours)]
+        features = [
+            extractor(x, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"][0] for x in (dali, ours)
+        ]
         diff = np.abs(features[0] - features[1])
-        rows.append({"input": f"{rate_hz} Hz, {channels} ch", "max_abs": float(diff.max()), "mean_abs": float(diff.mean())})
+        rows.append(
+            {"input": f"{rate_hz} Hz, {channels} ch", "max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
+        )
     return rows
 
 
@@ -231,15 +271,25 @@ def write_markdown(path: Path, result: dict) -> None:
     ]
     lines += markdown_table(
         ["images", "setting", "images / s", "max abs diff", "mean abs diff"],
-        [[r["system"], r["setting"], f"{r['per_s']:.1f}", f"{r['max_abs']:.3g}", f"{r['mean_abs']:.3g}"] for r in result["images"]],
+        [
+            [r["system"], r["setting"], f"{r['per_s']:.1f}", f"{r['max_abs']:.3g}", f"{r['mean_abs']:.3g}"]
+            for r in result["images"]
+        ],
     )
     lines.append("")
     lines += markdown_table(
         ["audio", "setting", "audio-s / s", "max abs diff", "mean abs diff"],
-        [[r["system"], r["setting"], f"{r['per_s']:.0f}", f"{r['max_abs']:.3g}", f"{r['mean_abs']:.3g}"] for r in result["audio"]],
+        [
+            [r["system"], r["setting"], f"{r['per_s']:.0f}", f"{r['max_abs']:.3g}", f"{r['mean_abs']:.3g}"]
+            for r in result["audio"]
+        ],
     )
-    lines += ["", "Resampling to 16 kHz with DALI's audio decoder instead of soxr (tritonkit's choice), "
-              "log-mel difference on the same speech-like signal:", ""]
+    lines += [
+        "",
+        "Resampling to 16 kHz with DALI's audio decoder instead of soxr (tritonkit's choice), "
+        "log-mel difference on the same speech-like signal:",
+        "",
+    ]
     lines += markdown_table(
         ["input", "max abs diff", "mean abs diff"],
         [[r["input"], f"{r['max_abs']:.3g}", f"{r['mean_abs']:.3g}"] for r in result["resampler_gap"]],

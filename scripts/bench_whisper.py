@@ -23,14 +23,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tritonkit.build import build  # noqa: E402
-from tritonkit.client import TritonkitClient, pack_byte_rows  # noqa: E402
-from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper  # noqa: E402
-from tritonkit.metrics import wer  # noqa: E402
-from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio  # noqa: E402
-from tritonkit.reporting import machine, markdown_table, replace_section  # noqa: E402
-from tritonkit.samples import SENTENCES, speak  # noqa: E402
-from tritonkit.server import TritonServer, free_port  # noqa: E402
+from tritonkit.build import build
+from tritonkit.client import TritonkitClient, pack_byte_rows
+from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper
+from tritonkit.metrics import wer
+from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio
+from tritonkit.reporting import machine, markdown_table, replace_section
+from tritonkit.samples import SENTENCES, speak
+from tritonkit.server import TritonServer, free_port
 
 # The clearest of the spoken sample sentences.
 BENCH_SENTENCES = [s for i, s in enumerate(SENTENCES) if i not in (5, 7, 9)]
@@ -72,7 +72,9 @@ def bench_transformers(model_dir: Path, samples: list[np.ndarray], batch: int) -
     def run():
         texts = []
         for i in range(0, len(samples), batch):
-            features = processor.feature_extractor(samples[i : i + batch], sampling_rate=SAMPLE_RATE, return_tensors="pt")
+            features = processor.feature_extractor(
+                samples[i : i + batch], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+            )
             with torch.no_grad():
                 ids = model.generate(features["input_features"])
             texts += processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -98,8 +100,12 @@ def bench_faster_whisper(samples: list[np.ndarray], batch: int) -> tuple[list[st
 
         def run():
             return [
-                " ".join(s.text for s in pipeline.transcribe(a, beam_size=1, language="en", batch_size=batch,
-                                                             without_timestamps=True)[0])
+                " ".join(
+                    s.text
+                    for s in pipeline.transcribe(
+                        a, beam_size=1, language="en", batch_size=batch, without_timestamps=True
+                    )[0]
+                )
                 for a in samples
             ]
 
@@ -123,9 +129,19 @@ def main() -> None:
     rows = []
 
     def record(system: str, setting: str, texts: list[str], seconds: float) -> None:
-        rows.append({"system": system, "setting": setting, "audio_s_per_s": audio_seconds / seconds,
-                     "wall_s": seconds, "wer": wer(references, texts)})
-        print(f"{system:<28} {setting:<22} {audio_seconds / seconds:7.2f} audio-s/s  WER {rows[-1]['wer']:.3f}", flush=True)
+        rows.append(
+            {
+                "system": system,
+                "setting": setting,
+                "audio_s_per_s": audio_seconds / seconds,
+                "wall_s": seconds,
+                "wer": wer(references, texts),
+            }
+        )
+        print(
+            f"{system:<28} {setting:<22} {audio_seconds / seconds:7.2f} audio-s/s  WER {rows[-1]['wer']:.3f}",
+            flush=True,
+        )
 
     server = TritonServer(work / "repo", grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     with server:
@@ -145,7 +161,9 @@ def main() -> None:
 
     result = {
         "machine": machine(),
-        "clips": args.clips, "audio_seconds": audio_seconds, "rows": rows,
+        "clips": args.clips,
+        "audio_seconds": audio_seconds,
+        "rows": rows,
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
@@ -155,8 +173,11 @@ def main() -> None:
 
 def write_markdown(path: Path, result: dict) -> None:
     """Replace the Whisper section of the benchmark report (between its markers)."""
-    lines = [f"{result['clips']} espeak-ng clips, {result['audio_seconds']:.0f} s of audio in all, "
-             f"{result['machine']['cpus']} CPUs. Command: `python scripts/bench_whisper.py --markdown docs/BENCHMARKS.md`.", ""]
+    lines = [
+        f"{result['clips']} espeak-ng clips, {result['audio_seconds']:.0f} s of audio in all, "
+        f"{result['machine']['cpus']} CPUs. Command: `python scripts/bench_whisper.py --markdown docs/BENCHMARKS.md`.",
+        "",
+    ]
     lines += markdown_table(
         ["system", "setting", "audio-s / s", "WER"],
         [[r["system"], r["setting"], f"{r['audio_s_per_s']:.2f}", f"{r['wer']:.3f}"] for r in result["rows"]],
@@ -165,8 +186,11 @@ def write_markdown(path: Path, result: dict) -> None:
     ours = [r for r in result["rows"] if r["setting"] == "concurrency 8"]
     if fw and ours:
         best = max(fw, key=lambda r: r["audio_s_per_s"])
-        lines += ["", f"Served ensemble at concurrency 8 / best faster-whisper ({best['setting']}): "
-                  f"**{ours[0]['audio_s_per_s'] / best['audio_s_per_s']:.2f}x**."]
+        lines += [
+            "",
+            f"Served ensemble at concurrency 8 / best faster-whisper ({best['setting']}): "
+            f"**{ours[0]['audio_s_per_s'] / best['audio_s_per_s']:.2f}x**.",
+        ]
     replace_section(path, "bench_whisper", "Whisper tiny.en", lines)
 
 

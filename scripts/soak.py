@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tritonkit.server import TritonServer, free_port, process_tree_rss  # noqa: E402
+from tritonkit.server import TritonServer, free_port, process_tree_rss
 
 
 class Case(NamedTuple):
@@ -72,7 +72,7 @@ def clip_cases() -> list[Case]:
         Case("jpeg", "clip_image", image(jpeg), True),
         Case("png", "clip_image", image(png.getvalue()), True),
         Case("photo", "clip_image", image(synthetic_photo(4, 720, 1280)), True),
-        Case("text", "clip_text", text("a photo of a cat".encode()), True),
+        Case("text", "clip_text", text(b"a photo of a cat"), True),
         Case("long text", "clip_text", text(("word " * 20000).encode()), True),
         Case("empty image", "clip_image", image(b""), False),
         Case("truncated jpeg", "clip_image", image(jpeg[: len(jpeg) // 3]), False),
@@ -214,14 +214,21 @@ async def soak(url: str, cases: list[Case], duration: float, concurrency: int, t
     async def sample_memory():
         began = time.perf_counter()
         while time.perf_counter() < deadline:
-            timeline.append((round(time.perf_counter() - began), round(sum(process_tree_rss(server_pid).values()) / 2**20)))
+            timeline.append(
+                (round(time.perf_counter() - began), round(sum(process_tree_rss(server_pid).values()) / 2**20))
+            )
             await asyncio.sleep(max(duration / 30, 1.0))
 
     try:
         await asyncio.gather(sample_memory(), *(worker() for _ in range(concurrency)))
     finally:
         await client.close()
-    return {"counts": counts, "unexpected": unexpected[:20], "unexpected_total": len(unexpected), "rss_mb_timeline": timeline}
+    return {
+        "counts": counts,
+        "unexpected": unexpected[:20],
+        "unexpected_total": len(unexpected),
+        "rss_mb_timeline": timeline,
+    }
 
 
 def settled_growth_mb(samples: list[float]) -> float:
@@ -272,9 +279,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=600)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=60)
-    parser.add_argument("--max-rss-growth-mb", type=float, default=300,
-                        help="Bound on memory growth from the run's middle third to its last (medians of the samples; "
-                        "the first third reaches the high-water mark of batch-sized buffers such as ONNX Runtime's arena)")
+    parser.add_argument(
+        "--max-rss-growth-mb",
+        type=float,
+        default=300,
+        help="Bound on memory growth from the run's middle third to its last (medians of the samples; "
+        "the first third reaches the high-water mark of batch-sized buffers such as ONNX Runtime's arena)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="soak-") as folder:
@@ -287,11 +298,20 @@ def main() -> int:
             # buffers sized by it their high-water mark), then the mix.
             valid = [case for case in cases if case.valid]
             for subset, seconds in ((valid, 20.0), (cases, 10.0)):
-                asyncio.run(soak(server.grpc_url, subset, min(seconds, args.duration), args.concurrency, args.timeout,
-                                 server.process.pid))
+                asyncio.run(
+                    soak(
+                        server.grpc_url,
+                        subset,
+                        min(seconds, args.duration),
+                        args.concurrency,
+                        args.timeout,
+                        server.process.pid,
+                    )
+                )
             before = process_tree_rss(server.process.pid)
-            result = asyncio.run(soak(server.grpc_url, cases, args.duration, args.concurrency, args.timeout,
-                                      server.process.pid))
+            result = asyncio.run(
+                soak(server.grpc_url, cases, args.duration, args.concurrency, args.timeout, server.process.pid)
+            )
             after = process_tree_rss(server.process.pid)
             labels = {pid: process_label(pid) for pid in after}
             alive = server.process.poll() is None

@@ -21,10 +21,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_whisper import make_clips  # noqa: E402
-from tritonkit.convert_ct2 import bundled_tiny_en  # noqa: E402
-from tritonkit.metrics import wer  # noqa: E402
-from tritonkit.preprocessing.audio import FRAMES, HOP, SAMPLE_RATE, AudioRecipe, decode_audio  # noqa: E402
+from bench_whisper import make_clips
+
+from tritonkit.convert_ct2 import bundled_tiny_en
+from tritonkit.metrics import wer
+from tritonkit.preprocessing.audio import FRAMES, HOP, SAMPLE_RATE, AudioRecipe, decode_audio
 
 
 def main() -> None:
@@ -46,8 +47,12 @@ def main() -> None:
     }
     result = {"faster_whisper_wer": {}}
     for name, options in ablations.items():
-        texts = [" ".join(s.text for s in model.transcribe(a, beam_size=1, language="en", without_timestamps=True,
-                                                              **options)[0]) for a in samples]
+        texts = [
+            " ".join(
+                s.text for s in model.transcribe(a, beam_size=1, language="en", without_timestamps=True, **options)[0]
+            )
+            for a in samples
+        ]
         result["faster_whisper_wer"][name] = round(wer(references, texts), 4)
     theirs, ours = FeatureExtractor(feature_size=80), WhisperFeatureExtractor(feature_size=80)
     speech, padding = [], []

@@ -12,9 +12,9 @@ from PIL import Image
 
 from tritonkit import samples
 from tritonkit.build import build
-from tritonkit.samples import SENTENCES
 from tritonkit.families import get_family, registry
 from tritonkit.families.clip import ClipSpec
+from tritonkit.samples import SENTENCES
 from tritonkit.server import TritonServer, free_port
 
 
@@ -61,9 +61,7 @@ def random_image(height: int, width: int, seed: int = 0, channels: int = 3) -> n
 
 
 def start_server(repository: Path, **kwargs) -> TritonServer:
-    server = TritonServer(
-        repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **kwargs
-    )
+    server = TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **kwargs)
     return server.start().wait_until_ready(300)
 
 
@@ -111,8 +109,12 @@ def embedding_servers(embedding_repositories, tiny_model_dir):
         if (family, preprocessing) not in started:
             spec = get_family(family)
             repository = embedding_repositories(family, preprocessing)
-            started[family, preprocessing] = (spec, spec.load(str(tiny_model_dir(family))), repository,
-                                              start_server(repository))
+            started[family, preprocessing] = (
+                spec,
+                spec.load(str(tiny_model_dir(family))),
+                repository,
+                start_server(repository),
+            )
         return started[family, preprocessing]
 
     yield get

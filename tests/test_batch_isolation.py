@@ -91,7 +91,9 @@ def test_a_culpable_request_fails_alone_when_its_batch_fails(faulty_server, size
     for i, (value, result) in enumerate(zip(values, results)):
         if i == culprit:
             assert isinstance(result, str), result
-            assert {-1: "poison row in a batch of 1", -2: "invalid literal", -3: "VALUE: -3 is refused"}[poison] in result
+            assert {-1: "poison row in a batch of 1", -2: "invalid literal", -3: "VALUE: -3 is refused"}[
+                poison
+            ] in result
         else:
             assert result == 2 * value, f"batch mate {i} of {size}: {result}"
     assert faulty_server.is_ready()
@@ -109,8 +111,10 @@ def test_batches_of_every_size_formed_and_the_server_survived(faulty_server):
 
 def test_a_request_over_the_byte_limit_fails_alone_with_the_limit_named(faulty_server):
     message = infer(faulty_server.grpc_url, 1, note=b"x" * (MAX_REQUEST_BYTES + 1))
-    assert message.endswith(f"request: {MAX_REQUEST_BYTES + 1} bytes of input exceed the {MAX_REQUEST_BYTES} byte limit "
-                            "(max_request_bytes; rebuild with --max-request-bytes to change it)"), message
+    assert message.endswith(
+        f"request: {MAX_REQUEST_BYTES + 1} bytes of input exceed the {MAX_REQUEST_BYTES} byte limit "
+        "(max_request_bytes; rebuild with --max-request-bytes to change it)"
+    ), message
     assert infer(faulty_server.grpc_url, 1, note=b"x" * 100) == 2
 
 

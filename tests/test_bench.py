@@ -21,9 +21,19 @@ def test_bench_reports_throughput_latency_and_the_server_breakdown(clip_server, 
     for i in range(3):
         (tmp_path / f"{i}.jpg").write_bytes(encode_image(random_image(240 + 10 * i, 320, seed=60 + i), "JPEG"))
     result = run_cli(
-        "bench", "clip_image", *[a for i in range(3) for a in ("-i", str(tmp_path / f"{i}.jpg"))],
-        "--concurrency", "1,4", "--requests", "12", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
-        "--url", clip_server.grpc_url,
+        "bench",
+        "clip_image",
+        *[a for i in range(3) for a in ("-i", str(tmp_path / f"{i}.jpg"))],
+        "--concurrency",
+        "1,4",
+        "--requests",
+        "12",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--plot",
+        str(tmp_path / "r.png"),
+        "--url",
+        clip_server.grpc_url,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
@@ -33,23 +43,51 @@ def test_bench_reports_throughput_latency_and_the_server_breakdown(clip_server, 
         assert level["p50_ms"] <= level["p90_ms"] <= level["p99_ms"]
         assert 0 < level["client_cpu_share"] <= 1
         encoder = level["models"]["clip_image_encoder"]
-        assert encoder["requests"] == 12 and encoder["compute_infer_ms"] > 0 and sum(encoder["batch_sizes"].values()) >= 1
+        assert (
+            encoder["requests"] == 12 and encoder["compute_infer_ms"] > 0 and sum(encoder["batch_sizes"].values()) >= 1
+        )
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "p99 ms" in result.stderr + result.stdout
 
 
 def test_bench_counts_failed_requests_and_shows_the_first_error(clip_server, tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    result = run_cli("bench", "clip_image", "-i", str(tmp_path / "bad.jpg"), "--concurrency", "2", "--requests", "4",
-                     "--json", str(tmp_path / "r.json"), "--url", clip_server.grpc_url)
+    result = run_cli(
+        "bench",
+        "clip_image",
+        "-i",
+        str(tmp_path / "bad.jpg"),
+        "--concurrency",
+        "2",
+        "--requests",
+        "4",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--url",
+        clip_server.grpc_url,
+    )
     assert result.returncode == 0, result.stderr
     (level,) = json.loads((tmp_path / "r.json").read_text())["levels"]
     assert level["errors"] == 4 and "IMAGE: not a decodable image" in level["first_error"]
 
 
 def test_bench_sends_text_to_text_models(clip_server, tmp_path):
-    result = run_cli("bench", "clip_text", "--text", "a cat", "--text", "a dog", "--concurrency", "2", "--requests", "6",
-                     "--json", str(tmp_path / "r.json"), "--url", clip_server.grpc_url)
+    result = run_cli(
+        "bench",
+        "clip_text",
+        "--text",
+        "a cat",
+        "--text",
+        "a dog",
+        "--concurrency",
+        "2",
+        "--requests",
+        "6",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--url",
+        clip_server.grpc_url,
+    )
     assert result.returncode == 0, result.stderr
     (level,) = json.loads((tmp_path / "r.json").read_text())["levels"]
     assert level["errors"] == 0 and level["models"]["clip_text_tokenizer"]["requests"] == 6
@@ -61,5 +99,7 @@ def test_perf_analyzer_option_fails_clearly_when_it_is_not_installed(clip_server
     if shutil.which("perf_analyzer"):
         pytest.skip("perf_analyzer is installed")
     (tmp_path / "a.jpg").write_bytes(encode_image(random_image(100, 100), "JPEG"))
-    result = run_cli("bench", "clip_image", "-i", str(tmp_path / "a.jpg"), "--perf-analyzer", "--url", clip_server.grpc_url)
+    result = run_cli(
+        "bench", "clip_image", "-i", str(tmp_path / "a.jpg"), "--perf-analyzer", "--url", clip_server.grpc_url
+    )
     assert result.returncode == 2 and "no perf_analyzer on PATH" in result.stderr

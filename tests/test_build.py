@@ -51,7 +51,7 @@ def test_build_fails_and_keeps_the_repository_when_export_misses_tolerance(tiny_
 
 def test_build_names_the_problem_when_model_directory_is_not_a_model(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelSourceError, match="no config.json"):
+    with pytest.raises(ModelSourceError, match=r"no config\.json"):
         build("clip", str(tmp_path / "empty"), tmp_path / "out")
 
 
@@ -64,7 +64,7 @@ def test_build_gives_a_clear_error_when_hub_is_unreachable(tmp_path, monkeypatch
 def test_build_rejects_the_name_when_it_is_not_a_plain_identifier(tiny_clip_dir, tmp_path):
     from tritonkit.errors import InputError
 
-    with pytest.raises(InputError, match="--name '../evil'"):
+    with pytest.raises(InputError, match=r"--name '\.\./evil'"):
         build("clip", str(tiny_clip_dir), tmp_path / "out", name="../evil")
 
 
@@ -80,7 +80,9 @@ def test_rebuild_reuses_cached_exports_and_writes_identical_configs(tiny_clip_di
     a, b = read_repository(first.out), read_repository(tmp_path / "b")
     assert {n: str(c) for n, c in a.items()} == {n: str(c) for n, c in b.items()}
     for model in ("clip_image_encoder", "clip_text_encoder"):
-        assert (first.out / model / "1" / "model.onnx").read_bytes() == (tmp_path / "b" / model / "1" / "model.onnx").read_bytes()
+        assert (first.out / model / "1" / "model.onnx").read_bytes() == (
+            tmp_path / "b" / model / "1" / "model.onnx"
+        ).read_bytes()
 
 
 def test_changed_model_files_are_exported_again(tiny_clip_dir, tmp_path):

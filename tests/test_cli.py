@@ -57,16 +57,32 @@ def test_serve_exits_nonzero_with_the_server_error_when_a_model_is_broken(clip_r
 @pytest.mark.server
 def test_serve_reports_ready_and_stops_cleanly_when_interrupted(clip_repository, tmp_path):
     grpc_port = free_port()
-    args = ["serve", str(clip_repository), "--grpc-port", str(grpc_port), "--http-port", str(free_port()),
-            "--metrics-port", str(free_port())]
+    args = [
+        "serve",
+        str(clip_repository),
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+    ]
     process = subprocess.Popen([*TRITONKIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         assert line.startswith("tritonkit: ready: 6 models on grpc 127.0.0.1:"), line + process.stderr.read()
         image = tmp_path / "cat.jpg"
         image.write_bytes(encode_image(random_image(100, 120), "JPEG"))
-        result = run("infer", "clip_image", str(image), "--url", f"127.0.0.1:{grpc_port}", "--json",
-                     "--save", str(tmp_path / "e.npy"))
+        result = run(
+            "infer",
+            "clip_image",
+            str(image),
+            "--url",
+            f"127.0.0.1:{grpc_port}",
+            "--json",
+            "--save",
+            str(tmp_path / "e.npy"),
+        )
         assert result.returncode == 0, result.stderr
         record = json.loads(result.stdout.splitlines()[0])
         assert record["input"] == str(image) and len(record["embedding"]) == 32
@@ -113,9 +129,20 @@ def test_preprocess_command_saves_the_encoder_input_the_server_computes(clip_rep
     image = encode_image(random_image(300, 200, seed=3), "PNG")
     (tmp_path / "a.png").write_bytes(image)
     result = subprocess.run(
-        [sys.executable, "-m", "tritonkit.cli", "preprocess", str(clip_repository), "clip_image", str(tmp_path / "a.png"),
-         "--out", str(tmp_path / "pixels.npy")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "preprocess",
+            str(clip_repository),
+            "clip_image",
+            str(tmp_path / "a.png"),
+            "--out",
+            str(tmp_path / "pixels.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "PIXEL_VALUES: shape [1, 3, 224, 224] float32" in result.stdout

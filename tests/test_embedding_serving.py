@@ -86,7 +86,9 @@ def test_image_ensemble_matches_its_reference_when_jpeg_and_png(family, served, 
     ]
     expected = reference(loaded_pair, files)
     for file, want in zip(files, expected):  # one request each
-        assert_close(client.embed_images([file], model=f"{family}_image"), want[None], spec.tolerance("image_encoder").max_abs)
+        assert_close(
+            client.embed_images([file], model=f"{family}_image"), want[None], spec.tolerance("image_encoder").max_abs
+        )
     # all in one request: rows of different lengths, zero-padded
     assert_close(client.embed_images(files, model=f"{family}_image"), expected, spec.tolerance("image_encoder").max_abs)
 
@@ -105,11 +107,15 @@ def test_image_ensemble_batches_concurrent_requests_when_many_clients(family, se
     expected = reference(loaded_pair, files)
     before = executed_batch_sizes(client.statistics(f"{family}_image_encoder"), f"{family}_image_encoder")
     with ThreadPoolExecutor(max_workers=12) as pool:
-        results = list(pool.map(lambda f: TritonkitClient(server.grpc_url).embed_images([f], model=f"{family}_image"), files))
+        results = list(
+            pool.map(lambda f: TritonkitClient(server.grpc_url).embed_images([f], model=f"{family}_image"), files)
+        )
     for got, want in zip(results, expected):
         assert_close(got, want[None], spec.tolerance("image_encoder").max_abs)
     after = executed_batch_sizes(client.statistics(f"{family}_image_encoder"), f"{family}_image_encoder")
-    merged = {size: after[size] - before.get(size, 0) for size in after if size > 1 and after[size] > before.get(size, 0)}
+    merged = {
+        size: after[size] - before.get(size, 0) for size in after if size > 1 and after[size] > before.get(size, 0)
+    }
     assert merged, f"no batch larger than 1 was executed: {after}"
 
 
@@ -119,11 +125,13 @@ def test_text_ensemble_matches_transformers_when_short_empty_and_overlong(family
     expected = spec.reference_text_embeds(loaded, texts)
     assert_close(client.embed_texts(texts, model=f"{family}_text"), expected, spec.tolerance("text_encoder").max_abs)
     for text, want in zip(texts, expected):
-        assert_close(client.embed_texts([text], model=f"{family}_text"), want[None], spec.tolerance("text_encoder").max_abs)
+        assert_close(
+            client.embed_texts([text], model=f"{family}_text"), want[None], spec.tolerance("text_encoder").max_abs
+        )
 
 
 def test_image_request_fails_alone_when_its_batch_mates_are_valid(family, served, loaded_pair):
-    client, server, reference = served
+    _, server, reference = served
     spec, _ = loaded_pair
     good = encode_image(random_image(300, 300, seed=5), "JPEG")
     bad_inputs = [b"not an image at all", good[: len(good) // 3], b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj"]

@@ -17,8 +17,17 @@ from tritonkit.runtime import string_rows
 from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings
 
 RECIPE = ImageRecipe(
-    shortest_edge=64, resize_height=None, resize_width=None, crop_height=64, crop_width=64, resample=3,
-    rescale_factor=1 / 255, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), max_bytes=1 << 20, max_pixels=4_000_000,
+    shortest_edge=64,
+    resize_height=None,
+    resize_width=None,
+    crop_height=64,
+    crop_width=64,
+    resample=3,
+    rescale_factor=1 / 255,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    max_bytes=1 << 20,
+    max_pixels=4_000_000,
 )
 JPEG = encode_image(random_image(48, 80, seed=1), "JPEG")
 PNG = encode_image(random_image(40, 30, seed=2), "PNG")
@@ -98,15 +107,25 @@ def test_text_rows_accept_utf8_and_reject_the_rest_cleanly(raw):
 
 
 SETTINGS = DecodeSettings(
-    start_token=1, end_token=2, no_timestamps_token=3, suppress_tokens=(), begin_suppress_tokens=(), max_length=10,
-    multilingual=True, language_tokens={"en": 10, "fr": 11}, task_tokens={"transcribe": 20, "translate": 21},
+    start_token=1,
+    end_token=2,
+    no_timestamps_token=3,
+    suppress_tokens=(),
+    begin_suppress_tokens=(),
+    max_length=10,
+    multilingual=True,
+    language_tokens={"en": 10, "fr": 11},
+    task_tokens={"transcribe": 20, "translate": 21},
     language_names={"english": "en", "french": "fr"},
 )
 
 
 @FUZZ
-@given(language=st.one_of(st.none(), st.text(max_size=12)), task=st.one_of(st.none(), st.text(max_size=12)),
-       limit=st.one_of(st.none(), st.integers(-5, 10_000)))
+@given(
+    language=st.one_of(st.none(), st.text(max_size=12)),
+    task=st.one_of(st.none(), st.text(max_size=12)),
+    limit=st.one_of(st.none(), st.integers(-5, 10_000)),
+)
 def test_decode_options_are_valid_or_rejected_with_the_option_named(language, task, limit):
     try:
         options = DecodeOptions(language, task, limit).validate(SETTINGS)
@@ -121,5 +140,5 @@ def test_images_beyond_the_pixel_limit_are_rejected_from_the_header(size):
 
     buffer = io.BytesIO()
     Image.new("L", size).save(buffer, format="PNG")  # compresses to a few kB: a decompression bomb
-    with pytest.raises(InputError, match="IMAGE: .*(pixel limit|decompression bomb)"):
+    with pytest.raises(InputError, match=r"IMAGE: .*(pixel limit|decompression bomb)"):
         checked_image_bytes(buffer.getvalue(), RECIPE)

@@ -46,7 +46,7 @@ def test_gpu_repository_of_every_family_passes_check_and_round_trips(gpu_family_
     from tritonkit.check import check_repository
     from tritonkit.triton_config import parse_text, to_text
 
-    family, repository = gpu_family_repository
+    _, repository = gpu_family_repository
     report = check_repository(repository, "gpu")
     assert report.ok, report.errors
     assert not check_repository(repository, "cpu").ok  # KIND_GPU and non-Python backends
@@ -96,7 +96,9 @@ def test_preprocess_command_explains_that_gpu_dali_models_need_a_gpu(gpu_clip_re
     image.write_bytes(encode_image(random_image(120, 160), "JPEG"))
     result = subprocess.run(
         [sys.executable, "-m", "tritonkit.cli", "preprocess", str(gpu_clip_repository), "clip_image", str(image)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "DALI-backend model with GPU operators" in result.stderr and "--target cpu" in result.stderr
@@ -160,7 +162,10 @@ def test_check_reports_broken_wiring_missing_files_and_unsuited_kinds(clip_repos
     result = run_cli("check", str(broken))
     assert result.returncode == 2
     assert "clip_text_encoder: the python backend needs 1/model.py, which is missing" in result.stderr
-    assert "PIXEL_VALUES is TYPE_FP32[3, 224, 224] but clip_image_encoder.PIXEL_VALUES expects TYPE_FP32[3, 336, 224]" in result.stderr
+    assert (
+        "PIXEL_VALUES is TYPE_FP32[3, 224, 224] but clip_image_encoder.PIXEL_VALUES expects TYPE_FP32[3, 336, 224]"
+        in result.stderr
+    )
 
 
 def test_tensorrt_commands_fail_fast_without_a_gpu(tiny_clip_dir, clip_repository, tmp_path):
@@ -168,7 +173,18 @@ def test_tensorrt_commands_fail_fast_without_a_gpu(tiny_clip_dir, clip_repositor
         pytest.skip("a GPU is present")
     for args in (
         ["engine", str(clip_repository / "clip_image_encoder" / "1" / "model.onnx"), "--out", str(tmp_path / "e")],
-        ["build", "clip", "--model", str(tiny_clip_dir), "--out", str(tmp_path / "r"), "--target", "gpu", "--engine", "tensorrt"],
+        [
+            "build",
+            "clip",
+            "--model",
+            str(tiny_clip_dir),
+            "--out",
+            str(tmp_path / "r"),
+            "--target",
+            "gpu",
+            "--engine",
+            "tensorrt",
+        ],
     ):
         result = run_cli(*args)
         assert result.returncode == 2 and "TensorRT engines need an NVIDIA GPU" in result.stderr
@@ -181,8 +197,13 @@ def test_trtexec_equivalent_names_the_profile_and_precision(tmp_path):
     from tritonkit.triton_config import Tensor
 
     command = trtexec_command(
-        tmp_path / "m.onnx", tmp_path / "m.plan", [Tensor("PIXEL_VALUES", "float32", (3, 224, 224))],
-        EngineProfile(1, 8, 16), strongly_typed=True, fp16_flag=False, timing_cache=tmp_path / "t.cache",
+        tmp_path / "m.onnx",
+        tmp_path / "m.plan",
+        [Tensor("PIXEL_VALUES", "float32", (3, 224, 224))],
+        EngineProfile(1, 8, 16),
+        strongly_typed=True,
+        fp16_flag=False,
+        timing_cache=tmp_path / "t.cache",
     )
     assert "--minShapes=PIXEL_VALUES:1x3x224x224" in command and "--maxShapes=PIXEL_VALUES:16x3x224x224" in command
     assert "--stronglyTyped" in command and "--fp16" not in command
@@ -196,7 +217,10 @@ def test_tensorrt_plans_are_built_and_served(precision, tiny_clip_dir, tmp_path)
     from tritonkit.precision import PrecisionOptions
 
     result = build(
-        "clip", str(tiny_clip_dir), tmp_path / "repo", options=BuildOptions(target="gpu", engine="tensorrt"),
+        "clip",
+        str(tiny_clip_dir),
+        tmp_path / "repo",
+        options=BuildOptions(target="gpu", engine="tensorrt"),
         precision=PrecisionOptions(precision, "static"),
     )
     plans = list((result.out / "clip_image_encoder" / "1").glob("model.plan"))

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tritonkit.families import family_names
 import yaml
 
 from tests.conftest import encode_image, random_image
 from tritonkit import promql
+from tritonkit.families import family_names
 from tritonkit.k8s import K8sOptions, RepositoryFacts, manifests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +40,13 @@ def demo_repository(clip_repository, whisper_repository, tmp_path_factory) -> Pa
 
 
 def documents(files) -> list[dict]:
-    return [doc for f in files if f.path.endswith(".yaml") and f.path != "prometheus-adapter-rules.yaml"
-            for doc in yaml.safe_load_all(f.text) if doc]
+    return [
+        doc
+        for f in files
+        if f.path.endswith(".yaml") and f.path != "prometheus-adapter-rules.yaml"
+        for doc in yaml.safe_load_all(f.text)
+        if doc
+    ]
 
 
 def validate(resource: dict) -> None:
@@ -65,8 +69,16 @@ def validate(resource: dict) -> None:
     "options",
     [
         K8sOptions(),
-        K8sOptions(name="speech", namespace="ml", replicas=3, gpus_per_replica=2, model_store="s3://bucket/models",
-                   host="infer.example.com", tls_secret="infer-tls", image="registry.local/tk:1"),
+        K8sOptions(
+            name="speech",
+            namespace="ml",
+            replicas=3,
+            gpus_per_replica=2,
+            model_store="s3://bucket/models",
+            host="infer.example.com",
+            tls_secret="infer-tls",
+            image="registry.local/tk:1",
+        ),
     ],
     ids=["defaults", "gpu-s3-tls"],
 )
@@ -74,8 +86,17 @@ def test_every_manifest_validates_against_the_schemas(demo_repository, options):
     files = manifests(demo_repository, options)
     resources = documents(files)
     kinds = sorted(r["kind"] for r in resources)
-    expected = ["Deployment", "HorizontalPodAutoscaler", "Ingress", "Ingress", "Kustomization", "PodDisruptionBudget",
-                "PrometheusRule", "Service", "ServiceMonitor"]
+    expected = [
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "Ingress",
+        "Ingress",
+        "Kustomization",
+        "PodDisruptionBudget",
+        "PrometheusRule",
+        "Service",
+        "ServiceMonitor",
+    ]
     if options.model_store == "pvc":
         expected.append("PersistentVolumeClaim")
     assert kinds == sorted(expected)
@@ -83,7 +104,9 @@ def test_every_manifest_validates_against_the_schemas(demo_repository, options):
         validate(resource)
     kustomization = next(r for r in resources if r["kind"] == "Kustomization")
     assert sorted(kustomization["resources"]) == sorted(
-        f.path for f in files if f.path.endswith(".yaml") and f.path not in ("kustomization.yaml", "prometheus-adapter-rules.yaml")
+        f.path
+        for f in files
+        if f.path.endswith(".yaml") and f.path not in ("kustomization.yaml", "prometheus-adapter-rules.yaml")
     )
 
 
@@ -113,7 +136,9 @@ def test_deployment_follows_the_repository_and_options(demo_repository):
     assert not facts.needs_gpu and facts.python_instances == 8
 
     def deployment(**options):
-        return next(d for d in documents(manifests(demo_repository, K8sOptions(**options))) if d["kind"] == "Deployment")
+        return next(
+            d for d in documents(manifests(demo_repository, K8sOptions(**options))) if d["kind"] == "Deployment"
+        )
 
     pod = deployment()["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -122,18 +147,26 @@ def test_deployment_follows_the_repository_and_options(demo_repository):
     assert "--metrics-config=summary_latencies=true" in container["args"]
     assert f"--cache-config=local,size={256 * 1024 * 1024}" in container["args"]  # the CLIP ensembles use the cache
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
-    assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"] == {"medium": "Memory", "sizeLimit": "2048Mi"}
+    assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"] == {
+        "medium": "Memory",
+        "sizeLimit": "2048Mi",
+    }
     assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert {p: container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {
-        "startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready", "livenessProbe": "/v2/health/live"}
+        "startupProbe": "/v2/health/ready",
+        "readinessProbe": "/v2/health/ready",
+        "livenessProbe": "/v2/health/live",
+    }
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
 
     gpu = deployment(gpus_per_replica=2, model_store="gs://bucket/repo")["spec"]["template"]["spec"]
     assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert "--model-repository=gs://bucket/repo" in gpu["containers"][0]["args"]
     assert not any("persistentVolumeClaim" in v for v in gpu["volumes"])
-    assert gpu["containers"][0]["envFrom"] == [{"secretRef": {"name": "tritonkit-storage-credentials", "optional": True}}]
+    assert gpu["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "tritonkit-storage-credentials", "optional": True}}
+    ]
 
 
 def test_ingress_routes_each_ensemble_and_allows_large_slow_requests(demo_repository):
@@ -169,25 +202,44 @@ def test_every_promql_expression_parses_with_promtool(demo_repository, tmp_path)
     rule = yaml.safe_load(files["prometheusrule.yaml"])
     (tmp_path / "alerts.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
     facts = RepositoryFacts.read(demo_repository)
-    recorded = [{"record": f"tritonkit:check_{i}", "expr": expr}
-                for i, (_, expr) in enumerate(promql.expressions("tritonkit", facts.models, facts.steps))]
+    recorded = [
+        {"record": f"tritonkit:check_{i}", "expr": expr}
+        for i, (_, expr) in enumerate(promql.expressions("tritonkit", facts.models, facts.steps))
+    ]
     dashboard = json.loads(files["grafana-dashboard.json"])
     recorded += [{"record": f"tritonkit:panel_{p['id']}", "expr": p["targets"][0]["expr"]} for p in dashboard["panels"]]
     (tmp_path / "expressions.yaml").write_text(yaml.safe_dump({"groups": [{"name": "check", "rules": recorded}]}))
-    result = subprocess.run([promtool(), "check", "rules", str(tmp_path / "alerts.yaml"), str(tmp_path / "expressions.yaml")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool(), "check", "rules", str(tmp_path / "alerts.yaml"), str(tmp_path / "expressions.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rule['spec']['groups'][0]['rules'])} rules found" in result.stdout
     # and a broken expression is rejected, so the check has teeth
-    (tmp_path / "broken.yaml").write_text(yaml.safe_dump({"groups": [{"name": "b", "rules": [
-        {"record": "x", "expr": "sum by (model) (rate(nv_inference_count[5m])"}]}]}))
-    broken = subprocess.run([promtool(), "check", "rules", str(tmp_path / "broken.yaml")], capture_output=True, text=True)
+    (tmp_path / "broken.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {"name": "b", "rules": [{"record": "x", "expr": "sum by (model) (rate(nv_inference_count[5m])"}]}
+                ]
+            }
+        )
+    )
+    broken = subprocess.run(
+        [promtool(), "check", "rules", str(tmp_path / "broken.yaml")], capture_output=True, text=True
+    )
     assert broken.returncode != 0
 
 
 def test_checked_in_k8s_folder_is_what_the_generator_writes_for_the_demo_repository(demo_repository, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tritonkit.cli", "k8s", str(demo_repository), "--out", str(tmp_path),
-                             *CHECKED_IN_ARGS], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "tritonkit.cli", "k8s", str(demo_repository), "--out", str(tmp_path), *CHECKED_IN_ARGS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     generated = sorted(p.name for p in tmp_path.iterdir())
     for name in generated:
@@ -205,8 +257,12 @@ def test_checked_in_k8s_folder_is_what_the_generator_writes_for_the_demo_reposit
     ],
 )
 def test_bad_options_fail_with_one_line(demo_repository, tmp_path, args, message):
-    result = subprocess.run([sys.executable, "-m", "tritonkit.cli", "k8s", str(demo_repository), "--out", str(tmp_path),
-                             *args], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "tritonkit.cli", "k8s", str(demo_repository), "--out", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())
 
@@ -222,8 +278,11 @@ def query(prometheus_url: str, expr: str) -> list:
 def wait_for_last_scrape(prometheus_url: str, metrics_url: str, timeout: float = 60) -> None:
     """Poll until Prometheus holds the server's current request count (the traffic has stopped)."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    (expected,) = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith('nv_inference_request_success{model="clip_image"')]
+    (expected,) = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('nv_inference_request_success{model="clip_image"')
+    ]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = query(prometheus_url, 'nv_inference_request_success{model="clip_image"}')
@@ -242,16 +301,29 @@ def test_a_real_prometheus_scraping_tritonserver_answers_the_dashboard_and_alert
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.fail("prometheus is missing: scripts/setup.sh installs it (apt-get install prometheus)")
-    server = start_server(clip_repository, response_cache_bytes=16 * 2**20,
-                          extra_args=["--metrics-config=summary_latencies=true"])
+    server = start_server(
+        clip_repository, response_cache_bytes=16 * 2**20, extra_args=["--metrics-config=summary_latencies=true"]
+    )
     port = free_port()
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "tritonkit", "static_configs": [{"targets": [f"127.0.0.1:{server.metrics_port}"]}]}],
-    }))
+    (tmp_path / "prometheus.yml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "tritonkit", "static_configs": [{"targets": [f"127.0.0.1:{server.metrics_port}"]}]}
+                ],
+            }
+        )
+    )
     scraper = subprocess.Popen(
-        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -259,23 +331,35 @@ def test_a_real_prometheus_scraping_tritonserver_answers_the_dashboard_and_alert
         began = time.monotonic()
         with TritonkitClient(server.grpc_url) as client:
             while time.monotonic() - began < 12:  # traffic across several scrapes
-                client.embed_images([image, encode_image(random_image(64, 64, seed=int(time.monotonic() * 1000)), "PNG")])
+                client.embed_images(
+                    [image, encode_image(random_image(64, 64, seed=int(time.monotonic() * 1000)), "PNG")]
+                )
                 client.embed_texts(["a cat"])
                 with pytest.raises(InferenceError):
                     client.infer("clip_image", {"IMAGE": pack_byte_rows([b"%PDF-1.4 not an image"])})
                 time.sleep(0.2)
         wait_for_last_scrape(url, server.metrics_url)
         facts = RepositoryFacts.read(clip_repository)
-        no_data = {"GPU utilisation", "GPU memory used", "Tokens generated per second (tritonkit)"}  # no GPU, no decoder
+        no_data = {
+            "GPU utilisation",
+            "GPU memory used",
+            "Tokens generated per second (tritonkit)",
+        }  # no GPU, no decoder
         for title, expr, _, _ in promql.dashboard_panels(facts.models, facts.steps):
             result = query(url, expr)
             assert (not result) if title in no_data else result, f"{title}: {expr} -> {result}"
             if title == "Response cache hit ratio":
                 assert max(float(r["value"][1]) for r in result) > 0.5  # the same JPEG again and again
-        rules = {(r["alert"], r["labels"].get("model")): r["expr"] for r in
-                 promql.alert_group("tritonkit", (*facts.models, "not_served"), facts.steps, p99_ms=0,
-                                    error_ratio_limit=0.01)["rules"]}
-        assert {r["metric"]["model"] for r in query(url, rules["TritonkitP99LatencyHigh", None])} == {"clip_image", "clip_text"}
+        rules = {
+            (r["alert"], r["labels"].get("model")): r["expr"]
+            for r in promql.alert_group(
+                "tritonkit", (*facts.models, "not_served"), facts.steps, p99_ms=0, error_ratio_limit=0.01
+            )["rules"]
+        }
+        assert {r["metric"]["model"] for r in query(url, rules["TritonkitP99LatencyHigh", None])} == {
+            "clip_image",
+            "clip_text",
+        }
         firing = {r["metric"]["model"] for r in query(url, rules["TritonkitErrorRatioHigh", None])}
         assert firing == {"clip_image"}  # the PDFs; clip_text has no failures
         assert not query(url, rules["TritonkitReplicaDown", None])

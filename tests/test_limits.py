@@ -57,8 +57,10 @@ def test_a_prompt_over_the_byte_limit_fails_before_tokenizing(llava_server):
     began = time.monotonic()
     with TritonkitClient(llava_server.grpc_url) as client:
         message = error_of(lambda: client.chat(photo(2), "a" * 100_000))
-    assert f"PROMPT: 100000 bytes exceeds the {DEFAULT_MAX_PROMPT_BYTES} byte limit (max_prompt_bytes; rebuild with " \
-           "--max-prompt-bytes to change it)" in message
+    assert (
+        f"PROMPT: 100000 bytes exceeds the {DEFAULT_MAX_PROMPT_BYTES} byte limit (max_prompt_bytes; rebuild with "
+        "--max-prompt-bytes to change it)" in message
+    )
     assert time.monotonic() - began < 10
 
 
@@ -75,8 +77,10 @@ def test_a_prompt_longer_than_the_context_fails_with_its_token_count(llava_serve
     assert tokens + image_tokens > context
     with TritonkitClient(llava_server.grpc_url) as client:
         message = error_of(lambda: client.chat(photo(3), prompt))
-        assert f"PROMPT: {tokens} prompt tokens + {image_tokens} image tokens + 1 new tokens exceed the model's " \
-               f"{context}-token context; shorten the prompt" in message
+        assert (
+            f"PROMPT: {tokens} prompt tokens + {image_tokens} image tokens + 1 new tokens exceed the model's "
+            f"{context}-token context; shorten the prompt" in message
+        )
         assert client.chat(photo(3), "What?", max_new_tokens=2)
 
 
@@ -90,8 +94,10 @@ def test_max_new_tokens_must_fit_beside_the_prompt_and_the_default_is_cut_to_fit
     left = context - tokens - image_tokens
     with TritonkitClient(llava_server.grpc_url) as client:
         message = error_of(lambda: client.chat(photo(4), prompt, max_new_tokens=left + 1))
-        assert f"+ {left + 1} new tokens exceed the model's {context}-token context; shorten the prompt or lower " \
-               "MAX_NEW_TOKENS" in message
+        assert (
+            f"+ {left + 1} new tokens exceed the model's {context}-token context; shorten the prompt or lower "
+            "MAX_NEW_TOKENS" in message
+        )
         assert client.chat(photo(4), prompt, max_new_tokens=1) is not None
         client.chat(photo(4), prompt)  # the default (256) is cut to what is left: no error
 
@@ -131,6 +137,12 @@ def test_the_request_byte_limit_is_written_to_the_models_that_read_client_tensor
     from tritonkit.triton_config import parameter
 
     configs = read_repository(clip_repository)
-    limits = {name: parameter(config, "max_request_bytes") for name, config in configs.items() if config.backend == "python"}
-    assert limits == {"clip_image_preprocess": str(64 * 1024 * 1024), "clip_text_tokenizer": str(64 * 1024 * 1024),
-                      "clip_image_encoder": None, "clip_text_encoder": None}
+    limits = {
+        name: parameter(config, "max_request_bytes") for name, config in configs.items() if config.backend == "python"
+    }
+    assert limits == {
+        "clip_image_preprocess": str(64 * 1024 * 1024),
+        "clip_text_tokenizer": str(64 * 1024 * 1024),
+        "clip_image_encoder": None,
+        "clip_text_encoder": None,
+    }

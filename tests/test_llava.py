@@ -110,8 +110,12 @@ def metric(server, name: str, model: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and s.labels.get("model") == model)
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name and s.labels.get("model") == model
+    )
 
 
 def test_a_repeated_image_is_not_encoded_again(llava_server):
@@ -157,7 +161,18 @@ def test_chat_command_streams_the_answer(llava_server, tmp_path):
     path = tmp_path / "photo.jpg"
     path.write_bytes(image(3))
     url = llava_server.grpc_url
-    args = [sys.executable, "-m", "tritonkit.cli", "chat", str(path), CASES[2][1], "--url", url, "--max-new-tokens", "8"]
+    args = [
+        sys.executable,
+        "-m",
+        "tritonkit.cli",
+        "chat",
+        str(path),
+        CASES[2][1],
+        "--url",
+        url,
+        "--max-new-tokens",
+        "8",
+    ]
     streamed = subprocess.run(args, capture_output=True, text=True, timeout=300)
     whole = subprocess.run([*args, "--no-stream"], capture_output=True, text=True, timeout=300)
     assert streamed.returncode == 0 and whole.returncode == 0, streamed.stderr + whole.stderr

@@ -40,7 +40,9 @@ def test_preprocessing_models_report_time_input_bytes_and_rejections_by_reason(c
                 client.embed_images([image])
             for data in bad.values():
                 with pytest.raises(InferenceError):
-                    client.infer("clip_image", {"IMAGE": pack_byte_rows([data]) if data else np.zeros((1, 0), np.uint8)})
+                    client.infer(
+                        "clip_image", {"IMAGE": pack_byte_rows([data]) if data else np.zeros((1, 0), np.uint8)}
+                    )
             client.embed_texts(["a cat", "a dog on a sofa"])
             with pytest.raises(InferenceError, match="not valid UTF-8"):
                 client.infer("clip_text", {"TEXT": np.array([[b"\xff\xfe bad"]], dtype=object)})
@@ -51,16 +53,22 @@ def test_preprocessing_models_report_time_input_bytes_and_rejections_by_reason(c
     assert value(samples, "tritonkit_preprocess_seconds_count", **image_model) == 5
     assert 0 < value(samples, "tritonkit_preprocess_seconds_sum", **image_model) < 60
     assert value(samples, "tritonkit_input_bytes_count", input="IMAGE", **image_model) == 5
-    assert value(samples, "tritonkit_input_bytes_sum", input="IMAGE", **image_model) == sum(map(len, images)) + len(bad["undecodable"])
+    assert value(samples, "tritonkit_input_bytes_sum", input="IMAGE", **image_model) == sum(map(len, images)) + len(
+        bad["undecodable"]
+    )
     for reason in bad:
         assert value(samples, "tritonkit_rejected_inputs_total", reason=reason, **image_model) == 1, reason
     tokenizer = {"model": "clip_text_tokenizer"}
     assert value(samples, "tritonkit_preprocess_seconds_count", **tokenizer) == 2  # one request of two texts, one bad
-    assert value(samples, "tritonkit_input_bytes_sum", input="TEXT", **tokenizer) == len("a cat") + len("a dog on a sofa") + 6
+    assert (
+        value(samples, "tritonkit_input_bytes_sum", input="TEXT", **tokenizer)
+        == len("a cat") + len("a dog on a sofa") + 6
+    )
     assert value(samples, "tritonkit_rejected_inputs_total", reason="bad_text", **tokenizer) == 1
     # histogram buckets are cumulative and end at the count
     buckets = sorted(
-        (float(dict(labels)["le"]), v) for (name, labels), v in samples.items()
+        (float(dict(labels)["le"]), v)
+        for (name, labels), v in samples.items()
         if name == "tritonkit_preprocess_seconds_bucket" and dict(labels)["model"] == "clip_image_preprocess"
     )
     assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1] == (float("inf"), 5)
@@ -85,4 +93,6 @@ def test_decoder_reports_generated_tokens_and_decode_steps(whisper_repository, s
     assert value(samples, "tritonkit_decode_steps_sum", **decoder) == tokens + 2
     preprocess = {"model": "whisper_audio_preprocess"}
     assert value(samples, "tritonkit_rejected_inputs_total", reason="bad_option", **preprocess) == 1
-    assert value(samples, "tritonkit_input_bytes_sum", input="AUDIO", **preprocess) == len(speech_files[0]) * 2 + len(speech_files[1])
+    assert value(samples, "tritonkit_input_bytes_sum", input="AUDIO", **preprocess) == len(speech_files[0]) * 2 + len(
+        speech_files[1]
+    )

@@ -27,8 +27,11 @@ def hand_graph(path: Path) -> Path:
     w1 = numpy_helper.from_array(np.ones((4, 8), np.float32), "W1")
     w2 = numpy_helper.from_array(np.ones((8, 2), np.float32), "W2")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W1"], ["Y"]), helper.make_node("Relu", ["Y"], ["Z"]),
-         helper.make_node("MatMul", ["Z", "W2"], ["OUT"])],
+        [
+            helper.make_node("MatMul", ["X", "W1"], ["Y"]),
+            helper.make_node("Relu", ["Y"], ["Z"]),
+            helper.make_node("MatMul", ["Z", "W2"], ["OUT"]),
+        ],
         "hand",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("OUT", TensorProto.FLOAT, ["batch", 2])],
@@ -53,7 +56,9 @@ def hand_repository(tmp_path) -> Path:
     (repo / "hand_encoder" / "1" / "model.py").write_text("# not counted\n")
     (repo / "hand_encoder" / "1" / "vocab.txt").write_bytes(b"x" * 1000)  # a loaded file: counted at its size
     config = model_config(
-        "hand_encoder", [Tensor("X", "float32", (4,))], [Tensor("OUT", "float32", (2,))],
+        "hand_encoder",
+        [Tensor("X", "float32", (4,))],
+        [Tensor("OUT", "float32", (2,))],
         Batching(max_batch_size=16, preferred_batch_sizes=(16,), max_queue_delay_us=100, instances=3),
     )
     write_config(config, repo / "hand_encoder")
@@ -61,18 +66,32 @@ def hand_repository(tmp_path) -> Path:
 
 
 def bench_result(path: Path) -> Path:
-    path.write_text(json.dumps({"model": "hand", "levels": [
-        {"concurrency": 1, "throughput": 50.0, "p99_ms": 80.0, "errors": 0},
-        {"concurrency": 8, "throughput": 80.0, "p99_ms": 200.0, "errors": 0},
-        {"concurrency": 32, "throughput": 95.0, "p99_ms": 900.0, "errors": 3},  # errors: never counted
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "model": "hand",
+                "levels": [
+                    {"concurrency": 1, "throughput": 50.0, "p99_ms": 80.0, "errors": 0},
+                    {"concurrency": 8, "throughput": 80.0, "p99_ms": 200.0, "errors": 0},
+                    {"concurrency": 32, "throughput": 95.0, "p99_ms": 900.0, "errors": 3},  # errors: never counted
+                ],
+            }
+        )
+    )
     return path
 
 
 def test_plan_of_a_hand_computed_repository(hand_repository, tmp_path):
     mib = 2**20
-    plan = make_plan(hand_repository, qps=300, bench=bench_result(tmp_path / "bench.json"), gpu_memory_gb=1,
-                     gpu_hour_price=2.5, utilization=0.7, overhead_mb=100)
+    plan = make_plan(
+        hand_repository,
+        qps=300,
+        bench=bench_result(tmp_path / "bench.json"),
+        gpu_memory_gb=1,
+        gpu_hour_price=2.5,
+        utilization=0.7,
+        overhead_mb=100,
+    )
     (model,) = plan.models
     assert (model.instances, model.weight_bytes, model.workspace_bytes) == (3, 192 + 1000, 1024)
     assert model.bytes_per_instance == 192 + 1000 + 1024 + 100 * mib
@@ -90,10 +109,26 @@ def test_plan_of_a_hand_computed_repository(hand_repository, tmp_path):
 
 def test_plan_command_prints_a_table_and_writes_json(hand_repository, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "tritonkit.cli", "plan", str(hand_repository), "--qps", "300", "--bench",
-         str(bench_result(tmp_path / "bench.json")), "--gpu-hour-price", "2.5", "--overhead-mb", "100",
-         "--json", str(tmp_path / "plan.json")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "plan",
+            str(hand_repository),
+            "--qps",
+            "300",
+            "--bench",
+            str(bench_result(tmp_path / "bench.json")),
+            "--gpu-hour-price",
+            "2.5",
+            "--overhead-mb",
+            "100",
+            "--json",
+            str(tmp_path / "plan.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "hand_encoder" in result.stdout and "replicas for 300 req/s at 70% utilisation: 6" in result.stdout

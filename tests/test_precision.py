@@ -19,8 +19,11 @@ from tritonkit.samples import SENTENCES
 VARIANTS = [("int8", "static"), ("int8", "dynamic"), ("fp16", "auto")]
 
 
-@pytest.fixture(scope="module", params=[(f, *v) for f in EMBEDDING_FAMILIES for v in VARIANTS],
-                ids=lambda p: f"{p[0]}-{p[1]}-{p[2]}")
+@pytest.fixture(
+    scope="module",
+    params=[(f, *v) for f in EMBEDDING_FAMILIES for v in VARIANTS],
+    ids=lambda p: f"{p[0]}-{p[1]}-{p[2]}",
+)
 def embedding_variant(request, tiny_model_dir, tmp_path_factory):
     family, precision, quantization = request.param
     out = tmp_path_factory.mktemp(f"{family}_{precision}_{quantization}") / "model_repository"
@@ -112,7 +115,9 @@ def whisper_int8(whisper_dir, tmp_path_factory):
 
 
 @pytest.mark.server
-def test_whisper_int8_keeps_wer_within_two_points_of_fp32_on_the_spoken_clips(whisper_int8, whisper_server, speech_files):
+def test_whisper_int8_keeps_wer_within_two_points_of_fp32_on_the_spoken_clips(
+    whisper_int8, whisper_server, speech_files
+):
     report = whisper_int8.accuracy["int8-static"]
     assert report.passed, report.summary()
     server = start_server(whisper_int8.out)
@@ -129,7 +134,9 @@ def test_whisper_int8_keeps_wer_within_two_points_of_fp32_on_the_spoken_clips(wh
 
 @pytest.mark.server
 @pytest.mark.parametrize("precision, quantization", [("fp16", "auto"), ("int8", "dynamic")])
-def test_whisper_fp16_and_dynamic_int8_builds_report_and_serve(precision, quantization, whisper_dir, speech_files, tmp_path):
+def test_whisper_fp16_and_dynamic_int8_builds_report_and_serve(
+    precision, quantization, whisper_dir, speech_files, tmp_path
+):
     # dynamic INT8 misses the default WER bound on tiny.en (see docs/BENCHMARKS.md): forced, its
     # report still says so
     options = PrecisionOptions(precision, quantization, force=True)

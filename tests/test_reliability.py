@@ -34,9 +34,21 @@ def test_soak_with_mixed_valid_and_invalid_requests(family, request, tmp_path):
     """The CI-length soak (45-60 s at concurrency 16); scripts/soak.py defaults to 10 minutes."""
     repository = request.getfixturevalue(f"{family}_repository")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "soak.py"), "--family", family, "--repository", str(repository),
-         "--duration", "45" if family == "llava" else "60", "--json", str(tmp_path / "soak.json")],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "soak.py"),
+            "--family",
+            family,
+            "--repository",
+            str(repository),
+            "--duration",
+            "45" if family == "llava" else "60",
+            "--json",
+            str(tmp_path / "soak.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     report = json.loads((tmp_path / "soak.json").read_text())
     assert result.returncode == 0, report["violations"]
@@ -69,10 +81,26 @@ def test_killed_stub_fails_requests_in_flight_fast_and_serve_brings_the_model_ba
 
     grpc_port = free_port()
     serve = subprocess.Popen(
-        [sys.executable, "-m", "tritonkit.cli", "serve", str(clip_repository), "--grpc-port", str(grpc_port),
-         "--http-port", str(free_port()), "--metrics-port", str(free_port()), "--log-file", str(tmp_path / "server.log"),
-         "--cache-mb", "0"],  # the response cache would answer the repeated image without the encoder
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "serve",
+            str(clip_repository),
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+            "--log-file",
+            str(tmp_path / "server.log"),
+            "--cache-mb",
+            "0",
+        ],  # the response cache would answer the repeated image without the encoder
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     image = encode_image(random_image(200, 260, seed=9), "JPEG")
     url = f"127.0.0.1:{grpc_port}"
@@ -135,6 +163,7 @@ def test_a_build_killed_at_any_moment_leaves_the_previous_repository_servable(ti
     out = tmp_path / "repo"
     shutil.copytree(clip_repository, out)
     before = {name: str(config) for name, config in read_repository(out).items()}
+
     def files(root):  # what a build writes (a server that loaded the models adds __pycache__)
         return sorted(p.relative_to(root) for p in root.rglob("*") if "__pycache__" not in p.parts)
 
@@ -142,8 +171,12 @@ def test_a_build_killed_at_any_moment_leaves_the_previous_repository_servable(ti
     # Killed at the build's own steps (its progress lines), not at fixed times: with the export
     # cache warm a build can finish before a fixed delay, and a kill then tests nothing.
     for step in ("loading clip", "image_encoder", "text_encoder", "writing the cpu repository"):
-        build = subprocess.Popen([sys.executable, "-m", "tritonkit.cli", "build", "clip", "--model", str(tiny_clip_dir),
-                                  "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        build = subprocess.Popen(
+            [sys.executable, "-m", "tritonkit.cli", "build", "clip", "--model", str(tiny_clip_dir), "--out", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         seen = []
         for line in build.stderr:
             seen.append(line.strip())
@@ -162,8 +195,12 @@ def test_a_build_killed_at_any_moment_leaves_the_previous_repository_servable(ti
     finally:
         server.stop()
     # the next build clears what the killed ones left beside the repository
-    subprocess.run([sys.executable, "-m", "tritonkit.cli", "build", "clip", "--model", str(tiny_clip_dir), "--out", str(out)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "tritonkit.cli", "build", "clip", "--model", str(tiny_clip_dir), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     assert not list(tmp_path.glob(".repo.staging-*"))
     assert {name: str(config) for name, config in read_repository(out).items()} == before  # same inputs, same configs
 
@@ -187,10 +224,25 @@ def start_serve(repository: Path, tmp_path: Path, *args: str):
 
     grpc_port, metrics_port = free_port(), free_port()
     serve = subprocess.Popen(
-        [sys.executable, "-m", "tritonkit.cli", "serve", str(repository), "--grpc-port", str(grpc_port),
-         "--http-port", str(free_port()), "--metrics-port", str(metrics_port), "--log-file", str(tmp_path / "server.log"),
-         *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "serve",
+            str(repository),
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(free_port()),
+            "--metrics-port",
+            str(metrics_port),
+            "--log-file",
+            str(tmp_path / "server.log"),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     line = serve.stdout.readline()
     assert line.startswith("tritonkit: ready:"), line
@@ -262,7 +314,7 @@ def test_a_crash_loop_ends_serve_with_the_servers_last_log_lines(tmp_path):
     from tests.test_batch_isolation import write_faulty_repository
 
     repository = write_faulty_repository(tmp_path / "repository")
-    serve, url, _ = start_serve(repository, tmp_path, "--max-restarts", "1", "--restart-window", "600")
+    serve, _, _ = start_serve(repository, tmp_path, "--max-restarts", "1", "--restart-window", "600")
     try:
         os.kill(tritonserver_pid(serve.pid), signal.SIGKILL)
         assert serve.stdout.readline().startswith("tritonkit: tritonserver exited with signal 9 (SIGKILL); restarting")

@@ -63,8 +63,21 @@ def test_a_models_own_code_runs_only_with_trust_remote_code(tiny_clip_dir, tmp_p
 
     def build(*flags):
         return subprocess.run(
-            [sys.executable, "-m", "tritonkit.cli", "build", "clip", "--model", str(model), "--out",
-             str(tmp_path / "repo"), *flags], capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "tritonkit.cli",
+                "build",
+                "clip",
+                "--model",
+                str(model),
+                "--out",
+                str(tmp_path / "repo"),
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
 
     result = build()
@@ -100,6 +113,8 @@ def test_no_request_data_is_unpickled_or_evaluated(path):
             if name in {"loads", "load"} and owner.split(".")[-1] in UNSAFE_MODULES | {"torch"}:
                 problems.append(f"line {node.lineno}: {owner}.{name}()")
             for keyword in node.keywords:
-                if keyword.arg == "allow_pickle" and not (isinstance(keyword.value, ast.Constant) and keyword.value.value is False):
+                if keyword.arg == "allow_pickle" and not (
+                    isinstance(keyword.value, ast.Constant) and keyword.value.value is False
+                ):
                     problems.append(f"line {node.lineno}: allow_pickle={ast.unparse(keyword.value)}")
     assert not problems, problems

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
+import model_repository_templates
 from tritonkit.errors import InputError
 from tritonkit.families import registry
 from tritonkit.runtime import BatchedModel, concat_rows, split_rows, string_rows
-
-import model_repository_templates
 
 TEMPLATES = sorted(
     p.stem for p in Path(model_repository_templates.__file__).parent.glob("*.py") if p.stem != "__init__"

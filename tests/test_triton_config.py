@@ -42,8 +42,12 @@ def test_config_round_trips_when_written_and_parsed_again():
 def test_repository_round_trips_when_built(clip_repository):
     configs = read_repository(clip_repository)
     assert set(configs) == {
-        "clip_image", "clip_image_preprocess", "clip_image_encoder",
-        "clip_text", "clip_text_tokenizer", "clip_text_encoder",
+        "clip_image",
+        "clip_image_preprocess",
+        "clip_image_encoder",
+        "clip_text",
+        "clip_text_tokenizer",
+        "clip_text_encoder",
     }
     for name, config in configs.items():
         text = (clip_repository / name / "config.pbtxt").read_text()
@@ -60,7 +64,7 @@ def test_parser_reports_the_file_when_config_is_invalid(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.pbtxt").write_text('name: "broken"\nnot_a_field: 3\n')
     assert list_models(tmp_path) == ["broken"]
-    with pytest.raises(ConfigError, match="broken/config.pbtxt"):
+    with pytest.raises(ConfigError, match=r"broken/config\.pbtxt"):
         read_repository(tmp_path)
 
 
@@ -94,23 +98,44 @@ def golden_configs() -> dict[str, model_config_pb2.ModelConfig]:
     batching = Batching(max_batch_size=16, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000, instances=2)
     return {
         "python_model": model_config(
-            "clip_image_preprocess", [image, language], [pixels], batching,
+            "clip_image_preprocess",
+            [image, language],
+            [pixels],
+            batching,
             {"image_recipe": '{"crop_height": 224}', "max_request_bytes": "67108864"},
         ),
         "gpu_encoder": model_config(
-            "clip_image_encoder", [pixels], [embeds], batching, backend="onnxruntime", kind="KIND_GPU",
-            extra={**warmup([pixels]), "optimization": {"execution_accelerators": {"gpu_execution_accelerator": [
-                {"name": "tensorrt", "parameters": {"precision_mode": "FP16"}}]}}},
+            "clip_image_encoder",
+            [pixels],
+            [embeds],
+            batching,
+            backend="onnxruntime",
+            kind="KIND_GPU",
+            extra={
+                **warmup([pixels]),
+                "optimization": {
+                    "execution_accelerators": {
+                        "gpu_execution_accelerator": [{"name": "tensorrt", "parameters": {"precision_mode": "FP16"}}]
+                    }
+                },
+            },
         ),
         "decoupled_decoder": model_config(
-            "llava_decoder_stream", [Tensor("PROMPT", "string", (1,))], [Tensor("TEXT", "string", (1,))],
+            "llava_decoder_stream",
+            [Tensor("PROMPT", "string", (1,))],
+            [Tensor("TEXT", "string", (1,))],
             Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
             extra={"model_transaction_policy": {"decoupled": True}},
         ),
         "ensemble": ensemble_config(
-            "clip_image", [image], [embeds], 16,
-            [EnsembleStep("clip_image_preprocess", {"IMAGE": "IMAGE"}, {"PIXEL_VALUES": "PIXEL_VALUES"}),
-             EnsembleStep("clip_image_encoder", {"PIXEL_VALUES": "PIXEL_VALUES"}, {"IMAGE_EMBEDS": "IMAGE_EMBEDS"})],
+            "clip_image",
+            [image],
+            [embeds],
+            16,
+            [
+                EnsembleStep("clip_image_preprocess", {"IMAGE": "IMAGE"}, {"PIXEL_VALUES": "PIXEL_VALUES"}),
+                EnsembleStep("clip_image_encoder", {"PIXEL_VALUES": "PIXEL_VALUES"}, {"IMAGE_EMBEDS": "IMAGE_EMBEDS"}),
+            ],
             response_cache=True,
         ),
     }

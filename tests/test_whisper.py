@@ -127,9 +127,11 @@ def test_bad_audio_fails_alone_when_batched_with_good_audio(whisper_server, spee
 @pytest.mark.server
 def test_audio_is_rejected_when_longer_than_the_limit(whisper_server):
     long_silence = wav_bytes(np.zeros(601 * 8000, dtype=np.float32), 8000)
-    with TritonkitClient(whisper_server.grpc_url) as client:
-        with pytest.raises(InferenceError, match="AUDIO: 601 s exceeds the 600 s limit"):
-            client.infer("whisper", {"AUDIO": pack_byte_rows([long_silence])})
+    with (
+        TritonkitClient(whisper_server.grpc_url) as client,
+        pytest.raises(InferenceError, match="AUDIO: 601 s exceeds the 600 s limit"),
+    ):
+        client.infer("whisper", {"AUDIO": pack_byte_rows([long_silence])})
 
 
 AUDIO_CASES = ["speech", "silence", "clipping noise", "8 kHz", "44.1 kHz stereo"]
@@ -182,7 +184,9 @@ def test_transcribe_command_prints_the_text_of_each_file(whisper_server, speech_
         paths[-1].write_bytes(data)
     result = subprocess.run(
         [sys.executable, "-m", "tritonkit.cli", "transcribe", *map(str, paths), "--url", whisper_server.grpc_url],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -195,8 +199,18 @@ def test_convert_command_fails_clearly_when_source_is_not_ctranslate2(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "tritonkit.cli", "convert-ct2-whisper", str(tmp_path / "out"), "--source", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "convert-ct2-whisper",
+            str(tmp_path / "out"),
+            "--source",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "not a CTranslate2 Whisper model (missing model.bin)" in result.stderr
@@ -237,6 +251,8 @@ def test_an_unsupported_codec_fails_with_a_message(whisper_server):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("speech.wav", b"RIFF")
-    with TritonkitClient(whisper_server.grpc_url) as client:
-        with pytest.raises(InferenceError, match="AUDIO: not a decodable audio file"):
-            client.infer("whisper", {"AUDIO": pack_byte_rows([buffer.getvalue()])})
+    with (
+        TritonkitClient(whisper_server.grpc_url) as client,
+        pytest.raises(InferenceError, match="AUDIO: not a decodable audio file"),
+    ):
+        client.infer("whisper", {"AUDIO": pack_byte_rows([buffer.getvalue()])})

@@ -76,7 +76,9 @@ def test_served_tokens_and_language_equal_transformers(
     with TritonkitClient(multilingual_whisper_server.grpc_url) as client:
         for data in speech_files[:3]:
             result = client.infer("whisper", whisper_inputs(data, **options))
-            assert_same_decoding(result, reference(loaded, multilingual_whisper_server.repository, data, generate_options))
+            assert_same_decoding(
+                result, reference(loaded, multilingual_whisper_server.repository, data, generate_options)
+            )
 
 
 def test_options_change_the_prompt(multilingual_whisper_server, speech_files):
@@ -119,9 +121,8 @@ def test_requests_with_different_options_batch_together_with_their_single_result
     ],
 )
 def test_bad_options_fail_with_a_message_naming_the_option(options, message, multilingual_whisper_server, speech_files):
-    with TritonkitClient(multilingual_whisper_server.grpc_url) as client:
-        with pytest.raises(InferenceError, match=message):
-            client.infer("whisper", whisper_inputs(speech_files[0], **options))
+    with TritonkitClient(multilingual_whisper_server.grpc_url) as client, pytest.raises(InferenceError, match=message):
+        client.infer("whisper", whisper_inputs(speech_files[0], **options))
 
 
 def test_client_transcribe_passes_options_and_reports_the_language(multilingual_whisper_server, speech_files):

@@ -17,9 +17,9 @@ import resource
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -68,7 +68,9 @@ def model_inputs(config: dict, items: Sequence[bytes]) -> list[dict[str, np.ndar
     (UINT8 [-1]) or text (STRING [1])."""
     required = [i for i in config["input"] if not i.get("optional")]
     if len(required) != 1:
-        raise InputError(f"{config['name']}: bench sends one input; this model requires {[i['name'] for i in required]}")
+        raise InputError(
+            f"{config['name']}: bench sends one input; this model requires {[i['name'] for i in required]}"
+        )
     (spec,) = required
     name, dtype = spec["name"], spec["data_type"]
     if dtype == "TYPE_UINT8":
@@ -78,9 +80,16 @@ def model_inputs(config: dict, items: Sequence[bytes]) -> list[dict[str, np.ndar
     raise InputError(f"{config['name']}: input {name} is {dtype}; bench sends encoded files (UINT8) or text (STRING)")
 
 
-async def _run_level(url: str, model: str, requests: list[dict[str, np.ndarray]], concurrency: int,
-                     duration_s: float | None, count: int | None, timeout_s: float,
-                     tick: Callable[[], None]) -> tuple[list[float], int, int, float, str | None]:
+async def _run_level(
+    url: str,
+    model: str,
+    requests: list[dict[str, np.ndarray]],
+    concurrency: int,
+    duration_s: float | None,
+    count: int | None,
+    timeout_s: float,
+    tick: Callable[[], None],
+) -> tuple[list[float], int, int, float, str | None]:
     import tritonclient.grpc.aio as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
@@ -94,7 +103,7 @@ async def _run_level(url: str, model: str, requests: list[dict[str, np.ndarray]]
     def more() -> bool:
         if count is not None:
             return sent < count
-        return time.perf_counter() < deadline
+        return deadline is not None and time.perf_counter() < deadline
 
     async def worker(offset: int) -> None:
         nonlocal errors, timeouts, sent, first_error
@@ -146,6 +155,7 @@ def _stats(client, models: list[str]) -> dict[str, dict]:
 def _settled_stats(client, models: list[str], before: dict, model: str, successes: int, wait_s: float = 5.0) -> dict:
     """Statistics after a level: Triton updates them just after it answers, so read until the
     ensemble has counted every success and two reads agree."""
+
     def successes_of(stats):
         return int(stats.get(model, {}).get("inference_stats", {}).get("success", {}).get("count", 0))
 
@@ -169,7 +179,7 @@ def _breakdown(before: dict, after: dict) -> dict[str, ModelBreakdown]:
         then = before.get(name, {})
         requests = field_of(now, "success", "count") - field_of(then, "success", "count")
 
-        def per_request_ms(key):
+        def per_request_ms(key, now=now, then=then, requests=requests):
             return (field_of(now, key) - field_of(then, key)) / max(requests, 1) / 1e6
 
         sizes_now = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in now.get("batch_stats", [])}
@@ -186,9 +196,17 @@ def _breakdown(before: dict, after: dict) -> dict[str, ModelBreakdown]:
     return result
 
 
-def run_bench(url: str, model: str, items: Sequence[bytes], concurrencies: Sequence[int], *,
-              duration_s: float | None = None, requests: int | None = None, timeout_s: float = 60.0,
-              progress: Callable[[str, float], None] | None = None) -> list[LevelResult]:
+def run_bench(
+    url: str,
+    model: str,
+    items: Sequence[bytes],
+    concurrencies: Sequence[int],
+    *,
+    duration_s: float | None = None,
+    requests: int | None = None,
+    timeout_s: float = 60.0,
+    progress: Callable[[str, float], None] | None = None,
+) -> list[LevelResult]:
     """Measure each concurrency level in turn against a running server."""
     import tritonclient.grpc as grpcclient
 
@@ -213,7 +231,7 @@ def run_bench(url: str, model: str, items: Sequence[bytes], concurrencies: Seque
             done = [0]
             total = requests or 0
 
-            def tick():
+            def tick(concurrency=concurrency, done=done, total=total):
                 done[0] += 1
                 if progress:
                     progress(f"concurrency {concurrency}", done[0] / total if total else 0.0)
@@ -224,12 +242,22 @@ def run_bench(url: str, model: str, items: Sequence[bytes], concurrencies: Seque
             )
             cpu = (_cpu_seconds() - cpu_before) / seconds / (os.cpu_count() or 1)
             after = _settled_stats(sync, models, before, model, len(latencies))
-            results.append(LevelResult(
-                concurrency=concurrency, requests=len(latencies) + errors + timeouts, errors=errors, timeouts=timeouts,
-                seconds=seconds, throughput=len(latencies) / seconds, p50_ms=percentile(latencies, 50),
-                p90_ms=percentile(latencies, 90), p99_ms=percentile(latencies, 99), client_cpu_share=cpu,
-                models=_breakdown(before, after), first_error=first_error,
-            ))
+            results.append(
+                LevelResult(
+                    concurrency=concurrency,
+                    requests=len(latencies) + errors + timeouts,
+                    errors=errors,
+                    timeouts=timeouts,
+                    seconds=seconds,
+                    throughput=len(latencies) / seconds,
+                    p50_ms=percentile(latencies, 50),
+                    p90_ms=percentile(latencies, 90),
+                    p99_ms=percentile(latencies, 99),
+                    client_cpu_share=cpu,
+                    models=_breakdown(before, after),
+                    first_error=first_error,
+                )
+            )
         return results
     finally:
         sync.close()
@@ -259,15 +287,29 @@ def write_plot(results: Sequence[LevelResult], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def perf_analyzer_command(url: str, model: str, input_file: Path, concurrencies: Sequence[int],
-                          duration_s: float | None) -> list[str]:
+def perf_analyzer_command(
+    url: str, model: str, input_file: Path, concurrencies: Sequence[int], duration_s: float | None
+) -> list[str]:
     """The equivalent perf_analyzer run (gRPC, the same concurrency levels, the same inputs)."""
     binary = shutil.which("perf_analyzer")
     if binary is None:
-        raise InputError("--perf-analyzer: no perf_analyzer on PATH", hint="run inside the NGC tritonserver SDK container")
+        raise InputError(
+            "--perf-analyzer: no perf_analyzer on PATH", hint="run inside the NGC tritonserver SDK container"
+        )
     levels = sorted(set(concurrencies))
-    command = [binary, "-m", model, "-u", url, "-i", "grpc", "--input-data", str(input_file),
-               "--concurrency-range", f"{levels[0]}:{levels[-1]}:{max(1, levels[1] - levels[0]) if len(levels) > 1 else 1}"]
+    command = [
+        binary,
+        "-m",
+        model,
+        "-u",
+        url,
+        "-i",
+        "grpc",
+        "--input-data",
+        str(input_file),
+        "--concurrency-range",
+        f"{levels[0]}:{levels[-1]}:{max(1, levels[1] - levels[0]) if len(levels) > 1 else 1}",
+    ]
     if duration_s:
         command += ["--measurement-interval", str(int(duration_s * 1000))]
     return command

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 from tritonkit import export_cache
 from tritonkit.errors import ExportError, InputError
@@ -77,7 +77,9 @@ def build(
             reports.append(report)
         accuracy, variant = {}, "fp32"
         if precision.variants():
-            onnx_files, accuracy, variant = reduce_precision(spec, loaded, exports, onnx_files, precision, staging, progress)
+            onnx_files, accuracy, variant = reduce_precision(
+                spec, loaded, exports, onnx_files, precision, staging, progress
+            )
         options = dataclasses.replace(options, precision=variant)
         progress(f"describing the {options.target} repository's pipelines ({options.preprocessing} preprocessing)")
         pipelines = spec.pipelines(loaded, onnx_files, options)
@@ -109,7 +111,7 @@ def make_artefacts(
     for pipeline in pipelines:
         stages = []
         for stage in pipeline.stages:
-            files = dict(stage.files)
+            files: dict[str, Path] = dict(stage.files)
             for artefact in stage.artefacts:
                 if artefact not in made:
                     progress(f"{stage.role}: {artefact.what}")
@@ -138,14 +140,18 @@ def reduce_precision(spec, loaded, exports, onnx_files, precision: PrecisionOpti
     if precision.max_wer_increase is not None:
         thresholds["max_wer_increase"] = precision.max_wer_increase
     task_check = spec.task_check(loaded, data, onnx_files)
-    files, reports = {}, {}
+    files: dict[str, dict[str, Path]] = {}
+    reports: dict[str, AccuracyReport] = {}
     for variant in precision.variants():
         files[variant] = {}
         for role, fp32 in onnx_files.items():
             progress(f"converting {role} to {variant}")
             files[variant][role] = convert(
-                Path(fp32), Path(fp32).with_name(f"model.{variant}.onnx"), variant,
-                data.calibration.get(role, []), precision.calibration_method,
+                Path(fp32),
+                Path(fp32).with_name(f"model.{variant}.onnx"),
+                variant,
+                data.calibration.get(role, []),
+                precision.calibration_method,
             )
         progress(f"measuring {variant} against FP32 on held-out data ({data.source})")
         reports[variant] = evaluate(variant, exports, files[variant], data, thresholds, task_check)

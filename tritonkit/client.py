@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -61,8 +61,13 @@ def whisper_inputs(
 
 
 def chat_inputs(
-    image: bytes, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
-    top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
+    image: bytes,
+    prompt: str,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
     """One image, one prompt and its options as the LLaVA chat ensembles' inputs (None left out)."""
     inputs = {"IMAGE": pack_byte_rows([image]), "PROMPT": np.array([[prompt.encode()]], dtype=object)}
@@ -92,7 +97,7 @@ class TritonkitClient:
     def close(self) -> None:
         self.client.close()
 
-    def __enter__(self) -> "TritonkitClient":
+    def __enter__(self) -> TritonkitClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,6 +12,7 @@ import json
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -154,6 +155,8 @@ def convert_ct2_whisper(source: Path, out: Path) -> Path:
     layers = {side: len(_layer_indices(variables, side)) for side in ("encoder", "decoder")}
     eot = _token_id(tokenizer_json, "<|endoftext|>")
     sot = _token_id(tokenizer_json, "<|startoftranscript|>")
+    if sot is None:
+        raise ModelSourceError(f"{source}: the tokenizer has no <|startoftranscript|> token; not a Whisper model")
     no_timestamps = _token_id(tokenizer_json, "<|notimestamps|>")
     language_ids = sorted(ct2_config.get("lang_ids", []))
     multilingual = vocab_size >= 51865
@@ -193,15 +196,18 @@ def convert_ct2_whisper(source: Path, out: Path) -> Path:
         alignment_heads=ct2_config.get("alignment_heads"),
         return_timestamps=False,
     )
-    generation.forced_decoder_ids = None
+    # attributes transformers' Whisper generate reads beyond GenerationConfig's declared fields
+    extra: dict[str, Any] = {"forced_decoder_ids": None}
     if multilingual:
-        generation.lang_to_id = {
+        extra["lang_to_id"] = {
             t["content"]: t["id"] for t in tokenizer_json["added_tokens"] if t["id"] in set(language_ids)
         }
-        generation.task_to_id = {
+        extra["task_to_id"] = {
             "transcribe": _token_id(tokenizer_json, "<|transcribe|>"),
             "translate": _token_id(tokenizer_json, "<|translate|>"),
         }
+    for key, value in extra.items():
+        setattr(generation, key, value)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = generation
     model.save_pretrained(str(out))

@@ -84,6 +84,13 @@ class InputError(TritonkitError):
 
 
 REJECT_REASONS = (
-    "invalid", "empty", "too_large", "too_long", "undecodable", "unsupported_format", "decompression_bomb",
-    "bad_text", "bad_option",
+    "invalid",
+    "empty",
+    "too_large",
+    "too_long",
+    "undecodable",
+    "unsupported_format",
+    "decompression_bomb",
+    "bad_text",
+    "bad_option",
 )

@@ -38,7 +38,7 @@ class ValidationReport:
         path.write_text(json.dumps({**asdict(self), "passed": self.passed}, indent=2) + "\n")
 
     @classmethod
-    def read(cls, path: Path) -> "ValidationReport":
+    def read(cls, path: Path) -> ValidationReport:
         data = json.loads(Path(path).read_text())
         data.pop("passed", None)
         return cls(**data)
@@ -95,7 +95,9 @@ def validate_onnx(export: OnnxExport, path: Path) -> ValidationReport:
         for name, want, got in zip(output_names, expected, actual):
             want = want.numpy()
             if want.shape != got.shape:
-                raise ExportError(f"{export.role}: output {name} has shape {got.shape} in ONNX, {want.shape} in PyTorch")
+                raise ExportError(
+                    f"{export.role}: output {name} has shape {got.shape} in ONNX, {want.shape} in PyTorch"
+                )
             max_abs = max(max_abs, float(np.abs(want - got).max()) if want.size else 0.0)
             min_cos = min(min_cos, float(cosines(want, got).min()))
         batches.append(int(next(iter(sample.values())).shape[0]))

@@ -72,7 +72,10 @@ def store(key: str | None, role: str, onnx_file: Path) -> None:
     target = cache_root() / key / role
     try:
         target.mkdir(parents=True, exist_ok=True)
-        for name, source in (("export_report.json", onnx_file.with_name("export_report.json")), ("model.onnx", onnx_file)):
+        for name, source in (
+            ("export_report.json", onnx_file.with_name("export_report.json")),
+            ("model.onnx", onnx_file),
+        ):
             partial = target / f".{name}.partial"
             shutil.copy2(source, partial)
             partial.rename(target / name)

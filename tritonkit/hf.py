@@ -16,7 +16,9 @@ def from_pretrained(loader, source: str, what: str, **kwargs):
     if looks_local(source):
         path = Path(source).expanduser()
         if not path.is_dir():
-            raise ModelSourceError(f"--model {source}: no such directory", hint="pass a save_pretrained directory or a Hub id")
+            raise ModelSourceError(
+                f"--model {source}: no such directory", hint="pass a save_pretrained directory or a Hub id"
+            )
         if not (path / "config.json").is_file() and what.endswith("model"):
             raise ModelSourceError(
                 f"--model {source}: no config.json in that directory",

@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from tritonclient.grpc import model_config_pb2 as mc
@@ -52,7 +53,7 @@ class K8sOptions:
     error_ratio_alert: float = 0.05
     cache_mb: int = 256
 
-    def check(self) -> "K8sOptions":
+    def check(self) -> K8sOptions:
         if not NAME.match(self.name) or len(self.name) > 40:
             raise InputError(f"--name {self.name!r}: use lower-case letters, digits and '-' (at most 40)")
         if self.replicas < 1:
@@ -85,7 +86,7 @@ class RepositoryFacts:
     backends: tuple[str, ...] = field(default=())
 
     @classmethod
-    def read(cls, repository: Path) -> "RepositoryFacts":
+    def read(cls, repository: Path) -> RepositoryFacts:
         configs = read_repository(repository)
         if not configs:
             raise InputError(f"{repository}: no models (no */config.pbtxt)", hint="build one with `tritonkit build`")
@@ -176,21 +177,27 @@ def deployment(options: K8sOptions, facts: RepositoryFacts) -> dict:
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size or shm_size(facts)}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}},
     ]
-    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
     env = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},  # the model repository is read-only
     ]
     env_from = []
     if options.model_store == "pvc":
-        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": f"{options.name}-models", "readOnly": True}})
+        volumes.append(
+            {"name": "models", "persistentVolumeClaim": {"claimName": f"{options.name}-models", "readOnly": True}}
+        )
         mounts.append({"name": "models", "mountPath": "/models", "readOnly": True})
     else:  # Triton reads the object store itself; credentials from a Secret the user creates
         env_from.append({"secretRef": {"name": f"{options.name}-storage-credentials", "optional": True}})
 
     def probe(path: str, period: int, failures: int) -> dict:
-        return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 5,
-                "failureThreshold": failures}
+        return {
+            "httpGet": {"path": path, "port": "http"},
+            "periodSeconds": period,
+            "timeoutSeconds": 5,
+            "failureThreshold": failures,
+        }
 
     container = {
         "name": "tritonserver",
@@ -225,8 +232,12 @@ def deployment(options: K8sOptions, facts: RepositoryFacts) -> dict:
         },
         "terminationGracePeriodSeconds": EXIT_TIMEOUT_S + 15,
         "topologySpreadConstraints": [
-            {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
-             "labelSelector": {"matchLabels": selector}},
+            {
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": selector},
+            },
         ],
         "containers": [container],
         "volumes": volumes,
@@ -328,8 +339,13 @@ def prometheus_rule(options: K8sOptions, facts: RepositoryFacts) -> dict:
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
         "metadata": _metadata(options),
-        "spec": {"groups": [promql.alert_group(options.name, facts.models, facts.steps, options.p99_alert_ms,
-                                               options.error_ratio_alert)]},
+        "spec": {
+            "groups": [
+                promql.alert_group(
+                    options.name, facts.models, facts.steps, options.p99_alert_ms, options.error_ratio_alert
+                )
+            ]
+        },
     }
 
 
@@ -347,20 +363,22 @@ def ingresses(options: K8sOptions, facts: RepositoryFacts) -> list[dict]:
         return {"service": {"name": options.name, "port": {"name": port}}}
 
     def rule(paths: list[tuple[str, str]]) -> dict:
-        entry = {"http": {"paths": [{"path": p, "pathType": "Prefix", "backend": backend(port)} for p, port in paths]}}
+        entry: dict[str, Any] = {
+            "http": {"paths": [{"path": p, "pathType": "Prefix", "backend": backend(port)} for p, port in paths]}
+        }
         if options.host:
             entry["host"] = options.host
         return entry
 
     # Clients call the ensembles; the models inside them stay internal.
     http_paths = [(f"/v2/models/{model}", "http") for model in facts.ensembles] + [("/v2/health", "http")]
-    http = {
+    http: dict[str, Any] = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "Ingress",
         "metadata": _metadata(options, "-http", annotations=dict(common)),
         "spec": {"ingressClassName": "nginx", "rules": [rule(http_paths)]},
     }
-    grpc = {
+    grpc: dict[str, Any] = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "Ingress",
         "metadata": _metadata(
@@ -424,13 +442,21 @@ def manifests(repository: Path, options: K8sOptions = K8sOptions()) -> list[Gene
     if options.model_store == "pvc":
         resources.insert(1, ("pvc.yaml", [persistent_volume_claim(options)]))
     files = [GeneratedFile(name, _yaml(*docs)) for name, docs in resources]
-    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                     "resources": [name for name, _ in resources]}
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [name for name, _ in resources],
+    }
     if options.namespace:
         kustomization["namespace"] = options.namespace
     files.append(GeneratedFile("kustomization.yaml", _yaml(kustomization)))
     files.append(GeneratedFile("prometheus-adapter-rules.yaml", _yaml(promql.adapter_values())))
-    files.append(GeneratedFile("grafana-dashboard.json", json.dumps(promql.dashboard(options.name, facts.models, facts.steps), indent=2) + "\n"))
+    files.append(
+        GeneratedFile(
+            "grafana-dashboard.json",
+            json.dumps(promql.dashboard(options.name, facts.models, facts.steps), indent=2) + "\n",
+        )
+    )
     files.append(GeneratedFile("Dockerfile", dockerfile(options, facts)))
     return files
 

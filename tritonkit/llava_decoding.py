@@ -11,8 +11,8 @@ one of its stop strings (the text is cut before it).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -36,18 +36,24 @@ class ChatOptions:
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
 
-    def validate(self, limit: int) -> "ChatOptions":
+    def validate(self, limit: int) -> ChatOptions:
         """These options checked against the decoder's limits; a temperature below MIN_TEMPERATURE is greedy."""
         if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= limit:
-            raise InputError(f"MAX_NEW_TOKENS: must be between 1 and {limit}, got {self.max_new_tokens}", reason="bad_option")
+            raise InputError(
+                f"MAX_NEW_TOKENS: must be between 1 and {limit}, got {self.max_new_tokens}", reason="bad_option"
+            )
         if not np.isfinite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise InputError(f"TEMPERATURE: must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {self.temperature:g}",
-                             reason="bad_option")
+            raise InputError(
+                f"TEMPERATURE: must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {self.temperature:g}",
+                reason="bad_option",
+            )
         if not np.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise InputError(f"TOP_P: must be in (0, 1], got {self.top_p:g}", reason="bad_option")
         if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
-            raise InputError(f"STOP: up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters",
-                             reason="bad_option")
+            raise InputError(
+                f"STOP: up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters",
+                reason="bad_option",
+            )
         if 0 < self.temperature < MIN_TEMPERATURE:
             return replace(self, temperature=0.0)
         return self
@@ -107,8 +113,10 @@ class ChatGenerator:
         tokenized as LlavaProcessor tokenizes (with the tokenizer's special tokens, e.g. BOS)."""
         ids = self.tokenizer(prompt_text)["input_ids"]
         if ids.count(self.image_token_id) != 1:
-            raise InputError("PROMPT: the chat template must place exactly one <image>; do not write <image> yourself",
-                             reason="bad_text")
+            raise InputError(
+                "PROMPT: the chat template must place exactly one <image>; do not write <image> yourself",
+                reason="bad_text",
+            )
         at = ids.index(self.image_token_id)
         return ids[:at] + [self.image_token_id] * image_tokens + ids[at + 1 :]
 
@@ -119,7 +127,7 @@ class ChatGenerator:
             return options
         left = self.context_length - len(ids)
         wanted = options.max_new_tokens or default_max_new_tokens
-        if options.max_new_tokens is not None and wanted > left or left < 1:
+        if (options.max_new_tokens is not None and wanted > left) or left < 1:
             raise InputError(
                 f"PROMPT: {len(ids) - image_tokens} prompt tokens + {image_tokens} image tokens + "
                 f"{wanted if options.max_new_tokens is not None else 1} new tokens exceed the model's "
@@ -144,8 +152,8 @@ class ChatGenerator:
         ids = torch.full((count, longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((count, longest), dtype=torch.long)
         for i, prompt in enumerate(prompts):
-            ids[i, longest - len(prompt):] = torch.tensor(prompt)
-            mask[i, longest - len(prompt):] = 1
+            ids[i, longest - len(prompt) :] = torch.tensor(prompt)
+            mask[i, longest - len(prompt) :] = 1
         with torch.no_grad():
             embeds = self.embed(ids.to(self.device))
             for i, feature in enumerate(features):
@@ -179,14 +187,19 @@ class ChatGenerator:
                     if on_text is not None:
                         end = len(result.text) if result.finished else streamable(result.text, options[i].stop)
                         if end > result.emitted:
-                            on_text(i, result.text[result.emitted:end])
+                            on_text(i, result.text[result.emitted : end])
                             result.emitted = end
                 if all(r.finished for r in results):
                     return results
                 step_ids = torch.tensor(chosen, dtype=torch.long, device=self.device)[:, None]
                 mask = torch.cat([mask, torch.ones((count, 1), dtype=mask.dtype, device=self.device)], dim=1)
-                output = self.lm(input_ids=step_ids, attention_mask=mask, position_ids=next_position,
-                                 past_key_values=cache, use_cache=True)
+                output = self.lm(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=next_position,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
                 cache = output.past_key_values
                 logits = output.logits[:, -1, :].float()
                 next_position = next_position + 1

@@ -8,6 +8,9 @@ name from several models.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 PREPROCESS_SECONDS = "tritonkit_preprocess_seconds"
 INPUT_BYTES = "tritonkit_input_bytes"
 REJECTED_INPUTS = "tritonkit_rejected_inputs_total"
@@ -59,18 +62,19 @@ class ModelMetrics:
         if self._pb is not None and restarts is not None:
             self._metric(SERVER_RESTARTS, "GAUGE").set(float(restarts))
 
-    def _metric(self, name: str, kind: str, buckets: list[float] | None = None, **labels: str):
+    def _metric(self, name: str, kind: str, buckets: Sequence[float] | None = None, **labels: str):
+        """The metric `name` with these labels, created on first use (callers check `self._pb`)."""
         key = (name, tuple(sorted(labels.items())))
         if key not in self._metrics:
+            pb = self._pb
+            assert pb is not None
             family = self._families.get(name)
             if family is None:
-                family = self._pb.MetricFamily(
-                    name=name, description=DESCRIPTIONS[name], kind=getattr(self._pb.MetricFamily, kind)
-                )
+                family = pb.MetricFamily(name=name, description=DESCRIPTIONS[name], kind=getattr(pb.MetricFamily, kind))
                 self._families[name] = family
-            arguments = {"labels": {"model": self.model, **labels}}
+            arguments: dict[str, Any] = {"labels": {"model": self.model, **labels}}
             if buckets is not None:
-                arguments["buckets"] = buckets
+                arguments["buckets"] = list(buckets)
             self._metrics[key] = family.Metric(**arguments)
         return self._metrics[key]
 

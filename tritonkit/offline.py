@@ -7,8 +7,9 @@ and parameters (`model.dali`, recipes), without a server. The result is the enco
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,14 +27,22 @@ def _dali(model_dir: Path, config, rows: dict[str, list]) -> dict[str, np.ndarra
             hint="rebuild with --target cpu to debug the same pipeline with CPU operators",
         )
     runner = DaliRunner((model_dir / VERSION / "model.dali").read_bytes(), max(len(next(iter(rows.values()))), 1))
-    results = runner.run(rows)
-    for result in results:
+    results = []
+    for result in runner.run(rows):
         if isinstance(result, RowFailed):
             raise InputError(f"{config.input[0].name}: not decodable ({result})")
+        results.append(result)
     return {o.name: np.stack([r[i] for r in results]) for i, o in enumerate(config.output)}
 
 
-def _run_step(model_dir: Path, config, tensors: dict) -> dict[str, np.ndarray]:
+def _json_parameter(config, key: str) -> str:
+    value = parameter(config, key)
+    if value is None:
+        raise InputError(f"{config.name}: its config has no {key!r} parameter; rebuild the repository")
+    return value
+
+
+def _run_step(model_dir: Path, config, tensors: dict) -> dict[str, Any]:
     from tritonkit.preprocessing.audio import AudioRecipe, decode_audio, log_mel, pad_window, split_windows
     from tritonkit.preprocessing.image import ImageRecipe, checked_image_bytes, image_bytes_to_pixels
 
@@ -41,11 +50,11 @@ def _run_step(model_dir: Path, config, tensors: dict) -> dict[str, np.ndarray]:
     inputs = [i.name for i in config.input]
     outputs = [o.name for o in config.output]
     if template == "image_check":
-        recipe = ImageRecipe.from_json(parameter(config, "image_recipe"))
-        return {outputs[0]: [checked_image_bytes(data, recipe) for data in tensors[inputs[0]]]}
+        checks = ImageRecipe.from_json(_json_parameter(config, "image_recipe"))
+        return {outputs[0]: [checked_image_bytes(data, checks) for data in tensors[inputs[0]]]}
     if template == "image_preprocess":
-        recipe = ImageRecipe.from_json(parameter(config, "recipe"))
-        return {outputs[0]: np.stack([image_bytes_to_pixels(data, recipe) for data in tensors[inputs[0]]])}
+        image = ImageRecipe.from_json(_json_parameter(config, "recipe"))
+        return {outputs[0]: np.stack([image_bytes_to_pixels(data, image) for data in tensors[inputs[0]]])}
     if template == "dali_pipeline" or config.backend == "dali":
         rows = {}
         recipe_json = parameter(config, "image_recipe")
@@ -56,7 +65,7 @@ def _run_step(model_dir: Path, config, tensors: dict) -> dict[str, np.ndarray]:
             rows[name] = [np.frombuffer(v, dtype=np.uint8) if isinstance(v, bytes) else np.asarray(v) for v in values]
         return _dali(model_dir, config, rows)
     if template == "audio_preprocess":
-        recipe = AudioRecipe.from_json(parameter(config, "recipe"))
+        recipe = AudioRecipe.from_json(_json_parameter(config, "recipe"))
         windows = [w for data in tensors[inputs[0]] for w in split_windows(decode_audio(data, recipe), recipe)]
         if outputs[0] == "INPUT_FEATURES":
             mel_filters = np.load(model_dir / VERSION / "mel_filters.npy")
@@ -71,13 +80,17 @@ def preprocess(repository: Path, ensemble: str, files: Sequence[bytes]) -> dict[
     configs = read_repository(repository)
     if ensemble not in configs or configs[ensemble].platform != "ensemble":
         ensembles = sorted(n for n, c in configs.items() if c.platform == "ensemble")
-        raise InputError(f"{ensemble!r} is not an ensemble of {repository}", hint=f"choose one of: {', '.join(ensembles)}")
+        raise InputError(
+            f"{ensemble!r} is not an ensemble of {repository}", hint=f"choose one of: {', '.join(ensembles)}"
+        )
     tensors: dict = {configs[ensemble].input[0].name: list(files)}
     for index, step in enumerate(configs[ensemble].ensemble_scheduling.step):
         config = configs[step.model_name]
-        is_preprocessing = parameter(config, TEMPLATE_PARAMETER) in (
-            "image_check", "image_preprocess", "dali_pipeline", "audio_preprocess"
-        ) or config.backend == "dali"
+        is_preprocessing = (
+            parameter(config, TEMPLATE_PARAMETER)
+            in ("image_check", "image_preprocess", "dali_pipeline", "audio_preprocess")
+            or config.backend == "dali"
+        )
         if not is_preprocessing and index == 0:
             raise InputError(
                 f"{step.model_name}: not a preprocessing model tritonkit knows",

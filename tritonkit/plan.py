@@ -84,8 +84,10 @@ def graph_memory(path: Path, dims: dict[str, int]) -> GraphMemory:
         shape = value.type.tensor_type.shape
         known = value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape.dim)
         sizes[value.name] = (
-            int(np.prod([d.dim_value for d in shape.dim], dtype=np.int64)) * _dtype_size(value.type.tensor_type.elem_type)
-            if known else None
+            int(np.prod([d.dim_value for d in shape.dim], dtype=np.int64))
+            * _dtype_size(value.type.tensor_type.elem_type)
+            if known
+            else None
         )
     nodes = list(inferred.graph.node)
     last_use: dict[str, int] = {}
@@ -140,7 +142,7 @@ class Throughput:
     p99_ms: float
 
     @classmethod
-    def from_bench(cls, path: Path, max_p99_ms: float | None = None) -> "Throughput":
+    def from_bench(cls, path: Path, max_p99_ms: float | None = None) -> Throughput:
         try:
             result = json.loads(Path(path).read_text())
             levels = result["levels"]
@@ -150,7 +152,9 @@ class Throughput:
         usable = [lv for lv in levels if not lv.get("errors") and (max_p99_ms is None or lv["p99_ms"] <= max_p99_ms)]
         if not usable:
             bound = f" with p99 <= {max_p99_ms:g} ms" if max_p99_ms is not None else ""
-            raise InputError(f"--bench {path}: no error-free level{bound}", hint="benchmark lower concurrency or relax --max-p99-ms")
+            raise InputError(
+                f"--bench {path}: no error-free level{bound}", hint="benchmark lower concurrency or relax --max-p99-ms"
+            )
         best = max(usable, key=lambda lv: lv["throughput"])
         return cls(model, float(best["throughput"]), int(best["concurrency"]), float(best["p99_ms"]))
 
@@ -178,7 +182,9 @@ class Plan:
         return data
 
 
-def model_plans(repository: Path, overhead_bytes: int = 300 * 2**20, dims: dict[str, int] | None = None) -> list[ModelPlan]:
+def model_plans(
+    repository: Path, overhead_bytes: int = 300 * 2**20, dims: dict[str, int] | None = None
+) -> list[ModelPlan]:
     """Memory of every non-ensemble model of a repository."""
     plans = []
     for name, config in read_repository(repository).items():
@@ -192,8 +198,12 @@ def model_plans(repository: Path, overhead_bytes: int = 300 * 2**20, dims: dict[
         bound.update(dims or {})
         graphs, weights, workspace = [], 0, 0
         for path in sorted(version_dir.rglob("*")) if version_dir.is_dir() else []:
-            if not path.is_file() or path.name in NOT_LOADED or path.name.endswith(".export_report.json") \
-                    or "__pycache__" in path.parts:
+            if (
+                not path.is_file()
+                or path.name in NOT_LOADED
+                or path.name.endswith(".export_report.json")
+                or "__pycache__" in path.parts
+            ):
                 continue
             if path.suffix == ".onnx":
                 memory = graph_memory(path, bound)
@@ -203,7 +213,9 @@ def model_plans(repository: Path, overhead_bytes: int = 300 * 2**20, dims: dict[
             else:
                 weights += path.stat().st_size
         instances = instance_count(config)
-        plans.append(ModelPlan(name, instances, config.max_batch_size, weights, workspace, overhead_bytes, tuple(graphs)))
+        plans.append(
+            ModelPlan(name, instances, config.max_batch_size, weights, workspace, overhead_bytes, tuple(graphs))
+        )
     if not plans:
         raise InputError(f"{repository}: no models to plan for", hint="build one with `tritonkit build`")
     return plans
@@ -227,7 +239,10 @@ def make_plan(
     if gpu_memory_gb <= 0:
         raise InputError(f"--gpu-memory-gb must be > 0, got {gpu_memory_gb:g}")
     if qps is not None and bench is None:
-        raise InputError("--qps needs --bench RESULT.json", hint="measure one replica with `tritonkit bench MODEL ... --json RESULT.json`")
+        raise InputError(
+            "--qps needs --bench RESULT.json",
+            hint="measure one replica with `tritonkit bench MODEL ... --json RESULT.json`",
+        )
     models = tuple(model_plans(repository, int(overhead_mb * 2**20), dims))
     gpu_bytes = int(gpu_memory_gb * 2**30)
     replica_bytes = sum(m.total_bytes for m in models)
@@ -235,7 +250,9 @@ def make_plan(
     for model in models:
         for graph in model.graphs:
             if graph.assumed_dims:
-                notes.append(f"{model.name}/{graph.file}: dims {', '.join(graph.assumed_dims)} counted as 1 (pass --dim NAME=SIZE)")
+                notes.append(
+                    f"{model.name}/{graph.file}: dims {', '.join(graph.assumed_dims)} counted as 1 (pass --dim NAME=SIZE)"
+                )
             if graph.unsized_tensors:
                 notes.append(f"{model.name}/{graph.file}: {graph.unsized_tensors} tensors of unknown shape not counted")
     plan = Plan(
@@ -253,7 +270,9 @@ def make_plan(
         replicas = None
         if qps is not None:
             replicas = max(1, math.ceil(qps / (throughput.requests_per_s * utilization)))
-        cost = replicas * plan.gpus_per_replica * gpu_hour_price * HOURS_PER_MONTH if replicas and gpu_hour_price else None
+        cost = (
+            replicas * plan.gpus_per_replica * gpu_hour_price * HOURS_PER_MONTH if replicas and gpu_hour_price else None
+        )
         plan = replace(plan, qps=qps, throughput=throughput, replicas=replicas, monthly_cost=cost)
     return plan
 

@@ -21,14 +21,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from tritonkit.errors import ExportError, InputError
 from tritonkit.metrics import cosines
+
+if TYPE_CHECKING:
+    from tritonkit.families.base import OnnxExport
+
+T = TypeVar("T")
 
 PRECISIONS = ("fp32", "fp16", "int8")
 QUANTIZATIONS = ("auto", "static", "dynamic")
@@ -36,7 +42,16 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ["MatMul", "Gemm"]
 ACTIVATION_FUNCTIONS = {"Erf", "Gelu", "FastGelu", "Sigmoid", "Tanh", "Relu", "QuickGelu"}
 FP16_KEEP_FLOAT32 = [
-    "LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceMax", "Pow", "Sqrt", "Erf", "Exp", "Log",
+    "LayerNormalization",
+    "Softmax",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "Pow",
+    "Sqrt",
+    "Erf",
+    "Exp",
+    "Log",
 ]
 
 Feeds = dict[str, np.ndarray]
@@ -58,7 +73,9 @@ class PrecisionOptions:
         if self.quantization not in QUANTIZATIONS:
             raise InputError(f"--quantization {self.quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
         if self.calibration_method not in CALIBRATION_METHODS:
-            raise InputError(f"--calibration-method {self.calibration_method!r}: use one of {', '.join(CALIBRATION_METHODS)}")
+            raise InputError(
+                f"--calibration-method {self.calibration_method!r}: use one of {', '.join(CALIBRATION_METHODS)}"
+            )
         if self.calibration_data is not None and not Path(self.calibration_data).is_dir():
             raise InputError(f"--calibration-data {self.calibration_data}: no such directory")
 
@@ -136,7 +153,10 @@ def convert(fp32: Path, out: Path, variant: str, calibration: list[Feeds], metho
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantize_dynamic(
-                str(fp32), str(out), op_types_to_quantize=QUANTIZED_OPS, weight_type=QuantType.QInt8,
+                str(fp32),
+                str(out),
+                op_types_to_quantize=QUANTIZED_OPS,
+                weight_type=QuantType.QInt8,
                 nodes_to_exclude=nodes_kept_in_float(onnx.load(str(fp32))),
             )
         elif variant == "int8-static":
@@ -249,13 +269,12 @@ def choose(reports: Mapping[str, AccuracyReport], force: bool) -> str:
     return min(candidates, key=lambda v: sum(reports[v].latency_ms.values()))
 
 
-def split_files(files: list[Path], heldout_share: float = 0.25) -> tuple[list[Path], list[Path]]:
-    """Calibration and held-out files: every 4th file is held out (at least one of each)."""
+def split_files(files: list[T], heldout_share: float = 0.25) -> tuple[list[T], list[T]]:
+    """Calibration and held-out items (files, texts, indices): every 4th is held out (at least one of each)."""
     if len(files) < 2:
         raise InputError("calibration data needs at least 2 files (some are held out to judge accuracy)")
     step = max(2, round(1 / heldout_share))
-    heldout = files[step - 1 :: step]
-    return [f for f in files if f not in heldout], heldout
+    return [f for i, f in enumerate(files) if (i + 1) % step], files[step - 1 :: step]
 
 
 def image_feeds(images: list[bytes], image_processor, tensor: str, batch: int = 4) -> list[Feeds]:
@@ -295,7 +314,7 @@ class RecordingSession:
 
 def evaluate(
     variant: str,
-    exports: Mapping[str, object],
+    exports: Mapping[str, OnnxExport],
     files: Mapping[str, Path],
     data: PrecisionData,
     thresholds: dict[str, float],

@@ -47,7 +47,7 @@ def alert_group(name: str, models, steps: dict[str, tuple[str, ...]], p99_ms: fl
             "for": "5m",
             "labels": {"severity": "warning"},
             "annotations": {
-                "summary": "p99 latency of {{ $labels.model }} is {{ $value | printf \"%.0f\" }} ms",
+                "summary": 'p99 latency of {{ $labels.model }} is {{ $value | printf "%.0f" }} ms',
                 "description": f"Above {p99_ms:g} ms for 5 minutes (sum of the steps' p99). Check queue time "
                 "(scale out) and batch sizes.",
             },
@@ -71,13 +71,15 @@ def alert_group(name: str, models, steps: dict[str, tuple[str, ...]], p99_ms: fl
         },
     ]
     for model in models:  # a model's series exist only while some replica has it loaded
-        rules.append({
-            "alert": "TritonkitModelNotReady",
-            "expr": f'absent(nv_inference_request_success{{model="{model}"}})',
-            "for": "5m",
-            "labels": {"severity": "critical", "model": model},
-            "annotations": {"summary": f"no replica has {model} loaded"},
-        })
+        rules.append(
+            {
+                "alert": "TritonkitModelNotReady",
+                "expr": f'absent(nv_inference_request_success{{model="{model}"}})',
+                "for": "5m",
+                "labels": {"severity": "critical", "model": model},
+                "annotations": {"summary": f"no replica has {model} loaded"},
+            }
+        )
     return {"name": f"{name}.rules", "rules": rules}
 
 
@@ -114,53 +116,86 @@ def dashboard_panels(models, steps: dict[str, tuple[str, ...]]) -> list[tuple[st
     all_models = f'model=~"{_any(models)}"'
     ensemble_models = f'model=~"{_any(steps)}"'
     return [
-        ("Requests per second", f"sum by (model) (rate(nv_inference_request_success{{{ensemble_models}}}[{window}]))",
-         "{{model}}", "reqps"),
-        ("Failed requests per second", f"sum by (model) (rate(nv_inference_request_failure{{{ensemble_models}}}[{window}]))",
-         "{{model}}", "reqps"),
-        ("Mean latency",
-         f"sum by (model) (rate(nv_inference_request_duration_us{{{ensemble_models}}}[{window}])) / 1000"
-         f" / clamp_min(sum by (model) (rate(nv_inference_request_success{{{ensemble_models}}}[{window}])), 1e-9)",
-         "{{model}}", "ms"),
+        (
+            "Requests per second",
+            f"sum by (model) (rate(nv_inference_request_success{{{ensemble_models}}}[{window}]))",
+            "{{model}}",
+            "reqps",
+        ),
+        (
+            "Failed requests per second",
+            f"sum by (model) (rate(nv_inference_request_failure{{{ensemble_models}}}[{window}]))",
+            "{{model}}",
+            "reqps",
+        ),
+        (
+            "Mean latency",
+            f"sum by (model) (rate(nv_inference_request_duration_us{{{ensemble_models}}}[{window}])) / 1000"
+            f" / clamp_min(sum by (model) (rate(nv_inference_request_success{{{ensemble_models}}}[{window}])), 1e-9)",
+            "{{model}}",
+            "ms",
+        ),
         ("p50 latency (sum of the steps' p50)", ensemble_quantile_ms(steps, "0.5"), "{{model}}", "ms"),
         ("p99 latency (sum of the steps' p99)", ensemble_quantile_ms(steps, "0.99"), "{{model}}", "ms"),
-        ("Queue time per request",
-         f"sum by (model) (rate(nv_inference_queue_duration_us{{{all_models}}}[{window}])) / 1000"
-         f" / clamp_min(sum by (model) (rate(nv_inference_request_success{{{all_models}}}[{window}])), 1e-9)",
-         "{{model}}", "ms"),
-        ("Average batch size",
-         f"sum by (model) (rate(nv_inference_count{{{all_models}}}[{window}]))"
-         f" / clamp_min(sum by (model) (rate(nv_inference_exec_count{{{all_models}}}[{window}])), 1e-9)",
-         "{{model}}", "none"),
-        ("Response cache hit ratio",
-         f"sum by (model) (rate(nv_cache_num_hits_per_model{{{ensemble_models}}}[{window}]))"
-         f" / clamp_min(sum by (model) (rate(nv_cache_num_hits_per_model{{{ensemble_models}}}[{window}]))"
-         f" + sum by (model) (rate(nv_cache_num_misses_per_model{{{ensemble_models}}}[{window}])), 1e-9)",
-         "{{model}}", "percentunit"),
+        (
+            "Queue time per request",
+            f"sum by (model) (rate(nv_inference_queue_duration_us{{{all_models}}}[{window}])) / 1000"
+            f" / clamp_min(sum by (model) (rate(nv_inference_request_success{{{all_models}}}[{window}])), 1e-9)",
+            "{{model}}",
+            "ms",
+        ),
+        (
+            "Average batch size",
+            f"sum by (model) (rate(nv_inference_count{{{all_models}}}[{window}]))"
+            f" / clamp_min(sum by (model) (rate(nv_inference_exec_count{{{all_models}}}[{window}])), 1e-9)",
+            "{{model}}",
+            "none",
+        ),
+        (
+            "Response cache hit ratio",
+            f"sum by (model) (rate(nv_cache_num_hits_per_model{{{ensemble_models}}}[{window}]))"
+            f" / clamp_min(sum by (model) (rate(nv_cache_num_hits_per_model{{{ensemble_models}}}[{window}]))"
+            f" + sum by (model) (rate(nv_cache_num_misses_per_model{{{ensemble_models}}}[{window}])), 1e-9)",
+            "{{model}}",
+            "percentunit",
+        ),
         ("GPU utilisation", "avg by (pod, gpu_uuid) (nv_gpu_utilization)", "{{pod}} {{gpu_uuid}}", "percentunit"),
         ("GPU memory used", "sum by (pod, gpu_uuid) (nv_gpu_memory_used_bytes)", "{{pod}} {{gpu_uuid}}", "bytes"),
-        ("Preprocessing p99 (tritonkit)",
-         f"histogram_quantile(0.99, sum by (model, le) (rate({model_metrics.PREPROCESS_SECONDS}_bucket[{window}])))",
-         "{{model}}", "s"),
-        ("Rejected inputs per second (tritonkit)",
-         f"sum by (model, reason) (rate({model_metrics.REJECTED_INPUTS}[{window}]))", "{{model}} {{reason}}", "reqps"),
-        ("Tokens generated per second (tritonkit)",
-         f"sum by (model) (rate({model_metrics.GENERATED_TOKENS}[{window}]))", "{{model}}", "none"),
+        (
+            "Preprocessing p99 (tritonkit)",
+            f"histogram_quantile(0.99, sum by (model, le) (rate({model_metrics.PREPROCESS_SECONDS}_bucket[{window}])))",
+            "{{model}}",
+            "s",
+        ),
+        (
+            "Rejected inputs per second (tritonkit)",
+            f"sum by (model, reason) (rate({model_metrics.REJECTED_INPUTS}[{window}]))",
+            "{{model}} {{reason}}",
+            "reqps",
+        ),
+        (
+            "Tokens generated per second (tritonkit)",
+            f"sum by (model) (rate({model_metrics.GENERATED_TOKENS}[{window}]))",
+            "{{model}}",
+            "none",
+        ),
     ]
 
 
 def dashboard(name: str, models, steps: dict[str, tuple[str, ...]]) -> dict:
     panels = []
     for index, (title, expr, legend, unit) in enumerate(dashboard_panels(models, steps)):
-        panels.append({
-            "id": index + 1,
-            "type": "timeseries",
-            "title": title,
-            "datasource": {"type": "prometheus", "uid": "${datasource}"},
-            "gridPos": {"h": 8, "w": 12, "x": 12 * (index % 2), "y": 8 * (index // 2)},
-            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-            "targets": [{"refId": "A", "expr": expr, "legendFormat": legend}],
-        })
+        panels.append(
+            {
+                "id": index + 1,
+                "type": "timeseries",
+                "title": title,
+                "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                "gridPos": {"h": 8, "w": 12, "x": 12 * (index % 2), "y": 8 * (index // 2)},
+                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                "targets": [{"refId": "A", "expr": expr, "legendFormat": legend}],
+            }
+        )
     return {
         "title": f"tritonkit: {name}",
         "uid": f"tritonkit-{name}"[:40],
@@ -175,9 +210,13 @@ def dashboard(name: str, models, steps: dict[str, tuple[str, ...]]) -> dict:
 
 def expressions(name: str, models, steps: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
     """(where, PromQL) for every expression a deployment uses."""
-    found = [(f"alert {r['alert']} {r.get('labels', {}).get('model', '')}".strip(), r["expr"])
-             for r in alert_group(name, models, steps, 1000, 0.05)["rules"]]
+    found = [
+        (f"alert {r['alert']} {r.get('labels', {}).get('model', '')}".strip(), r["expr"])
+        for r in alert_group(name, models, steps, 1000, 0.05)["rules"]
+    ]
     found += [(f"dashboard: {title}", expr) for title, expr, _, _ in dashboard_panels(models, steps)]
-    found += [("prometheus-adapter rule", adapter_query_as_promql(rule["metricsQuery"]))
-              for rule in adapter_values()["rules"]["custom"]]
+    found += [
+        ("prometheus-adapter rule", adapter_query_as_promql(rule["metricsQuery"]))
+        for rule in adapter_values()["rules"]["custom"]
+    ]
     return found

@@ -8,7 +8,11 @@ from pathlib import Path
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version()}
+    return {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
 
 
 def markdown_table(header: list[str], rows: list[list], align_right_from: int = 2) -> list[str]:

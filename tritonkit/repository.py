@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from model_repository_templates import template_path
 from tritonkit.errors import ConfigError, TritonkitError
@@ -55,7 +55,9 @@ def model_name(name: str, role: str) -> str:
 
 
 def plan_models(
-    name: str, pipelines: Sequence[Pipeline], overrides: BatchingOverrides = BatchingOverrides(),
+    name: str,
+    pipelines: Sequence[Pipeline],
+    overrides: BatchingOverrides = BatchingOverrides(),
     max_request_bytes: int | None = None,
 ) -> list[ModelFiles]:
     """Configs and files of every model (composing models first, then ensembles).
@@ -78,10 +80,16 @@ def plan_models(
                     if max_request_bytes and client_inputs:
                         parameters[REQUEST_BYTES_PARAMETER] = str(max_request_bytes)
                 config = model_config(
-                    stage_name, stage.inputs, stage.outputs, batching, parameters, backend=stage.backend, kind=stage.kind,
+                    stage_name,
+                    stage.inputs,
+                    stage.outputs,
+                    batching,
+                    parameters,
+                    backend=stage.backend,
+                    kind=stage.kind,
                     extra=stage.config_extra,
                 )
-                files = dict(stage.files)
+                files: dict[str, Path | bytes] = dict(stage.files)
                 if stage.template is not None:
                     files["model.py"] = template_path(stage.template)
                 composing[stage_name] = ModelFiles(config, files)
@@ -93,7 +101,11 @@ def plan_models(
                 )
             )
         ensemble = ensemble_config(
-            model_name(name, pipeline.role), pipeline.inputs, pipeline.outputs, max_batch or 0, steps,
+            model_name(name, pipeline.role),
+            pipeline.inputs,
+            pipeline.outputs,
+            max_batch or 0,
+            steps,
             response_cache=pipeline.response_cache,
         )
         ensembles.append(ModelFiles(ensemble, {}))
@@ -126,7 +138,7 @@ def staging_dir(out: Path) -> Path:
     out = Path(out).resolve()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(out.parent / f".{out.name}.lock", "w")
+        lock = open(out.parent / f".{out.name}.lock", "w")  # noqa: SIM115 (held until release(out))
     except OSError as exc:
         raise TritonkitError(
             f"--out {out}: cannot write beside it ({exc.strerror})", hint="choose an --out in a writable directory"
@@ -135,7 +147,9 @@ def staging_dir(out: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise TritonkitError(f"--out {out}: another build is writing this repository", hint="wait for it to finish") from None
+        raise TritonkitError(
+            f"--out {out}: another build is writing this repository", hint="wait for it to finish"
+        ) from None
     _LOCKS[str(out)] = lock  # released when the process ends
     for stale in out.parent.glob(f".{out.name}.staging-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -176,7 +190,9 @@ def write_models(models: Iterable[ModelFiles], out: Path, staging: Path) -> list
     except OSError as exc:
         raise TritonkitError(f"--out {out}: cannot create the repository directory ({exc.strerror})") from exc
     if not os.access(out, os.W_OK):
-        raise TritonkitError(f"--out {out}: the directory is not writable", hint="choose another --out or fix its permissions")
+        raise TritonkitError(
+            f"--out {out}: the directory is not writable", hint="choose another --out or fix its permissions"
+        )
     models = list(models)
     names = {m.name for m in models}
     built = staging / "repository"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -29,8 +29,9 @@ class RowCache:
         self.entries = entries
         self._rows: OrderedDict[bytes, dict[str, np.ndarray]] = OrderedDict()
 
-    def run(self, feed: Mapping[str, np.ndarray], compute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-            ) -> tuple[dict[str, np.ndarray], int]:
+    def run(
+        self, feed: Mapping[str, np.ndarray], compute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    ) -> tuple[dict[str, np.ndarray], int]:
         """`compute` on the rows not cached (each distinct row once); all rows' outputs, and the hits."""
         rows = len(next(iter(feed.values())))
         keys = [row_key(feed, i) for i in range(rows)]

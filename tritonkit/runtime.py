@@ -14,8 +14,8 @@ import json
 import logging
 import time
 import traceback
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -41,7 +41,7 @@ def split_rows(batch: Mapping[str, np.ndarray], counts: list[int]) -> list[dict[
     return parts
 
 
-def concat_rows(rows: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def concat_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     names = rows[0].keys()
     return {name: np.concatenate([r[name] for r in rows], axis=0) for name in names}
 
@@ -54,7 +54,9 @@ def string_rows(array: np.ndarray, tensor: str) -> list[str]:
         try:
             texts.append(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise InputError(f"{tensor}: not valid UTF-8 text ({exc.reason} at byte {exc.start})", reason="bad_text") from None
+            raise InputError(
+                f"{tensor}: not valid UTF-8 text ({exc.reason} at byte {exc.start})", reason="bad_text"
+            ) from None
     return texts
 
 
@@ -142,20 +144,24 @@ class BatchedModel:
         LOGGER.error("%s: %s failed:\n%s", self.model_name, doing, traceback.format_exc())
         return bounded(f"{self.model_name}: {exc}")
 
-    def run_requests(self, groups: list[dict[str, np.ndarray]]) -> list:
+    def run_requests(self, groups: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | str]:
         """`run` over every request's rows at once -> per request its outputs or an error message.
 
         When the batch fails, each request is run again alone, so only the culpable one fails and
         with its own message (an exception from the combined batch names none of them)."""
         counts = [len(next(iter(rows.values()))) for rows in groups]
         try:
-            return split_rows(self.run(concat_rows(groups)), counts)
+            return list(split_rows(self.run(concat_rows(groups)), counts))
         except Exception as exc:
             if len(groups) == 1:
                 return [self.failure(exc, "a request")]
-            LOGGER.warning("%s: a batch of %d requests failed (%s); running them one by one",
-                           self.model_name, len(groups), bounded(str(exc), 200))
-        results = []
+            LOGGER.warning(
+                "%s: a batch of %d requests failed (%s); running them one by one",
+                self.model_name,
+                len(groups),
+                bounded(str(exc), 200),
+            )
+        results: list[dict[str, np.ndarray] | str] = []
         for rows, count in zip(groups, counts):
             try:
                 results.append(split_rows(self.run(rows), [count])[0])

@@ -17,9 +17,9 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tritonkit.errors import ServerError
 
@@ -75,6 +75,8 @@ def _python_backend_dir(installation: Installation, workdir: Path) -> Path:
     if not stub.is_file():
         raise ServerError(f"the bundled tritonserver has no Python-backend stub for Python {version}")
     backends = workdir / "backends"
+    if installation.backend_source is None:
+        raise ServerError(f"{installation.binary} has no backends folder to complete with the Python-backend stub")
     shutil.copytree(installation.backend_source, backends, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
     return backends
@@ -169,6 +171,13 @@ class TritonServer:
     restarts: int = field(default=0, init=False)  # by serve_forever, since start
 
     @property
+    def started(self) -> subprocess.Popen:
+        """The tritonserver process (ServerError before `start`)."""
+        if self.process is None:
+            raise ServerError("tritonserver was not started")
+        return self.process
+
+    @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
@@ -219,13 +228,15 @@ class TritonServer:
                 continue
         return stubs
 
-    def start(self, check_ports: bool = True) -> "TritonServer":
+    def start(self, check_ports: bool = True) -> TritonServer:
         repository = Path(self.repository)
         if not repository.is_dir():
             raise ServerError(f"{repository}: no such model repository directory")
         for name, port in (("grpc", self.grpc_port), ("http", self.http_port), ("metrics", self.metrics_port)):
             if check_ports and not port_is_free(self.host, port):
-                raise ServerError(f"port {port} on {self.host} is already in use", hint=f"pass --{name}-port with a free port")
+                raise ServerError(
+                    f"port {port} on {self.host} is already in use", hint=f"pass --{name}-port with a free port"
+                )
         installation = find_tritonserver()
         if installation.backend_source is not None:  # the wheel's server: it has the Python backend only
             missing = sorted(repository_backends(repository) - {"python", ""})
@@ -239,7 +250,8 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="tritonkit-server-"))
         if self.log_file is None:
             self.log_file = self._workdir / "tritonserver.log"
-        self._log = open(self.log_file, "wb" if check_ports else "ab")  # a restart keeps the earlier log
+        # open for the server's life; a restart appends to the earlier log
+        self._log = open(self.log_file, "wb" if check_ports else "ab")  # noqa: SIM115
         environment = server_environment(installation)
         environment[RESTARTS_ENV] = str(self.restarts)
         self.process = subprocess.Popen(
@@ -257,9 +269,7 @@ class TritonServer:
         return Path(self.log_file).read_text(errors="replace")
 
     def error_lines(self) -> list[str]:
-        return [
-            line for line in self.logs().splitlines() if _ERROR_LINE.search(line) and not _BENIGN.search(line)
-        ]
+        return [line for line in self.logs().splitlines() if _ERROR_LINE.search(line) and not _BENIGN.search(line)]
 
     def is_ready(self) -> bool:
         import tritonclient.grpc as grpcclient
@@ -270,13 +280,13 @@ class TritonServer:
         except Exception:
             return False
 
-    def wait_until_ready(self, timeout: float = 300) -> "TritonServer":
+    def wait_until_ready(self, timeout: float = 300) -> TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if self.started.poll() is not None:
                 errors = "\n".join(self.error_lines()[-20:]) or self.logs()[-3000:]
                 raise ServerError(
-                    f"tritonserver exited with code {self.process.returncode} before it was ready:\n{errors}",
+                    f"tritonserver exited with code {self.started.returncode} before it was ready:\n{errors}",
                     log_path=str(self.log_file),
                 )
             if self.is_ready():
@@ -307,15 +317,19 @@ class TritonServer:
     def _kill_leftovers(self) -> None:
         """SIGKILL whatever is left of the server's session (it, or stubs a killed server orphaned)."""
         try:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            os.killpg(self.started.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        self.process.wait()
+        self.started.wait()
 
     def serve_forever(
-        self, supervise: bool = True, stopping: Callable[[], bool] = lambda: False,
-        report: Callable[[str], None] = lambda message: None, ready_timeout: float = 600,
-        max_restarts: int = MAX_RESTARTS, restart_window_s: float = RESTART_WINDOW_S,
+        self,
+        supervise: bool = True,
+        stopping: Callable[[], bool] = lambda: False,
+        report: Callable[[str], None] = lambda message: None,
+        ready_timeout: float = 600,
+        max_restarts: int = MAX_RESTARTS,
+        restart_window_s: float = RESTART_WINDOW_S,
     ) -> int:
         """Wait for the server to exit; with `supervise`, restart it when it dies or a stub does.
 
@@ -327,7 +341,7 @@ class TritonServer:
         crashes: list[float] = []
         while True:
             try:
-                code: int | None = self.process.wait(timeout=SUPERVISE_POLL_S)
+                code: int | None = self.started.wait(timeout=SUPERVISE_POLL_S)
             except subprocess.TimeoutExpired:
                 code = None
             if stopping() or not supervise:
@@ -356,21 +370,23 @@ class TritonServer:
             while time.monotonic() < died_at + delay and not stopping():
                 time.sleep(0.1)
             if stopping():
-                return self.process.returncode
+                return self.started.returncode
             self.restarts += 1
             self.start(check_ports=False)
             try:
                 self.wait_until_ready(ready_timeout)
             except ServerError as exc:
                 if stopping():  # SIGTERM during the restart
-                    return self.process.returncode
+                    return self.started.returncode
                 report(f"tritonserver did not come back: {str(exc).splitlines()[0]}")
                 continue  # counted as another crash
-            report(f"tritonserver restarted (restart {self.restarts}): serving again "
-                   f"{time.monotonic() - died_at:.1f} s after the process died")
+            report(
+                f"tritonserver restarted (restart {self.restarts}): serving again "
+                f"{time.monotonic() - died_at:.1f} s after the process died"
+            )
             stubs = self.stub_pids()
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start().wait_until_ready()
 
     def __exit__(self, *exc) -> None:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from tritonkit.errors import TritonkitError
 from tritonkit.triton_config import Tensor
@@ -35,7 +35,10 @@ def gpu_compute_capability() -> str | None:
         return None
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -65,7 +68,7 @@ class EngineProfile:
     def shapes(self, tensor: Tensor) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         if any(d == -1 for d in tensor.dims):
             raise TritonkitError(f"{tensor.name}: only the batch dimension may be dynamic in an engine profile")
-        return tuple((b, *tensor.dims) for b in (self.min_batch, self.opt_batch, self.max_batch))
+        return (self.min_batch, *tensor.dims), (self.opt_batch, *tensor.dims), (self.max_batch, *tensor.dims)
 
 
 @dataclass
@@ -91,13 +94,24 @@ def onnx_inputs(onnx_file: Path) -> list[Tensor]:
         tensors.append(Tensor(value.name, names.get(value.type.tensor_type.elem_type, "float32"), tuple(dims[1:])))
     return tensors
 
+
 def _shape_arg(inputs: Sequence[Tensor], profile: EngineProfile, which: int) -> str:
     return ",".join(f"{t.name}:{'x'.join(map(str, profile.shapes(t)[which]))}" for t in inputs)
 
-def trtexec_command(onnx_file: Path, plan: Path, inputs: Sequence[Tensor], profile: EngineProfile,
-                    strongly_typed: bool, fp16_flag: bool, timing_cache: Path) -> list[str]:
+
+def trtexec_command(
+    onnx_file: Path,
+    plan: Path,
+    inputs: Sequence[Tensor],
+    profile: EngineProfile,
+    strongly_typed: bool,
+    fp16_flag: bool,
+    timing_cache: Path,
+) -> list[str]:
     command = [
-        "trtexec", f"--onnx={onnx_file}", f"--saveEngine={plan}",
+        "trtexec",
+        f"--onnx={onnx_file}",
+        f"--saveEngine={plan}",
         f"--minShapes={_shape_arg(inputs, profile, 0)}",
         f"--optShapes={_shape_arg(inputs, profile, 1)}",
         f"--maxShapes={_shape_arg(inputs, profile, 2)}",
@@ -108,6 +122,7 @@ def trtexec_command(onnx_file: Path, plan: Path, inputs: Sequence[Tensor], profi
     if fp16_flag:
         command.append("--fp16")
     return command
+
 
 def build_engine(
     onnx_file: Path,
@@ -135,7 +150,7 @@ def build_engine(
     class FileLogger(trt.ILogger):
         def __init__(self, path: Path):
             trt.ILogger.__init__(self)
-            self.file = open(path, "w")
+            self.file = open(path, "w")  # noqa: SIM115 (closed when the build ends)
 
         def log(self, severity, message):
             self.file.write(f"[{severity.name}] {message}\n")
@@ -161,7 +176,7 @@ def build_engine(
         config.set_timing_cache(timing, ignore_mismatch=False)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise TritonkitError(f"{onnx_file}: TensorRT failed to build an engine", log_path=log)
+            raise TritonkitError(f"{onnx_file}: TensorRT failed to build an engine", log_path=str(log))
         plan.write_bytes(bytes(serialized))
         cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     finally:

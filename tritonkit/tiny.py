@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from tritonkit.errors import TritonkitError
 
@@ -20,13 +21,11 @@ def clip_bpe_path() -> Path:
     import importlib.metadata
 
     try:
-        path = Path(importlib.metadata.distribution("open_clip_torch").locate_file(CLIP_BPE_FILE))
+        path = Path(str(importlib.metadata.distribution("open_clip_torch").locate_file(CLIP_BPE_FILE)))
     except importlib.metadata.PackageNotFoundError:
         path = None
     if path is None or not path.is_file():
-        raise TritonkitError(
-            "the CLIP BPE merges file is not installed", hint="pip install --no-deps open_clip_torch"
-        )
+        raise TritonkitError("the CLIP BPE merges file is not installed", hint="pip install --no-deps open_clip_torch")
     return path
 
 
@@ -46,7 +45,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 @lru_cache(maxsize=1)
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """The 49408-token OpenAI CLIP vocabulary, built the way CLIP's SimpleTokenizer builds it."""
-    lines = gzip.open(clip_bpe_path(), "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(clip_bpe_path(), "rt", encoding="utf-8") as merges_file:
+        lines = merges_file.read().split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     pairs = [tuple(m.split()) for m in merges]
     vocab = list(_bytes_to_unicode().values())
@@ -60,7 +60,8 @@ def write_clip_tokenizer(directory: Path) -> None:
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
+    pairs = [tuple(m.split()) for m in merges]  # what the tokenizers backend takes (its stub says list[str])
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=77)  # type: ignore[arg-type]
     tokenizer.save_pretrained(str(directory))
 
 
@@ -81,7 +82,9 @@ def make_tiny_clip(
 
     directory = Path(directory)
     torch.manual_seed(seed)
-    common = dict(hidden_size=hidden_size, intermediate_size=hidden_size * 4, num_hidden_layers=layers, num_attention_heads=heads)
+    common = dict(
+        hidden_size=hidden_size, intermediate_size=hidden_size * 4, num_hidden_layers=layers, num_attention_heads=heads
+    )
     config = CLIPConfig(
         text_config=dict(common, vocab_size=49408, max_position_embeddings=77),
         vision_config=dict(common, image_size=image_size, patch_size=patch_size),
@@ -104,17 +107,32 @@ def make_vit_b32_clip(directory: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config={"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
-        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                       "num_attention_heads": 12, "image_size": 224, "patch_size": 32},
+        vision_config={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": 224,
+            "patch_size": 32,
+        },
         projection_dim=512,
     )
     CLIPModel(config).eval().save_pretrained(str(directory))
     write_clip_tokenizer(directory)
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(str(directory))
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
+        str(directory)
+    )
     return directory
 
 
-WHISPER_SPECIALS = ("<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>")
+WHISPER_SPECIALS = (
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
+)
 
 
 def multilingual_whisper_tokenizer_json() -> dict:
@@ -263,26 +281,53 @@ def make_tiny_llava(
     bpe = Tokenizer.from_file(str(bundled_tiny_en() / "tokenizer.json"))
     bos = bpe.token_to_id("<|endoftext|>")
     # Whisper's post-processor adds its task tokens; a causal LM's adds just BOS (as Llama's does).
-    bpe.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>", pad_token="<pad>", model_max_length=2048,
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<pad>",
+        model_max_length=2048,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.padding_side = "left"
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, num_hidden_layers=layers,
-                              num_attention_heads=2, image_size=image_size, patch_size=patch_size)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=4 * text_hidden,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       initializer_range=init_std)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         image_seq_length=(image_size // patch_size) ** 2, initializer_range=init_std)
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=4 * text_hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_std,
+    )
+    # image_token_id and initializer_range are read by transformers 5 but not in LlavaConfig's signature
+    extra: dict[str, Any] = {"image_token_id": image_token_id, "initializer_range": init_std}
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(image_size // patch_size) ** 2,
+        **extra,
+    )
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -290,9 +335,14 @@ def make_tiny_llava(
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=LLAVA_CHAT_TEMPLATE,
-                               patch_size=patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     processor.save_pretrained(str(directory))
     (directory / "tritonkit_tiny.json").write_text(json.dumps({"made_by": "tritonkit.tiny.make_tiny_llava"}))
     return directory

@@ -7,9 +7,10 @@ Configs are assembled as plain dicts, turned into `model_config_pb2.ModelConfig`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any
 
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
@@ -40,7 +41,7 @@ class Tensor:
         return TRITON_DTYPES[self.dtype]
 
     def as_dict(self, *, is_input: bool) -> dict:
-        entry = {"name": self.name, "data_type": self.triton_type, "dims": list(self.dims)}
+        entry: dict[str, Any] = {"name": self.name, "data_type": self.triton_type, "dims": list(self.dims)}
         if is_input and self.ragged:
             entry["allow_ragged_batch"] = True
         if is_input and self.optional:
@@ -69,7 +70,7 @@ class Batching:
             raise ConfigError(f"preferred batch sizes must be >= 1, got {self.preferred_batch_sizes}")
         object.__setattr__(self, "preferred_batch_sizes", preferred)
 
-    def override(self, **values) -> "Batching":
+    def override(self, **values) -> Batching:
         """A copy with the given fields replaced; None means keep."""
         return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
 
@@ -144,8 +145,10 @@ def warmup(inputs: Sequence[Tensor], batch_size: int = 1) -> dict:
             {
                 "name": "zeros",
                 "batch_size": batch_size,
-                "inputs": {t.name: {"data_type": t.triton_type, "dims": [max(d, 1) for d in t.dims], "zero_data": True}
-                           for t in inputs},
+                "inputs": {
+                    t.name: {"data_type": t.triton_type, "dims": [max(d, 1) for d in t.dims], "zero_data": True}
+                    for t in inputs
+                },
             }
         ]
     }

@@ -29,7 +29,7 @@ def _modules():
             self.heads = model.config.decoder_attention_heads
 
         def forward(self, encoder_hidden):
-            batch, length, dim = encoder_hidden.shape
+            batch, length, _ = encoder_hidden.shape
             keys, values = [], []
             for layer in self.layers:
                 attention = layer.encoder_attn
@@ -87,7 +87,9 @@ def _modules():
                 x = layer.encoder_attn_layer_norm(hidden)
                 cross = layer.encoder_attn
                 q = self.split(cross.q_proj(x))
-                hidden = residual + cross.out_proj(self.merge(self.attend(q, cross_keys[:, i], cross_values[:, i], None)))
+                hidden = residual + cross.out_proj(
+                    self.merge(self.attend(q, cross_keys[:, i], cross_values[:, i], None))
+                )
                 residual = hidden
                 x = layer.final_layer_norm(hidden)
                 hidden = residual + layer.fc2(layer.activation_fn(layer.fc1(x)))
@@ -122,7 +124,7 @@ class DecodeSettings:
     language_names: dict[str, str] = field(default_factory=dict)  # "french" -> "fr"
 
     @classmethod
-    def from_generation_config(cls, generation, max_target_positions: int = 448) -> "DecodeSettings":
+    def from_generation_config(cls, generation, max_target_positions: int = 448) -> DecodeSettings:
         from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
         languages = {}
@@ -146,7 +148,7 @@ class DecodeSettings:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "DecodeSettings":
+    def from_json(cls, text: str) -> DecodeSettings:
         data = json.loads(text)
         data["suppress_tokens"] = tuple(data["suppress_tokens"])
         data["begin_suppress_tokens"] = tuple(data["begin_suppress_tokens"])
@@ -161,7 +163,7 @@ class DecodeOptions:
     task: str = "transcribe"
     max_new_tokens: int | None = None
 
-    def validate(self, settings: DecodeSettings) -> "DecodeOptions":
+    def validate(self, settings: DecodeSettings) -> DecodeOptions:
         """The options with the language as a code ("French" -> "fr"); InputError if unusable."""
         task = (self.task or "transcribe").strip().lower()
         if task not in ("transcribe", "translate"):
@@ -171,9 +173,14 @@ class DecodeOptions:
             language = settings.language_names.get(language, language)
         if not settings.multilingual:
             if task == "translate":
-                raise InputError("TASK: translate needs a multilingual model; this one is English-only", reason="bad_option")
+                raise InputError(
+                    "TASK: translate needs a multilingual model; this one is English-only", reason="bad_option"
+                )
             if language not in (None, "en", "english"):
-                raise InputError(f"LANGUAGE: {shown(self.language)} is not available; this model is English-only", reason="bad_option")
+                raise InputError(
+                    f"LANGUAGE: {shown(self.language)} is not available; this model is English-only",
+                    reason="bad_option",
+                )
             language = None
         elif language is not None and language not in settings.language_tokens:
             raise InputError(
@@ -188,7 +195,7 @@ class DecodeOptions:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "DecodeOptions":
+    def from_json(cls, text: str | bytes) -> DecodeOptions:
         return cls(**json.loads(text))
 
 
@@ -205,7 +212,7 @@ class GreedyDecoder:
         self.begin_suppress = self.suppress.copy()
         self.begin_suppress[[t for t in settings.begin_suppress_tokens if t < vocab]] = True
         past_shape = step_session.get_inputs()[1].shape  # [B, layers, heads, past, head_dim]
-        self.cache_shape = tuple(int(d) for d in past_shape[1:3]) + (0, int(past_shape[4]))
+        self.cache_shape = (*(int(d) for d in past_shape[1:3]), 0, int(past_shape[4]))
         self.steps_per_window: list[int] = []  # decoder steps each window of the last `decode` took (metrics)
 
     def _run(self, ids, past_keys, past_values, cross_keys, cross_values):
@@ -233,12 +240,16 @@ class GreedyDecoder:
         s = self.settings
         tokens = [s.start_token]
         if s.multilingual:
+            if language is None:
+                raise ValueError("a multilingual prompt needs the language (given or detected)")
             tokens += [s.language_tokens[language], s.task_tokens[options.task]]
         if s.no_timestamps_token is not None:
             tokens.append(s.no_timestamps_token)
         return tokens
 
-    def decode(self, encoder_hidden: np.ndarray, options: list[DecodeOptions]) -> tuple[list[list[int]], list[str | None]]:
+    def decode(
+        self, encoder_hidden: np.ndarray, options: list[DecodeOptions]
+    ) -> tuple[list[list[int]], list[str | None]]:
         """Tokens (without prompt and end token) and the language decoded in, one per window.
 
         A multilingual model detects the language of each window that has none given."""

@@ -17,9 +17,7 @@ for _module in pkgutil.iter_modules(__path__):
 def get_family(name: str) -> FamilySpec:
     families = registry()
     if name not in families:
-        raise UnknownFamilyError(
-            f"unknown model family {name!r}", hint=f"choose one of: {', '.join(sorted(families))}"
-        )
+        raise UnknownFamilyError(f"unknown model family {name!r}", hint=f"choose one of: {', '.join(sorted(families))}")
     return families[name]()
 
 
@@ -27,5 +25,14 @@ def family_names() -> list[str]:
     return sorted(registry())
 
 
-__all__ = ["FamilySpec", "OnnxExport", "Pipeline", "Stage", "Tolerance", "family_names", "get_family", "register",
-           "registry"]
+__all__ = [
+    "FamilySpec",
+    "OnnxExport",
+    "Pipeline",
+    "Stage",
+    "Tolerance",
+    "family_names",
+    "get_family",
+    "register",
+    "registry",
+]

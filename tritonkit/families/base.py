@@ -7,9 +7,10 @@ config generation, the repository writer and the tests all read from it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from tritonkit.errors import ConfigError
 from tritonkit.triton_config import Batching, Tensor
@@ -113,7 +114,10 @@ class BuildOptions:
             raise InputError("--target gpu preprocesses with DALI; leave out --preprocessing python")
         if self.dali_threads < 1:
             raise InputError("--dali-threads must be >= 1")
-        for flag, value in (("--max-request-bytes", self.max_request_bytes), ("--max-prompt-bytes", self.max_prompt_bytes)):
+        for flag, value in (
+            ("--max-request-bytes", self.max_request_bytes),
+            ("--max-prompt-bytes", self.max_prompt_bytes),
+        ):
             if value is not None and value < 1:
                 raise InputError(f"{flag} must be >= 1, got {value}")
         if self.engine not in ENGINES:
@@ -143,9 +147,13 @@ class Pipeline:
             for tensor in stage.inputs:
                 source = available.get(tensor.name)
                 if source is None:
-                    raise ConfigError(f"pipeline {self.role!r}: {stage.role} needs {tensor.name}, which nothing produces")
+                    raise ConfigError(
+                        f"pipeline {self.role!r}: {stage.role} needs {tensor.name}, which nothing produces"
+                    )
                 if source.optional and not tensor.optional:
-                    raise ConfigError(f"pipeline {self.role!r}: {stage.role} requires {tensor.name}, which requests may leave out")
+                    raise ConfigError(
+                        f"pipeline {self.role!r}: {stage.role} requires {tensor.name}, which requests may leave out"
+                    )
                 if (source.dtype, source.dims) != (tensor.dtype, tensor.dims):
                     raise ConfigError(
                         f"pipeline {self.role!r}: {tensor.name} is {source.dtype}{list(source.dims)} where it is made "
@@ -219,13 +227,17 @@ class FamilySpec:
             owner = next((n for n, s in _REGISTRY.items() if model_type in s.model_types), None)
             raise ModelSourceError(
                 f"--model {source} is a {model_type!r} model, not {self.name}",
-                hint=f"build it with `tritonkit build {owner}`" if owner else f"{self.name} builds {', '.join(self.model_types)} models",
+                hint=f"build it with `tritonkit build {owner}`"
+                if owner
+                else f"{self.name} builds {', '.join(self.model_types)} models",
             )
 
     def exports(self, loaded: Any) -> list[OnnxExport]:
         raise NotImplementedError
 
-    def pipelines(self, loaded: Any, onnx_files: Mapping[str, Path], options: BuildOptions = BuildOptions()) -> list[Pipeline]:
+    def pipelines(
+        self, loaded: Any, onnx_files: Mapping[str, Path], options: BuildOptions = BuildOptions()
+    ) -> list[Pipeline]:
         """The ensembles to serve, described (nothing is written: files to make are `Artefact`s);
         `onnx_files` maps export role -> validated ONNX file."""
         raise NotImplementedError
@@ -237,8 +249,13 @@ class FamilySpec:
     # Per precision ("fp16", "int8"): the bounds a variant's accuracy report must meet.
     precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {}
 
-    def precision_data(self, loaded: Any, exports: Mapping[str, OnnxExport], onnx_files: Mapping[str, Path],
-                       calibration_dir: Path | None):
+    def precision_data(
+        self,
+        loaded: Any,
+        exports: Mapping[str, OnnxExport],
+        onnx_files: Mapping[str, Path],
+        calibration_dir: Path | None,
+    ):
         """Calibration and held-out inputs of every export (a `tritonkit.precision.PrecisionData`)."""
         raise NotImplementedError(f"{self.name}: reduced precision is not supported")
 
@@ -262,8 +279,6 @@ def register(cls: type[FamilySpec]) -> type[FamilySpec]:
 
 def registry() -> Mapping[str, type[FamilySpec]]:
     return dict(_REGISTRY)
-
-
 
 
 def dali_stage(
@@ -294,8 +309,9 @@ def dali_stage(
     serialized = Artefact(f"serialize its DALI graph with {device.upper()} operators", make)
     parameters = {"num_threads": str(options.dali_threads)}
     if options.gpu:
-        return Stage(role, None, inputs, outputs, batching, parameters, backend="dali", kind="KIND_GPU",
-                     artefacts=(serialized,))
+        return Stage(
+            role, None, inputs, outputs, batching, parameters, backend="dali", kind="KIND_GPU", artefacts=(serialized,)
+        )
     if image_recipe is not None:
         parameters["image_recipe"] = image_recipe.to_json()
     return Stage(role, "dali_pipeline", inputs, outputs, batching, parameters, artefacts=(serialized,))
@@ -335,15 +351,24 @@ def image_preprocess_stages(
     from tritonkit.preprocessing.dali import image_graph
 
     if options.preprocessing == "python":
-        return (Stage("image_preprocess", "image_preprocess", (image,), (pixels,), batching, {"recipe": recipe.to_json()}),)
+        return (
+            Stage("image_preprocess", "image_preprocess", (image,), (pixels,), batching, {"recipe": recipe.to_json()}),
+        )
     if options.gpu:
         return (
             Stage("image_check", "image_check", (image,), (checked,), batching, {"image_recipe": recipe.to_json()}),
             dali_stage("image_preprocess", image_graph(recipe, checked.name), (checked,), (pixels,), batching, options),
         )
     return (
-        dali_stage("image_preprocess", image_graph(recipe, image.name), (image,), (pixels,), batching, options,
-                   image_recipe=recipe),
+        dali_stage(
+            "image_preprocess",
+            image_graph(recipe, image.name),
+            (image,),
+            (pixels,),
+            batching,
+            options,
+            image_recipe=recipe,
+        ),
     )
 
 
@@ -354,8 +379,9 @@ def encoder_stage(role: str, inputs, outputs, batching: Batching, onnx_file: Pat
     from tritonkit.triton_config import warmup
 
     if not options.gpu:
-        return Stage(role, "onnx_encoder", inputs, outputs, batching, {}, {"model.onnx": onnx_file},
-                     graphs={"model.onnx": role})
+        return Stage(
+            role, "onnx_encoder", inputs, outputs, batching, {}, {"model.onnx": onnx_file}, graphs={"model.onnx": role}
+        )
     extra = warmup(inputs)
     if options.engine == "tensorrt":
         from tritonkit.tensorrt import EngineProfile
@@ -370,9 +396,22 @@ def encoder_stage(role: str, inputs, outputs, batching: Batching, onnx_file: Pat
             engine = build_engine(Path(onnx_file), folder, inputs, profile, precision=precision)
             return {"model.plan": engine.plan, "builder.log": engine.log, "reproduce.sh": engine.reproduce}
 
-        plan = Artefact(f"build a {precision.upper()} TensorRT plan (batch {profile.min_batch}-{profile.max_batch})", make)
-        return Stage(role, None, inputs, outputs, batching, {}, backend="tensorrt", kind="KIND_GPU", config_extra=extra,
-                     artefacts=(plan,), graphs={"model.plan": role})
+        plan = Artefact(
+            f"build a {precision.upper()} TensorRT plan (batch {profile.min_batch}-{profile.max_batch})", make
+        )
+        return Stage(
+            role,
+            None,
+            inputs,
+            outputs,
+            batching,
+            {},
+            backend="tensorrt",
+            kind="KIND_GPU",
+            config_extra=extra,
+            artefacts=(plan,),
+            graphs={"model.plan": role},
+        )
     if options.engine == "onnxruntime-trt":
         mode = {"int8-static": "INT8", "fp16": "FP16"}.get(options.precision, "FP32")
         extra["optimization"] = {
@@ -380,5 +419,16 @@ def encoder_stage(role: str, inputs, outputs, batching: Batching, onnx_file: Pat
                 "gpu_execution_accelerator": [{"name": "tensorrt", "parameters": {"precision_mode": mode}}]
             }
         }
-    return Stage(role, None, inputs, outputs, batching, {}, {"model.onnx": onnx_file}, backend="onnxruntime",
-                 kind="KIND_GPU", config_extra=extra, graphs={"model.onnx": role})
+    return Stage(
+        role,
+        None,
+        inputs,
+        outputs,
+        batching,
+        {},
+        {"model.onnx": onnx_file},
+        backend="onnxruntime",
+        kind="KIND_GPU",
+        config_extra=extra,
+        graphs={"model.onnx": role},
+    )

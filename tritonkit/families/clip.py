@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -37,14 +38,30 @@ ATTENTION_MASK = "ATTENTION_MASK"
 SAMPLE_TEXTS = ["a photo of a cat", "", "a diagram " * 60, "Ünïcødé text, numbers 1234 and #tags"]
 # The default calibration captions (with synthetic images) when --calibration-data is not given.
 CALIBRATION_CAPTIONS = [
-    "a photo of a dog playing in the snow", "a red car parked on a city street", "two people hiking up a mountain",
-    "a bowl of fruit on a wooden table", "an aerial view of a coastline", "a black and white portrait of a woman",
-    "a diagram of a neural network", "a cat sleeping on a laptop keyboard", "a plate of pasta with tomato sauce",
-    "a crowded train station at rush hour", "a sunset over the ocean", "a child reading a book",
-    "the interior of a modern kitchen", "a close-up of a flower with a bee", "a bicycle leaning against a wall",
-    "a screenshot of a spreadsheet", "a herd of cows in a green field", "a painting of a harbour at night",
-    "a person typing on a phone", "a bridge across a river in autumn", "a birthday cake with candles",
-    "a snowy forest road", "a street market with vegetables", "a close-up photo of a watch",
+    "a photo of a dog playing in the snow",
+    "a red car parked on a city street",
+    "two people hiking up a mountain",
+    "a bowl of fruit on a wooden table",
+    "an aerial view of a coastline",
+    "a black and white portrait of a woman",
+    "a diagram of a neural network",
+    "a cat sleeping on a laptop keyboard",
+    "a plate of pasta with tomato sauce",
+    "a crowded train station at rush hour",
+    "a sunset over the ocean",
+    "a child reading a book",
+    "the interior of a modern kitchen",
+    "a close-up of a flower with a bee",
+    "a bicycle leaning against a wall",
+    "a screenshot of a spreadsheet",
+    "a herd of cows in a green field",
+    "a painting of a harbour at night",
+    "a person typing on a phone",
+    "a bridge across a river in autumn",
+    "a birthday cake with candles",
+    "a snowy forest road",
+    "a street market with vegetables",
+    "a close-up photo of a watch",
 ]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 CALIBRATION_BATCH = 4
@@ -111,15 +128,18 @@ class ClipSpec(FamilySpec):
     model_types = ("clip",)
     description = "CLIP image and text towers -> ensembles NAME_image and NAME_text"
     model_class = "CLIPModel"
-    processor_classes = {"tokenizer": "AutoTokenizer", "image_processor": "AutoImageProcessor"}
+    processor_classes: ClassVar[Mapping[str, str]] = {
+        "tokenizer": "AutoTokenizer",
+        "image_processor": "AutoImageProcessor",
+    }
     loaded_class = LoadedClip
-    tolerances = {
+    tolerances: ClassVar[Mapping[str, Tolerance]] = {
         "image_encoder": Tolerance(max_abs=1e-4, min_cosine=0.9999),
         "text_encoder": Tolerance(max_abs=1e-4, min_cosine=0.9999),
     }
     # What the text encoder takes, in order (the tokenizer stage makes the same tensors).
-    text_inputs: tuple[str, ...] = (INPUT_IDS, ATTENTION_MASK)
-    batching: Mapping[str, Batching] = {
+    text_inputs: ClassVar[tuple[str, ...]] = (INPUT_IDS, ATTENTION_MASK)
+    batching: ClassVar[Mapping[str, Batching]] = {
         "image_preprocess": Batching(max_batch_size=16, preferred_batch_sizes=(8, 16), max_queue_delay_us=2000),
         "image_encoder": Batching(max_batch_size=16, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
         "text_tokenizer": Batching(max_batch_size=64, preferred_batch_sizes=(16, 32, 64), max_queue_delay_us=1000),
@@ -136,7 +156,10 @@ class ClipSpec(FamilySpec):
         """Texts as the text encoder takes them: the model's tokenizer, padded and truncated to its
         maximum length (what the served tokenizer stage computes)."""
         encoded = loaded.tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=loaded.max_text_length,
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=loaded.max_text_length,
             return_tensors=return_tensors,
         )
         return {name: encoded[TOKENIZER_OUTPUTS[name]] for name in self.text_inputs}
@@ -166,9 +189,7 @@ class ClipSpec(FamilySpec):
         t = self.tensors(loaded)
         generator = torch.Generator().manual_seed(0)
         pixel_shape = t[PIXEL_VALUES].dims
-        pixel_samples = [
-            {PIXEL_VALUES: torch.randn((batch, *pixel_shape), generator=generator)} for batch in (2, 1, 5)
-        ]
+        pixel_samples = [{PIXEL_VALUES: torch.randn((batch, *pixel_shape), generator=generator)} for batch in (2, 1, 5)]
         text_samples = [
             self.encode_texts(loaded, texts, "pt") for texts in (SAMPLE_TEXTS[:2], SAMPLE_TEXTS[2:], SAMPLE_TEXTS[:1])
         ]
@@ -210,8 +231,12 @@ class ClipSpec(FamilySpec):
             stages=(
                 *preprocess,
                 encoder_stage(
-                    "image_encoder", (t[PIXEL_VALUES],), (t[IMAGE_EMBEDS],), self.stage_batching("image_encoder"),
-                    onnx_files["image_encoder"], options,
+                    "image_encoder",
+                    (t[PIXEL_VALUES],),
+                    (t[IMAGE_EMBEDS],),
+                    self.stage_batching("image_encoder"),
+                    onnx_files["image_encoder"],
+                    options,
                 ),
             ),
         )
@@ -231,15 +256,22 @@ class ClipSpec(FamilySpec):
                     artefacts=(saved_pretrained("tokenizer", "tokenizer", loaded.tokenizer.save_pretrained),),
                 ),
                 encoder_stage(
-                    "text_encoder", text_inputs, (t[TEXT_EMBEDS],),
-                    self.stage_batching("text_encoder"), onnx_files["text_encoder"], options,
+                    "text_encoder",
+                    text_inputs,
+                    (t[TEXT_EMBEDS],),
+                    self.stage_batching("text_encoder"),
+                    onnx_files["text_encoder"],
+                    options,
                 ),
             ),
         )
         return [image, text]
 
     # -- reduced precision -----------------------------------------------------------------
-    precision_thresholds = {"fp16": {"min_cosine": 0.999}, "int8": {"min_cosine": 0.99}}
+    precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {
+        "fp16": {"min_cosine": 0.999},
+        "int8": {"min_cosine": 0.99},
+    }
 
     def precision_data(self, loaded: LoadedClip, exports, onnx_files, calibration_dir):
         """Images (*.jpg, *.png, ...) and captions (*.txt, one per line) from `calibration_dir`,
@@ -249,7 +281,9 @@ class ClipSpec(FamilySpec):
 
         if calibration_dir is not None:
             images = [p.read_bytes() for p in data_files(calibration_dir, IMAGE_SUFFIXES)]
-            texts = [line.strip() for p in data_files(calibration_dir, (".txt",)) for line in p.read_text().splitlines()]
+            texts = [
+                line.strip() for p in data_files(calibration_dir, (".txt",)) for line in p.read_text().splitlines()
+            ]
             texts = [t for t in texts if t]
             if not images or not texts:
                 raise InputError(
@@ -266,8 +300,10 @@ class ClipSpec(FamilySpec):
 
         def text_feeds(captions):
             return [
-                {name: value.astype(np.int64) for name, value in
-                 self.encode_texts(loaded, captions[i : i + CALIBRATION_BATCH]).items()}
+                {
+                    name: value.astype(np.int64)
+                    for name, value in self.encode_texts(loaded, captions[i : i + CALIBRATION_BATCH]).items()
+                }
                 for i in range(0, len(captions), CALIBRATION_BATCH)
             ]
 
@@ -293,8 +329,9 @@ class ClipSpec(FamilySpec):
 
         encoded = self.encode_texts(loaded, texts, "pt")
         with torch.no_grad():
-            return projected(loaded.model.get_text_features(
-                **{TOKENIZER_OUTPUTS[name]: value for name, value in encoded.items()})).numpy()
+            return projected(
+                loaded.model.get_text_features(**{TOKENIZER_OUTPUTS[name]: value for name, value in encoded.items()})
+            ).numpy()
 
 
 def synthetic_photo(seed: int, height: int = 360, width: int = 480) -> bytes:
@@ -305,7 +342,7 @@ def synthetic_photo(seed: int, height: int = 360, width: int = 480) -> bytes:
 
     rng = np.random.default_rng(1000 + seed)
     coarse = rng.integers(0, 256, (height // 24, width // 24, 3), dtype=np.uint8)
-    image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()

@@ -6,9 +6,10 @@ image feature, features in place of those tokens)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -85,7 +86,9 @@ def _vision_encoder(model):
                 if config.vision_feature_select_strategy == "default":
                     selected = selected[:, 1:]
             else:
-                pool = [hidden[i][:, 1:] if config.vision_feature_select_strategy == "default" else hidden[i] for i in layer]
+                pool = [
+                    hidden[i][:, 1:] if config.vision_feature_select_strategy == "default" else hidden[i] for i in layer
+                ]
                 selected = torch.cat(pool, dim=-1)
             return self.projector(selected)
 
@@ -107,12 +110,14 @@ def language_model(model):
 class LlavaSpec(FamilySpec):
     name = "llava"
     model_types = ("llava",)
-    description = "LLaVA image question answering -> ensembles NAME_chat and NAME_chat_stream (IMAGE + PROMPT in, TEXT out)"
+    description = (
+        "LLaVA image question answering -> ensembles NAME_chat and NAME_chat_stream (IMAGE + PROMPT in, TEXT out)"
+    )
     model_class = "LlavaForConditionalGeneration"
-    processor_classes = {"processor": "AutoProcessor"}
+    processor_classes: ClassVar[Mapping[str, str]] = {"processor": "AutoProcessor"}
     loaded_class = LoadedLlava
-    tolerances = {"vision_encoder": Tolerance(max_abs=1e-4, min_cosine=0.9999)}
-    batching: Mapping[str, Batching] = {
+    tolerances: ClassVar[Mapping[str, Tolerance]] = {"vision_encoder": Tolerance(max_abs=1e-4, min_cosine=0.9999)}
+    batching: ClassVar[Mapping[str, Batching]] = {
         "image_preprocess": Batching(max_batch_size=16, preferred_batch_sizes=(8, 16), max_queue_delay_us=2000),
         "vision_encoder": Batching(max_batch_size=16, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
         "decoder": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
@@ -147,7 +152,9 @@ class LlavaSpec(FamilySpec):
 
         t = self.tensors(loaded)
         generator = torch.Generator().manual_seed(0)
-        samples = [{PIXEL_VALUES: torch.randn((batch, *t[PIXEL_VALUES].dims), generator=generator)} for batch in (2, 1, 3)]
+        samples = [
+            {PIXEL_VALUES: torch.randn((batch, *t[PIXEL_VALUES].dims), generator=generator)} for batch in (2, 1, 3)
+        ]
         return [
             OnnxExport(
                 role="vision_encoder",
@@ -165,8 +172,11 @@ class LlavaSpec(FamilySpec):
         t = self.tensors(loaded)
         # both decoders (whole and streaming) ship the same two folders, made once
         saved = (
-            saved_pretrained("language model (PyTorch)", "language_model",
-                             lambda path: language_model(loaded.model).save_pretrained(path)),
+            saved_pretrained(
+                "language model (PyTorch)",
+                "language_model",
+                lambda path: language_model(loaded.model).save_pretrained(path),
+            ),
             saved_pretrained("processor", "processor", loaded.processor.save_pretrained),
         )
         recipe = image_recipe_for(loaded.processor.image_processor, options)
@@ -174,11 +184,17 @@ class LlavaSpec(FamilySpec):
             recipe, t[IMAGE], t[CHECKED_IMAGE], t[PIXEL_VALUES], self.stage_batching("image_preprocess"), options
         )
         encoder = encoder_stage(
-            "vision_encoder", (t[PIXEL_VALUES],), (t[IMAGE_FEATURES],), self.stage_batching("vision_encoder"),
-            onnx_files["vision_encoder"], options,
+            "vision_encoder",
+            (t[PIXEL_VALUES],),
+            (t[IMAGE_FEATURES],),
+            self.stage_batching("vision_encoder"),
+            onnx_files["vision_encoder"],
+            options,
         )
         if encoder.template == "onnx_encoder":
-            encoder = replace(encoder, parameters={**encoder.parameters, "feature_cache_entries": str(FEATURE_CACHE_ENTRIES)})
+            encoder = replace(
+                encoder, parameters={**encoder.parameters, "feature_cache_entries": str(FEATURE_CACHE_ENTRIES)}
+            )
         options_in = (t[MAX_NEW_TOKENS], t[TEMPERATURE], t[TOP_P], t[SEED], t[STOP])
         parameters = {
             "language_model_dir": "language_model",
@@ -211,7 +227,10 @@ class LlavaSpec(FamilySpec):
         ]
 
     # -- reduced precision -----------------------------------------------------------------
-    precision_thresholds = {"fp16": {"min_cosine": 0.999}, "int8": {"min_cosine": 0.99}}
+    precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {
+        "fp16": {"min_cosine": 0.999},
+        "int8": {"min_cosine": 0.99},
+    }
 
     def precision_data(self, loaded: LoadedLlava, exports, onnx_files, calibration_dir):
         """Images (*.jpg, *.png, ...) from `calibration_dir`, or 32 synthetic photos; a quarter held out."""
@@ -232,11 +251,16 @@ class LlavaSpec(FamilySpec):
             return image_feeds(files, loaded.processor.image_processor, PIXEL_VALUES)
 
         calibration, heldout = split_files(images)
-        return PrecisionData(calibration={"vision_encoder": feeds(calibration)},
-                             heldout={"vision_encoder": feeds(heldout)}, source=source)
+        return PrecisionData(
+            calibration={"vision_encoder": feeds(calibration)},
+            heldout={"vision_encoder": feeds(heldout)},
+            source=source,
+        )
 
     # -- reference (tests) -----------------------------------------------------------------
-    def reference_tokens(self, loaded: LoadedLlava, pixel_values: np.ndarray, prompt: str, max_new_tokens: int) -> list[int]:
+    def reference_tokens(
+        self, loaded: LoadedLlava, pixel_values: np.ndarray, prompt: str, max_new_tokens: int
+    ) -> list[int]:
         """transformers `generate` (greedy) on these pixels: the tokens the chat ensemble must return."""
         import torch
 
@@ -247,10 +271,13 @@ class LlavaSpec(FamilySpec):
         ids = loaded.processor.tokenizer(text.replace("<image>", image_tokens), return_tensors="pt")["input_ids"]
         with torch.no_grad():
             out = loaded.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.from_numpy(pixel_values),
-                do_sample=False, max_new_tokens=max_new_tokens,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=torch.from_numpy(pixel_values),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
             )
-        return out[0, ids.shape[1]:].tolist()
+        return out[0, ids.shape[1] :].tolist()
 
 
 def _eos_ids(model) -> list[int]:

@@ -53,14 +53,24 @@ class SiglipSpec(ClipSpec):
         eos = tokenizer.token_to_id("</s>")
         tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
         PreTrainedTokenizerFast(
-            tokenizer_object=tokenizer, unk_token="<unk>", pad_token="</s>", eos_token="</s>", model_max_length=64,
+            tokenizer_object=tokenizer,
+            unk_token="<unk>",
+            pad_token="</s>",
+            eos_token="</s>",
+            model_max_length=64,
             model_input_names=["input_ids"],
         ).save_pretrained(str(directory))
         torch.manual_seed(seed)
         common = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
         config = SiglipConfig(
-            text_config={**common, "vocab_size": tokenizer.get_vocab_size(), "max_position_embeddings": 64,
-                         "pad_token_id": eos, "eos_token_id": eos, "bos_token_id": None},
+            text_config={
+                **common,
+                "vocab_size": tokenizer.get_vocab_size(),
+                "max_position_embeddings": 64,
+                "pad_token_id": eos,
+                "eos_token_id": eos,
+                "bos_token_id": None,
+            },
             vision_config={**common, "image_size": 32, "patch_size": 8},
         )
         SiglipModel(config).eval().save_pretrained(str(directory))

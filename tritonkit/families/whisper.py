@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
-from tritonkit.preprocessing.audio import SAMPLE_RATE, WINDOW_SECONDS
 from tritonkit.errors import ExportError
 from tritonkit.families.base import (
     PLAN_DIMS_PARAMETER,
@@ -26,6 +25,7 @@ from tritonkit.families.base import (
     register,
     saved_pretrained,
 )
+from tritonkit.preprocessing.audio import SAMPLE_RATE, WINDOW_SECONDS
 from tritonkit.triton_config import Batching, Tensor
 
 # Public contract (see README).
@@ -66,15 +66,15 @@ class WhisperSpec(FamilySpec):
     model_types = ("whisper",)
     description = "Whisper speech recognition -> ensemble NAME (AUDIO bytes in, TEXT out)"
     model_class = "WhisperForConditionalGeneration"
-    processor_classes = {"processor": "WhisperProcessor"}
+    processor_classes: ClassVar[Mapping[str, str]] = {"processor": "WhisperProcessor"}
     loaded_class = LoadedWhisper
-    tolerances = {
+    tolerances: ClassVar[Mapping[str, Tolerance]] = {
         "encoder": Tolerance(max_abs=2e-3, min_cosine=0.9999),
         "decoder_cross_kv": Tolerance(max_abs=5e-3, min_cosine=0.9999),
         "decoder_step": Tolerance(max_abs=5e-3, min_cosine=0.9999),
     }
     max_request_bytes = 256 * 1024 * 1024  # one audio file may be 200 MiB (AudioRecipe.max_bytes)
-    batching: Mapping[str, Batching] = {
+    batching: ClassVar[Mapping[str, Batching]] = {
         "audio_preprocess": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16), max_queue_delay_us=2000),
         "log_mel": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16), max_queue_delay_us=1000),
         "encoder": Batching(max_batch_size=32, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
@@ -151,10 +151,16 @@ class WhisperSpec(FamilySpec):
             {ENCODER_HIDDEN: torch.randn((b, c.max_source_positions, c.d_model), generator=g)} for b in (2, 1)
         ]
         return [
-            OnnxExport("encoder", encoder, (t[INPUT_FEATURES],), (t[ENCODER_HIDDEN],), features, self.tolerance("encoder")),
             OnnxExport(
-                "decoder_cross_kv", cross, (t[ENCODER_HIDDEN],), (t[CROSS_KEYS], t[CROSS_VALUES]),
-                hidden_samples, self.tolerance("decoder_cross_kv"),
+                "encoder", encoder, (t[INPUT_FEATURES],), (t[ENCODER_HIDDEN],), features, self.tolerance("encoder")
+            ),
+            OnnxExport(
+                "decoder_cross_kv",
+                cross,
+                (t[ENCODER_HIDDEN],),
+                (t[CROSS_KEYS], t[CROSS_VALUES]),
+                hidden_samples,
+                self.tolerance("decoder_cross_kv"),
             ),
             OnnxExport(
                 "decoder_step",
@@ -167,7 +173,7 @@ class WhisperSpec(FamilySpec):
         ]
 
     # -- reduced precision -----------------------------------------------------------------
-    precision_thresholds = {
+    precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {
         "fp16": {"min_cosine": 0.99, "max_wer_increase": 0.02},
         "int8": {"min_cosine": 0.9, "max_wer_increase": 0.02},
     }
@@ -188,7 +194,9 @@ class WhisperSpec(FamilySpec):
             if not paths:
                 raise InputError(f"--calibration-data {calibration_dir}: no audio files (wav, flac, ogg, mp3)")
             clips = [p.read_bytes() for p in paths]
-            texts = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else None for p in paths]
+            texts = [
+                p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else None for p in paths
+            ]
             source = f"{len(clips)} audio files from {calibration_dir}"
         elif espeak_available():
             import tempfile
@@ -207,8 +215,10 @@ class WhisperSpec(FamilySpec):
         indices = list(range(len(clips)))
         calibration_ids, heldout_ids = split_files(indices, heldout_share=0.5)  # WER needs words to count
         mel_filters = np.asarray(loaded.processor.feature_extractor.mel_filters, dtype=np.float32)
-        recorded = {role: self._recorded_feeds(loaded, onnx_files, [samples[i] for i in ids], mel_filters)
-                    for role, ids in (("calibration", calibration_ids), ("heldout", heldout_ids))}
+        recorded = {
+            role: self._recorded_feeds(loaded, onnx_files, [samples[i] for i in ids], mel_filters)
+            for role, ids in (("calibration", calibration_ids), ("heldout", heldout_ids))
+        }
         return PrecisionData(
             calibration=recorded["calibration"],
             heldout={role: feeds[:8] for role, feeds in recorded["heldout"].items()},
@@ -232,9 +242,13 @@ class WhisperSpec(FamilySpec):
         features = [log_mel(windows[i : i + 2], mel_filters) for i in range(0, len(windows), 2)]
         encoder = ort.InferenceSession(str(onnx_files["encoder"]), providers=["CPUExecutionProvider"])
         hidden = [encoder.run(None, {INPUT_FEATURES: f})[0] for f in features]
-        cross = RecordingSession(ort.InferenceSession(str(onnx_files["decoder_cross_kv"]), providers=["CPUExecutionProvider"]))
+        cross = RecordingSession(
+            ort.InferenceSession(str(onnx_files["decoder_cross_kv"]), providers=["CPUExecutionProvider"])
+        )
         step = RecordingSession(
-            ort.InferenceSession(str(onnx_files["decoder_step"]), providers=["CPUExecutionProvider"]), keep_every=3, limit=48
+            ort.InferenceSession(str(onnx_files["decoder_step"]), providers=["CPUExecutionProvider"]),
+            keep_every=3,
+            limit=48,
         )
         decoder = GreedyDecoder(cross, step, self.decode_settings(loaded))
         for h in hidden:
@@ -304,7 +318,9 @@ class WhisperSpec(FamilySpec):
 
         def save_mel_filters(folder: Path) -> Mapping[str, Path]:
             folder.mkdir(parents=True, exist_ok=True)
-            np.save(folder / "mel_filters.npy", np.asarray(loaded.processor.feature_extractor.mel_filters, dtype=np.float32))
+            np.save(
+                folder / "mel_filters.npy", np.asarray(loaded.processor.feature_extractor.mel_filters, dtype=np.float32)
+            )
             return {"mel_filters.npy": folder / "mel_filters.npy"}
 
         recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
@@ -329,8 +345,12 @@ class WhisperSpec(FamilySpec):
         if options.preprocessing == "dali":
             stages.append(
                 dali_stage(
-                    "log_mel", log_mel_graph(loaded.config.num_mel_bins, WINDOW_SAMPLES), (t[WINDOW_SAMPLES],),
-                    (t[INPUT_FEATURES],), self.stage_batching("log_mel"), options,
+                    "log_mel",
+                    log_mel_graph(loaded.config.num_mel_bins, WINDOW_SAMPLES),
+                    (t[WINDOW_SAMPLES],),
+                    (t[INPUT_FEATURES],),
+                    self.stage_batching("log_mel"),
+                    options,
                 )
             )
         longest = loaded.config.max_target_positions
@@ -338,14 +358,20 @@ class WhisperSpec(FamilySpec):
             "decode_settings": settings,
             "tokenizer_dir": "tokenizer",
             # the step graph's sequence dims at their largest, for `tritonkit plan`'s memory estimate
-            PLAN_DIMS_PARAMETER: json.dumps({"INPUT_IDS_dim1": 1, "PAST_KEYS_dim3": longest - 1, "PAST_VALUES_dim3": longest - 1}),
+            PLAN_DIMS_PARAMETER: json.dumps(
+                {"INPUT_IDS_dim1": 1, "PAST_KEYS_dim3": longest - 1, "PAST_VALUES_dim3": longest - 1}
+            ),
         }
         if options.gpu:
             decoder_parameters["providers"] = "CUDAExecutionProvider,CPUExecutionProvider"
         stages += [
             encoder_stage(
-                "encoder", (t[INPUT_FEATURES],), (t[ENCODER_HIDDEN],), self.stage_batching("encoder"),
-                onnx_files["encoder"], options,
+                "encoder",
+                (t[INPUT_FEATURES],),
+                (t[ENCODER_HIDDEN],),
+                self.stage_batching("encoder"),
+                onnx_files["encoder"],
+                options,
             ),
             Stage(
                 role="decoder",
@@ -390,7 +416,9 @@ def check_decoder_step(model, step, sample: dict, tolerance: Tolerance) -> float
     from transformers.modeling_outputs import BaseModelOutput
 
     with torch.no_grad():
-        ours = step(sample[INPUT_IDS], sample[PAST_KEYS], sample[PAST_VALUES], sample[CROSS_KEYS], sample[CROSS_VALUES])[0]
+        ours = step(
+            sample[INPUT_IDS], sample[PAST_KEYS], sample[PAST_VALUES], sample[CROSS_KEYS], sample[CROSS_VALUES]
+        )[0]
         theirs = model(
             encoder_outputs=BaseModelOutput(last_hidden_state=sample["_hidden"]),
             decoder_input_ids=sample[INPUT_IDS],

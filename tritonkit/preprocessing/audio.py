@@ -38,10 +38,10 @@ class AudioRecipe:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "AudioRecipe":
+    def from_json(cls, text: str) -> AudioRecipe:
         return cls(**json.loads(text))
 
-    def with_options(self, **options) -> "AudioRecipe":
+    def with_options(self, **options) -> AudioRecipe:
         import dataclasses
 
         recipe = dataclasses.replace(self, **{k: v for k, v in options.items() if v is not None})
@@ -69,7 +69,9 @@ def decode_audio(data: bytes, recipe: AudioRecipe) -> np.ndarray:
         with soundfile.SoundFile(io.BytesIO(data)) as sound:
             seconds = sound.frames / sound.samplerate if sound.samplerate else 0
             if seconds > recipe.max_seconds:
-                raise InputError(f"AUDIO: {seconds:.0f} s exceeds the {recipe.max_seconds:.0f} s limit", reason="too_long")
+                raise InputError(
+                    f"AUDIO: {seconds:.0f} s exceeds the {recipe.max_seconds:.0f} s limit", reason="too_long"
+                )
             samples = sound.read(dtype="float32", always_2d=True)
             rate = sound.samplerate
     except InputError:

@@ -15,7 +15,7 @@ backend sets the device when it loads the file.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -104,8 +104,13 @@ def log_mel_graph(n_mels: int, input_name: str) -> Graph:
             layout="ft",
         )
         mel = fn.mel_filter_bank(
-            power, sample_rate=SAMPLE_RATE, nfilter=n_mels, freq_low=0.0, freq_high=SAMPLE_RATE / 2,
-            mel_formula="slaney", normalize=True,
+            power,
+            sample_rate=SAMPLE_RATE,
+            nfilter=n_mels,
+            freq_low=0.0,
+            freq_high=SAMPLE_RATE / 2,
+            mel_formula="slaney",
+            normalize=True,
         )
         mel = fn.slice(mel, 0, FRAMES, axes=[1])  # the STFT's last frame is dropped, as Whisper does
         log_spec = fn.to_decibels(mel, multiplier=1.0, reference=1.0, cutoff_db=-10.0)  # log10(max(x, 1e-10))
@@ -158,7 +163,7 @@ class DaliRunner:
         if self._pipe is None:
             from nvidia.dali.pipeline import Pipeline
 
-            self._pipe = Pipeline.deserialize(
+            pipe = Pipeline.deserialize(
                 serialized_pipeline=self.serialized,
                 batch_size=self.max_batch_size,
                 num_threads=self.num_threads,
@@ -167,7 +172,8 @@ class DaliRunner:
                 exec_pipelined=False,
                 prefetch_queue_depth=1,
             )
-            self._pipe.build()
+            pipe.build()
+            self._pipe = pipe
         return self._pipe
 
     def _run(self, inputs: dict[str, list[np.ndarray]]) -> list[tuple[np.ndarray, ...]]:
@@ -208,10 +214,12 @@ def image_pixels(recipe: ImageRecipe, files: Sequence[bytes]) -> np.ndarray:
     runner = DaliRunner(serialize(image_graph(recipe, "IMAGE"), "cpu", batch), batch)
     checked = [np.frombuffer(checked_image_bytes(data, recipe), dtype=np.uint8) for data in files]
     results = runner.run({"IMAGE": checked})
+    rows = []
     for result in results:
         if isinstance(result, RowFailed):
             raise InputError(f"IMAGE: not decodable ({result})", reason="undecodable")
-    return np.stack([result[0] for result in results])
+        rows.append(result[0])
+    return np.stack(rows)
 
 
 def log_mel_features(n_mels: int, windows: Sequence[np.ndarray]) -> np.ndarray:
@@ -219,4 +227,7 @@ def log_mel_features(n_mels: int, windows: Sequence[np.ndarray]) -> np.ndarray:
     batch = max(len(windows), 1)
     runner = DaliRunner(serialize(log_mel_graph(n_mels, "WINDOW_SAMPLES"), "cpu", batch), batch)
     results = runner.run({"WINDOW_SAMPLES": [np.ascontiguousarray(w, dtype=np.float32) for w in windows]})
-    return np.stack([result[0] for result in results])
+    failed = [r for r in results if isinstance(r, RowFailed)]
+    if failed:
+        raise RuntimeError(f"DALI failed on a 16 kHz window: {failed[0]}")
+    return np.stack([r[0] for r in results if not isinstance(r, RowFailed)])

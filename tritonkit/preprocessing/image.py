@@ -45,8 +45,8 @@ class ImageRecipe:
     crop_width: int | None
     resample: int  # PIL resampling filter
     rescale_factor: float | None
-    mean: tuple[float, float, float] | None
-    std: tuple[float, float, float] | None
+    mean: tuple[float, ...] | None  # one per channel (RGB)
+    std: tuple[float, ...] | None
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_resize_pixels: int = DEFAULT_MAX_RESIZE_PIXELS
@@ -65,7 +65,7 @@ class ImageRecipe:
             raise InputError("image size limits must be >= 1")
         object.__setattr__(self, "formats", formats)
 
-    def with_options(self, **options) -> "ImageRecipe":
+    def with_options(self, **options) -> ImageRecipe:
         """A copy with deployment options replaced; None keeps the current value."""
         import dataclasses
 
@@ -84,18 +84,18 @@ class ImageRecipe:
 
     @property
     def output_hw(self) -> tuple[int, int]:
-        if self.crop_height:
+        if self.crop_height and self.crop_width:
             return self.crop_height, self.crop_width
-        if self.resize_height:
+        if self.resize_height and self.resize_width:
             return self.resize_height, self.resize_width
         raise ValueError("recipe without crop or fixed resize has no fixed output size")
 
     @classmethod
-    def from_processor(cls, processor) -> "ImageRecipe":
+    def from_processor(cls, processor) -> ImageRecipe:
         """Read the settings of a transformers image processor (CLIPImageProcessor and kin)."""
         size = dict(processor.size or {}) if getattr(processor, "do_resize", True) else {}
         crop = dict(processor.crop_size or {}) if getattr(processor, "do_center_crop", False) else {}
-        resample = processor.resample if processor.resample is not None else Image.BICUBIC
+        resample = processor.resample if processor.resample is not None else Image.Resampling.BICUBIC
         return cls(
             shortest_edge=size.get("shortest_edge"),
             resize_height=size.get("height"),
@@ -113,7 +113,7 @@ class ImageRecipe:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ImageRecipe":
+    def from_json(cls, text: str) -> ImageRecipe:
         data = json.loads(text)
         for key in ("mean", "std", "formats"):
             if data.get(key) is not None:
@@ -225,7 +225,7 @@ def preprocess_image(image: Image.Image, recipe: ImageRecipe) -> np.ndarray:
     if recipe.resize_mode == "pad":
         pixels = center_crop(pixels, out_h, out_w, fill=recipe.mean_pixel())
     elif recipe.crop_height:
-        pixels = center_crop(pixels, recipe.crop_height, recipe.crop_width)
+        pixels = center_crop(pixels, out_h, out_w)
     out = pixels.astype(np.float32)
     if recipe.rescale_factor is not None:
         out = (pixels.astype(np.float64) * recipe.rescale_factor).astype(np.float32)
