@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from tests.conftest import has_gpu, random_image
+from tests.conftest import EMBEDDING_FAMILIES, has_gpu, random_image
 from tritonkit.preprocessing.dali import (
     DaliRunner,
     RowFailed,
@@ -70,11 +70,16 @@ IMAGES = {
 }
 
 
-@pytest.fixture(scope="module")
-def processor():
-    from transformers import CLIPImageProcessor
+@pytest.fixture(scope="module", params=EMBEDDING_FAMILIES)
+def processor(request, tiny_model_dir):
+    """Each embedding family's own image processor (CLIP: shortest edge + crop; SigLIP: a fixed
+    resize, no crop), at the 224 pixels of the families' base checkpoints."""
+    from transformers import AutoImageProcessor
 
-    return CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    image_processor = AutoImageProcessor.from_pretrained(str(tiny_model_dir(request.param)))
+    if image_processor.size.get("height"):
+        image_processor.size = {"height": 224, "width": 224}
+    return image_processor
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +99,7 @@ def report(name: str, ours: np.ndarray, reference: np.ndarray) -> tuple[float, f
 
 
 @pytest.mark.parametrize("name", list(IMAGES))
-def test_dali_image_pipeline_matches_clip_image_processor(name, dali_outputs, processor):
+def test_dali_image_pipeline_matches_the_image_processor(name, dali_outputs, processor):
     image = ImageOps.exif_transpose(Image.open(io.BytesIO(IMAGES[name])))  # EXIF orientation is applied
     reference = processor(image, return_tensors="np")["pixel_values"][0]
     largest, mean = report(name, dali_outputs[name], reference)

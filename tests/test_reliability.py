@@ -170,7 +170,7 @@ def test_a_build_killed_at_any_moment_leaves_the_previous_repository_servable(ti
     files_before = files(out)
     # Killed at the build's own steps (its progress lines), not at fixed times: with the export
     # cache warm a build can finish before a fixed delay, and a kill then tests nothing.
-    for step in ("loading clip", "image_encoder", "text_encoder", "writing the cpu repository"):
+    for step in ("loading clip", "image_encoder", "text_encoder", "describing the cpu", "image_preprocess: serialize"):
         build = subprocess.Popen(
             [sys.executable, "-m", "tritonkit.cli", "build", "clip", "--model", str(tiny_clip_dir), "--out", str(out)],
             stdout=subprocess.DEVNULL,
