@@ -196,6 +196,15 @@ def whisper_server(whisper_repository):
 
 
 @pytest.fixture(scope="session")
+def whisper_int8(whisper_dir, tmp_path_factory):
+    """Whisper tiny.en built at INT8 static (what `auto` keeps for it: dynamic misses the WER bound)."""
+    from tritonkit.precision import PrecisionOptions
+
+    out = tmp_path_factory.mktemp("whisper_int8") / "model_repository"
+    return build("whisper", str(whisper_dir), out, precision=PrecisionOptions("int8", "static"))
+
+
+@pytest.fixture(scope="session")
 def multilingual_whisper_dir(tiny_model_dir) -> Path:
     return tiny_model_dir("whisper")  # the family's tiny model is a random multilingual Whisper
 

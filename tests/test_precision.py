@@ -108,12 +108,6 @@ def test_calibration_data_must_exist():
         PrecisionOptions("int8", calibration_data="/nonexistent/calibration")
 
 
-@pytest.fixture(scope="module")
-def whisper_int8(whisper_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("whisper_int8") / "model_repository"
-    return build("whisper", str(whisper_dir), out, precision=PrecisionOptions("int8", "static"))
-
-
 @pytest.mark.server
 def test_whisper_int8_keeps_wer_within_two_points_of_fp32_on_the_spoken_clips(
     whisper_int8, whisper_server, speech_files

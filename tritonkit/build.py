@@ -78,7 +78,7 @@ def build(
         accuracy, variant = {}, "fp32"
         if precision.variants():
             onnx_files, accuracy, variant = reduce_precision(
-                spec, loaded, exports, onnx_files, precision, staging, progress
+                spec, loaded, exports, onnx_files, precision, staging, progress, options.target
             )
         options = dataclasses.replace(options, precision=variant)
         progress(f"describing the {options.target} repository's pipelines ({options.preprocessing} preprocessing)")
@@ -126,8 +126,11 @@ def make_artefacts(
     return resolved
 
 
-def reduce_precision(spec, loaded, exports, onnx_files, precision: PrecisionOptions, staging: Path, progress: Progress):
-    """Build each requested variant of every graph, judge it, and keep the fastest that passes."""
+def reduce_precision(
+    spec, loaded, exports, onnx_files, precision: PrecisionOptions, staging: Path, progress: Progress, target: str = "cpu"
+):
+    """Build each requested variant of every graph, judge it, and keep the target's preferred one
+    that passes (`tritonkit.precision.choose`)."""
     import json
 
     from tritonkit.precision import choose, convert, evaluate
@@ -156,10 +159,17 @@ def reduce_precision(spec, loaded, exports, onnx_files, precision: PrecisionOpti
         progress(f"measuring {variant} against FP32 on held-out data ({data.source})")
         reports[variant] = evaluate(variant, exports, files[variant], data, thresholds, task_check)
         progress(reports[variant].summary())
-    chosen = choose(reports, precision.force)
-    summary = {"chosen": chosen, "reports": {v: {**r.__dict__, "passed": r.passed} for v, r in reports.items()}}
+    decision = choose(reports, precision.force, target)
+    chosen = decision.chosen
+    summary = {
+        "chosen": chosen,
+        "decision": {"rule": decision.rule, "order": list(decision.order), "passed": decision.passed},
+        # latency_ms in each report is a timing taken here: informational, never used to choose,
+        # and the only field that differs between two builds of the same inputs
+        "reports": {v: {**r.__dict__, "passed": r.passed} for v, r in reports.items()},
+    }
     (staging / "onnx" / "accuracy_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not reports[chosen].passed:
         progress(f"warning: {chosen} failed its accuracy report; kept because of --force")
-    progress(f"using {chosen}")
+    progress(decision.summary())
     return files[chosen], reports, chosen
