@@ -145,7 +145,7 @@ class TritonPythonModel(BatchedModel):
             if isinstance(rows, dict):
                 prepared.append((sender, rows))
             else:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(rows)), flags=final)
+                sender.send(pb_utils.InferenceResponse(error=rows.error()), flags=final)
         if prepared:
             self.stream(prepared)
         return None
@@ -172,11 +172,11 @@ class TritonPythonModel(BatchedModel):
             if len(prepared) > 1:
                 for (sender, rows), sent in zip(prepared, started):
                     if sent:
-                        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=final)
+                        sender.send(pb_utils.InferenceResponse(error=message.error()), flags=final)
                     else:
                         self.stream([(sender, rows)])
             else:
-                senders[0].send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=final)
+                senders[0].send(pb_utils.InferenceResponse(error=message.error()), flags=final)
             return
         for sender, result in zip(senders, results):
             self.metrics.decoded(tokens=len(result.tokens), steps=result.steps)

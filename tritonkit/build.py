@@ -127,7 +127,14 @@ def make_artefacts(
 
 
 def reduce_precision(
-    spec, loaded, exports, onnx_files, precision: PrecisionOptions, staging: Path, progress: Progress, target: str = "cpu"
+    spec,
+    loaded,
+    exports,
+    onnx_files,
+    precision: PrecisionOptions,
+    staging: Path,
+    progress: Progress,
+    target: str = "cpu",
 ):
     """Build each requested variant of every graph, judge it, and keep the target's preferred one
     that passes (`tritonkit.precision.choose`)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -209,6 +210,9 @@ def serve(
         int, typer.Option(help="Crash loop: give up after more than this many restarts within --restart-window.")
     ] = 5,
     restart_window: Annotated[float, typer.Option(help="Seconds over which --max-restarts counts crashes.")] = 300,
+    openai_port: Annotated[
+        int | None, typer.Option(help="Also serve the OpenAI API on this port (see `tritonkit openai`).")
+    ] = None,
 ):
     """Run tritonserver on a repository in the foreground; Ctrl-C stops it."""
     from tritonkit.repository import list_models
@@ -240,24 +244,71 @@ def serve(
             raise typer.Exit(0) from None
         raise
     models = list_models(repository)
+    gateway = None
+    if openai_port is not None:  # beside the server, on the same host; it reconnects across restarts
+        gateway = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tritonkit.cli",
+                "openai",
+                "--triton",
+                server.grpc_url,
+                "--host",
+                host,
+                "--port",
+                str(openai_port),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
     print(
         f"tritonkit: ready: {len(models)} models on grpc {server.grpc_url}, http {server.http_url}, "
-        f"metrics {server.metrics_url} (log: {server.log_file})",
+        f"metrics {server.metrics_url} (log: {server.log_file})"
+        + (f", OpenAI API http://{host}:{openai_port}/v1" if openai_port is not None else ""),
         flush=True,
     )
-    code = server.serve_forever(
-        supervise,
-        stopping=lambda: bool(stopping),
-        report=lambda message: print(f"tritonkit: {message}", flush=True),
-        ready_timeout=ready_timeout,
-        max_restarts=max_restarts,
-        restart_window_s=restart_window,
-    )
+    try:
+        code = server.serve_forever(
+            supervise,
+            stopping=lambda: bool(stopping),
+            report=lambda message: print(f"tritonkit: {message}", flush=True),
+            ready_timeout=ready_timeout,
+            max_restarts=max_restarts,
+            restart_window_s=restart_window,
+        )
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(timeout=30)
     server.stop()
     if stopping:
         raise typer.Exit(0)
     errors = "\n".join(server.error_lines()[-20:])
     raise TritonkitError(f"tritonserver exited with code {code}:\n{errors}", log_path=str(server.log_file))
+
+
+@app.command("openai")
+def openai_gateway(
+    triton: Annotated[str, typer.Option(help="The tritonserver's gRPC address.")] = "127.0.0.1:8001",
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port of the API.")] = 9000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="TRITONKIT_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/.")
+    ] = None,
+    max_body_mb: Annotated[int, typer.Option(help="Largest request body (413 above it).")] = 100,
+):
+    """Serve the OpenAI API (embeddings, chat with images, audio) in front of a running tritonserver.
+
+    Example: tritonkit openai --triton 127.0.0.1:8001 --port 9000, then
+    curl http://127.0.0.1:9000/v1/embeddings -d '{"model": "clip", "input": "a photo of a cat"}'
+    """
+    from tritonkit.gateway import GatewayOptions, run_gateway
+
+    if max_body_mb < 1:
+        raise InputError(f"--max-body-mb must be >= 1, got {max_body_mb}")
+    options = GatewayOptions(triton_url=triton, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024)
+    print(f"tritonkit: OpenAI API on http://{host}:{port}/v1 in front of {triton}", flush=True)
+    run_gateway(options, host=host, port=port)
 
 
 @app.command()

@@ -286,7 +286,9 @@ def choose(reports: Mapping[str, AccuracyReport], force: bool, target: str = "cp
         rule = f"the first of {', '.join(order)} on {target} that passes its accuracy report"
         return Decision(candidates[0], rule, order, passed)
     if force:
-        return Decision(order[0], f"none passed; --force keeps the first of {', '.join(order)} on {target}", order, passed)
+        return Decision(
+            order[0], f"none passed; --force keeps the first of {', '.join(order)} on {target}", order, passed
+        )
     raise ExportError(
         "no reduced-precision variant passed its accuracy report: " + " | ".join(r.summary() for r in reports.values()),
         hint="see accuracy_report.json; use --force to build anyway, or --precision fp32",

@@ -15,6 +15,7 @@ import logging
 import time
 import traceback
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,21 @@ def encoded_size(array: np.ndarray) -> int | None:
     if array.dtype == object:
         return sum(len(item) if isinstance(item, (bytes, str)) else 0 for item in array.reshape(-1))
     return None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one request failed. `client`: its own input was bad (an InputError), answered with
+    Triton's INVALID_ARG code (a 400 through the OpenAI gateway); otherwise INTERNAL (a bug)."""
+
+    message: str
+    client: bool
+
+    def error(self):
+        import triton_python_backend_utils as pb_utils
+
+        code = getattr(pb_utils.TritonError, "INVALID_ARG" if self.client else "INTERNAL", None)
+        return pb_utils.TritonError(self.message) if code is None else pb_utils.TritonError(self.message, code)
 
 
 class BatchedModel:
@@ -136,15 +152,15 @@ class BatchedModel:
         except Exception as exc:  # a bug must not take the batch down either
             return self.failure(exc, "preparing a request")
 
-    def failure(self, exc: Exception, doing: str) -> str:
-        """The message one request is failed with; an InputError is the client's, anything else a bug."""
+    def failure(self, exc: Exception, doing: str) -> Failure:
+        """What one request is failed with; an InputError is the client's, anything else a bug."""
         if isinstance(exc, InputError):
             self.metrics.rejected(exc.reason)
-            return bounded(str(exc))
+            return Failure(bounded(str(exc)), client=True)
         LOGGER.error("%s: %s failed:\n%s", self.model_name, doing, traceback.format_exc())
-        return bounded(f"{self.model_name}: {exc}")
+        return Failure(bounded(f"{self.model_name}: {exc}"), client=False)
 
-    def run_requests(self, groups: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | str]:
+    def run_requests(self, groups: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | Failure]:
         """`run` over every request's rows at once -> per request its outputs or an error message.
 
         When the batch fails, each request is run again alone, so only the culpable one fails and
@@ -161,7 +177,7 @@ class BatchedModel:
                 len(groups),
                 bounded(str(exc), 200),
             )
-        results: list[dict[str, np.ndarray] | str] = []
+        results: list[dict[str, np.ndarray] | Failure] = []
         for rows, count in zip(groups, counts):
             try:
                 results.append(split_rows(self.run(rows), [count])[0])
@@ -186,7 +202,7 @@ class BatchedModel:
                 return pb_utils.InferenceResponse(output_tensors=tensors)
             except Exception as exc:
                 result = self.failure(exc, "finishing a request")
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(result))
+        return pb_utils.InferenceResponse(error=result.error())
 
     def execute(self, requests):
         import triton_python_backend_utils as pb_utils
@@ -200,7 +216,7 @@ class BatchedModel:
             if isinstance(rows, dict):
                 prepared.append((index, rows))
             else:
-                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(rows))
+                responses[index] = pb_utils.InferenceResponse(error=rows.error())
             seconds[index] = time.perf_counter() - began
         if prepared:
             counts = [len(next(iter(rows.values()))) for _, rows in prepared]

@@ -1,0 +1,213 @@
+"""The OpenAI-compatible API (`tritonkit serve REPO --openai-port`) called with the official
+`openai` SDK over real HTTP, against a real tritonserver serving CLIP, LLaVA and Whisper."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from tests.conftest import encode_image, free_port, random_image
+from tritonkit.client import TritonkitClient, executed_batch_sizes
+
+pytestmark = pytest.mark.server
+openai = pytest.importorskip("openai")
+KEY = "test-key-not-secret"
+
+
+@pytest.fixture(scope="module")
+def gateway(clip_repository, llava_repository, whisper_repository, tmp_path_factory):
+    """serve + gateway on one repository holding the three families' builds."""
+    repository = tmp_path_factory.mktemp("gateway") / "model_repository"
+    for source in (clip_repository, llava_repository, whisper_repository):
+        for model in source.iterdir():
+            if (model / "config.pbtxt").is_file():
+                shutil.copytree(model, repository / model.name, ignore=shutil.ignore_patterns("__pycache__"))
+    grpc_port, openai_port = free_port(), free_port()
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "serve",
+            str(repository),
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+            "--openai-port",
+            str(openai_port),
+            "--cache-mb",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**__import__("os").environ, "TRITONKIT_API_KEY": KEY},
+    )
+    line = serve.stdout.readline()
+    assert line.startswith("tritonkit: ready:") and f"OpenAI API http://127.0.0.1:{openai_port}/v1" in line, line
+    base = f"http://127.0.0.1:{openai_port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    yield base, f"127.0.0.1:{grpc_port}"
+    serve.send_signal(signal.SIGTERM)
+    serve.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def sdk(gateway):
+    return openai.OpenAI(base_url=f"{gateway[0]}/v1", api_key=KEY, max_retries=0)
+
+
+def data_url(data: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_models_lists_every_family(sdk):
+    served = {m.id for m in sdk.models.list().data}
+    assert {"clip", "llava", "whisper"} <= served
+
+
+def test_text_and_image_embeddings_equal_the_ensembles_normalised(sdk, gateway):
+    texts = ["a photo of a cat", "two dogs on a beach"]
+    image = encode_image(random_image(120, 160, seed=3), "JPEG")
+    with TritonkitClient(gateway[1]) as client:
+        want_text = unit(client.embed_texts(texts))
+        want_image = unit(client.embed_images([image]))
+    got = sdk.embeddings.create(model="clip", input=texts)  # the SDK asks for base64 and decodes it
+    assert [d.index for d in got.data] == [0, 1]
+    vectors = np.array([d.embedding for d in got.data])
+    assert (vectors * want_text).sum(-1).min() >= 0.9999
+    as_float = sdk.embeddings.create(model="clip", input=texts, encoding_format="float")
+    np.testing.assert_allclose(np.array([d.embedding for d in as_float.data]), vectors, rtol=0, atol=1e-7)
+    assert got.usage.prompt_tokens > 0 and got.usage.total_tokens == got.usage.prompt_tokens
+    pictured = sdk.embeddings.create(model="clip", input=[data_url(image)])
+    assert (np.array(pictured.data[0].embedding) * want_image[0]).sum() >= 0.9999
+    raw = sdk.embeddings.create(model="clip", input=texts[:1], encoding_format="float", extra_body={"normalize": False})
+    with TritonkitClient(gateway[1]) as client:
+        np.testing.assert_allclose(raw.data[0].embedding, client.embed_texts(texts[:1])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_corrupt_image_is_a_400_with_the_models_message_while_batch_mates_succeed(sdk):
+    good = data_url(encode_image(random_image(100, 100, seed=4), "JPEG"))
+    bad = data_url(b"%PDF-1.4 not an image")
+
+    def call(item):
+        try:
+            return sdk.embeddings.create(model="clip", input=[item]).data[0].embedding
+        except openai.BadRequestError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(call, [good, bad, good, good, bad, good]))
+    for i in (1, 4):
+        assert isinstance(results[i], openai.BadRequestError)
+        error = results[i].body
+        assert error["message"].startswith("IMAGE: not a decodable image"), error
+        assert error["param"] == "input[0]" and error["type"] == "invalid_request_error"
+    assert all(isinstance(results[i], list) for i in (0, 2, 3, 5))
+
+
+def test_chat_equals_the_chat_ensemble_whole_and_streamed(sdk, gateway):
+    image = encode_image(random_image(80, 96, seed=5), "JPEG")
+    with TritonkitClient(gateway[1]) as client:
+        want = client.chat(image, "What is in the picture?", max_new_tokens=10)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in the picture?"},
+                {"type": "image_url", "image_url": {"url": data_url(image)}},
+            ],
+        }
+    ]
+    whole = sdk.chat.completions.create(model="llava", messages=messages, max_tokens=10)
+    assert whole.choices[0].message.content == want and whole.choices[0].finish_reason in ("stop", "length")
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in sdk.chat.completions.create(model="llava", messages=messages, max_tokens=10, stream=True)
+    ]
+    assert "".join(pieces) == want and len([p for p in pieces if p]) > 1
+
+
+def test_chat_rejects_what_it_cannot_answer_with_a_400(sdk):
+    with pytest.raises(openai.BadRequestError, match="exactly one image_url part"):
+        sdk.chat.completions.create(model="llava", messages=[{"role": "user", "content": "hello"}])
+    with pytest.raises(openai.BadRequestError, match="TEMPERATURE: must be between 0"):
+        image = data_url(encode_image(random_image(64, 64, seed=6), "JPEG"))
+        sdk.chat.completions.create(
+            model="llava",
+            temperature=9.0,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": image}}],
+                }
+            ],
+        )
+
+
+def test_transcriptions_equal_the_ensemble_and_bad_audio_is_a_400(sdk, gateway, speech_files, tmp_path):
+    with TritonkitClient(gateway[1]) as client:
+        want = client.transcribe([speech_files[0]])[0].text
+    path = tmp_path / "speech.wav"
+    path.write_bytes(speech_files[0])
+    with path.open("rb") as f:
+        assert sdk.audio.transcriptions.create(model="whisper", file=f).text == want
+    with path.open("rb") as f:
+        assert sdk.audio.transcriptions.create(model="whisper", file=f, response_format="text").strip() == want
+    with pytest.raises(openai.BadRequestError, match="AUDIO: not a decodable audio file"):
+        sdk.audio.transcriptions.create(model="whisper", file=("broken.wav", b"RIFF not audio"))
+    with path.open("rb") as f, pytest.raises(openai.BadRequestError, match="translate needs a multilingual model"):
+        sdk.audio.translations.create(model="whisper", file=f)
+
+
+def test_auth_unknown_models_and_oversized_bodies(gateway):
+    base = gateway[0]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="model 'nope' is not a served embeddings model"):
+        good.embeddings.create(model="nope", input="x")
+    with pytest.raises(openai.APIStatusError) as caught:
+        good.embeddings.create(model="clip", input="x" * (101 * 1024 * 1024))
+    assert caught.value.status_code == 413
+
+
+def test_concurrent_http_requests_are_batched_by_triton(sdk, gateway):
+    with TritonkitClient(gateway[1]) as client:
+        before = executed_batch_sizes(client.statistics("clip_text_encoder"), "clip_text_encoder")
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda i: sdk.embeddings.create(model="clip", input=f"caption number {i}"), range(48)))
+    with TritonkitClient(gateway[1]) as client:
+        after = executed_batch_sizes(client.statistics("clip_text_encoder"), "clip_text_encoder")
+    assert any(size > 1 and after[size] > before.get(size, 0) for size in after), after
+
+
+def test_health_and_metrics(gateway):
+    base = gateway[0]
+    assert urllib.request.urlopen(f"{base}/health", timeout=5).status == 200
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    assert 'tritonkit_gateway_requests_total{endpoint="/v1/embeddings",model="clip",status="200"}' in text

@@ -1,0 +1,432 @@
+"""The OpenAI-compatible HTTP API in front of a Triton server that serves tritonkit ensembles.
+
+An ASGI app (FastAPI); every request becomes gRPC requests on one shared asynchronous channel, so
+concurrent HTTP requests reach Triton together and its dynamic batcher merges them. Errors use
+OpenAI's envelope; a request's bad input is a 400 carrying the served model's own message.
+"""
+
+import base64
+import binascii
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tritonkit.gateway.triton import ApiError, ServedModel, Triton
+
+DEFAULT_MAX_BODY_MB = 100  # as the Ingress's proxy-body-size
+AUDIO_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    triton_url: str = "127.0.0.1:8001"
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_MB * 1024 * 1024
+
+
+def string_array(values: list[str]) -> np.ndarray:
+    return np.array([[v.encode()] for v in values], dtype=object)
+
+
+def byte_row(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8)[None, :] if data else np.zeros((1, 0), dtype=np.uint8)
+
+
+def data_url_bytes(url: str, param: str) -> bytes:
+    """The bytes of a `data:...;base64,` URL; remote URLs are never fetched by this gateway."""
+    if url.startswith(("http://", "https://", "file:")):
+        raise ApiError(
+            400,
+            f"{param}: remote and file URLs are not fetched; send the image as a data:image/...;base64, URL",
+            param=param,
+            code="invalid_value",
+        )
+    head, _, payload = url.partition(",")
+    if not head.startswith("data:") or not head.endswith(";base64") or not payload:
+        raise ApiError(400, f"{param}: not a data:...;base64, URL", param=param, code="invalid_value")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{param}: the data URL is not valid base64", param=param, code="invalid_value") from None
+
+
+def normalized(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def encoded(vector: np.ndarray, encoding_format: str) -> Any:
+    if encoding_format == "base64":  # what the openai SDK asks for and decodes (little-endian float32)
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return [float(v) for v in vector]
+
+
+def create_app(options: GatewayOptions):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    state: dict[str, Triton] = {}
+    registry = CollectorRegistry()
+    requests_total = Counter(
+        "tritonkit_gateway_requests_total",
+        "HTTP requests by endpoint, model and status",
+        ["endpoint", "model", "status"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "tritonkit_gateway_request_seconds", "HTTP request latency by endpoint", ["endpoint"], registry=registry
+    )
+    request_bytes = Histogram(
+        "tritonkit_gateway_request_bytes",
+        "HTTP request body size by endpoint",
+        ["endpoint"],
+        buckets=[1e3, 1e4, 1e5, 1e6, 1e7, 1e8],
+        registry=registry,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        state["triton"] = Triton(options.triton_url)
+        yield
+        await state["triton"].close()
+
+    app = FastAPI(title="tritonkit OpenAI-compatible API", lifespan=lifespan)
+
+    def triton() -> Triton:
+        return state["triton"]
+
+    def error_response(error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request, exc):
+        return error_response(ApiError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_request, exc):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return error_response(ApiError(400, f"{param or 'request'}: {first.get('msg', 'invalid')}", param=param))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        began = time.perf_counter()
+        endpoint = request.url.path
+        try:
+            length = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            length = 0
+        if length > options.max_body_bytes:
+            response = error_response(
+                ApiError(
+                    413,
+                    f"the request body ({length} bytes) exceeds the {options.max_body_bytes} byte limit (--max-body-mb)",
+                    code="request_too_large",
+                )
+            )
+        elif endpoint.startswith("/v1/") and options.api_key and not authorized(request.headers.get("authorization")):
+            response = error_response(
+                ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
+            )
+        else:
+            response = await call_next(request)
+        if endpoint.startswith("/v1/"):
+            latency.labels(endpoint).observe(time.perf_counter() - began)
+            request_bytes.labels(endpoint).observe(length)
+            requests_total.labels(endpoint, getattr(request.state, "model", ""), str(response.status_code)).inc()
+        return response
+
+    def authorized(header: str | None) -> bool:
+        scheme, _, key = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            key.strip().encode(), (options.api_key or "").encode()
+        )
+
+    async def json_body(request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > options.max_body_bytes:
+            raise ApiError(
+                413, f"the request body exceeds the {options.max_body_bytes} byte limit", code="request_too_large"
+            )
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    @app.get("/health")
+    async def health():
+        if not await triton().ready():
+            raise ApiError(503, f"the inference server at {options.triton_url} is not ready", code="unavailable")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        served = await triton().models(refresh=True)
+        return {
+            "object": "list",
+            "data": [
+                {"id": m.name, "object": "model", "created": 0, "owned_by": "tritonkit", "kind": m.kind}
+                for m in sorted(served.values(), key=lambda m: m.name)
+            ],
+        }
+
+    # -- embeddings ---------------------------------------------------------------------------------
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        import asyncio
+
+        body = await json_body(request)
+        model = await triton().model(body.get("model"), "embeddings")
+        request.state.model = model.name
+        items = body.get("input")
+        if isinstance(items, str):
+            items = [items]
+        if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+            raise ApiError(
+                400, "input: a string or a non-empty list of strings (token arrays are not supported)", param="input"
+            )
+        if body.get("dimensions") is not None:
+            raise ApiError(
+                400, f"dimensions: {model.name} has a fixed embedding size; leave dimensions out", param="dimensions"
+            )
+        encoding_format = body.get("encoding_format") or "float"
+        if encoding_format not in ("float", "base64"):
+            raise ApiError(400, "encoding_format: float or base64", param="encoding_format")
+        modality = body.get("modality")
+        if modality not in (None, "text", "image"):
+            raise ApiError(400, "modality: text or image", param="modality")
+        normalize = body.get("normalize", True)
+        if not isinstance(normalize, bool):
+            raise ApiError(400, "normalize: true or false", param="normalize")
+
+        async def one(index: int, item: str) -> np.ndarray:
+            param = f"input[{index}]"
+            if modality == "image" or (modality is None and item.startswith("data:image/")):
+                if "image" not in model.ensembles:
+                    raise ApiError(400, f"{param}: {model.name} embeds no images", param=param)
+                outputs = await triton().infer(
+                    model.ensembles["image"], {"IMAGE": byte_row(data_url_bytes(item, param))}, param
+                )
+                return outputs["IMAGE_EMBEDS"][0]
+            if "text" not in model.ensembles:
+                raise ApiError(400, f"{param}: {model.name} embeds no text", param=param)
+            outputs = await triton().infer(model.ensembles["text"], {"TEXT": string_array([item])}, param)
+            return outputs["TEXT_EMBEDS"][0]
+
+        texts = [
+            item for item in items if not (modality == "image" or (modality is None and item.startswith("data:image/")))
+        ]
+        vectors = await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+        stacked = np.stack(vectors).astype(np.float32)
+        if normalize:
+            stacked = normalized(stacked)
+        tokens = await text_tokens(model, texts)
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": encoded(v, encoding_format)}
+                for i, v in enumerate(stacked)
+            ],
+            "model": model.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    async def text_tokens(model: ServedModel, texts: list[str]) -> int:
+        """Tokens of the texts as the served tokenizer counts them (padding excluded)."""
+        if not texts or model.tokenizer is None:
+            return 0
+        outputs = await triton().infer(model.tokenizer, {"TEXT": string_array(texts)})
+        if "ATTENTION_MASK" in outputs:
+            return int(outputs["ATTENTION_MASK"].sum())
+        ids = outputs["INPUT_IDS"]  # padded with its last id (SigLIP pads with its end token): count up to that run
+        return int(
+            sum(len(row) - int(np.argmax(row[::-1] != row[-1])) + 1 if (row != row[-1]).any() else 1 for row in ids)
+        )
+
+    # -- chat -------------------------------------------------------------------------------------
+    def chat_inputs(body: dict) -> tuple[dict[str, np.ndarray], int | None]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages: a non-empty list", param="messages")
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "n: only 1 is supported", param="n")
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        if len(users) != 1 or len(messages) != 1:
+            raise ApiError(
+                400,
+                "messages: one user message with one image and text is supported so far (no system or earlier turns)",
+                param="messages",
+            )
+        content = users[0].get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise ApiError(400, "messages[0].content: a string or a list of parts", param="messages")
+        texts, images = [], []
+        for k, part in enumerate(parts):
+            param = f"messages[0].content[{k}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image_url":
+                url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
+                if not isinstance(url, str):
+                    raise ApiError(400, f"{param}.image_url.url: required", param=param)
+                images.append(data_url_bytes(url, f"{param}.image_url.url"))
+            else:
+                raise ApiError(400, f"{param}: a text or image_url part", param=param)
+        if len(images) != 1:
+            raise ApiError(400, f"messages: exactly one image_url part is needed, got {len(images)}", param="messages")
+        inputs = {"IMAGE": byte_row(images[0]), "PROMPT": string_array([" ".join(texts)])}
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if limit is not None:
+            if not isinstance(limit, int) or isinstance(limit, bool):
+                raise ApiError(400, "max_tokens: an integer", param="max_tokens")
+            inputs["MAX_NEW_TOKENS"] = np.array([[limit]], dtype=np.int32)
+        for key, tensor, dtype in (
+            ("temperature", "TEMPERATURE", np.float32),
+            ("top_p", "TOP_P", np.float32),
+            ("seed", "SEED", np.int64),
+        ):
+            value = body.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ApiError(400, f"{key}: a number", param=key)
+            inputs[tensor] = np.array([[value]], dtype=dtype)
+        stop = body.get("stop")
+        if stop is not None:
+            stops = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+                raise ApiError(400, "stop: a string or a list of strings", param="stop")
+            inputs["STOP"] = np.array([[s.encode() for s in stops]], dtype=object)
+        return inputs, limit
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await json_body(request)
+        model = await triton().model(body.get("model"), "chat")
+        request.state.model = model.name
+        inputs, _ = chat_inputs(body)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.get("stream"):
+            if "stream" not in model.ensembles:
+                raise ApiError(400, f"stream: {model.name} has no streaming ensemble", param="stream")
+            stream = triton().stream(model.ensembles["stream"], inputs, "messages")
+            first = await anext_or_none(stream)  # errors before the first chunk are still a 400/503
+
+            def chunk(delta: dict, finish: str | None) -> str:
+                payload = {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model.name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
+                return f"data: {json.dumps(payload)}\n\n"
+
+            async def events():
+                yield chunk({"role": "assistant", "content": ""}, None)
+                outputs = first
+                while outputs is not None:
+                    piece = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
+                    if piece:
+                        yield chunk({"content": piece}, None)
+                    try:
+                        outputs = await anext_or_none(stream)
+                    except ApiError as exc:
+                        yield f"data: {json.dumps(exc.body())}\n\n"
+                        return
+                yield chunk({}, "stop")
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        outputs = await triton().infer(model.ensembles["chat"], inputs, "messages")
+        text = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        }
+
+    # -- audio ------------------------------------------------------------------------------------
+    async def audio(request: Request, task: str):
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "file: required, the audio file (multipart/form-data)", param="file")
+        data = await upload.read()
+        model = await triton().model(form.get("model"), "transcription")
+        request.state.model = model.name
+        response_format = str(form.get("response_format") or "json")
+        if response_format not in AUDIO_FORMATS:
+            raise ApiError(400, f"response_format: one of {', '.join(AUDIO_FORMATS)}", param="response_format")
+        if response_format in ("srt", "vtt", "verbose_json"):
+            raise ApiError(
+                400,
+                f"response_format: {response_format} needs timestamped segments, which this server's "
+                "Whisper does not produce yet; use json or text",
+                param="response_format",
+            )
+        granularities = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
+        if granularities:
+            raise ApiError(
+                400,
+                "timestamp_granularities: needs response_format verbose_json (not available yet)",
+                param="timestamp_granularities",
+            )
+        inputs = {"AUDIO": byte_row(data), "TASK": string_array([task])}
+        language = form.get("language")
+        if isinstance(language, str) and language:
+            inputs["LANGUAGE"] = string_array([language])
+        outputs = await triton().infer(model.ensembles["speech"], inputs, "file")
+        text = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
+        if response_format == "text":
+            return PlainTextResponse(text)
+        return {"text": text}
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        return await audio(request, "transcribe")
+
+    @app.post("/v1/audio/translations")
+    async def translations(request: Request):
+        return await audio(request, "translate")
+
+    return app
+
+
+async def anext_or_none(iterator) -> Mapping | None:
+    try:
+        return await iterator.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def run_gateway(options: GatewayOptions, host: str = "127.0.0.1", port: int = 9000) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(options), host=host, port=port, log_level="warning")

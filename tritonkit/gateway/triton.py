@@ -1,0 +1,192 @@
+"""The gateway's side of Triton: one asynchronous gRPC channel, the served models found on the
+server, and Triton's errors turned into OpenAI's (`ApiError`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tritonkit.dtypes import wire_datatype
+
+# A composing model's message as an ensemble passes it on: "in ensemble 'clip_image', IMAGE: ..."
+_ENSEMBLE_PREFIX = re.compile(r"^(?:in ensemble '[^']*', )+")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    @property
+    def type(self) -> str:
+        return {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            404: "not_found_error",
+            413: "invalid_request_error",
+            503: "service_unavailable",
+        }.get(self.status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ServedModel:
+    """One OpenAI `model`: the build's --name, and the ensembles that serve it by role."""
+
+    name: str
+    kind: str  # "embeddings", "transcription" or "chat"
+    ensembles: dict[str, str] = field(default_factory=dict)  # role -> ensemble (image, text, speech, chat, stream)
+    tokenizer: str | None = None  # the text tokenizer model (token counts for `usage`)
+
+
+def classify(configs: Mapping[str, dict], names: set[str]) -> dict[str, ServedModel]:
+    """The OpenAI models a repository serves, from its ensembles' configs (as JSON)."""
+    models: dict[str, ServedModel] = {}
+
+    def add(name: str, kind: str, role: str, ensemble: str) -> None:
+        model = models.setdefault(name, ServedModel(name, kind))
+        model.ensembles[role] = ensemble
+
+    for ensemble, config in sorted(configs.items()):
+        if config.get("platform") != "ensemble":
+            continue
+        inputs = {i["name"] for i in config.get("input", [])}
+        outputs = {o["name"] for o in config.get("output", [])}
+        if inputs == {"IMAGE"} and "IMAGE_EMBEDS" in outputs and ensemble.endswith("_image"):
+            add(ensemble[: -len("_image")], "embeddings", "image", ensemble)
+        elif inputs == {"TEXT"} and "TEXT_EMBEDS" in outputs and ensemble.endswith("_text"):
+            name = ensemble[: -len("_text")]
+            add(name, "embeddings", "text", ensemble)
+            if f"{ensemble}_tokenizer" in names:
+                models[name].tokenizer = f"{ensemble}_tokenizer"
+        elif "AUDIO" in inputs and "TEXT" in outputs:
+            add(ensemble, "transcription", "speech", ensemble)
+        elif {"IMAGE", "PROMPT"} <= inputs and "TEXT" in outputs:
+            if ensemble.endswith("_chat_stream"):
+                add(ensemble[: -len("_chat_stream")], "chat", "stream", ensemble)
+            elif ensemble.endswith("_chat"):
+                add(ensemble[: -len("_chat")], "chat", "chat", ensemble)
+    return models
+
+
+def _tensors(grpc, inputs: Mapping[str, np.ndarray]) -> list:
+    tensors = []
+    for name, array in inputs.items():
+        tensors.append(grpc.InferInput(name, list(array.shape), wire_datatype(array)))
+        tensors[-1].set_data_from_numpy(array)
+    return tensors
+
+
+def api_error(exc: Exception, param: str | None = None) -> ApiError:
+    """Triton's error as the OpenAI error a client should see: its own input -> 400 with the
+    model's message; the server unreachable or not ready -> 503; anything else -> 500."""
+    status_of = getattr(exc, "status", None)
+    status = status_of() if callable(status_of) else None
+    message_of = getattr(exc, "message", None)
+    message = (message_of() if callable(message_of) else None) or str(exc)
+    message = _ENSEMBLE_PREFIX.sub("", message.strip())
+    if status == "StatusCode.INVALID_ARGUMENT":
+        return ApiError(400, message, param=param, code="invalid_value")
+    if status in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED") or "failed to connect" in message:
+        return ApiError(503, f"the inference server is not available: {message}", code="unavailable")
+    if status == "StatusCode.NOT_FOUND" or "unknown model" in message.lower():
+        return ApiError(503, f"the inference server does not serve that model now: {message}", code="unavailable")
+    return ApiError(500, f"the inference server failed: {message}", code="internal_error")
+
+
+class Triton:
+    """One `tritonclient.grpc.aio` channel shared by every request of the gateway process."""
+
+    def __init__(self, url: str, timeout_s: float = 300):
+        import tritonclient.grpc.aio as grpc
+
+        self.url = url
+        self.timeout_s = timeout_s
+        self.grpc = grpc
+        self.client = grpc.InferenceServerClient(url)
+        self._models: dict[str, ServedModel] | None = None
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self.client.is_server_ready(client_timeout=2))
+        except Exception:
+            return False
+
+    async def models(self, refresh: bool = False) -> dict[str, ServedModel]:
+        """The served OpenAI models (asked of the server once; `refresh` asks again)."""
+        if self._models is None or refresh:
+            try:
+                index = await self.client.get_model_repository_index(as_json=True, client_timeout=10)
+                names = {m["name"] for m in index.get("models", []) if m.get("state", "READY") == "READY"}
+                configs = {}
+                for name in names:
+                    configs[name] = (await self.client.get_model_config(name, as_json=True, client_timeout=10))[
+                        "config"
+                    ]
+            except Exception as exc:
+                raise api_error(exc) from None
+            self._models = classify(configs, names)
+        return self._models
+
+    async def model(self, name: object, kind: str) -> ServedModel:
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "model: required, a string naming a served model", param="model")
+        models = await self.models()
+        if name not in models:
+            models = await self.models(refresh=True)
+        if name not in models or models[name].kind != kind:
+            served = ", ".join(sorted(m.name for m in models.values() if m.kind == kind)) or "none"
+            raise ApiError(
+                404,
+                f"model {name!r} is not a served {kind} model (served: {served})",
+                param="model",
+                code="model_not_found",
+            )
+        return models[name]
+
+    async def infer(self, model: str, inputs: Mapping[str, np.ndarray], param: str | None = None) -> dict:
+        """One request; arrays carry their batch dimension. Errors come back as ApiError."""
+        try:
+            result = await self.client.infer(model, _tensors(self.grpc, inputs), client_timeout=self.timeout_s)
+        except Exception as exc:
+            raise api_error(exc, param) from None
+        response = result.get_response(as_json=True)
+        return {o["name"]: result.as_numpy(o["name"]) for o in response.get("outputs", [])}
+
+    async def stream(
+        self, model: str, inputs: Mapping[str, np.ndarray], param: str | None = None
+    ) -> AsyncIterator[dict]:
+        """The responses of one request to a decoupled model, until its final one."""
+        tensors = _tensors(self.grpc, inputs)
+
+        async def requests():
+            yield {"model_name": model, "inputs": tensors, "enable_empty_final_response": True}
+
+        try:
+            async for result, error in self.client.stream_infer(requests(), stream_timeout=self.timeout_s):
+                if error is not None:
+                    raise api_error(error, param)
+                response = result.get_response(as_json=True)
+                outputs = {o["name"]: result.as_numpy(o["name"]) for o in response.get("outputs", [])}
+                final = response.get("parameters", {}).get("triton_final_response", {}).get("bool_param", False)
+                if outputs:
+                    yield outputs
+                if final:
+                    return
+        except ApiError:
+            raise
+        except Exception as exc:
+            raise api_error(exc, param) from None
