@@ -1,7 +1,8 @@
 """LLaVA's language model (PyTorch) generating answers for a dynamic batch of image features + prompts.
 
 Inputs: IMAGE_FEATURES [tokens, hidden] (the vision encoder's), PROMPT (STRING [1]) and the
-optional MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SEED, STOP. Output: TEXT. In a decoupled model
+optional MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SEED, STOP. Outputs: TEXT, and in the whole-answer decoder PROMPT_TOKENS, COMPLETION_TOKENS and FINISH_REASON
+(what OpenAI's `usage` and `finish_reason` report). In a decoupled model
 (`model_transaction_policy { decoupled: true }`, the NAME_chat_stream ensemble) every request gets
 its text piece by piece as tokens are generated, then an empty final response. Parameters:
 `language_model_dir`, `processor_dir`, `max_new_tokens` (default and limit), `image_token_id`,
@@ -13,7 +14,15 @@ import json
 import numpy as np
 
 from tritonkit.errors import InputError
-from tritonkit.llava_decoding import DEFAULT_MAX_PROMPT_BYTES, ChatGenerator, ChatOptions, chat_prompt
+from tritonkit.llava_decoding import (
+    COMPLETION_TOKENS,
+    DEFAULT_MAX_PROMPT_BYTES,
+    FINISH_REASON,
+    PROMPT_TOKENS,
+    ChatGenerator,
+    ChatOptions,
+    chat_prompt,
+)
 from tritonkit.runtime import BatchedModel, concat_rows, string_rows
 
 
@@ -50,7 +59,7 @@ class TritonPythonModel(BatchedModel):
             self.seed_input,
             self.stop_input,
         ) = self.input_names
-        (self.text_output,) = self.output_dtypes
+        self.text_output = next(iter(self.output_dtypes))
 
     def row_options(self, inputs, count: int) -> list[ChatOptions]:
         def column(name, convert):
@@ -123,14 +132,24 @@ class TritonPythonModel(BatchedModel):
 
     def run(self, batch):
         results = self.generate(batch)
-        texts = np.array([[r.text.encode()] for r in results], dtype=object)
-        tokens = np.array([len(r.tokens) for r in results], dtype=np.int64)
-        steps = np.array([r.steps for r in results], dtype=np.int64)
-        return {self.text_output: texts, "tokens": tokens, "steps": steps}
+        return {
+            self.text_output: np.array([[r.text.encode()] for r in results], dtype=object),
+            "tokens": np.array([len(r.tokens) for r in results], dtype=np.int64),
+            "steps": np.array([r.steps for r in results], dtype=np.int64),
+            "prompt_tokens": np.array([len(ids) for ids in batch["prompt_ids"]], dtype=np.int64),
+            "reasons": np.array([[r.reason.encode()] for r in results], dtype=object),
+        }
 
     def finish(self, outputs, rows):
         self.metrics.decoded(tokens=int(outputs["tokens"].sum()), steps=int(outputs["steps"].sum()))
-        return {self.text_output: outputs[self.text_output]}
+        response = {self.text_output: outputs[self.text_output]}
+        usage = {  # the optional outputs the config declares (the whole-answer decoder's, for `usage`)
+            PROMPT_TOKENS: outputs["prompt_tokens"][:, None],
+            COMPLETION_TOKENS: outputs["tokens"][:, None],
+            FINISH_REASON: outputs["reasons"],
+        }
+        response.update({name: value for name, value in usage.items() if name in self.output_dtypes})
+        return response
 
     def execute(self, requests):
         if not self.decoupled:

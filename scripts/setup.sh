@@ -3,10 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # espeak-ng speaks the test and demo sentences for Whisper; prometheus brings promtool and a real
-# Prometheus for the tests of the generated alerts and dashboard (tritonkit k8s).
+# Prometheus for the tests of the generated alerts and dashboard (tritonkit k8s); redis-server a
+# real Redis for the gateway's embedding cache tests.
 missing=()
 command -v espeak-ng > /dev/null || missing+=(espeak-ng)
 command -v promtool > /dev/null || missing+=(prometheus)
+command -v redis-server > /dev/null || missing+=(redis-server)  # the gateway's embedding cache tests
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
     export DEBIAN_FRONTEND=noninteractive

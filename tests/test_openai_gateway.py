@@ -144,7 +144,14 @@ def test_chat_equals_the_chat_ensemble_whole_and_streamed(sdk, gateway):
         }
     ]
     whole = sdk.chat.completions.create(model="llava", messages=messages, max_tokens=10)
-    assert whole.choices[0].message.content == want and whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.choices[0].message.content == want
+    usage = whole.usage
+    assert (
+        usage.completion_tokens <= 10
+        and usage.prompt_tokens > 16
+        and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    )
+    assert whole.choices[0].finish_reason == ("length" if usage.completion_tokens == 10 else "stop")
     pieces = [
         c.choices[0].delta.content or ""
         for c in sdk.chat.completions.create(model="llava", messages=messages, max_tokens=10, stream=True)
@@ -211,3 +218,102 @@ def test_health_and_metrics(gateway):
     assert urllib.request.urlopen(f"{base}/health", timeout=5).status == 200
     text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
     assert 'tritonkit_gateway_requests_total{endpoint="/v1/embeddings",model="clip",status="200"}' in text
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port (Debian's package; scripts/setup.sh installs it)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is missing: scripts/setup.sh installs it (apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    yield process, port
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def metric_value(base: str, name: str) -> float:
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return values[0] if values else 0.0
+
+
+def test_the_redis_cache_answers_repeats_and_a_stopped_redis_degrades_to_uncached(gateway, redis_server):
+    process, redis_port = redis_server
+    port = free_port()
+    second = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "openai",
+            "--triton",
+            gateway[1],
+            "--port",
+            str(port),
+            "--cache-url",
+            f"redis://127.0.0.1:{redis_port}/0",
+            "--cache-ttl",
+            "60",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        with TritonkitClient(gateway[1]) as client:
+            encoder_runs = lambda: sum(
+                executed_batch_sizes(client.statistics("clip_text_encoder"), "clip_text_encoder").values()
+            )  # noqa: E731
+            first = sdk.embeddings.create(model="clip", input="a cached caption", encoding_format="float")
+            runs = encoder_runs()
+            again = sdk.embeddings.create(model="clip", input="a cached caption", encoding_format="float")
+            assert encoder_runs() == runs  # answered from Redis: the encoder did not run
+        assert again.data[0].embedding == first.data[0].embedding
+        assert metric_value(base, "tritonkit_gateway_embedding_cache_hits_total") == 1
+        assert metric_value(base, "tritonkit_gateway_embedding_cache_misses_total") == 1
+        process.terminate()
+        process.wait(timeout=10)
+        degraded = sdk.embeddings.create(model="clip", input="a cached caption", encoding_format="float")
+        np.testing.assert_allclose(degraded.data[0].embedding, first.data[0].embedding, rtol=0, atol=1e-6)
+        assert metric_value(base, "tritonkit_gateway_embedding_cache_errors_total") >= 1
+    finally:
+        second.terminate()
+        second.wait(timeout=30)

@@ -296,6 +296,10 @@ def openai_gateway(
         str | None, typer.Option(envvar="TRITONKIT_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/.")
     ] = None,
     max_body_mb: Annotated[int, typer.Option(help="Largest request body (413 above it).")] = 100,
+    cache_url: Annotated[
+        str | None, typer.Option(help="Cache embeddings in Redis, shared by replicas: redis://host:port/db.")
+    ] = None,
+    cache_ttl: Annotated[int, typer.Option(help="Seconds an embedding stays in the Redis cache.")] = 3600,
 ):
     """Serve the OpenAI API (embeddings, chat with images, audio) in front of a running tritonserver.
 
@@ -306,7 +310,15 @@ def openai_gateway(
 
     if max_body_mb < 1:
         raise InputError(f"--max-body-mb must be >= 1, got {max_body_mb}")
-    options = GatewayOptions(triton_url=triton, api_key=api_key, max_body_bytes=max_body_mb * 1024 * 1024)
+    if cache_ttl < 1:
+        raise InputError(f"--cache-ttl must be >= 1 s, got {cache_ttl}")
+    options = GatewayOptions(
+        triton_url=triton,
+        api_key=api_key,
+        max_body_bytes=max_body_mb * 1024 * 1024,
+        cache_url=cache_url,
+        cache_ttl_s=cache_ttl,
+    )
     print(f"tritonkit: OpenAI API on http://{host}:{port}/v1 in front of {triton}", flush=True)
     run_gateway(options, host=host, port=port)
 

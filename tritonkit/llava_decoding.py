@@ -19,6 +19,8 @@ import numpy as np
 from tritonkit.errors import InputError
 
 MAX_STOP_STRINGS = 16
+# The whole-answer ensemble's outputs beside TEXT (OpenAI's usage and finish_reason).
+PROMPT_TOKENS, COMPLETION_TOKENS, FINISH_REASON = "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON"
 DEFAULT_MAX_PROMPT_BYTES = 64 * 1024  # checked before tokenizing; the token count is checked after
 MAX_STOP_CHARS = 256
 # Sampling temperatures: below the floor the logits divided by it overflow float32 (1e-40 gave
@@ -66,6 +68,7 @@ class Generated:
     steps: int = 0
     finished: bool = False
     emitted: int = 0  # characters of `text` already streamed
+    reason: str = ""  # why it ended, as OpenAI's finish_reason: "stop" (end token, stop string) or "length"
 
 
 def chat_prompt(processor, prompt: str) -> str:
@@ -178,12 +181,13 @@ class ChatGenerator:
                     chosen.append(token)
                     result.steps += 1
                     if token in self.eos:
-                        result.finished = True
+                        result.finished, result.reason = True, "stop"
                     else:
                         result.tokens.append(token)
                         text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
                         result.text, stopped = cut_at_stop(text, options[i].stop)
-                        result.finished = stopped or len(result.tokens) >= limits[i]
+                        if stopped or len(result.tokens) >= limits[i]:
+                            result.finished, result.reason = True, "stop" if stopped else "length"
                     if on_text is not None:
                         end = len(result.text) if result.finished else streamable(result.text, options[i].stop)
                         if end > result.emitted:

@@ -26,7 +26,7 @@ from tritonkit.families.base import (
     register,
     saved_pretrained,
 )
-from tritonkit.llava_decoding import DEFAULT_MAX_PROMPT_BYTES
+from tritonkit.llava_decoding import COMPLETION_TOKENS, DEFAULT_MAX_PROMPT_BYTES, FINISH_REASON, PROMPT_TOKENS
 from tritonkit.triton_config import Batching, Tensor
 
 # Public contract: ensemble tensors (see README).
@@ -145,6 +145,9 @@ class LlavaSpec(FamilySpec):
             PIXEL_VALUES: Tensor(PIXEL_VALUES, "float32", (3, height, width)),
             IMAGE_FEATURES: Tensor(IMAGE_FEATURES, "float32", (loaded.image_tokens, loaded.text_hidden)),
             TEXT: Tensor(TEXT, "string", (1,)),
+            PROMPT_TOKENS: Tensor(PROMPT_TOKENS, "int32", (1,)),
+            COMPLETION_TOKENS: Tensor(COMPLETION_TOKENS, "int32", (1,)),
+            FINISH_REASON: Tensor(FINISH_REASON, "string", (1,)),
         }
 
     def exports(self, loaded: LoadedLlava) -> list[OnnxExport]:
@@ -207,12 +210,14 @@ class LlavaSpec(FamilySpec):
         if options.gpu:
             parameters["device"] = "cuda"
 
+        usage = (t[PROMPT_TOKENS], t[COMPLETION_TOKENS], t[FINISH_REASON])
+
         def decoder(role: str, stream: bool) -> Stage:
             return Stage(
                 role=role,
                 template="llava_decoder",
                 inputs=(t[IMAGE_FEATURES], t[PROMPT], *options_in),
-                outputs=(t[TEXT],),
+                outputs=(t[TEXT],) if stream else (t[TEXT], *usage),
                 batching=self.stage_batching(role),
                 parameters=parameters,
                 artefacts=saved,
@@ -222,7 +227,7 @@ class LlavaSpec(FamilySpec):
 
         inputs = (t[IMAGE], t[PROMPT], *options_in)
         return [
-            Pipeline("chat", inputs, (t[TEXT],), (*image_stages, encoder, decoder("decoder", False))),
+            Pipeline("chat", inputs, (t[TEXT], *usage), (*image_stages, encoder, decoder("decoder", False))),
             Pipeline("chat_stream", inputs, (t[TEXT],), (*image_stages, encoder, decoder("decoder_stream", True))),
         ]
 

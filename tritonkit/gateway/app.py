@@ -29,6 +29,8 @@ class GatewayOptions:
     triton_url: str = "127.0.0.1:8001"
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * 1024 * 1024
+    cache_url: str | None = None  # redis://host:port/db: embeddings shared by replicas
+    cache_ttl_s: int = 3600
 
 
 def string_array(values: list[str]) -> np.ndarray:
@@ -75,7 +77,7 @@ def create_app(options: GatewayOptions):
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    state: dict[str, Triton] = {}
+    state: dict[str, Any] = {}
     registry = CollectorRegistry()
     requests_total = Counter(
         "tritonkit_gateway_requests_total",
@@ -94,11 +96,32 @@ def create_app(options: GatewayOptions):
         registry=registry,
     )
 
+    cache_hits = Counter(
+        "tritonkit_gateway_embedding_cache_hits_total", "Embeddings answered from Redis", registry=registry
+    )
+    cache_misses = Counter(
+        "tritonkit_gateway_embedding_cache_misses_total", "Embeddings not in Redis", registry=registry
+    )
+    cache_errors = Counter(
+        "tritonkit_gateway_embedding_cache_errors_total",
+        "Redis calls that failed (answered uncached)",
+        registry=registry,
+    )
+
     @asynccontextmanager
     async def lifespan(_app):
         state["triton"] = Triton(options.triton_url)
+        state["cache"] = None
+        if options.cache_url:
+            from tritonkit.gateway.cache import EmbeddingCache
+
+            state["cache"] = EmbeddingCache(
+                options.cache_url, options.cache_ttl_s, cache_hits, cache_misses, cache_errors
+            )
         yield
         await state["triton"].close()
+        if state["cache"] is not None:
+            await state["cache"].close()
 
     app = FastAPI(title="tritonkit OpenAI-compatible API", lifespan=lifespan)
 
@@ -225,14 +248,22 @@ def create_app(options: GatewayOptions):
             if modality == "image" or (modality is None and item.startswith("data:image/")):
                 if "image" not in model.ensembles:
                     raise ApiError(400, f"{param}: {model.name} embeds no images", param=param)
-                outputs = await triton().infer(
-                    model.ensembles["image"], {"IMAGE": byte_row(data_url_bytes(item, param))}, param
-                )
-                return outputs["IMAGE_EMBEDS"][0]
-            if "text" not in model.ensembles:
-                raise ApiError(400, f"{param}: {model.name} embeds no text", param=param)
-            outputs = await triton().infer(model.ensembles["text"], {"TEXT": string_array([item])}, param)
-            return outputs["TEXT_EMBEDS"][0]
+                ensemble, output = model.ensembles["image"], "IMAGE_EMBEDS"
+                data = data_url_bytes(item, param)
+                inputs = {"IMAGE": byte_row(data)}
+            else:
+                if "text" not in model.ensembles:
+                    raise ApiError(400, f"{param}: {model.name} embeds no text", param=param)
+                ensemble, output = model.ensembles["text"], "TEXT_EMBEDS"
+                data = item.encode()
+                inputs = {"TEXT": string_array([item])}
+            cache = state["cache"]
+            if cache is not None and (hit := await cache.get(ensemble, data)) is not None:
+                return hit
+            vector = (await triton().infer(ensemble, inputs, param))[output][0]
+            if cache is not None:
+                await cache.put(ensemble, data, vector)
+            return vector
 
         texts = [
             item for item in items if not (modality == "image" or (modality is None and item.startswith("data:image/")))
@@ -364,13 +395,25 @@ def create_app(options: GatewayOptions):
             return StreamingResponse(events(), media_type="text/event-stream")
         outputs = await triton().infer(model.ensembles["chat"], inputs, "messages")
         text = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
-        return {
+        answer: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
             "model": model.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         }
+        if "FINISH_REASON" in outputs:  # repositories built before these outputs existed lack them
+            answer["choices"][0]["finish_reason"] = outputs["FINISH_REASON"].reshape(-1)[0].decode()
+            prompt, completion = (
+                int(outputs["PROMPT_TOKENS"].reshape(-1)[0]),
+                int(outputs["COMPLETION_TOKENS"].reshape(-1)[0]),
+            )
+            answer["usage"] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
+        return answer
 
     # -- audio ------------------------------------------------------------------------------------
     async def audio(request: Request, task: str):
