@@ -23,6 +23,18 @@ openai = pytest.importorskip("openai")
 KEY = "test-key-not-secret"
 
 
+def wait_until_healthy(base: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def gateway(clip_repository, llava_repository, whisper_repository, tmp_path_factory):
     """serve + gateway on one repository holding the three families' builds."""
@@ -58,15 +70,7 @@ def gateway(clip_repository, llava_repository, whisper_repository, tmp_path_fact
     line = serve.stdout.readline()
     assert line.startswith("tritonkit: ready:") and f"OpenAI API http://127.0.0.1:{openai_port}/v1" in line, line
     base = f"http://127.0.0.1:{openai_port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=2)
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    wait_until_healthy(base)
     yield base, f"127.0.0.1:{grpc_port}"
     serve.send_signal(signal.SIGTERM)
     serve.wait(timeout=60)
@@ -288,20 +292,13 @@ def test_the_redis_cache_answers_repeats_and_a_stopped_redis_degrades_to_uncache
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_until_healthy(base)
         sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         with TritonkitClient(gateway[1]) as client:
-            encoder_runs = lambda: sum(
-                executed_batch_sizes(client.statistics("clip_text_encoder"), "clip_text_encoder").values()
-            )  # noqa: E731
+
+            def encoder_runs() -> int:
+                return sum(executed_batch_sizes(client.statistics("clip_text_encoder"), "clip_text_encoder").values())
+
             first = sdk.embeddings.create(model="clip", input="a cached caption", encoding_format="float")
             runs = encoder_runs()
             again = sdk.embeddings.create(model="clip", input="a cached caption", encoding_format="float")

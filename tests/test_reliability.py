@@ -74,65 +74,46 @@ def stub_pids(root_pid: int, model: str) -> list[int]:
     return pids
 
 
+def embed_once(url: str, image: bytes) -> tuple[str, float]:
+    """("ok" or the error, seconds) of one image embedding."""
+    began = time.monotonic()
+    try:
+        with TritonkitClient(url, timeout_s=60) as client:
+            client.embed_images([image])
+        return "ok", time.monotonic() - began
+    except InferenceError as exc:
+        return str(exc), time.monotonic() - began
+
+
+def kill_under_load(url: str, pid: int, threads: int = 8) -> tuple[list[tuple[str, float]], float]:
+    """`threads` clients send JPEGs without pause; `pid` is SIGKILLed 2 s in; load stops 1 s later.
+    Returns every request's result and when the kill happened."""
+    image = encode_image(random_image(200, 260, seed=9), "JPEG")
+    stop_load = threading.Event()
+
+    def load():
+        results = []
+        while not stop_load.is_set():
+            results.append(embed_once(url, image))
+        return results
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = [pool.submit(load) for _ in range(threads)]
+        time.sleep(2)
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        time.sleep(1)
+        stop_load.set()
+        return [r for f in futures for r in f.result()], killed_at
+
+
 def test_killed_stub_fails_requests_in_flight_fast_and_serve_brings_the_model_back(clip_repository, tmp_path):
     """Triton 2.51 does not restart a killed stub (its model would fail every later request), so
     `tritonkit serve` watches the stubs and restarts the server; docs/RELIABILITY.md quotes the times."""
-    from tests.conftest import free_port
-
-    grpc_port = free_port()
-    serve = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tritonkit.cli",
-            "serve",
-            str(clip_repository),
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(free_port()),
-            "--metrics-port",
-            str(free_port()),
-            "--log-file",
-            str(tmp_path / "server.log"),
-            "--cache-mb",
-            "0",
-        ],  # the response cache would answer the repeated image without the encoder
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    image = encode_image(random_image(200, 260, seed=9), "JPEG")
-    url = f"127.0.0.1:{grpc_port}"
-
-    def call(_):
-        began = time.monotonic()
-        try:
-            with TritonkitClient(url, timeout_s=60) as client:
-                client.embed_images([image])
-            return "ok", time.monotonic() - began
-        except InferenceError as exc:
-            return str(exc), time.monotonic() - began
-
+    serve, url, _ = start_serve(clip_repository, tmp_path, "--cache-mb", "0")  # the encoder runs each time
     try:
-        assert serve.stdout.readline().startswith("tritonkit: ready:")
         (stub,) = stub_pids(serve.pid, "clip_image_encoder")
-        stop_load = threading.Event()
-
-        def load(_):
-            results = []
-            while not stop_load.is_set():
-                results.append(call(0))
-            return results
-
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [pool.submit(load, i) for i in range(8)]
-            time.sleep(2)
-            os.kill(stub, signal.SIGKILL)
-            killed_at = time.monotonic()
-            time.sleep(1)
-            stop_load.set()
-            results = [r for f in futures for r in f.result()]
+        results, killed_at = kill_under_load(url, stub)
         failed = [r for r, _ in results if r != "ok"]
         print(f"failed around the kill: {len(failed)} of {len(results)}; errors: {sorted(set(failed))}")
         assert failed, "no request was in flight when the stub died"
@@ -140,18 +121,13 @@ def test_killed_stub_fails_requests_in_flight_fast_and_serve_brings_the_model_ba
         assert serve.stdout.readline().startswith(f"tritonkit: a Python-backend process died (pid {stub}); restarting")
         restarted = serve.stdout.readline()
         assert restarted.startswith("tritonkit: tritonserver restarted (restart 1): serving again"), restarted
-        assert call(0)[0] == "ok"
-        recovered = time.monotonic() - killed_at
-        print(f"served again {recovered:.1f} s after the stub was killed ({restarted.strip()})")
+        assert embed_once(url, encode_image(random_image(64, 64), "JPEG"))[0] == "ok"
+        print(f"served again {time.monotonic() - killed_at:.1f} s after the stub was killed ({restarted.strip()})")
         assert stub_pids(serve.pid, "clip_image_encoder") not in ([], [stub])
         assert serve.poll() is None
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-    assert serve.returncode == 0
+        code = stop_serve(serve)
+    assert code == 0
     assert (tmp_path / "server.log").read_text().count("Started GRPCInferenceService") == 2
 
 
@@ -263,35 +239,9 @@ def test_killed_tritonserver_under_load_fails_requests_fast_and_is_restarted(cli
     import urllib.request
 
     serve, url, metrics_url = start_serve(clip_repository, tmp_path, "--cache-mb", "0")  # the encoder runs each time
-    image = encode_image(random_image(200, 260, seed=9), "JPEG")
-
-    def call():
-        began = time.monotonic()
-        try:
-            with TritonkitClient(url, timeout_s=60) as client:
-                client.embed_images([image])
-            return "ok", time.monotonic() - began
-        except InferenceError as exc:
-            return str(exc), time.monotonic() - began
-
     try:
         server_pid = tritonserver_pid(serve.pid)
-        stop_load = threading.Event()
-
-        def load():
-            results = []
-            while not stop_load.is_set():
-                results.append(call())
-            return results
-
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [pool.submit(load) for _ in range(8)]
-            time.sleep(2)
-            os.kill(server_pid, signal.SIGKILL)
-            killed_at = time.monotonic()
-            time.sleep(1)
-            stop_load.set()
-            results = [r for f in futures for r in f.result()]
+        results, killed_at = kill_under_load(url, server_pid)
         failed = [seconds for r, seconds in results if r != "ok"]
         assert failed, "no request was in flight when the server died"
         assert max(failed) < 10, f"a request took {max(failed):.1f} s to fail after the server died"
@@ -299,7 +249,7 @@ def test_killed_tritonserver_under_load_fails_requests_fast_and_is_restarted(cli
         assert died.startswith("tritonkit: tritonserver exited with signal 9 (SIGKILL); restarting tritonserver"), died
         restarted = serve.stdout.readline()
         assert restarted.startswith("tritonkit: tritonserver restarted (restart 1): serving again"), restarted
-        assert call()[0] == "ok"
+        assert embed_once(url, encode_image(random_image(64, 64), "JPEG"))[0] == "ok"
         print(f"served again {time.monotonic() - killed_at:.1f} s after tritonserver was killed ({restarted.strip()})")
         assert tritonserver_pid(serve.pid) != server_pid
         scraped = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
