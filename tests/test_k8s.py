@@ -79,8 +79,9 @@ def validate(resource: dict) -> None:
             tls_secret="infer-tls",
             image="registry.local/tk:1",
         ),
+        K8sOptions(openai_port=9000, openai_redis=True),
     ],
-    ids=["defaults", "gpu-s3-tls"],
+    ids=["defaults", "gpu-s3-tls", "openai-gateway-redis"],
 )
 def test_every_manifest_validates_against_the_schemas(demo_repository, options):
     files = manifests(demo_repository, options)
@@ -99,6 +100,8 @@ def test_every_manifest_validates_against_the_schemas(demo_repository, options):
     ]
     if options.model_store == "pvc":
         expected.append("PersistentVolumeClaim")
+    if options.openai_redis:
+        expected += ["Deployment", "Service"]  # the gateway's Redis
     assert kinds == sorted(expected)
     for resource in resources:
         validate(resource)
@@ -119,6 +122,34 @@ def test_the_manifests_of_every_family_validate(family, family_repository):
     http = next(d for d in resources if d["kind"] == "Ingress")
     routed = {p["path"] for p in http["spec"]["rules"][0]["http"]["paths"]}
     assert {f"/v2/models/{e}" for e in RepositoryFacts.read(repository).ensembles} <= routed
+
+
+def test_the_openai_gateway_runs_beside_tritonserver_with_its_route_and_cache(demo_repository):
+    resources = documents(manifests(demo_repository, K8sOptions(name="tk", openai_port=9000, openai_redis=True)))
+    deployment = next(d for d in resources if d["kind"] == "Deployment" and d["metadata"]["name"] == "tk")
+    server, gateway = deployment["spec"]["template"]["spec"]["containers"]
+    assert server["name"] == "tritonserver" and gateway["name"] == "openai-gateway"
+    assert gateway["args"] == [
+        "tritonkit",
+        "openai",
+        "--triton",
+        "127.0.0.1:8001",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "9000",
+        "--cache-url",
+        "redis://tk-redis:6379/0",
+    ]
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}
+    key = next(e for e in gateway["env"] if e["name"] == "TRITONKIT_API_KEY")
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "tk-openai", "key": "api-key", "optional": True}
+    service = next(d for d in resources if d["kind"] == "Service" and d["metadata"]["name"] == "tk")
+    assert {"name": "openai", "port": 9000, "targetPort": "openai", "protocol": "TCP"} in service["spec"]["ports"]
+    http = next(d for d in resources if d["kind"] == "Ingress" and d["metadata"]["name"].endswith("-http"))
+    assert "/v1" in [p["path"] for p in http["spec"]["rules"][0]["http"]["paths"]]
+    redis = next(d for d in resources if d["kind"] == "Service" and d["metadata"]["name"] == "tk-redis")
+    assert redis["spec"]["ports"][0]["port"] == 6379
 
 
 def test_a_schema_violation_is_caught(demo_repository):

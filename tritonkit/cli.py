@@ -514,6 +514,13 @@ def k8s(
     error_ratio_alert: Annotated[
         float, typer.Option(help="Alert when this share of an ensemble's requests fails.")
     ] = 0.05,
+    openai_port: Annotated[
+        int | None, typer.Option(help="Add the OpenAI gateway to each pod on this port (Ingress route /v1).")
+    ] = None,
+    openai_cache_url: Annotated[
+        str | None, typer.Option(help="The gateway's Redis embedding cache: redis://host:port/db.")
+    ] = None,
+    openai_redis: Annotated[bool, typer.Option(help="Also deploy a Redis for the gateway's embedding cache.")] = False,
 ):
     """Kubernetes manifests, alerts, autoscaling and a Grafana dashboard for serving REPOSITORY."""
     from tritonkit.k8s import K8sOptions, write_manifests
@@ -536,6 +543,9 @@ def k8s(
         target_queue_ms=target_queue_ms,
         p99_alert_ms=p99_alert_ms,
         error_ratio_alert=error_ratio_alert,
+        openai_port=openai_port,
+        openai_cache_url=openai_cache_url,
+        openai_redis=openai_redis,
     )
     written = write_manifests(repository, out, options)
     console.print(f"wrote {len(written)} files to {out}: {', '.join(p.name for p in written)}", highlight=False)

@@ -52,6 +52,9 @@ class K8sOptions:
     p99_alert_ms: float = 1000.0
     error_ratio_alert: float = 0.05
     cache_mb: int = 256
+    openai_port: int | None = None  # the OpenAI gateway as a second container of the pod
+    openai_cache_url: str | None = None  # the gateway's Redis embedding cache (an existing Redis)
+    openai_redis: bool = False  # or a Redis Deployment and Service written beside the manifests
 
     def check(self) -> K8sOptions:
         if not NAME.match(self.name) or len(self.name) > 40:
@@ -71,7 +74,21 @@ class K8sOptions:
                 raise InputError(f"{what} must be > 0, got {value}")
         if not 0 < self.error_ratio_alert < 1:
             raise InputError(f"--error-ratio-alert must be between 0 and 1, got {self.error_ratio_alert}")
+        if self.openai_port is not None and (
+            not 1024 <= self.openai_port <= 65535 or self.openai_port in PORTS.values()
+        ):
+            raise InputError(f"--openai-port {self.openai_port}: a free port from 1024 to 65535 (not Triton's)")
+        if (self.openai_cache_url or self.openai_redis) and self.openai_port is None:
+            raise InputError("--openai-cache-url and --openai-redis configure the gateway: add --openai-port")
+        if self.openai_cache_url and self.openai_redis:
+            raise InputError(
+                "--openai-redis deploys a Redis for the cache; leave out --openai-cache-url (or the other)"
+            )
         return self
+
+    @property
+    def cache_url(self) -> str | None:
+        return f"redis://{self.name}-redis:6379/0" if self.openai_redis else self.openai_cache_url
 
 
 @dataclass(frozen=True)
@@ -221,6 +238,9 @@ def deployment(options: K8sOptions, facts: RepositoryFacts) -> dict:
     }
     if env_from:
         container["envFrom"] = env_from
+    containers = [container]
+    if options.openai_port is not None:
+        containers.append(gateway_container(options))
     selector = _selector(options)
     pod_spec = {
         "securityContext": {
@@ -239,7 +259,7 @@ def deployment(options: K8sOptions, facts: RepositoryFacts) -> dict:
                 "labelSelector": {"matchLabels": selector},
             },
         ],
-        "containers": [container],
+        "containers": containers,
         "volumes": volumes,
     }
     if gpus:
@@ -258,6 +278,103 @@ def deployment(options: K8sOptions, facts: RepositoryFacts) -> dict:
             },
         },
     }
+
+
+def gateway_container(options: K8sOptions) -> dict:
+    """`tritonkit openai` beside tritonserver in the pod: it reaches Triton on localhost; its
+    readiness follows Triton's (/health), its liveness only its own process (a TCP check)."""
+    port = options.openai_port
+    args = ["tritonkit", "openai", "--triton", f"127.0.0.1:{PORTS['grpc']}", "--host", "0.0.0.0", "--port", str(port)]
+    if options.cache_url:
+        args += ["--cache-url", options.cache_url]
+    return {
+        "name": "openai-gateway",
+        "image": image(options),
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "ports": [{"name": "openai", "containerPort": port, "protocol": "TCP"}],
+        "env": [
+            {"name": "HOME", "value": "/tmp"},
+            {
+                "name": "TRITONKIT_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": f"{options.name}-openai", "key": "api-key", "optional": True}},
+            },
+        ],
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "openai"}, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"tcpSocket": {"port": "openai"}, "periodSeconds": 10, "failureThreshold": 3},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+
+
+def redis_manifests(options: K8sOptions) -> list[dict]:
+    """A single Redis for the gateway's embedding cache (a cache: no persistence, bounded memory)."""
+    labels = {"app.kubernetes.io/name": f"{options.name}-redis", "app.kubernetes.io/part-of": "tritonkit"}
+    metadata = {"name": f"{options.name}-redis", "labels": labels}
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": metadata,
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "securityContext": {
+                            "runAsNonRoot": True,
+                            "runAsUser": 999,
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "containers": [
+                            {
+                                "name": "redis",
+                                "image": "redis:7-alpine",
+                                "args": [
+                                    "--save",
+                                    "",
+                                    "--appendonly",
+                                    "no",
+                                    "--maxmemory",
+                                    "512mb",
+                                    "--maxmemory-policy",
+                                    "allkeys-lru",
+                                ],
+                                "ports": [{"name": "redis", "containerPort": 6379, "protocol": "TCP"}],
+                                "resources": {
+                                    "requests": {"cpu": "100m", "memory": "600Mi"},
+                                    "limits": {"cpu": "500m", "memory": "600Mi"},
+                                },
+                                "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
+                                "securityContext": {
+                                    "allowPrivilegeEscalation": False,
+                                    "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]},
+                                },
+                            }
+                        ],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata,
+            "spec": {
+                "type": "ClusterIP",
+                "selector": labels,
+                "ports": [{"name": "redis", "port": 6379, "targetPort": "redis", "protocol": "TCP"}],
+            },
+        },
+    ]
 
 
 def persistent_volume_claim(options: K8sOptions) -> dict:
@@ -281,6 +398,11 @@ def service(options: K8sOptions) -> dict:
                 {"name": "http", "port": PORTS["http"], "targetPort": "http", "protocol": "TCP"},
                 {"name": "grpc", "port": PORTS["grpc"], "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
                 {"name": "metrics", "port": PORTS["metrics"], "targetPort": "metrics", "protocol": "TCP"},
+                *(
+                    [{"name": "openai", "port": options.openai_port, "targetPort": "openai", "protocol": "TCP"}]
+                    if options.openai_port is not None
+                    else []
+                ),
             ],
         },
     }
@@ -372,6 +494,8 @@ def ingresses(options: K8sOptions, facts: RepositoryFacts) -> list[dict]:
 
     # Clients call the ensembles; the models inside them stay internal.
     http_paths = [(f"/v2/models/{model}", "http") for model in facts.ensembles] + [("/v2/health", "http")]
+    if options.openai_port is not None:
+        http_paths.append(("/v1", "openai"))  # the OpenAI API
     http: dict[str, Any] = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "Ingress",
@@ -441,6 +565,8 @@ def manifests(repository: Path, options: K8sOptions = K8sOptions()) -> list[Gene
     ]
     if options.model_store == "pvc":
         resources.insert(1, ("pvc.yaml", [persistent_volume_claim(options)]))
+    if options.openai_redis:
+        resources.append(("redis.yaml", redis_manifests(options)))
     files = [GeneratedFile(name, _yaml(*docs)) for name, docs in resources]
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
