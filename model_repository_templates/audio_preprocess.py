@@ -4,15 +4,24 @@ The first output is either log-mel features (INPUT_FEATURES, computed here with 
 windows' 16 kHz samples (WINDOW_SAMPLES) for a DALI log-mel stage. Each row becomes one or more
 30 s windows; `WINDOW_ROW` tells the decoder which row each window
 came from, and `DECODE_OPTIONS` carries the row's options (optional inputs LANGUAGE, TASK,
-MAX_NEW_TOKENS), checked here so a bad option fails before any encoder work. Parameters: `recipe`
+MAX_NEW_TOKENS, TIMESTAMPS) and the window's place in its file, checked here so a bad option fails before any encoder work. Parameters: `recipe`
 (JSON of `tritonkit.preprocessing.audio.AudioRecipe`) and `decode_settings` (JSON of
 `tritonkit.whisper_decoding.DecodeSettings`); the mel filters are `mel_filters.npy`.
 """
 
+from dataclasses import replace
+
 import numpy as np
 
 from tritonkit.errors import InputError
-from tritonkit.preprocessing.audio import AudioRecipe, decode_audio, log_mel, pad_window, split_windows
+from tritonkit.preprocessing.audio import (
+    SAMPLE_RATE,
+    AudioRecipe,
+    decode_audio,
+    log_mel,
+    pad_window,
+    split_windows,
+)
 from tritonkit.runtime import BatchedModel, string_rows
 from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings
 
@@ -24,7 +33,8 @@ class TritonPythonModel(BatchedModel):
         self.recipe = AudioRecipe.from_json(self.parameters["recipe"])
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
         self.mel_filters = np.load(self.version_dir / "mel_filters.npy")
-        self.audio_input, self.language_input, self.task_input, self.max_tokens_input = self.input_names
+        self.audio_input, self.language_input, self.task_input, self.max_tokens_input, *rest = self.input_names
+        self.timestamps_input = rest[0] if rest else None  # repositories built before TIMESTAMPS lack it
         self.windows_output, self.row_output, self.options_output = self.output_dtypes
         self.emit_features = self.windows_output == "INPUT_FEATURES"
         self.max_windows = int(self.model_config["max_batch_size"])
@@ -43,9 +53,10 @@ class TritonPythonModel(BatchedModel):
         languages = column(self.language_input, string_rows)
         tasks = column(self.task_input, string_rows)
         limits = column(self.max_tokens_input, lambda values, _: [int(v) for v in values])
+        stamps = column(self.timestamps_input, lambda values, _: [bool(v) for v in values])
         return [
-            DecodeOptions(language, task or "transcribe", limit).validate(self.settings)
-            for language, task, limit in zip(languages, tasks, limits)
+            DecodeOptions(language, task or "transcribe", limit, bool(stamp)).validate(self.settings)
+            for language, task, limit, stamp in zip(languages, tasks, limits, stamps)
         ]
 
     def prepare(self, inputs):
@@ -58,7 +69,11 @@ class TritonPythonModel(BatchedModel):
             pieces = split_windows(decode_audio(row.tobytes(), self.recipe), self.recipe)
             windows += pieces
             owners += [index] * len(pieces)
-            options += [row_options[index].to_json().encode()] * len(pieces)
+            offset = 0
+            for piece in pieces:  # each window knows where it sits in its file (segment times)
+                placed = replace(row_options[index], offset_s=offset / SAMPLE_RATE, duration_s=len(piece) / SAMPLE_RATE)
+                options.append(placed.to_json().encode())
+                offset += len(piece)
         if len(windows) > self.max_windows:
             raise InputError(
                 f"{self.audio_input}: {len(windows)} windows of 30 s in one request exceed the limit of "

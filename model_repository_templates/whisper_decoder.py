@@ -11,7 +11,7 @@ of `tritonkit.whisper_decoding.DecodeSettings`.
 import numpy as np
 
 from tritonkit.runtime import BatchedModel
-from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings, GreedyDecoder
+from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings, GreedyDecoder, compression_ratio, segments
 
 
 class TritonPythonModel(BatchedModel):
@@ -39,7 +39,8 @@ class TritonPythonModel(BatchedModel):
         self.decoder = GreedyDecoder(session("cross_kv.onnx"), session("step.onnx"), self.settings)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.version_dir / self.parameters["tokenizer_dir"]))
         self.hidden_input, self.row_input, self.options_input = self.input_names
-        self.text_output, self.tokens_output, self.language_output = self.output_dtypes
+        self.text_output, self.tokens_output, self.language_output, *segment_outputs = self.output_dtypes
+        self.segment_outputs = segment_outputs  # SEGMENT_TIMES, SEGMENT_TEXTS (absent in older repositories)
 
     def prepare(self, inputs):
         options = np.empty(len(inputs[self.options_input]), dtype=object)
@@ -54,6 +55,9 @@ class TritonPythonModel(BatchedModel):
             "window_tokens": window_tokens,
             "window_language": np.array(languages, dtype=object),
             "window_steps": np.array(self.decoder.steps_per_window, dtype=np.int64),
+            "window_sum_logprob": np.array(self.decoder.sum_logprobs, dtype=np.float64),
+            "window_no_speech": np.array(self.decoder.no_speech_probs, dtype=np.float64),
+            "options": batch["options"],
         }
 
     def finish(self, outputs, rows):
@@ -69,10 +73,50 @@ class TritonPythonModel(BatchedModel):
         token_array = np.full((count, width), -1, dtype=np.int64)
         for i, t in enumerate(joined):
             token_array[i, : len(t)] = t
-        texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip().encode() for t in joined]
+        begin = self.settings.timestamp_begin
+        texts = [self.text(t) for t in joined]
         self.metrics.decoded(tokens=sum(len(t) for t in joined), steps=int(outputs["window_steps"].sum()))
-        return {
+        response = {
             self.text_output: np.array(texts, dtype=object)[:, None],
             self.tokens_output: token_array,
             self.language_output: np.array(languages, dtype=object)[:, None],
         }
+        if self.segment_outputs:
+            found: list[list[tuple[float, float, list[int], tuple[float, ...]]]] = [[] for _ in range(count)]
+            windows = zip(
+                owners,
+                outputs["window_tokens"],
+                outputs["options"],
+                outputs["window_sum_logprob"],
+                outputs["window_no_speech"],
+            )
+            for owner, tokens, options, sum_logprob, no_speech in windows:
+                if options.timestamps and begin is not None:
+                    # OpenAI's per-window figures, shared by the window's segments
+                    stats = (
+                        sum_logprob / (len(tokens) + 1),
+                        compression_ratio(self.text(tokens).decode()),
+                        no_speech,
+                        0.0,
+                    )
+                    found[owner] += [(*s, stats) for s in segments(tokens, begin, options.offset_s, options.duration_s)]
+            most = max(1, max(len(f) for f in found))
+            times = np.full((count, most, 2), -1.0, dtype=np.float32)
+            texts_array = np.full((count, most), b"", dtype=object)
+            stats_array = np.zeros((count, most, 4), dtype=np.float32)
+            for i, row in enumerate(found):
+                for k, (start, end, text, stats) in enumerate(row):
+                    times[i, k] = (start, end)
+                    texts_array[i, k] = self.text(text)
+                    stats_array[i, k] = stats
+            names = dict(zip(("times", "texts", "stats"), self.segment_outputs))
+            response[names["times"]], response[names["texts"]] = times, texts_array
+            if "stats" in names:
+                response[names["stats"]] = stats_array
+        return response
+
+    def text(self, tokens) -> bytes:
+        """Decoded text without timestamp tokens, stripped."""
+        begin = self.settings.timestamp_begin
+        kept = [t for t in tokens if begin is None or t < begin]
+        return self.tokenizer.decode(kept, skip_special_tokens=True).strip().encode()

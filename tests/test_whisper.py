@@ -256,3 +256,82 @@ def test_an_unsupported_codec_fails_with_a_message(whisper_server):
         pytest.raises(InferenceError, match="AUDIO: not a decodable audio file"),
     ):
         client.infer("whisper", {"AUDIO": pack_byte_rows([buffer.getvalue()])})
+
+
+def transformers_timestamp_tokens(loaded, data: bytes) -> list[int]:
+    """transformers `generate(return_timestamps=True)`: the reference for timestamped decoding."""
+    import torch
+
+    with torch.no_grad():
+        out = loaded.model.generate(torch.from_numpy(features(loaded, data)), return_timestamps=True)
+    ids = (out["sequences"] if isinstance(out, dict) else out)[0].tolist()
+    return [t for t in ids if t != loaded.model.generation_config.eos_token_id]
+
+
+@pytest.mark.server
+def test_timestamps_are_the_tokens_of_transformers_and_make_segments(whisper_server, whisper_loaded, speech_files):
+    _, loaded = whisper_loaded
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        stamped = client.transcribe(speech_files, timestamps=True, concurrency=len(speech_files))  # batched together
+        plain = client.transcribe(speech_files[:2])
+    for data, result in zip(speech_files, stamped):
+        assert list(result.tokens) == transformers_timestamp_tokens(loaded, data)
+        duration = len(decode_audio(data, AudioRecipe())) / SAMPLE_RATE
+        assert result.segments, result
+        ends = [0.0]
+        for segment in result.segments:
+            assert ends[-1] <= segment.start < segment.end <= duration + 0.02, (segment, duration)
+            ends.append(segment.end)
+        assert " ".join(s.text for s in result.segments).split() == result.text.split()
+    for result, without in zip(stamped, plain):  # no timestamps asked: decoded as before, no segments
+        assert not without.segments and list(without.tokens) == [t for t in without.tokens if t < 50257]
+        assert wer([without.text], [result.text]) < 0.3
+
+
+@pytest.mark.server
+def test_a_long_file_gets_segments_on_its_own_timeline(whisper_server, speech_files):
+    samples = [decode_audio(speech_files[i % len(speech_files)], AudioRecipe()) for i in range(12)]
+    gap = np.zeros(SAMPLE_RATE, dtype=np.float32)
+    clip = np.concatenate([piece for s in samples for piece in (s, gap)])
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        (result,) = client.transcribe([wav_bytes(clip, SAMPLE_RATE)], timestamps=True)
+    duration = len(clip) / SAMPLE_RATE
+    assert duration > 60 and result.segments[-1].end > 30  # windows after the first are offset
+    starts = [s.start for s in result.segments]
+    assert starts == sorted(starts) and result.segments[-1].end <= duration + 0.02
+
+
+def transformers_window_figures(loaded, data: bytes) -> tuple[float, float]:
+    """OpenAI's avg_logprob (chosen tokens' log-probabilities under the logit rules, end token
+    included, over tokens + 1) and no_speech_prob (<|nospeech|> after <|startoftranscript|>), from PyTorch."""
+    import torch
+
+    feats = torch.from_numpy(features(loaded, data))
+    config = loaded.model.generation_config
+    with torch.no_grad():
+        out = loaded.model.generate(feats, return_timestamps=True, return_dict_in_generate=True, output_scores=True)
+        result = out["segments"][0][0]["result"]
+        scores = torch.stack(tuple(result["scores"])).reshape(len(result["scores"]), -1).float()
+        chosen = result["sequences"].reshape(-1)[-len(result["scores"]) :]
+        total = float(torch.log_softmax(scores, -1)[torch.arange(len(chosen)), chosen].sum())
+        tokens = [t for t in chosen.tolist() if t != config.eos_token_id]
+        start = torch.tensor([[config.decoder_start_token_id]])
+        logits = loaded.model(input_features=feats, decoder_input_ids=start).logits[0, -1]
+        no_speech = float(torch.softmax(logits.float(), -1)[config.no_timestamps_token_id - 1])
+    return total / (len(tokens) + 1), no_speech
+
+
+@pytest.mark.server
+def test_segment_figures_are_openais_computed_from_pytorch(whisper_server, whisper_loaded, speech_files):
+    from tritonkit.whisper_decoding import compression_ratio
+
+    _, loaded = whisper_loaded
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        results = client.transcribe(speech_files[:3], timestamps=True)
+    for data, result in zip(speech_files[:3], results):
+        avg_logprob, no_speech = transformers_window_figures(loaded, data)
+        for segment in result.segments:  # one window: every segment carries the window's figures
+            assert segment.avg_logprob == pytest.approx(avg_logprob, abs=2e-3)
+            assert segment.no_speech_prob == pytest.approx(no_speech, abs=1e-3)
+            assert segment.compression_ratio == pytest.approx(compression_ratio(result.text), rel=1e-6)
+            assert segment.temperature == 0.0

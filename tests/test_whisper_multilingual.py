@@ -19,6 +19,12 @@ OPTION_ROWS = [
     pytest.param({"language": "German", "task": "translate"}, {"language": "de", "task": "translate"}, id="translate"),
     pytest.param({"task": "translate"}, {"task": "translate"}, id="detect then translate"),
     pytest.param({"max_new_tokens": 5}, {"max_new_tokens": 5}, id="max new tokens"),
+    pytest.param({"timestamps": True}, {"return_timestamps": True}, id="timestamps, detected language"),
+    pytest.param(
+        {"language": "fr", "timestamps": True},
+        {"language": "fr", "return_timestamps": True},
+        id="timestamps, forced language",
+    ),
 ]
 
 
@@ -46,9 +52,14 @@ def reference(loaded, repository, data: bytes, options: dict) -> tuple[list[int]
         if language is None:
             detected = int(model.detect_language(features)[0])
             language = next(k for k, v in model.generation_config.lang_to_id.items() if v == detected).strip("<|>")
-    generated = out.sequences[0, -len(out.scores) :].tolist()  # sequences start with the prompt here
+    if "segments" in out:  # return_timestamps: the one short-form call's result is in its segments
+        out = out["segments"][0][0]["result"]
+        sequences, scores = out["sequences"], out["scores"]
+    else:
+        sequences, scores = out.sequences, out.scores
+    generated = sequences.reshape(1, -1)[0, -len(scores) :].tolist()  # sequences start with the prompt here
     tokens = [t for t in generated if t != model.generation_config.eos_token_id]
-    top2 = torch.stack(out.scores, 1)[0].topk(2, dim=-1).values
+    top2 = torch.stack(tuple(scores), 1).reshape(len(scores), -1).topk(2, dim=-1).values
     ties = ((top2[:, 0] - top2[:, 1]) < NEAR_TIE).nonzero()
     decided = int(ties[0]) if len(ties) else len(tokens)
     return tokens, language, decided

@@ -37,17 +37,34 @@ def read_inputs(items: Iterable[bytes | str | Path]) -> list[bytes]:
 
 
 @dataclass(frozen=True)
+class Segment:
+    start: float  # seconds on the file's timeline
+    end: float
+    text: str
+    # OpenAI's per-window figures (shared by a window's segments)
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True)
 class Transcript:
     text: str
     language: str  # the language asked for, or the one detected in the first 30 s window
     tokens: tuple[int, ...]
+    segments: tuple[Segment, ...] = ()  # with timestamps=True
 
     def __str__(self) -> str:
         return self.text
 
 
 def whisper_inputs(
-    data: bytes, language: str | None = None, task: str | None = None, max_new_tokens: int | None = None
+    data: bytes,
+    language: str | None = None,
+    task: str | None = None,
+    max_new_tokens: int | None = None,
+    timestamps: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """One audio file and its options as the Whisper ensemble's inputs (options left out when None)."""
     inputs = {"AUDIO": pack_byte_rows([data])}
@@ -57,7 +74,26 @@ def whisper_inputs(
         inputs["TASK"] = np.array([[task.encode()]], dtype=object)
     if max_new_tokens is not None:
         inputs["MAX_NEW_TOKENS"] = np.array([[max_new_tokens]], dtype=np.int32)
+    if timestamps is not None:
+        inputs["TIMESTAMPS"] = np.array([[timestamps]], dtype=bool)
     return inputs
+
+
+def transcript(result: dict[str, np.ndarray], row: int = 0) -> Transcript:
+    """One row of the Whisper ensemble's outputs as a Transcript."""
+    found = []
+    if "SEGMENT_TIMES" in result:
+        stats = result.get("SEGMENT_STATS")
+        for k, ((start, end), text) in enumerate(zip(result["SEGMENT_TIMES"][row], result["SEGMENT_TEXTS"][row])):
+            if start >= 0:
+                figures = [float(v) for v in stats[row, k]] if stats is not None else []
+                found.append(Segment(float(start), float(end), text.decode("utf-8"), *figures))
+    return Transcript(
+        text=result["TEXT"][row, 0].decode("utf-8"),
+        language=result["DECODED_LANGUAGE"][row, 0].decode(),
+        tokens=tuple(int(t) for t in result["TOKENS"][row] if t >= 0),
+        segments=tuple(found),
+    )
 
 
 def chat_inputs(
@@ -156,6 +192,7 @@ class TritonkitClient:
         language: str | None = None,
         task: str | None = None,
         max_new_tokens: int | None = None,
+        timestamps: bool | None = None,
         concurrency: int = 4,
     ) -> list[Transcript]:
         """Audio files (paths or bytes) -> one transcript each, in order.
@@ -166,12 +203,7 @@ class TritonkitClient:
         from concurrent.futures import ThreadPoolExecutor
 
         def one(data: bytes) -> Transcript:
-            result = self.infer(model, whisper_inputs(data, language, task, max_new_tokens))
-            return Transcript(
-                text=result["TEXT"][0, 0].decode("utf-8"),
-                language=result["DECODED_LANGUAGE"][0, 0].decode(),
-                tokens=tuple(int(t) for t in result["TOKENS"][0] if t >= 0),
-            )
+            return transcript(self.infer(model, whisper_inputs(data, language, task, max_new_tokens, timestamps)))
 
         files = read_inputs(audio)
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:

@@ -192,6 +192,7 @@ def convert_ct2_whisper(source: Path, out: Path) -> Path:
         suppress_tokens=config.suppress_tokens,
         begin_suppress_tokens=config.begin_suppress_tokens,
         no_timestamps_token_id=no_timestamps,
+        max_initial_timestamp_index=50,  # OpenAI's max_initial_timestamp of 1 s, as openai/whisper-* configs have
         is_multilingual=multilingual,
         alignment_heads=ct2_config.get("alignment_heads"),
         return_timestamps=False,

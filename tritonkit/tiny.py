@@ -224,6 +224,7 @@ def make_tiny_whisper(
         suppress_tokens=suppress,
         begin_suppress_tokens=[220, end],
         no_timestamps_token_id=ids["<|notimestamps|>"],
+        max_initial_timestamp_index=50,
         is_multilingual=True,
         lang_to_id=languages,
         task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},

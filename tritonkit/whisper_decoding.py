@@ -122,6 +122,12 @@ class DecodeSettings:
     language_tokens: dict[str, int] = field(default_factory=dict)  # "en" -> id
     task_tokens: dict[str, int] = field(default_factory=dict)  # "transcribe" / "translate" -> id
     language_names: dict[str, str] = field(default_factory=dict)  # "french" -> "fr"
+    max_initial_timestamp_index: int | None = None  # the first timestamp is at most this many 0.02 s steps
+
+    @property
+    def timestamp_begin(self) -> int | None:
+        """The id of <|0.00|>: timestamp tokens follow <|notimestamps|>."""
+        return None if self.no_timestamps_token is None else self.no_timestamps_token + 1
 
     @classmethod
     def from_generation_config(cls, generation, max_target_positions: int = 448) -> DecodeSettings:
@@ -142,6 +148,7 @@ class DecodeSettings:
             language_tokens=languages,
             task_tokens={k: int(v) for k, v in (getattr(generation, "task_to_id", None) or {}).items()},
             language_names={name: code for name, code in TO_LANGUAGE_CODE.items() if code in languages},
+            max_initial_timestamp_index=getattr(generation, "max_initial_timestamp_index", None),
         )
 
     def to_json(self) -> str:
@@ -155,13 +162,20 @@ class DecodeSettings:
         return cls(**data)
 
 
+TIME_PRECISION = 0.02  # seconds per timestamp token
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
-    """Per-request options: language (None = detect), task, and a cap on new tokens."""
+    """Per-request options: language (None = detect), task, a cap on new tokens, and timestamps;
+    and where the window sits in its file (set per window by the preprocessing)."""
 
     language: str | None = None
     task: str = "transcribe"
     max_new_tokens: int | None = None
+    timestamps: bool = False  # decode timestamp tokens (Whisper's timestamp rules) and return segments
+    offset_s: float = 0.0  # the window's start in the original audio
+    duration_s: float = 30.0  # the window's audio (before padding to 30 s)
 
     def validate(self, settings: DecodeSettings) -> DecodeOptions:
         """The options with the language as a code ("French" -> "fr"); InputError if unusable."""
@@ -189,7 +203,9 @@ class DecodeOptions:
             )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InputError(f"MAX_NEW_TOKENS: must be >= 1, got {self.max_new_tokens}", reason="bad_option")
-        return DecodeOptions(language, task, self.max_new_tokens)
+        if self.timestamps and settings.timestamp_begin is None:
+            raise InputError("TIMESTAMPS: this model has no timestamp tokens", reason="bad_option")
+        return DecodeOptions(language, task, self.max_new_tokens, bool(self.timestamps))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -214,6 +230,10 @@ class GreedyDecoder:
         past_shape = step_session.get_inputs()[1].shape  # [B, layers, heads, past, head_dim]
         self.cache_shape = (*(int(d) for d in past_shape[1:3]), 0, int(past_shape[4]))
         self.steps_per_window: list[int] = []  # decoder steps each window of the last `decode` took (metrics)
+        # per window of the last `decode`, as OpenAI's DecodingResult: the summed log-probability of
+        # the chosen tokens (end token included) and the probability of <|nospeech|> after <|startoftranscript|>
+        self.sum_logprobs: list[float] = []
+        self.no_speech_probs: list[float] = []
 
     def _run(self, ids, past_keys, past_values, cross_keys, cross_values):
         return self.step.run(
@@ -227,11 +247,15 @@ class GreedyDecoder:
             },
         )
 
-    def detect_languages(self, cross_keys, cross_values) -> list[str]:
+    def _start_logits(self, cross_keys, cross_values) -> np.ndarray:
+        """The logits after <|startoftranscript|> alone: language detection and no-speech probability."""
         count = cross_keys.shape[0]
         empty = np.zeros((count, *self.cache_shape), dtype=np.float32)
         ids = np.full((count, 1), self.settings.start_token, dtype=np.int64)
-        logits = self._run(ids, empty, empty, cross_keys, cross_values)[0]
+        return self._run(ids, empty, empty, cross_keys, cross_values)[0]
+
+    def detect_languages(self, cross_keys, cross_values) -> list[str]:
+        logits = self._start_logits(cross_keys, cross_values)
         codes = list(self.settings.language_tokens)
         token_ids = np.array([self.settings.language_tokens[c] for c in codes])
         return [codes[i] for i in logits[:, token_ids].argmax(axis=1)]
@@ -243,7 +267,7 @@ class GreedyDecoder:
             if language is None:
                 raise ValueError("a multilingual prompt needs the language (given or detected)")
             tokens += [s.language_tokens[language], s.task_tokens[options.task]]
-        if s.no_timestamps_token is not None:
+        if s.no_timestamps_token is not None and not options.timestamps:
             tokens.append(s.no_timestamps_token)
         return tokens
 
@@ -270,15 +294,50 @@ class GreedyDecoder:
         ]
         results: list[list[int]] = [[] for _ in range(count)]
         self.steps_per_window = [0] * count
+        self.sum_logprobs = [0.0] * count
+        self.no_speech_probs = [float("nan")] * count
+        stamped = [i for i, o in enumerate(options) if o.timestamps]
+        if stamped and self.settings.no_timestamps_token is not None:
+            first = self._start_logits(cross_keys[stamped], cross_values[stamped])
+            no_speech = self.settings.no_timestamps_token - 1  # <|nospeech|> (<|nocaptions|> in older vocabularies)
+            for i, probs in zip(stamped, softmax(first)):
+                self.no_speech_probs[i] = float(probs[no_speech])
         # Rows with prompts of one length start together (all rows, unless options differ).
         by_length: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_length.setdefault(len(p), []).append(i)
         for rows in by_length.values():
-            self._greedy(rows, prompts, limits, cross_keys, cross_values, results)
+            timestamped = [bool(options[i].timestamps) for i in rows]
+            self._greedy(rows, prompts, limits, cross_keys, cross_values, results, timestamped)
         return results, languages
 
-    def _greedy(self, rows, prompts, limits, cross_keys, cross_values, results) -> None:
+    def apply_timestamp_rules(self, logits: np.ndarray, generated: list[int], first: bool) -> None:
+        """Whisper's timestamp rules on one row's logits, in place, as transformers'
+        WhisperTimeStampLogitsProcessor applies them (OpenAI's ApplyTimestampRules)."""
+        begin, s = self.settings.timestamp_begin, self.settings
+        assert begin is not None
+        logits[s.no_timestamps_token] = -np.inf
+        last_was = len(generated) >= 1 and generated[-1] >= begin
+        penultimate_was = len(generated) < 2 or generated[-2] >= begin
+        if last_was:
+            if penultimate_was:  # a pair is complete: text next
+                logits[begin:] = -np.inf
+            else:  # a timestamp opened a pair: a timestamp or the end next
+                logits[: s.end_token] = -np.inf
+        stamps = [t for t in generated if t >= begin]
+        if stamps:  # timestamps never decrease (and <|0.00|> is not emitted again)
+            logits[begin : stamps[-1] if last_was and not penultimate_was else stamps[-1] + 1] = -np.inf
+        if first:
+            logits[:begin] = -np.inf
+            if s.max_initial_timestamp_index is not None:
+                logits[begin + s.max_initial_timestamp_index + 1 :] = -np.inf
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        finite = logprobs[begin:][np.isfinite(logprobs[begin:])]
+        if finite.size and np.logaddexp.reduce(finite) > logprobs[:begin].max():
+            logits[:begin] = -np.inf
+
+    def _greedy(self, rows, prompts, limits, cross_keys, cross_values, results, timestamped) -> None:
         active = np.array(rows)
         ids = np.array([prompts[i] for i in rows], dtype=np.int64)
         keys = np.zeros((len(rows), *self.cache_shape), dtype=np.float32)
@@ -290,10 +349,15 @@ class GreedyDecoder:
             for row in active:
                 self.steps_per_window[row] += 1
             logits[:, self.begin_suppress if first else self.suppress] = -np.inf
+            for j, row in enumerate(active):
+                if timestamped[rows.index(row)]:
+                    self.apply_timestamp_rules(logits[j], results[row], first)
             first = False
             next_tokens = logits.argmax(axis=1)
+            chosen = log_softmax(logits)[np.arange(len(active)), next_tokens]
             keep = np.ones(len(active), dtype=bool)
             for j, (row, token) in enumerate(zip(active, next_tokens)):
+                self.sum_logprobs[row] += float(chosen[j])
                 if token == self.settings.end_token:
                     keep[j] = False
                     continue
@@ -304,3 +368,45 @@ class GreedyDecoder:
                 active, keys, values, ck, cv = active[keep], keys[keep], values[keep], ck[keep], cv[keep]
                 next_tokens = next_tokens[keep]
             ids = next_tokens[:, None].astype(np.int64)
+
+
+def segments(
+    tokens: list[int], timestamp_begin: int, offset_s: float, duration_s: float
+) -> list[tuple[float, float, list[int]]]:
+    """(start, end, text tokens) of each segment of one window's timestamped tokens, on the file's
+    timeline. Text after the last timestamp without a closing one ends at the window's end."""
+    found: list[tuple[float, float, list[int]]] = []
+    start: float | None = None
+    text: list[int] = []
+    for token in tokens:
+        if token < timestamp_begin:
+            text.append(token)
+            continue
+        time = (token - timestamp_begin) * TIME_PRECISION
+        if start is not None and text:
+            found.append((offset_s + start, offset_s + time, text))
+            start, text = None, []
+        else:
+            start = time  # a segment opens (a repeated timestamp moves its start)
+    if text:
+        found.append((offset_s + (start or 0.0), offset_s + duration_s, text))
+    return found
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (rows may hold -inf for suppressed tokens)."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return np.exp(log_softmax(logits))
+
+
+def compression_ratio(text: str) -> float:
+    """OpenAI's repetition measure: UTF-8 bytes over their zlib-compressed size."""
+    import zlib
+
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0

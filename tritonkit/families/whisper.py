@@ -31,6 +31,10 @@ from tritonkit.triton_config import Batching, Tensor
 # Public contract (see README).
 AUDIO = "AUDIO"
 LANGUAGE, TASK, MAX_NEW_TOKENS = "LANGUAGE", "TASK", "MAX_NEW_TOKENS"  # optional per-request options
+TIMESTAMPS = "TIMESTAMPS"  # optional: decode timestamps and return segments
+SEGMENT_TIMES, SEGMENT_TEXTS = "SEGMENT_TIMES", "SEGMENT_TEXTS"  # per file: [segments, 2] seconds, [segments]
+# per segment: avg_logprob, compression_ratio, no_speech_prob, temperature (OpenAI's, per window)
+SEGMENT_STATS = "SEGMENT_STATS"
 TEXT = "TEXT"
 TOKENS = "TOKENS"
 DECODED_LANGUAGE = "DECODED_LANGUAGE"  # the language given, or detected in the first window
@@ -98,6 +102,10 @@ class WhisperSpec(FamilySpec):
             LANGUAGE: Tensor(LANGUAGE, "string", (1,), optional=True),
             TASK: Tensor(TASK, "string", (1,), optional=True),
             MAX_NEW_TOKENS: Tensor(MAX_NEW_TOKENS, "int32", (1,), optional=True),
+            TIMESTAMPS: Tensor(TIMESTAMPS, "bool", (1,), optional=True),
+            SEGMENT_TIMES: Tensor(SEGMENT_TIMES, "float32", (-1, 2)),
+            SEGMENT_TEXTS: Tensor(SEGMENT_TEXTS, "string", (-1,)),
+            SEGMENT_STATS: Tensor(SEGMENT_STATS, "float32", (-1, 4)),
             DECODE_OPTIONS: Tensor(DECODE_OPTIONS, "string", (1,)),
             DECODED_LANGUAGE: Tensor(DECODED_LANGUAGE, "string", (1,)),
             INPUT_FEATURES: Tensor(INPUT_FEATURES, "float32", (c.num_mel_bins, frames)),
@@ -327,7 +335,8 @@ class WhisperSpec(FamilySpec):
         if options.max_audio_seconds is not None:
             recipe = recipe.with_options(max_seconds=options.max_audio_seconds)
         settings = self.decode_settings(loaded).to_json()
-        request_options = (t[LANGUAGE], t[TASK], t[MAX_NEW_TOKENS])
+        request_options = (t[LANGUAGE], t[TASK], t[MAX_NEW_TOKENS], t[TIMESTAMPS])
+        outputs = (t[TEXT], t[TOKENS], t[DECODED_LANGUAGE], t[SEGMENT_TIMES], t[SEGMENT_TEXTS], t[SEGMENT_STATS])
         # DALI computes log-mel in its own stage (GPU operators on a GPU); the python engine
         # computes it with numpy in the decoding stage.
         windows = t[WINDOW_SAMPLES] if options.preprocessing == "dali" else t[INPUT_FEATURES]
@@ -377,7 +386,7 @@ class WhisperSpec(FamilySpec):
                 role="decoder",
                 template="whisper_decoder",
                 inputs=(t[ENCODER_HIDDEN], t[WINDOW_ROW], t[DECODE_OPTIONS]),
-                outputs=(t[TEXT], t[TOKENS], t[DECODED_LANGUAGE]),
+                outputs=outputs,
                 batching=self.stage_batching("decoder"),
                 parameters=decoder_parameters,
                 files={"cross_kv.onnx": onnx_files["decoder_cross_kv"], "step.onnx": onnx_files["decoder_step"]},
@@ -390,7 +399,7 @@ class WhisperSpec(FamilySpec):
             Pipeline(
                 role="",
                 inputs=(t[AUDIO], *request_options),
-                outputs=(t[TEXT], t[TOKENS], t[DECODED_LANGUAGE]),
+                outputs=outputs,
                 stages=tuple(stages),
             )
         ]
