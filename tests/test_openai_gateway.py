@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import shutil
 import signal
 import subprocess
@@ -314,3 +315,47 @@ def test_the_redis_cache_answers_repeats_and_a_stopped_redis_degrades_to_uncache
     finally:
         second.terminate()
         second.wait(timeout=30)
+
+
+def test_subtitles_and_verbose_json_carry_the_served_segments(sdk, gateway, speech_files, tmp_path):
+    import srt
+    import webvtt
+
+    with TritonkitClient(gateway[1]) as client:
+        (want,) = client.transcribe([speech_files[1]], timestamps=True)
+    path = tmp_path / "speech.wav"
+    path.write_bytes(speech_files[1])
+    with path.open("rb") as f:
+        verbose = sdk.audio.transcriptions.create(
+            model="whisper", file=f, response_format="verbose_json", timestamp_granularities=["segment"]
+        )
+    assert verbose.text == want.text and verbose.language == "english" and verbose.duration > 0
+    assert [(s.start, s.end, s.text) for s in verbose.segments] == [
+        (round(s.start, 3), round(s.end, 3), s.text) for s in want.segments
+    ]
+    assert all(-5 < s.avg_logprob <= 0 and 0 <= s.no_speech_prob <= 1 for s in verbose.segments)
+    with path.open("rb") as f:
+        subrip = list(srt.parse(sdk.audio.transcriptions.create(model="whisper", file=f, response_format="srt")))
+    assert [c.content for c in subrip] == [s.text.strip() for s in want.segments]
+    assert all(abs(c.start.total_seconds() - s.start) < 0.002 for c, s in zip(subrip, want.segments))
+    with path.open("rb") as f:
+        captions = webvtt.from_buffer(
+            io.StringIO(sdk.audio.transcriptions.create(model="whisper", file=f, response_format="vtt"))
+        )
+    assert [c.text for c in captions] == [s.text.strip() for s in want.segments]
+    ends = [c.end_in_seconds for c in captions]
+    assert ends == sorted(ends) and ends[-1] <= verbose.duration + 0.02
+
+
+def test_word_timestamps_are_a_clear_400(sdk, speech_files):
+    with pytest.raises(openai.BadRequestError, match="word timestamps are not available yet"):
+        sdk.audio.transcriptions.create(
+            model="whisper",
+            file=("a.wav", speech_files[0]),
+            response_format="verbose_json",
+            timestamp_granularities=["word"],
+        )
+    with pytest.raises(openai.BadRequestError, match="needs response_format verbose_json"):
+        sdk.audio.transcriptions.create(
+            model="whisper", file=("a.wav", speech_files[0]), timestamp_granularities=["segment"]
+        )

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from tritonkit.gateway import subtitles
 from tritonkit.gateway.triton import ApiError, ServedModel, Triton
 
 DEFAULT_MAX_BODY_MB = 100  # as the Ingress's proxy-body-size
@@ -427,29 +428,69 @@ def create_app(options: GatewayOptions):
         response_format = str(form.get("response_format") or "json")
         if response_format not in AUDIO_FORMATS:
             raise ApiError(400, f"response_format: one of {', '.join(AUDIO_FORMATS)}", param="response_format")
-        if response_format in ("srt", "vtt", "verbose_json"):
+        granularities = [
+            str(g) for g in form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
+        ]
+        unknown = sorted(set(granularities) - {"segment", "word"})
+        if unknown:
             raise ApiError(
-                400,
-                f"response_format: {response_format} needs timestamped segments, which this server's "
-                "Whisper does not produce yet; use json or text",
-                param="response_format",
+                400, f"timestamp_granularities: segment or word, got {unknown[0]!r}", param="timestamp_granularities"
             )
-        granularities = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
-        if granularities:
+        if "word" in granularities:
             raise ApiError(
                 400,
-                "timestamp_granularities: needs response_format verbose_json (not available yet)",
+                "timestamp_granularities: word timestamps are not available yet; ask for segment",
                 param="timestamp_granularities",
             )
+        if granularities and response_format != "verbose_json":  # as OpenAI answers
+            raise ApiError(
+                400, "timestamp_granularities: needs response_format verbose_json", param="timestamp_granularities"
+            )
+        timed = response_format in ("srt", "vtt", "verbose_json")
         inputs = {"AUDIO": byte_row(data), "TASK": string_array([task])}
         language = form.get("language")
         if isinstance(language, str) and language:
             inputs["LANGUAGE"] = string_array([language])
+        if timed:
+            if "TIMESTAMPS" not in model.inputs:
+                raise ApiError(
+                    400,
+                    f"response_format: {model.name} was built before timestamps; rebuild it for {response_format}",
+                    param="response_format",
+                )
+            inputs["TIMESTAMPS"] = np.array([[True]], dtype=bool)
         outputs = await triton().infer(model.ensembles["speech"], inputs, "file")
         text = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
         if response_format == "text":
             return PlainTextResponse(text)
-        return {"text": text}
+        if not timed:
+            return {"text": text}
+        found = segments_of(outputs)
+        if response_format == "srt":
+            return PlainTextResponse(subtitles.srt(found), media_type="application/x-subrip")
+        if response_format == "vtt":
+            return PlainTextResponse(subtitles.vtt(found), media_type="text/vtt")
+        return {
+            "task": task,
+            "language": subtitles.language_name(outputs["DECODED_LANGUAGE"].reshape(-1)[0].decode()),
+            "duration": subtitles.duration(data),
+            "text": text,
+            "segments": [
+                {
+                    "id": i,
+                    "seek": 0,
+                    "start": seg["start"],
+                    "end": seg["end"],
+                    "text": seg["text"],
+                    "tokens": [],
+                    "temperature": seg["temperature"],
+                    "avg_logprob": seg["avg_logprob"],
+                    "compression_ratio": seg["compression_ratio"],
+                    "no_speech_prob": seg["no_speech_prob"],
+                }
+                for i, seg in enumerate(found)
+            ],
+        }
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
@@ -460,6 +501,28 @@ def create_app(options: GatewayOptions):
         return await audio(request, "translate")
 
     return app
+
+
+def segments_of(outputs: Mapping[str, np.ndarray]) -> list[dict]:
+    """The segments of one transcription's outputs (padding rows dropped)."""
+    found = []
+    stats = outputs.get("SEGMENT_STATS")
+    for k, ((start, end), raw) in enumerate(zip(outputs["SEGMENT_TIMES"][0], outputs["SEGMENT_TEXTS"][0])):
+        if start < 0:
+            continue
+        figures = stats[0, k] if stats is not None else np.zeros(4)
+        found.append(
+            {
+                "start": round(float(start), 3),
+                "end": round(float(end), 3),
+                "text": raw.decode("utf-8", errors="replace"),
+                "avg_logprob": float(figures[0]),
+                "compression_ratio": float(figures[1]),
+                "no_speech_prob": float(figures[2]),
+                "temperature": float(figures[3]),
+            }
+        )
+    return found
 
 
 async def anext_or_none(iterator) -> Mapping | None:

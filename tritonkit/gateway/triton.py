@@ -47,6 +47,7 @@ class ServedModel:
     kind: str  # "embeddings", "transcription" or "chat"
     ensembles: dict[str, str] = field(default_factory=dict)  # role -> ensemble (image, text, speech, chat, stream)
     tokenizer: str | None = None  # the text tokenizer model (token counts for `usage`)
+    inputs: set[str] = field(default_factory=set)  # the ensembles' input names (optional ones tell what a build can do)
 
 
 def classify(configs: Mapping[str, dict], names: set[str]) -> dict[str, ServedModel]:
@@ -56,6 +57,7 @@ def classify(configs: Mapping[str, dict], names: set[str]) -> dict[str, ServedMo
     def add(name: str, kind: str, role: str, ensemble: str) -> None:
         model = models.setdefault(name, ServedModel(name, kind))
         model.ensembles[role] = ensemble
+        model.inputs |= {i["name"] for i in configs[ensemble].get("input", [])}
 
     for ensemble, config in sorted(configs.items()):
         if config.get("platform") != "ensemble":
