@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,3 +336,45 @@ def test_segment_figures_are_openais_computed_from_pytorch(whisper_server, whisp
             assert segment.no_speech_prob == pytest.approx(no_speech, abs=1e-3)
             assert segment.compression_ratio == pytest.approx(compression_ratio(result.text), rel=1e-6)
             assert segment.temperature == 0.0
+
+
+@pytest.mark.server
+def test_transcribe_command_writes_subtitles_a_parser_reads(whisper_server, speech_files, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import srt
+    import webvtt
+
+    audio = tmp_path / "talk.wav"
+    audio.write_bytes(speech_files[2])
+    written = {}
+    for fmt in ("srt", "vtt", "verbose_json"):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tritonkit.cli",
+                "transcribe",
+                str(audio),
+                "--format",
+                fmt,
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--url",
+                whisper_server.grpc_url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        written[fmt] = Path(result.stdout.strip())
+    document = json.loads(written["verbose_json"].read_text())
+    assert written["verbose_json"].name == "talk.json" and document["segments"]
+    cues = list(srt.parse(written["srt"].read_text()))
+    assert [c.content for c in cues] == [s["text"] for s in document["segments"]]
+    captions = webvtt.read(str(written["vtt"]))
+    assert [c.text for c in captions] == [s["text"] for s in document["segments"]]
+    assert captions[-1].end_in_seconds <= document["duration"] + 0.02

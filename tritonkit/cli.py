@@ -367,19 +367,54 @@ def transcribe(
     task: Annotated[str, typer.Option(help="transcribe, or translate (into English).")] = "transcribe",
     max_new_tokens: Annotated[int | None, typer.Option(help="Cap on tokens per 30 s window.")] = None,
     show_language: Annotated[bool, typer.Option(help="Print the language before each text.")] = False,
+    output_format: Annotated[
+        str, typer.Option("--format", help="txt, json, srt, vtt or verbose_json (the last four decode timestamps).")
+    ] = "txt",
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Write FILE.<format> here for each file instead of printing.")
+    ] = None,
     url: Url = "127.0.0.1:8001",
 ):
     """Transcribe (or translate) audio files with a served Whisper ensemble.
 
     Example: tritonkit transcribe meeting.wav --language de --task translate
+    Subtitles: tritonkit transcribe talk.wav --format srt --output-dir subs/
     """
+    from dataclasses import asdict
+
+    from tritonkit import subtitles
     from tritonkit.client import TritonkitClient
 
+    formats = ("txt", "json", "srt", "vtt", "verbose_json")
+    if output_format not in formats:
+        raise InputError(f"--format {output_format!r}: use one of {', '.join(formats)}")
+    timed = output_format != "txt"
     with TritonkitClient(url) as client:
-        transcripts = client.transcribe(files, model=model, language=language, task=task, max_new_tokens=max_new_tokens)
+        transcripts = client.transcribe(
+            files, model=model, language=language, task=task, max_new_tokens=max_new_tokens, timestamps=timed or None
+        )
     for path, transcript in zip(files, transcripts):
-        text = f"[{transcript.language}] {transcript.text}" if show_language else transcript.text
-        print(f"{path}: {text}" if len(files) > 1 else text)
+        segments = [asdict(s) for s in transcript.segments]
+        if output_format == "txt":
+            text = f"[{transcript.language}] {transcript.text}" if show_language else transcript.text
+        elif output_format == "srt":
+            text = subtitles.srt(segments)
+        elif output_format == "vtt":
+            text = subtitles.vtt(segments)
+        else:
+            document: dict[str, object] = {"text": transcript.text, "language": transcript.language}
+            if output_format == "verbose_json":
+                document |= {"duration": subtitles.duration(path.read_bytes()), "segments": segments}
+            text = json.dumps(document, ensure_ascii=False)
+        if output_dir is not None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            written = output_dir / f"{path.stem}.{output_format.replace('verbose_', '')}"
+            written.write_text(text if text.endswith("\n") else text + "\n")
+            print(written)
+        elif output_format == "txt":
+            print(f"{path}: {text}" if len(files) > 1 else text)
+        else:
+            print(text)
 
 
 @app.command()

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tritonkit.gateway import subtitles
+from tritonkit import subtitles
 from tritonkit.gateway.triton import ApiError, ServedModel, Triton
 
 DEFAULT_MAX_BODY_MB = 100  # as the Ingress's proxy-body-size

@@ -1,4 +1,5 @@
-"""Segments as SubRip and WebVTT subtitles, and the few facts verbose_json adds."""
+"""Segments as SubRip and WebVTT subtitles (the CLI and the OpenAI gateway), and the few facts
+verbose_json adds. A segment is a mapping with `start`, `end` (seconds) and `text`."""
 
 import io
 
