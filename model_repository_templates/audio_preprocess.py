@@ -34,7 +34,9 @@ class TritonPythonModel(BatchedModel):
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
         self.mel_filters = np.load(self.version_dir / "mel_filters.npy")
         self.audio_input, self.language_input, self.task_input, self.max_tokens_input, *rest = self.input_names
-        self.timestamps_input = rest[0] if rest else None  # repositories built before TIMESTAMPS lack it
+        # repositories built before TIMESTAMPS and PROMPT lack them
+        self.timestamps_input = rest[0] if rest else None
+        self.prompt_input = rest[1] if len(rest) > 1 else None
         self.windows_output, self.row_output, self.options_output = self.output_dtypes
         self.emit_features = self.windows_output == "INPUT_FEATURES"
         self.max_windows = int(self.model_config["max_batch_size"])
@@ -54,9 +56,10 @@ class TritonPythonModel(BatchedModel):
         tasks = column(self.task_input, string_rows)
         limits = column(self.max_tokens_input, lambda values, _: [int(v) for v in values])
         stamps = column(self.timestamps_input, lambda values, _: [bool(v) for v in values])
+        prompts = column(self.prompt_input, string_rows)
         return [
-            DecodeOptions(language, task or "transcribe", limit, bool(stamp)).validate(self.settings)
-            for language, task, limit, stamp in zip(languages, tasks, limits, stamps)
+            DecodeOptions(language, task or "transcribe", limit, bool(stamp), prompt).validate(self.settings)
+            for language, task, limit, stamp, prompt in zip(languages, tasks, limits, stamps, prompts)
         ]
 
     def prepare(self, inputs):

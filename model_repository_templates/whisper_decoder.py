@@ -36,8 +36,13 @@ class TritonPythonModel(BatchedModel):
             return ort.InferenceSession(str(self.version_dir / name), options, providers=providers)
 
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
-        self.decoder = GreedyDecoder(session("cross_kv.onnx"), session("step.onnx"), self.settings)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.version_dir / self.parameters["tokenizer_dir"]))
+        self.decoder = GreedyDecoder(
+            session("cross_kv.onnx"),
+            session("step.onnx"),
+            self.settings,
+            prompt_ids=lambda text: [int(t) for t in self.tokenizer.get_prompt_ids(text)],
+        )
         self.hidden_input, self.row_input, self.options_input = self.input_names
         self.text_output, self.tokens_output, self.language_output, *segment_outputs = self.output_dtypes
         self.segment_outputs = segment_outputs  # SEGMENT_TIMES, SEGMENT_TEXTS (absent in older repositories)

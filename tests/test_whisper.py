@@ -378,3 +378,22 @@ def test_transcribe_command_writes_subtitles_a_parser_reads(whisper_server, spee
     captions = webvtt.read(str(written["vtt"]))
     assert [c.text for c in captions] == [s["text"] for s in document["segments"]]
     assert captions[-1].end_in_seconds <= document["duration"] + 0.02
+
+
+@pytest.mark.server
+def test_a_prompt_conditions_decoding_as_transformers_prompt_ids_do(whisper_server, whisper_loaded, speech_files):
+    import torch
+
+    _, loaded = whisper_loaded
+    prompt = "Quick brown foxes; lazy dogs, jumping."
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        prompted = client.transcribe(speech_files[:3], prompt=prompt, concurrency=3)
+        plain = client.transcribe(speech_files[:3], concurrency=3)
+        with pytest.raises(InferenceError, match="PROMPT: 2500 characters exceed the 2000 character limit"):
+            client.transcribe([speech_files[0]], prompt="x" * 2500)
+    prompt_ids = loaded.processor.get_prompt_ids(prompt, return_tensors="pt")
+    for data, result in zip(speech_files[:3], prompted):
+        with torch.no_grad():
+            want = loaded.model.generate(torch.from_numpy(features(loaded, data)), prompt_ids=prompt_ids)[0].tolist()
+        assert list(result.tokens) == [t for t in want if t != loaded.model.generation_config.eos_token_id]
+    assert any(p.tokens != q.tokens for p, q in zip(prompted, plain)), "the prompt changed nothing: a weak test"

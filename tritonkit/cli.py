@@ -366,6 +366,7 @@ def transcribe(
     ] = None,
     task: Annotated[str, typer.Option(help="transcribe, or translate (into English).")] = "transcribe",
     max_new_tokens: Annotated[int | None, typer.Option(help="Cap on tokens per 30 s window.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Text that conditions the transcript (names, spellings).")] = None,
     show_language: Annotated[bool, typer.Option(help="Print the language before each text.")] = False,
     output_format: Annotated[
         str, typer.Option("--format", help="txt, json, srt, vtt or verbose_json (the last four decode timestamps).")
@@ -391,7 +392,13 @@ def transcribe(
     timed = output_format != "txt"
     with TritonkitClient(url) as client:
         transcripts = client.transcribe(
-            files, model=model, language=language, task=task, max_new_tokens=max_new_tokens, timestamps=timed or None
+            files,
+            model=model,
+            language=language,
+            task=task,
+            max_new_tokens=max_new_tokens,
+            timestamps=timed or None,
+            prompt=prompt,
         )
     for path, transcript in zip(files, transcripts):
         segments = [asdict(s) for s in transcript.segments]

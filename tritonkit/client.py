@@ -65,6 +65,7 @@ def whisper_inputs(
     task: str | None = None,
     max_new_tokens: int | None = None,
     timestamps: bool | None = None,
+    prompt: str | None = None,
 ) -> dict[str, np.ndarray]:
     """One audio file and its options as the Whisper ensemble's inputs (options left out when None)."""
     inputs = {"AUDIO": pack_byte_rows([data])}
@@ -76,6 +77,8 @@ def whisper_inputs(
         inputs["MAX_NEW_TOKENS"] = np.array([[max_new_tokens]], dtype=np.int32)
     if timestamps is not None:
         inputs["TIMESTAMPS"] = np.array([[timestamps]], dtype=bool)
+    if prompt is not None:
+        inputs["PROMPT"] = np.array([[prompt.encode()]], dtype=object)
     return inputs
 
 
@@ -193,6 +196,7 @@ class TritonkitClient:
         task: str | None = None,
         max_new_tokens: int | None = None,
         timestamps: bool | None = None,
+        prompt: str | None = None,
         concurrency: int = 4,
     ) -> list[Transcript]:
         """Audio files (paths or bytes) -> one transcript each, in order.
@@ -203,7 +207,9 @@ class TritonkitClient:
         from concurrent.futures import ThreadPoolExecutor
 
         def one(data: bytes) -> Transcript:
-            return transcript(self.infer(model, whisper_inputs(data, language, task, max_new_tokens, timestamps)))
+            return transcript(
+                self.infer(model, whisper_inputs(data, language, task, max_new_tokens, timestamps, prompt))
+            )
 
         files = read_inputs(audio)
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:

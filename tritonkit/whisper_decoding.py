@@ -163,6 +163,7 @@ class DecodeSettings:
 
 
 TIME_PRECISION = 0.02  # seconds per timestamp token
+MAX_PROMPT_CHARS = 2000  # PROMPT text, checked before any work (its tokens are checked by the decoder)
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ class DecodeOptions:
     task: str = "transcribe"
     max_new_tokens: int | None = None
     timestamps: bool = False  # decode timestamp tokens (Whisper's timestamp rules) and return segments
+    prompt: str | None = None  # text before <|startoftranscript|>, after <|startofprev|> (OpenAI's initial_prompt)
     offset_s: float = 0.0  # the window's start in the original audio
     duration_s: float = 30.0  # the window's audio (before padding to 30 s)
 
@@ -205,7 +207,12 @@ class DecodeOptions:
             raise InputError(f"MAX_NEW_TOKENS: must be >= 1, got {self.max_new_tokens}", reason="bad_option")
         if self.timestamps and settings.timestamp_begin is None:
             raise InputError("TIMESTAMPS: this model has no timestamp tokens", reason="bad_option")
-        return DecodeOptions(language, task, self.max_new_tokens, bool(self.timestamps))
+        prompt = (self.prompt or "").strip() or None
+        if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+            raise InputError(
+                f"PROMPT: {len(prompt)} characters exceed the {MAX_PROMPT_CHARS} character limit", reason="bad_option"
+            )
+        return DecodeOptions(language, task, self.max_new_tokens, bool(self.timestamps), prompt)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -218,7 +225,9 @@ class DecodeOptions:
 class GreedyDecoder:
     """Greedy decoding of many windows at once over two ONNX Runtime sessions."""
 
-    def __init__(self, cross_kv_session, step_session, settings: DecodeSettings):
+    def __init__(self, cross_kv_session, step_session, settings: DecodeSettings, prompt_ids=None):
+        # prompt_ids(text) -> [<|startofprev|>, tokens of " " + text] (the tokenizer's get_prompt_ids)
+        self.prompt_ids = prompt_ids
         self.cross_kv = cross_kv_session
         self.step = step_session
         self.settings = settings
@@ -262,7 +271,18 @@ class GreedyDecoder:
 
     def prompt(self, options: DecodeOptions, language: str | None) -> list[int]:
         s = self.settings
-        tokens = [s.start_token]
+        tokens = []
+        if options.prompt:
+            if self.prompt_ids is None:
+                raise InputError("PROMPT: this decoder has no tokenizer for prompts", reason="bad_option")
+            tokens = list(self.prompt_ids(options.prompt))
+            if len(tokens) > s.max_target_positions // 2:  # the other half is for the transcript
+                raise InputError(
+                    f"PROMPT: {len(tokens)} tokens exceed the {s.max_target_positions // 2} token limit "
+                    "(half the decoder's context)",
+                    reason="too_long",
+                )
+        tokens.append(s.start_token)
         if s.multilingual:
             if language is None:
                 raise ValueError("a multilingual prompt needs the language (given or detected)")

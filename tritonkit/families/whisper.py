@@ -32,6 +32,7 @@ from tritonkit.triton_config import Batching, Tensor
 AUDIO = "AUDIO"
 LANGUAGE, TASK, MAX_NEW_TOKENS = "LANGUAGE", "TASK", "MAX_NEW_TOKENS"  # optional per-request options
 TIMESTAMPS = "TIMESTAMPS"  # optional: decode timestamps and return segments
+PROMPT = "PROMPT"  # optional: text that conditions the transcript (OpenAI's prompt / initial_prompt)
 SEGMENT_TIMES, SEGMENT_TEXTS = "SEGMENT_TIMES", "SEGMENT_TEXTS"  # per file: [segments, 2] seconds, [segments]
 # per segment: avg_logprob, compression_ratio, no_speech_prob, temperature (OpenAI's, per window)
 SEGMENT_STATS = "SEGMENT_STATS"
@@ -103,6 +104,7 @@ class WhisperSpec(FamilySpec):
             TASK: Tensor(TASK, "string", (1,), optional=True),
             MAX_NEW_TOKENS: Tensor(MAX_NEW_TOKENS, "int32", (1,), optional=True),
             TIMESTAMPS: Tensor(TIMESTAMPS, "bool", (1,), optional=True),
+            PROMPT: Tensor(PROMPT, "string", (1,), optional=True),
             SEGMENT_TIMES: Tensor(SEGMENT_TIMES, "float32", (-1, 2)),
             SEGMENT_TEXTS: Tensor(SEGMENT_TEXTS, "string", (-1,)),
             SEGMENT_STATS: Tensor(SEGMENT_STATS, "float32", (-1, 4)),
@@ -335,7 +337,7 @@ class WhisperSpec(FamilySpec):
         if options.max_audio_seconds is not None:
             recipe = recipe.with_options(max_seconds=options.max_audio_seconds)
         settings = self.decode_settings(loaded).to_json()
-        request_options = (t[LANGUAGE], t[TASK], t[MAX_NEW_TOKENS], t[TIMESTAMPS])
+        request_options = (t[LANGUAGE], t[TASK], t[MAX_NEW_TOKENS], t[TIMESTAMPS], t[PROMPT])
         outputs = (t[TEXT], t[TOKENS], t[DECODED_LANGUAGE], t[SEGMENT_TIMES], t[SEGMENT_TEXTS], t[SEGMENT_STATS])
         # DALI computes log-mel in its own stage (GPU operators on a GPU); the python engine
         # computes it with numpy in the decoding stage.

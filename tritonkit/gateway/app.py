@@ -451,6 +451,11 @@ def create_app(options: GatewayOptions):
         language = form.get("language")
         if isinstance(language, str) and language:
             inputs["LANGUAGE"] = string_array([language])
+        prompt = form.get("prompt")
+        if isinstance(prompt, str) and prompt.strip():
+            if "PROMPT" not in model.inputs:
+                raise ApiError(400, f"prompt: {model.name} was built before prompts; rebuild it", param="prompt")
+            inputs["PROMPT"] = string_array([prompt])
         if timed:
             if "TIMESTAMPS" not in model.inputs:
                 raise ApiError(
