@@ -140,7 +140,7 @@ class BatchedModel:
             )
 
     def prepare_request(self, request):
-        """One request's rows, or the message to fail it with (a bad input fails it alone)."""
+        """One request's rows, or the Failure to answer it with (a bad input fails it alone)."""
         try:
             inputs = self.read_inputs(request)
             first = inputs.get(self.input_names[0])
@@ -161,7 +161,7 @@ class BatchedModel:
         return Failure(bounded(f"{self.model_name}: {exc}"), client=False)
 
     def run_requests(self, groups: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | Failure]:
-        """`run` over every request's rows at once -> per request its outputs or an error message.
+        """`run` over every request's rows at once -> per request its outputs or its Failure.
 
         When the batch fails, each request is run again alone, so only the culpable one fails and
         with its own message (an exception from the combined batch names none of them)."""
