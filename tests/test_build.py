@@ -119,3 +119,16 @@ def test_every_graph_ships_its_own_export_report(family, family_repository):
             if expected_role:
                 assert report["role"] == expected_role, (name, graph.name, report["role"])
     assert graphs
+
+
+@pytest.mark.parametrize("source", ["demo/tiny-clp", "models/clip/v1"])
+def test_a_path_like_model_that_does_not_exist_is_never_sent_to_the_hub(source, tmp_path, monkeypatch):
+    """ "demo/tiny-clp" beside a demo/ folder is a typo of a path, not a Hub id: an immediate error."""
+    import time
+
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    began = time.monotonic()
+    with pytest.raises(ModelSourceError, match=f"--model {source}: no such directory"):
+        build("clip", source, tmp_path / "out")
+    assert time.monotonic() - began < 10  # no Hub retries

@@ -106,7 +106,32 @@ def test_serve_refuses_to_start_when_port_is_taken(clip_repository):
         taken = sock.getsockname()[1]
         result = run("serve", str(clip_repository), "--grpc-port", str(taken))
     assert result.returncode == 2
-    assert f"port {taken} on 127.0.0.1 is already in use" in result.stderr
+    assert f"port {taken} (grpc) on 127.0.0.1 is already in use" in result.stderr
+
+
+def test_serve_names_every_busy_port_at_once(clip_repository):
+    import socket
+
+    with socket.socket() as grpc_sock, socket.socket() as http_sock:
+        for sock in (grpc_sock, http_sock):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        grpc_port, http_port = grpc_sock.getsockname()[1], http_sock.getsockname()[1]
+        result = run(
+            "serve",
+            str(clip_repository),
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--metrics-port",
+            str(free_port()),
+        )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        f"ports {grpc_port} (grpc), {http_port} (http) on 127.0.0.1 are already in use "
+        "(pass --grpc-port and --http-port with free ports)"
+    ) in result.stderr
 
 
 def test_infer_names_the_server_when_it_is_not_there(tmp_path):

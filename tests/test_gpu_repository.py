@@ -231,3 +231,13 @@ def test_tensorrt_plans_are_built_and_served(precision, tiny_clip_dir, tmp_path)
             assert np.isfinite(client.embed_images([encode_image(random_image(240, 320), "JPEG")])).all()
     finally:
         server.stop()
+
+
+def test_check_for_a_gpu_server_fails_on_a_cpu_repository_naming_the_models(clip_repository):
+    from tritonkit.check import check_repository
+
+    report = check_repository(clip_repository, "gpu")
+    assert not report.ok
+    flagged = {error.split(":")[0] for error in report.errors}
+    assert flagged == {"clip_image_preprocess", "clip_image_encoder", "clip_text_encoder"}, report.errors
+    assert all("rebuild with --target gpu" in error for error in report.errors)

@@ -215,3 +215,27 @@ def test_gpu_repository_is_written_and_checked(tiny_llava_dir, tmp_path):
     assert configs["llava_decoder"].parameters["device"].string_value == "cuda"
     report = check_repository(out, "gpu")
     assert report.ok, report.errors
+
+
+def test_chat_names_an_unknown_model_in_one_line(llava_server, tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(image(1))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "chat",
+            str(path),
+            "What?",
+            "--model",
+            "nope",
+            "--url",
+            llava_server.grpc_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"model 'nope' is not available at {llava_server.grpc_url}" in result.stderr

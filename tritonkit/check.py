@@ -14,11 +14,13 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2
 
 from tritonkit.errors import ConfigError
-from tritonkit.repository import VERSION, list_models
-from tritonkit.triton_config import read_config
+from tritonkit.repository import TEMPLATE_PARAMETER, VERSION, list_models
+from tritonkit.triton_config import parameter, read_config
 
 REQUIRED_FILES = {"python": "model.py", "dali": "model.dali", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
 CPU_BACKENDS = {"python", ""}
+# Python-backend stages of a CPU repository whose work a GPU repository gives to a GPU backend.
+CPU_ONLY_TEMPLATES = {"onnx_encoder": "its ONNX graph (ONNX Runtime)", "dali_pipeline": "its DALI pipeline"}
 
 
 @dataclass
@@ -79,6 +81,12 @@ def check_repository(repository: Path, target: str | None = None) -> CheckReport
                 )
         if target == "gpu" and config.backend in ("dali", "onnxruntime", "tensorrt") and "KIND_GPU" not in kinds:
             report.warnings.append(f"{name}: a {config.backend} model without KIND_GPU instances runs on CPU")
+        template = parameter(config, TEMPLATE_PARAMETER)
+        if target == "gpu" and template in CPU_ONLY_TEMPLATES and "KIND_GPU" not in kinds:
+            report.errors.append(
+                f"{name}: runs {CPU_ONLY_TEMPLATES[template]} in the Python backend on CPU, which a GPU server "
+                "does on its GPU backends (the repository was built with --target cpu: rebuild with --target gpu)"
+            )
     return report
 
 

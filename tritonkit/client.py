@@ -225,6 +225,7 @@ class TritonkitClient:
         import queue
 
         (data,) = read_inputs([image])
+        self.model_io(model)  # an unknown model fails here with its name, not inside the stream
         tensors = []
         for name, array in chat_inputs(data, prompt, **options).items():
             tensors.append(self._grpc.InferInput(name, list(array.shape), wire_datatype(array)))

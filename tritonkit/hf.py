@@ -8,7 +8,12 @@ from tritonkit.errors import ModelSourceError
 
 
 def looks_local(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
+    """A path, not a Hub id ("org/name"): it exists, starts like a path, has more than one "/", or
+    its first part is a local directory ("demo/tiny-clp" beside demo/): never sent to the Hub."""
+    if source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
+        return True
+    parts = source.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def from_pretrained(loader, source: str, what: str, **kwargs):

@@ -232,11 +232,14 @@ class TritonServer:
         repository = Path(self.repository)
         if not repository.is_dir():
             raise ServerError(f"{repository}: no such model repository directory")
-        for name, port in (("grpc", self.grpc_port), ("http", self.http_port), ("metrics", self.metrics_port)):
-            if check_ports and not port_is_free(self.host, port):
-                raise ServerError(
-                    f"port {port} on {self.host} is already in use", hint=f"pass --{name}-port with a free port"
-                )
+        ports = (("grpc", self.grpc_port), ("http", self.http_port), ("metrics", self.metrics_port))
+        busy = [(name, port) for name, port in ports if check_ports and not port_is_free(self.host, port)]
+        if busy:  # all of them at once, not one per attempt
+            raise ServerError(
+                f"{'port' if len(busy) == 1 else 'ports'} {', '.join(f'{p} ({n})' for n, p in busy)} on {self.host} "
+                f"{'is' if len(busy) == 1 else 'are'} already in use",
+                hint="pass " + " and ".join(f"--{n}-port" for n, _ in busy) + " with free ports",
+            )
         installation = find_tritonserver()
         if installation.backend_source is not None:  # the wheel's server: it has the Python backend only
             missing = sorted(repository_backends(repository) - {"python", ""})
