@@ -238,4 +238,4 @@ def test_chat_names_an_unknown_model_in_one_line(llava_server, tmp_path):
         timeout=120,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"model 'nope' is not available at {llava_server.grpc_url}" in result.stderr
+    assert f"model 'nope_stream' is not available at {llava_server.grpc_url}" in result.stderr  # the streaming ensemble
