@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,25 @@ def random_image(height: int, width: int, seed: int = 0, channels: int = 3) -> n
     image = Image.fromarray(coarse.squeeze(-1) if channels == 1 else coarse).resize((width, height), Image.BILINEAR)
     noise = rng.integers(-12, 13, (height, width, channels))
     return np.clip(np.asarray(image).reshape(height, width, channels) + noise, 0, 255).astype(np.uint8)
+
+
+def serve_command(repository: Path, grpc_port: int, metrics_port: int | None = None, *extra: str) -> list[str]:
+    """`tritonkit serve REPOSITORY` as a subprocess command: gRPC (and metrics) on the ports given,
+    HTTP on a free one."""
+    return [
+        sys.executable,
+        "-m",
+        "tritonkit.cli",
+        "serve",
+        str(repository),
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(free_port()),
+        "--metrics-port",
+        str(metrics_port or free_port()),
+        *extra,
+    ]
 
 
 def start_server(repository: Path, **kwargs) -> TritonServer:

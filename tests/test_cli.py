@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import encode_image, random_image
+from tests.conftest import encode_image, random_image, serve_command
 from tritonkit.server import free_port
 
 TRITONKIT = [sys.executable, "-m", "tritonkit.cli"]
@@ -57,17 +57,9 @@ def test_serve_exits_nonzero_with_the_server_error_when_a_model_is_broken(clip_r
 @pytest.mark.server
 def test_serve_reports_ready_and_stops_cleanly_when_interrupted(clip_repository, tmp_path):
     grpc_port = free_port()
-    args = [
-        "serve",
-        str(clip_repository),
-        "--grpc-port",
-        str(grpc_port),
-        "--http-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-    ]
-    process = subprocess.Popen([*TRITONKIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        serve_command(clip_repository, grpc_port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("tritonkit: ready: 6 models on grpc 127.0.0.1:"), line + process.stderr.read()

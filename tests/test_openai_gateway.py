@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.conftest import encode_image, free_port, random_image
+from tests.conftest import encode_image, free_port, random_image, serve_command
 from tritonkit.client import TritonkitClient, executed_batch_sizes
 
 pytestmark = pytest.mark.server
@@ -46,23 +46,7 @@ def gateway(clip_repository, llava_repository, whisper_repository, tmp_path_fact
                 shutil.copytree(model, repository / model.name, ignore=shutil.ignore_patterns("__pycache__"))
     grpc_port, openai_port = free_port(), free_port()
     serve = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tritonkit.cli",
-            "serve",
-            str(repository),
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(free_port()),
-            "--metrics-port",
-            str(free_port()),
-            "--openai-port",
-            str(openai_port),
-            "--cache-mb",
-            "0",
-        ],
+        serve_command(repository, grpc_port, None, "--openai-port", str(openai_port), "--cache-mb", "0"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -196,26 +196,11 @@ def tritonserver_pid(serve_pid: int) -> int:
 
 
 def start_serve(repository: Path, tmp_path: Path, *args: str):
-    from tests.conftest import free_port
+    from tests.conftest import free_port, serve_command
 
     grpc_port, metrics_port = free_port(), free_port()
     serve = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tritonkit.cli",
-            "serve",
-            str(repository),
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(free_port()),
-            "--metrics-port",
-            str(metrics_port),
-            "--log-file",
-            str(tmp_path / "server.log"),
-            *args,
-        ],
+        serve_command(repository, grpc_port, metrics_port, "--log-file", str(tmp_path / "server.log"), *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
