@@ -1,10 +1,12 @@
 """LLaVA's language model (PyTorch) generating answers for a dynamic batch of image features + prompts.
 
-Inputs: IMAGE_FEATURES [tokens, hidden] (the vision encoder's), PROMPT (STRING [1]) and the
-optional MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SEED, STOP. Outputs: TEXT, and in the whole-answer decoder PROMPT_TOKENS, COMPLETION_TOKENS and FINISH_REASON
+Inputs: IMAGE_FEATURES [tokens, hidden] (the vision encoder's), PROMPT (STRING [1]) or MESSAGES
+(a JSON conversation, `tritonkit.llava_decoding.conversation`), and the optional MAX_NEW_TOKENS,
+TEMPERATURE, TOP_P, SEED, STOP. Outputs: TEXT, PROMPT_TOKENS, COMPLETION_TOKENS and FINISH_REASON
 (what OpenAI's `usage` and `finish_reason` report). In a decoupled model
 (`model_transaction_policy { decoupled: true }`, the NAME_chat_stream ensemble) every request gets
-its text piece by piece as tokens are generated, then an empty final response. Parameters:
+its text piece by piece as tokens are generated (with the token counts so far and an empty
+FINISH_REASON), then a final response with empty TEXT, the counts and the FINISH_REASON. Parameters:
 `language_model_dir`, `processor_dir`, `max_new_tokens` (default and limit), `image_token_id`,
 `eos_token_ids` (JSON), `device` (cpu or cuda), `max_prompt_bytes`. See `tritonkit.llava_decoding`.
 """
@@ -22,6 +24,8 @@ from tritonkit.llava_decoding import (
     ChatGenerator,
     ChatOptions,
     chat_prompt,
+    chat_text,
+    conversation,
 )
 from tritonkit.runtime import BatchedModel, concat_rows, string_rows
 
@@ -58,7 +62,9 @@ class TritonPythonModel(BatchedModel):
             self.top_p_input,
             self.seed_input,
             self.stop_input,
+            *rest,
         ) = self.input_names
+        self.messages_input = rest[0] if rest else None  # builds before conversations have no MESSAGES
         self.text_output = next(iter(self.output_dtypes))
 
     def row_options(self, inputs, count: int) -> list[ChatOptions]:
@@ -90,25 +96,35 @@ class TritonPythonModel(BatchedModel):
 
     def prepare(self, inputs):
         features = inputs[self.features_input]
-        for raw in inputs[self.prompt_input].reshape(-1):
+        given = [name for name in (self.prompt_input, self.messages_input) if name is not None and name in inputs]
+        if len(given) != 1:
+            raise InputError(
+                f"{self.prompt_input} or {self.messages_input}: give exactly one "
+                f"({self.prompt_input}: a question; {self.messages_input}: a JSON conversation)",
+                reason="bad_option",
+            )
+        (name,) = given
+        for raw in inputs[name].reshape(-1):
             if len(raw) > self.max_prompt_bytes:
                 raise InputError(
-                    f"{self.prompt_input}: {len(raw)} bytes exceeds the {self.max_prompt_bytes} byte limit "
+                    f"{name}: {len(raw)} bytes exceeds the {self.max_prompt_bytes} byte limit "
                     "(max_prompt_bytes; rebuild with --max-prompt-bytes to change it)",
                     reason="too_long",
                 )
-        prompts = string_rows(inputs[self.prompt_input], self.prompt_input)
+        prompts = string_rows(inputs[name], name)
         if len(prompts) != len(features):
-            raise InputError(
-                f"{self.prompt_input}: {len(prompts)} prompts for {len(features)} images", reason="bad_option"
-            )
+            raise InputError(f"{name}: {len(prompts)} prompts for {len(features)} images", reason="bad_option")
         if self.decoupled and len(prompts) != 1:
             raise InputError(
                 f"{self.model_name} streams one answer per request; send one image and prompt", reason="bad_option"
             )
         options = self.row_options(inputs, len(prompts))
+        if name == self.prompt_input:
+            texts = [self.prompt_text(prompt) for prompt in prompts]
+        else:
+            texts = [chat_text(self.processor, conversation(raw, name)) for raw in prompts]
         ids = np.empty(len(prompts), dtype=object)
-        ids[:] = [self.generator.prompt_ids(self.prompt_text(prompt), features.shape[1]) for prompt in prompts]
+        ids[:] = [self.generator.prompt_ids(text, features.shape[1]) for text in texts]
         packed = np.empty(len(prompts), dtype=object)
         packed[:] = [
             self.generator.fit(row_ids, features.shape[1], row_options, self.max_new_tokens)
@@ -177,11 +193,22 @@ class TritonPythonModel(BatchedModel):
 
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         senders = [sender for sender, _ in prepared]
+        prompt_tokens = [len(rows["prompt_ids"][0]) for _, rows in prepared]
         started = [False] * len(prepared)
 
-        def send_piece(row, piece):
-            text = pb_utils.Tensor(self.text_output, np.array([[piece.encode()]], dtype=object))
-            senders[row].send(pb_utils.InferenceResponse(output_tensors=[text]))
+        def response(row, piece: str, completion_tokens: int, reason: str):
+            tensors = {
+                self.text_output: np.array([[piece.encode()]], dtype=object),
+                PROMPT_TOKENS: np.array([[prompt_tokens[row]]], dtype=np.int32),
+                COMPLETION_TOKENS: np.array([[completion_tokens]], dtype=np.int32),
+                FINISH_REASON: np.array([[reason.encode()]], dtype=object),
+            }
+            return pb_utils.InferenceResponse(  # the outputs this build declares (older ones: TEXT alone)
+                output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items() if k in self.output_dtypes]
+            )
+
+        def send_piece(row, piece, result):
+            senders[row].send(response(row, piece, len(result.tokens), ""))
             started[row] = True
 
         try:
@@ -197,6 +224,9 @@ class TritonPythonModel(BatchedModel):
             else:
                 senders[0].send(pb_utils.InferenceResponse(error=message.error()), flags=final)
             return
-        for sender, result in zip(senders, results):
+        for row, (sender, result) in enumerate(zip(senders, results)):
             self.metrics.decoded(tokens=len(result.tokens), steps=result.steps)
-            sender.send(flags=final)
+            if len(self.output_dtypes) > 1:
+                sender.send(response(row, "", len(result.tokens), result.reason), flags=final)
+            else:
+                sender.send(flags=final)

@@ -103,3 +103,32 @@ def test_perf_analyzer_option_fails_clearly_when_it_is_not_installed(clip_server
         "bench", "clip_image", "-i", str(tmp_path / "a.jpg"), "--perf-analyzer", "--url", clip_server.grpc_url
     )
     assert result.returncode == 2 and "no perf_analyzer on PATH" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def cached_clip_server(clip_repository):
+    from tests.conftest import start_server
+
+    server = start_server(clip_repository, response_cache_bytes=16 * 1024 * 1024)
+    yield server
+    server.stop()
+
+
+def test_bench_makes_inputs_unique_so_the_response_cache_never_answers_unless_allowed(cached_clip_server, tmp_path):
+    (tmp_path / "a.jpg").write_bytes(encode_image(random_image(120, 90, seed=70), "JPEG"))
+    args = ["bench", "clip_image", "-i", str(tmp_path / "a.jpg"), "--concurrency", "2", "--requests", "8"]
+    args += ["--url", cached_clip_server.grpc_url, "--json"]
+    measured = run_cli(*args, str(tmp_path / "unique.json"))
+    assert measured.returncode == 0, measured.stderr
+    (level,) = json.loads((tmp_path / "unique.json").read_text())["levels"]
+    encoder = level["models"]["clip_image_encoder"]
+    assert level["errors"] == 0 and encoder["requests"] == 8 and encoder["cache_hits"] == 0
+    assert "response cache answered" not in measured.stdout + measured.stderr
+    cached = run_cli(*args, str(tmp_path / "cached.json"), "--allow-cache")
+    assert cached.returncode == 0, cached.stderr
+    (level,) = json.loads((tmp_path / "cached.json").read_text())["levels"]
+    hits = level["models"]["clip_image"]["cache_hits"] + level["models"]["clip_image_encoder"]["cache_hits"]
+    assert hits >= 8 - 2  # all but the first request of each of the 2 workers
+    assert "Triton's response cache answered" in cached.stdout + cached.stderr
+    tables = [line for line in (cached.stdout + cached.stderr).splitlines() if set(line) & set("│┃━─")]
+    assert tables and all(len(line) <= 80 for line in tables), tables  # the tables fit a terminal

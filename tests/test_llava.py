@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import encode_image, random_image
-from tritonkit.client import TritonkitClient
+from tritonkit.client import TritonkitClient, pack_byte_rows
 from tritonkit.errors import InferenceError
 from tritonkit.offline import preprocess
 
@@ -43,6 +43,48 @@ def test_greedy_answers_are_the_tokens_of_transformers_generate(llava_server, ll
         for seed, prompt in CASES:
             served = client.chat(image(seed), prompt, max_new_tokens=NEW_TOKENS)
             assert served == reference_text(llava_loaded, llava_repository, image(seed), prompt), prompt
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer in one short sentence."},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]},
+    {"role": "assistant", "content": "A small red boat."},
+    {"role": "user", "content": [{"type": "text", "text": "And what colour is the sky?"}]},
+]
+
+
+def test_a_conversation_is_rendered_by_the_chat_template_as_transformers_does(
+    llava_server, llava_loaded, llava_repository
+):
+    spec, loaded = llava_loaded
+    pixels = preprocess(llava_repository, "llava_chat", [image(2)])["PIXEL_VALUES"]
+    as_parts = [  # what transformers' chat templates read: content as a list of parts
+        {**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]}
+        for m in CONVERSATION
+    ]
+    want = loaded.processor.tokenizer.decode(
+        spec.reference_tokens(loaded, pixels, as_parts, NEW_TOKENS), skip_special_tokens=True
+    )
+    with TritonkitClient(llava_server.grpc_url) as client:
+        assert client.chat(image(2), CONVERSATION, max_new_tokens=NEW_TOKENS) == want
+        assert "".join(client.chat_stream(image(2), CONVERSATION, max_new_tokens=NEW_TOKENS)) == want
+        assert want != client.chat(image(2), "What is in the picture?", max_new_tokens=NEW_TOKENS)  # turns count
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([{"role": "user", "content": "no image here"}], "MESSAGES: exactly one {type: image} part"),
+        ([{"role": "tool", "content": "x"}], "MESSAGES[0].role: one of system, user, assistant"),
+        ([{"role": "user", "content": [{"type": "image"}, {"type": "video"}]}], "MESSAGES[0].content[1]: a {type"),
+        ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<image>"}]}], "do not write"),
+    ],
+)
+def test_bad_conversations_fail_their_request_with_a_message(llava_server, messages, message):
+    with TritonkitClient(llava_server.grpc_url) as client:
+        with pytest.raises(InferenceError, match=re.escape(message)):
+            client.chat(image(1), messages)
+        assert client.chat(image(1), CASES[0][1], max_new_tokens=2)  # the server is fine
 
 
 def test_concurrent_requests_decode_together_with_the_same_answers(llava_server):
@@ -154,6 +196,8 @@ def test_a_bad_image_or_prompt_fails_alone(llava_server):
             client.chat(b"%PDF-1.4 not an image", "What?")
         with pytest.raises(InferenceError, match="do not write <image>"):
             client.chat(image(1), "<image> What?")
+        with pytest.raises(InferenceError, match="PROMPT or MESSAGES: give exactly one"):
+            client.infer("llava_chat", {"IMAGE": pack_byte_rows([image(1)])})
         assert client.chat(image(1), CASES[0][1], max_new_tokens=2)
 
 

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.server
 import io
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -148,7 +152,51 @@ def test_chat_equals_the_chat_ensemble_whole_and_streamed(sdk, gateway):
     assert "".join(pieces) == want and len([p for p in pieces if p]) > 1
 
 
+def test_a_conversation_with_system_and_earlier_turns_equals_the_ensemble_and_streams_usage(sdk, gateway):
+    image = encode_image(random_image(88, 72, seed=7), "JPEG")
+    served = [
+        {"role": "system", "content": "Answer in one short sentence."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A small red boat."},
+        {"role": "user", "content": "And the sky?"},
+    ]
+    with TritonkitClient(gateway[1]) as client:
+        want = client.chat(image, served, max_new_tokens=10)
+    messages = [
+        {"role": "developer", "content": "Answer in one short sentence."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(image)}},
+                {"type": "text", "text": "What is this?"},
+            ],
+        },
+        {"role": "assistant", "content": "A small red boat."},
+        {"role": "user", "content": "And the sky?"},
+    ]
+    whole = sdk.chat.completions.create(model="llava", messages=messages, max_tokens=10)
+    assert whole.choices[0].message.content == want
+    chunks = list(
+        sdk.chat.completions.create(
+            model="llava", messages=messages, max_tokens=10, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage  # OpenAI's last chunk: usage alone
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\].role"):
+        sdk.chat.completions.create(model="llava", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+
+
 def test_chat_rejects_what_it_cannot_answer_with_a_400(sdk):
+    with pytest.raises(openai.BadRequestError, match="start it with --allow-url-fetch"):
+        sdk.chat.completions.create(
+            model="llava",
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]}
+            ],
+        )
     with pytest.raises(openai.BadRequestError, match="exactly one image_url part"):
         sdk.chat.completions.create(model="llava", messages=[{"role": "user", "content": "hello"}])
     with pytest.raises(openai.BadRequestError, match="TEMPERATURE: must be between 0"):
@@ -256,29 +304,28 @@ def metric_value(base: str, name: str) -> float:
     return values[0] if values else 0.0
 
 
-def test_the_redis_cache_answers_repeats_and_a_stopped_redis_degrades_to_uncached(gateway, redis_server):
-    process, redis_port = redis_server
+@contextlib.contextmanager
+def standalone_gateway(triton_url: str, *options: str):
+    """`tritonkit openai` in front of the running server, with its own options."""
     port = free_port()
-    second = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tritonkit.cli",
-            "openai",
-            "--triton",
-            gateway[1],
-            "--port",
-            str(port),
-            "--cache-url",
-            f"redis://127.0.0.1:{redis_port}/0",
-            "--cache-ttl",
-            "60",
-        ],
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritonkit.cli", "openai", "--triton", triton_url, "--port", str(port), *options],
         stdout=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(base)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_the_redis_cache_answers_repeats_and_a_stopped_redis_degrades_to_uncached(gateway, redis_server):
+    process, redis_port = redis_server
+    with standalone_gateway(
+        gateway[1], "--cache-url", f"redis://127.0.0.1:{redis_port}/0", "--cache-ttl", "60"
+    ) as base:
         sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         with TritonkitClient(gateway[1]) as client:
 
@@ -297,9 +344,70 @@ def test_the_redis_cache_answers_repeats_and_a_stopped_redis_degrades_to_uncache
         degraded = sdk.embeddings.create(model="clip", input="a cached caption", encoding_format="float")
         np.testing.assert_allclose(degraded.data[0].embedding, first.data[0].embedding, rtol=0, atol=1e-6)
         assert metric_value(base, "tritonkit_gateway_embedding_cache_errors_total") >= 1
-    finally:
-        second.terminate()
-        second.wait(timeout=30)
+
+
+@pytest.fixture
+def image_host():
+    """An HTTP server on loopback: an image, a redirect to another loopback name, a big body, a slow answer."""
+    photo = encode_image(random_image(64, 80, seed=9), "JPEG")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            port = self.server.server_address[1]
+            if self.path == "/photo.jpg":
+                self.answer(photo)
+            elif self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{port}/photo.jpg")
+                self.end_headers()
+            elif self.path == "/big.jpg":
+                self.answer(b"\xff" * (2 * 1024 * 1024))
+            elif self.path == "/slow.jpg":
+                time.sleep(3)
+                self.answer(photo)
+            else:
+                self.send_error(404)
+
+        def answer(self, body: bytes):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", photo
+    server.shutdown()
+
+
+def test_url_fetch_is_off_by_default_and_bounded_when_allowed(gateway, image_host):
+    host, photo = image_host
+    with pytest.raises(openai.BadRequestError, match="start it with --allow-url-fetch"):
+        openai.OpenAI(base_url=f"{gateway[0]}/v1", api_key=KEY, max_retries=0).embeddings.create(
+            model="clip", input=f"{host}/photo.jpg", extra_body={"modality": "image"}
+        )
+    options = ("--allow-url-fetch", "--url-fetch-host", "127.0.0.1", "--max-fetch-mb", "1", "--fetch-timeout", "1")
+    with standalone_gateway(gateway[1], *options) as base:
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+
+        def embed(url: str):
+            return sdk.embeddings.create(model="clip", input=url, extra_body={"modality": "image"}).data[0].embedding
+
+        np.testing.assert_allclose(embed(f"{host}/photo.jpg"), embed(data_url(photo)), rtol=0, atol=1e-6)
+        for url, message in (
+            (f"{host}/moved", "'localhost' is a private or loopback address"),  # a redirect is checked too
+            (f"{host}/big.jpg", "larger than 1048576 bytes"),
+            (f"{host}/slow.jpg", "did not answer within 1 s"),
+            (f"{host}/missing.jpg", "answered HTTP 404"),
+            ("file:///etc/passwd", "file URLs are never read"),
+        ):
+            with pytest.raises(openai.BadRequestError, match=re.escape(message)):
+                embed(url)
 
 
 def test_subtitles_and_verbose_json_carry_the_served_segments(sdk, gateway, speech_files, tmp_path):
@@ -344,3 +452,55 @@ def test_word_timestamps_are_a_clear_400(sdk, speech_files):
         sdk.audio.transcriptions.create(
             model="whisper", file=("a.wav", speech_files[0]), timestamp_granularities=["segment"]
         )
+
+
+def test_bench_drives_the_gateway_with_the_same_tool(gateway, speech_files, tmp_path):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(encode_image(random_image(96, 80, seed=11), "JPEG"))
+    speech = tmp_path / "speech.wav"
+    speech.write_bytes(speech_files[0])
+    env = {**__import__("os").environ, "TRITONKIT_API_KEY": KEY}
+    for model, inputs, behind, encoder in (
+        ("clip", ["-i", str(image)], "clip_image", "clip_image_encoder"),
+        ("clip", ["--text", "a caption"], "clip_text", "clip_text_encoder"),
+        ("whisper", ["-i", str(speech)], "whisper", "whisper_encoder"),
+        ("llava", ["-i", str(image), "--text", "What is it?"], "llava_chat", "llava_decoder"),
+    ):
+        report = tmp_path / f"{behind}.json"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tritonkit.cli",
+                "bench",
+                model,
+                "--openai",
+                gateway[0],
+                *inputs,
+                "--concurrency",
+                "1,4",
+                "--requests",
+                "4",
+                "--url",
+                gateway[1],
+                "--json",
+                str(report),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr
+        levels = __import__("json").loads(report.read_text())["levels"]
+        for level in levels:
+            assert level["requests"] == 4 and level["errors"] == 0 and level["throughput"] > 0, level
+            assert level["models"][behind]["requests"] == 4 and level["models"][encoder]["requests"] >= 1, behind
+    result = subprocess.run(
+        [sys.executable, "-m", "tritonkit.cli", "bench", "nope", "--openai", gateway[0], "--text", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 2 and "the gateway serves no model 'nope'" in result.stderr

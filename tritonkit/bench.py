@@ -1,11 +1,15 @@
-"""`tritonkit bench`: an async gRPC load generator that sends what users send.
+"""`tritonkit bench`: an async load generator that sends what users send, over gRPC to Triton
+or over HTTP to the OpenAI gateway (`--openai URL`), so both paths are measured by one tool.
 
 For each concurrency level, `concurrency` coroutines each keep one request in flight (encoded
 image or audio bytes, or text, cycled over the given inputs) for a duration or a request count.
-Reported per level: throughput, client latency p50/p90/p99, errors and timeouts, the client
-process's CPU share (it competes with the server on small machines), and from Triton's own
-statistics, per model of the ensemble: requests, average queue and compute (input, infer,
-output) milliseconds per request, and the batch sizes executed.
+Every request's bytes are made unique by default (harmless padding: trailing bytes after an
+image, a RIFF chunk in a WAV, trailing spaces after a text), so Triton's response cache and the
+gateway's Redis cache do not answer in place of the models; `allow_cache` sends the inputs as
+they are. Reported per level: throughput, client latency p50/p90/p99, errors and timeouts, the
+client process's CPU share (it competes with the server on small machines), and from Triton's
+own statistics, per model of the ensemble: requests, average queue and compute (input, infer,
+output) milliseconds per request, response-cache hits, and the batch sizes executed.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import resource
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,6 +67,28 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def unique(item: bytes, serial: int, text: bool) -> bytes:
+    """`item` with a serial number in bytes its decoder skips, so no cache can answer it."""
+    if text:
+        return item + b" " * (1 + serial % 64) + b" " * (serial // 64 % 64)  # tokenizers strip trailing spaces
+    if item[:4] == b"RIFF" and item[8:12] == b"WAVE":  # a chunk WAV readers skip, and the RIFF size grown to match
+        chunk = b"tkbn" + (8).to_bytes(4, "little") + serial.to_bytes(8, "little")
+        body = item[12:] + chunk
+        return b"RIFF" + (len(body) + 4).to_bytes(4, "little") + b"WAVE" + body
+    return item + b"\0tritonkit-bench" + serial.to_bytes(8, "little")  # after an image's end marker
+
+
+def unique_requests(feeds: list[dict[str, np.ndarray]], serial: int) -> dict[str, np.ndarray]:
+    feed = feeds[serial % len(feeds)]
+    out = {}
+    for name, array in feed.items():
+        if array.dtype == object:
+            out[name] = np.array([[unique(array[0, 0], serial, text=True)]], dtype=object)
+        else:
+            out[name] = np.frombuffer(unique(array.tobytes(), serial, text=False), dtype=np.uint8)[None, :]
+    return out
+
+
 def model_inputs(config: dict, items: Sequence[bytes]) -> list[dict[str, np.ndarray]]:
     """One request's inputs per item, for a model whose single required input is encoded bytes
     (UINT8 [-1]) or text (STRING [1])."""
@@ -81,18 +107,13 @@ def model_inputs(config: dict, items: Sequence[bytes]) -> list[dict[str, np.ndar
 
 
 async def _run_level(
-    url: str,
-    model: str,
-    requests: list[dict[str, np.ndarray]],
+    send: Callable[[int], Awaitable[None]],
     concurrency: int,
     duration_s: float | None,
     count: int | None,
-    timeout_s: float,
     tick: Callable[[], None],
 ) -> tuple[list[float], int, int, float, str | None]:
-    import tritonclient.grpc.aio as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
+    """`concurrency` workers each keeping one `send(serial)` in flight; latencies in ms."""
     latencies: list[float] = []
     errors = timeouts = 0
     first_error: str | None = None
@@ -105,36 +126,121 @@ async def _run_level(
             return sent < count
         return deadline is not None and time.perf_counter() < deadline
 
-    async def worker(offset: int) -> None:
+    async def worker() -> None:
         nonlocal errors, timeouts, sent, first_error
-        index = offset
         while more():
+            serial = sent
             sent += 1
-            feed = requests[index % len(requests)]
-            index += concurrency
-            tensors = []
-            for name, array in feed.items():
-                tensor = grpcclient.InferInput(name, list(array.shape), wire_datatype(array))
-                tensor.set_data_from_numpy(array)
-                tensors.append(tensor)
             began = time.perf_counter()
             try:
-                await client.infer(model, tensors, client_timeout=timeout_s)
+                await send(serial)
                 latencies.append((time.perf_counter() - began) * 1000)
             except Exception as exc:  # counted, and the first one reported
-                text = str(exc)
-                if "Deadline" in text or "timeout" in text.lower():
+                text = str(exc) or type(exc).__name__
+                if "Deadline" in text or "timeout" in text.lower() or "Timeout" in type(exc).__name__:
                     timeouts += 1
                 else:
                     errors += 1
                 first_error = first_error or text.strip().splitlines()[0][:300]
             tick()
 
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors, timeouts, time.perf_counter() - start, first_error
+
+
+async def _grpc_level(url, model, feeds, allow_cache, concurrency, duration_s, count, timeout_s, tick):
+    import tritonclient.grpc.aio as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+
+    async def send(serial: int) -> None:
+        feed = feeds[serial % len(feeds)] if allow_cache else unique_requests(feeds, serial)
+        tensors = []
+        for name, array in feed.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), wire_datatype(array))
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        await client.infer(model, tensors, client_timeout=timeout_s)
+
     try:
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        return await _run_level(send, concurrency, duration_s, count, tick)
     finally:
         await client.close()
-    return latencies, errors, timeouts, time.perf_counter() - start, first_error
+
+
+class HttpError(Exception):
+    pass
+
+
+async def _openai_level(base, model, kind, items, texts, allow_cache, concurrency, duration_s, count, timeout_s, tick):
+    """The same load as OpenAI API calls: embeddings (texts, or images as data URLs),
+    transcriptions (multipart audio) or chat (an image and a question)."""
+    import base64
+
+    import httpx
+
+    client = httpx.AsyncClient(
+        base_url=base.rstrip("/"),
+        timeout=timeout_s,
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        headers={
+            "Authorization": f"Bearer {os.environ.get('TRITONKIT_API_KEY') or os.environ.get('OPENAI_API_KEY') or 'unused'}"
+        },
+    )
+
+    def data_url(data: bytes) -> str:
+        return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+    images = [item for item, is_text in zip(items, texts) if not is_text]
+    question = next((item.decode() for item, is_text in zip(items, texts) if is_text), "Describe the image.")
+    if kind == "chat" and not images:
+        raise InputError("--openai: a chat model needs an image (--input FILE); --text gives the question")
+
+    async def send(serial: int) -> None:
+        if kind == "chat":
+            item, is_text = images[serial % len(images)], False
+        else:
+            item, is_text = items[serial % len(items)], texts[serial % len(items)]
+        data = item if allow_cache else unique(item, serial, text=is_text)
+        if kind == "embeddings":
+            body = {"model": model, "encoding_format": "base64", "input": data.decode() if is_text else data_url(data)}
+            response = await client.post("/v1/embeddings", json=body)
+        elif kind == "transcription":
+            response = await client.post(
+                "/v1/audio/transcriptions", data={"model": model}, files={"file": ("audio", data)}
+            )
+        else:
+            content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": data_url(data)}}]
+            body = {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": content}]}
+            response = await client.post("/v1/chat/completions", json=body)
+        if response.status_code != 200:
+            raise HttpError(f"HTTP {response.status_code}: {response.text[:300]}")
+
+    try:
+        return await _run_level(send, concurrency, duration_s, count, tick)
+    finally:
+        await client.aclose()
+
+
+def openai_model_kind(base: str, model: str, timeout_s: float = 10) -> str:
+    """What the gateway serves under `model`: embeddings, transcription or chat."""
+    import httpx
+
+    key = os.environ.get("TRITONKIT_API_KEY") or os.environ.get("OPENAI_API_KEY") or "unused"
+    try:
+        response = httpx.get(
+            f"{base.rstrip('/')}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=timeout_s
+        )
+    except httpx.HTTPError as exc:
+        raise InferenceError(f"--openai {base}: the gateway does not answer ({type(exc).__name__})") from None
+    if response.status_code != 200:
+        raise InferenceError(f"--openai {base}: GET /v1/models answered HTTP {response.status_code}")
+    kinds = {m["id"]: m.get("kind", "") for m in response.json().get("data", [])}
+    if model not in kinds:
+        raise InputError(
+            f"--openai: the gateway serves no model {model!r} (served: {', '.join(sorted(kinds)) or 'none'})"
+        )
+    return kinds[model]
 
 
 def ensemble_models(client, model: str) -> list[str]:
@@ -206,8 +312,14 @@ def run_bench(
     requests: int | None = None,
     timeout_s: float = 60.0,
     progress: Callable[[str, float], None] | None = None,
+    allow_cache: bool = False,
+    openai: str | None = None,
+    texts: Sequence[bool] | None = None,
 ) -> list[LevelResult]:
-    """Measure each concurrency level in turn against a running server."""
+    """Measure each concurrency level in turn against a running server: gRPC to `model` at `url`,
+    or, with `openai` (the gateway's base URL), HTTP calls naming `model` as the OpenAI model.
+    `texts` marks which items are texts (default: all, when the model takes text). With `openai`,
+    the server breakdown is filled when `url` serves the ensemble behind it (else left empty)."""
     import tritonclient.grpc as grpcclient
 
     if not items:
@@ -218,14 +330,28 @@ def run_bench(
         duration_s = 10.0
     if any(c < 1 for c in concurrencies):
         raise InputError("concurrency levels must be >= 1")
+    kind = openai_model_kind(openai, model) if openai else None
     sync = grpcclient.InferenceServerClient(url)
     try:
-        try:
-            config = sync.get_model_config(model, as_json=True)["config"]
-        except Exception as exc:
-            raise InferenceError(f"model {model!r} is not available at {url}: {exc}") from None
-        feeds = model_inputs(config, items)
-        models = ensemble_models(sync, model)
+        models: list[str] = []
+        feeds: list[dict[str, np.ndarray]] = []
+        if kind is None:
+            try:
+                config = sync.get_model_config(model, as_json=True)["config"]
+            except Exception as exc:
+                raise InferenceError(f"model {model!r} is not available at {url}: {exc}") from None
+            feeds = model_inputs(config, items)
+            models = ensemble_models(sync, model)
+        flags = list(texts) if texts is not None else [False] * len(items)
+        counted = model  # the ensemble whose successes the statistics wait for
+        if kind is not None:  # the ensemble behind the OpenAI model, when `url` reaches its server
+            counted = {"transcription": model, "chat": f"{model}_chat"}.get(
+                kind, f"{model}_text" if all(flags) else f"{model}_image"
+            )
+            try:
+                models = ensemble_models(sync, counted)
+            except Exception:
+                models = []
         results = []
         for concurrency in concurrencies:
             done = [0]
@@ -237,11 +363,15 @@ def run_bench(
                     progress(f"concurrency {concurrency}", done[0] / total if total else 0.0)
 
             before, cpu_before = _stats(sync, models), _cpu_seconds()
-            latencies, errors, timeouts, seconds, first_error = asyncio.run(
-                _run_level(url, model, feeds, concurrency, duration_s, requests, timeout_s, tick)
-            )
+            if kind is None:
+                level = _grpc_level(url, model, feeds, allow_cache, concurrency, duration_s, requests, timeout_s, tick)
+            else:
+                level = _openai_level(
+                    openai, model, kind, items, flags, allow_cache, concurrency, duration_s, requests, timeout_s, tick
+                )
+            latencies, errors, timeouts, seconds, first_error = asyncio.run(level)
             cpu = (_cpu_seconds() - cpu_before) / seconds / (os.cpu_count() or 1)
-            after = _settled_stats(sync, models, before, model, len(latencies))
+            after = _settled_stats(sync, models, before, counted, len(latencies)) if models else {}
             results.append(
                 LevelResult(
                     concurrency=concurrency,

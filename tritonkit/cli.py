@@ -300,6 +300,15 @@ def openai_gateway(
         str | None, typer.Option(help="Cache embeddings in Redis, shared by replicas: redis://host:port/db.")
     ] = None,
     cache_ttl: Annotated[int, typer.Option(help="Seconds an embedding stays in the Redis cache.")] = 3600,
+    allow_url_fetch: Annotated[
+        bool, typer.Option(help="Fetch http(s) image URLs (public addresses only, limited, no file:).")
+    ] = False,
+    url_fetch_host: Annotated[
+        list[str] | None,
+        typer.Option(help="A host fetched even though its address is private (an internal image store); repeatable."),
+    ] = None,
+    max_fetch_mb: Annotated[int, typer.Option(help="Largest fetched image.")] = 20,
+    fetch_timeout: Annotated[float, typer.Option(help="Seconds a fetch may take, redirects included.")] = 10.0,
 ):
     """Serve the OpenAI API (embeddings, chat with images, audio) in front of a running tritonserver.
 
@@ -307,7 +316,12 @@ def openai_gateway(
     curl http://127.0.0.1:9000/v1/embeddings -d '{"model": "clip", "input": "a photo of a cat"}'
     """
     from tritonkit.gateway import GatewayOptions, run_gateway
+    from tritonkit.gateway.fetch import FetchPolicy
 
+    if max_fetch_mb < 1 or fetch_timeout <= 0:
+        raise InputError("--max-fetch-mb must be >= 1 and --fetch-timeout > 0")
+    if url_fetch_host and not allow_url_fetch:
+        raise InputError("--url-fetch-host needs --allow-url-fetch")
     if max_body_mb < 1:
         raise InputError(f"--max-body-mb must be >= 1, got {max_body_mb}")
     if cache_ttl < 1:
@@ -318,6 +332,12 @@ def openai_gateway(
         max_body_bytes=max_body_mb * 1024 * 1024,
         cache_url=cache_url,
         cache_ttl_s=cache_ttl,
+        fetch=FetchPolicy(
+            enabled=allow_url_fetch,
+            max_bytes=max_fetch_mb * 1024 * 1024,
+            timeout_s=fetch_timeout,
+            allowed_hosts=frozenset(url_fetch_host or ()),
+        ),
     )
     print(f"tritonkit: OpenAI API on http://{host}:{port}/v1 in front of {triton}", flush=True)
     run_gateway(options, host=host, port=port)
@@ -723,11 +743,22 @@ def bench(
     perf_analyzer: Annotated[
         bool, typer.Option("--perf-analyzer", help="Run perf_analyzer (if on PATH) with the same settings instead.")
     ] = False,
+    openai: Annotated[
+        str | None,
+        typer.Option(help="Drive the OpenAI gateway at this URL instead (MODEL is then its model, e.g. clip)."),
+    ] = None,
+    allow_cache: Annotated[
+        bool, typer.Option(help="Send the inputs as they are, so Triton's response cache may answer repeats.")
+    ] = False,
     url: Url = "127.0.0.1:8001",
 ):
-    """Load a served model with concurrent gRPC requests and report throughput, latency and where time goes.
+    """Load a served model with concurrent requests and report throughput, latency and where time goes.
+
+    Every request's bytes are made unique (harmless padding) so caches do not answer in place of the
+    models; --allow-cache sends them as they are.
 
     Example: tritonkit bench clip_image -i cat.jpg -i dog.png --concurrency 1,4,16 --duration 10 --json r.json --plot r.png
+    Through the gateway: tritonkit bench clip --openai http://127.0.0.1:9000 -i cat.jpg
     """
     import tempfile
 
@@ -737,7 +768,8 @@ def bench(
     from tritonkit import bench as load
     from tritonkit.client import read_inputs
 
-    items = read_inputs(input or []) + [t.encode("utf-8") for t in (text or [])]
+    files = read_inputs(input or [])
+    items = files + [t.encode("utf-8") for t in (text or [])]
     if not items:
         raise InputError("nothing to send", hint="give --input FILE (images, audio) or --text TEXT")
     levels = _int_list(concurrency) or (1,)
@@ -767,9 +799,12 @@ def bench(
             requests=requests,
             timeout_s=timeout,
             progress=progress,
+            allow_cache=allow_cache,
+            openai=openai,
+            texts=[False] * len(files) + [True] * len(text or []),
         )
-    table = Table(title=f"{model} at {url}")
-    for column in ("concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "timeouts", "client CPU"):
+    table = Table(title=f"{model} at {openai or url}")
+    for column in ("conc.", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "timeouts", "client CPU"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(
@@ -784,9 +819,11 @@ def bench(
         )
     console.print(table)
     for r in results:
-        breakdown = Table(title=f"server time per request at concurrency {r.concurrency} (ms)")
-        for column in ("model", "requests", "queue", "input", "infer", "output", "cache hits", "batch sizes"):
-            breakdown.add_column(column, justify="right" if column != "model" else "left")
+        if not r.models:
+            continue
+        breakdown = Table(title=f"server ms per request at concurrency {r.concurrency}")
+        for column in ("model", "req", "queue", "in", "infer", "out", "cached", "batches"):
+            breakdown.add_column(column, justify="right" if column != "model" else "left", overflow="fold")
         for name, m in r.models.items():
             sizes = " ".join(f"{b}x{n}" for b, n in m.batch_sizes.items())
             breakdown.add_row(
@@ -800,10 +837,21 @@ def bench(
                 sizes,
             )
         console.print(breakdown)
+        cached = max((m.cache_hits for m in r.models.values()), default=0)
+        if cached:
+            labelled(
+                "note:",
+                "yellow",
+                f"Triton's response cache answered {cached} of {r.requests} requests at concurrency {r.concurrency}"
+                + ("" if allow_cache else " (identical inputs from another client)")
+                + "; these figures include cache hits",
+            )
+    for r in results:
         if r.first_error:
             labelled("first error:", "red", str(r.first_error))
     if json_out:
-        load.write_json(results, json_out, {"model": model, "url": url, "inputs": len(items)})
+        meta = {"model": model, "url": openai or url, "inputs": len(items), "unique_inputs": not allow_cache}
+        load.write_json(results, json_out, meta)
     if plot:
         load.write_plot(results, plot, f"{model}: throughput vs p99")
 

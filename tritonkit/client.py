@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,15 +102,20 @@ def transcript(result: dict[str, np.ndarray], row: int = 0) -> Transcript:
 
 def chat_inputs(
     image: bytes,
-    prompt: str,
+    prompt: str | Sequence[Mapping],
     max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
-    """One image, one prompt and its options as the LLaVA chat ensembles' inputs (None left out)."""
-    inputs = {"IMAGE": pack_byte_rows([image]), "PROMPT": np.array([[prompt.encode()]], dtype=object)}
+    """One image, a prompt (or a conversation: messages with one {"type": "image"} part, sent as
+    MESSAGES) and its options as the LLaVA chat ensembles' inputs (None left out)."""
+    inputs = {"IMAGE": pack_byte_rows([image])}
+    if isinstance(prompt, str):
+        inputs["PROMPT"] = np.array([[prompt.encode()]], dtype=object)
+    else:
+        inputs["MESSAGES"] = np.array([[json.dumps(list(prompt)).encode()]], dtype=object)
     if max_new_tokens is not None:
         inputs["MAX_NEW_TOKENS"] = np.array([[max_new_tokens]], dtype=np.int32)
     if temperature is not None:
@@ -215,12 +221,17 @@ class TritonkitClient:
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             return list(pool.map(one, files))
 
-    def chat(self, image: bytes | str | Path, prompt: str, model: str = "llava_chat", **options) -> str:
-        """The answer to `prompt` about `image`, whole (options: max_new_tokens, temperature, top_p, seed, stop)."""
+    def chat(
+        self, image: bytes | str | Path, prompt: str | Sequence[Mapping], model: str = "llava_chat", **options
+    ) -> str:
+        """The answer to `prompt` (or to a conversation) about `image`, whole (options:
+        max_new_tokens, temperature, top_p, seed, stop)."""
         (data,) = read_inputs([image])
         return self.infer(model, chat_inputs(data, prompt, **options))["TEXT"][0, 0].decode("utf-8")
 
-    def chat_stream(self, image: bytes | str | Path, prompt: str, model: str = "llava_chat_stream", **options):
+    def chat_stream(
+        self, image: bytes | str | Path, prompt: str | Sequence[Mapping], model: str = "llava_chat_stream", **options
+    ):
         """Yield the answer's text piece by piece as the server generates it (gRPC streaming)."""
         import queue
 
@@ -242,7 +253,7 @@ class TritonkitClient:
                 if error is not None:
                     raise InferenceError(f"{model}: {_message(error)}")
                 piece = result.as_numpy("TEXT")
-                if piece is not None:
+                if piece is not None and piece.size and piece.reshape(-1)[0]:
                     yield piece.reshape(-1)[0].decode("utf-8")
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:

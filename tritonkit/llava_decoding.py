@@ -1,6 +1,7 @@
 """LLaVA's text generation, as the served decoder runs it: a whole dynamic batch at once.
 
-Each request's prompt goes through the model's chat template; its `<image>` token becomes one
+Each request's prompt (one question, or a whole conversation in MESSAGES) goes through the
+model's chat template; its `<image>` token becomes one
 token per image feature, and the embeddings of those tokens are replaced by the features (what
 `LlavaForConditionalGeneration` does). Prompts of a batch are left-padded and decoded together
 with the language model's KV cache: greedy by default, or sampling (temperature, top-p) from a
@@ -11,6 +12,7 @@ one of its stop strings (the text is cut before it).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -71,10 +73,62 @@ class Generated:
     reason: str = ""  # why it ended, as OpenAI's finish_reason: "stop" (end token, stop string) or "length"
 
 
+ROLES = ("system", "user", "assistant")
+MAX_MESSAGES = 256
+
+
 def chat_prompt(processor, prompt: str) -> str:
     """The model's chat template around one image and the user's prompt, ready for generation."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return chat_text(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}])
+
+
+def chat_text(processor, messages: list[dict]) -> str:
+    """A checked conversation (see `conversation`) in the model's chat template, ready for generation."""
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def conversation(raw: str, tensor: str = "MESSAGES") -> list[dict]:
+    """MESSAGES parsed and checked: a JSON list of {"role": system|user|assistant, "content": text or
+    parts}, parts {"type": "text", "text": ...} or {"type": "image"} (the request's IMAGE, exactly
+    once). Contents come back as lists of parts, the form every chat template reads."""
+    try:
+        messages = json.loads(raw)
+    except ValueError:
+        raise InputError(f"{tensor}: not JSON; send a list of {{role, content}} messages", reason="bad_text") from None
+    if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
+        raise InputError(f"{tensor}: a list of 1 to {MAX_MESSAGES} {{role, content}} messages", reason="bad_text")
+    checked, images = [], 0
+    for k, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise InputError(f"{tensor}[{k}].role: one of {', '.join(ROLES)}", reason="bad_text")
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise InputError(f"{tensor}[{k}].content: a string or a list of parts", reason="bad_text")
+        kept: list[dict] = []
+        for j, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                if "<image>" in part["text"]:
+                    raise InputError(
+                        f"{tensor}[{k}].content[{j}]: do not write <image>; use an {{type: image}} part",
+                        reason="bad_text",
+                    )
+                kept.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                images += 1
+                kept.append({"type": "image"})
+            else:
+                raise InputError(
+                    f"{tensor}[{k}].content[{j}]: a {{type: text, text}} or {{type: image}} part", reason="bad_text"
+                )
+        checked.append({"role": role, "content": kept})
+    if images != 1:
+        raise InputError(
+            f"{tensor}: exactly one {{type: image}} part (it stands for IMAGE), got {images}", reason="bad_text"
+        )
+    return checked
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -146,9 +200,9 @@ class ChatGenerator:
         prompts: Sequence[list[int]],
         options: Sequence[ChatOptions],
         default_max_new_tokens: int,
-        on_text: Callable[[int, str], None] | None = None,
+        on_text: Callable[[int, str, Generated], None] | None = None,
     ) -> list[Generated]:
-        """Decode every row together. `on_text(row, piece)` streams each row's new text."""
+        """Decode every row together. `on_text(row, piece, result)` streams each row's new text."""
         torch = self.torch
         count = len(prompts)
         longest = max(len(p) for p in prompts)
@@ -191,7 +245,7 @@ class ChatGenerator:
                     if on_text is not None:
                         end = len(result.text) if result.finished else streamable(result.text, options[i].stop)
                         if end > result.emitted:
-                            on_text(i, result.text[result.emitted : end])
+                            on_text(i, result.text[result.emitted : end], result)
                             result.emitted = end
                 if all(r.finished for r in results):
                     return results

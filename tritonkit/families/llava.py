@@ -32,6 +32,7 @@ from tritonkit.triton_config import Batching, Tensor
 # Public contract: ensemble tensors (see README).
 IMAGE = "IMAGE"
 PROMPT = "PROMPT"
+MESSAGES = "MESSAGES"  # instead of PROMPT: a JSON conversation (system, earlier turns) around the one image
 TEXT = "TEXT"
 MAX_NEW_TOKENS = "MAX_NEW_TOKENS"
 TEMPERATURE = "TEMPERATURE"
@@ -111,7 +112,8 @@ class LlavaSpec(FamilySpec):
     name = "llava"
     model_types = ("llava",)
     description = (
-        "LLaVA image question answering -> ensembles NAME_chat and NAME_chat_stream (IMAGE + PROMPT in, TEXT out)"
+        "LLaVA image question answering -> ensembles NAME_chat and NAME_chat_stream "
+        "(IMAGE + PROMPT or MESSAGES in, TEXT out)"
     )
     model_class = "LlavaForConditionalGeneration"
     processor_classes: ClassVar[Mapping[str, str]] = {"processor": "AutoProcessor"}
@@ -136,7 +138,8 @@ class LlavaSpec(FamilySpec):
         return {
             IMAGE: Tensor(IMAGE, "uint8", (-1,), ragged=True),
             CHECKED_IMAGE: Tensor(CHECKED_IMAGE, "uint8", (-1,), ragged=True),
-            PROMPT: Tensor(PROMPT, "string", (1,)),
+            PROMPT: Tensor(PROMPT, "string", (1,), optional=True),
+            MESSAGES: Tensor(MESSAGES, "string", (1,), optional=True),
             MAX_NEW_TOKENS: Tensor(MAX_NEW_TOKENS, "int32", (1,), optional=True),
             TEMPERATURE: Tensor(TEMPERATURE, "float32", (1,), optional=True),
             TOP_P: Tensor(TOP_P, "float32", (1,), optional=True),
@@ -198,7 +201,7 @@ class LlavaSpec(FamilySpec):
             encoder = replace(
                 encoder, parameters={**encoder.parameters, "feature_cache_entries": str(FEATURE_CACHE_ENTRIES)}
             )
-        options_in = (t[MAX_NEW_TOKENS], t[TEMPERATURE], t[TOP_P], t[SEED], t[STOP])
+        options_in = (t[MAX_NEW_TOKENS], t[TEMPERATURE], t[TOP_P], t[SEED], t[STOP], t[MESSAGES])
         parameters = {
             "language_model_dir": "language_model",
             "processor_dir": "processor",
@@ -217,7 +220,7 @@ class LlavaSpec(FamilySpec):
                 role=role,
                 template="llava_decoder",
                 inputs=(t[IMAGE_FEATURES], t[PROMPT], *options_in),
-                outputs=(t[TEXT],) if stream else (t[TEXT], *usage),
+                outputs=(t[TEXT], *usage),
                 batching=self.stage_batching(role),
                 parameters=parameters,
                 artefacts=saved,
@@ -228,7 +231,9 @@ class LlavaSpec(FamilySpec):
         inputs = (t[IMAGE], t[PROMPT], *options_in)
         return [
             Pipeline("chat", inputs, (t[TEXT], *usage), (*image_stages, encoder, decoder("decoder", False))),
-            Pipeline("chat_stream", inputs, (t[TEXT],), (*image_stages, encoder, decoder("decoder_stream", True))),
+            Pipeline(
+                "chat_stream", inputs, (t[TEXT], *usage), (*image_stages, encoder, decoder("decoder_stream", True))
+            ),
         ]
 
     # -- reduced precision -----------------------------------------------------------------
@@ -264,14 +269,19 @@ class LlavaSpec(FamilySpec):
 
     # -- reference (tests) -----------------------------------------------------------------
     def reference_tokens(
-        self, loaded: LoadedLlava, pixel_values: np.ndarray, prompt: str, max_new_tokens: int
+        self, loaded: LoadedLlava, pixel_values: np.ndarray, prompt: str | list[dict], max_new_tokens: int
     ) -> list[int]:
-        """transformers `generate` (greedy) on these pixels: the tokens the chat ensemble must return."""
+        """transformers `generate` (greedy) on these pixels: the tokens the chat ensemble must return
+        for a prompt, or for a conversation (messages with one {"type": "image"} part)."""
         import torch
 
-        from tritonkit.llava_decoding import chat_prompt
-
-        text = chat_prompt(loaded.processor, prompt)
+        if isinstance(prompt, str):
+            text = loaded.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+                add_generation_prompt=True,
+            )
+        else:
+            text = loaded.processor.apply_chat_template(prompt, add_generation_prompt=True)
         image_tokens = "<image>" * loaded.image_tokens
         ids = loaded.processor.tokenizer(text.replace("<image>", image_tokens), return_tensors="pt")["input_ids"]
         with torch.no_grad():

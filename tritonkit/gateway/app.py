@@ -13,12 +13,13 @@ import time
 import uuid
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from tritonkit import subtitles
+from tritonkit.gateway.fetch import FetchPolicy, fetch
 from tritonkit.gateway.triton import ApiError, ServedModel, Triton
 
 DEFAULT_MAX_BODY_MB = 100  # as the Ingress's proxy-body-size
@@ -32,6 +33,7 @@ class GatewayOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * 1024 * 1024
     cache_url: str | None = None  # redis://host:port/db: embeddings shared by replicas
     cache_ttl_s: int = 3600
+    fetch: FetchPolicy = field(default_factory=FetchPolicy)  # remote image URLs: off unless --allow-url-fetch
 
 
 def string_array(values: list[str]) -> np.ndarray:
@@ -43,11 +45,11 @@ def byte_row(data: bytes) -> np.ndarray:
 
 
 def data_url_bytes(url: str, param: str) -> bytes:
-    """The bytes of a `data:...;base64,` URL; remote URLs are never fetched by this gateway."""
-    if url.startswith(("http://", "https://", "file:")):
+    """The bytes of a `data:...;base64,` URL."""
+    if url.startswith("file:"):
         raise ApiError(
             400,
-            f"{param}: remote and file URLs are not fetched; send the image as a data:image/...;base64, URL",
+            f"{param}: file URLs are never read; send a data:image/...;base64, URL",
             param=param,
             code="invalid_value",
         )
@@ -215,6 +217,12 @@ def create_app(options: GatewayOptions):
             ],
         }
 
+    async def image_bytes(url: str, param: str) -> bytes:
+        """A data URL's bytes, or an http(s) URL's body as --allow-url-fetch permits."""
+        if url.startswith(("http://", "https://")):
+            return await fetch(url, options.fetch, param)
+        return data_url_bytes(url, param)
+
     # -- embeddings ---------------------------------------------------------------------------------
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
@@ -250,7 +258,7 @@ def create_app(options: GatewayOptions):
                 if "image" not in model.ensembles:
                     raise ApiError(400, f"{param}: {model.name} embeds no images", param=param)
                 ensemble, output = model.ensembles["image"], "IMAGE_EMBEDS"
-                data = data_url_bytes(item, param)
+                data = await image_bytes(item, param)
                 inputs = {"IMAGE": byte_row(data)}
             else:
                 if "text" not in model.ensembles:
@@ -297,39 +305,57 @@ def create_app(options: GatewayOptions):
         )
 
     # -- chat -------------------------------------------------------------------------------------
-    def chat_inputs(body: dict) -> tuple[dict[str, np.ndarray], int | None]:
-        messages = body.get("messages")
+    async def conversation(messages: object) -> tuple[list[dict], bytes]:
+        """OpenAI's messages as the decoder's MESSAGES (the image part as {"type": "image"}) and the
+        one image's bytes."""
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages: a non-empty list", param="messages")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "n: only 1 is supported", param="n")
-        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-        if len(users) != 1 or len(messages) != 1:
-            raise ApiError(
-                400,
-                "messages: one user message with one image and text is supported so far (no system or earlier turns)",
-                param="messages",
-            )
-        content = users[0].get("content")
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        if not isinstance(parts, list):
-            raise ApiError(400, "messages[0].content: a string or a list of parts", param="messages")
-        texts, images = [], []
-        for k, part in enumerate(parts):
-            param = f"messages[0].content[{k}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind == "image_url":
-                url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
-                if not isinstance(url, str):
-                    raise ApiError(400, f"{param}.image_url.url: required", param=param)
-                images.append(data_url_bytes(url, f"{param}.image_url.url"))
-            else:
-                raise ApiError(400, f"{param}: a text or image_url part", param=param)
+        rendered, images = [], []
+        for k, message in enumerate(messages):
+            role = message.get("role") if isinstance(message, dict) else None
+            role = "system" if role == "developer" else role
+            if role not in ("system", "user", "assistant"):
+                raise ApiError(
+                    400, f"messages[{k}].role: system, developer, user or assistant (no tools)", param="messages"
+                )
+            content = message.get("content")
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(parts, list):
+                raise ApiError(400, f"messages[{k}].content: a string or a list of parts", param="messages")
+            kept: list[dict] = []
+            for j, part in enumerate(parts):
+                param = f"messages[{k}].content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    kept.append({"type": "text", "text": part["text"]})
+                elif kind == "image_url" and role == "user":
+                    url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
+                    if not isinstance(url, str):
+                        raise ApiError(400, f"{param}.image_url.url: required", param="messages")
+                    images.append(await image_bytes(url, f"{param}.image_url.url"))
+                    kept.append({"type": "image"})
+                else:
+                    raise ApiError(
+                        400, f"{param}: a text part (or, in a user message, an image_url part)", param="messages"
+                    )
+            rendered.append({"role": role, "content": kept})
         if len(images) != 1:
             raise ApiError(400, f"messages: exactly one image_url part is needed, got {len(images)}", param="messages")
-        inputs = {"IMAGE": byte_row(images[0]), "PROMPT": string_array([" ".join(texts)])}
+        return rendered, images[0]
+
+    async def chat_inputs(body: dict, model: ServedModel) -> dict[str, np.ndarray]:
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "n: only 1 is supported", param="n")
+        rendered, image = await conversation(body.get("messages"))
+        inputs = {"IMAGE": byte_row(image)}
+        if "MESSAGES" in model.inputs:
+            inputs["MESSAGES"] = string_array([json.dumps(rendered)])
+        elif len(rendered) == 1:  # a build from before conversations: one user message as PROMPT
+            inputs["PROMPT"] = string_array([" ".join(p["text"] for p in rendered[0]["content"] if "text" in p)])
+        else:
+            raise ApiError(
+                400, f"messages: {model.name} was built before conversations; rebuild it or send one user message"
+            )
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None:
             if not isinstance(limit, int) or isinstance(limit, bool):
@@ -352,14 +378,24 @@ def create_app(options: GatewayOptions):
             if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
                 raise ApiError(400, "stop: a string or a list of strings", param="stop")
             inputs["STOP"] = np.array([[s.encode() for s in stops]], dtype=object)
-        return inputs, limit
+        return inputs
+
+    def usage_of(outputs: Mapping[str, np.ndarray]) -> dict | None:
+        if "PROMPT_TOKENS" not in outputs:  # builds from before these outputs
+            return None
+        prompt = int(outputs["PROMPT_TOKENS"].reshape(-1)[0])
+        completion = int(outputs["COMPLETION_TOKENS"].reshape(-1)[0])
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await json_body(request)
         model = await triton().model(body.get("model"), "chat")
         request.state.model = model.name
-        inputs, _ = chat_inputs(body)
+        stream_options = body.get("stream_options") or {}
+        if not isinstance(stream_options, dict):
+            raise ApiError(400, "stream_options: an object", param="stream_options")
+        inputs = await chat_inputs(body, model)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.get("stream"):
@@ -368,29 +404,37 @@ def create_app(options: GatewayOptions):
             stream = triton().stream(model.ensembles["stream"], inputs, "messages")
             first = await anext_or_none(stream)  # errors before the first chunk are still a 400/503
 
-            def chunk(delta: dict, finish: str | None) -> str:
+            def chunk(choices: list[dict], **extra) -> str:
                 payload = {
                     "id": completion_id,
                     "object": "chat.completion.chunk",
                     "created": created,
                     "model": model.name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    "choices": choices,
+                    **extra,
                 }
                 return f"data: {json.dumps(payload)}\n\n"
 
             async def events():
-                yield chunk({"role": "assistant", "content": ""}, None)
-                outputs = first
+                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                outputs, last = first, first
                 while outputs is not None:
+                    last = outputs
                     piece = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
                     if piece:
-                        yield chunk({"content": piece}, None)
+                        yield chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
                     try:
                         outputs = await anext_or_none(stream)
                     except ApiError as exc:
                         yield f"data: {json.dumps(exc.body())}\n\n"
                         return
-                yield chunk({}, "stop")
+                reason = "stop"
+                if last is not None and "FINISH_REASON" in last:
+                    reason = last["FINISH_REASON"].reshape(-1)[0].decode() or "stop"
+                yield chunk([{"index": 0, "delta": {}, "finish_reason": reason}])
+                usage = usage_of(last) if last is not None else None
+                if stream_options.get("include_usage") and usage is not None:  # OpenAI: a last chunk, no choices
+                    yield chunk([], usage=usage)
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -403,17 +447,9 @@ def create_app(options: GatewayOptions):
             "model": model.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         }
-        if "FINISH_REASON" in outputs:  # repositories built before these outputs existed lack them
+        if (usage := usage_of(outputs)) is not None:  # repositories built before these outputs lack them
             answer["choices"][0]["finish_reason"] = outputs["FINISH_REASON"].reshape(-1)[0].decode()
-            prompt, completion = (
-                int(outputs["PROMPT_TOKENS"].reshape(-1)[0]),
-                int(outputs["COMPLETION_TOKENS"].reshape(-1)[0]),
-            )
-            answer["usage"] = {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            }
+            answer["usage"] = usage
         return answer
 
     # -- audio ------------------------------------------------------------------------------------
