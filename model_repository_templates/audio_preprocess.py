@@ -4,7 +4,7 @@ The first output is either log-mel features (INPUT_FEATURES, computed here with 
 windows' 16 kHz samples (WINDOW_SAMPLES) for a DALI log-mel stage. Each row becomes one or more
 30 s windows; `WINDOW_ROW` tells the decoder which row each window
 came from, and `DECODE_OPTIONS` carries the row's options (optional inputs LANGUAGE, TASK,
-MAX_NEW_TOKENS, TIMESTAMPS) and the window's place in its file, checked here so a bad option fails before any encoder work. Parameters: `recipe`
+MAX_NEW_TOKENS, TIMESTAMPS, PROMPT, TEMPERATURE, FALLBACK, SEED) and the window's place in its file, checked here so a bad option fails before any encoder work. Parameters: `recipe`
 (JSON of `tritonkit.preprocessing.audio.AudioRecipe`) and `decode_settings` (JSON of
 `tritonkit.whisper_decoding.DecodeSettings`); the mel filters are `mel_filters.npy`.
 """
@@ -34,9 +34,10 @@ class TritonPythonModel(BatchedModel):
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
         self.mel_filters = np.load(self.version_dir / "mel_filters.npy")
         self.audio_input, self.language_input, self.task_input, self.max_tokens_input, *rest = self.input_names
-        # repositories built before TIMESTAMPS and PROMPT lack them
-        self.timestamps_input = rest[0] if rest else None
-        self.prompt_input = rest[1] if len(rest) > 1 else None
+        # repositories built before TIMESTAMPS, PROMPT, TEMPERATURE, FALLBACK and SEED lack them
+        later = ("timestamps", "prompt", "temperature", "fallback", "seed")
+        for name, value in zip(later, [*rest, *[None] * len(later)]):
+            setattr(self, f"{name}_input", value)
         self.windows_output, self.row_output, self.options_output = self.output_dtypes
         self.emit_features = self.windows_output == "INPUT_FEATURES"
         self.max_windows = int(self.model_config["max_batch_size"])
@@ -57,9 +58,23 @@ class TritonPythonModel(BatchedModel):
         limits = column(self.max_tokens_input, lambda values, _: [int(v) for v in values])
         stamps = column(self.timestamps_input, lambda values, _: [bool(v) for v in values])
         prompts = column(self.prompt_input, string_rows)
+        temperatures = column(self.temperature_input, lambda values, _: [float(v) for v in values])
+        fallbacks = column(self.fallback_input, lambda values, _: [bool(v) for v in values])
+        seeds = column(self.seed_input, lambda values, _: [int(v) for v in values])
         return [
-            DecodeOptions(language, task or "transcribe", limit, bool(stamp), prompt).validate(self.settings)
-            for language, task, limit, stamp, prompt in zip(languages, tasks, limits, stamps, prompts)
+            DecodeOptions(
+                language,
+                task or "transcribe",
+                limit,
+                bool(stamp),
+                prompt,
+                temperature=temperature or 0.0,
+                fallback=bool(fallback),
+                seed=seed,
+            ).validate(self.settings)
+            for language, task, limit, stamp, prompt, temperature, fallback, seed in zip(
+                languages, tasks, limits, stamps, prompts, temperatures, fallbacks, seeds
+            )
         ]
 
     def prepare(self, inputs):
@@ -73,8 +88,13 @@ class TritonPythonModel(BatchedModel):
             windows += pieces
             owners += [index] * len(pieces)
             offset = 0
-            for piece in pieces:  # each window knows where it sits in its file (segment times)
-                placed = replace(row_options[index], offset_s=offset / SAMPLE_RATE, duration_s=len(piece) / SAMPLE_RATE)
+            for window, piece in enumerate(pieces):  # each window knows where it sits in its file (segment times)
+                placed = replace(
+                    row_options[index],
+                    offset_s=offset / SAMPLE_RATE,
+                    duration_s=len(piece) / SAMPLE_RATE,
+                    window=window,
+                )
                 options.append(placed.to_json().encode())
                 offset += len(piece)
         if len(windows) > self.max_windows:

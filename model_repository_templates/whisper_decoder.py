@@ -1,9 +1,10 @@
-"""Whisper's decoder: greedy decoding of a whole dynamic batch of windows with a KV cache.
+"""Whisper's decoder: a whole dynamic batch of windows decoded together with a KV cache (greedy,
+sampled at a TEMPERATURE, or with OpenAI's temperature fallback; see WindowDecoder).
 
 Inputs: encoder hidden states, `WINDOW_ROW` (the request row each window belongs to) and
 `DECODE_OPTIONS` (each window's options, checked by the preprocessing model). Outputs, one row per
 request row: the text, its tokens (windows joined in order; padded with -1) and the language of
-its first window. Parameter `providers`: ONNX Runtime execution providers, comma-separated
+its first window. Windows the fallback judged silent give no text and no segments. Parameter `providers`: ONNX Runtime execution providers, comma-separated
 (default CPUExecutionProvider; GPU repositories ask for CUDA first). Files: cross_kv.onnx, step.onnx, tokenizer/. Parameter `decode_settings`: the JSON
 of `tritonkit.whisper_decoding.DecodeSettings`.
 """
@@ -11,7 +12,7 @@ of `tritonkit.whisper_decoding.DecodeSettings`.
 import numpy as np
 
 from tritonkit.runtime import BatchedModel
-from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings, GreedyDecoder, compression_ratio, segments
+from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings, WindowDecoder, compression_ratio, segments
 
 
 class TritonPythonModel(BatchedModel):
@@ -37,11 +38,12 @@ class TritonPythonModel(BatchedModel):
 
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.version_dir / self.parameters["tokenizer_dir"]))
-        self.decoder = GreedyDecoder(
+        self.decoder = WindowDecoder(
             session("cross_kv.onnx"),
             session("step.onnx"),
             self.settings,
             prompt_ids=lambda text: [int(t) for t in self.tokenizer.get_prompt_ids(text)],
+            text_of=lambda tokens: self.text(tokens).decode(),
         )
         self.hidden_input, self.row_input, self.options_input = self.input_names
         self.text_output, self.tokens_output, self.language_output, *segment_outputs = self.output_dtypes
@@ -55,13 +57,14 @@ class TritonPythonModel(BatchedModel):
     def run(self, batch):
         tokens, languages = self.decoder.decode(batch[self.hidden_input], list(batch["options"]))
         window_tokens = np.empty(len(tokens), dtype=object)
-        window_tokens[:] = tokens
+        window_tokens[:] = [[] if skipped else t for t, skipped in zip(tokens, self.decoder.skipped)]
         return {
             "window_tokens": window_tokens,
             "window_language": np.array(languages, dtype=object),
             "window_steps": np.array(self.decoder.steps_per_window, dtype=np.int64),
             "window_sum_logprob": np.array(self.decoder.sum_logprobs, dtype=np.float64),
             "window_no_speech": np.array(self.decoder.no_speech_probs, dtype=np.float64),
+            "window_temperature": np.array(self.decoder.temperatures, dtype=np.float64),
             "options": batch["options"],
         }
 
@@ -94,15 +97,16 @@ class TritonPythonModel(BatchedModel):
                 outputs["options"],
                 outputs["window_sum_logprob"],
                 outputs["window_no_speech"],
+                outputs["window_temperature"],
             )
-            for owner, tokens, options, sum_logprob, no_speech in windows:
+            for owner, tokens, options, sum_logprob, no_speech, temperature in windows:
                 if options.timestamps and begin is not None:
                     # OpenAI's per-window figures, shared by the window's segments
                     stats = (
                         sum_logprob / (len(tokens) + 1),
                         compression_ratio(self.text(tokens).decode()),
                         no_speech,
-                        0.0,
+                        temperature,
                     )
                     found[owner] += [(*s, stats) for s in segments(tokens, begin, options.offset_s, options.duration_s)]
             most = max(1, max(len(f) for f in found))

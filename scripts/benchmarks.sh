@@ -8,4 +8,5 @@ PY="${PYTHON:-.venv/bin/python}"
 "$PY" scripts/bench_preprocessing.py --markdown docs/BENCHMARKS.md
 "$PY" scripts/bench_precision.py --markdown docs/BENCHMARKS.md
 "$PY" scripts/bench_clip.py --markdown docs/BENCHMARKS.md
+"$PY" scripts/bench_gateway.py --markdown docs/BENCHMARKS.md
 "$PY" scripts/bench_whisper.py --clips 16 --markdown docs/BENCHMARKS.md

@@ -7,10 +7,14 @@ and its Python-backend stubs levels off (the median of the last third of the run
 of the middle third's; the first third fills batch-sized buffers, shown per process in the report). Exits 1 on any
 violation; prints a JSON report.
 
-    python scripts/soak.py [--family clip|whisper|llava] [--repository REPO] [--duration 600] [--concurrency 16]
-                           [--max-rss-growth-mb 300]
+    python scripts/soak.py [--family clip|whisper|llava|all] [--repository REPO] [--duration 600] [--concurrency 16]
+                           [--max-rss-growth-mb 300] [--gateway]
 
-Without --repository it builds one first: the tiny random CLIP or LLaVA, or Whisper tiny.en from the bundled weights.
+Without --repository it builds one first: the tiny random CLIP or LLaVA, or Whisper tiny.en from the bundled
+weights (`all`: the three in one repository). With --gateway the same mix goes over HTTP through the
+OpenAI-compatible gateway (`tritonkit openai`) in front of the server: every valid request must get a
+200, every invalid one a 4xx in OpenAI's error envelope with a short message of its own (never a 5xx,
+a dropped connection or a timeout), and the gateway's memory is reported beside the server's.
 The invalid inputs include what once crashed or stalled the server: tiny sampling temperatures, prompts
 beyond the context, a 1x20000 image, 20 KB option strings.
 """
@@ -39,6 +43,18 @@ class Case(NamedTuple):
     model: str
     inputs: dict[str, np.ndarray]
     valid: bool
+
+
+class HttpCase(NamedTuple):
+    """One gateway request: a JSON body, or multipart form fields and a file."""
+
+    label: str
+    path: str
+    valid: bool
+    json: dict | None = None
+    form: dict | None = None
+    file: bytes | None = None
+    raw: bytes | None = None  # a body sent as it is (not JSON)
 
 
 def byte_row(data: bytes) -> np.ndarray:
@@ -169,6 +185,218 @@ def llava_cases() -> list[Case]:
 
 
 FAMILIES = {"clip": clip_cases, "whisper": whisper_cases, "llava": llava_cases}
+
+
+def data_url(data: bytes, mime: str = "image/jpeg") -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def gateway_cases(family: str) -> list[HttpCase]:
+    """The gRPC cases as OpenAI API calls, plus what only HTTP clients get wrong."""
+    cases: list[HttpCase] = []
+    if family in ("clip", "all"):
+        for case in clip_cases():
+            if case.model == "clip_image":
+                item = (
+                    data_url(case.inputs["IMAGE"].tobytes()) if case.inputs["IMAGE"].size else "data:image/png;base64,"
+                )
+            else:
+                raw = case.inputs["TEXT"][0, 0]
+                if not case.valid:  # JSON carries text, not bytes: an HTTP client's bad text is something else
+                    continue
+                item = raw.decode()
+            cases.append(
+                HttpCase(f"embeddings {case.label}", "/v1/embeddings", case.valid, {"model": "clip", "input": item})
+            )
+        cases += [
+            HttpCase(
+                "embeddings batch", "/v1/embeddings", True, {"model": "clip", "input": ["a cat", "a dog", "a car"]}
+            ),
+            HttpCase(
+                "embeddings base64",
+                "/v1/embeddings",
+                True,
+                {"model": "clip", "input": "x", "encoding_format": "base64"},
+            ),
+            HttpCase(
+                "embeddings dimensions", "/v1/embeddings", False, {"model": "clip", "input": "x", "dimensions": 8}
+            ),
+            HttpCase("embeddings unknown model", "/v1/embeddings", False, {"model": "nope", "input": "x"}),
+            HttpCase("embeddings token arrays", "/v1/embeddings", False, {"model": "clip", "input": [[1, 2, 3]]}),
+            HttpCase(
+                "embeddings remote URL",
+                "/v1/embeddings",
+                False,
+                {"model": "clip", "input": "https://example.com/a.jpg", "modality": "image"},
+            ),
+            HttpCase("not JSON", "/v1/embeddings", False, raw=b"{not json"),
+        ]
+    if family in ("whisper", "all"):
+        for case in whisper_cases():
+            form = {"model": "whisper"}
+            for name in ("LANGUAGE", "TASK"):
+                if name in case.inputs:
+                    form[name.lower()] = case.inputs[name][0, 0].decode()
+            path = (
+                "/v1/audio/translations"
+                if form.pop("task", "transcribe") != "transcribe"
+                else "/v1/audio/transcriptions"
+            )
+            if path.endswith("translations"):  # an unknown task has no HTTP form: ask for an unknown format instead
+                path, form["response_format"] = "/v1/audio/transcriptions", "summary"
+            cases.append(
+                HttpCase(f"audio {case.label}", path, case.valid, form=form, file=case.inputs["AUDIO"].tobytes())
+            )
+        speech = next(c for c in cases if c.label == "audio speech wav").file
+        for fmt in ("text", "srt", "vtt", "verbose_json"):
+            cases.append(
+                HttpCase(
+                    f"audio {fmt}",
+                    "/v1/audio/transcriptions",
+                    True,
+                    form={"model": "whisper", "response_format": fmt},
+                    file=speech,
+                )
+            )
+        cases += [
+            HttpCase(
+                "audio word timestamps",
+                "/v1/audio/transcriptions",
+                False,
+                form={"model": "whisper", "response_format": "verbose_json", "timestamp_granularities[]": "word"},
+                file=speech,
+            ),
+            HttpCase("audio no file", "/v1/audio/transcriptions", False, form={"model": "whisper"}),
+        ]
+    if family in ("llava", "all"):
+        from tritonkit.families.clip import synthetic_photo
+
+        photo = data_url(synthetic_photo(5, 120, 160))
+
+        def chat(text: str, image: str = photo, **options) -> dict:
+            content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": image}}]
+            return {"model": "llava", "max_tokens": 8, "messages": [{"role": "user", "content": content}], **options}
+
+        cases += [
+            HttpCase("chat greedy", "/v1/chat/completions", True, chat("What is in the picture?")),
+            HttpCase(
+                "chat sampled", "/v1/chat/completions", True, chat("Describe it.", temperature=0.7, top_p=0.9, seed=3)
+            ),
+            HttpCase("chat streamed", "/v1/chat/completions", True, chat("Describe it.", stream=True)),
+            HttpCase(
+                "chat conversation",
+                "/v1/chat/completions",
+                True,
+                {
+                    **chat("What?"),
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        *chat("What?")["messages"],
+                        {"role": "assistant", "content": "A boat."},
+                        {"role": "user", "content": "And the sky?"},
+                    ],
+                },
+            ),
+            HttpCase(
+                "chat no image",
+                "/v1/chat/completions",
+                False,
+                {"model": "llava", "messages": [{"role": "user", "content": "hi"}]},
+            ),
+            HttpCase("chat pdf image", "/v1/chat/completions", False, chat("What?", data_url(b"%PDF-1.4\n"))),
+            HttpCase(
+                "chat 1x20000 image",
+                "/v1/chat/completions",
+                False,
+                chat("What?", data_url(elongated_png(), "image/png")),
+            ),
+            HttpCase("chat prompt beyond the context", "/v1/chat/completions", False, chat("word " * 3000)),
+            HttpCase("chat temperature 5", "/v1/chat/completions", False, chat("What?", temperature=5.0)),
+            HttpCase("chat bad base64", "/v1/chat/completions", False, chat("What?", "data:image/png;base64,@@@")),
+        ]
+    return cases
+
+
+async def soak_gateway(
+    base: str, cases: list[HttpCase], duration: float, concurrency: int, timeout: float, pids: list[int]
+) -> dict:
+    """The mix over HTTP: valid -> 200, invalid -> 4xx in OpenAI's envelope with a short message."""
+    import httpx
+
+    counts = {case.label: {"sent": 0, "ok": 0, "error": 0, "timeout": 0} for case in cases}
+    statuses: dict[str, int] = {}
+    unexpected: list[str] = []
+    deadline = time.perf_counter() + duration
+    rng = random.Random(0)
+    client = httpx.AsyncClient(base_url=base, timeout=timeout, limits=httpx.Limits(max_connections=concurrency))
+
+    async def send(case: HttpCase) -> httpx.Response:
+        if case.raw is not None:
+            return await client.post(case.path, content=case.raw, headers={"Content-Type": "application/json"})
+        if case.json is not None:
+            if case.json.get("stream"):
+                async with client.stream("POST", case.path, json=case.json) as response:
+                    body = b"".join([chunk async for chunk in response.aiter_bytes()])
+                    if response.status_code == 200 and not body.rstrip().endswith(b"data: [DONE]"):
+                        raise RuntimeError("the event stream did not end with data: [DONE]")
+                    return httpx.Response(response.status_code, content=body)
+            return await client.post(case.path, json=case.json)
+        files = {"file": ("audio", case.file)} if case.file is not None else None
+        return await client.post(case.path, data=case.form or {}, files=files)
+
+    async def worker():
+        while time.perf_counter() < deadline:
+            case = rng.choice(cases)
+            counts[case.label]["sent"] += 1
+            try:
+                response = await send(case)
+            except httpx.TimeoutException:
+                counts[case.label]["timeout"] += 1
+                continue
+            except Exception as exc:  # a dropped connection or a broken stream: lost
+                counts[case.label]["error"] += 1
+                unexpected.append(f"{case.label}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            statuses[str(response.status_code)] = statuses.get(str(response.status_code), 0) + 1
+            if response.status_code == 200:
+                counts[case.label]["ok"] += 1
+                if not case.valid:
+                    unexpected.append(f"{case.label}: answered 200")
+                continue
+            counts[case.label]["error"] += 1
+            try:
+                message = response.json()["error"]["message"]
+            except Exception:
+                message = None
+            if case.valid:
+                unexpected.append(f"{case.label}: HTTP {response.status_code}: {response.text[:200]}")
+            elif not 400 <= response.status_code < 500 or not message or len(message) > MAX_ERROR_CHARS:
+                unexpected.append(f"{case.label}: HTTP {response.status_code} without a short error of its own")
+
+    timeline: list[tuple[float, float]] = []
+
+    async def sample_memory():
+        began = time.perf_counter()
+        while time.perf_counter() < deadline:
+            mb = sum(sum(process_tree_rss(pid).values()) for pid in pids) / 2**20
+            timeline.append((round(time.perf_counter() - began), round(mb)))
+            await asyncio.sleep(max(duration / 30, 1.0))
+
+    try:
+        await asyncio.gather(sample_memory(), *(worker() for _ in range(concurrency)))
+    finally:
+        await client.aclose()
+    return {
+        "counts": counts,
+        "statuses": statuses,
+        "unexpected": unexpected[:20],
+        "unexpected_total": len(unexpected),
+        "rss_mb_timeline": timeline,
+    }
+
+
 # What an invalid request must not get instead of its own error: the server or the stream broke.
 TRANSPORT_FAILURES = ("Stream removed", "Socket closed", "failed to connect", "Connection reset", "metadata size")
 MAX_ERROR_CHARS = 1100  # tritonkit.errors.MAX_MESSAGE_CHARS plus the ensemble's prefix
@@ -257,6 +485,13 @@ def tiny_repository(family: str, folder: Path) -> Path:
     from tritonkit.build import build
 
     repository = folder / "repo"
+    if family == "all":  # the three built into one repository, as one server serves them
+        repository.mkdir(parents=True)
+        for name in ("clip", "whisper", "llava"):
+            (folder / name).mkdir()
+            for model in tiny_repository(name, folder / name).iterdir():
+                model.rename(repository / model.name)
+        return repository
     if family == "clip":
         from tritonkit.tiny import make_tiny_clip
 
@@ -272,9 +507,33 @@ def tiny_repository(family: str, folder: Path) -> Path:
     return repository
 
 
+def start_gateway(triton_url: str):
+    """`tritonkit openai` in front of the server; returns the process and its base URL once healthy."""
+    import subprocess
+    import urllib.request
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritonkit.cli", "openai", "--triton", triton_url, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            return process, base
+        except Exception:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise
+            time.sleep(0.2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="clip")
+    parser.add_argument("--family", choices=[*sorted(FAMILIES), "all"], default="clip")
+    parser.add_argument("--gateway", action="store_true", help="Send the mix over HTTP through the OpenAI gateway")
     parser.add_argument("--repository", type=Path, help="A repository built for --family (default: build a small one)")
     parser.add_argument("--duration", type=float, default=600)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -290,32 +549,45 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="soak-") as folder:
         repository = args.repository or tiny_repository(args.family, Path(folder))
-        cases = FAMILIES[args.family]()
+        families = ["clip", "whisper", "llava"] if args.family == "all" else [args.family]
+        cases = [case for family in families for case in FAMILIES[family]()]
         server = TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
         server.start().wait_until_ready(600)
+        gateway = None
         try:
+            pids = [server.process.pid]
+            if args.gateway:
+                gateway, base = start_gateway(server.grpc_url)
+                pids.append(gateway.pid)
+                http_cases = gateway_cases(args.family)
+
+                def run(subset, seconds):
+                    return asyncio.run(soak_gateway(base, subset, seconds, args.concurrency, args.timeout, pids))
+
+                mix = http_cases
+            else:
+
+                def run(subset, seconds):
+                    return asyncio.run(
+                        soak(server.grpc_url, subset, seconds, args.concurrency, args.timeout, server.process.pid)
+                    )
+
+                mix = cases
             # Warm-up: valid requests only first, so batches reach their largest size (and the
             # buffers sized by it their high-water mark), then the mix.
-            valid = [case for case in cases if case.valid]
-            for subset, seconds in ((valid, 20.0), (cases, 10.0)):
-                asyncio.run(
-                    soak(
-                        server.grpc_url,
-                        subset,
-                        min(seconds, args.duration),
-                        args.concurrency,
-                        args.timeout,
-                        server.process.pid,
-                    )
-                )
-            before = process_tree_rss(server.process.pid)
-            result = asyncio.run(
-                soak(server.grpc_url, cases, args.duration, args.concurrency, args.timeout, server.process.pid)
-            )
-            after = process_tree_rss(server.process.pid)
+            for subset, seconds in (([case for case in mix if case.valid], 20.0), (mix, 10.0)):
+                run(subset, min(seconds, args.duration))
+            before = {pid: rss for p in pids for pid, rss in process_tree_rss(p).items()}
+            result = run(mix, args.duration)
+            after = {pid: rss for p in pids for pid, rss in process_tree_rss(p).items()}
             labels = {pid: process_label(pid) for pid in after}
-            alive = server.process.poll() is None
+            if gateway is not None:
+                labels[gateway.pid] = "gateway"
+            alive = server.process.poll() is None and (gateway is None or gateway.poll() is None)
         finally:
+            if gateway is not None:
+                gateway.terminate()
+                gateway.wait(timeout=30)
             server.stop()
     growth_mb = (sum(after.values()) - sum(before.values())) / 2**20
     timeline = result["rss_mb_timeline"]
@@ -324,6 +596,7 @@ def main() -> int:
     report = {
         **result,
         "family": args.family,
+        "path": "HTTP through the OpenAI gateway" if args.gateway else "gRPC",
         "duration_s": args.duration,
         "concurrency": args.concurrency,
         "rss_mb_before": round(sum(before.values()) / 2**20, 1),
@@ -345,7 +618,7 @@ def main() -> int:
     if late_growth_mb > args.max_rss_growth_mb:
         violations.append(f"memory grew by {late_growth_mb:.0f} MB in the last third > {args.max_rss_growth_mb:.0f} MB")
     if not alive:
-        violations.append("tritonserver died")
+        violations.append("tritonserver or the gateway died")
     report["violations"] = violations
     print(json.dumps(report, indent=2))
     if args.json:

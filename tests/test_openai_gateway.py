@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import soundfile
 
 from tests.conftest import encode_image, free_port, random_image, serve_command
 from tritonkit.client import TritonkitClient, executed_batch_sizes
@@ -504,3 +505,22 @@ def test_bench_drives_the_gateway_with_the_same_tool(gateway, speech_files, tmp_
         env=env,
     )
     assert result.returncode == 2 and "the gateway serves no model 'nope'" in result.stderr
+
+
+def test_transcription_temperature_follows_openai(sdk, gateway, speech_files):
+    """0 (the default) falls back as OpenAI's thresholds ask, skipping noise; above 0 samples."""
+    noise = io.BytesIO()
+    soundfile.write(
+        noise, np.random.default_rng(2).uniform(-0.3, 0.3, 3 * 16000).astype(np.float32), 16000, format="WAV"
+    )
+    with TritonkitClient(gateway[1]) as client:
+        want = client.transcribe([noise.getvalue()], fallback=True)[0].text
+        unskipped = client.transcribe([noise.getvalue()])[0].text
+    assert want == "" and unskipped != ""  # the ensemble's default does not skip; OpenAI's API does
+    assert sdk.audio.transcriptions.create(model="whisper", file=("noise.wav", noise.getvalue())).text == want
+    sampled = sdk.audio.transcriptions.create(
+        model="whisper", file=("speech.wav", speech_files[1]), temperature=0.6, response_format="verbose_json"
+    )
+    assert sampled.segments and {round(s.temperature, 3) for s in sampled.segments} == {0.6}
+    with pytest.raises(openai.BadRequestError, match="TEMPERATURE: must be between 0"):
+        sdk.audio.transcriptions.create(model="whisper", file=("speech.wav", speech_files[1]), temperature=3)

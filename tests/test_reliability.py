@@ -22,16 +22,20 @@ pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parent.parent
 
 
-SOAK_LABELS = {  # family -> (a valid case, an invalid case) of scripts/soak.py
-    "clip": ("jpeg", "1x20000 image"),
-    "whisper": ("speech wav", "20 KB language"),
-    "llava": ("temperature 1e-40", "100 KB prompt"),
+SOAK_LABELS = {  # (family, through the gateway) -> (a valid case, an invalid case) of scripts/soak.py
+    ("clip", False): ("jpeg", "1x20000 image"),
+    ("whisper", False): ("speech wav", "20 KB language"),
+    ("llava", False): ("temperature 1e-40", "100 KB prompt"),
+    ("clip", True): ("embeddings jpeg", "embeddings 1x20000 image"),
 }
 
 
-@pytest.mark.parametrize("family", sorted(SOAK_LABELS))
-def test_soak_with_mixed_valid_and_invalid_requests(family, request, tmp_path):
-    """The CI-length soak (45-60 s at concurrency 16); scripts/soak.py defaults to 10 minutes."""
+@pytest.mark.parametrize(
+    "family, gateway", sorted(SOAK_LABELS), ids=lambda v: {True: "gateway", False: "grpc"}.get(v, v)
+)
+def test_soak_with_mixed_valid_and_invalid_requests(family, gateway, request, tmp_path):
+    """The CI-length soak (30-60 s at concurrency 16); scripts/soak.py defaults to 10 minutes.
+    Through the gateway: every valid HTTP request a 200, every invalid one a 4xx of its own."""
     repository = request.getfixturevalue(f"{family}_repository")
     result = subprocess.run(
         [
@@ -42,9 +46,10 @@ def test_soak_with_mixed_valid_and_invalid_requests(family, request, tmp_path):
             "--repository",
             str(repository),
             "--duration",
-            "45" if family == "llava" else "60",
+            "30" if gateway else "45" if family == "llava" else "60",
             "--json",
             str(tmp_path / "soak.json"),
+            *(["--gateway"] if gateway else []),
         ],
         capture_output=True,
         text=True,
@@ -54,7 +59,7 @@ def test_soak_with_mixed_valid_and_invalid_requests(family, request, tmp_path):
     assert result.returncode == 0, report["violations"]
     counts = report["counts"]
     assert all(c["sent"] > 0 for c in counts.values())
-    valid, invalid = SOAK_LABELS[family]
+    valid, invalid = SOAK_LABELS[family, gateway]
     assert counts[valid]["ok"] == counts[valid]["sent"] and counts[invalid]["error"] == counts[invalid]["sent"]
     assert report["timeouts"] == 0 and report["server_alive"] and report["unexpected_total"] == 0
 

@@ -397,3 +397,46 @@ def test_a_prompt_conditions_decoding_as_transformers_prompt_ids_do(whisper_serv
             want = loaded.model.generate(torch.from_numpy(features(loaded, data)), prompt_ids=prompt_ids)[0].tolist()
         assert list(result.tokens) == [t for t in want if t != loaded.model.generation_config.eos_token_id]
     assert any(p.tokens != q.tokens for p, q in zip(prompted, plain)), "the prompt changed nothing: a weak test"
+
+
+def reversed_speech(speech: bytes) -> bytes:
+    """Speech played backwards: it sounds like speech (low no-speech probability) and decodes with low
+    confidence, so OpenAI's thresholds ask for a fallback."""
+    samples, rate = soundfile.read(io.BytesIO(speech), dtype="float32")
+    return wav_bytes(samples[::-1], rate)
+
+
+@pytest.mark.server
+def test_seeded_sampling_is_reproducible_alone_and_inside_batches(whisper_server, speech_files):
+    files = speech_files[:3]
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        alone = client.transcribe(files, temperature=0.8, seed=7, concurrency=1)
+        greedy = client.transcribe(files, concurrency=1)
+        other_seed = client.transcribe(files, temperature=0.8, seed=8, concurrency=1)
+        before = executed_batch_sizes(client.statistics("whisper_decoder"), "whisper_decoder")
+        together = client.transcribe(files * 3, temperature=0.8, seed=7, concurrency=9)
+        after = executed_batch_sizes(client.statistics("whisper_decoder"), "whisper_decoder")
+        with pytest.raises(InferenceError, match=r"TEMPERATURE: must be between 0 \(greedy\) and 1, got 1\.5"):
+            client.transcribe(files[:1], temperature=1.5)
+    assert [t.tokens for t in together] == [t.tokens for t in alone] * 3
+    assert any(size > 1 and after[size] > before.get(size, 0) for size in after), after
+    assert [t.tokens for t in alone] != [t.tokens for t in greedy]  # it sampled
+    assert [t.tokens for t in alone] != [t.tokens for t in other_seed]  # and the seed matters
+
+
+@pytest.mark.server
+def test_fallback_redecodes_unlikely_windows_and_skips_silent_ones(whisper_server, speech_files):
+    noise = wav_bytes(np.random.default_rng(2).uniform(-0.3, 0.3, 3 * SAMPLE_RATE).astype(np.float32), SAMPLE_RATE)
+    files = [speech_files[1], reversed_speech(speech_files[1]), noise]
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        plain = client.transcribe(files, timestamps=True, concurrency=3)
+        fallen = client.transcribe(files, timestamps=True, fallback=True, seed=1, concurrency=3)
+    speech, backwards, static = plain
+    # what OpenAI's thresholds see at temperature 0
+    assert speech.segments[0].avg_logprob > -1 and speech.segments[0].no_speech_prob < 0.6
+    assert backwards.segments[0].avg_logprob < -1 and backwards.segments[0].no_speech_prob < 0.6
+    assert static.segments[0].avg_logprob < -1 and static.segments[0].no_speech_prob > 0.6
+    assert fallen[0].tokens == speech.tokens and {s.temperature for s in fallen[0].segments} == {0.0}
+    assert fallen[1].segments and all(s.temperature > 0 for s in fallen[1].segments)  # decoded again, hotter
+    assert fallen[1].tokens != backwards.tokens
+    assert fallen[2].text == "" and fallen[2].segments == ()  # silent and unlikely: skipped

@@ -387,6 +387,12 @@ def transcribe(
     task: Annotated[str, typer.Option(help="transcribe, or translate (into English).")] = "transcribe",
     max_new_tokens: Annotated[int | None, typer.Option(help="Cap on tokens per 30 s window.")] = None,
     prompt: Annotated[str | None, typer.Option(help="Text that conditions the transcript (names, spellings).")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature, 0 (greedy) to 1.")] = 0.0,
+    fallback: Annotated[
+        bool, typer.Option(help="OpenAI's temperature fallback (+0.2 up to 1.0) on repetitive or unlikely windows.")
+    ] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling (reproducible results).")] = None,
+    timestamps: Annotated[bool, typer.Option(help="Decode timestamps (implied by srt, vtt, json formats).")] = False,
     show_language: Annotated[bool, typer.Option(help="Print the language before each text.")] = False,
     output_format: Annotated[
         str, typer.Option("--format", help="txt, json, srt, vtt or verbose_json (the last four decode timestamps).")
@@ -417,8 +423,11 @@ def transcribe(
             language=language,
             task=task,
             max_new_tokens=max_new_tokens,
-            timestamps=timed or None,
+            timestamps=(timed or timestamps) or None,
             prompt=prompt,
+            temperature=temperature or None,
+            fallback=fallback or None,
+            seed=seed,
         )
     for path, transcript in zip(files, transcripts):
         segments = [asdict(s) for s in transcript.segments]

@@ -67,6 +67,9 @@ def whisper_inputs(
     max_new_tokens: int | None = None,
     timestamps: bool | None = None,
     prompt: str | None = None,
+    temperature: float | None = None,
+    fallback: bool | None = None,
+    seed: int | None = None,
 ) -> dict[str, np.ndarray]:
     """One audio file and its options as the Whisper ensemble's inputs (options left out when None)."""
     inputs = {"AUDIO": pack_byte_rows([data])}
@@ -80,6 +83,12 @@ def whisper_inputs(
         inputs["TIMESTAMPS"] = np.array([[timestamps]], dtype=bool)
     if prompt is not None:
         inputs["PROMPT"] = np.array([[prompt.encode()]], dtype=object)
+    if temperature is not None:
+        inputs["TEMPERATURE"] = np.array([[temperature]], dtype=np.float32)
+    if fallback is not None:
+        inputs["FALLBACK"] = np.array([[fallback]], dtype=bool)
+    if seed is not None:
+        inputs["SEED"] = np.array([[seed]], dtype=np.int64)
     return inputs
 
 
@@ -203,18 +212,27 @@ class TritonkitClient:
         max_new_tokens: int | None = None,
         timestamps: bool | None = None,
         prompt: str | None = None,
+        temperature: float | None = None,
+        fallback: bool | None = None,
+        seed: int | None = None,
         concurrency: int = 4,
     ) -> list[Transcript]:
         """Audio files (paths or bytes) -> one transcript each, in order.
 
         Each file is its own request and up to `concurrency` are in flight, so the server's dynamic
         batcher, not the client, forms the batches. `language` None lets a multilingual model detect
-        it; `task` is "transcribe" (default) or "translate" (into English)."""
+        it; `task` is "transcribe" (default) or "translate" (into English); `temperature` samples,
+        `fallback` turns on OpenAI's temperature fallback, `seed` makes sampling reproducible."""
         from concurrent.futures import ThreadPoolExecutor
 
         def one(data: bytes) -> Transcript:
             return transcript(
-                self.infer(model, whisper_inputs(data, language, task, max_new_tokens, timestamps, prompt))
+                self.infer(
+                    model,
+                    whisper_inputs(
+                        data, language, task, max_new_tokens, timestamps, prompt, temperature, fallback, seed
+                    ),
+                )
             )
 
         files = read_inputs(audio)

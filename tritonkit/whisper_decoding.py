@@ -4,9 +4,15 @@
 takes new tokens plus the self-attention cache and returns the last position's logits and the
 grown cache. Both are batch-first: [B, layers, heads, length, head_dim].
 
-`GreedyDecoder` decodes a whole dynamic batch together with the model's generation config
+`WindowDecoder` decodes a whole dynamic batch together with the model's generation config
 (suppress tokens, begin-suppress tokens, the no-timestamps prompt, language detection and the
 task tokens of multilingual models). Finished rows leave the batch, so they stop costing work.
+Greedy by default; a window with a TEMPERATURE samples from its own generator (seeded by SEED
+and the window's place in its file, so a seeded request decodes alike alone or in any batch).
+With FALLBACK, OpenAI's temperature fallback: a window whose text is too repetitive
+(compression ratio > 2.4) or too unlikely (average log-probability < -1) is decoded again at the
+next temperature (+0.2, up to 1.0) — only those windows, batched together — unless it is
+probably silence (no-speech probability > 0.6), and a silent unlikely window is skipped.
 """
 
 from __future__ import annotations
@@ -164,6 +170,20 @@ class DecodeSettings:
 
 TIME_PRECISION = 0.02  # seconds per timestamp token
 MAX_PROMPT_CHARS = 2000  # PROMPT text, checked before any work (its tokens are checked by the decoder)
+# OpenAI's transcribe() defaults (also faster-whisper's and transformers' usual settings)
+COMPRESSION_RATIO_THRESHOLD = 2.4
+LOGPROB_THRESHOLD = -1.0
+NO_SPEECH_THRESHOLD = 0.6
+TEMPERATURE_STEP = 0.2
+MAX_TEMPERATURE = 1.0
+
+
+def temperature_schedule(temperature: float, fallback: bool) -> tuple[float, ...]:
+    """The temperatures a window may be decoded at: OpenAI's (0.0, 0.2, ..., 1.0) from `temperature`."""
+    if not fallback:
+        return (temperature,)
+    steps = int((MAX_TEMPERATURE - temperature) / TEMPERATURE_STEP + 1e-9)  # as np.arange(t, 1.0 + 1e-6, 0.2)
+    return tuple(round(temperature + k * TEMPERATURE_STEP, 6) for k in range(steps + 1)) or (temperature,)
 
 
 @dataclass(frozen=True)
@@ -176,8 +196,12 @@ class DecodeOptions:
     max_new_tokens: int | None = None
     timestamps: bool = False  # decode timestamp tokens (Whisper's timestamp rules) and return segments
     prompt: str | None = None  # text before <|startoftranscript|>, after <|startofprev|> (OpenAI's initial_prompt)
+    temperature: float = 0.0  # 0: greedy
+    fallback: bool = False  # OpenAI's temperature fallback and no-speech skip
+    seed: int | None = None  # sampling generator seed (None: random)
     offset_s: float = 0.0  # the window's start in the original audio
     duration_s: float = 30.0  # the window's audio (before padding to 30 s)
+    window: int = 0  # the window's index in its file (its sampling generator's second seed)
 
     def validate(self, settings: DecodeSettings) -> DecodeOptions:
         """The options with the language as a code ("French" -> "fr"); InputError if unusable."""
@@ -212,7 +236,22 @@ class DecodeOptions:
             raise InputError(
                 f"PROMPT: {len(prompt)} characters exceed the {MAX_PROMPT_CHARS} character limit", reason="bad_option"
             )
-        return DecodeOptions(language, task, self.max_new_tokens, bool(self.timestamps), prompt)
+        temperature = round(float(self.temperature), 6)  # as sent (FP32 on the wire)
+        if not np.isfinite(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+            raise InputError(
+                f"TEMPERATURE: must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {temperature:g}",
+                reason="bad_option",
+            )
+        return DecodeOptions(
+            language,
+            task,
+            self.max_new_tokens,
+            bool(self.timestamps),
+            prompt,
+            temperature,
+            bool(self.fallback),
+            None if self.seed is None else int(self.seed),
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -222,12 +261,14 @@ class DecodeOptions:
         return cls(**json.loads(text))
 
 
-class GreedyDecoder:
-    """Greedy decoding of many windows at once over two ONNX Runtime sessions."""
+class WindowDecoder:
+    """Decoding of many windows at once over two ONNX Runtime sessions (greedy, sampled, fallback)."""
 
-    def __init__(self, cross_kv_session, step_session, settings: DecodeSettings, prompt_ids=None):
-        # prompt_ids(text) -> [<|startofprev|>, tokens of " " + text] (the tokenizer's get_prompt_ids)
+    def __init__(self, cross_kv_session, step_session, settings: DecodeSettings, prompt_ids=None, text_of=None):
+        # prompt_ids(text) -> [<|startofprev|>, tokens of " " + text] (the tokenizer's get_prompt_ids);
+        # text_of(tokens) -> the decoded text (FALLBACK measures its compression ratio)
         self.prompt_ids = prompt_ids
+        self.text_of = text_of
         self.cross_kv = cross_kv_session
         self.step = step_session
         self.settings = settings
@@ -243,6 +284,8 @@ class GreedyDecoder:
         # the chosen tokens (end token included) and the probability of <|nospeech|> after <|startoftranscript|>
         self.sum_logprobs: list[float] = []
         self.no_speech_probs: list[float] = []
+        self.temperatures: list[float] = []  # the temperature each window was last decoded at
+        self.skipped: list[bool] = []  # windows FALLBACK judged silent (no text, no segments)
 
     def _run(self, ids, past_keys, past_values, cross_keys, cross_values):
         return self.step.run(
@@ -316,20 +359,54 @@ class GreedyDecoder:
         self.steps_per_window = [0] * count
         self.sum_logprobs = [0.0] * count
         self.no_speech_probs = [float("nan")] * count
-        stamped = [i for i, o in enumerate(options) if o.timestamps]
-        if stamped and self.settings.no_timestamps_token is not None:
-            first = self._start_logits(cross_keys[stamped], cross_values[stamped])
+        self.skipped = [False] * count
+        schedules = [temperature_schedule(o.temperature, o.fallback) for o in options]
+        self.temperatures = [schedule[0] for schedule in schedules]
+        measured = [i for i, o in enumerate(options) if o.timestamps or o.fallback]
+        if measured and self.settings.no_timestamps_token is not None:
+            first = self._start_logits(cross_keys[measured], cross_values[measured])
             no_speech = self.settings.no_timestamps_token - 1  # <|nospeech|> (<|nocaptions|> in older vocabularies)
-            for i, probs in zip(stamped, softmax(first)):
+            for i, probs in zip(measured, softmax(first)):
                 self.no_speech_probs[i] = float(probs[no_speech])
-        # Rows with prompts of one length start together (all rows, unless options differ).
-        by_length: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_length.setdefault(len(p), []).append(i)
-        for rows in by_length.values():
-            timestamped = [bool(options[i].timestamps) for i in rows]
-            self._greedy(rows, prompts, limits, cross_keys, cross_values, results, timestamped)
+        generators = [
+            np.random.default_rng([o.seed & (2**63 - 1), o.window]) if o.seed is not None else np.random.default_rng()
+            for o in options
+        ]
+        pending, attempt = list(range(count)), 0
+        while pending:
+            # Rows with prompts of one length start together (all rows, unless options differ).
+            by_length: dict[int, list[int]] = {}
+            for i in pending:
+                by_length.setdefault(len(prompts[i]), []).append(i)
+            for rows in by_length.values():
+                for i in rows:
+                    results[i], self.sum_logprobs[i] = [], 0.0
+                self._decode_rows(rows, prompts, limits, cross_keys, cross_values, results, options, generators)
+            attempt += 1
+            again = []
+            for i in pending:
+                if not options[i].fallback:
+                    continue
+                too_unlikely, too_repetitive = self._judge(i, results[i])
+                silent = self.no_speech_probs[i] > NO_SPEECH_THRESHOLD
+                if (too_unlikely or too_repetitive) and not silent and attempt < len(schedules[i]):
+                    self.temperatures[i] = schedules[i][attempt]
+                    again.append(i)
+                else:
+                    self.skipped[i] = silent and too_unlikely
+            pending = again
         return results, languages
+
+    def avg_logprob(self, row: int, tokens: list[int]) -> float:
+        """OpenAI's: the chosen tokens' summed log-probability (end token included) over their count + 1."""
+        return self.sum_logprobs[row] / (len(tokens) + 1)
+
+    def _judge(self, row: int, tokens: list[int]) -> tuple[bool, bool]:
+        """(too unlikely, too repetitive) under OpenAI's thresholds."""
+        if self.text_of is None:
+            raise ValueError("FALLBACK needs the decoder's tokenizer (text_of)")
+        too_unlikely = self.avg_logprob(row, tokens) < LOGPROB_THRESHOLD
+        return too_unlikely, compression_ratio(self.text_of(tokens)) > COMPRESSION_RATIO_THRESHOLD
 
     def apply_timestamp_rules(self, logits: np.ndarray, generated: list[int], first: bool) -> None:
         """Whisper's timestamp rules on one row's logits, in place, as transformers'
@@ -357,7 +434,20 @@ class GreedyDecoder:
         if finite.size and np.logaddexp.reduce(finite) > logprobs[:begin].max():
             logits[:begin] = -np.inf
 
-    def _greedy(self, rows, prompts, limits, cross_keys, cross_values, results, timestamped) -> None:
+    def _choose(self, logits: np.ndarray, rows: np.ndarray, generators) -> np.ndarray:
+        """Each row's next token: the most likely, or sampled at the row's temperature."""
+        chosen = logits.argmax(axis=1)
+        for j, row in enumerate(rows):
+            temperature = self.temperatures[row]
+            if temperature > 0:
+                scaled = logits[j].astype(np.float64) / temperature
+                probs = np.exp(scaled - scaled.max())
+                cumulative = np.cumsum(probs)
+                chosen[j] = int(np.searchsorted(cumulative, generators[row].random() * cumulative[-1], side="right"))
+        return chosen
+
+    def _decode_rows(self, rows, prompts, limits, cross_keys, cross_values, results, options, generators) -> None:
+        timestamped = [bool(options[i].timestamps) for i in rows]
         active = np.array(rows)
         ids = np.array([prompts[i] for i in rows], dtype=np.int64)
         keys = np.zeros((len(rows), *self.cache_shape), dtype=np.float32)
@@ -373,7 +463,7 @@ class GreedyDecoder:
                 if timestamped[rows.index(row)]:
                     self.apply_timestamp_rules(logits[j], results[row], first)
             first = False
-            next_tokens = logits.argmax(axis=1)
+            next_tokens = self._choose(logits, active, generators)
             chosen = log_softmax(logits)[np.arange(len(active)), next_tokens]
             keep = np.ones(len(active), dtype=bool)
             for j, (row, token) in enumerate(zip(active, next_tokens)):
@@ -388,6 +478,9 @@ class GreedyDecoder:
                 active, keys, values, ck, cv = active[keep], keys[keep], values[keep], ck[keep], cv[keep]
                 next_tokens = next_tokens[keep]
             ids = next_tokens[:, None].astype(np.int64)
+
+
+GreedyDecoder = WindowDecoder  # the name repositories built before sampling import
 
 
 def segments(

@@ -33,6 +33,8 @@ AUDIO = "AUDIO"
 LANGUAGE, TASK, MAX_NEW_TOKENS = "LANGUAGE", "TASK", "MAX_NEW_TOKENS"  # optional per-request options
 TIMESTAMPS = "TIMESTAMPS"  # optional: decode timestamps and return segments
 PROMPT = "PROMPT"  # optional: text that conditions the transcript (OpenAI's prompt / initial_prompt)
+TEMPERATURE, SEED = "TEMPERATURE", "SEED"  # optional: sample at this temperature, from this seed
+FALLBACK = "FALLBACK"  # optional: OpenAI's temperature fallback and no-speech skip
 SEGMENT_TIMES, SEGMENT_TEXTS = "SEGMENT_TIMES", "SEGMENT_TEXTS"  # per file: [segments, 2] seconds, [segments]
 # per segment: avg_logprob, compression_ratio, no_speech_prob, temperature (OpenAI's, per window)
 SEGMENT_STATS = "SEGMENT_STATS"
@@ -105,6 +107,9 @@ class WhisperSpec(FamilySpec):
             MAX_NEW_TOKENS: Tensor(MAX_NEW_TOKENS, "int32", (1,), optional=True),
             TIMESTAMPS: Tensor(TIMESTAMPS, "bool", (1,), optional=True),
             PROMPT: Tensor(PROMPT, "string", (1,), optional=True),
+            TEMPERATURE: Tensor(TEMPERATURE, "float32", (1,), optional=True),
+            FALLBACK: Tensor(FALLBACK, "bool", (1,), optional=True),
+            SEED: Tensor(SEED, "int64", (1,), optional=True),
             SEGMENT_TIMES: Tensor(SEGMENT_TIMES, "float32", (-1, 2)),
             SEGMENT_TEXTS: Tensor(SEGMENT_TEXTS, "string", (-1,)),
             SEGMENT_STATS: Tensor(SEGMENT_STATS, "float32", (-1, 4)),
@@ -245,7 +250,7 @@ class WhisperSpec(FamilySpec):
 
         from tritonkit.precision import RecordingSession
         from tritonkit.preprocessing.audio import AudioRecipe, log_mel, split_windows
-        from tritonkit.whisper_decoding import DecodeOptions, GreedyDecoder
+        from tritonkit.whisper_decoding import DecodeOptions, WindowDecoder
 
         recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
         windows = [w for s in samples for w in split_windows(s, recipe)]
@@ -260,7 +265,7 @@ class WhisperSpec(FamilySpec):
             keep_every=3,
             limit=48,
         )
-        decoder = GreedyDecoder(cross, step, self.decode_settings(loaded))
+        decoder = WindowDecoder(cross, step, self.decode_settings(loaded))
         for h in hidden:
             decoder.decode(h, [DecodeOptions()] * len(h))
         return {
@@ -296,13 +301,13 @@ class WhisperSpec(FamilySpec):
         import onnxruntime as ort
 
         from tritonkit.preprocessing.audio import AudioRecipe, log_mel, split_windows
-        from tritonkit.whisper_decoding import DecodeOptions, GreedyDecoder
+        from tritonkit.whisper_decoding import DecodeOptions, WindowDecoder
 
         def session(role):
             return ort.InferenceSession(str(files[role]), providers=["CPUExecutionProvider"])
 
         encoder = session("encoder")
-        decoder = GreedyDecoder(session("decoder_cross_kv"), session("decoder_step"), self.decode_settings(loaded))
+        decoder = WindowDecoder(session("decoder_cross_kv"), session("decoder_step"), self.decode_settings(loaded))
         recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
         all_tokens, texts = [], []
         for samples in task["samples"]:
@@ -337,7 +342,16 @@ class WhisperSpec(FamilySpec):
         if options.max_audio_seconds is not None:
             recipe = recipe.with_options(max_seconds=options.max_audio_seconds)
         settings = self.decode_settings(loaded).to_json()
-        request_options = (t[LANGUAGE], t[TASK], t[MAX_NEW_TOKENS], t[TIMESTAMPS], t[PROMPT])
+        request_options = (
+            t[LANGUAGE],
+            t[TASK],
+            t[MAX_NEW_TOKENS],
+            t[TIMESTAMPS],
+            t[PROMPT],
+            t[TEMPERATURE],
+            t[FALLBACK],
+            t[SEED],
+        )
         outputs = (t[TEXT], t[TOKENS], t[DECODED_LANGUAGE], t[SEGMENT_TIMES], t[SEGMENT_TEXTS], t[SEGMENT_STATS])
         # DALI computes log-mel in its own stage (GPU operators on a GPU); the python engine
         # computes it with numpy in the decoding stage.

@@ -492,6 +492,16 @@ def create_app(options: GatewayOptions):
             if "PROMPT" not in model.inputs:
                 raise ApiError(400, f"prompt: {model.name} was built before prompts; rebuild it", param="prompt")
             inputs["PROMPT"] = string_array([prompt])
+        raw_temperature = form.get("temperature")
+        try:
+            temperature = float(raw_temperature) if isinstance(raw_temperature, str) and raw_temperature else 0.0
+        except ValueError:
+            raise ApiError(400, "temperature: a number between 0 and 1", param="temperature") from None
+        if "FALLBACK" in model.inputs:  # OpenAI: 0 raises the temperature as its thresholds ask; above 0 samples
+            inputs["TEMPERATURE"] = np.array([[temperature]], dtype=np.float32)
+            inputs["FALLBACK"] = np.array([[temperature == 0.0]], dtype=bool)
+        elif temperature:
+            raise ApiError(400, f"temperature: {model.name} was built before sampling; rebuild it", param="temperature")
         if timed:
             if "TIMESTAMPS" not in model.inputs:
                 raise ApiError(
