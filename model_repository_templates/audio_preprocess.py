@@ -4,15 +4,18 @@ The first output is either log-mel features (INPUT_FEATURES, computed here with 
 windows' 16 kHz samples (WINDOW_SAMPLES) for a DALI log-mel stage. Each row becomes one or more
 30 s windows; `WINDOW_ROW` tells the decoder which row each window
 came from, and `DECODE_OPTIONS` carries the row's options (optional inputs LANGUAGE, TASK,
-MAX_NEW_TOKENS, TIMESTAMPS, PROMPT, TEMPERATURE, FALLBACK, SEED) and the window's place in its file, checked here so a bad option fails before any encoder work. Parameters: `recipe`
+MAX_NEW_TOKENS, TIMESTAMPS, PROMPT, TEMPERATURE, FALLBACK, SEED, VAD_FILTER) and the window's place in its file, checked here so a bad option fails before any encoder work. Parameters: `recipe`
 (JSON of `tritonkit.preprocessing.audio.AudioRecipe`) and `decode_settings` (JSON of
-`tritonkit.whisper_decoding.DecodeSettings`); the mel filters are `mel_filters.npy`.
+`tritonkit.whisper_decoding.DecodeSettings`); the mel filters are `mel_filters.npy`. With
+VAD_FILTER, the file's speech (found by the `vad_model` parameter's model, called through BLS) is
+decoded instead of the whole file, and each window carries the map back to the file's timeline.
 """
 
 from dataclasses import replace
 
 import numpy as np
 
+from tritonkit import vad
 from tritonkit.errors import InputError
 from tritonkit.preprocessing.audio import (
     SAMPLE_RATE,
@@ -35,12 +38,13 @@ class TritonPythonModel(BatchedModel):
         self.mel_filters = np.load(self.version_dir / "mel_filters.npy")
         self.audio_input, self.language_input, self.task_input, self.max_tokens_input, *rest = self.input_names
         # repositories built before TIMESTAMPS, PROMPT, TEMPERATURE, FALLBACK and SEED lack them
-        later = ("timestamps", "prompt", "temperature", "fallback", "seed")
+        later = ("timestamps", "prompt", "temperature", "fallback", "seed", "vad")
         for name, value in zip(later, [*rest, *[None] * len(later)]):
             setattr(self, f"{name}_input", value)
         self.windows_output, self.row_output, self.options_output = self.output_dtypes
         self.emit_features = self.windows_output == "INPUT_FEATURES"
         self.max_windows = int(self.model_config["max_batch_size"])
+        self.vad_model = self.parameters.get("vad_model")  # absent: built without faster-whisper's Silero VAD
 
     def row_options(self, inputs, count: int) -> list[DecodeOptions]:
         def column(name, convert):
@@ -61,6 +65,13 @@ class TritonPythonModel(BatchedModel):
         temperatures = column(self.temperature_input, lambda values, _: [float(v) for v in values])
         fallbacks = column(self.fallback_input, lambda values, _: [bool(v) for v in values])
         seeds = column(self.seed_input, lambda values, _: [int(v) for v in values])
+        vads = column(self.vad_input, lambda values, _: [bool(v) for v in values])
+        if any(vads) and self.vad_model is None:
+            raise InputError(
+                f"{self.vad_input}: this repository has no VAD model; pip install faster-whisper "
+                "(its wheel ships Silero VAD) and rebuild",
+                reason="bad_option",
+            )
         return [
             DecodeOptions(
                 language,
@@ -71,11 +82,30 @@ class TritonPythonModel(BatchedModel):
                 temperature=temperature or 0.0,
                 fallback=bool(fallback),
                 seed=seed,
+                vad=bool(vad),
             ).validate(self.settings)
-            for language, task, limit, stamp, prompt, temperature, fallback, seed in zip(
-                languages, tasks, limits, stamps, prompts, temperatures, fallbacks, seeds
+            for language, task, limit, stamp, prompt, temperature, fallback, seed, vad in zip(
+                languages, tasks, limits, stamps, prompts, temperatures, fallbacks, seeds, vads
             )
         ]
+
+    def speech_only(self, samples: np.ndarray) -> tuple[np.ndarray, dict]:
+        """The file's speech joined (Silero VAD, faster-whisper's defaults) and how to map times back."""
+        import triton_python_backend_utils as pb_utils
+
+        request = pb_utils.InferenceRequest(
+            model_name=self.vad_model,
+            inputs=[pb_utils.Tensor("VAD_SAMPLES", samples.astype(np.float32)[None, :])],
+            requested_output_names=["SPEECH_PROBS"],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{self.vad_model}: {response.error().message()}")
+        probs = pb_utils.get_output_tensor_by_name(response, "SPEECH_PROBS").as_numpy()[0]
+        chunks = vad.speech_chunks(probs, len(samples))
+        speech_map = vad.SpeechMap.of(chunks)
+        placed = {"speech_ends": speech_map.chunk_ends, "speech_silences": speech_map.silence_before_s}
+        return vad.join_speech(samples, chunks), placed
 
     def prepare(self, inputs):
         rows = inputs[self.audio_input]
@@ -84,7 +114,14 @@ class TritonPythonModel(BatchedModel):
         row_options = self.row_options(inputs, len(rows))
         windows, owners, options = [], [], []
         for index, row in enumerate(rows):
-            pieces = split_windows(decode_audio(row.tobytes(), self.recipe), self.recipe)
+            samples = decode_audio(row.tobytes(), self.recipe)
+            mapped: dict = {}
+            if row_options[index].vad:
+                samples, mapped = self.speech_only(samples)
+                if not len(samples):  # no speech: one empty window, decoded to nothing
+                    row_options[index] = replace(row_options[index], empty=True)
+            row_options[index] = replace(row_options[index], **mapped)
+            pieces = split_windows(samples, self.recipe)
             windows += pieces
             owners += [index] * len(pieces)
             offset = 0

@@ -108,7 +108,10 @@ class TritonPythonModel(BatchedModel):
                         no_speech,
                         temperature,
                     )
-                    found[owner] += [(*s, stats) for s in segments(tokens, begin, options.offset_s, options.duration_s)]
+                    found[owner] += [
+                        (*options.original_span(start, end), text, stats)
+                        for start, end, text in segments(tokens, begin, options.offset_s, options.duration_s)
+                    ]
             most = max(1, max(len(f) for f in found))
             times = np.full((count, most, 2), -1.0, dtype=np.float32)
             texts_array = np.full((count, most), b"", dtype=object)

@@ -524,3 +524,11 @@ def test_transcription_temperature_follows_openai(sdk, gateway, speech_files):
     assert sampled.segments and {round(s.temperature, 3) for s in sampled.segments} == {0.6}
     with pytest.raises(openai.BadRequestError, match="TEMPERATURE: must be between 0"):
         sdk.audio.transcriptions.create(model="whisper", file=("speech.wav", speech_files[1]), temperature=3)
+    quiet = io.BytesIO()
+    soundfile.write(quiet, np.zeros(5 * 16000, dtype=np.float32), 16000, format="WAV")
+    with TritonkitClient(gateway[1]) as client:
+        assert client.transcribe([quiet.getvalue()], temperature=0.5, seed=1)[0].text != ""  # Whisper hallucinates
+    filtered = sdk.audio.transcriptions.create(
+        model="whisper", file=("quiet.wav", quiet.getvalue()), temperature=0.5, extra_body={"vad_filter": "true"}
+    )
+    assert filtered.text == ""  # speaches' vad_filter field: nothing but silence, nothing decoded

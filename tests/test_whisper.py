@@ -440,3 +440,42 @@ def test_fallback_redecodes_unlikely_windows_and_skips_silent_ones(whisper_serve
     assert fallen[1].segments and all(s.temperature > 0 for s in fallen[1].segments)  # decoded again, hotter
     assert fallen[1].tokens != backwards.tokens
     assert fallen[2].text == "" and fallen[2].segments == ()  # silent and unlikely: skipped
+
+
+def test_vad_finds_the_speech_chunks_faster_whisper_finds(speech_files):
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+    from tritonkit import vad
+
+    speech = decode_audio(speech_files[1], AudioRecipe())
+    audio = np.concatenate([np.zeros(3 * SAMPLE_RATE), speech, np.zeros(12 * SAMPLE_RATE), speech]).astype(np.float32)
+    session = vad.session(vad.bundled_model())
+    ours = vad.speech_chunks(vad.speech_probabilities(session, audio), len(audio))
+    assert ours == get_speech_timestamps(audio, VadOptions()) and len(ours) == 2
+
+
+@pytest.mark.server
+def test_vad_keeps_the_words_puts_segments_on_the_speech_and_finds_nothing_in_noise(whisper_server, speech_files):
+    first, second = (decode_audio(speech_files[i], AudioRecipe()) for i in (1, 2))
+    silence = [np.zeros(int(s * SAMPLE_RATE), dtype=np.float32) for s in (3, 12, 20)]
+    audio = np.concatenate([silence[0], first, silence[1], second, silence[2]])
+    starts = [3.0, 3.0 + len(first) / SAMPLE_RATE + 12]
+    spans = [(starts[0], starts[0] + len(first) / SAMPLE_RATE), (starts[1], starts[1] + len(second) / SAMPLE_RATE)]
+    noise = np.random.default_rng(1).normal(0, 0.01, 5 * SAMPLE_RATE).astype(np.float32)
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        alone = client.transcribe(speech_files[1:3], concurrency=2)
+        filtered, quiet, silent = client.transcribe(
+            [wav_bytes(audio, SAMPLE_RATE), wav_bytes(noise, SAMPLE_RATE), wav_bytes(silence[2], SAMPLE_RATE)],
+            timestamps=True,
+            vad=True,
+            concurrency=3,
+        )
+    # the words of both utterances survive the 12 s and 20 s pauses
+    assert wer([" ".join(t.text for t in alone)], [filtered.text]) <= 0.15, filtered.text
+    assert filtered.segments
+    for segment in filtered.segments:  # on the speech, not in the pauses
+        assert any(low - 0.5 <= segment.start < segment.end <= high + 0.5 for low, high in spans), segment
+    assert {
+        next(k for k, (low, high) in enumerate(spans) if low - 0.5 <= s.start <= high) for s in filtered.segments
+    } == {0, 1}
+    assert quiet.text == "" and quiet.segments == () and silent.text == "" and silent.segments == ()

@@ -107,23 +107,22 @@ def make_artefacts(
     """Make every stage's artefacts, each once and as its own printed step, and put each graph's
     export report (and the accuracy report) beside it: the pipelines then name only files that exist."""
     made: dict[Artefact, Mapping[str, Path]] = {}
-    resolved = []
-    for pipeline in pipelines:
-        stages = []
-        for stage in pipeline.stages:
-            files: dict[str, Path] = dict(stage.files)
-            for artefact in stage.artefacts:
-                if artefact not in made:
-                    progress(f"{stage.role}: {artefact.what}")
-                    made[artefact] = artefact.make(assets / f"{len(made):02d}_{stage.role}")
-                files.update(made[artefact])
-            for graph_file, role in stage.graphs.items():
-                files[report_name(graph_file)] = exports / role / "export_report.json"
-                if accuracy is not None:
-                    files["accuracy_report.json"] = accuracy
-            stages.append(dataclasses.replace(stage, files=files, artefacts=()))
-        resolved.append(dataclasses.replace(pipeline, stages=tuple(stages)))
-    return resolved
+
+    def resolve(stage):
+        files: dict[str, Path] = dict(stage.files)
+        for artefact in stage.artefacts:
+            if artefact not in made:
+                progress(f"{stage.role}: {artefact.what}")
+                made[artefact] = artefact.make(assets / f"{len(made):02d}_{stage.role}")
+            files.update(made[artefact])
+        for graph_file, role in stage.graphs.items():
+            files[report_name(graph_file)] = exports / role / "export_report.json"
+            if accuracy is not None:
+                files["accuracy_report.json"] = accuracy
+        callees = tuple(resolve(callee) for callee in stage.callees)
+        return dataclasses.replace(stage, files=files, artefacts=(), callees=callees)
+
+    return [dataclasses.replace(p, stages=tuple(resolve(stage) for stage in p.stages)) for p in pipelines]
 
 
 def reduce_precision(

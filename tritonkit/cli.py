@@ -393,6 +393,9 @@ def transcribe(
     ] = False,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling (reproducible results).")] = None,
     timestamps: Annotated[bool, typer.Option(help="Decode timestamps (implied by srt, vtt, json formats).")] = False,
+    vad: Annotated[
+        bool, typer.Option(help="Decode only the speech Silero VAD finds (faster-whisper's vad_filter).")
+    ] = False,
     show_language: Annotated[bool, typer.Option(help="Print the language before each text.")] = False,
     output_format: Annotated[
         str, typer.Option("--format", help="txt, json, srt, vtt or verbose_json (the last four decode timestamps).")
@@ -428,6 +431,7 @@ def transcribe(
             temperature=temperature or None,
             fallback=fallback or None,
             seed=seed,
+            vad=vad or None,
         )
     for path, transcript in zip(files, transcripts):
         segments = [asdict(s) for s in transcript.segments]

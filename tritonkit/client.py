@@ -70,6 +70,7 @@ def whisper_inputs(
     temperature: float | None = None,
     fallback: bool | None = None,
     seed: int | None = None,
+    vad: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """One audio file and its options as the Whisper ensemble's inputs (options left out when None)."""
     inputs = {"AUDIO": pack_byte_rows([data])}
@@ -89,6 +90,8 @@ def whisper_inputs(
         inputs["FALLBACK"] = np.array([[fallback]], dtype=bool)
     if seed is not None:
         inputs["SEED"] = np.array([[seed]], dtype=np.int64)
+    if vad is not None:
+        inputs["VAD_FILTER"] = np.array([[vad]], dtype=bool)
     return inputs
 
 
@@ -215,6 +218,7 @@ class TritonkitClient:
         temperature: float | None = None,
         fallback: bool | None = None,
         seed: int | None = None,
+        vad: bool | None = None,
         concurrency: int = 4,
     ) -> list[Transcript]:
         """Audio files (paths or bytes) -> one transcript each, in order.
@@ -222,7 +226,8 @@ class TritonkitClient:
         Each file is its own request and up to `concurrency` are in flight, so the server's dynamic
         batcher, not the client, forms the batches. `language` None lets a multilingual model detect
         it; `task` is "transcribe" (default) or "translate" (into English); `temperature` samples,
-        `fallback` turns on OpenAI's temperature fallback, `seed` makes sampling reproducible."""
+        `fallback` turns on OpenAI's temperature fallback, `seed` makes sampling reproducible; `vad`
+        decodes only the speech Silero VAD finds (times stay on the file's timeline)."""
         from concurrent.futures import ThreadPoolExecutor
 
         def one(data: bytes) -> Transcript:
@@ -230,7 +235,7 @@ class TritonkitClient:
                 self.infer(
                     model,
                     whisper_inputs(
-                        data, language, task, max_new_tokens, timestamps, prompt, temperature, fallback, seed
+                        data, language, task, max_new_tokens, timestamps, prompt, temperature, fallback, seed, vad
                     ),
                 )
             )

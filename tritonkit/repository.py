@@ -66,33 +66,41 @@ def plan_models(
     rejects a larger request before any work (`tritonkit.runtime.BatchedModel.request_bytes`)."""
     composing: dict[str, ModelFiles] = {}
     ensembles: list[ModelFiles] = []
+
+    def add(stage, client_inputs: set[str]) -> None:
+        stage_name = model_name(name, stage.role)
+        if stage_name in composing:
+            return
+        parameters = dict(stage.parameters)
+        for callee in stage.callees:
+            add(callee, set())
+            parameters[f"{callee.role}_model"] = model_name(name, callee.role)
+        if stage.template is not None:
+            parameters[TEMPLATE_PARAMETER] = stage.template
+            if max_request_bytes and client_inputs & {t.name for t in stage.inputs}:
+                parameters[REQUEST_BYTES_PARAMETER] = str(max_request_bytes)
+        config = model_config(
+            stage_name,
+            stage.inputs,
+            stage.outputs,
+            overrides.apply(stage.batching),
+            parameters,
+            backend=stage.backend,
+            kind=stage.kind,
+            extra=stage.config_extra,
+        )
+        files: dict[str, Path | bytes] = dict(stage.files)
+        if stage.template is not None:
+            files["model.py"] = template_path(stage.template)
+        composing[stage_name] = ModelFiles(config, files)
+
     for pipeline in pipelines:
         steps, max_batch = [], None
         for stage in pipeline.stages:
             stage_name = model_name(name, stage.role)
             batching = overrides.apply(stage.batching)
             max_batch = batching.max_batch_size if max_batch is None else min(max_batch, batching.max_batch_size)
-            if stage_name not in composing:
-                parameters = dict(stage.parameters)
-                if stage.template is not None:
-                    parameters[TEMPLATE_PARAMETER] = stage.template
-                    client_inputs = {t.name for t in pipeline.inputs} & {t.name for t in stage.inputs}
-                    if max_request_bytes and client_inputs:
-                        parameters[REQUEST_BYTES_PARAMETER] = str(max_request_bytes)
-                config = model_config(
-                    stage_name,
-                    stage.inputs,
-                    stage.outputs,
-                    batching,
-                    parameters,
-                    backend=stage.backend,
-                    kind=stage.kind,
-                    extra=stage.config_extra,
-                )
-                files: dict[str, Path | bytes] = dict(stage.files)
-                if stage.template is not None:
-                    files["model.py"] = template_path(stage.template)
-                composing[stage_name] = ModelFiles(config, files)
+            add(stage, {t.name for t in pipeline.inputs})
             steps.append(
                 EnsembleStep(
                     stage_name,

@@ -202,6 +202,10 @@ class DecodeOptions:
     offset_s: float = 0.0  # the window's start in the original audio
     duration_s: float = 30.0  # the window's audio (before padding to 30 s)
     window: int = 0  # the window's index in its file (its sampling generator's second seed)
+    vad: bool = False  # decode only the speech Silero VAD finds (faster-whisper's vad_filter)
+    speech_ends: tuple[int, ...] = ()  # with vad: tritonkit.vad.SpeechMap, to put times back on the file
+    speech_silences: tuple[float, ...] = ()
+    empty: bool = False  # nothing to decode (VAD found no speech): no text, no segments
 
     def validate(self, settings: DecodeSettings) -> DecodeOptions:
         """The options with the language as a code ("French" -> "fr"); InputError if unusable."""
@@ -251,7 +255,16 @@ class DecodeOptions:
             temperature,
             bool(self.fallback),
             None if self.seed is None else int(self.seed),
+            vad=bool(self.vad),
         )
+
+    def original_span(self, start_s: float, end_s: float) -> tuple[float, float]:
+        """A segment's times on the decoded audio as times on the original file (they differ after VAD)."""
+        if not self.speech_ends:
+            return start_s, end_s
+        from tritonkit.vad import SpeechMap
+
+        return SpeechMap(tuple(self.speech_ends), tuple(self.speech_silences)).original_span(start_s, end_s)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -372,7 +385,9 @@ class WindowDecoder:
             np.random.default_rng([o.seed & (2**63 - 1), o.window]) if o.seed is not None else np.random.default_rng()
             for o in options
         ]
-        pending, attempt = list(range(count)), 0
+        pending, attempt = [i for i, o in enumerate(options) if not o.empty], 0
+        for i, o in enumerate(options):
+            self.skipped[i] = o.empty
         while pending:
             # Rows with prompts of one length start together (all rows, unless options differ).
             by_length: dict[int, list[int]] = {}

@@ -70,6 +70,9 @@ class Stage:
     config_extra: Mapping[str, Any] = field(default_factory=dict)  # more ModelConfig fields
     artefacts: tuple[Artefact, ...] = ()
     graphs: Mapping[str, str] = field(default_factory=dict)  # file in the version dir -> export role
+    # Models this stage calls itself (Triton's BLS) rather than the ensemble: written beside it, and
+    # named to it in the parameter `<role>_model` (e.g. Whisper's preprocessing calls its VAD).
+    callees: tuple[Stage, ...] = ()
 
     def __post_init__(self):
         if (self.backend == "python") != (self.template is not None):

@@ -35,6 +35,7 @@ TIMESTAMPS = "TIMESTAMPS"  # optional: decode timestamps and return segments
 PROMPT = "PROMPT"  # optional: text that conditions the transcript (OpenAI's prompt / initial_prompt)
 TEMPERATURE, SEED = "TEMPERATURE", "SEED"  # optional: sample at this temperature, from this seed
 FALLBACK = "FALLBACK"  # optional: OpenAI's temperature fallback and no-speech skip
+VAD_FILTER = "VAD_FILTER"  # optional: decode only the speech Silero VAD finds (faster-whisper's vad_filter)
 SEGMENT_TIMES, SEGMENT_TEXTS = "SEGMENT_TIMES", "SEGMENT_TEXTS"  # per file: [segments, 2] seconds, [segments]
 # per segment: avg_logprob, compression_ratio, no_speech_prob, temperature (OpenAI's, per window)
 SEGMENT_STATS = "SEGMENT_STATS"
@@ -44,6 +45,7 @@ DECODED_LANGUAGE = "DECODED_LANGUAGE"  # the language given, or detected in the 
 # Between composing models and inside the decoder's graphs.
 INPUT_FEATURES = "INPUT_FEATURES"
 WINDOW_SAMPLES = "WINDOW_SAMPLES"  # one 30 s window of 16 kHz samples, zero-padded (DALI log-mel input)
+VAD_SAMPLES, SPEECH_PROBS = "VAD_SAMPLES", "SPEECH_PROBS"  # the preprocessing's call to the VAD model
 WINDOW_ROW = "WINDOW_ROW"  # which row of the request each 30 s window came from
 DECODE_OPTIONS = "DECODE_OPTIONS"  # each window's validated options (JSON of DecodeOptions)
 ENCODER_HIDDEN = "ENCODER_HIDDEN"
@@ -86,6 +88,7 @@ class WhisperSpec(FamilySpec):
         "log_mel": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16), max_queue_delay_us=1000),
         "encoder": Batching(max_batch_size=32, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
         "decoder": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16, 32), max_queue_delay_us=5000),
+        "vad": Batching(max_batch_size=8, preferred_batch_sizes=(), max_queue_delay_us=0),
     }
 
     @staticmethod
@@ -110,6 +113,9 @@ class WhisperSpec(FamilySpec):
             TEMPERATURE: Tensor(TEMPERATURE, "float32", (1,), optional=True),
             FALLBACK: Tensor(FALLBACK, "bool", (1,), optional=True),
             SEED: Tensor(SEED, "int64", (1,), optional=True),
+            VAD_FILTER: Tensor(VAD_FILTER, "bool", (1,), optional=True),
+            VAD_SAMPLES: Tensor(VAD_SAMPLES, "float32", (-1,), ragged=True),
+            SPEECH_PROBS: Tensor(SPEECH_PROBS, "float32", (-1,)),
             SEGMENT_TIMES: Tensor(SEGMENT_TIMES, "float32", (-1, 2)),
             SEGMENT_TEXTS: Tensor(SEGMENT_TEXTS, "string", (-1,)),
             SEGMENT_STATS: Tensor(SEGMENT_STATS, "float32", (-1, 4)),
@@ -318,6 +324,23 @@ class WhisperSpec(FamilySpec):
             texts.append(loaded.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip())
         return all_tokens, texts
 
+    def vad_stages(self, t: Mapping[str, Tensor]) -> tuple[Stage, ...]:
+        """Silero VAD (from the installed faster-whisper wheel), or nothing when it is not installed
+        (VAD_FILTER then fails with how to get it)."""
+        model = _silero_vad_file()
+        if model is None:
+            return ()
+        return (
+            Stage(
+                role="vad",
+                template="silero_vad",
+                inputs=(t[VAD_SAMPLES],),
+                outputs=(t[SPEECH_PROBS],),
+                batching=self.stage_batching("vad"),
+                files={"silero_vad.onnx": model},
+            ),
+        )
+
     def decode_settings(self, loaded: LoadedWhisper):
         from tritonkit.whisper_decoding import DecodeSettings
 
@@ -351,6 +374,7 @@ class WhisperSpec(FamilySpec):
             t[TEMPERATURE],
             t[FALLBACK],
             t[SEED],
+            t[VAD_FILTER],
         )
         outputs = (t[TEXT], t[TOKENS], t[DECODED_LANGUAGE], t[SEGMENT_TIMES], t[SEGMENT_TEXTS], t[SEGMENT_STATS])
         # DALI computes log-mel in its own stage (GPU operators on a GPU); the python engine
@@ -365,6 +389,7 @@ class WhisperSpec(FamilySpec):
                 batching=self.stage_batching("audio_preprocess"),
                 parameters={"recipe": recipe.to_json(), "decode_settings": settings},
                 artefacts=(Artefact("save the mel filter bank", save_mel_filters),),
+                callees=self.vad_stages(t),
             )
         ]
         if options.preprocessing == "dali":
@@ -419,6 +444,16 @@ class WhisperSpec(FamilySpec):
                 stages=tuple(stages),
             )
         ]
+
+
+def _silero_vad_file() -> Path | None:
+    from tritonkit.errors import TritonkitError
+    from tritonkit.vad import bundled_model
+
+    try:
+        return bundled_model()
+    except TritonkitError:
+        return None
 
 
 def _encoder_module(model):

@@ -502,6 +502,13 @@ def create_app(options: GatewayOptions):
             inputs["FALLBACK"] = np.array([[temperature == 0.0]], dtype=bool)
         elif temperature:
             raise ApiError(400, f"temperature: {model.name} was built before sampling; rebuild it", param="temperature")
+        vad_filter = str(form.get("vad_filter") or "false").lower()
+        if vad_filter not in ("true", "false", "1", "0"):
+            raise ApiError(400, "vad_filter: true or false", param="vad_filter")
+        if vad_filter in ("true", "1"):  # speaches' field (OpenAI has none): faster-whisper's vad_filter
+            if "VAD_FILTER" not in model.inputs:
+                raise ApiError(400, f"vad_filter: {model.name} was built before VAD; rebuild it", param="vad_filter")
+            inputs["VAD_FILTER"] = np.array([[True]], dtype=bool)
         if timed:
             if "TIMESTAMPS" not in model.inputs:
                 raise ApiError(
