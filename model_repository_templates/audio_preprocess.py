@@ -4,7 +4,8 @@ The first output is either log-mel features (INPUT_FEATURES, computed here with 
 windows' 16 kHz samples (WINDOW_SAMPLES) for a DALI log-mel stage. Each row becomes one or more
 30 s windows; `WINDOW_ROW` tells the decoder which row each window
 came from, and `DECODE_OPTIONS` carries the row's options (optional inputs LANGUAGE, TASK,
-MAX_NEW_TOKENS, TIMESTAMPS, PROMPT, TEMPERATURE, FALLBACK, SEED, VAD_FILTER) and the window's place in its file, checked here so a bad option fails before any encoder work. Parameters: `recipe`
+MAX_NEW_TOKENS, TIMESTAMPS, PROMPT, TEMPERATURE, FALLBACK, SEED, VAD_FILTER, BEAM_SIZE, LENGTH_PENALTY,
+PATIENCE) and the window's place in its file, checked here so a bad option fails before any encoder work. Parameters: `recipe`
 (JSON of `tritonkit.preprocessing.audio.AudioRecipe`) and `decode_settings` (JSON of
 `tritonkit.whisper_decoding.DecodeSettings`); the mel filters are `mel_filters.npy`. With
 VAD_FILTER, the file's speech (found by the `vad_model` parameter's model, called through BLS) is
@@ -38,7 +39,7 @@ class TritonPythonModel(BatchedModel):
         self.mel_filters = np.load(self.version_dir / "mel_filters.npy")
         self.audio_input, self.language_input, self.task_input, self.max_tokens_input, *rest = self.input_names
         # repositories built before TIMESTAMPS, PROMPT, TEMPERATURE, FALLBACK and SEED lack them
-        later = ("timestamps", "prompt", "temperature", "fallback", "seed", "vad")
+        later = ("timestamps", "prompt", "temperature", "fallback", "seed", "vad", "beam", "penalty", "patience")
         for name, value in zip(later, [*rest, *[None] * len(later)]):
             setattr(self, f"{name}_input", value)
         self.windows_output, self.row_output, self.options_output = self.output_dtypes
@@ -66,6 +67,9 @@ class TritonPythonModel(BatchedModel):
         fallbacks = column(self.fallback_input, lambda values, _: [bool(v) for v in values])
         seeds = column(self.seed_input, lambda values, _: [int(v) for v in values])
         vads = column(self.vad_input, lambda values, _: [bool(v) for v in values])
+        beams = column(self.beam_input, lambda values, _: [int(v) for v in values])
+        penalties = column(self.penalty_input, lambda values, _: [float(v) for v in values])
+        patiences = column(self.patience_input, lambda values, _: [float(v) for v in values])
         if any(vads) and self.vad_model is None:
             raise InputError(
                 f"{self.vad_input}: this repository has no VAD model; pip install faster-whisper "
@@ -83,9 +87,23 @@ class TritonPythonModel(BatchedModel):
                 fallback=bool(fallback),
                 seed=seed,
                 vad=bool(vad),
+                beam_size=1 if beam is None else beam,
+                length_penalty=1.0 if penalty is None else penalty,
+                patience=1.0 if patience is None else patience,
             ).validate(self.settings)
-            for language, task, limit, stamp, prompt, temperature, fallback, seed, vad in zip(
-                languages, tasks, limits, stamps, prompts, temperatures, fallbacks, seeds, vads
+            for language, task, limit, stamp, prompt, temperature, fallback, seed, vad, beam, penalty, patience in zip(
+                languages,
+                tasks,
+                limits,
+                stamps,
+                prompts,
+                temperatures,
+                fallbacks,
+                seeds,
+                vads,
+                beams,
+                penalties,
+                patiences,
             )
         ]
 

@@ -479,3 +479,32 @@ def test_vad_keeps_the_words_puts_segments_on_the_speech_and_finds_nothing_in_no
         next(k for k, (low, high) in enumerate(spans) if low - 0.5 <= s.start <= high) for s in filtered.segments
     } == {0, 1}
     assert quiet.text == "" and quiet.segments == () and silent.text == "" and silent.segments == ()
+
+
+@pytest.mark.server
+def test_beam_search_is_transformers_num_beams_5_alone_and_in_batches(whisper_server, whisper_loaded, speech_files):
+    import torch
+
+    _, loaded = whisper_loaded
+    files = [speech_files[i] for i in (0, 1, 3)]  # files where greedy and beam search disagree
+
+    def reference(data: bytes, **options) -> list[int]:
+        with torch.no_grad():
+            ids = loaded.model.generate(torch.from_numpy(features(loaded, data)), num_beams=5, **options)[0].tolist()
+        return [t for t in ids if t != loaded.model.generation_config.eos_token_id]
+
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        alone = [client.transcribe([f], beam_size=5)[0] for f in files]
+        before = executed_batch_sizes(client.statistics("whisper_decoder"), "whisper_decoder")
+        together = client.transcribe(files * 2, beam_size=5, concurrency=6)
+        after = executed_batch_sizes(client.statistics("whisper_decoder"), "whisper_decoder")
+        greedy = client.transcribe(files, concurrency=3)
+        stamped = client.transcribe(files[1:2], beam_size=5, timestamps=True)[0]
+        with pytest.raises(InferenceError, match="BEAM_SIZE: must be between 1 and 5, got 6"):
+            client.transcribe(files[:1], beam_size=6)
+    for data, served in zip(files, alone):
+        assert list(served.tokens) == reference(data)
+    assert list(stamped.tokens) == reference(files[1], return_timestamps=True)
+    assert [t.tokens for t in together] == [t.tokens for t in alone] * 2
+    assert any(size > 1 and after[size] > before.get(size, 0) for size in after), after
+    assert all(g.tokens != b.tokens for g, b in zip(greedy, alone))  # the beams found other transcripts

@@ -396,6 +396,7 @@ def transcribe(
     vad: Annotated[
         bool, typer.Option(help="Decode only the speech Silero VAD finds (faster-whisper's vad_filter).")
     ] = False,
+    beam_size: Annotated[int, typer.Option(help="Beam search with this many beams, 1 (greedy) to 5.")] = 1,
     show_language: Annotated[bool, typer.Option(help="Print the language before each text.")] = False,
     output_format: Annotated[
         str, typer.Option("--format", help="txt, json, srt, vtt or verbose_json (the last four decode timestamps).")
@@ -432,6 +433,7 @@ def transcribe(
             fallback=fallback or None,
             seed=seed,
             vad=vad or None,
+            beam_size=beam_size if beam_size != 1 else None,
         )
     for path, transcript in zip(files, transcripts):
         segments = [asdict(s) for s in transcript.segments]

@@ -71,6 +71,9 @@ def whisper_inputs(
     fallback: bool | None = None,
     seed: int | None = None,
     vad: bool | None = None,
+    beam_size: int | None = None,
+    length_penalty: float | None = None,
+    patience: float | None = None,
 ) -> dict[str, np.ndarray]:
     """One audio file and its options as the Whisper ensemble's inputs (options left out when None)."""
     inputs = {"AUDIO": pack_byte_rows([data])}
@@ -92,6 +95,12 @@ def whisper_inputs(
         inputs["SEED"] = np.array([[seed]], dtype=np.int64)
     if vad is not None:
         inputs["VAD_FILTER"] = np.array([[vad]], dtype=bool)
+    if beam_size is not None:
+        inputs["BEAM_SIZE"] = np.array([[beam_size]], dtype=np.int32)
+    if length_penalty is not None:
+        inputs["LENGTH_PENALTY"] = np.array([[length_penalty]], dtype=np.float32)
+    if patience is not None:
+        inputs["PATIENCE"] = np.array([[patience]], dtype=np.float32)
     return inputs
 
 
@@ -219,6 +228,9 @@ class TritonkitClient:
         fallback: bool | None = None,
         seed: int | None = None,
         vad: bool | None = None,
+        beam_size: int | None = None,
+        length_penalty: float | None = None,
+        patience: float | None = None,
         concurrency: int = 4,
     ) -> list[Transcript]:
         """Audio files (paths or bytes) -> one transcript each, in order.
@@ -227,7 +239,8 @@ class TritonkitClient:
         batcher, not the client, forms the batches. `language` None lets a multilingual model detect
         it; `task` is "transcribe" (default) or "translate" (into English); `temperature` samples,
         `fallback` turns on OpenAI's temperature fallback, `seed` makes sampling reproducible; `vad`
-        decodes only the speech Silero VAD finds (times stay on the file's timeline)."""
+        decodes only the speech Silero VAD finds (times stay on the file's timeline); `beam_size` > 1
+        searches that many beams (at temperature 0)."""
         from concurrent.futures import ThreadPoolExecutor
 
         def one(data: bytes) -> Transcript:
@@ -235,7 +248,19 @@ class TritonkitClient:
                 self.infer(
                     model,
                     whisper_inputs(
-                        data, language, task, max_new_tokens, timestamps, prompt, temperature, fallback, seed, vad
+                        data,
+                        language,
+                        task,
+                        max_new_tokens,
+                        timestamps,
+                        prompt,
+                        temperature,
+                        fallback,
+                        seed,
+                        vad,
+                        beam_size,
+                        length_penalty,
+                        patience,
                     ),
                 )
             )

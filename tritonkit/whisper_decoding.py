@@ -176,6 +176,7 @@ LOGPROB_THRESHOLD = -1.0
 NO_SPEECH_THRESHOLD = 0.6
 TEMPERATURE_STEP = 0.2
 MAX_TEMPERATURE = 1.0
+MAX_BEAM_SIZE = 5
 
 
 def temperature_schedule(temperature: float, fallback: bool) -> tuple[float, ...]:
@@ -199,6 +200,9 @@ class DecodeOptions:
     temperature: float = 0.0  # 0: greedy
     fallback: bool = False  # OpenAI's temperature fallback and no-speech skip
     seed: int | None = None  # sampling generator seed (None: random)
+    beam_size: int = 1  # > 1: beam search at temperature 0 (transformers' algorithm)
+    length_penalty: float = 1.0  # finished beams score sum(logprob) / length ** length_penalty
+    patience: float = 1.0  # OpenAI's: wait for round(beam_size * patience) finished beams
     offset_s: float = 0.0  # the window's start in the original audio
     duration_s: float = 30.0  # the window's audio (before padding to 30 s)
     window: int = 0  # the window's index in its file (its sampling generator's second seed)
@@ -246,6 +250,16 @@ class DecodeOptions:
                 f"TEMPERATURE: must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {temperature:g}",
                 reason="bad_option",
             )
+        if not 1 <= int(self.beam_size) <= MAX_BEAM_SIZE:
+            raise InputError(
+                f"BEAM_SIZE: must be between 1 and {MAX_BEAM_SIZE}, got {self.beam_size}", reason="bad_option"
+            )
+        if not np.isfinite(self.length_penalty) or not -2 <= self.length_penalty <= 2:
+            raise InputError(
+                f"LENGTH_PENALTY: must be between -2 and 2, got {self.length_penalty:g}", reason="bad_option"
+            )
+        if not np.isfinite(self.patience) or not 0 < self.patience <= 4:
+            raise InputError(f"PATIENCE: must be in (0, 4], got {self.patience:g}", reason="bad_option")
         return DecodeOptions(
             language,
             task,
@@ -255,6 +269,9 @@ class DecodeOptions:
             temperature,
             bool(self.fallback),
             None if self.seed is None else int(self.seed),
+            beam_size=int(self.beam_size),
+            length_penalty=round(float(self.length_penalty), 6),
+            patience=round(float(self.patience), 6),
             vad=bool(self.vad),
         )
 
@@ -389,14 +406,19 @@ class WindowDecoder:
         for i, o in enumerate(options):
             self.skipped[i] = o.empty
         while pending:
-            # Rows with prompts of one length start together (all rows, unless options differ).
-            by_length: dict[int, list[int]] = {}
+            # Rows with prompts of one length start together (all rows, unless options differ);
+            # beam search (at temperature 0 only, as transformers falls back to sampling) apart.
+            groups: dict[tuple[int, bool], list[int]] = {}
             for i in pending:
-                by_length.setdefault(len(prompts[i]), []).append(i)
-            for rows in by_length.values():
+                beams = options[i].beam_size > 1 and self.temperatures[i] == 0
+                groups.setdefault((len(prompts[i]), beams), []).append(i)
+            for (_, beams), rows in groups.items():
                 for i in rows:
                     results[i], self.sum_logprobs[i] = [], 0.0
-                self._decode_rows(rows, prompts, limits, cross_keys, cross_values, results, options, generators)
+                if beams:
+                    self._beam_rows(rows, prompts, limits, cross_keys, cross_values, results, options)
+                else:
+                    self._decode_rows(rows, prompts, limits, cross_keys, cross_values, results, options, generators)
             attempt += 1
             again = []
             for i in pending:
@@ -493,6 +515,106 @@ class WindowDecoder:
                 active, keys, values, ck, cv = active[keep], keys[keep], values[keep], ck[keep], cv[keep]
                 next_tokens = next_tokens[keep]
             ids = next_tokens[:, None].astype(np.int64)
+
+    def _mask(self, scores: np.ndarray, tokens: list[int], first: bool, timestamps: bool) -> None:
+        """The suppressions and (with timestamps) Whisper's timestamp rules, in place on one row."""
+        scores[self.begin_suppress if first else self.suppress] = -np.inf
+        if timestamps:
+            self.apply_timestamp_rules(scores, tokens, first)
+
+    def _beam_rows(self, rows, prompts, limits, cross_keys, cross_values, results, options) -> None:
+        """Beam search over many windows at once, as transformers' `_beam_search` does it (2 x beams
+        candidates a step, finished beams scored sum / length ** length_penalty, its early-stop
+        heuristic), every window's live beams sharing one batched decoder step. OpenAI's patience
+        sets how many finished beams a window waits for (1.0: the beam size, transformers' rule)."""
+
+        @dataclass
+        class Window:
+            row: int
+            width: int  # beams
+            pool_size: int  # finished beams kept
+            live: list[tuple[float, list[int]]]  # (summed log-probability, tokens) of each live beam
+            finished: list[tuple[float, float, list[int]]] = field(default_factory=list)  # (score, sum, tokens)
+            improvable: bool = True
+
+        windows = [
+            Window(
+                row,
+                options[row].beam_size,
+                max(options[row].beam_size, round(options[row].beam_size * options[row].patience)),
+                [(0.0, [])],
+            )
+            for row in rows
+        ]
+        count = len(rows)
+        ids = np.array([prompts[i] for i in rows], dtype=np.int64)
+        keys = np.zeros((count, *self.cache_shape), dtype=np.float32)
+        values = keys
+        owners = np.array(rows)
+        gathered: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (owners, keys, values) of the last step
+        first = True
+        while windows:
+            if gathered is None or not np.array_equal(gathered[0], owners):  # beams share their window's
+                gathered = (owners, cross_keys[owners], cross_values[owners])
+            logits, keys, values = self._run(ids, keys, values, gathered[1], gathered[2])
+            logprobs = log_softmax(logits).astype(np.float32)  # the processors mask log-probabilities
+            parents, next_ids, still = [], [], []
+            start = 0
+            for window in windows:
+                beams = len(window.live)
+                scores = logprobs[start : start + beams]
+                self.steps_per_window[window.row] += beams
+                for b, (_, tokens) in enumerate(window.live):
+                    self._mask(scores[b], tokens, first, bool(options[window.row].timestamps))
+                totals = (scores + np.array([s for s, _ in window.live], dtype=np.float32)[:, None]).reshape(-1)
+                keep = 2 * window.width
+                order = np.argpartition(-totals, keep)[:keep]
+                order = order[np.argsort(-totals[order], kind="stable")]
+                vocab = scores.shape[1]
+                length = len(window.live[0][1]) + 1  # tokens after this step, the end token included
+                candidates = []
+                for rank, flat in enumerate(order):
+                    beam, token = divmod(int(flat), vocab)
+                    tokens = window.live[beam][1]
+                    hits = token == self.settings.end_token or length >= limits[window.row]
+                    candidates.append((float(totals[flat]), beam, token, hits))
+                    if hits and rank < window.width and window.improvable and np.isfinite(totals[flat]):
+                        kept = tokens if token == self.settings.end_token else [*tokens, token]
+                        penalized = float(totals[flat]) / length ** options[window.row].length_penalty
+                        window.finished.append((penalized, float(totals[flat]), kept))
+                window.finished = sorted(window.finished, key=lambda f: -f[0])[: window.pool_size]
+                running = [c for c in candidates if not c[3]][: window.width]
+                window.live = [(total, [*window.live[beam][1], token]) for total, beam, token, _ in running]
+                for _, beam, token, _ in running:
+                    parents.append(start + beam)
+                    next_ids.append(token)
+                if window.improvable and len(window.finished) >= window.pool_size and running:
+                    best = running[0][0] / length ** options[window.row].length_penalty
+                    window.improvable = best > min(f[0] for f in window.finished)
+                if window.improvable and running:
+                    still.append(window)
+                else:
+                    self._finish_beams(window.row, window.finished, window.live, results)
+                    parents = parents[: len(parents) - len(running)]
+                    next_ids = next_ids[: len(next_ids) - len(running)]
+                start += beams
+            first = False
+            windows = still
+            if not windows:
+                return
+            chosen = np.array(parents)
+            keys, values = keys[chosen], values[chosen]
+            owners = np.array([w.row for w in windows for _ in w.live])
+            ids = np.array(next_ids, dtype=np.int64)[:, None]
+
+    def _finish_beams(self, row: int, finished, live, results) -> None:
+        """The best finished beam (a live one if none finished): its tokens and summed log-probability."""
+        if finished:
+            _, total, tokens = finished[0]
+        else:
+            total, tokens = live[0] if live else (0.0, [])
+        results[row] = list(tokens)
+        self.sum_logprobs[row] = total
 
 
 GreedyDecoder = WindowDecoder  # the name repositories built before sampling import

@@ -35,6 +35,7 @@ TIMESTAMPS = "TIMESTAMPS"  # optional: decode timestamps and return segments
 PROMPT = "PROMPT"  # optional: text that conditions the transcript (OpenAI's prompt / initial_prompt)
 TEMPERATURE, SEED = "TEMPERATURE", "SEED"  # optional: sample at this temperature, from this seed
 FALLBACK = "FALLBACK"  # optional: OpenAI's temperature fallback and no-speech skip
+BEAM_SIZE, LENGTH_PENALTY, PATIENCE = "BEAM_SIZE", "LENGTH_PENALTY", "PATIENCE"  # optional: beam search
 VAD_FILTER = "VAD_FILTER"  # optional: decode only the speech Silero VAD finds (faster-whisper's vad_filter)
 SEGMENT_TIMES, SEGMENT_TEXTS = "SEGMENT_TIMES", "SEGMENT_TEXTS"  # per file: [segments, 2] seconds, [segments]
 # per segment: avg_logprob, compression_ratio, no_speech_prob, temperature (OpenAI's, per window)
@@ -114,6 +115,9 @@ class WhisperSpec(FamilySpec):
             FALLBACK: Tensor(FALLBACK, "bool", (1,), optional=True),
             SEED: Tensor(SEED, "int64", (1,), optional=True),
             VAD_FILTER: Tensor(VAD_FILTER, "bool", (1,), optional=True),
+            BEAM_SIZE: Tensor(BEAM_SIZE, "int32", (1,), optional=True),
+            LENGTH_PENALTY: Tensor(LENGTH_PENALTY, "float32", (1,), optional=True),
+            PATIENCE: Tensor(PATIENCE, "float32", (1,), optional=True),
             VAD_SAMPLES: Tensor(VAD_SAMPLES, "float32", (-1,), ragged=True),
             SPEECH_PROBS: Tensor(SPEECH_PROBS, "float32", (-1,)),
             SEGMENT_TIMES: Tensor(SEGMENT_TIMES, "float32", (-1, 2)),
@@ -375,6 +379,9 @@ class WhisperSpec(FamilySpec):
             t[FALLBACK],
             t[SEED],
             t[VAD_FILTER],
+            t[BEAM_SIZE],
+            t[LENGTH_PENALTY],
+            t[PATIENCE],
         )
         outputs = (t[TEXT], t[TOKENS], t[DECODED_LANGUAGE], t[SEGMENT_TIMES], t[SEGMENT_TEXTS], t[SEGMENT_STATS])
         # DALI computes log-mel in its own stage (GPU operators on a GPU); the python engine

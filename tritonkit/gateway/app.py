@@ -502,6 +502,16 @@ def create_app(options: GatewayOptions):
             inputs["FALLBACK"] = np.array([[temperature == 0.0]], dtype=bool)
         elif temperature:
             raise ApiError(400, f"temperature: {model.name} was built before sampling; rebuild it", param="temperature")
+        beam_size = form.get("beam_size")  # faster-whisper's option (OpenAI has none)
+        if isinstance(beam_size, str) and beam_size:
+            if "BEAM_SIZE" not in model.inputs:
+                raise ApiError(
+                    400, f"beam_size: {model.name} was built before beam search; rebuild it", param="beam_size"
+                )
+            try:
+                inputs["BEAM_SIZE"] = np.array([[int(beam_size)]], dtype=np.int32)
+            except ValueError:
+                raise ApiError(400, "beam_size: an integer from 1 to 5", param="beam_size") from None
         vad_filter = str(form.get("vad_filter") or "false").lower()
         if vad_filter not in ("true", "false", "1", "0"):
             raise ApiError(400, "vad_filter: true or false", param="vad_filter")
