@@ -20,9 +20,11 @@ from tritonkit import vad
 from tritonkit.errors import InputError
 from tritonkit.preprocessing.audio import (
     SAMPLE_RATE,
+    WINDOW_SAMPLES,
     AudioRecipe,
     decode_audio,
     log_mel,
+    log_mel_whole,
     pad_window,
     split_windows,
 )
@@ -39,10 +41,22 @@ class TritonPythonModel(BatchedModel):
         self.mel_filters = np.load(self.version_dir / "mel_filters.npy")
         self.audio_input, self.language_input, self.task_input, self.max_tokens_input, *rest = self.input_names
         # repositories built before TIMESTAMPS, PROMPT, TEMPERATURE, FALLBACK and SEED lack them
-        later = ("timestamps", "prompt", "temperature", "fallback", "seed", "vad", "beam", "penalty", "patience")
+        later = (
+            "timestamps",
+            "prompt",
+            "temperature",
+            "fallback",
+            "seed",
+            "vad",
+            "beam",
+            "penalty",
+            "patience",
+            "condition",
+        )
         for name, value in zip(later, [*rest, *[None] * len(later)]):
             setattr(self, f"{name}_input", value)
-        self.windows_output, self.row_output, self.options_output = self.output_dtypes
+        self.windows_output, self.row_output, self.options_output, *rest = self.output_dtypes
+        self.features_output = rest[0] if rest else None  # FILE_FEATURES: long-form files' whole features
         self.emit_features = self.windows_output == "INPUT_FEATURES"
         self.max_windows = int(self.model_config["max_batch_size"])
         self.vad_model = self.parameters.get("vad_model")  # absent: built without faster-whisper's Silero VAD
@@ -70,6 +84,7 @@ class TritonPythonModel(BatchedModel):
         beams = column(self.beam_input, lambda values, _: [int(v) for v in values])
         penalties = column(self.penalty_input, lambda values, _: [float(v) for v in values])
         patiences = column(self.patience_input, lambda values, _: [float(v) for v in values])
+        conditions = column(self.condition_input, lambda values, _: [bool(v) for v in values])
         if any(vads) and self.vad_model is None:
             raise InputError(
                 f"{self.vad_input}: this repository has no VAD model; pip install faster-whisper "
@@ -78,33 +93,21 @@ class TritonPythonModel(BatchedModel):
             )
         return [
             DecodeOptions(
-                language,
-                task or "transcribe",
-                limit,
-                bool(stamp),
-                prompt,
-                temperature=temperature or 0.0,
-                fallback=bool(fallback),
-                seed=seed,
-                vad=bool(vad),
-                beam_size=1 if beam is None else beam,
-                length_penalty=1.0 if penalty is None else penalty,
-                patience=1.0 if patience is None else patience,
+                language=languages[i],
+                task=tasks[i] or "transcribe",
+                max_new_tokens=limits[i],
+                timestamps=bool(stamps[i]),
+                prompt=prompts[i],
+                temperature=temperatures[i] or 0.0,
+                fallback=bool(fallbacks[i]),
+                seed=seeds[i],
+                vad=bool(vads[i]),
+                beam_size=1 if beams[i] is None else beams[i],
+                length_penalty=1.0 if penalties[i] is None else penalties[i],
+                patience=1.0 if patiences[i] is None else patiences[i],
+                condition=True if conditions[i] is None else conditions[i],
             ).validate(self.settings)
-            for language, task, limit, stamp, prompt, temperature, fallback, seed, vad, beam, penalty, patience in zip(
-                languages,
-                tasks,
-                limits,
-                stamps,
-                prompts,
-                temperatures,
-                fallbacks,
-                seeds,
-                vads,
-                beams,
-                penalties,
-                patiences,
-            )
+            for i in range(count)
         ]
 
     def speech_only(self, samples: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -130,7 +133,7 @@ class TritonPythonModel(BatchedModel):
         if rows.ndim != 2 or rows.shape[1] == 0:
             raise InputError(f"{self.audio_input}: empty input (shape {list(rows.shape)})", reason="empty")
         row_options = self.row_options(inputs, len(rows))
-        windows, owners, options = [], [], []
+        windows, owners, options, file_features = [], [], [], []
         for index, row in enumerate(rows):
             samples = decode_audio(row.tobytes(), self.recipe)
             mapped: dict = {}
@@ -139,7 +142,15 @@ class TritonPythonModel(BatchedModel):
                 if not len(samples):  # no speech: one empty window, decoded to nothing
                     row_options[index] = replace(row_options[index], empty=True)
             row_options[index] = replace(row_options[index], **mapped)
-            pieces = split_windows(samples, self.recipe)
+            if self.features_output and row_options[index].timestamps and len(samples) > WINDOW_SAMPLES:
+                # OpenAI's sequential long-form: the decoder seeks through the whole file's features
+                features = log_mel_whole(samples, self.mel_filters)
+                row_options[index] = replace(row_options[index], long_form=True, total_frames=features.shape[1])
+                pieces = [samples[:WINDOW_SAMPLES]]
+                file_features.append(features)
+            else:
+                pieces = split_windows(samples, self.recipe)
+                file_features += [None] * len(pieces)
             windows += pieces
             owners += [index] * len(pieces)
             offset = 0
@@ -158,13 +169,31 @@ class TritonPythonModel(BatchedModel):
                 f"{self.max_windows}; send fewer or shorter files per request",
                 reason="too_long",
             )
-        return {
+        prepared = {
             self.windows_output: log_mel(windows, self.mel_filters)
             if self.emit_features
             else np.stack([pad_window(w) for w in windows]),
             self.row_output: np.array(owners, dtype=np.int32)[:, None],
             self.options_output: np.array(options, dtype=object)[:, None],
         }
+        if self.features_output:
+            whole = np.empty(len(windows), dtype=object)  # ragged until this request's response
+            whole[:] = file_features
+            prepared["file_features"] = whole
+        return prepared
 
     def run(self, batch):
         return batch
+
+    def finish(self, outputs, rows):
+        if "file_features" not in outputs:
+            return outputs
+        outputs = dict(outputs)
+        whole = outputs.pop("file_features")
+        longest = max((f.shape[1] for f in whole if f is not None), default=0)
+        features = np.zeros((len(whole), self.mel_filters.shape[1], longest), dtype=np.float32)
+        for i, f in enumerate(whole):
+            if f is not None:
+                features[i, :, : f.shape[1]] = f
+        outputs[self.features_output] = features
+        return outputs

@@ -4,7 +4,10 @@ sampled at a TEMPERATURE, or with OpenAI's temperature fallback; see WindowDecod
 Inputs: encoder hidden states, `WINDOW_ROW` (the request row each window belongs to) and
 `DECODE_OPTIONS` (each window's options, checked by the preprocessing model). Outputs, one row per
 request row: the text, its tokens (windows joined in order; padded with -1) and the language of
-its first window. Windows the fallback judged silent give no text and no segments. Parameter `providers`: ONNX Runtime execution providers, comma-separated
+its first window. Windows the fallback judged silent give no text and no segments. A row whose
+options say `long_form` carries its file's whole features (`FILE_FEATURES`): it is decoded with
+OpenAI's sequential algorithm (`tritonkit.whisper_decoding.LongForm`), its windows encoded by the
+`encoder_model` (Triton's BLS), every long file's current window one row of the same batch. Parameter `providers`: ONNX Runtime execution providers, comma-separated
 (default CPUExecutionProvider; GPU repositories ask for CUDA first). Files: cross_kv.onnx, step.onnx, tokenizer/. Parameter `decode_settings`: the JSON
 of `tritonkit.whisper_decoding.DecodeSettings`.
 """
@@ -12,7 +15,14 @@ of `tritonkit.whisper_decoding.DecodeSettings`.
 import numpy as np
 
 from tritonkit.runtime import BatchedModel
-from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings, WindowDecoder, compression_ratio, segments
+from tritonkit.whisper_decoding import (
+    DecodeOptions,
+    DecodeSettings,
+    LongForm,
+    WindowDecoder,
+    compression_ratio,
+    segments,
+)
 
 
 class TritonPythonModel(BatchedModel):
@@ -45,43 +55,111 @@ class TritonPythonModel(BatchedModel):
             prompt_ids=lambda text: [int(t) for t in self.tokenizer.get_prompt_ids(text)],
             text_of=lambda tokens: self.text(tokens).decode(),
         )
-        self.hidden_input, self.row_input, self.options_input = self.input_names
+        self.hidden_input, self.row_input, self.options_input, *rest = self.input_names
+        self.features_input = rest[0] if rest else None  # FILE_FEATURES (absent in older repositories)
         self.text_output, self.tokens_output, self.language_output, *segment_outputs = self.output_dtypes
         self.segment_outputs = segment_outputs  # SEGMENT_TIMES, SEGMENT_TEXTS (absent in older repositories)
+        self.encoder_model = self.parameters.get("encoder_model")
+        self.long_form = LongForm(self.decoder, self.encode)
+
+    def encode(self, features: np.ndarray) -> np.ndarray:
+        """The encoder model on a batch of windows (Triton's BLS), in chunks of its max batch size."""
+        import triton_python_backend_utils as pb_utils
+
+        if self.encoder_model is None:
+            raise RuntimeError(f"{self.model_name}: no encoder_model parameter for long-form decoding")
+        hidden = []
+        for start in range(0, len(features), self.encoder_batch):
+            request = pb_utils.InferenceRequest(
+                model_name=self.encoder_model,
+                inputs=[pb_utils.Tensor("INPUT_FEATURES", features[start : start + self.encoder_batch])],
+                requested_output_names=["ENCODER_HIDDEN"],
+            )
+            response = request.exec()
+            if response.has_error():
+                raise RuntimeError(f"{self.encoder_model}: {response.error().message()}")
+            hidden.append(pb_utils.get_output_tensor_by_name(response, "ENCODER_HIDDEN").as_numpy())
+        return np.concatenate(hidden)
+
+    @property
+    def encoder_batch(self) -> int:
+        """The encoder's max batch size (as built; --max-batch-size lowers every model's alike)."""
+        return min(int(self.parameters.get("encoder_max_batch_size", "8")), int(self.model_config["max_batch_size"]))
 
     def prepare(self, inputs):
         options = np.empty(len(inputs[self.options_input]), dtype=object)
         options[:] = [DecodeOptions.from_json(raw) for raw in inputs[self.options_input].reshape(-1)]
-        return {**inputs, "options": options}
+        prepared = {**inputs, "options": options}
+        if self.features_input in inputs:  # ragged across requests: one object per window row
+            features = np.empty(len(options), dtype=object)
+            features[:] = [f[:, : o.total_frames] for f, o in zip(inputs[self.features_input], options)]
+            prepared[self.features_input] = features
+        return prepared
 
     def run(self, batch):
-        tokens, languages = self.decoder.decode(batch[self.hidden_input], list(batch["options"]))
-        window_tokens = np.empty(len(tokens), dtype=object)
-        window_tokens[:] = [[] if skipped else t for t, skipped in zip(tokens, self.decoder.skipped)]
+        """Every window's tokens and segments (times on its file's timeline, OpenAI's figures)."""
+        options = list(batch["options"])
+        count = len(options)
+        long_rows = [i for i, o in enumerate(options) if o.long_form]
+        short_rows = [i for i in range(count) if i not in set(long_rows)]
+        window_tokens = np.empty(count, dtype=object)
+        window_segments = np.empty(count, dtype=object)
+        languages = np.empty(count, dtype=object)
+        steps = np.zeros(count, dtype=np.int64)
+        begin = self.settings.timestamp_begin
+        if short_rows:
+            hidden = batch[self.hidden_input][short_rows]
+            tokens, decoded = self.decoder.decode(hidden, [options[i] for i in short_rows])
+            for k, i in enumerate(short_rows):
+                kept = [] if self.decoder.skipped[k] else tokens[k]
+                window_tokens[i], languages[i], steps[i] = kept, decoded[k], self.decoder.steps_per_window[k]
+                found = []
+                if options[i].timestamps and begin is not None:
+                    stats = (  # OpenAI's per-window figures, shared by the window's segments
+                        self.decoder.avg_logprob(k, kept),
+                        compression_ratio(self.text(kept).decode()),
+                        self.decoder.no_speech_probs[k],
+                        self.decoder.temperatures[k],
+                    )
+                    found = [
+                        (*options[i].original_span(start, end), text, stats)
+                        for start, end, text in segments(kept, begin, options[i].offset_s, options[i].duration_s)
+                    ]
+                window_segments[i] = found
+        if long_rows:
+            files = self.long_form.transcribe(
+                [batch[self.features_input][i] for i in long_rows], [options[i] for i in long_rows]
+            )
+            for i, result in zip(long_rows, files):
+                window_tokens[i] = [t for _, _, piece, _ in result.segments for t in piece]
+                window_segments[i] = [
+                    (*options[i].original_span(start, end), piece, stats)
+                    for start, end, piece, stats in result.segments
+                ]
+                languages[i], steps[i] = result.language, result.steps
         return {
             "window_tokens": window_tokens,
-            "window_language": np.array(languages, dtype=object),
-            "window_steps": np.array(self.decoder.steps_per_window, dtype=np.int64),
-            "window_sum_logprob": np.array(self.decoder.sum_logprobs, dtype=np.float64),
-            "window_no_speech": np.array(self.decoder.no_speech_probs, dtype=np.float64),
-            "window_temperature": np.array(self.decoder.temperatures, dtype=np.float64),
-            "options": batch["options"],
+            "window_segments": window_segments,
+            "window_language": languages,
+            "window_steps": steps,
         }
 
     def finish(self, outputs, rows):
         owners = rows[self.row_input].reshape(-1)
         count = int(owners.max()) + 1
         joined = [[] for _ in range(count)]
+        found = [[] for _ in range(count)]
         languages = [b""] * count
-        for owner, tokens, language in zip(owners, outputs["window_tokens"], outputs["window_language"]):
+        windows = zip(owners, outputs["window_tokens"], outputs["window_language"], outputs["window_segments"])
+        for owner, tokens, language, window_segments in windows:
             if not languages[owner]:
-                languages[owner] = language.encode()
+                languages[owner] = (language or "").encode()
             joined[owner].extend(tokens)
+            found[owner] += window_segments
         width = max(1, max(len(t) for t in joined))
         token_array = np.full((count, width), -1, dtype=np.int64)
         for i, t in enumerate(joined):
             token_array[i, : len(t)] = t
-        begin = self.settings.timestamp_begin
         texts = [self.text(t) for t in joined]
         self.metrics.decoded(tokens=sum(len(t) for t in joined), steps=int(outputs["window_steps"].sum()))
         response = {
@@ -90,28 +168,6 @@ class TritonPythonModel(BatchedModel):
             self.language_output: np.array(languages, dtype=object)[:, None],
         }
         if self.segment_outputs:
-            found: list[list[tuple[float, float, list[int], tuple[float, ...]]]] = [[] for _ in range(count)]
-            windows = zip(
-                owners,
-                outputs["window_tokens"],
-                outputs["options"],
-                outputs["window_sum_logprob"],
-                outputs["window_no_speech"],
-                outputs["window_temperature"],
-            )
-            for owner, tokens, options, sum_logprob, no_speech, temperature in windows:
-                if options.timestamps and begin is not None:
-                    # OpenAI's per-window figures, shared by the window's segments
-                    stats = (
-                        sum_logprob / (len(tokens) + 1),
-                        compression_ratio(self.text(tokens).decode()),
-                        no_speech,
-                        temperature,
-                    )
-                    found[owner] += [
-                        (*options.original_span(start, end), text, stats)
-                        for start, end, text in segments(tokens, begin, options.offset_s, options.duration_s)
-                    ]
             most = max(1, max(len(f) for f in found))
             times = np.full((count, most, 2), -1.0, dtype=np.float32)
             texts_array = np.full((count, most), b"", dtype=object)

@@ -112,6 +112,8 @@ def test_every_graph_ships_its_own_export_report(family, family_repository):
     for name in read_repository(repository):
         version = repository / name / "1"
         for graph in sorted(version.glob("*.onnx")):
+            if graph.name == "silero_vad.onnx":  # copied from faster-whisper's wheel, not exported here
+                continue
             report = json.loads((version / report_name(graph.name)).read_text())
             assert report["passed"]
             graphs += 1

@@ -35,7 +35,8 @@ def test_every_template_is_used_by_a_registered_family(tiny_model_dir, tmp_path)
         onnx = {e.role: tmp_path / f"{e.role}.onnx" for e in spec.exports(loaded)}
         for options in (BuildOptions(), BuildOptions(preprocessing="python"), BuildOptions(target="gpu")):
             for pipeline in spec.pipelines(loaded, onnx, options):
-                used |= {stage.template for stage in pipeline.stages if stage.template}
+                stages = [*pipeline.stages, *(callee for stage in pipeline.stages for callee in stage.callees)]
+                used |= {stage.template for stage in stages if stage.template}
     assert used == set(TEMPLATES)
 
 

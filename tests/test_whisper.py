@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tritonkit.client import TritonkitClient, executed_batch_sizes, pack_byte_rows
+from tritonkit.client import TritonkitClient, executed_batch_sizes, pack_byte_rows, transcript
 from tritonkit.errors import InferenceError
 from tritonkit.metrics import wer
 from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio
@@ -508,3 +508,78 @@ def test_beam_search_is_transformers_num_beams_5_alone_and_in_batches(whisper_se
     assert [t.tokens for t in together] == [t.tokens for t in alone] * 2
     assert any(size > 1 and after[size] > before.get(size, 0) for size in after), after
     assert all(g.tokens != b.tokens for g, b in zip(greedy, alone))  # the beams found other transcripts
+
+
+def long_clip(speech_files, order, gap_s: float, tail_silence_s: float = 0.0) -> np.ndarray:
+    pieces = []
+    for i in order:
+        pieces += [decode_audio(speech_files[i], AudioRecipe()), np.zeros(int(gap_s * SAMPLE_RATE), np.float32)]
+    pieces.append(np.zeros(int(tail_silence_s * SAMPLE_RATE), np.float32))
+    return np.concatenate(pieces)
+
+
+@pytest.mark.server
+def test_long_form_is_openais_sequential_algorithm_as_transformers_runs_it(
+    whisper_server, whisper_loaded, speech_files
+):
+    """>= 60 s files (speech with pauses; speech, then 40 s of silence, then speech) decoded by
+    seeking to the last timestamp: tokens equal transformers' long-form generate, with and without
+    condition_on_prev_tokens, both files' windows decoded together (encoder batches of 2)."""
+    import torch
+
+    _, loaded = whisper_loaded
+    pauses = long_clip(speech_files, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 0, 1], 1.5)
+    silence = np.concatenate(
+        [long_clip(speech_files, [2, 3, 4, 6], 1.0, tail_silence_s=40), long_clip(speech_files, [7], 0.5)]
+    )
+    clips = [pauses, silence]
+    assert all(len(c) >= 60 * SAMPLE_RATE for c in clips)
+    eos, pad = loaded.model.generation_config.eos_token_id, loaded.model.generation_config.pad_token_id
+
+    def reference(samples: np.ndarray, condition: bool) -> list[int]:
+        f = loaded.processor(
+            samples,
+            sampling_rate=SAMPLE_RATE,
+            return_tensors="pt",
+            truncation=False,
+            padding="longest",
+            return_attention_mask=True,
+        )
+        with torch.no_grad():
+            out = loaded.model.generate(
+                f["input_features"],
+                attention_mask=f["attention_mask"],
+                return_timestamps=True,
+                condition_on_prev_tokens=condition,
+            )
+        return [t for t in out[0].tolist() if t not in (eos, pad)]
+
+    files = [wav_bytes(c.astype(np.float32), SAMPLE_RATE) for c in clips]
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        before = executed_batch_sizes(client.statistics("whisper_encoder"), "whisper_encoder")
+        served = {}
+        for condition in (False, True):  # both files in one request: their windows share every batch
+            result = client.infer(
+                "whisper",
+                {
+                    "AUDIO": pack_byte_rows(files),
+                    "TIMESTAMPS": np.ones((2, 1), dtype=bool),
+                    "CONDITION_ON_PREVIOUS": np.full((2, 1), condition, dtype=bool),
+                },
+            )
+            served[condition] = [transcript(result, row) for row in range(2)]
+        after = executed_batch_sizes(client.statistics("whisper_encoder"), "whisper_encoder")
+    for condition, transcripts in served.items():
+        for samples, result in zip(clips, transcripts):
+            assert list(result.tokens) == reference(samples, condition), condition
+            starts = [s.start for s in result.segments]
+            assert starts == sorted(starts) and result.segments[-1].end <= len(samples) / SAMPLE_RATE + 0.02
+    assert served[True][0].tokens != served[False][0].tokens  # conditioning changed the later windows
+    # Whisper hallucinates in the 40 s of silence (as transformers does: the tokens are equal);
+    # with VAD nothing is transcribed there and the last sentence keeps its place
+    speech_end = len(long_clip(speech_files, [2, 3, 4, 6], 1.0)) / SAMPLE_RATE
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        filtered = client.transcribe(files[1:], timestamps=True, vad=True)[0]
+    assert not any(speech_end + 1 < s.start < speech_end + 39 for s in filtered.segments), filtered.segments
+    assert filtered.segments[-1].start > speech_end + 39 and "train" in filtered.segments[-1].text
+    assert any(size > 1 and after[size] > before.get(size, 0) for size in after), after  # windows batched

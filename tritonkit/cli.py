@@ -397,6 +397,9 @@ def transcribe(
         bool, typer.Option(help="Decode only the speech Silero VAD finds (faster-whisper's vad_filter).")
     ] = False,
     beam_size: Annotated[int, typer.Option(help="Beam search with this many beams, 1 (greedy) to 5.")] = 1,
+    condition_on_previous: Annotated[
+        bool, typer.Option(help="Long files: condition each 30 s window on the text before it (OpenAI's default).")
+    ] = True,
     show_language: Annotated[bool, typer.Option(help="Print the language before each text.")] = False,
     output_format: Annotated[
         str, typer.Option("--format", help="txt, json, srt, vtt or verbose_json (the last four decode timestamps).")
@@ -434,6 +437,7 @@ def transcribe(
             seed=seed,
             vad=vad or None,
             beam_size=beam_size if beam_size != 1 else None,
+            condition_on_previous=None if condition_on_previous else False,
         )
     for path, transcript in zip(files, transcripts):
         segments = [asdict(s) for s in transcript.segments]

@@ -74,6 +74,7 @@ def whisper_inputs(
     beam_size: int | None = None,
     length_penalty: float | None = None,
     patience: float | None = None,
+    condition_on_previous: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """One audio file and its options as the Whisper ensemble's inputs (options left out when None)."""
     inputs = {"AUDIO": pack_byte_rows([data])}
@@ -101,6 +102,8 @@ def whisper_inputs(
         inputs["LENGTH_PENALTY"] = np.array([[length_penalty]], dtype=np.float32)
     if patience is not None:
         inputs["PATIENCE"] = np.array([[patience]], dtype=np.float32)
+    if condition_on_previous is not None:
+        inputs["CONDITION_ON_PREVIOUS"] = np.array([[condition_on_previous]], dtype=bool)
     return inputs
 
 
@@ -231,6 +234,7 @@ class TritonkitClient:
         beam_size: int | None = None,
         length_penalty: float | None = None,
         patience: float | None = None,
+        condition_on_previous: bool | None = None,
         concurrency: int = 4,
     ) -> list[Transcript]:
         """Audio files (paths or bytes) -> one transcript each, in order.
@@ -240,7 +244,9 @@ class TritonkitClient:
         it; `task` is "transcribe" (default) or "translate" (into English); `temperature` samples,
         `fallback` turns on OpenAI's temperature fallback, `seed` makes sampling reproducible; `vad`
         decodes only the speech Silero VAD finds (times stay on the file's timeline); `beam_size` > 1
-        searches that many beams (at temperature 0)."""
+        searches that many beams (at temperature 0). With timestamps, a file longer than 30 s is
+        decoded with OpenAI's sequential long-form algorithm (`condition_on_previous`, default on,
+        conditions each window on the text before it)."""
         from concurrent.futures import ThreadPoolExecutor
 
         def one(data: bytes) -> Transcript:
@@ -261,6 +267,7 @@ class TritonkitClient:
                         beam_size,
                         length_penalty,
                         patience,
+                        condition_on_previous,
                     ),
                 )
             )

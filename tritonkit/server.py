@@ -29,6 +29,7 @@ EXIT_TIMEOUT_S = 30
 # After a stub died the server is broken anyway: in-flight requests get this long, then it is killed.
 RESTART_GRACE_S = 5
 SUPERVISE_POLL_S = 1.0
+STUB_LOSS_GRACE_S = 1.0  # a lost stub waits this long for the server's own exit to be seen
 # Restarts back off (none before the first, then 1, 2, 4 ... s); more than MAX_RESTARTS crashes
 # within RESTART_WINDOW_S is a crash loop, and serve gives up with the server's last log lines.
 MAX_RESTARTS = 5
@@ -351,12 +352,16 @@ class TritonServer:
                 if code is not None:
                     return code
                 continue
+            reason = ""
             if code is None:
                 lost = stubs - self.stub_pids() if stubs else set()
                 if not lost:
                     continue
-                reason = f"a Python-backend process died (pid {', '.join(map(str, sorted(lost)))})"
-            else:
+                try:  # stubs also go when the server itself died: name the server then
+                    code = self.started.wait(timeout=STUB_LOSS_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    reason = f"a Python-backend process died (pid {', '.join(map(str, sorted(lost)))})"
+            if code is not None:
                 reason = f"tritonserver exited with {exit_description(code)}"
             died_at = time.monotonic()
             crashes = [t for t in crashes if died_at - t < restart_window_s] + [died_at]

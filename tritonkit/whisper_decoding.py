@@ -18,7 +18,7 @@ probably silence (no-speech probability > 0.6), and a silent unlikely window is 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -129,6 +129,7 @@ class DecodeSettings:
     task_tokens: dict[str, int] = field(default_factory=dict)  # "transcribe" / "translate" -> id
     language_names: dict[str, str] = field(default_factory=dict)  # "french" -> "fr"
     max_initial_timestamp_index: int | None = None  # the first timestamp is at most this many 0.02 s steps
+    prev_sot_token: int | None = None  # <|startofprev|>: before the previous text a long-form window is conditioned on
 
     @property
     def timestamp_begin(self) -> int | None:
@@ -155,6 +156,8 @@ class DecodeSettings:
             task_tokens={k: int(v) for k, v in (getattr(generation, "task_to_id", None) or {}).items()},
             language_names={name: code for name, code in TO_LANGUAGE_CODE.items() if code in languages},
             max_initial_timestamp_index=getattr(generation, "max_initial_timestamp_index", None),
+            prev_sot_token=getattr(generation, "prev_sot_token_id", None)
+            or (int(generation.suppress_tokens[-2]) if len(generation.suppress_tokens or []) >= 2 else None),
         )
 
     def to_json(self) -> str:
@@ -169,6 +172,8 @@ class DecodeSettings:
 
 
 TIME_PRECISION = 0.02  # seconds per timestamp token
+FRAMES_PER_WINDOW = 3000  # 30 s of 10 ms mel frames
+INPUT_STRIDE = 2  # mel frames per timestamp step
 MAX_PROMPT_CHARS = 2000  # PROMPT text, checked before any work (its tokens are checked by the decoder)
 # OpenAI's transcribe() defaults (also faster-whisper's and transformers' usual settings)
 COMPRESSION_RATIO_THRESHOLD = 2.4
@@ -210,6 +215,10 @@ class DecodeOptions:
     speech_ends: tuple[int, ...] = ()  # with vad: tritonkit.vad.SpeechMap, to put times back on the file
     speech_silences: tuple[float, ...] = ()
     empty: bool = False  # nothing to decode (VAD found no speech): no text, no segments
+    long_form: bool = False  # OpenAI's sequential long-form decoding over the file's features
+    total_frames: int = 0  # with long_form: the file's mel frames
+    condition: bool = True  # long-form: condition each window on the text before it (condition_on_previous_text)
+    previous: tuple[int, ...] | None = None  # long-form: the tokens a window is conditioned on
 
     def validate(self, settings: DecodeSettings) -> DecodeOptions:
         """The options with the language as a code ("French" -> "fr"); InputError if unusable."""
@@ -273,6 +282,7 @@ class DecodeOptions:
             length_penalty=round(float(self.length_penalty), 6),
             patience=round(float(self.patience), 6),
             vad=bool(self.vad),
+            condition=bool(self.condition),
         )
 
     def original_span(self, start_s: float, end_s: float) -> tuple[float, float]:
@@ -345,7 +355,11 @@ class WindowDecoder:
     def prompt(self, options: DecodeOptions, language: str | None) -> list[int]:
         s = self.settings
         tokens = []
-        if options.prompt:
+        if options.previous is not None:  # transformers' _prepare_decoder_input_ids: the last 223 tokens
+            if s.prev_sot_token is None:
+                raise ValueError("conditioning on previous text needs <|startofprev|> in the decode settings")
+            tokens = [s.prev_sot_token, *options.previous[-(s.max_target_positions // 2 - 1) :]]
+        elif options.prompt:
             if self.prompt_ids is None:
                 raise InputError("PROMPT: this decoder has no tokenizer for prompts", reason="bad_option")
             tokens = list(self.prompt_ids(options.prompt))
@@ -620,6 +634,135 @@ class WindowDecoder:
 GreedyDecoder = WindowDecoder  # the name repositories built before sampling import
 
 
+@dataclass
+class FileTranscript:
+    """A long-form file's result: its segments (start, end, tokens, window figures) and language."""
+
+    segments: list[tuple[float, float, list[int], tuple[float, float, float, float]]] = field(default_factory=list)
+    language: str | None = None
+    steps: int = 0
+
+
+def window_segments(
+    tokens: list[int], timestamp_begin: int, offset_s: float, window_frames: int
+) -> tuple[list[tuple[float, float, list[int]]], int]:
+    """A long-form window's segments and how many mel frames to seek on: transformers'
+    `_retrieve_segment` (OpenAI's: after complete pairs of timestamps, seek to the last one)."""
+    stamps = [t >= timestamp_begin for t in tokens]
+    single_ending = stamps[-2:] == [False, True]
+    cuts = [i + 1 for i in range(len(stamps) - 1) if stamps[i] and stamps[i + 1]]
+    if cuts:
+        if single_ending:
+            cuts.append(len(tokens))
+        else:
+            cuts[-1] += 1  # the last segment keeps its closing timestamp
+        found, last = [], 0
+        for k, cut in enumerate(cuts):
+            piece = tokens[last:cut]
+            end_index = -1 if k < len(cuts) - 1 or single_ending else -2
+            found.append(
+                (
+                    offset_s + (piece[0] - timestamp_begin) * TIME_PRECISION,
+                    offset_s + (piece[end_index] - timestamp_begin) * TIME_PRECISION,
+                    piece,
+                )
+            )
+            last = cut
+        if single_ending:
+            return found, window_frames
+        return found, (tokens[last - 2] - timestamp_begin) * INPUT_STRIDE
+    times = [t for t in tokens if t >= timestamp_begin]
+    end_position = window_frames * 0.01 / TIME_PRECISION
+    if times and times[-1] != timestamp_begin:
+        end_position = times[-1] - timestamp_begin
+    return [(offset_s, offset_s + end_position * TIME_PRECISION, tokens)], window_frames
+
+
+def conditioning(segments: list[tuple[float, float, list[int], tuple]], timestamp_begin: int) -> list[int]:
+    """The tokens the next window is conditioned on: every segment so far, a closing double
+    timestamp cut to one (transformers' _pad_to_max_length with skip_ending_double_timestamps)."""
+    out: list[int] = []
+    for _, _, tokens, _ in segments:
+        out += tokens[:-1] if len(tokens) > 2 and tokens[-2] >= timestamp_begin else tokens
+    return out
+
+
+class LongForm:
+    """OpenAI's sequential long-form transcription, as transformers' long-form `generate` runs it:
+    each file's current 30 s window (its features from the seek point, zero-padded) is one row of
+    a batch; the decoded timestamps tell each file where its next window starts. `encode(features)`
+    runs the encoder on a batch of windows."""
+
+    def __init__(self, decoder: WindowDecoder, encode):
+        self.decoder = decoder
+        self.encode = encode
+
+    def transcribe(self, features: list[np.ndarray], options: list[DecodeOptions]) -> list[FileTranscript]:
+        begin = self.decoder.settings.timestamp_begin
+        if begin is None:
+            raise InputError(
+                "TIMESTAMPS: this model has no timestamp tokens for long-form decoding", reason="bad_option"
+            )
+        results = [FileTranscript() for _ in features]
+        seeks = [0] * len(features)
+        condition = [o.condition for o in options]
+        prompts: list[list[int]] = []
+        for o in options:  # transformers' "first-segment" prompt: the prompt counts as text before the file
+            prompts.append(list(self.decoder.prompt_ids(o.prompt))[1:] if o.prompt and self.decoder.prompt_ids else [])
+        languages = [o.language for o in options]
+        window_index = [0] * len(features)
+        while True:
+            active = [i for i, o in enumerate(options) if seeks[i] < o.total_frames and not o.empty]
+            if not active:
+                return results
+            windows, window_options = [], []
+            for i in active:
+                o = options[i]
+                frames = min(FRAMES_PER_WINDOW, o.total_frames - seeks[i])
+                window = np.zeros((features[i].shape[0], FRAMES_PER_WINDOW), dtype=np.float32)
+                window[:, :frames] = features[i][:, seeks[i] : seeks[i] + frames]
+                windows.append(window)
+                previous = prompts[i] + conditioning(results[i].segments, begin)
+                window_options.append(
+                    replace(
+                        o,
+                        language=languages[i],
+                        timestamps=True,
+                        prompt=o.prompt if not condition[i] else None,
+                        previous=tuple(previous) if condition[i] and previous else None,
+                        offset_s=seeks[i] * 0.01,
+                        duration_s=frames * 0.01,
+                        window=window_index[i],
+                    )
+                )
+            hidden = self.encode(np.stack(windows))
+            tokens, decoded_languages = self.decoder.decode(hidden, window_options)
+            for k, i in enumerate(active):
+                window_index[i] += 1
+                results[i].steps += self.decoder.steps_per_window[k]
+                languages[i] = languages[i] or decoded_languages[k]
+                results[i].language = results[i].language or decoded_languages[k]
+                frames = min(FRAMES_PER_WINDOW, options[i].total_frames - seeks[i])
+                temperature = self.decoder.temperatures[k]
+                condition[i] = options[i].condition and temperature < 0.5
+                if self.decoder.skipped[k]:
+                    seeks[i] += frames
+                    continue
+                found, advance = window_segments(tokens[k], begin, seeks[i] * 0.01, frames)
+                text = self.decoder.text_of(tokens[k]) if self.decoder.text_of else ""
+                stats = (
+                    self.decoder.avg_logprob(k, tokens[k]),
+                    compression_ratio(text),
+                    self.decoder.no_speech_probs[k],
+                    temperature,
+                )
+                duration = options[i].total_frames * 0.01  # a predicted time past the file's end is its end
+                results[i].segments += [
+                    (min(start, duration), min(end, duration), piece, stats) for start, end, piece in found
+                ]
+                seeks[i] += advance if advance > 0 else frames  # never stand still
+
+
 def segments(
     tokens: list[int], timestamp_begin: int, offset_s: float, duration_s: float
 ) -> list[tuple[float, float, list[int]]]:
@@ -640,7 +783,8 @@ def segments(
             start = time  # a segment opens (a repeated timestamp moves its start)
     if text:
         found.append((offset_s + (start or 0.0), offset_s + duration_s, text))
-    return found
+    end_s = offset_s + duration_s  # a predicted time past the window's audio is its end
+    return [(min(start, end_s), min(end, end_s), text) for start, end, text in found]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

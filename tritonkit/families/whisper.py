@@ -36,6 +36,7 @@ PROMPT = "PROMPT"  # optional: text that conditions the transcript (OpenAI's pro
 TEMPERATURE, SEED = "TEMPERATURE", "SEED"  # optional: sample at this temperature, from this seed
 FALLBACK = "FALLBACK"  # optional: OpenAI's temperature fallback and no-speech skip
 BEAM_SIZE, LENGTH_PENALTY, PATIENCE = "BEAM_SIZE", "LENGTH_PENALTY", "PATIENCE"  # optional: beam search
+CONDITION_ON_PREVIOUS = "CONDITION_ON_PREVIOUS"  # optional, long-form: condition windows on the text before
 VAD_FILTER = "VAD_FILTER"  # optional: decode only the speech Silero VAD finds (faster-whisper's vad_filter)
 SEGMENT_TIMES, SEGMENT_TEXTS = "SEGMENT_TIMES", "SEGMENT_TEXTS"  # per file: [segments, 2] seconds, [segments]
 # per segment: avg_logprob, compression_ratio, no_speech_prob, temperature (OpenAI's, per window)
@@ -47,6 +48,7 @@ DECODED_LANGUAGE = "DECODED_LANGUAGE"  # the language given, or detected in the 
 INPUT_FEATURES = "INPUT_FEATURES"
 WINDOW_SAMPLES = "WINDOW_SAMPLES"  # one 30 s window of 16 kHz samples, zero-padded (DALI log-mel input)
 VAD_SAMPLES, SPEECH_PROBS = "VAD_SAMPLES", "SPEECH_PROBS"  # the preprocessing's call to the VAD model
+FILE_FEATURES = "FILE_FEATURES"  # a long-form file's whole features (the decoder seeks through them)
 WINDOW_ROW = "WINDOW_ROW"  # which row of the request each 30 s window came from
 DECODE_OPTIONS = "DECODE_OPTIONS"  # each window's validated options (JSON of DecodeOptions)
 ENCODER_HIDDEN = "ENCODER_HIDDEN"
@@ -118,6 +120,8 @@ class WhisperSpec(FamilySpec):
             BEAM_SIZE: Tensor(BEAM_SIZE, "int32", (1,), optional=True),
             LENGTH_PENALTY: Tensor(LENGTH_PENALTY, "float32", (1,), optional=True),
             PATIENCE: Tensor(PATIENCE, "float32", (1,), optional=True),
+            CONDITION_ON_PREVIOUS: Tensor(CONDITION_ON_PREVIOUS, "bool", (1,), optional=True),
+            FILE_FEATURES: Tensor(FILE_FEATURES, "float32", (c.num_mel_bins, -1), ragged=True),
             VAD_SAMPLES: Tensor(VAD_SAMPLES, "float32", (-1,), ragged=True),
             SPEECH_PROBS: Tensor(SPEECH_PROBS, "float32", (-1,)),
             SEGMENT_TIMES: Tensor(SEGMENT_TIMES, "float32", (-1, 2)),
@@ -382,6 +386,7 @@ class WhisperSpec(FamilySpec):
             t[BEAM_SIZE],
             t[LENGTH_PENALTY],
             t[PATIENCE],
+            t[CONDITION_ON_PREVIOUS],
         )
         outputs = (t[TEXT], t[TOKENS], t[DECODED_LANGUAGE], t[SEGMENT_TIMES], t[SEGMENT_TEXTS], t[SEGMENT_STATS])
         # DALI computes log-mel in its own stage (GPU operators on a GPU); the python engine
@@ -392,7 +397,7 @@ class WhisperSpec(FamilySpec):
                 role="audio_preprocess",
                 template="audio_preprocess",
                 inputs=(t[AUDIO], *request_options),
-                outputs=(windows, t[WINDOW_ROW], t[DECODE_OPTIONS]),
+                outputs=(windows, t[WINDOW_ROW], t[DECODE_OPTIONS], t[FILE_FEATURES]),
                 batching=self.stage_batching("audio_preprocess"),
                 parameters={"recipe": recipe.to_json(), "decode_settings": settings},
                 artefacts=(Artefact("save the mel filter bank", save_mel_filters),),
@@ -421,19 +426,23 @@ class WhisperSpec(FamilySpec):
         }
         if options.gpu:
             decoder_parameters["providers"] = "CUDAExecutionProvider,CPUExecutionProvider"
+        encoder = encoder_stage(
+            "encoder",
+            (t[INPUT_FEATURES],),
+            (t[ENCODER_HIDDEN],),
+            self.stage_batching("encoder"),
+            onnx_files["encoder"],
+            options,
+        )
+        # long-form windows are encoded by the decoder itself (BLS), in batches the encoder takes
+        decoder_parameters["encoder_max_batch_size"] = str(encoder.batching.max_batch_size)
         stages += [
-            encoder_stage(
-                "encoder",
-                (t[INPUT_FEATURES],),
-                (t[ENCODER_HIDDEN],),
-                self.stage_batching("encoder"),
-                onnx_files["encoder"],
-                options,
-            ),
+            encoder,
             Stage(
                 role="decoder",
                 template="whisper_decoder",
-                inputs=(t[ENCODER_HIDDEN], t[WINDOW_ROW], t[DECODE_OPTIONS]),
+                callees=(encoder,),
+                inputs=(t[ENCODER_HIDDEN], t[WINDOW_ROW], t[DECODE_OPTIONS], t[FILE_FEATURES]),
                 outputs=outputs,
                 batching=self.stage_batching("decoder"),
                 parameters=decoder_parameters,

@@ -114,6 +114,18 @@ def hann_window() -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 
 
+def log_mel_whole(samples: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:
+    """A whole file's features [n_mels, len // 160], normalised over the whole file: what the
+    feature extractor gives long-form generation (truncation=False, padding="longest")."""
+    padded = np.pad(samples.astype(np.float32), (N_FFT // 2, N_FFT // 2), mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP][: len(samples) // HOP]
+    spectrum = np.fft.rfft(frames * hann_window(), axis=-1)
+    power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
+    log_spec = np.log10(np.maximum(power @ mel_filters.astype(np.float32), 1e-10))
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    return np.ascontiguousarray(((log_spec + 4.0) / 4.0).T, dtype=np.float32)
+
+
 def log_mel(windows: list[np.ndarray], mel_filters: np.ndarray) -> np.ndarray:
     """Pieces of <= 30 s -> features [N, n_mels, 3000]. `mel_filters` is [n_freq=201, n_mels]."""
     padded = np.stack([pad_window(piece) for piece in windows])
