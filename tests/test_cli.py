@@ -217,3 +217,58 @@ def test_build_names_a_bad_model_directory_in_one_line(case, message, tiny_clip_
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 3, result.stderr  # the error (wrapped), nothing else
+
+
+@pytest.mark.server
+def test_infer_calls_every_family_shows_every_output_and_fails_a_bad_file_alone(
+    clip_server, whisper_server, llava_server, speech_files, tmp_path
+):
+    image, broken, speech = tmp_path / "cat.jpg", tmp_path / "broken.jpg", tmp_path / "hello.wav"
+    image.write_bytes(encode_image(random_image(90, 120, seed=3), "JPEG"))
+    broken.write_bytes(b"not an image")
+    speech.write_bytes(speech_files[1])
+
+    images = run(
+        "infer", "clip_image", str(image), str(broken), str(tmp_path / "gone.jpg"), "--url", clip_server.grpc_url
+    )
+    assert images.returncode == 2 and "Traceback" not in images.stderr
+    assert f"{image}:\n  IMAGE_EMBEDS: dim 32" in images.stdout  # the good file is answered
+    assert f"{broken}: IMAGE: not a decodable image" in images.stderr
+    assert f"{tmp_path / 'gone.jpg'}: no such file" in images.stderr
+
+    whisper = run(
+        "infer", "whisper", str(speech), "--input", "TIMESTAMPS=true", "--json", "--url", whisper_server.grpc_url
+    )
+    assert whisper.returncode == 0, whisper.stderr
+    record = json.loads(whisper.stdout)
+    assert set(record["outputs"]) == {
+        "TEXT",
+        "TOKENS",
+        "DECODED_LANGUAGE",
+        "SEGMENT_TIMES",
+        "SEGMENT_TEXTS",
+        "SEGMENT_STATS",
+    }
+    assert "test" in record["outputs"]["TEXT"] and record["outputs"]["SEGMENT_TIMES"][0][0] >= 0
+
+    chat = run(
+        "infer",
+        "llava_chat",
+        str(image),
+        "--input",
+        "PROMPT=What is it?",
+        "--input",
+        "MAX_NEW_TOKENS=4",
+        "--url",
+        llava_server.grpc_url,
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert "TEXT:" in chat.stdout and "COMPLETION_TOKENS: " in chat.stdout and "FINISH_REASON: " in chat.stdout
+
+    for args, message in (
+        (["--input", "TIMESTAMPS=maybe"], "TIMESTAMPS: 'maybe' is not a bool value"),
+        (["--input", "NOPE=1"], "--input NOPE: whisper has no such input"),
+        (["--input", "TIMESTAMPS"], "--input 'TIMESTAMPS': write NAME=VALUE"),
+    ):
+        bad = run("infer", "whisper", str(speech), *args, "--url", whisper_server.grpc_url)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

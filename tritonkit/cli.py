@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tritonkit.errors import InputError, TritonkitError
 from tritonkit.families import family_names
@@ -345,34 +347,97 @@ def openai_gateway(
 
 @app.command()
 def infer(
-    model: Annotated[str, typer.Argument(help="Ensemble name, e.g. clip_image or clip_text.")],
-    inputs: Annotated[list[str], typer.Argument(help="Files for byte inputs (images), strings for text inputs.")],
+    model: Annotated[str, typer.Argument(help="Ensemble name, e.g. clip_image, clip_text, whisper, llava_chat.")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="Files for a byte input (images, audio), strings for a text input.")
+    ],
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--input", "-I", help="Another input as NAME=VALUE, e.g. PROMPT='What is it?'; repeatable."),
+    ] = None,
     url: Url = "127.0.0.1:8001",
-    save: Annotated[Path | None, typer.Option(help="Write the embeddings to this .npy file.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line per input.")] = False,
+    save: Annotated[
+        Path | None, typer.Option(help="Write the embeddings (one float output) to this .npy file.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line per input with every output.")] = False,
 ):
-    """Call an embedding ensemble: image files -> embeddings, strings -> embeddings.
+    """Call any served ensemble once per input and print every output; a bad input fails alone (exit 2).
 
-    Example: tritonkit infer clip_image cat.jpg dog.png
+    Examples: tritonkit infer clip_image cat.jpg dog.png
+    tritonkit infer whisper hello.wav --input TIMESTAMPS=true --input LANGUAGE=en
+    tritonkit infer llava_chat cat.jpg --input PROMPT="What is in the picture?"
     """
     import numpy as np
 
     from tritonkit.client import TritonkitClient
 
+    options = {}
+    for item in option or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise InputError(f"--input {item!r}: write NAME=VALUE, e.g. --input LANGUAGE=en")
+        options[name] = value
     with TritonkitClient(url) as client:
-        model_inputs, _, _ = client.model_io(model)
-        if model_inputs[0]["data_type"] == "TYPE_STRING":
-            embeddings = client.embed_texts(inputs, model=model)
-        else:
-            embeddings = client.embed_images(inputs, model=model)
-    if save:
-        np.save(save, embeddings)
-    for item, vector in zip(inputs, embeddings):
+        config = client.model_io(model)
+        if any(o.get("name") == "TEXT" for o in config[1]) and model.endswith("_stream"):
+            raise InputError(f"{model} streams its answer: use `tritonkit chat` (infer makes unary calls)")
+        results = client.infer_each(model, inputs, options)
+    failed = 0
+    embeddings = []
+    for item, result in zip(inputs, results):
+        if not isinstance(result, dict):
+            failed += 1
+            message = re.sub(rf"^({re.escape(model)}|{re.escape(item)}): (in ensemble '[^']*', )*", "", str(result))
+            console.print(f"[red]{item}:[/red] {escape(message)}", highlight=False)
+            continue
+        floats = [name for name, value in result.items() if value.dtype.kind == "f"]
+        if len(floats) == 1 and len(result) == 1:
+            embeddings.append(result[floats[0]][0])
         if as_json:
-            print(json.dumps({"input": item, "embedding": [float(v) for v in vector]}))
-        else:
-            head = ", ".join(f"{v:+.4f}" for v in vector[:4])
-            print(f"{item}: dim {len(vector)}, norm {np.linalg.norm(vector):.4f}, [{head}, ...]")
+            record: dict = {"input": item, "outputs": {name: _jsonable(value[0]) for name, value in result.items()}}
+            if len(floats) == 1 and len(result) == 1:
+                record["embedding"] = record["outputs"][floats[0]]
+            print(json.dumps(record, ensure_ascii=False))
+            continue
+        print(f"{item}:")
+        for name, output in result.items():
+            print(f"  {name}: {_summary(output[0])}")
+    if save:
+        if len(embeddings) != len(inputs):
+            raise InputError(f"--save needs one float output per input from {model}, and every input answered")
+        np.save(save, np.stack(embeddings))
+    if failed:
+        raise typer.Exit(2)
+
+
+def _jsonable(value):
+    import numpy as np
+
+    if value.dtype == object:
+        decoded = [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in value.reshape(-1)]
+        return decoded[0] if value.size == 1 else decoded
+    if value.size == 1:
+        return value.reshape(-1)[0].item()
+    return np.asarray(value).tolist()
+
+
+def _summary(value) -> str:
+    """One line a person can read: text as text, a vector as its size, norm and first values."""
+    import numpy as np
+
+    if value.dtype == object:
+        texts = [v.decode("utf-8", errors="replace") for v in value.reshape(-1) if isinstance(v, bytes) and v]
+        return " | ".join(texts) if texts else "(empty)"
+    if value.size == 1:
+        return str(value.reshape(-1)[0].item())
+    if value.dtype.kind == "f" and value.ndim == 1:
+        head = ", ".join(f"{v:+.4f}" for v in value[:4])
+        return f"dim {len(value)}, norm {np.linalg.norm(value):.4f}, [{head}, ...]"
+    flat = value.reshape(-1)
+    if value.dtype.kind == "i":
+        flat = flat[flat >= 0]  # padding
+    shown = " ".join(str(v) for v in flat[:12]) + (" ..." if flat.size > 12 else "")
+    return f"shape {list(value.shape)}: {shown}"
 
 
 @app.command()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tritonkit.dtypes import wire_datatype
-from tritonkit.errors import InferenceError, InputError
+from tritonkit.errors import InferenceError, InputError, TritonkitError
 
 
 def pack_byte_rows(items: Sequence[bytes]) -> np.ndarray:
@@ -58,6 +58,29 @@ class Transcript:
 
     def __str__(self) -> str:
         return self.text
+
+
+def option_tensor(spec: Mapping, value: str) -> np.ndarray:
+    """A command-line value as a one-row tensor of the input `spec` (model config JSON): a file's
+    bytes for UINT8, text for STRING, numbers and true/false otherwise."""
+    name, dtype = spec["name"], spec["data_type"]
+    try:
+        if dtype == "TYPE_UINT8":
+            (data,) = read_inputs([value])
+            return pack_byte_rows([data])
+        if dtype == "TYPE_STRING":
+            return np.array([[value.encode()]], dtype=object)
+        if dtype == "TYPE_BOOL":
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return np.array([[value.lower() in ("true", "1", "yes")]], dtype=bool)
+        if dtype in ("TYPE_INT32", "TYPE_INT64"):
+            return np.array([[int(value)]], dtype=np.int32 if dtype == "TYPE_INT32" else np.int64)
+        if dtype in ("TYPE_FP32", "TYPE_FP16"):
+            return np.array([[float(value)]], dtype=np.float32 if dtype == "TYPE_FP32" else np.float16)
+    except ValueError:
+        raise InputError(f"{name}: {value!r} is not a {dtype.removeprefix('TYPE_').lower()} value") from None
+    raise InputError(f"{name}: infer cannot send {dtype} inputs")
 
 
 def whisper_inputs(
@@ -206,6 +229,38 @@ class TritonkitClient:
             for i in range(0, len(rows), step)
         ]
         return np.concatenate(parts, axis=0)
+
+    def infer_each(
+        self, model: str, items: Sequence[str], options: Mapping[str, str] | None = None, concurrency: int = 4
+    ) -> list[dict[str, np.ndarray] | TritonkitError]:
+        """One request per item (a file for a byte input, else text) to `model`'s one required input,
+        with `options` (input name -> value as text) for the others; per item its outputs or its
+        error, so a bad item fails alone."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        inputs, _, _ = self.model_io(model)
+        required = [i for i in inputs if not i.get("optional")]
+        if len(required) != 1:
+            raise InputError(
+                f"{model}: takes {', '.join(i['name'] for i in required)}; "
+                "infer fills one input from its arguments and the rest from --input NAME=VALUE"
+            )
+        (main,) = required
+        by_name = {i["name"]: i for i in inputs}
+        extra = {}
+        for name, value in (options or {}).items():
+            if name not in by_name:
+                raise InputError(f"--input {name}: {model} has no such input (it takes {', '.join(by_name)})")
+            extra[name] = option_tensor(by_name[name], value)
+
+        def one(item: str) -> dict[str, np.ndarray] | TritonkitError:
+            try:
+                return self.infer(model, {main["name"]: option_tensor(main, item), **extra})
+            except TritonkitError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            return list(pool.map(one, items))
 
     def embed_images(self, images: Iterable[bytes | str | Path], model: str = "clip_image") -> np.ndarray:
         """Encoded image files (paths or bytes) -> embeddings [N, D]."""
