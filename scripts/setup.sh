@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Create .venv with tritonkit (CPU flavor) and its test tools. Idempotent; safe to rerun.
+# Create .venv with tritonkit (CPU flavor). Idempotent; safe to rerun.
+#   bash scripts/setup.sh        # and the test tools (what scripts/test.sh and CI use)
+#   bash scripts/setup.sh demo   # only what scripts/demo.sh needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# espeak-ng speaks the test and demo sentences for Whisper; prometheus brings promtool and a real
-# Prometheus for the tests of the generated alerts and dashboard (tritonkit k8s); redis-server a
-# real Redis for the gateway's embedding cache tests.
+MODE=${1:-test}
+# espeak-ng speaks the test and demo sentences for Whisper. For the tests only: prometheus brings
+# promtool and a real Prometheus for the generated alerts and dashboard (tritonkit k8s; on a
+# systemd host the package also starts a Prometheus daemon), redis-server a real Redis for the
+# gateway's embedding cache.
 missing=()
 command -v espeak-ng > /dev/null || missing+=(espeak-ng)
-command -v promtool > /dev/null || missing+=(prometheus)
-command -v redis-server > /dev/null || missing+=(redis-server)  # the gateway's embedding cache tests
+if [ "$MODE" = test ]; then
+  command -v promtool > /dev/null || missing+=(prometheus)
+  command -v redis-server > /dev/null || missing+=(redis-server)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
     export DEBIAN_FRONTEND=noninteractive
@@ -25,7 +31,11 @@ fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
 # torch==2.13.0 (the CPU build) comes with the [cpu] extra.
-python -m pip install --quiet -e ".[cpu,test]"
+if [ "$MODE" = test ]; then
+  python -m pip install --quiet -e ".[cpu,test]"
+else
+  python -m pip install --quiet -e ".[cpu]"
+fi
 # Only for the real OpenAI CLIP BPE merges file of the tiny test/demo model; its dependencies
 # (torchvision among them) are not needed and would replace the CPU torch build.
 python -m pip install --quiet --no-deps open_clip_torch
