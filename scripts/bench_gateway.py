@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tritonkit.bench import run_bench
 from tritonkit.build import build
 from tritonkit.families.clip import synthetic_photo
+from tritonkit.gateway import spawn_gateway
 from tritonkit.reporting import machine, markdown_table, replace_section
 from tritonkit.server import TritonServer, free_port
 from tritonkit.tiny import make_vit_b32_clip
@@ -56,25 +55,6 @@ def tree_cpu_seconds(pid: int) -> float:
             continue
         pending += [int(c) for c in children]
     return total
-
-
-def start_gateway(triton_url: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tritonkit.cli", "openai", "--triton", triton_url, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=2)
-            return process, base
-        except Exception:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.2)
 
 
 def measure(label, run, server_pid, gateway_pid) -> dict:
@@ -120,7 +100,7 @@ def main() -> None:
         build("clip", str(model_dir), repository)
         server = TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
         server.start().wait_until_ready(600)
-        gateway, base = start_gateway(server.grpc_url)
+        gateway, base = spawn_gateway(server.grpc_url)
         try:
             grpc_run = lambda: run_bench(  # noqa: E731
                 server.grpc_url, "clip_image", files, [CONCURRENCY], duration_s=args.duration

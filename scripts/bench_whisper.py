@@ -230,26 +230,25 @@ def write_markdown(path: Path, result: dict) -> None:
         ["system", "setting", "audio-s / s", "WER"],
         [[r["system"], r["setting"], f"{r['audio_s_per_s']:.2f}", f"{r['wer']:.3f}"] for r in result["rows"]],
     )
-    rows = result["rows"]
-    fw = [r for r in rows if r["system"] == "faster-whisper (fp32)"]
-    ours = [r for r in rows if r["system"] == "tritonkit ensemble" and r["setting"] == "concurrency 8"]
-    if fw and ours:
-        best = max(fw, key=lambda r: r["audio_s_per_s"])
-        lines += [
-            "",
-            f"Greedy: served ensemble at concurrency 8 / best faster-whisper ({best['setting']}): "
-            f"**{ours[0]['audio_s_per_s'] / best['audio_s_per_s']:.2f}x**.",
-        ]
-    fw = [r for r in rows if r["system"] == "faster-whisper defaults"]
-    ours = [r for r in rows if r["system"] == "tritonkit, beam 5 + VAD" and r["setting"] == "concurrency 8"]
-    if fw and ours:
-        best = max(fw, key=lambda r: r["audio_s_per_s"])
-        lines += [
-            "",
-            f"faster-whisper's defaults (beam 5, VAD, timestamps, fallback): served ensemble at concurrency 8 / "
-            f"best faster-whisper ({best['setting']}): **{ours[0]['audio_s_per_s'] / best['audio_s_per_s']:.2f}x**, "
-            f"WER {ours[0]['wer']:.3f} vs {best['wer']:.3f} ({ours[0]['wer'] - best['wer']:+.3f}).",
-        ]
+    comparisons = (
+        ("Greedy", "faster-whisper (fp32)", "tritonkit ensemble"),
+        (
+            "faster-whisper's defaults (beam 5, VAD, timestamps, fallback)",
+            "faster-whisper defaults",
+            "tritonkit, beam 5 + VAD",
+        ),
+    )
+    for label, theirs, mine in comparisons:
+        fw = [r for r in result["rows"] if r["system"] == theirs]
+        ours = [r for r in result["rows"] if r["system"] == mine and r["setting"] == "concurrency 8"]
+        if fw and ours:
+            best = max(fw, key=lambda r: r["audio_s_per_s"])
+            lines += [
+                "",
+                f"{label}: served ensemble at concurrency 8 / best faster-whisper ({best['setting']}): "
+                f"**{ours[0]['audio_s_per_s'] / best['audio_s_per_s']:.2f}x**, WER {ours[0]['wer']:.3f} vs "
+                f"{best['wer']:.3f} ({ours[0]['wer'] - best['wer']:+.3f}).",
+            ]
     replace_section(path, "bench_whisper", "Whisper tiny.en", lines)
 
 

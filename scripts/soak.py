@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tritonkit.gateway import spawn_gateway
 from tritonkit.server import TritonServer, free_port, process_tree_rss
 
 
@@ -507,29 +508,6 @@ def tiny_repository(family: str, folder: Path) -> Path:
     return repository
 
 
-def start_gateway(triton_url: str):
-    """`tritonkit openai` in front of the server; returns the process and its base URL once healthy."""
-    import subprocess
-    import urllib.request
-
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tritonkit.cli", "openai", "--triton", triton_url, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=2)
-            return process, base
-        except Exception:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise
-            time.sleep(0.2)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=[*sorted(FAMILIES), "all"], default="clip")
@@ -557,7 +535,7 @@ def main() -> int:
         try:
             pids = [server.process.pid]
             if args.gateway:
-                gateway, base = start_gateway(server.grpc_url)
+                gateway, base = spawn_gateway(server.grpc_url)
                 pids.append(gateway.pid)
                 http_cases = gateway_cases(args.family)
 

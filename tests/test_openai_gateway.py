@@ -308,14 +308,10 @@ def metric_value(base: str, name: str) -> float:
 @contextlib.contextmanager
 def standalone_gateway(triton_url: str, *options: str):
     """`tritonkit openai` in front of the running server, with its own options."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tritonkit.cli", "openai", "--triton", triton_url, "--port", str(port), *options],
-        stdout=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+    from tritonkit.gateway import spawn_gateway
+
+    process, base = spawn_gateway(triton_url, *options)
     try:
-        wait_until_healthy(base)
         yield base
     finally:
         process.terminate()

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -83,51 +84,59 @@ def option_tensor(spec: Mapping, value: str) -> np.ndarray:
     raise InputError(f"{name}: infer cannot send {dtype} inputs")
 
 
-def whisper_inputs(
-    data: bytes,
-    language: str | None = None,
-    task: str | None = None,
-    max_new_tokens: int | None = None,
-    timestamps: bool | None = None,
-    prompt: str | None = None,
-    temperature: float | None = None,
-    fallback: bool | None = None,
-    seed: int | None = None,
-    vad: bool | None = None,
-    beam_size: int | None = None,
-    length_penalty: float | None = None,
-    patience: float | None = None,
-    condition_on_previous: bool | None = None,
-) -> dict[str, np.ndarray]:
-    """One audio file and its options as the Whisper ensemble's inputs (options left out when None)."""
-    inputs = {"AUDIO": pack_byte_rows([data])}
-    if language is not None:
-        inputs["LANGUAGE"] = np.array([[language.encode()]], dtype=object)
-    if task is not None:
-        inputs["TASK"] = np.array([[task.encode()]], dtype=object)
-    if max_new_tokens is not None:
-        inputs["MAX_NEW_TOKENS"] = np.array([[max_new_tokens]], dtype=np.int32)
-    if timestamps is not None:
-        inputs["TIMESTAMPS"] = np.array([[timestamps]], dtype=bool)
-    if prompt is not None:
-        inputs["PROMPT"] = np.array([[prompt.encode()]], dtype=object)
-    if temperature is not None:
-        inputs["TEMPERATURE"] = np.array([[temperature]], dtype=np.float32)
-    if fallback is not None:
-        inputs["FALLBACK"] = np.array([[fallback]], dtype=bool)
-    if seed is not None:
-        inputs["SEED"] = np.array([[seed]], dtype=np.int64)
-    if vad is not None:
-        inputs["VAD_FILTER"] = np.array([[vad]], dtype=bool)
-    if beam_size is not None:
-        inputs["BEAM_SIZE"] = np.array([[beam_size]], dtype=np.int32)
-    if length_penalty is not None:
-        inputs["LENGTH_PENALTY"] = np.array([[length_penalty]], dtype=np.float32)
-    if patience is not None:
-        inputs["PATIENCE"] = np.array([[patience]], dtype=np.float32)
-    if condition_on_previous is not None:
-        inputs["CONDITION_ON_PREVIOUS"] = np.array([[condition_on_previous]], dtype=bool)
-    return inputs
+@dataclass(frozen=True)
+class WhisperOptions:
+    """The Whisper ensemble's optional inputs (README contract); None leaves one out."""
+
+    language: str | None = None
+    task: str | None = None
+    max_new_tokens: int | None = None
+    timestamps: bool | None = None
+    prompt: str | None = None
+    temperature: float | None = None
+    fallback: bool | None = None
+    seed: int | None = None
+    vad: bool | None = None
+    beam_size: int | None = None
+    length_penalty: float | None = None
+    patience: float | None = None
+    condition_on_previous: bool | None = None
+
+    TENSORS: ClassVar[dict[str, tuple[str, Any]]] = {  # field -> (input, dtype)
+        "language": ("LANGUAGE", object),
+        "task": ("TASK", object),
+        "max_new_tokens": ("MAX_NEW_TOKENS", np.int32),
+        "timestamps": ("TIMESTAMPS", bool),
+        "prompt": ("PROMPT", object),
+        "temperature": ("TEMPERATURE", np.float32),
+        "fallback": ("FALLBACK", bool),
+        "seed": ("SEED", np.int64),
+        "vad": ("VAD_FILTER", bool),
+        "beam_size": ("BEAM_SIZE", np.int32),
+        "length_penalty": ("LENGTH_PENALTY", np.float32),
+        "patience": ("PATIENCE", np.float32),
+        "condition_on_previous": ("CONDITION_ON_PREVIOUS", bool),
+    }
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        out = {}
+        for field_name, (name, dtype) in self.TENSORS.items():
+            value = getattr(self, field_name)
+            if value is not None:
+                out[name] = np.array([[value.encode() if dtype is object else value]], dtype=dtype)
+        return out
+
+
+def whisper_inputs(data: bytes, **options) -> dict[str, np.ndarray]:
+    """One audio file and its options (WhisperOptions' fields) as the Whisper ensemble's inputs."""
+    try:
+        chosen = WhisperOptions(**options)
+    except TypeError:
+        unknown = sorted(set(options) - set(WhisperOptions.TENSORS))
+        raise InputError(
+            f"{', '.join(unknown)}: not a Whisper option (they are {', '.join(WhisperOptions.TENSORS)})"
+        ) from None
+    return {"AUDIO": pack_byte_rows([data]), **chosen.tensors()}
 
 
 def transcript(result: dict[str, np.ndarray], row: int = 0) -> Transcript:
@@ -277,26 +286,14 @@ class TritonkitClient:
         audio: Iterable[bytes | str | Path],
         model: str = "whisper",
         *,
-        language: str | None = None,
-        task: str | None = None,
-        max_new_tokens: int | None = None,
-        timestamps: bool | None = None,
-        prompt: str | None = None,
-        temperature: float | None = None,
-        fallback: bool | None = None,
-        seed: int | None = None,
-        vad: bool | None = None,
-        beam_size: int | None = None,
-        length_penalty: float | None = None,
-        patience: float | None = None,
-        condition_on_previous: bool | None = None,
         concurrency: int = 4,
+        **options,
     ) -> list[Transcript]:
         """Audio files (paths or bytes) -> one transcript each, in order.
 
         Each file is its own request and up to `concurrency` are in flight, so the server's dynamic
-        batcher, not the client, forms the batches. `language` None lets a multilingual model detect
-        it; `task` is "transcribe" (default) or "translate" (into English); `temperature` samples,
+        batcher, not the client, forms the batches. `options` are WhisperOptions' fields: `language`
+        None lets a multilingual model detect it; `task` is "transcribe" (default) or "translate" (into English); `temperature` samples,
         `fallback` turns on OpenAI's temperature fallback, `seed` makes sampling reproducible; `vad`
         decodes only the speech Silero VAD finds (times stay on the file's timeline); `beam_size` > 1
         searches that many beams (at temperature 0). With timestamps, a file longer than 30 s is
@@ -304,28 +301,10 @@ class TritonkitClient:
         conditions each window on the text before it)."""
         from concurrent.futures import ThreadPoolExecutor
 
+        whisper_inputs(b"", **options)  # an unknown option fails here, before any request
+
         def one(data: bytes) -> Transcript:
-            return transcript(
-                self.infer(
-                    model,
-                    whisper_inputs(
-                        data,
-                        language,
-                        task,
-                        max_new_tokens,
-                        timestamps,
-                        prompt,
-                        temperature,
-                        fallback,
-                        seed,
-                        vad,
-                        beam_size,
-                        length_penalty,
-                        patience,
-                        condition_on_previous,
-                    ),
-                )
-            )
+            return transcript(self.infer(model, whisper_inputs(data, **options)))
 
         files = read_inputs(audio)
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:

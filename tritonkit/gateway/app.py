@@ -600,6 +600,34 @@ async def anext_or_none(iterator) -> Mapping | None:
         return None
 
 
+def spawn_gateway(triton_url: str, *options: str, timeout_s: float = 60):
+    """`tritonkit openai` in front of `triton_url` as a child process (scripts, tests): the process
+    and its base URL, once /health answers."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tritonkit.errors import TritonkitError
+    from tritonkit.server import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tritonkit.cli", "openai", "--triton", triton_url, "--port", str(port), *options],
+        stdout=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            return process, base
+        except Exception:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise TritonkitError(f"the gateway in front of {triton_url} did not become healthy") from None
+            time.sleep(0.2)
+
+
 def run_gateway(options: GatewayOptions, host: str = "127.0.0.1", port: int = 9000) -> None:
     import uvicorn
 
