@@ -180,7 +180,7 @@ def test_deployment_follows_the_repository_and_options(demo_repository):
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"] == {
         "medium": "Memory",
-        "sizeLimit": "2048Mi",
+        "sizeLimit": f"{9 * 256}Mi",  # 256 MiB per Python-backend instance
     }
     assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
