@@ -528,3 +528,17 @@ def test_transcription_temperature_follows_openai(sdk, gateway, speech_files):
         model="whisper", file=("quiet.wav", quiet.getvalue()), temperature=0.5, extra_body={"vad_filter": "true"}
     )
     assert filtered.text == ""  # speaches' vad_filter field: nothing but silence, nothing decoded
+
+
+def test_translation_on_the_multilingual_whisper_equals_the_ensembles(multilingual_whisper_server, speech_files):
+    with TritonkitClient(multilingual_whisper_server.grpc_url) as client:
+        # temperature 0 at the gateway is OpenAI's fallback schedule; a random model falls back, so seed it
+        want = client.transcribe([speech_files[1]], task="translate", fallback=True, seed=3)[0].text
+    with standalone_gateway(multilingual_whisper_server.grpc_url) as base:
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        translated = sdk.audio.translations.create(
+            model="whisper", file=("speech.wav", speech_files[1]), extra_body={"seed": "3"}
+        )
+        with pytest.raises(openai.BadRequestError, match="AUDIO: not a decodable audio file"):
+            sdk.audio.translations.create(model="whisper", file=("broken.wav", b"RIFF not audio"))
+    assert translated.text == want

@@ -502,6 +502,14 @@ def create_app(options: GatewayOptions):
             inputs["FALLBACK"] = np.array([[temperature == 0.0]], dtype=bool)
         elif temperature:
             raise ApiError(400, f"temperature: {model.name} was built before sampling; rebuild it", param="temperature")
+        seed = form.get("seed")  # as chat's seed (OpenAI's audio API has none): reproducible sampling and fallback
+        if isinstance(seed, str) and seed:
+            if "SEED" not in model.inputs:
+                raise ApiError(400, f"seed: {model.name} was built before sampling; rebuild it", param="seed")
+            try:
+                inputs["SEED"] = np.array([[int(seed)]], dtype=np.int64)
+            except ValueError:
+                raise ApiError(400, "seed: an integer", param="seed") from None
         beam_size = form.get("beam_size")  # faster-whisper's option (OpenAI has none)
         if isinstance(beam_size, str) and beam_size:
             if "BEAM_SIZE" not in model.inputs:
