@@ -29,7 +29,7 @@ from tritonkit.preprocessing.audio import (
     split_windows,
 )
 from tritonkit.runtime import BatchedModel, string_rows
-from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings
+from tritonkit.whisper_decoding import OPTION_INPUTS, DecodeOptions, DecodeSettings
 
 
 class TritonPythonModel(BatchedModel):
@@ -39,22 +39,7 @@ class TritonPythonModel(BatchedModel):
         self.recipe = AudioRecipe.from_json(self.parameters["recipe"])
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
         self.mel_filters = np.load(self.version_dir / "mel_filters.npy")
-        self.audio_input, self.language_input, self.task_input, self.max_tokens_input, *rest = self.input_names
-        # repositories built before TIMESTAMPS, PROMPT, TEMPERATURE, FALLBACK and SEED lack them
-        later = (
-            "timestamps",
-            "prompt",
-            "temperature",
-            "fallback",
-            "seed",
-            "vad",
-            "beam",
-            "penalty",
-            "patience",
-            "condition",
-        )
-        for name, value in zip(later, [*rest, *[None] * len(later)]):
-            setattr(self, f"{name}_input", value)
+        self.audio_input = self.input_names[0]  # then the options of OPTION_INPUTS this build has
         self.windows_output, self.row_output, self.options_output, *rest = self.output_dtypes
         self.features_output = rest[0] if rest else None  # FILE_FEATURES: long-form files' whole features
         self.emit_features = self.windows_output == "INPUT_FEATURES"
@@ -62,53 +47,24 @@ class TritonPythonModel(BatchedModel):
         self.vad_model = self.parameters.get("vad_model")  # absent: built without faster-whisper's Silero VAD
 
     def row_options(self, inputs, count: int) -> list[DecodeOptions]:
-        def column(name, convert):
+        given: list[dict] = [{} for _ in range(count)]
+        for name, (field, kind) in OPTION_INPUTS.items():
             if name not in inputs:
-                return [None] * count
+                continue
             values = inputs[name].reshape(-1)
             if len(values) != count:
                 raise InputError(
                     f"{name}: {len(values)} values for {count} audio rows; give one per row", reason="bad_option"
                 )
-            return convert(values, name)
-
-        languages = column(self.language_input, string_rows)
-        tasks = column(self.task_input, string_rows)
-        limits = column(self.max_tokens_input, lambda values, _: [int(v) for v in values])
-        stamps = column(self.timestamps_input, lambda values, _: [bool(v) for v in values])
-        prompts = column(self.prompt_input, string_rows)
-        temperatures = column(self.temperature_input, lambda values, _: [float(v) for v in values])
-        fallbacks = column(self.fallback_input, lambda values, _: [bool(v) for v in values])
-        seeds = column(self.seed_input, lambda values, _: [int(v) for v in values])
-        vads = column(self.vad_input, lambda values, _: [bool(v) for v in values])
-        beams = column(self.beam_input, lambda values, _: [int(v) for v in values])
-        penalties = column(self.penalty_input, lambda values, _: [float(v) for v in values])
-        patiences = column(self.patience_input, lambda values, _: [float(v) for v in values])
-        conditions = column(self.condition_input, lambda values, _: [bool(v) for v in values])
-        if any(vads) and self.vad_model is None:
+            for row, value in zip(given, string_rows(values, name) if kind is str else [kind(v) for v in values]):
+                row[field] = value
+        if self.vad_model is None and any(row.get("vad") for row in given):
             raise InputError(
-                f"{self.vad_input}: this repository has no VAD model; pip install faster-whisper "
+                "VAD_FILTER: this repository has no VAD model; pip install faster-whisper "
                 "(its wheel ships Silero VAD) and rebuild",
                 reason="bad_option",
             )
-        return [
-            DecodeOptions(
-                language=languages[i],
-                task=tasks[i] or "transcribe",
-                max_new_tokens=limits[i],
-                timestamps=bool(stamps[i]),
-                prompt=prompts[i],
-                temperature=temperatures[i] or 0.0,
-                fallback=bool(fallbacks[i]),
-                seed=seeds[i],
-                vad=bool(vads[i]),
-                beam_size=1 if beams[i] is None else beams[i],
-                length_penalty=1.0 if penalties[i] is None else penalties[i],
-                patience=1.0 if patiences[i] is None else patiences[i],
-                condition=True if conditions[i] is None else conditions[i],
-            ).validate(self.settings)
-            for i in range(count)
-        ]
+        return [DecodeOptions(**row).validate(self.settings) for row in given]
 
     def speech_only(self, samples: np.ndarray) -> tuple[np.ndarray, dict]:
         """The file's speech joined (Silero VAD, faster-whisper's defaults) and how to map times back."""

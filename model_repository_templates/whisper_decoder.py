@@ -20,7 +20,6 @@ from tritonkit.whisper_decoding import (
     DecodeSettings,
     LongForm,
     WindowDecoder,
-    compression_ratio,
     segments,
 )
 
@@ -115,12 +114,8 @@ class TritonPythonModel(BatchedModel):
                 window_tokens[i], languages[i], steps[i] = kept, decoded[k], self.decoder.steps_per_window[k]
                 found = []
                 if options[i].timestamps and begin is not None:
-                    stats = (  # OpenAI's per-window figures, shared by the window's segments
-                        self.decoder.avg_logprob(k, kept),
-                        compression_ratio(self.text(kept).decode()),
-                        self.decoder.no_speech_probs[k],
-                        self.decoder.temperatures[k],
-                    )
+                    # OpenAI's per-window figures, shared by the window's segments
+                    stats = self.decoder.window_stats(k, kept, self.text(kept).decode())
                     found = [
                         (*options[i].original_span(start, end), text, stats)
                         for start, end, text in segments(kept, begin, options[i].offset_s, options[i].duration_s)

@@ -183,9 +183,7 @@ async def _openai_level(base, model, kind, items, texts, allow_cache, concurrenc
         base_url=base.rstrip("/"),
         timeout=timeout_s,
         limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-        headers={
-            "Authorization": f"Bearer {os.environ.get('TRITONKIT_API_KEY') or os.environ.get('OPENAI_API_KEY') or 'unused'}"
-        },
+        headers=gateway_headers(),
     )
 
     def data_url(data: bytes) -> str:
@@ -222,15 +220,18 @@ async def _openai_level(base, model, kind, items, texts, allow_cache, concurrenc
         await client.aclose()
 
 
+def gateway_headers() -> dict[str, str]:
+    """The gateway's key from the environment, as `tritonkit openai` and the openai SDK read it."""
+    key = os.environ.get("TRITONKIT_API_KEY") or os.environ.get("OPENAI_API_KEY") or "unused"
+    return {"Authorization": f"Bearer {key}"}
+
+
 def openai_model_kind(base: str, model: str, timeout_s: float = 10) -> str:
     """What the gateway serves under `model`: embeddings, transcription or chat."""
     import httpx
 
-    key = os.environ.get("TRITONKIT_API_KEY") or os.environ.get("OPENAI_API_KEY") or "unused"
     try:
-        response = httpx.get(
-            f"{base.rstrip('/')}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=timeout_s
-        )
+        response = httpx.get(f"{base.rstrip('/')}/v1/models", headers=gateway_headers(), timeout=timeout_s)
     except httpx.HTTPError as exc:
         raise InferenceError(f"--openai {base}: the gateway does not answer ({type(exc).__name__})") from None
     if response.status_code != 200:

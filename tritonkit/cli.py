@@ -390,13 +390,14 @@ def infer(
             message = re.sub(rf"^({re.escape(model)}|{re.escape(item)}): (in ensemble '[^']*', )*", "", str(result))
             console.print(f"[red]{item}:[/red] {escape(message)}", highlight=False)
             continue
-        floats = [name for name, value in result.items() if value.dtype.kind == "f"]
-        if len(floats) == 1 and len(result) == 1:
-            embeddings.append(result[floats[0]][0])
+        # an embedding ensemble: its one output is a float vector
+        embedding = next(iter(result)) if len(result) == 1 and next(iter(result.values())).dtype.kind == "f" else None
+        if embedding is not None:
+            embeddings.append(result[embedding][0])
         if as_json:
             record: dict = {"input": item, "outputs": {name: _jsonable(value[0]) for name, value in result.items()}}
-            if len(floats) == 1 and len(result) == 1:
-                record["embedding"] = record["outputs"][floats[0]]
+            if embedding is not None:
+                record["embedding"] = record["outputs"][embedding]
             print(json.dumps(record, ensure_ascii=False))
             continue
         print(f"{item}:")

@@ -192,6 +192,26 @@ def temperature_schedule(temperature: float, fallback: bool) -> tuple[float, ...
     return tuple(round(temperature + k * TEMPERATURE_STEP, 6) for k in range(steps + 1)) or (temperature,)
 
 
+# The Whisper ensemble's optional inputs (README contract): the DecodeOptions field each sets and
+# the type its values read as (str: UTF-8 text).
+OPTION_INPUTS: dict[str, tuple[str, type]] = {
+    "LANGUAGE": ("language", str),
+    "TASK": ("task", str),
+    "MAX_NEW_TOKENS": ("max_new_tokens", int),
+    "TIMESTAMPS": ("timestamps", bool),
+    "PROMPT": ("prompt", str),
+    "TEMPERATURE": ("temperature", float),
+    "FALLBACK": ("fallback", bool),
+    "SEED": ("seed", int),
+    "VAD_FILTER": ("vad", bool),
+    "BEAM_SIZE": ("beam_size", int),
+    "LENGTH_PENALTY": ("length_penalty", float),
+    "PATIENCE": ("patience", float),
+    "CONDITION_ON_PREVIOUS": ("condition", bool),
+}
+SECONDS_PER_FRAME = 0.01  # one mel frame (hop of 160 samples at 16 kHz)
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """Per-request options: language (None = detect), task, a cap on new tokens, and timestamps;
@@ -403,7 +423,7 @@ class WindowDecoder:
         self.steps_per_window = [0] * count
         self.sum_logprobs = [0.0] * count
         self.no_speech_probs = [float("nan")] * count
-        self.skipped = [False] * count
+        self.skipped = [o.empty for o in options]  # nothing to decode: skipped from the start
         schedules = [temperature_schedule(o.temperature, o.fallback) for o in options]
         self.temperatures = [schedule[0] for schedule in schedules]
         measured = [i for i, o in enumerate(options) if o.timestamps or o.fallback]
@@ -417,8 +437,6 @@ class WindowDecoder:
             for o in options
         ]
         pending, attempt = [i for i, o in enumerate(options) if not o.empty], 0
-        for i, o in enumerate(options):
-            self.skipped[i] = o.empty
         while pending:
             # Rows with prompts of one length start together (all rows, unless options differ);
             # beam search (at temperature 0 only, as transformers falls back to sampling) apart.
@@ -451,6 +469,16 @@ class WindowDecoder:
     def avg_logprob(self, row: int, tokens: list[int]) -> float:
         """OpenAI's: the chosen tokens' summed log-probability (end token included) over their count + 1."""
         return self.sum_logprobs[row] / (len(tokens) + 1)
+
+    def window_stats(self, row: int, tokens: list[int], text: str) -> tuple[float, float, float, float]:
+        """OpenAI's figures of a decoded window (`text` its tokens' text): avg_logprob,
+        compression_ratio, no_speech_prob and the temperature it was last decoded at."""
+        return (
+            self.avg_logprob(row, tokens),
+            compression_ratio(text),
+            self.no_speech_probs[row],
+            self.temperatures[row],
+        )
 
     def _judge(self, row: int, tokens: list[int]) -> tuple[bool, bool]:
         """(too unlikely, too repetitive) under OpenAI's thresholds."""
@@ -498,7 +526,6 @@ class WindowDecoder:
         return chosen
 
     def _decode_rows(self, rows, prompts, limits, cross_keys, cross_values, results, options, generators) -> None:
-        timestamped = [bool(options[i].timestamps) for i in rows]
         active = np.array(rows)
         ids = np.array([prompts[i] for i in rows], dtype=np.int64)
         keys = np.zeros((len(rows), *self.cache_shape), dtype=np.float32)
@@ -511,7 +538,7 @@ class WindowDecoder:
                 self.steps_per_window[row] += 1
             logits[:, self.begin_suppress if first else self.suppress] = -np.inf
             for j, row in enumerate(active):
-                if timestamped[rows.index(row)]:
+                if options[row].timestamps:
                     self.apply_timestamp_rules(logits[j], results[row], first)
             first = False
             next_tokens = self._choose(logits, active, generators)
@@ -599,18 +626,15 @@ class WindowDecoder:
                 window.finished = sorted(window.finished, key=lambda f: -f[0])[: window.pool_size]
                 running = [c for c in candidates if not c[3]][: window.width]
                 window.live = [(total, [*window.live[beam][1], token]) for total, beam, token, _ in running]
-                for _, beam, token, _ in running:
-                    parents.append(start + beam)
-                    next_ids.append(token)
                 if window.improvable and len(window.finished) >= window.pool_size and running:
                     best = running[0][0] / length ** options[window.row].length_penalty
                     window.improvable = best > min(f[0] for f in window.finished)
                 if window.improvable and running:
                     still.append(window)
+                    parents += [start + beam for _, beam, _, _ in running]
+                    next_ids += [token for _, _, token, _ in running]
                 else:
                     self._finish_beams(window.row, window.finished, window.live, results)
-                    parents = parents[: len(parents) - len(running)]
-                    next_ids = next_ids[: len(next_ids) - len(running)]
                 start += beams
             first = False
             windows = still
@@ -672,7 +696,7 @@ def window_segments(
             return found, window_frames
         return found, (tokens[last - 2] - timestamp_begin) * INPUT_STRIDE
     times = [t for t in tokens if t >= timestamp_begin]
-    end_position = window_frames * 0.01 / TIME_PRECISION
+    end_position = window_frames * SECONDS_PER_FRAME / TIME_PRECISION
     if times and times[-1] != timestamp_begin:
         end_position = times[-1] - timestamp_begin
     return [(offset_s, offset_s + end_position * TIME_PRECISION, tokens)], window_frames
@@ -716,11 +740,11 @@ class LongForm:
             if not active:
                 return results
             windows, window_options = [], []
+            frames = {i: min(FRAMES_PER_WINDOW, options[i].total_frames - seeks[i]) for i in active}
             for i in active:
                 o = options[i]
-                frames = min(FRAMES_PER_WINDOW, o.total_frames - seeks[i])
                 window = np.zeros((features[i].shape[0], FRAMES_PER_WINDOW), dtype=np.float32)
-                window[:, :frames] = features[i][:, seeks[i] : seeks[i] + frames]
+                window[:, : frames[i]] = features[i][:, seeks[i] : seeks[i] + frames[i]]
                 windows.append(window)
                 previous = prompts[i] + conditioning(results[i].segments, begin)
                 window_options.append(
@@ -730,8 +754,8 @@ class LongForm:
                         timestamps=True,
                         prompt=o.prompt if not condition[i] else None,
                         previous=tuple(previous) if condition[i] and previous else None,
-                        offset_s=seeks[i] * 0.01,
-                        duration_s=frames * 0.01,
+                        offset_s=seeks[i] * SECONDS_PER_FRAME,
+                        duration_s=frames[i] * SECONDS_PER_FRAME,
                         window=window_index[i],
                     )
                 )
@@ -742,25 +766,18 @@ class LongForm:
                 results[i].steps += self.decoder.steps_per_window[k]
                 languages[i] = languages[i] or decoded_languages[k]
                 results[i].language = results[i].language or decoded_languages[k]
-                frames = min(FRAMES_PER_WINDOW, options[i].total_frames - seeks[i])
-                temperature = self.decoder.temperatures[k]
-                condition[i] = options[i].condition and temperature < 0.5
+                condition[i] = options[i].condition and self.decoder.temperatures[k] < 0.5
                 if self.decoder.skipped[k]:
-                    seeks[i] += frames
+                    seeks[i] += frames[i]
                     continue
-                found, advance = window_segments(tokens[k], begin, seeks[i] * 0.01, frames)
+                found, advance = window_segments(tokens[k], begin, seeks[i] * SECONDS_PER_FRAME, frames[i])
                 text = self.decoder.text_of(tokens[k]) if self.decoder.text_of else ""
-                stats = (
-                    self.decoder.avg_logprob(k, tokens[k]),
-                    compression_ratio(text),
-                    self.decoder.no_speech_probs[k],
-                    temperature,
-                )
-                duration = options[i].total_frames * 0.01  # a predicted time past the file's end is its end
+                stats = self.decoder.window_stats(k, tokens[k], text)
+                duration = options[i].total_frames * SECONDS_PER_FRAME  # a time past the file's end is its end
                 results[i].segments += [
                     (min(start, duration), min(end, duration), piece, stats) for start, end, piece in found
                 ]
-                seeks[i] += advance if advance > 0 else frames  # never stand still
+                seeks[i] += advance if advance > 0 else frames[i]  # never stand still
 
 
 def segments(

@@ -373,21 +373,9 @@ class WhisperSpec(FamilySpec):
         if options.max_audio_seconds is not None:
             recipe = recipe.with_options(max_seconds=options.max_audio_seconds)
         settings = self.decode_settings(loaded).to_json()
-        request_options = (
-            t[LANGUAGE],
-            t[TASK],
-            t[MAX_NEW_TOKENS],
-            t[TIMESTAMPS],
-            t[PROMPT],
-            t[TEMPERATURE],
-            t[FALLBACK],
-            t[SEED],
-            t[VAD_FILTER],
-            t[BEAM_SIZE],
-            t[LENGTH_PENALTY],
-            t[PATIENCE],
-            t[CONDITION_ON_PREVIOUS],
-        )
+        from tritonkit.whisper_decoding import OPTION_INPUTS
+
+        request_options = tuple(t[name] for name in OPTION_INPUTS)  # the order the preprocessing's config lists
         outputs = (t[TEXT], t[TOKENS], t[DECODED_LANGUAGE], t[SEGMENT_TIMES], t[SEGMENT_TEXTS], t[SEGMENT_STATS])
         # DALI computes log-mel in its own stage (GPU operators on a GPU); the python engine
         # computes it with numpy in the decoding stage.

@@ -487,11 +487,28 @@ def create_app(options: GatewayOptions):
         language = form.get("language")
         if isinstance(language, str) and language:
             inputs["LANGUAGE"] = string_array([language])
-        prompt = form.get("prompt")
-        if isinstance(prompt, str) and prompt.strip():
-            if "PROMPT" not in model.inputs:
-                raise ApiError(400, f"prompt: {model.name} was built before prompts; rebuild it", param="prompt")
-            inputs["PROMPT"] = string_array([prompt])
+
+        def form_option(field: str, tensor: str, convert, dtype, expected: str, built_before: str) -> None:
+            """A form field as the tensor the model takes (convert -> None: leave it out)."""
+            raw = form.get(field)
+            if not isinstance(raw, str) or not raw.strip():
+                return
+            try:
+                value = convert(raw)
+            except ValueError:
+                raise ApiError(400, f"{field}: {expected}", param=field) from None
+            if value is None:
+                return
+            if tensor not in model.inputs:
+                raise ApiError(400, f"{field}: {model.name} was built before {built_before}; rebuild it", param=field)
+            inputs[tensor] = np.array([[value]], dtype=dtype)
+
+        def flag(raw: str) -> bool | None:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return True if raw.lower() in ("true", "1") else None
+
+        form_option("prompt", "PROMPT", str.encode, object, "text", "prompts")
         raw_temperature = form.get("temperature")
         try:
             temperature = float(raw_temperature) if isinstance(raw_temperature, str) and raw_temperature else 0.0
@@ -502,31 +519,10 @@ def create_app(options: GatewayOptions):
             inputs["FALLBACK"] = np.array([[temperature == 0.0]], dtype=bool)
         elif temperature:
             raise ApiError(400, f"temperature: {model.name} was built before sampling; rebuild it", param="temperature")
-        seed = form.get("seed")  # as chat's seed (OpenAI's audio API has none): reproducible sampling and fallback
-        if isinstance(seed, str) and seed:
-            if "SEED" not in model.inputs:
-                raise ApiError(400, f"seed: {model.name} was built before sampling; rebuild it", param="seed")
-            try:
-                inputs["SEED"] = np.array([[int(seed)]], dtype=np.int64)
-            except ValueError:
-                raise ApiError(400, "seed: an integer", param="seed") from None
-        beam_size = form.get("beam_size")  # faster-whisper's option (OpenAI has none)
-        if isinstance(beam_size, str) and beam_size:
-            if "BEAM_SIZE" not in model.inputs:
-                raise ApiError(
-                    400, f"beam_size: {model.name} was built before beam search; rebuild it", param="beam_size"
-                )
-            try:
-                inputs["BEAM_SIZE"] = np.array([[int(beam_size)]], dtype=np.int32)
-            except ValueError:
-                raise ApiError(400, "beam_size: an integer from 1 to 5", param="beam_size") from None
-        vad_filter = str(form.get("vad_filter") or "false").lower()
-        if vad_filter not in ("true", "false", "1", "0"):
-            raise ApiError(400, "vad_filter: true or false", param="vad_filter")
-        if vad_filter in ("true", "1"):  # speaches' field (OpenAI has none): faster-whisper's vad_filter
-            if "VAD_FILTER" not in model.inputs:
-                raise ApiError(400, f"vad_filter: {model.name} was built before VAD; rebuild it", param="vad_filter")
-            inputs["VAD_FILTER"] = np.array([[True]], dtype=bool)
+        # beyond OpenAI's audio API: a seed as chat's, faster-whisper's beam_size, speaches' vad_filter
+        form_option("seed", "SEED", int, np.int64, "an integer", "sampling")
+        form_option("beam_size", "BEAM_SIZE", int, np.int32, "an integer from 1 to 5", "beam search")
+        form_option("vad_filter", "VAD_FILTER", flag, bool, "true or false", "VAD")
         if timed:
             if "TIMESTAMPS" not in model.inputs:
                 raise ApiError(
