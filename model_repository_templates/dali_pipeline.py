@@ -4,7 +4,8 @@ This is the CPU stand-in for the DALI backend: the file is the one `tritonkit.pr
 serialized from the same definition that a GPU repository ships. Inputs feed the pipeline's
 external sources of the same names; outputs are the pipeline's outputs in config order.
 
-Parameters: `num_threads` (DALI CPU threads), `image_recipe` (optional JSON of
+Parameters: `num_threads` (DALI CPU threads), `rows_per_run` (the pipeline's batch size: a batch runs
+in slices of that many rows, which bounds DALI's per-sample buffers; default the max batch size), `image_recipe` (optional JSON of
 `tritonkit.preprocessing.image.ImageRecipe`: checks each encoded image first, so size limits,
 formats and bombs fail per request with a message). A row DALI cannot decode fails its request
 alone: the batch is rerun without it.
@@ -24,7 +25,7 @@ class TritonPythonModel(BatchedModel):
     def setup(self):
         self.runner = DaliRunner(
             (self.version_dir / "model.dali").read_bytes(),
-            max_batch_size=int(self.model_config["max_batch_size"]),
+            max_batch_size=int(self.parameters.get("rows_per_run") or self.model_config["max_batch_size"]),
             num_threads=int(self.parameters.get("num_threads", "1")),
         )
         recipe = self.parameters.get("image_recipe")

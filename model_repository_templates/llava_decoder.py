@@ -183,6 +183,7 @@ class TritonPythonModel(BatchedModel):
                 sender.send(pb_utils.InferenceResponse(error=rows.error()), flags=final)
         if prepared:
             self.stream(prepared)
+        self.metrics.resident()
         return None
 
     def stream(self, prepared) -> None:

@@ -2,8 +2,12 @@
 
 Triton tensor names are the ONNX input/output names. Parameters: `onnx_file` (default
 model.onnx), `intra_op_threads` (0 = ONNX Runtime's default), `feature_cache_entries` (0 = off:
-rows seen before are answered from `tritonkit.row_cache` without running the graph).
+rows seen before are answered from `tritonkit.row_cache` without running the graph), `rows_per_run`
+(0 = the whole batch at once; otherwise the batch runs in slices of that many rows, which bounds
+ONNX Runtime's arena by the slice instead of the largest batch ever seen).
 """
+
+import numpy as np
 
 from tritonkit.row_cache import RowCache
 from tritonkit.runtime import BatchedModel
@@ -19,11 +23,21 @@ class TritonPythonModel(BatchedModel):
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.session_inputs = [i.name for i in self.session.get_inputs()]
         self.session_outputs = [o.name for o in self.session.get_outputs() if o.name in self.output_dtypes]
+        self.rows_per_run = int(self.parameters.get("rows_per_run", "0"))
         entries = int(self.parameters.get("feature_cache_entries", "0"))
         self.cache = RowCache(entries) if entries > 0 else None
 
     def compute(self, feed):
-        return dict(zip(self.session_outputs, self.session.run(self.session_outputs, feed)))
+        rows = len(next(iter(feed.values())))
+        if not self.rows_per_run or rows <= self.rows_per_run:
+            return dict(zip(self.session_outputs, self.session.run(self.session_outputs, feed)))
+        slices = [
+            self.session.run(
+                self.session_outputs, {name: value[start : start + self.rows_per_run] for name, value in feed.items()}
+            )
+            for start in range(0, rows, self.rows_per_run)
+        ]
+        return {name: np.concatenate([part[i] for part in slices]) for i, name in enumerate(self.session_outputs)}
 
     def run(self, batch):
         feed = {name: batch[name] for name in self.session_inputs}

@@ -36,7 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonkit.gateway import spawn_gateway
-from tritonkit.server import TritonServer, free_port, process_tree_rss
+from tritonkit.memory import resident_by_model, resident_bytes
+from tritonkit.server import TritonServer, free_port
 
 
 class Case(NamedTuple):
@@ -321,7 +322,7 @@ def gateway_cases(family: str) -> list[HttpCase]:
 
 
 async def soak_gateway(
-    base: str, cases: list[HttpCase], duration: float, concurrency: int, timeout: float, pids: list[int]
+    base: str, cases: list[HttpCase], duration: float, concurrency: int, timeout: float, memory: MemorySampler
 ) -> dict:
     """The mix over HTTP: valid -> 200, invalid -> 4xx in OpenAI's envelope with a short message."""
     import httpx
@@ -376,17 +377,9 @@ async def soak_gateway(
             elif not 400 <= response.status_code < 500 or not message or len(message) > MAX_ERROR_CHARS:
                 unexpected.append(f"{case.label}: HTTP {response.status_code} without a short error of its own")
 
-    timeline: list[tuple[float, float]] = []
-
-    async def sample_memory():
-        began = time.perf_counter()
-        while time.perf_counter() < deadline:
-            mb = sum(sum(process_tree_rss(pid).values()) for pid in pids) / 2**20
-            timeline.append((round(time.perf_counter() - began), round(mb)))
-            await asyncio.sleep(max(duration / 30, 1.0))
-
+    timeline: list[dict] = []
     try:
-        await asyncio.gather(sample_memory(), *(worker() for _ in range(concurrency)))
+        await asyncio.gather(memory.sample(deadline, timeline), *(worker() for _ in range(concurrency)))
     finally:
         await client.aclose()
     return {
@@ -403,7 +396,9 @@ TRANSPORT_FAILURES = ("Stream removed", "Socket closed", "failed to connect", "C
 MAX_ERROR_CHARS = 1100  # tritonkit.errors.MAX_MESSAGE_CHARS plus the ensemble's prefix
 
 
-async def soak(url: str, cases: list[Case], duration: float, concurrency: int, timeout: float, server_pid: int) -> dict:
+async def soak(
+    url: str, cases: list[Case], duration: float, concurrency: int, timeout: float, memory: MemorySampler
+) -> dict:
     import tritonclient.grpc.aio as grpcclient
 
     from tritonkit.dtypes import wire_datatype
@@ -438,18 +433,9 @@ async def soak(url: str, cases: list[Case], duration: float, concurrency: int, t
                     elif any(f in text for f in TRANSPORT_FAILURES) or len(text) > MAX_ERROR_CHARS:
                         unexpected.append(f"{case.label}: no message of its own ({len(text)} chars): {text[:200]}")
 
-    timeline: list[tuple[float, float]] = []  # (seconds into the run, MB resident), to see growth level off
-
-    async def sample_memory():
-        began = time.perf_counter()
-        while time.perf_counter() < deadline:
-            timeline.append(
-                (round(time.perf_counter() - began), round(sum(process_tree_rss(server_pid).values()) / 2**20))
-            )
-            await asyncio.sleep(max(duration / 30, 1.0))
-
+    timeline: list[dict] = []
     try:
-        await asyncio.gather(sample_memory(), *(worker() for _ in range(concurrency)))
+        await asyncio.gather(memory.sample(deadline, timeline), *(worker() for _ in range(concurrency)))
     finally:
         await client.close()
     return {
@@ -460,6 +446,64 @@ async def soak(url: str, cases: list[Case], duration: float, concurrency: int, t
     }
 
 
+def settled_mb(timeline: list[dict], label: str) -> float:
+    """A model's resident MB once warm: the median of the run's last third."""
+    samples = [sample["mb"].get(label, 0.0) for sample in timeline]
+    return float(np.median(samples[-max(len(samples) // 3, 1) :])) if samples else 0.0
+
+
+def plot_memory(report: dict, path: Path) -> None:
+    """Resident memory per model and in all over the run, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timeline = report["rss_mb_timeline"]
+    seconds = [sample["t"] for sample in timeline]
+    figure, axis = plt.subplots(figsize=(10, 5))
+    axis.plot(seconds, [sample["total_mb"] for sample in timeline], label="all", linewidth=2, color="black")
+    for label in report["rss_mb_settled"]:
+        axis.plot(seconds, [sample["mb"].get(label, 0.0) for sample in timeline], label=label)
+    axis.set_xlabel("seconds into the soak (after the warm-up)")
+    axis.set_ylabel("resident MB")
+    axis.set_title(
+        f"{report['family']} over {report['path']}, concurrency {report['concurrency']}: "
+        f"growth middle -> last third {report['rss_growth_mb_last_third']:+.0f} MB"
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+class MemorySampler:
+    """Resident memory per model (tritonserver, each model's stubs, the gateway) every `every` seconds."""
+
+    def __init__(self, server_pid: int, every: float, gateway_pid: int | None = None):
+        self.server_pid, self.every, self.gateway_pid = server_pid, every, gateway_pid
+        self.began = time.perf_counter()
+
+    def now(self) -> dict[str, int]:
+        sizes = resident_by_model(self.server_pid)
+        if self.gateway_pid is not None:
+            sizes["gateway"] = resident_bytes(self.gateway_pid) or 0
+        return sizes
+
+    async def sample(self, deadline: float, timeline: list[dict]) -> None:
+        while time.perf_counter() < deadline:
+            sizes = self.now()
+            timeline.append(
+                {
+                    "t": round(time.perf_counter() - self.began),
+                    "total_mb": round(sum(sizes.values()) / 2**20),
+                    "mb": {label: round(size / 2**20, 1) for label, size in sorted(sizes.items())},
+                }
+            )
+            await asyncio.sleep(self.every)
+
+
 def settled_growth_mb(samples: list[float]) -> float:
     """Median memory of the run's last third minus that of its middle third. Medians ignore the
     moments a large request's buffers are alive; the first third fills batch-sized buffers."""
@@ -467,18 +511,6 @@ def settled_growth_mb(samples: list[float]) -> float:
         return 0.0
     third = len(samples) // 3
     return float(np.median(samples[-third:]) - np.median(samples[third : 2 * third]))
-
-
-def process_label(pid: int) -> str:
-    """'tritonserver' or the model a Python-backend stub serves (from its command line)."""
-    try:
-        words = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return str(pid)
-    if b"triton_python_backend_stub" not in words[0]:
-        return Path(words[0].decode(errors="replace")).name
-    model_file = Path(words[1].decode(errors="replace"))  # REPO/MODEL/VERSION/model.py
-    return f"{model_file.parent.parent.name} stub"
 
 
 def tiny_repository(family: str, folder: Path) -> Path:
@@ -514,6 +546,13 @@ def main() -> int:
     parser.add_argument("--gateway", action="store_true", help="Send the mix over HTTP through the OpenAI gateway")
     parser.add_argument("--repository", type=Path, help="A repository built for --family (default: build a small one)")
     parser.add_argument("--duration", type=float, default=600)
+    parser.add_argument(
+        "--long", action="store_true", help="The memory soak: 30 minutes, memory every 10 s, a plot (soak-FAMILY.png)"
+    )
+    parser.add_argument(
+        "--sample-every", type=float, help="Seconds between memory samples (default: 10, or 1/30 of the run)"
+    )
+    parser.add_argument("--plot", type=Path, help="Write the per-model memory timeline as a PNG plot")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument(
@@ -525,6 +564,10 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.long:
+        args.duration = 1800 if args.duration == parser.get_default("duration") else args.duration
+        args.plot = args.plot or Path(f"soak-{args.family}.png")
+    every = args.sample_every or min(10.0, max(args.duration / 30, 1.0))
     with tempfile.TemporaryDirectory(prefix="soak-") as folder:
         repository = args.repository or tiny_repository(args.family, Path(folder))
         families = ["clip", "whisper", "llava"] if args.family == "all" else [args.family]
@@ -533,61 +576,67 @@ def main() -> int:
         server.start().wait_until_ready(600)
         gateway = None
         try:
-            pids = [server.process.pid]
             if args.gateway:
                 gateway, base = spawn_gateway(server.grpc_url)
-                pids.append(gateway.pid)
-                http_cases = gateway_cases(args.family)
+                memory = MemorySampler(server.process.pid, every, gateway.pid)
 
                 def run(subset, seconds):
-                    return asyncio.run(soak_gateway(base, subset, seconds, args.concurrency, args.timeout, pids))
+                    return asyncio.run(soak_gateway(base, subset, seconds, args.concurrency, args.timeout, memory))
 
-                mix = http_cases
+                mix: list = gateway_cases(args.family)
             else:
+                memory = MemorySampler(server.process.pid, every)
 
                 def run(subset, seconds):
-                    return asyncio.run(
-                        soak(server.grpc_url, subset, seconds, args.concurrency, args.timeout, server.process.pid)
-                    )
+                    return asyncio.run(soak(server.grpc_url, subset, seconds, args.concurrency, args.timeout, memory))
 
                 mix = cases
             # Warm-up: valid requests only first, so batches reach their largest size (and the
             # buffers sized by it their high-water mark), then the mix.
             for subset, seconds in (([case for case in mix if case.valid], 20.0), (mix, 10.0)):
                 run(subset, min(seconds, args.duration))
-            before = {pid: rss for p in pids for pid, rss in process_tree_rss(p).items()}
+            before = memory.now()
+            memory.began = time.perf_counter()
             result = run(mix, args.duration)
-            after = {pid: rss for p in pids for pid, rss in process_tree_rss(p).items()}
-            labels = {pid: process_label(pid) for pid in after}
-            if gateway is not None:
-                labels[gateway.pid] = "gateway"
+            elapsed = time.perf_counter() - memory.began
+            after = memory.now()
             alive = server.process.poll() is None and (gateway is None or gateway.poll() is None)
         finally:
             if gateway is not None:
                 gateway.terminate()
                 gateway.wait(timeout=30)
             server.stop()
-    growth_mb = (sum(after.values()) - sum(before.values())) / 2**20
     timeline = result["rss_mb_timeline"]
-    late_growth_mb = settled_growth_mb([mb for _, mb in timeline])
+    late_growth_mb = settled_growth_mb([sample["total_mb"] for sample in timeline])
     timeouts = sum(c["timeout"] for c in result["counts"].values())
+    valid_labels = {case.label for case in mix if case.valid}
+    valid_answered = sum(c["ok"] for label, c in result["counts"].items() if label in valid_labels)
+    labels = sorted({label for sample in timeline for label in sample["mb"]})
     report = {
         **result,
         "family": args.family,
         "path": "HTTP through the OpenAI gateway" if args.gateway else "gRPC",
         "duration_s": args.duration,
         "concurrency": args.concurrency,
+        "valid_per_s": round(valid_answered / elapsed, 3),
         "rss_mb_before": round(sum(before.values()) / 2**20, 1),
         "rss_mb_after": round(sum(after.values()) / 2**20, 1),
-        "rss_growth_mb": round(growth_mb, 1),
+        "rss_growth_mb": round((sum(after.values()) - sum(before.values())) / 2**20, 1),
         "rss_growth_mb_last_third": round(late_growth_mb, 1),
-        "processes": len(after),
         "rss_growth_mb_by_process": {
-            labels[pid]: round((after[pid] - before.get(pid, 0)) / 2**20, 1) for pid in sorted(after)
+            label: round((after.get(label, 0) - before.get(label, 0)) / 2**20, 1) for label in sorted(after)
+        },
+        # per model: the median of the run's last third (what `tritonkit plan --measure` compares with)
+        "rss_mb_settled": {label: round(settled_mb(timeline, label), 1) for label in labels},
+        "rss_growth_mb_last_third_by_process": {
+            label: round(settled_growth_mb([sample["mb"].get(label, 0.0) for sample in timeline]), 1)
+            for label in labels
         },
         "server_alive": alive,
         "timeouts": timeouts,
     }
+    if args.plot:
+        plot_memory(report, args.plot)
     violations = []
     if result["unexpected_total"]:
         violations.append(f"{result['unexpected_total']} requests answered wrongly")

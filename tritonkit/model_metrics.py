@@ -19,6 +19,8 @@ DECODE_STEPS = "tritonkit_decode_steps"
 CACHE_HITS = "tritonkit_feature_cache_hits_total"
 CACHE_MISSES = "tritonkit_feature_cache_misses_total"
 SERVER_RESTARTS = "tritonkit_server_restarts"
+RESIDENT_BYTES = "tritonkit_resident_bytes"
+RESIDENT_EVERY_S = 1.0  # how often a serving model refreshes its resident-memory gauges
 
 SECONDS_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 BYTES_BUCKETS = [1e3, 1e4, 1e5, 1e6, 1e7, 1e8]
@@ -32,6 +34,8 @@ DESCRIPTIONS = {
     DECODE_STEPS: "Decoder steps one request took (all its windows)",
     CACHE_HITS: "Encoder rows answered from the feature cache (a repeated image)",
     CACHE_MISSES: "Encoder rows computed (not in the feature cache)",
+    RESIDENT_BYTES: "Resident memory of this model instance's Python-backend process (process=stub) and of "
+    "tritonserver's (process=tritonserver), refreshed while the model serves",
     SERVER_RESTARTS: "Times `tritonkit serve` restarted tritonserver (a crash, or a Python-backend process lost)",
 }
 
@@ -39,9 +43,11 @@ DESCRIPTIONS = {
 class ModelMetrics:
     """The metrics one model instance reports; a no-op outside the stub (pb_utils missing)."""
 
-    def __init__(self, model: str, role: str):
+    def __init__(self, model: str, role: str, instance: str = ""):
         self.model = model
         self.role = role  # "preprocess", "decoder" or "" (rejections only)
+        self.instance = instance
+        self._resident_at = -RESIDENT_EVERY_S
         self._families: dict = {}
         self._metrics: dict = {}
         try:
@@ -103,6 +109,22 @@ class ModelMetrics:
             self._metric(CACHE_HITS, "COUNTER").increment(float(hits))
         if misses:
             self._metric(CACHE_MISSES, "COUNTER").increment(float(misses))
+
+    def resident(self) -> None:
+        """Refresh this stub's and tritonserver's resident bytes (at most once a second)."""
+        import os
+        import time
+
+        from tritonkit.memory import SERVER, resident_bytes
+
+        now = time.monotonic()
+        if self._pb is None or now - self._resident_at < RESIDENT_EVERY_S:
+            return
+        self._resident_at = now
+        for process, pid in (("stub", os.getpid()), (SERVER, os.getppid())):
+            size = resident_bytes(pid)
+            if size is not None:
+                self._metric(RESIDENT_BYTES, "GAUGE", process=process, instance=self.instance).set(float(size))
 
     def close(self) -> None:
         """Drop the families before the stub exits (the backend requires them gone at finalize)."""

@@ -97,8 +97,9 @@ class BatchedModel:
         self.parameters = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
         self.input_names = [i["name"] for i in self.model_config["input"]]
         self.output_dtypes = {o["name"]: numpy_dtype(o["data_type"]) for o in self.model_config["output"]}
-        self.metrics = ModelMetrics(self.model_name, self.metrics_role)
+        self.metrics = ModelMetrics(self.model_name, self.metrics_role, args.get("model_instance_name", ""))
         self.setup()
+        self.metrics.resident()
 
     def setup(self) -> None:
         """Load what the model needs (sessions, tokenizers) from `self.version_dir`."""
@@ -228,6 +229,7 @@ class BatchedModel:
                 responses[index] = self.respond(result, rows)
         for request_seconds in seconds:
             self.metrics.preprocessed(request_seconds)
+        self.metrics.resident()
         return responses
 
     def finalize(self) -> None:

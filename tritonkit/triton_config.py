@@ -57,8 +57,14 @@ class Batching:
     preferred_batch_sizes: tuple[int, ...] = (4, 8, 16)
     max_queue_delay_us: int = 2000
     instances: int = 1
+    # CPU encoders: rows ONNX Runtime runs at once (0: the whole batch). Graphs whose activations
+    # grow large per row (Whisper's 1500-frame attention) run as fast or faster in small slices and
+    # keep the arena at the slice's size instead of the largest batch's (scripts/measure_rows.py).
+    rows_per_run: int = 0
 
     def __post_init__(self):
+        if self.rows_per_run < 0:
+            raise ConfigError(f"rows_per_run must be >= 0, got {self.rows_per_run}")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.instances < 1:

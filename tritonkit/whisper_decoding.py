@@ -321,6 +321,11 @@ class DecodeOptions:
         return cls(**json.loads(text))
 
 
+def taken(array: np.ndarray, rows: list[int]) -> np.ndarray:
+    """`array[rows]`, without a copy when `rows` are all of them in order (cross KV runs to GBs)."""
+    return array if rows == list(range(len(array))) else array[rows]
+
+
 class WindowDecoder:
     """Decoding of many windows at once over two ONNX Runtime sessions (greedy, sampled, fallback)."""
 
@@ -346,6 +351,25 @@ class WindowDecoder:
         self.no_speech_probs: list[float] = []
         self.temperatures: list[float] = []  # the temperature each window was last decoded at
         self.skipped: list[bool] = []  # windows FALLBACK judged silent (no text, no segments)
+
+    CROSS_KV_ROWS_PER_RUN = 4  # the cross-KV graph's slices: its arena at 4 windows, not the largest batch's
+
+    def _cross_attention(self, encoder_hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every layer's cross-attention keys and values, computed in slices and written into one
+        array each (ONNX Runtime would otherwise keep an arena block the size of the largest batch)."""
+        count, step = len(encoder_hidden), self.CROSS_KV_ROWS_PER_RUN
+        if count <= step:
+            keys, values = self.cross_kv.run(None, {"ENCODER_HIDDEN": encoder_hidden})
+            return keys, values
+        keys = values = None
+        for start in range(0, count, step):
+            part_keys, part_values = self.cross_kv.run(None, {"ENCODER_HIDDEN": encoder_hidden[start : start + step]})
+            if keys is None:
+                keys = np.empty((count, *part_keys.shape[1:]), dtype=part_keys.dtype)
+                values = np.empty((count, *part_values.shape[1:]), dtype=part_values.dtype)
+            keys[start : start + step], values[start : start + step] = part_keys, part_values
+        assert keys is not None and values is not None
+        return keys, values
 
     def _run(self, ids, past_keys, past_values, cross_keys, cross_values):
         return self.step.run(
@@ -405,14 +429,18 @@ class WindowDecoder:
 
         A multilingual model detects the language of each window that has none given."""
         count = len(encoder_hidden)
-        cross_keys, cross_values = self.cross_kv.run(None, {"ENCODER_HIDDEN": encoder_hidden})
+        cross_keys: np.ndarray | None
+        cross_values: np.ndarray | None
+        cross_keys, cross_values = self._cross_attention(encoder_hidden)
         languages: list[str | None] = [o.language or None for o in options]
         if not self.settings.multilingual:
             languages = ["en"] * count
         else:
             undetected = [i for i, lang in enumerate(languages) if lang is None]
             if undetected:
-                for i, code in zip(undetected, self.detect_languages(cross_keys[undetected], cross_values[undetected])):
+                for i, code in zip(
+                    undetected, self.detect_languages(taken(cross_keys, undetected), taken(cross_values, undetected))
+                ):
                     languages[i] = code
         prompts = [self.prompt(o, lang) for o, lang in zip(options, languages)]
         limits = [
@@ -428,7 +456,7 @@ class WindowDecoder:
         self.temperatures = [schedule[0] for schedule in schedules]
         measured = [i for i, o in enumerate(options) if o.timestamps or o.fallback]
         if measured and self.settings.no_timestamps_token is not None:
-            first = self._start_logits(cross_keys[measured], cross_values[measured])
+            first = self._start_logits(taken(cross_keys, measured), taken(cross_values, measured))
             no_speech = self.settings.no_timestamps_token - 1  # <|nospeech|> (<|nocaptions|> in older vocabularies)
             for i, probs in zip(measured, softmax(first)):
                 self.no_speech_probs[i] = float(probs[no_speech])
@@ -447,10 +475,19 @@ class WindowDecoder:
             for (_, beams), rows in groups.items():
                 for i in rows:
                     results[i], self.sum_logprobs[i] = [], 0.0
-                if beams:
-                    self._beam_rows(rows, prompts, limits, cross_keys, cross_values, results, options)
+                if cross_keys is None or cross_values is None:  # the first pass consumed them: computed again
+                    ck, cv = self._cross_attention(encoder_hidden[rows])
+                elif len(groups) == 1 and rows == list(range(count)) and not beams:
+                    # every window in one group: the pass takes the cross KV itself (compacted in place
+                    # as windows finish), so the batch never holds a second copy of it
+                    ck, cv, cross_keys, cross_values = cross_keys, cross_values, None, None
                 else:
-                    self._decode_rows(rows, prompts, limits, cross_keys, cross_values, results, options, generators)
+                    ck, cv = cross_keys[rows], cross_values[rows]
+                if beams:
+                    self._beam_rows(rows, prompts, limits, ck, cv, results, options)
+                else:
+                    self._decode_rows(rows, prompts, limits, ck, cv, results, options, generators)
+                del ck, cv
             attempt += 1
             again = []
             for i in pending:
@@ -525,12 +562,13 @@ class WindowDecoder:
                 chosen[j] = int(np.searchsorted(cumulative, generators[row].random() * cumulative[-1], side="right"))
         return chosen
 
-    def _decode_rows(self, rows, prompts, limits, cross_keys, cross_values, results, options, generators) -> None:
+    def _decode_rows(self, rows, prompts, limits, ck, cv, results, options, generators) -> None:
+        """Greedy or sampled decoding of `rows`, whose cross KV (`ck`, `cv`, one row each, in order)
+        this pass owns: finished rows are compacted out of them in place, not copied."""
         active = np.array(rows)
         ids = np.array([prompts[i] for i in rows], dtype=np.int64)
         keys = np.zeros((len(rows), *self.cache_shape), dtype=np.float32)
         values = keys
-        ck, cv = cross_keys[active], cross_values[active]
         first = True
         while len(active):
             logits, keys, values = self._run(ids, keys, values, ck, cv)
@@ -553,7 +591,11 @@ class WindowDecoder:
                 if len(results[row]) >= limits[row]:
                     keep[j] = False
             if not keep.all():
-                active, keys, values, ck, cv = active[keep], keys[keep], values[keep], ck[keep], cv[keep]
+                for j, source in enumerate(np.flatnonzero(keep)):  # sources never lie before targets
+                    if j != source:
+                        ck[j], cv[j] = ck[source], cv[source]
+                kept = int(keep.sum())
+                active, keys, values, ck, cv = active[keep], keys[keep], values[keep], ck[:kept], cv[:kept]
                 next_tokens = next_tokens[keep]
             ids = next_tokens[:, None].astype(np.int64)
 
@@ -567,7 +609,8 @@ class WindowDecoder:
         """Beam search over many windows at once, as transformers' `_beam_search` does it (2 x beams
         candidates a step, finished beams scored sum / length ** length_penalty, its early-stop
         heuristic), every window's live beams sharing one batched decoder step. OpenAI's patience
-        sets how many finished beams a window waits for (1.0: the beam size, transformers' rule)."""
+        sets how many finished beams a window waits for (1.0: the beam size, transformers' rule).
+        `cross_keys` / `cross_values` hold one row per window of `rows`, in order."""
 
         @dataclass
         class Window:
@@ -591,7 +634,8 @@ class WindowDecoder:
         ids = np.array([prompts[i] for i in rows], dtype=np.int64)
         keys = np.zeros((count, *self.cache_shape), dtype=np.float32)
         values = keys
-        owners = np.array(rows)
+        position = {row: j for j, row in enumerate(rows)}
+        owners = np.arange(count)  # each live beam's window, as its position in `rows`
         gathered: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (owners, keys, values) of the last step
         first = True
         while windows:
@@ -642,7 +686,7 @@ class WindowDecoder:
                 return
             chosen = np.array(parents)
             keys, values = keys[chosen], values[chosen]
-            owners = np.array([w.row for w in windows for _ in w.live])
+            owners = np.array([position[w.row] for w in windows for _ in w.live])
             ids = np.array(next_ids, dtype=np.int64)[:, None]
 
     def _finish_beams(self, row: int, finished, live, results) -> None:

@@ -83,6 +83,8 @@ TARGETS = ("cpu", "gpu")
 # A stage's parameter naming worst-case values of its graphs' symbolic dims (JSON {dim: size});
 # `tritonkit plan` sizes activation memory with them (the batch dim is the max batch size).
 PLAN_DIMS_PARAMETER = "tritonkit_plan_dims"
+# A CPU encoder's rows per graph run (Batching.rows_per_run); `tritonkit plan` sizes its workspace by it.
+ROWS_PER_RUN_PARAMETER = "rows_per_run"
 PREPROCESSING = ("dali", "python")
 ENGINES = ("onnxruntime", "onnxruntime-trt", "tensorrt")
 
@@ -317,6 +319,8 @@ def dali_stage(
         )
     if image_recipe is not None:
         parameters["image_recipe"] = image_recipe.to_json()
+    if batching.rows_per_run:
+        parameters[ROWS_PER_RUN_PARAMETER] = str(batching.rows_per_run)
     return Stage(role, "dali_pipeline", inputs, outputs, batching, parameters, artefacts=(serialized,))
 
 
@@ -382,8 +386,16 @@ def encoder_stage(role: str, inputs, outputs, batching: Batching, onnx_file: Pat
     from tritonkit.triton_config import warmup
 
     if not options.gpu:
+        parameters = {ROWS_PER_RUN_PARAMETER: str(batching.rows_per_run)} if batching.rows_per_run else {}
         return Stage(
-            role, "onnx_encoder", inputs, outputs, batching, {}, {"model.onnx": onnx_file}, graphs={"model.onnx": role}
+            role,
+            "onnx_encoder",
+            inputs,
+            outputs,
+            batching,
+            parameters,
+            {"model.onnx": onnx_file},
+            graphs={"model.onnx": role},
         )
     extra = warmup(inputs)
     if options.engine == "tensorrt":

@@ -88,8 +88,10 @@ class WhisperSpec(FamilySpec):
     max_request_bytes = 256 * 1024 * 1024  # one audio file may be 200 MiB (AudioRecipe.max_bytes)
     batching: ClassVar[Mapping[str, Batching]] = {
         "audio_preprocess": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16), max_queue_delay_us=2000),
-        "log_mel": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16), max_queue_delay_us=1000),
-        "encoder": Batching(max_batch_size=32, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
+        "log_mel": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16), max_queue_delay_us=1000, rows_per_run=1),
+        "encoder": Batching(
+            max_batch_size=32, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000, rows_per_run=1
+        ),
         "decoder": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16, 32), max_queue_delay_us=5000),
         "vad": Batching(max_batch_size=8, preferred_batch_sizes=(), max_queue_delay_us=0),
     }
