@@ -728,7 +728,7 @@ def plan(
     for item in dim or []:
         name, _, size = item.partition("=")
         if not name or not size.isdigit():
-            raise InputError(f"--dim {item!r}: use NAME=SIZE, e.g. --dim PAST_KEYS_dim3=447")
+            raise InputError(f"--dim {item!r}: use NAME=SIZE, e.g. --dim PAST_KEYS_0_dim2=447")
         dims[name] = int(size)
     result = make_plan(
         repository,

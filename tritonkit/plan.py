@@ -1,12 +1,18 @@
 """Capacity planning: memory per model instance, GPUs per replica, replicas for a target rate, cost.
 
 Memory of one instance = its weights (the graph's initializers, so at the precision the build
-chose; other files at their size) + the activation workspace at the max batch size + a fixed
-per-instance overhead (a Python-backend stub, a CUDA context). The workspace is the peak of the
-bytes of intermediate tensors alive at once when the graph's nodes run in order, each tensor freed
-after its last consumer: what an allocator that reuses memory perfectly needs. Symbolic dims are
-bound to the max batch size ("batch") or to the worst case the build recorded in the model's
+chose; other files at their size) + the activation workspace + a per-instance overhead. The
+workspace is the peak of the bytes of tensors alive at once when the graph's nodes run in order,
+each tensor freed after its last consumer: what an allocator that reuses memory perfectly needs,
+at the rows one run takes (the max batch size, or a CPU encoder's `rows_per_run`). Symbolic dims
+are bound to that ("batch") or to the worst case the build recorded in the model's
 `tritonkit_plan_dims` parameter; any other dim counts as 1 and is reported.
+
+A CPU model (a Python-backend stub holding everything in host memory) adds what was measured of
+served repositories (`tritonkit plan REPO --measure`, scripts/soak.py): its template's runtime
+(the interpreter and the libraries it imports), ONNX Runtime's arena at ARENA_FACTOR times the
+ideal workspace, and its batch's input and output tensors. A GPU model's overhead is the stub and
+CUDA context (`--overhead-mb`, 300 MB).
 
 Replicas come from a `tritonkit bench` result measured on one replica of the target hardware.
 """
@@ -21,9 +27,33 @@ from pathlib import Path
 import numpy as np
 
 from tritonkit.errors import InputError
-from tritonkit.families.base import PLAN_DIMS_PARAMETER
+from tritonkit.families.base import PLAN_DIMS_PARAMETER, ROWS_PER_RUN_PARAMETER
+from tritonkit.memory import SERVER
 from tritonkit.repository import VERSION, read_repository
-from tritonkit.triton_config import instance_count
+from tritonkit.triton_config import instance_count, parameter
+
+MIB = 2**20
+GPU_OVERHEAD_MB = 300.0  # a Python-backend stub and a CUDA context per GPU instance
+# Resident memory (PSS) of a CPU stub of each template before its model's own weights and
+# buffers: the interpreter, numpy and the libraries the template imports, measured on served
+# repositories (scripts/soak.py, tritonkit plan --measure). The libraries are the same wheels
+# wherever tritonkit runs, so these carry over between machines.
+TEMPLATE_RUNTIME_MB = {
+    "onnx_encoder": 40.0,
+    "dali_pipeline": 200.0,
+    "audio_preprocess": 70.0,
+    "silero_vad": 45.0,
+    "whisper_decoder": 250.0,
+    "text_tokenizer": 250.0,
+    "image_preprocess": 60.0,
+    "image_check": 40.0,
+    "llava_decoder": 330.0,
+}
+DEFAULT_RUNTIME_MB = 60.0  # a template not measured yet
+# ONNX Runtime's CPU arena grows in powers of two and keeps its high-water mark: measured
+# resident workspace over the ideal peak of `graph_memory`.
+ARENA_FACTOR = 2.0
+SERVER_RUNTIME_MB = 30.0  # tritonserver with the Python backend, before requests
 
 HOURS_PER_MONTH = 730
 BATCH_DIM = "batch"
@@ -121,13 +151,16 @@ class ModelPlan:
     instances: int
     max_batch_size: int
     weight_bytes: int
-    workspace_bytes: int
-    overhead_bytes: int
+    workspace_bytes: int  # CPU: ONNX Runtime's arena (ARENA_FACTOR x the ideal peak); GPU: the ideal peak
+    overhead_bytes: int  # CPU: the template's runtime; GPU: the stub and CUDA context
     graphs: tuple[GraphMemory, ...] = ()
+    buffer_bytes: int = 0  # CPU: a full batch's input and output tensors held by the stub
+    rows_per_run: int = 0  # the rows one graph run takes (the workspace's batch)
+    target: str = "cpu"
 
     @property
     def bytes_per_instance(self) -> int:
-        return self.weight_bytes + self.workspace_bytes + self.overhead_bytes
+        return self.weight_bytes + self.workspace_bytes + self.overhead_bytes + self.buffer_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -182,16 +215,39 @@ class Plan:
         return data
 
 
+def batch_tensor_bytes(config, rows: int) -> int:
+    """Bytes of `rows` rows of a model's fixed-shape inputs and outputs (variable dims count 0)."""
+    from tritonkit.dtypes import numpy_dtype
+    from tritonkit.triton_config import model_config_pb2
+
+    total = 0
+    for tensor in [*config.input, *config.output]:
+        dims = list(tensor.dims)
+        if any(d < 0 for d in dims):
+            continue
+        dtype = numpy_dtype(model_config_pb2.DataType.Name(tensor.data_type))
+        if dtype is np.object_:  # strings: their size is the request's
+            continue
+        total += rows * int(np.prod(dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return total
+
+
 def model_plans(
-    repository: Path, overhead_bytes: int = 300 * 2**20, dims: dict[str, int] | None = None
+    repository: Path, overhead_bytes: int | None = None, dims: dict[str, int] | None = None
 ) -> list[ModelPlan]:
-    """Memory of every non-ensemble model of a repository."""
+    """Memory of every non-ensemble model of a repository. `overhead_bytes` replaces the
+    per-instance overhead (CPU: the template's measured runtime; GPU: GPU_OVERHEAD_MB)."""
     plans = []
     for name, config in read_repository(repository).items():
         if config.platform == "ensemble":
             continue
         version_dir = Path(repository) / name / VERSION
-        bound = {BATCH_DIM: max(config.max_batch_size, 1)}
+        gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
+        rows = max(config.max_batch_size, 1)
+        rows_per_run = int(parameter(config, ROWS_PER_RUN_PARAMETER) or 0)
+        if rows_per_run and not gpu:
+            rows = min(rows, rows_per_run)
+        bound = {BATCH_DIM: rows}
         recorded = config.parameters.get(PLAN_DIMS_PARAMETER)
         if recorded is not None:
             bound.update(json.loads(recorded.string_value))
@@ -213,8 +269,28 @@ def model_plans(
             else:
                 weights += path.stat().st_size
         instances = instance_count(config)
+        if gpu:
+            overhead = overhead_bytes if overhead_bytes is not None else int(GPU_OVERHEAD_MB * MIB)
+            plans.append(
+                ModelPlan(
+                    name, instances, config.max_batch_size, weights, workspace, overhead, tuple(graphs), target="gpu"
+                )
+            )
+            continue
+        template = parameter(config, "tritonkit_template") or ""
+        runtime = TEMPLATE_RUNTIME_MB.get(template, DEFAULT_RUNTIME_MB)
         plans.append(
-            ModelPlan(name, instances, config.max_batch_size, weights, workspace, overhead_bytes, tuple(graphs))
+            ModelPlan(
+                name,
+                instances,
+                config.max_batch_size,
+                weights,
+                int(ARENA_FACTOR * workspace),
+                overhead_bytes if overhead_bytes is not None else int(runtime * MIB),
+                tuple(graphs),
+                buffer_bytes=batch_tensor_bytes(config, max(config.max_batch_size, 1)),
+                rows_per_run=rows,
+            )
         )
     if not plans:
         raise InputError(f"{repository}: no models to plan for", hint="build one with `tritonkit build`")
@@ -229,7 +305,7 @@ def make_plan(
     gpu_hour_price: float | None = None,
     utilization: float = 0.7,
     max_p99_ms: float | None = None,
-    overhead_mb: float = 300.0,
+    overhead_mb: float | None = None,
     dims: dict[str, int] | None = None,
 ) -> Plan:
     if qps is not None and qps <= 0:
@@ -243,7 +319,7 @@ def make_plan(
             "--qps needs --bench RESULT.json",
             hint="measure one replica with `tritonkit bench MODEL ... --json RESULT.json`",
         )
-    models = tuple(model_plans(repository, int(overhead_mb * 2**20), dims))
+    models = tuple(model_plans(repository, None if overhead_mb is None else int(overhead_mb * MIB), dims))
     gpu_bytes = int(gpu_memory_gb * 2**30)
     replica_bytes = sum(m.total_bytes for m in models)
     notes = []

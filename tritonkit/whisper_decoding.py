@@ -2,7 +2,10 @@
 
 `CrossKV` computes every layer's cross-attention keys/values once per window; `DecoderStep`
 takes new tokens plus the self-attention cache and returns the last position's logits and the
-grown cache. Both are batch-first: [B, layers, heads, length, head_dim].
+grown cache. Every cache is one batch-first tensor per layer ([B, heads, length, head_dim]; cross
+keys pre-transposed), so a step reads the caller's arrays in place. The decoder loop is generic
+over the graphs' tensor names (repositories built before the per-layer layout, with one stacked
+CROSS_KEYS / PAST_KEYS tensor each, decode with the same code).
 
 `WindowDecoder` decodes a whole dynamic batch together with the model's generation config
 (suppress tokens, begin-suppress tokens, the no-timestamps prompt, language detection and the
@@ -25,10 +28,19 @@ import numpy as np
 from tritonkit.errors import InputError, shown
 
 
+def layer_names(prefix: str, layers: int) -> list[str]:
+    """One graph tensor per decoder layer (CROSS_KEYS_0 ...): ONNX Runtime reads each from the
+    caller's buffer, where slicing one stacked tensor copied every layer's cache at every step."""
+    return [f"{prefix}_{i}" for i in range(layers)]
+
+
 def _modules():
     import torch
 
     class CrossKV(torch.nn.Module):
+        """ENCODER_HIDDEN -> each layer's cross-attention keys, transposed ([B, heads, head_dim,
+        frames], ready for q @ k), then each layer's values ([B, heads, frames, head_dim])."""
+
         def __init__(self, model):
             super().__init__()
             self.layers = model.model.decoder.layers
@@ -39,24 +51,28 @@ def _modules():
             keys, values = [], []
             for layer in self.layers:
                 attention = layer.encoder_attn
-                k = attention.k_proj(encoder_hidden).view(batch, length, self.heads, -1).transpose(1, 2)
+                k = attention.k_proj(encoder_hidden).view(batch, length, self.heads, -1).permute(0, 2, 3, 1)
                 v = attention.v_proj(encoder_hidden).view(batch, length, self.heads, -1).transpose(1, 2)
                 keys.append(k)
                 values.append(v)
-            return torch.stack(keys, 1), torch.stack(values, 1)
+            return (*keys, *values)
 
     class DecoderStep(torch.nn.Module):
+        """(INPUT_IDS, past keys and values per layer, cross keys and values per layer) ->
+        (the last position's logits, present keys and values per layer)."""
+
         def __init__(self, model):
             super().__init__()
             decoder = model.model.decoder
             self.decoder = decoder
             self.proj_out = model.proj_out
             self.heads = model.config.decoder_attention_heads
+            self.layers = len(decoder.layers)
             self.embed_scale = float(getattr(decoder, "embed_scale", 1.0) or 1.0)
 
         @staticmethod
-        def attend(q, k, v, mask):
-            scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        def attend(q, k_transposed, v, mask):
+            scores = torch.matmul(q, k_transposed) * (q.shape[-1] ** -0.5)
             if mask is not None:
                 scores = scores + mask
             return torch.matmul(torch.softmax(scores, dim=-1), v)
@@ -69,8 +85,11 @@ def _modules():
             batch, _, length, _ = x.shape
             return x.transpose(1, 2).reshape(batch, length, -1)
 
-        def forward(self, input_ids, past_keys, past_values, cross_keys, cross_values):
-            past = past_keys.shape[3]
+        def forward(self, input_ids, *caches):
+            n = self.layers
+            past_keys, past_values = caches[:n], caches[n : 2 * n]
+            cross_keys, cross_values = caches[2 * n : 3 * n], caches[3 * n :]
+            past = past_keys[0].shape[2]
             new = input_ids.shape[1]
             positions = self.decoder.embed_positions.weight[past : past + new]
             hidden = self.decoder.embed_tokens(input_ids) * self.embed_scale + positions
@@ -84,23 +103,21 @@ def _modules():
                 x = layer.self_attn_layer_norm(hidden)
                 attention = layer.self_attn
                 q = self.split(attention.q_proj(x))
-                k = torch.cat([past_keys[:, i], self.split(attention.k_proj(x))], dim=2)
-                v = torch.cat([past_values[:, i], self.split(attention.v_proj(x))], dim=2)
+                k = torch.cat([past_keys[i], self.split(attention.k_proj(x))], dim=2)
+                v = torch.cat([past_values[i], self.split(attention.v_proj(x))], dim=2)
                 present_keys.append(k)
                 present_values.append(v)
-                hidden = residual + attention.out_proj(self.merge(self.attend(q, k, v, mask)))
+                hidden = residual + attention.out_proj(self.merge(self.attend(q, k.transpose(-1, -2), v, mask)))
                 residual = hidden
                 x = layer.encoder_attn_layer_norm(hidden)
                 cross = layer.encoder_attn
                 q = self.split(cross.q_proj(x))
-                hidden = residual + cross.out_proj(
-                    self.merge(self.attend(q, cross_keys[:, i], cross_values[:, i], None))
-                )
+                hidden = residual + cross.out_proj(self.merge(self.attend(q, cross_keys[i], cross_values[i], None)))
                 residual = hidden
                 x = layer.final_layer_norm(hidden)
                 hidden = residual + layer.fc2(layer.activation_fn(layer.fc1(x)))
             hidden = self.decoder.layer_norm(hidden[:, -1])
-            return self.proj_out(hidden), torch.stack(present_keys, 1), torch.stack(present_values, 1)
+            return (self.proj_out(hidden), *present_keys, *present_values)
 
     return CrossKV, DecoderStep
 
@@ -321,9 +338,29 @@ class DecodeOptions:
         return cls(**json.loads(text))
 
 
-def taken(array: np.ndarray, rows: list[int]) -> np.ndarray:
-    """`array[rows]`, without a copy when `rows` are all of them in order (cross KV runs to GBs)."""
-    return array if rows == list(range(len(array))) else array[rows]
+Cache = dict[str, np.ndarray]  # graph tensors of one batch by name (cross or self-attention KV), rows first
+
+
+def taken(cache: Cache, rows) -> Cache:
+    """The rows `rows` (indices or a mask) of every tensor; the tensors themselves when that is
+    every row in order (a cross KV runs to GBs)."""
+    index = np.asarray(rows)
+    count = len(next(iter(cache.values())))
+    if index.dtype == bool:
+        index = np.flatnonzero(index)
+    if len(index) == count and np.array_equal(index, np.arange(count)):
+        return cache
+    return {name: value[index] for name, value in cache.items()}
+
+
+def compacted(cache: Cache, keep: np.ndarray) -> Cache:
+    """The rows `keep` marks, moved to the front of each tensor in place (no copy of the rest)."""
+    kept = np.flatnonzero(keep)
+    for target, source in enumerate(kept):  # sources never lie before their targets
+        if target != source:
+            for value in cache.values():
+                value[target] = value[source]
+    return {name: value[: len(kept)] for name, value in cache.items()}
 
 
 class WindowDecoder:
@@ -342,8 +379,16 @@ class WindowDecoder:
         self.suppress[[t for t in settings.suppress_tokens if t < vocab]] = True
         self.begin_suppress = self.suppress.copy()
         self.begin_suppress[[t for t in settings.begin_suppress_tokens if t < vocab]] = True
-        past_shape = step_session.get_inputs()[1].shape  # [B, layers, heads, past, head_dim]
-        self.cache_shape = (*(int(d) for d in past_shape[1:3]), 0, int(past_shape[4]))
+        # the graphs' cache tensors, by name: cross KV (the cross-KV graph's outputs, the step's
+        # inputs), the self-attention cache (PAST_* in, PRESENT_* out); fixed dims of an empty cache
+        self.cross_names = [o.name for o in cross_kv_session.get_outputs()]
+        self.past_names = [i.name for i in step_session.get_inputs() if i.name.startswith("PAST_")]
+        self.present_names = [o.name.replace("PRESENT_", "PAST_", 1) for o in step_session.get_outputs()[1:]]
+        self.empty_shapes = {
+            i.name: tuple(d if isinstance(d, int) else 0 for d in i.shape[1:])
+            for i in step_session.get_inputs()
+            if i.name in self.past_names
+        }
         self.steps_per_window: list[int] = []  # decoder steps each window of the last `decode` took (metrics)
         # per window of the last `decode`, as OpenAI's DecodingResult: the summed log-probability of
         # the chosen tokens (end token included) and the probability of <|nospeech|> after <|startoftranscript|>
@@ -354,44 +399,37 @@ class WindowDecoder:
 
     CROSS_KV_ROWS_PER_RUN = 4  # the cross-KV graph's slices: its arena at 4 windows, not the largest batch's
 
-    def _cross_attention(self, encoder_hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _cross_attention(self, encoder_hidden: np.ndarray) -> Cache:
         """Every layer's cross-attention keys and values, computed in slices and written into one
         array each (ONNX Runtime would otherwise keep an arena block the size of the largest batch)."""
         count, step = len(encoder_hidden), self.CROSS_KV_ROWS_PER_RUN
         if count <= step:
-            keys, values = self.cross_kv.run(None, {"ENCODER_HIDDEN": encoder_hidden})
-            return keys, values
-        keys = values = None
+            return dict(zip(self.cross_names, self.cross_kv.run(None, {"ENCODER_HIDDEN": encoder_hidden})))
+        cross: Cache = {}
         for start in range(0, count, step):
-            part_keys, part_values = self.cross_kv.run(None, {"ENCODER_HIDDEN": encoder_hidden[start : start + step]})
-            if keys is None:
-                keys = np.empty((count, *part_keys.shape[1:]), dtype=part_keys.dtype)
-                values = np.empty((count, *part_values.shape[1:]), dtype=part_values.dtype)
-            keys[start : start + step], values[start : start + step] = part_keys, part_values
-        assert keys is not None and values is not None
-        return keys, values
+            parts = self.cross_kv.run(None, {"ENCODER_HIDDEN": encoder_hidden[start : start + step]})
+            for name, part in zip(self.cross_names, parts):
+                if name not in cross:
+                    cross[name] = np.empty((count, *part.shape[1:]), dtype=part.dtype)
+                cross[name][start : start + step] = part
+        return cross
 
-    def _run(self, ids, past_keys, past_values, cross_keys, cross_values):
-        return self.step.run(
-            None,
-            {
-                "INPUT_IDS": ids,
-                "PAST_KEYS": past_keys,
-                "PAST_VALUES": past_values,
-                "CROSS_KEYS": cross_keys,
-                "CROSS_VALUES": cross_values,
-            },
-        )
+    def _empty_past(self, count: int) -> Cache:
+        return {name: np.zeros((count, *shape), dtype=np.float32) for name, shape in self.empty_shapes.items()}
 
-    def _start_logits(self, cross_keys, cross_values) -> np.ndarray:
+    def _run(self, ids: np.ndarray, past: Cache, cross: Cache) -> tuple[np.ndarray, Cache]:
+        """One decoder step: the last position's logits and the grown self-attention cache."""
+        logits, *present = self.step.run(None, {"INPUT_IDS": ids, **past, **cross})
+        return logits, dict(zip(self.present_names, present))
+
+    def _start_logits(self, cross: Cache) -> np.ndarray:
         """The logits after <|startoftranscript|> alone: language detection and no-speech probability."""
-        count = cross_keys.shape[0]
-        empty = np.zeros((count, *self.cache_shape), dtype=np.float32)
+        count = len(next(iter(cross.values())))
         ids = np.full((count, 1), self.settings.start_token, dtype=np.int64)
-        return self._run(ids, empty, empty, cross_keys, cross_values)[0]
+        return self._run(ids, self._empty_past(count), cross)[0]
 
-    def detect_languages(self, cross_keys, cross_values) -> list[str]:
-        logits = self._start_logits(cross_keys, cross_values)
+    def detect_languages(self, cross: Cache) -> list[str]:
+        logits = self._start_logits(cross)
         codes = list(self.settings.language_tokens)
         token_ids = np.array([self.settings.language_tokens[c] for c in codes])
         return [codes[i] for i in logits[:, token_ids].argmax(axis=1)]
@@ -429,18 +467,15 @@ class WindowDecoder:
 
         A multilingual model detects the language of each window that has none given."""
         count = len(encoder_hidden)
-        cross_keys: np.ndarray | None
-        cross_values: np.ndarray | None
-        cross_keys, cross_values = self._cross_attention(encoder_hidden)
+        cross: Cache | None = self._cross_attention(encoder_hidden)
+        assert cross is not None
         languages: list[str | None] = [o.language or None for o in options]
         if not self.settings.multilingual:
             languages = ["en"] * count
         else:
             undetected = [i for i, lang in enumerate(languages) if lang is None]
             if undetected:
-                for i, code in zip(
-                    undetected, self.detect_languages(taken(cross_keys, undetected), taken(cross_values, undetected))
-                ):
+                for i, code in zip(undetected, self.detect_languages(taken(cross, undetected))):
                     languages[i] = code
         prompts = [self.prompt(o, lang) for o, lang in zip(options, languages)]
         limits = [
@@ -456,7 +491,7 @@ class WindowDecoder:
         self.temperatures = [schedule[0] for schedule in schedules]
         measured = [i for i, o in enumerate(options) if o.timestamps or o.fallback]
         if measured and self.settings.no_timestamps_token is not None:
-            first = self._start_logits(taken(cross_keys, measured), taken(cross_values, measured))
+            first = self._start_logits(taken(cross, measured))
             no_speech = self.settings.no_timestamps_token - 1  # <|nospeech|> (<|nocaptions|> in older vocabularies)
             for i, probs in zip(measured, softmax(first)):
                 self.no_speech_probs[i] = float(probs[no_speech])
@@ -475,19 +510,19 @@ class WindowDecoder:
             for (_, beams), rows in groups.items():
                 for i in rows:
                     results[i], self.sum_logprobs[i] = [], 0.0
-                if cross_keys is None or cross_values is None:  # the first pass consumed them: computed again
-                    ck, cv = self._cross_attention(encoder_hidden[rows])
+                if cross is None:  # the first pass consumed it: computed again for these windows
+                    owned = self._cross_attention(encoder_hidden[rows])
                 elif len(groups) == 1 and rows == list(range(count)) and not beams:
                     # every window in one group: the pass takes the cross KV itself (compacted in place
                     # as windows finish), so the batch never holds a second copy of it
-                    ck, cv, cross_keys, cross_values = cross_keys, cross_values, None, None
+                    owned, cross = cross, None
                 else:
-                    ck, cv = cross_keys[rows], cross_values[rows]
+                    owned = taken(cross, rows)
                 if beams:
-                    self._beam_rows(rows, prompts, limits, ck, cv, results, options)
+                    self._beam_rows(rows, prompts, limits, owned, results, options)
                 else:
-                    self._decode_rows(rows, prompts, limits, ck, cv, results, options, generators)
-                del ck, cv
+                    self._decode_rows(rows, prompts, limits, owned, results, options, generators)
+                del owned
             attempt += 1
             again = []
             for i in pending:
@@ -562,16 +597,15 @@ class WindowDecoder:
                 chosen[j] = int(np.searchsorted(cumulative, generators[row].random() * cumulative[-1], side="right"))
         return chosen
 
-    def _decode_rows(self, rows, prompts, limits, ck, cv, results, options, generators) -> None:
-        """Greedy or sampled decoding of `rows`, whose cross KV (`ck`, `cv`, one row each, in order)
-        this pass owns: finished rows are compacted out of them in place, not copied."""
+    def _decode_rows(self, rows, prompts, limits, cross: Cache, results, options, generators) -> None:
+        """Greedy or sampled decoding of `rows`, whose cross KV (one row each, in order) this pass
+        owns: finished rows are compacted out of it in place, not copied."""
         active = np.array(rows)
         ids = np.array([prompts[i] for i in rows], dtype=np.int64)
-        keys = np.zeros((len(rows), *self.cache_shape), dtype=np.float32)
-        values = keys
+        past = self._empty_past(len(rows))
         first = True
         while len(active):
-            logits, keys, values = self._run(ids, keys, values, ck, cv)
+            logits, past = self._run(ids, past, cross)
             for row in active:
                 self.steps_per_window[row] += 1
             logits[:, self.begin_suppress if first else self.suppress] = -np.inf
@@ -591,12 +625,8 @@ class WindowDecoder:
                 if len(results[row]) >= limits[row]:
                     keep[j] = False
             if not keep.all():
-                for j, source in enumerate(np.flatnonzero(keep)):  # sources never lie before targets
-                    if j != source:
-                        ck[j], cv[j] = ck[source], cv[source]
-                kept = int(keep.sum())
-                active, keys, values, ck, cv = active[keep], keys[keep], values[keep], ck[:kept], cv[:kept]
-                next_tokens = next_tokens[keep]
+                cross = compacted(cross, keep)
+                active, past, next_tokens = active[keep], taken(past, keep), next_tokens[keep]
             ids = next_tokens[:, None].astype(np.int64)
 
     def _mask(self, scores: np.ndarray, tokens: list[int], first: bool, timestamps: bool) -> None:
@@ -605,12 +635,12 @@ class WindowDecoder:
         if timestamps:
             self.apply_timestamp_rules(scores, tokens, first)
 
-    def _beam_rows(self, rows, prompts, limits, cross_keys, cross_values, results, options) -> None:
+    def _beam_rows(self, rows, prompts, limits, cross: Cache, results, options) -> None:
         """Beam search over many windows at once, as transformers' `_beam_search` does it (2 x beams
         candidates a step, finished beams scored sum / length ** length_penalty, its early-stop
         heuristic), every window's live beams sharing one batched decoder step. OpenAI's patience
         sets how many finished beams a window waits for (1.0: the beam size, transformers' rule).
-        `cross_keys` / `cross_values` hold one row per window of `rows`, in order."""
+        `cross` holds one row per window of `rows`, in order."""
 
         @dataclass
         class Window:
@@ -632,16 +662,15 @@ class WindowDecoder:
         ]
         count = len(rows)
         ids = np.array([prompts[i] for i in rows], dtype=np.int64)
-        keys = np.zeros((count, *self.cache_shape), dtype=np.float32)
-        values = keys
+        past = self._empty_past(count)
         position = {row: j for j, row in enumerate(rows)}
         owners = np.arange(count)  # each live beam's window, as its position in `rows`
-        gathered: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (owners, keys, values) of the last step
+        gathered: tuple[np.ndarray, Cache] | None = None  # (owners, their cross KV) of the last step
         first = True
         while windows:
             if gathered is None or not np.array_equal(gathered[0], owners):  # beams share their window's
-                gathered = (owners, cross_keys[owners], cross_values[owners])
-            logits, keys, values = self._run(ids, keys, values, gathered[1], gathered[2])
+                gathered = (owners, taken(cross, owners))
+            logits, past = self._run(ids, past, gathered[1])
             logprobs = log_softmax(logits).astype(np.float32)  # the processors mask log-probabilities
             parents, next_ids, still = [], [], []
             start = 0
@@ -685,7 +714,7 @@ class WindowDecoder:
             if not windows:
                 return
             chosen = np.array(parents)
-            keys, values = keys[chosen], values[chosen]
+            past = taken(past, chosen)
             owners = np.array([position[w.row] for w in windows for _ in w.live])
             ids = np.array(next_ids, dtype=np.int64)[:, None]
 

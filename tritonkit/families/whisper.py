@@ -27,6 +27,7 @@ from tritonkit.families.base import (
 )
 from tritonkit.preprocessing.audio import SAMPLE_RATE, WINDOW_SECONDS
 from tritonkit.triton_config import Batching, Tensor
+from tritonkit.whisper_decoding import layer_names
 
 # Public contract (see README).
 AUDIO = "AUDIO"
@@ -107,7 +108,17 @@ class WhisperSpec(FamilySpec):
         c = loaded.config
         layers, heads, head_dim = loaded.cache_dims
         frames = 2 * c.max_source_positions
-        cache = (layers, heads, -1, head_dim)
+        cache = (heads, -1, head_dim)  # one tensor per layer; the cross keys come transposed
+        frames_out = c.max_source_positions
+        per_layer = {
+            **{n: Tensor(n, "float32", (heads, head_dim, frames_out)) for n in layer_names(CROSS_KEYS, layers)},
+            **{n: Tensor(n, "float32", (heads, frames_out, head_dim)) for n in layer_names(CROSS_VALUES, layers)},
+            **{
+                n: Tensor(n, "float32", cache)
+                for prefix in (PAST_KEYS, PAST_VALUES, PRESENT_KEYS, PRESENT_VALUES)
+                for n in layer_names(prefix, layers)
+            },
+        }
         return {
             AUDIO: Tensor(AUDIO, "uint8", (-1,), ragged=True),
             LANGUAGE: Tensor(LANGUAGE, "string", (1,), optional=True),
@@ -135,14 +146,9 @@ class WhisperSpec(FamilySpec):
             WINDOW_SAMPLES: Tensor(WINDOW_SAMPLES, "float32", (WINDOW_SECONDS * SAMPLE_RATE,)),
             WINDOW_ROW: Tensor(WINDOW_ROW, "int32", (1,)),
             ENCODER_HIDDEN: Tensor(ENCODER_HIDDEN, "float32", (c.max_source_positions, c.d_model)),
-            CROSS_KEYS: Tensor(CROSS_KEYS, "float32", (layers, heads, c.max_source_positions, head_dim)),
-            CROSS_VALUES: Tensor(CROSS_VALUES, "float32", (layers, heads, c.max_source_positions, head_dim)),
+            **per_layer,
             INPUT_IDS: Tensor(INPUT_IDS, "int64", (-1,)),
-            PAST_KEYS: Tensor(PAST_KEYS, "float32", cache),
-            PAST_VALUES: Tensor(PAST_VALUES, "float32", cache),
             LOGITS: Tensor(LOGITS, "float32", (c.vocab_size,)),
-            PRESENT_KEYS: Tensor(PRESENT_KEYS, "float32", cache),
-            PRESENT_VALUES: Tensor(PRESENT_VALUES, "float32", cache),
             TEXT: Tensor(TEXT, "string", (1,)),
             TOKENS: Tensor(TOKENS, "int64", (-1,)),
         }
@@ -160,22 +166,23 @@ class WhisperSpec(FamilySpec):
         cross = cross_kv_module(loaded.model)
         step = decoder_step_module(loaded.model)
         layers, heads, head_dim = loaded.cache_dims
+        cross_names = [*layer_names(CROSS_KEYS, layers), *layer_names(CROSS_VALUES, layers)]
+        past_names = [*layer_names(PAST_KEYS, layers), *layer_names(PAST_VALUES, layers)]
+        present_names = [*layer_names(PRESENT_KEYS, layers), *layer_names(PRESENT_VALUES, layers)]
         step_samples = []
         with torch.no_grad():
             for batch, prompt, past in ((2, 2, 0), (3, 1, 3), (1, 1, 5)):
                 hidden = torch.randn((batch, c.max_source_positions, c.d_model), generator=g)
-                ck, cv = cross(hidden)
                 step_samples.append(
                     {
                         INPUT_IDS: torch.randint(0, c.vocab_size, (batch, prompt), generator=g),
-                        PAST_KEYS: torch.randn((batch, layers, heads, past, head_dim), generator=g),
-                        PAST_VALUES: torch.randn((batch, layers, heads, past, head_dim), generator=g),
-                        CROSS_KEYS: ck,
-                        CROSS_VALUES: cv,
+                        **{n: torch.randn((batch, heads, past, head_dim), generator=g) for n in past_names},
+                        **dict(zip(cross_names, cross(hidden))),
                         "_hidden": hidden,
                     }
                 )
-        check_decoder_step(loaded.model, step, step_samples[0], self.tolerance("decoder_step"))
+        step_inputs = [INPUT_IDS, *past_names, *cross_names]
+        check_decoder_step(loaded.model, step, step_samples[0], step_inputs, self.tolerance("decoder_step"))
         for sample in step_samples:
             sample.pop("_hidden")
         hidden_samples = [
@@ -189,15 +196,15 @@ class WhisperSpec(FamilySpec):
                 "decoder_cross_kv",
                 cross,
                 (t[ENCODER_HIDDEN],),
-                (t[CROSS_KEYS], t[CROSS_VALUES]),
+                tuple(t[n] for n in cross_names),
                 hidden_samples,
                 self.tolerance("decoder_cross_kv"),
             ),
             OnnxExport(
                 "decoder_step",
                 step,
-                (t[INPUT_IDS], t[PAST_KEYS], t[PAST_VALUES], t[CROSS_KEYS], t[CROSS_VALUES]),
-                (t[LOGITS], t[PRESENT_KEYS], t[PRESENT_VALUES]),
+                tuple(t[n] for n in step_inputs),
+                (t[LOGITS], *(t[n] for n in present_names)),
                 step_samples,
                 self.tolerance("decoder_step"),
             ),
@@ -411,7 +418,14 @@ class WhisperSpec(FamilySpec):
             "tokenizer_dir": "tokenizer",
             # the step graph's sequence dims at their largest, for `tritonkit plan`'s memory estimate
             PLAN_DIMS_PARAMETER: json.dumps(
-                {"INPUT_IDS_dim1": 1, "PAST_KEYS_dim3": longest - 1, "PAST_VALUES_dim3": longest - 1}
+                {
+                    "INPUT_IDS_dim1": 1,
+                    **{
+                        f"{name}_dim2": longest - 1
+                        for prefix in (PAST_KEYS, PAST_VALUES)
+                        for name in layer_names(prefix, loaded.config.decoder_layers)
+                    },
+                }
             ),
         }
         if options.gpu:
@@ -476,15 +490,13 @@ def _encoder_module(model):
     return Encoder().eval()
 
 
-def check_decoder_step(model, step, sample: dict, tolerance: Tolerance) -> float:
+def check_decoder_step(model, step, sample: dict, inputs: list[str], tolerance: Tolerance) -> float:
     """The re-implemented decoder step must give transformers' logits (first step, no cache)."""
     import torch
     from transformers.modeling_outputs import BaseModelOutput
 
     with torch.no_grad():
-        ours = step(
-            sample[INPUT_IDS], sample[PAST_KEYS], sample[PAST_VALUES], sample[CROSS_KEYS], sample[CROSS_VALUES]
-        )[0]
+        ours = step(*(sample[name] for name in inputs))[0]
         theirs = model(
             encoder_outputs=BaseModelOutput(last_hidden_state=sample["_hidden"]),
             decoder_input_ids=sample[INPUT_IDS],
