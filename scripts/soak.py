@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonkit.gateway import spawn_gateway
-from tritonkit.memory import resident_by_model, resident_bytes
+from tritonkit.memory import average_batches, resident_by_model, resident_bytes
 from tritonkit.server import TritonServer, free_port
 
 
@@ -446,6 +446,17 @@ async def soak(
     }
 
 
+def server_batches(metrics_url: str) -> dict[str, float]:
+    """Average rows per execution of each model over the whole soak (Triton's counters)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            return average_batches(response.read().decode())
+    except OSError:
+        return {}
+
+
 def settled_mb(timeline: list[dict], label: str) -> float:
     """A model's resident MB once warm: the median of the run's last third."""
     samples = [sample["mb"].get(label, 0.0) for sample in timeline]
@@ -600,6 +611,7 @@ def main() -> int:
             result = run(mix, args.duration)
             elapsed = time.perf_counter() - memory.began
             after = memory.now()
+            batches = server_batches(server.metrics_url)
             alive = server.process.poll() is None and (gateway is None or gateway.poll() is None)
         finally:
             if gateway is not None:
@@ -632,6 +644,7 @@ def main() -> int:
             label: round(settled_growth_mb([sample["mb"].get(label, 0.0) for sample in timeline]), 1)
             for label in labels
         },
+        "average_batch": {model: round(rows, 2) for model, rows in sorted(batches.items())},
         "server_alive": alive,
         "timeouts": timeouts,
     }

@@ -264,6 +264,36 @@ def test_every_promql_expression_parses_with_promtool(demo_repository, tmp_path)
     assert broken.returncode != 0
 
 
+def test_memory_comes_from_the_plan_or_from_a_measurement_with_its_margin(demo_repository, tmp_path):
+    """Without --memory: the plan's host memory (fitted to measurements) + 25%, or what a served
+    copy measured (--memory-from a soak report), each rounded up to 256 MiB and named in an annotation."""
+    from tritonkit.k8s import MEMORY_ANNOTATION
+    from tritonkit.plan import make_plan
+
+    def deployment(**options):
+        return next(
+            d for d in documents(manifests(demo_repository, K8sOptions(**options))) if d["kind"] == "Deployment"
+        )
+
+    def memory_mib(resource) -> int:
+        limits = resource["spec"]["template"]["spec"]["containers"][0]["resources"]
+        assert limits["requests"]["memory"] == limits["limits"]["memory"]
+        return int(limits["limits"]["memory"].removesuffix("Mi"))
+
+    predicted = make_plan(demo_repository).host_bytes / 2**20
+    planned = deployment()
+    assert memory_mib(planned) == -(-predicted * 1.25 // 256) * 256
+    assert planned["metadata"]["annotations"][MEMORY_ANNOTATION].startswith("predicted by tritonkit plan")
+    report = tmp_path / "soak.json"
+    report.write_text(json.dumps({"rss_mb_settled": {"tritonserver": 300.0, "clip_image_encoder": 700.0, "gateway": 50}}))
+    measured = deployment(memory_from=str(report))
+    assert memory_mib(measured) == 1280  # (300 + 700) x 1.25 = 1250, rounded up to 5 x 256 (the gateway not counted)
+    assert measured["metadata"]["annotations"][MEMORY_ANNOTATION].startswith(f"measured ({report})")
+    given = deployment(memory="6Gi")
+    assert given["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "6Gi"
+    assert given["metadata"]["annotations"][MEMORY_ANNOTATION] == "given (--memory)"
+
+
 def test_checked_in_k8s_folder_is_what_the_generator_writes_for_the_demo_repository(demo_repository, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "tritonkit.cli", "k8s", str(demo_repository), "--out", str(tmp_path), *CHECKED_IN_ARGS],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 
 from tritonkit.errors import InputError
 from tritonkit.families import family_names
-from tritonkit.plan import graph_memory, make_plan
+from tritonkit.plan import ARENA_FACTOR, graph_memory, make_plan
+from tritonkit.server import free_port
 from tritonkit.triton_config import Batching, Tensor, model_config, write_config
 
 
@@ -93,8 +95,10 @@ def test_plan_of_a_hand_computed_repository(hand_repository, tmp_path):
         overhead_mb=100,
     )
     (model,) = plan.models
-    assert (model.instances, model.weight_bytes, model.workspace_bytes) == (3, 192 + 1000, 1024)
-    assert model.bytes_per_instance == 192 + 1000 + 1024 + 100 * mib
+    # a CPU model: the arena at ARENA_FACTOR x the ideal peak, plus a full batch of X and OUT (16 x 6 floats)
+    assert (model.instances, model.weight_bytes, model.workspace_bytes) == (3, 192 + 1000, int(ARENA_FACTOR * 1024))
+    assert model.buffer_bytes == 16 * (4 + 2) * 4
+    assert model.bytes_per_instance == 192 + 1000 + int(ARENA_FACTOR * 1024) + 100 * mib + 384
     assert plan.replica_bytes == 3 * model.bytes_per_instance
     assert plan.instances_per_gpu == {"hand_encoder": 2**30 // model.bytes_per_instance} == {"hand_encoder": 10}
     assert plan.gpus_per_replica == 1
@@ -134,7 +138,7 @@ def test_plan_command_prints_a_table_and_writes_json(hand_repository, tmp_path):
     assert "hand_encoder" in result.stdout and "replicas for 300 req/s at 70% utilisation: 6" in result.stdout
     assert "= 10,950.00" in result.stdout
     data = json.loads((tmp_path / "plan.json").read_text())
-    assert data["replicas"] == 6 and data["models"][0]["workspace_bytes"] == 1024
+    assert data["replicas"] == 6 and data["models"][0]["workspace_bytes"] == int(ARENA_FACTOR * 1024)
 
 
 def test_plan_rejects_bad_requests_clearly(hand_repository, tmp_path):
@@ -158,3 +162,61 @@ def test_every_family_repository_is_planned_from_its_graphs(family, family_repos
     for plan in encoders:
         assert plan.weight_bytes >= sum(g.weight_bytes for g in plan.graphs) > 0
         assert plan.workspace_bytes > 0 and plan.instances >= 1
+
+
+@pytest.mark.server
+def test_plan_measures_a_served_repository_through_its_metrics(clip_repository, clip_server, tmp_path):
+    """`--measure host:port` reads each stub's tritonkit_resident_bytes from Triton's /metrics:
+    the same figures /proc gives on the server's machine, every model and tritonserver compared."""
+    import tritonclient.grpc as grpcclient
+
+    from conftest import encode_image, random_image
+    from tritonkit.memory import resident_by_model
+
+    client = grpcclient.InferenceServerClient(clip_server.grpc_url)
+    for size in (64, 300):  # every stub serves (and refreshes its gauge) at least once
+        image = np.frombuffer(encode_image(random_image(size, size), "JPEG"), np.uint8)[None, :]
+        tensor = grpcclient.InferInput("IMAGE", list(image.shape), "UINT8")
+        tensor.set_data_from_numpy(image)
+        client.infer("clip_image", [tensor])
+        text = np.array([[b"a photo of a cat"]], dtype=object)
+        tensor = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(text)
+        client.infer("clip_text", [tensor])
+    time.sleep(1.1)  # gauges refresh at most once a second
+    client.infer("clip_text", [tensor])
+    on_the_machine = resident_by_model(clip_server.process.pid)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "plan",
+            str(clip_repository),
+            "--measure",
+            f"127.0.0.1:{clip_server.metrics_port}",
+            "--json",
+            str(tmp_path / "plan.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    measured = {c["model"]: c["measured_bytes"] for c in json.loads((tmp_path / "plan.json").read_text())["measured"]}
+    assert set(measured) == set(on_the_machine)
+    for model, size in measured.items():
+        assert abs(size - on_the_machine[model]) <= 0.15 * on_the_machine[model] + 8 * 2**20, model
+
+
+def test_plan_measure_names_a_bad_source(hand_repository, tmp_path):
+    from tritonkit.plan import measured_memory
+
+    with pytest.raises(InputError, match="cannot read"):
+        measured_memory(f"127.0.0.1:{free_port()}")
+    (tmp_path / "report.json").write_text("{}")
+    with pytest.raises(InputError, match="not a scripts/soak.py --json report"):
+        measured_memory(str(tmp_path / "report.json"))
+    (tmp_path / "metrics.txt").write_text("nv_inference_count 3\n")
+    with pytest.raises(InputError, match="no tritonkit_resident_bytes"):
+        measured_memory(str(tmp_path / "metrics.txt"))

@@ -62,6 +62,27 @@ def test_soak_with_mixed_valid_and_invalid_requests(family, gateway, request, tm
     valid, invalid = SOAK_LABELS[family, gateway]
     assert counts[valid]["ok"] == counts[valid]["sent"] and counts[invalid]["error"] == counts[invalid]["sent"]
     assert report["timeouts"] == 0 and report["server_alive"] and report["unexpected_total"] == 0
+    if not gateway:  # what the soak measured is what `tritonkit plan` predicts, model by model
+        check_plan_against(repository, tmp_path / "soak.json", tmp_path / "plan.json")
+
+
+MAX_PLAN_ERROR = 0.2  # the acceptance bound of `tritonkit plan --measure`, per model
+
+
+def check_plan_against(repository: Path, measured: Path, out: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tritonkit.cli", "plan", str(repository), "--measure", str(measured), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "predicted vs measured" in result.stdout
+    checks = json.loads(out.read_text())["measured"]
+    planned = {model["name"] for model in json.loads(out.read_text())["models"]}
+    assert {c["model"] for c in checks} == planned | {"tritonserver"}  # every model and the server compared
+    off = {c["model"]: round(c["error"], 3) for c in checks if abs(c["error"]) > MAX_PLAN_ERROR}
+    assert not off, f"plan off by more than {MAX_PLAN_ERROR:.0%} (predicted - measured) / measured: {off}"
 
 
 def stub_pids(root_pid: int, model: str) -> list[int]:

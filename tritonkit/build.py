@@ -85,7 +85,9 @@ def build(
         pipelines = spec.pipelines(loaded, onnx_files, options)
         accuracy_file = staging / "onnx" / "accuracy_report.json" if accuracy else None
         pipelines = make_artefacts(pipelines, staging / "assets", staging / "onnx", accuracy_file, progress)
-        models = plan_models(name, pipelines, overrides, options.max_request_bytes or spec.max_request_bytes)
+        models = plan_models(
+            name, pipelines, overrides, options.max_request_bytes or spec.max_request_bytes, spec.memory
+        )
         progress(f"writing {len(models)} models to {out}")
         names = write_models(models, out, staging)
     finally:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -644,7 +645,19 @@ def k8s(
     ] = "pvc",
     storage_size: Annotated[str, typer.Option(help="Size of the model volume claim (--model-store pvc).")] = "20Gi",
     cpu: Annotated[str, typer.Option(help="CPU request and limit per replica.")] = "4",
-    memory: Annotated[str, typer.Option(help="Memory request and limit per replica (see `tritonkit plan`).")] = "16Gi",
+    memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory request and limit per replica (default: measured with --memory-from, else "
+            "predicted by `tritonkit plan`, plus 25%)."
+        ),
+    ] = None,
+    memory_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Size the memory from a served copy: Triton's metrics URL (host:8002) or a scripts/soak.py --json report."
+        ),
+    ] = None,
     shm_size: Annotated[
         str | None, typer.Option(help="/dev/shm size (default: 256Mi per Python-backend instance, at least 1Gi).")
     ] = None,
@@ -684,6 +697,7 @@ def k8s(
         storage_size=storage_size,
         cpu=cpu,
         memory=memory,
+        memory_from=memory_from,
         shm_size=shm_size,
         host=host,
         tls_secret=tls_secret,
@@ -714,15 +728,32 @@ def plan(
         float | None, typer.Option(help="Only count bench levels whose p99 latency is within this.")
     ] = None,
     overhead_mb: Annotated[
-        float, typer.Option(help="Fixed memory per instance (Python-backend stub, CUDA context).")
-    ] = 300.0,
+        float | None,
+        typer.Option(
+            help="Fixed memory per instance, replacing the measured runtime of each CPU template "
+            "and the 300 MB stub + CUDA context of a GPU instance."
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="Requests in flight: batches hold at most their rows (default: every batch at its max size)."
+        ),
+    ] = None,
+    measure: Annotated[
+        str | None,
+        typer.Option(
+            help="Compare with what a served repository holds: Triton's metrics URL (host:8002), "
+            "a saved /metrics page, or a scripts/soak.py --json report."
+        ),
+    ] = None,
     dim: Annotated[list[str] | None, typer.Option(help="Size of a symbolic graph dim, NAME=SIZE (repeatable).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the plan as JSON.")] = None,
 ):
     """Memory per model instance, GPUs per replica, replicas for --qps and the monthly cost."""
     from rich.table import Table
 
-    from tritonkit.plan import make_plan, mib
+    from tritonkit.plan import check_memory, make_plan, measured_memory, mib
 
     dims = {}
     for item in dim or []:
@@ -730,6 +761,9 @@ def plan(
         if not name or not size.isdigit():
             raise InputError(f"--dim {item!r}: use NAME=SIZE, e.g. --dim PAST_KEYS_0_dim2=447")
         dims[name] = int(size)
+    measurement = measured_memory(measure) if measure else None
+    # compared with a measurement: planned at the batches it reached (unless --concurrency says otherwise)
+    batches = measurement.batches if measurement is not None and concurrency is None else None
     result = make_plan(
         repository,
         qps=qps,
@@ -740,8 +774,17 @@ def plan(
         max_p99_ms=max_p99_ms,
         overhead_mb=overhead_mb,
         dims=dims,
+        concurrency=concurrency,
+        batches=batches,
     )
-    table = Table(title=f"memory per instance ({repository})")
+    load = (
+        f", {concurrency} requests in flight"
+        if concurrency
+        else ", at the batches measured"
+        if batches
+        else ", batches at their max size"
+    )
+    table = Table(title=f"memory per instance ({repository}{load})")
     for column in (
         "model",
         "instances",
@@ -749,6 +792,7 @@ def plan(
         "weights MiB",
         "workspace MiB",
         "overhead MiB",
+        "buffers MiB",
         "per instance MiB",
         f"fit one {gpu_memory_gb:g} GB GPU",
     ):
@@ -761,12 +805,26 @@ def plan(
             mib(m.weight_bytes),
             mib(m.workspace_bytes),
             mib(m.overhead_bytes),
+            mib(m.buffer_bytes),
             mib(m.bytes_per_instance),
             str(result.instances_per_gpu.get(m.name, "-")),
         )
     Console(width=max(Console().width, 150)).print(table)
+    checks = check_memory(result, measurement.sizes) if measurement is not None else []
+    if checks:
+        compared = Table(title=f"resident memory, predicted vs measured ({measure})")
+        for column in ("model", "predicted MiB", "measured MiB", "error"):
+            compared.add_column(column, justify="left" if column == "model" else "right")
+        for check in checks:
+            compared.add_row(check.model, mib(check.predicted_bytes), mib(check.measured_bytes), f"{check.error:+.0%}")
+        predicted, measured_total = sum(c.predicted_bytes for c in checks), sum(c.measured_bytes for c in checks)
+        compared.add_row(
+            "all", mib(predicted), mib(measured_total), f"{(predicted - measured_total) / measured_total:+.0%}"
+        )
+        Console(width=max(Console().width, 150)).print(compared)
     lines = [
-        f"one replica: {mib(result.replica_bytes)} MiB -> {result.gpus_per_replica} GPU(s) of {gpu_memory_gb:g} GB"
+        f"one replica: {mib(result.replica_bytes)} MiB -> {result.gpus_per_replica} GPU(s) of {gpu_memory_gb:g} GB",
+        f"host memory of one replica (tritonserver and its CPU models): {mib(result.host_bytes)} MiB",
     ]
     if result.throughput:
         t = result.throughput
@@ -785,7 +843,10 @@ def plan(
     for note in result.notes:
         labelled("note:", "yellow", str(note))
     if json_out:
-        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        data = result.to_json()
+        if checks:
+            data["measured"] = [{**asdict(c), "error": c.error} for c in checks]
+        json_out.write_text(json.dumps(data, indent=2) + "\n")
 
 
 @app.command()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ DEFAULT_TRITON_RELEASE = "24.10"
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 OBJECT_STORES = ("s3://", "gs://", "as://")
 NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MEMORY_ANNOTATION = "tritonkit.io/memory-basis"  # what the memory request and limit rest on
 # The Triton image's unprivileged user (triton-server).
 TRITON_UID = 1000
 EXIT_TIMEOUT_S = 30
@@ -44,7 +45,8 @@ class K8sOptions:
     model_store: str = "pvc"  # "pvc" or an s3:// gs:// as:// URL Triton reads itself
     storage_size: str = "20Gi"
     cpu: str = "4"
-    memory: str = "16Gi"
+    memory: str | None = None  # default: tritonkit.plan.replica_memory_limit (measured or predicted + 25%)
+    memory_from: str | None = None  # a served copy's memory: Triton's metrics URL or a soak report
     shm_size: str | None = None  # default: from the number of Python-backend instances
     host: str | None = None  # Ingress host; None: any host
     tls_secret: str | None = None
@@ -101,6 +103,7 @@ class RepositoryFacts:
     python_instances: int
     needs_gpu: bool
     backends: tuple[str, ...] = field(default=())
+    memory_basis: str = "given (--memory)"  # what the memory request and limit rest on
 
     @classmethod
     def read(cls, repository: Path) -> RepositoryFacts:
@@ -267,7 +270,7 @@ def deployment(options: K8sOptions, facts: RepositoryFacts) -> dict:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(options),
+        "metadata": _metadata(options, annotations={MEMORY_ANNOTATION: facts.memory_basis}),
         "spec": {
             "replicas": options.replicas,
             "selector": {"matchLabels": selector},
@@ -554,6 +557,12 @@ def manifests(repository: Path, options: K8sOptions = K8sOptions()) -> list[Gene
     """Every file `tritonkit k8s` writes, in a stable order."""
     options = options.check()
     facts = RepositoryFacts.read(Path(repository))
+    if options.memory is None:
+        from tritonkit.plan import replica_memory_limit
+
+        limit, basis = replica_memory_limit(Path(repository), options.memory_from)
+        options = replace(options, memory=f"{limit // 2**20}Mi")
+        facts = replace(facts, memory_basis=basis)
     resources: list[tuple[str, list[dict]]] = [
         ("deployment.yaml", [deployment(options, facts)]),
         ("service.yaml", [service(options)]),

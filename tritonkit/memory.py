@@ -79,3 +79,23 @@ def resident_from_metrics(text: str) -> dict[str, int]:
     if server:
         totals[SERVER] = int(server)
     return totals
+
+
+_COUNTER = re.compile(
+    r"^(?P<name>nv_inference_count|nv_inference_exec_count)\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)", re.M
+)
+
+
+def average_batches(text: str) -> dict[str, float]:
+    """Rows per execution of each model from a /metrics page (inferences / executions): the batch
+    sizes a load reached, which `tritonkit plan` sizes buffers and workspaces by."""
+    counts: dict[str, dict[str, float]] = {}
+    for match in _COUNTER.finditer(text):
+        model = dict(_LABEL.findall(match["labels"])).get("model", "?")
+        entry = counts.setdefault(model, {})
+        entry[match["name"]] = entry.get(match["name"], 0.0) + float(match["value"])
+    return {
+        model: entry["nv_inference_count"] / entry["nv_inference_exec_count"]
+        for model, entry in counts.items()
+        if entry.get("nv_inference_exec_count")
+    }

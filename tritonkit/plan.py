@@ -21,13 +21,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from tritonkit.errors import InputError
-from tritonkit.families.base import PLAN_DIMS_PARAMETER, ROWS_PER_RUN_PARAMETER
+from tritonkit.families.base import (
+    GRAPH_ROWS_PARAMETER,
+    PLAN_DIMS_PARAMETER,
+    PLAN_MEMORY_PARAMETER,
+    ROWS_PER_RUN_PARAMETER,
+    StageMemory,
+)
 from tritonkit.memory import SERVER
 from tritonkit.repository import VERSION, read_repository
 from tritonkit.triton_config import instance_count, parameter
@@ -54,6 +61,9 @@ DEFAULT_RUNTIME_MB = 60.0  # a template not measured yet
 # resident workspace over the ideal peak of `graph_memory`.
 ARENA_FACTOR = 2.0
 SERVER_RUNTIME_MB = 30.0  # tritonserver with the Python backend, before requests
+# tritonserver maps the shared-memory pool through which it passes every stub's batch (PSS splits
+# those pages between the two): its share of the CPU models' batch tensors.
+SERVER_BUFFER_SHARE = 0.5
 
 HOURS_PER_MONTH = 730
 BATCH_DIM = "batch"
@@ -65,9 +75,12 @@ NOT_LOADED = {"model.py", "export_report.json", "accuracy_report.json", "builder
 class GraphMemory:
     file: str
     weight_bytes: int
-    workspace_bytes: int
+    workspace_bytes: int  # the peak of inputs and intermediates alive at once (each freed after its last use)
     unsized_tensors: int  # intermediate tensors whose shape could not be inferred (not counted)
     assumed_dims: tuple[str, ...]  # symbolic dims nobody gave a size: counted as 1
+    input_bytes: int = 0  # the graph's inputs (the caller holds them for the whole run)
+    intermediate_bytes: int = 0  # the peak of the tensors the runtime allocates (intermediates and outputs)
+    inputs: tuple[str, ...] = ()
 
 
 def _dtype_size(elem_type: int) -> int:
@@ -83,7 +96,10 @@ def _initializer_bytes(tensor) -> int:
 
 
 def graph_memory(path: Path, dims: dict[str, int]) -> GraphMemory:
-    """Weights and the peak activation bytes of an ONNX graph with `dims` bound."""
+    """Weights and the peak activation bytes of an ONNX graph with `dims` bound (a dim given as a
+    shell pattern, e.g. PAST_*_dim2, binds every dim it matches)."""
+    from fnmatch import fnmatchcase
+
     import onnx
 
     model = onnx.load(str(path))
@@ -96,6 +112,8 @@ def graph_memory(path: Path, dims: dict[str, int]) -> GraphMemory:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param:
                 size = dims.get(dim.dim_param)
+                if size is None:
+                    size = next((v for k, v in dims.items() if fnmatchcase(dim.dim_param, k)), None)
                 if size is None:
                     assumed.add(dim.dim_param)
                     size = 1
@@ -128,21 +146,30 @@ def graph_memory(path: Path, dims: dict[str, int]) -> GraphMemory:
     live = {v.name for v in inferred.graph.input if v.name not in initializer_names}
     unsized = {name for name in live if sizes.get(name) is None}
 
-    live_bytes = sum(sizes.get(name) or 0 for name in live)
+    inputs = set(live)
+    input_bytes = sum(sizes.get(name) or 0 for name in inputs)
+    live_bytes = input_bytes
     peak = live_bytes
+    made, made_peak = 0, 0  # the runtime's own allocations (inputs excluded)
     for index, node in enumerate(nodes):
         for name in node.output:
             if name and name not in live:
                 live.add(name)
                 live_bytes += sizes.get(name) or 0
+                made += sizes.get(name) or 0
                 if sizes.get(name) is None:
                     unsized.add(name)
         peak = max(peak, live_bytes)
+        made_peak = max(made_peak, made)
         for name in node.input:
             if name in live and last_use.get(name) == index and name not in outputs:
                 live.discard(name)
                 live_bytes -= sizes.get(name) or 0
-    return GraphMemory(path.name, weights, peak, len(unsized), tuple(sorted(assumed)))
+                if name not in inputs:
+                    made -= sizes.get(name) or 0
+    return GraphMemory(
+        path.name, weights, peak, len(unsized), tuple(sorted(assumed)), input_bytes, made_peak, tuple(sorted(inputs))
+    )
 
 
 @dataclass(frozen=True)
@@ -206,9 +233,16 @@ class Plan:
     gpu_hour_price: float | None = None
     monthly_cost: float | None = None
     notes: tuple[str, ...] = field(default=())
+    server_bytes: int = 0  # host memory of tritonserver itself (CPU repositories: in replica_bytes)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory of one replica: tritonserver and every CPU model's instances."""
+        return self.server_bytes + sum(m.total_bytes for m in self.models if m.target == "cpu")
 
     def to_json(self) -> dict:
         data = asdict(self)
+        data["host_bytes"] = self.host_bytes
         for model, entry in zip(self.models, data["models"]):
             entry["bytes_per_instance"] = model.bytes_per_instance
             entry["total_bytes"] = model.total_bytes
@@ -233,17 +267,31 @@ def batch_tensor_bytes(config, rows: int) -> int:
 
 
 def model_plans(
-    repository: Path, overhead_bytes: int | None = None, dims: dict[str, int] | None = None
+    repository: Path,
+    overhead_bytes: int | None = None,
+    dims: dict[str, int] | None = None,
+    concurrency: int | None = None,
+    batches: Mapping[str, float] | None = None,
 ) -> list[ModelPlan]:
     """Memory of every non-ensemble model of a repository. `overhead_bytes` replaces the
-    per-instance overhead (CPU: the template's measured runtime; GPU: GPU_OVERHEAD_MB)."""
+    per-instance overhead (CPU: the stage's measured fixed memory or its template's; GPU:
+    GPU_OVERHEAD_MB). With `concurrency` (requests in flight), batches hold at most that many
+    requests' rows; without it, the max batch size (the worst case a memory limit must hold).
+    `batches` (model -> average rows per execution, as measured) sets the rows of those models."""
     plans = []
     for name, config in read_repository(repository).items():
         if config.platform == "ensemble":
             continue
         version_dir = Path(repository) / name / VERSION
         gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
-        rows = max(config.max_batch_size, 1)
+        recorded_memory = parameter(config, PLAN_MEMORY_PARAMETER)
+        stage_memory = StageMemory.from_json(recorded_memory) if recorded_memory else StageMemory()
+        batch_rows = max(config.max_batch_size, 1)
+        if concurrency is not None:
+            batch_rows = min(batch_rows, concurrency)
+        if batches and name in batches:
+            batch_rows = min(batch_rows, max(1, math.ceil(batches[name])))
+        rows = batch_rows
         rows_per_run = int(parameter(config, ROWS_PER_RUN_PARAMETER) or 0)
         if rows_per_run and not gpu:
             rows = min(rows, rows_per_run)
@@ -252,7 +300,8 @@ def model_plans(
         if recorded is not None:
             bound.update(json.loads(recorded.string_value))
         bound.update(dims or {})
-        graphs, weights, workspace = [], 0, 0
+        config_tensors = {t.name for t in [*config.input, *config.output]}
+        graphs, weights, workspace, arena = [], 0, 0, 0
         for path in sorted(version_dir.rglob("*")) if version_dir.is_dir() else []:
             if (
                 not path.is_file()
@@ -262,10 +311,15 @@ def model_plans(
             ):
                 continue
             if path.suffix == ".onnx":
-                memory = graph_memory(path, bound)
+                graph_rows = json.loads(parameter(config, GRAPH_ROWS_PARAMETER) or "{}").get(path.name)
+                memory = graph_memory(path, {**bound, BATCH_DIM: min(rows, graph_rows)} if graph_rows else bound)
                 graphs.append(memory)
                 weights += memory.weight_bytes
                 workspace = max(workspace, memory.workspace_bytes)  # graphs of one model run one after another
+                # a CPU stub: the arena holds what ONNX Runtime allocates, the stub the inputs it makes
+                # itself (a decoder's caches; inputs that are the model's own tensors are its buffers)
+                held = 0 if set(memory.inputs) <= config_tensors else memory.input_bytes
+                arena = max(arena, held + int(ARENA_FACTOR * memory.intermediate_bytes))
             else:
                 weights += path.stat().st_size
         instances = instance_count(config)
@@ -278,17 +332,19 @@ def model_plans(
             )
             continue
         template = parameter(config, "tritonkit_template") or ""
-        runtime = TEMPLATE_RUNTIME_MB.get(template, DEFAULT_RUNTIME_MB)
+        runtime = stage_memory.fixed_mb
+        if runtime is None:
+            runtime = TEMPLATE_RUNTIME_MB.get(template, DEFAULT_RUNTIME_MB)
         plans.append(
             ModelPlan(
                 name,
                 instances,
                 config.max_batch_size,
                 weights,
-                int(ARENA_FACTOR * workspace),
+                arena,
                 overhead_bytes if overhead_bytes is not None else int(runtime * MIB),
                 tuple(graphs),
-                buffer_bytes=batch_tensor_bytes(config, max(config.max_batch_size, 1)),
+                buffer_bytes=batch_tensor_bytes(config, batch_rows),
                 rows_per_run=rows,
             )
         )
@@ -307,6 +363,8 @@ def make_plan(
     max_p99_ms: float | None = None,
     overhead_mb: float | None = None,
     dims: dict[str, int] | None = None,
+    concurrency: int | None = None,
+    batches: Mapping[str, float] | None = None,
 ) -> Plan:
     if qps is not None and qps <= 0:
         raise InputError(f"--qps must be > 0, got {qps:g}")
@@ -319,7 +377,10 @@ def make_plan(
             "--qps needs --bench RESULT.json",
             hint="measure one replica with `tritonkit bench MODEL ... --json RESULT.json`",
         )
-    models = tuple(model_plans(repository, None if overhead_mb is None else int(overhead_mb * MIB), dims))
+    if concurrency is not None and concurrency < 1:
+        raise InputError(f"--concurrency must be >= 1, got {concurrency}")
+    overhead = None if overhead_mb is None else int(overhead_mb * MIB)
+    models = tuple(model_plans(repository, overhead, dims, concurrency, batches))
     gpu_bytes = int(gpu_memory_gb * 2**30)
     replica_bytes = sum(m.total_bytes for m in models)
     notes = []
@@ -331,8 +392,11 @@ def make_plan(
                 )
             if graph.unsized_tensors:
                 notes.append(f"{model.name}/{graph.file}: {graph.unsized_tensors} tensors of unknown shape not counted")
+    cpu_models = [m for m in models if m.target == "cpu"]
+    server = int(SERVER_RUNTIME_MB * MIB) + int(SERVER_BUFFER_SHARE * sum(m.buffer_bytes for m in cpu_models))
     plan = Plan(
         models=models,
+        server_bytes=server,
         replica_bytes=replica_bytes,
         gpu_memory_bytes=gpu_bytes,
         gpus_per_replica=max(1, math.ceil(replica_bytes / gpu_bytes)),
@@ -351,6 +415,100 @@ def make_plan(
         )
         plan = replace(plan, qps=qps, throughput=throughput, replicas=replicas, monthly_cost=cost)
     return plan
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    """Predicted against measured resident memory of one model (all its instances) or tritonserver."""
+
+    model: str
+    predicted_bytes: int
+    measured_bytes: int
+
+    @property
+    def error(self) -> float:
+        """(predicted - measured) / measured: +0.2 predicts 20% more than the model holds."""
+        return (self.predicted_bytes - self.measured_bytes) / self.measured_bytes if self.measured_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class Measurement:
+    sizes: dict[str, int]  # resident bytes per model (all its instances) and of tritonserver
+    batches: dict[str, float] = field(default_factory=dict)  # average rows per execution, per model
+
+
+def measured_memory(source: str) -> Measurement:
+    """Resident bytes per model from a served repository: Triton's metrics URL (host:8002 or
+    http://host:8002/metrics), a saved /metrics page, or a `scripts/soak.py --json` report (the
+    median of its last third, per model, and the soak's concurrency)."""
+    from tritonkit.memory import average_batches, resident_from_metrics
+
+    if source.startswith(("http://", "https://")) or (":" in source and not Path(source).exists()):
+        import urllib.request
+
+        url = source if source.startswith("http") else f"http://{source}"
+        if not url.rstrip("/").endswith("/metrics"):
+            url = url.rstrip("/") + "/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+        except OSError as exc:
+            raise InputError(
+                f"--measure {source}: cannot read {url} ({exc})", hint="pass the server's metrics port"
+            ) from None
+        found = resident_from_metrics(text)
+        if not found:
+            raise InputError(
+                f"--measure {source}: no tritonkit_resident_bytes at {url}",
+                hint="serve a repository built by this tritonkit, and send it a request first",
+            )
+        return Measurement(found, average_batches(text))
+    path = Path(source)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"--measure {source}: {exc.strerror or exc}") from None
+    if path.suffix == ".json":
+        try:
+            report = json.loads(text)
+            sizes = {name: int(mb * MIB) for name, mb in report["rss_mb_settled"].items() if name != "gateway"}
+            return Measurement(sizes, dict(report.get("average_batch") or {}))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise InputError(f"--measure {source}: not a scripts/soak.py --json report (no rss_mb_settled)") from None
+    found = resident_from_metrics(text)
+    if not found:
+        raise InputError(f"--measure {source}: no tritonkit_resident_bytes in this metrics page")
+    return Measurement(found, average_batches(text))
+
+
+def check_memory(plan: Plan, measured: Mapping[str, int]) -> list[MemoryCheck]:
+    """Each planned model (and tritonserver) beside what was measured of it."""
+    checks = [
+        MemoryCheck(model.name, model.total_bytes, measured[model.name])
+        for model in plan.models
+        if model.name in measured and model.target == "cpu"
+    ]
+    if SERVER in measured:
+        checks.append(MemoryCheck(SERVER, plan.server_bytes, measured[SERVER]))
+    return checks
+
+
+MEMORY_MARGIN = 0.25  # headroom of a memory limit over the replica's measured or predicted memory
+LIMIT_STEP = 256 * MIB
+
+
+def replica_memory_limit(repository: Path, measured: str | None = None) -> tuple[int, str]:
+    """A replica's memory request and limit, rounded up to 256 MiB, and what it rests on: the
+    measured resident memory of a served copy (`measured`, as `--measure` takes it) or the plan's
+    prediction (itself fitted to measurements), plus MEMORY_MARGIN."""
+    if measured is not None:
+        total = sum(measured_memory(measured).sizes.values())
+        basis = f"measured ({measured})"
+    else:
+        total = make_plan(repository).host_bytes
+        basis = "predicted by tritonkit plan"
+    limit = math.ceil(total * (1 + MEMORY_MARGIN) / LIMIT_STEP) * LIMIT_STEP
+    return limit, f"{basis}: {total / MIB:,.0f} MiB + {MEMORY_MARGIN:.0%}"
 
 
 def mib(n: int) -> str:

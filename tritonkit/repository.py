@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from model_repository_templates import template_path
 from tritonkit.errors import ConfigError, TritonkitError
-from tritonkit.families.base import Pipeline
+from tritonkit.families.base import PLAN_MEMORY_PARAMETER, Pipeline, StageMemory
 from tritonkit.triton_config import (
     Batching,
     EnsembleStep,
@@ -59,6 +59,7 @@ def plan_models(
     pipelines: Sequence[Pipeline],
     overrides: BatchingOverrides = BatchingOverrides(),
     max_request_bytes: int | None = None,
+    memory: Mapping[str, StageMemory] | None = None,
 ) -> list[ModelFiles]:
     """Configs and files of every model (composing models first, then ensembles).
 
@@ -77,6 +78,8 @@ def plan_models(
             parameters[f"{callee.role}_model"] = model_name(name, callee.role)
         if stage.template is not None:
             parameters[TEMPLATE_PARAMETER] = stage.template
+            if memory and stage.role in memory:  # what `tritonkit plan` cannot compute from the graphs
+                parameters[PLAN_MEMORY_PARAMETER] = memory[stage.role].to_json()
             if max_request_bytes and client_inputs & {t.name for t in stage.inputs}:
                 parameters[REQUEST_BYTES_PARAMETER] = str(max_request_bytes)
         config = model_config(

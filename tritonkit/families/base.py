@@ -7,8 +7,9 @@ config generation, the repository writer and the tests all read from it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -50,6 +51,24 @@ class Artefact:
 
 
 @dataclass(frozen=True)
+class StageMemory:
+    """Memory facts of one stage for `tritonkit plan` (written as its `tritonkit_plan_memory`)."""
+
+    # the fixed resident memory (MB) of its CPU stub once warm, beyond the weights, workspace and
+    # batch buffers the plan computes: the interpreter, the template's libraries, tokenizers, DALI's
+    # buffers. Measured with scripts/soak.py and `tritonkit plan REPO --measure REPORT`; None: the
+    # template's default.
+    fixed_mb: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> StageMemory:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
 class Stage:
     """One Triton model in an ensemble chain; its name is `<NAME>_<role>`.
 
@@ -83,6 +102,10 @@ TARGETS = ("cpu", "gpu")
 # A stage's parameter naming worst-case values of its graphs' symbolic dims (JSON {dim: size});
 # `tritonkit plan` sizes activation memory with them (the batch dim is the max batch size).
 PLAN_DIMS_PARAMETER = "tritonkit_plan_dims"
+# Graphs a stub runs in slices of fewer rows than its batch (JSON {file: rows}), for `tritonkit plan`.
+GRAPH_ROWS_PARAMETER = "tritonkit_plan_graph_rows"
+# A stage's StageMemory (JSON), for `tritonkit plan`.
+PLAN_MEMORY_PARAMETER = "tritonkit_plan_memory"
 # A CPU encoder's rows per graph run (Batching.rows_per_run); `tritonkit plan` sizes its workspace by it.
 ROWS_PER_RUN_PARAMETER = "rows_per_run"
 PREPROCESSING = ("dali", "python")
@@ -246,6 +269,9 @@ class FamilySpec:
         """The ensembles to serve, described (nothing is written: files to make are `Artefact`s);
         `onnx_files` maps export role -> validated ONNX file."""
         raise NotImplementedError
+
+    # Per stage role: what `tritonkit plan` needs beyond the graphs to predict its memory.
+    memory: ClassVar[Mapping[str, StageMemory]] = {}
 
     def stage_batching(self, role: str) -> Batching:
         return self.batching.get(role, Batching())

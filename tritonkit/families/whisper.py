@@ -12,6 +12,7 @@ import numpy as np
 
 from tritonkit.errors import ExportError
 from tritonkit.families.base import (
+    GRAPH_ROWS_PARAMETER,
     PLAN_DIMS_PARAMETER,
     Artefact,
     BuildOptions,
@@ -27,7 +28,7 @@ from tritonkit.families.base import (
 )
 from tritonkit.preprocessing.audio import SAMPLE_RATE, WINDOW_SECONDS
 from tritonkit.triton_config import Batching, Tensor
-from tritonkit.whisper_decoding import layer_names
+from tritonkit.whisper_decoding import WindowDecoder, layer_names
 
 # Public contract (see README).
 AUDIO = "AUDIO"
@@ -273,7 +274,7 @@ class WhisperSpec(FamilySpec):
 
         from tritonkit.precision import RecordingSession
         from tritonkit.preprocessing.audio import AudioRecipe, log_mel, split_windows
-        from tritonkit.whisper_decoding import DecodeOptions, WindowDecoder
+        from tritonkit.whisper_decoding import DecodeOptions
 
         recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
         windows = [w for s in samples for w in split_windows(s, recipe)]
@@ -324,7 +325,7 @@ class WhisperSpec(FamilySpec):
         import onnxruntime as ort
 
         from tritonkit.preprocessing.audio import AudioRecipe, log_mel, split_windows
-        from tritonkit.whisper_decoding import DecodeOptions, WindowDecoder
+        from tritonkit.whisper_decoding import DecodeOptions
 
         def session(role):
             return ort.InferenceSession(str(files[role]), providers=["CPUExecutionProvider"])
@@ -430,6 +431,10 @@ class WhisperSpec(FamilySpec):
         }
         if options.gpu:
             decoder_parameters["providers"] = "CUDAExecutionProvider,CPUExecutionProvider"
+        else:  # the decoder runs its cross-KV graph in slices (WindowDecoder.CROSS_KV_ROWS_PER_RUN)
+            decoder_parameters[GRAPH_ROWS_PARAMETER] = json.dumps(
+                {"cross_kv.onnx": WindowDecoder.CROSS_KV_ROWS_PER_RUN}
+            )
         encoder = encoder_stage(
             "encoder",
             (t[INPUT_FEATURES],),
