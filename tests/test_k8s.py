@@ -285,7 +285,9 @@ def test_memory_comes_from_the_plan_or_from_a_measurement_with_its_margin(demo_r
     assert memory_mib(planned) == -(-predicted * 1.25 // 256) * 256
     assert planned["metadata"]["annotations"][MEMORY_ANNOTATION].startswith("predicted by tritonkit plan")
     report = tmp_path / "soak.json"
-    report.write_text(json.dumps({"rss_mb_settled": {"tritonserver": 300.0, "clip_image_encoder": 700.0, "gateway": 50}}))
+    report.write_text(
+        json.dumps({"rss_mb_settled": {"tritonserver": 300.0, "clip_image_encoder": 700.0, "gateway": 50}})
+    )
     measured = deployment(memory_from=str(report))
     assert memory_mib(measured) == 1280  # (300 + 700) x 1.25 = 1250, rounded up to 5 x 256 (the gateway not counted)
     assert measured["metadata"]["annotations"][MEMORY_ANNOTATION].startswith(f"measured ({report})")

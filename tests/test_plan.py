@@ -170,7 +170,7 @@ def test_plan_measures_a_served_repository_through_its_metrics(clip_repository, 
     the same figures /proc gives on the server's machine, every model and tritonserver compared."""
     import tritonclient.grpc as grpcclient
 
-    from conftest import encode_image, random_image
+    from tests.conftest import encode_image, random_image
     from tritonkit.memory import resident_by_model
 
     client = grpcclient.InferenceServerClient(clip_server.grpc_url)
@@ -215,7 +215,7 @@ def test_plan_measure_names_a_bad_source(hand_repository, tmp_path):
     with pytest.raises(InputError, match="cannot read"):
         measured_memory(f"127.0.0.1:{free_port()}")
     (tmp_path / "report.json").write_text("{}")
-    with pytest.raises(InputError, match="not a scripts/soak.py --json report"):
+    with pytest.raises(InputError, match=r"not a scripts/soak\.py --json report"):
         measured_memory(str(tmp_path / "report.json"))
     (tmp_path / "metrics.txt").write_text("nv_inference_count 3\n")
     with pytest.raises(InputError, match="no tritonkit_resident_bytes"):

@@ -71,7 +71,17 @@ MAX_PLAN_ERROR = 0.2  # the acceptance bound of `tritonkit plan --measure`, per 
 
 def check_plan_against(repository: Path, measured: Path, out: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tritonkit.cli", "plan", str(repository), "--measure", str(measured), "--json", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "plan",
+            str(repository),
+            "--measure",
+            str(measured),
+            "--json",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
