@@ -394,6 +394,10 @@ def make_plan(
                 notes.append(f"{model.name}/{graph.file}: {graph.unsized_tensors} tensors of unknown shape not counted")
     cpu_models = [m for m in models if m.target == "cpu"]
     server = int(SERVER_RUNTIME_MB * MIB) + int(SERVER_BUFFER_SHARE * sum(m.buffer_bytes for m in cpu_models))
+    for config in read_repository(repository).values():  # what each family's requests add (measured)
+        recorded = parameter(config, PLAN_MEMORY_PARAMETER) if config.platform == "ensemble" else None
+        if recorded:
+            server += int((StageMemory.from_json(recorded).fixed_mb or 0.0) * MIB)
     plan = Plan(
         models=models,
         server_bytes=server,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from model_repository_templates import template_path
 from tritonkit.errors import ConfigError, TritonkitError
-from tritonkit.families.base import PLAN_MEMORY_PARAMETER, Pipeline, StageMemory
+from tritonkit.families.base import PLAN_MEMORY_PARAMETER, SERVER_MEMORY_ROLE, Pipeline, StageMemory
 from tritonkit.triton_config import (
     Batching,
     EnsembleStep,
@@ -97,7 +97,8 @@ def plan_models(
             files["model.py"] = template_path(stage.template)
         composing[stage_name] = ModelFiles(config, files)
 
-    for pipeline in pipelines:
+    server_memory = (memory or {}).get(SERVER_MEMORY_ROLE)
+    for index, pipeline in enumerate(pipelines):
         steps, max_batch = [], None
         for stage in pipeline.stages:
             stage_name = model_name(name, stage.role)
@@ -118,6 +119,8 @@ def plan_models(
             max_batch or 0,
             steps,
             response_cache=pipeline.response_cache,
+            # tritonserver's own share of the family's memory (its request buffers), once per family
+            parameters={PLAN_MEMORY_PARAMETER: server_memory.to_json()} if server_memory and index == 0 else None,
         )
         ensembles.append(ModelFiles(ensemble, {}))
     return [*composing.values(), *ensembles]

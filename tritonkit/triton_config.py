@@ -167,8 +167,9 @@ def ensemble_config(
     max_batch_size: int,
     steps: Sequence[EnsembleStep],
     response_cache: bool = False,
+    parameters: Mapping[str, str] | None = None,
 ) -> model_config_pb2.ModelConfig:
-    config = {
+    config: dict[str, Any] = {
         "name": name,
         "platform": "ensemble",
         "max_batch_size": max_batch_size,
@@ -188,6 +189,8 @@ def ensemble_config(
     }
     if response_cache:  # served from Triton's response cache when the server has one
         config["response_cache"] = {"enable": True}
+    if parameters:
+        config["parameters"] = {k: {"string_value": v} for k, v in parameters.items()}
     return _parse(config)
 
 

@@ -104,6 +104,7 @@ TARGETS = ("cpu", "gpu")
 PLAN_DIMS_PARAMETER = "tritonkit_plan_dims"
 # Graphs a stub runs in slices of fewer rows than its batch (JSON {file: rows}), for `tritonkit plan`.
 GRAPH_ROWS_PARAMETER = "tritonkit_plan_graph_rows"
+SERVER_MEMORY_ROLE = "server"  # FamilySpec.memory's key for tritonserver's share
 # A stage's StageMemory (JSON), for `tritonkit plan`.
 PLAN_MEMORY_PARAMETER = "tritonkit_plan_memory"
 # A CPU encoder's rows per graph run (Batching.rows_per_run); `tritonkit plan` sizes its workspace by it.
@@ -270,7 +271,9 @@ class FamilySpec:
         `onnx_files` maps export role -> validated ONNX file."""
         raise NotImplementedError
 
-    # Per stage role: what `tritonkit plan` needs beyond the graphs to predict its memory.
+    # Per stage role: what `tritonkit plan` needs beyond the graphs to predict its memory; under
+    # SERVER_MEMORY_ROLE, what the family's requests add to tritonserver's own (written to its
+    # first ensemble).
     memory: ClassVar[Mapping[str, StageMemory]] = {}
 
     def stage_batching(self, role: str) -> Batching:

@@ -10,11 +10,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from tritonkit.families.base import (
+    SERVER_MEMORY_ROLE,
     BuildOptions,
     FamilySpec,
     OnnxExport,
     Pipeline,
     Stage,
+    StageMemory,
     Tolerance,
     encoder_stage,
     image_preprocess_stages,
@@ -144,6 +146,16 @@ class ClipSpec(FamilySpec):
         "image_encoder": Batching(max_batch_size=16, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
         "text_tokenizer": Batching(max_batch_size=64, preferred_batch_sizes=(16, 32, 64), max_queue_delay_us=1000),
         "text_encoder": Batching(max_batch_size=64, preferred_batch_sizes=(16, 32, 64), max_queue_delay_us=1000),
+    }
+    # Fixed resident memory per stage, measured with the tiny CLIP (scripts/soak.py, 60 s at
+    # concurrency 16, then `tritonkit plan REPO --measure REPORT`; docs/RELIABILITY.md): DALI's
+    # decoding buffers, the tokenizer (transformers), ONNX Runtime's sessions.
+    memory: ClassVar[Mapping[str, StageMemory]] = {
+        "image_preprocess": StageMemory(fixed_mb=185),
+        "image_encoder": StageMemory(fixed_mb=60),
+        "text_tokenizer": StageMemory(fixed_mb=290),
+        "text_encoder": StageMemory(fixed_mb=55),
+        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=30),
     }
 
     @staticmethod

@@ -14,11 +14,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from tritonkit.families.base import (
+    SERVER_MEMORY_ROLE,
     BuildOptions,
     FamilySpec,
     OnnxExport,
     Pipeline,
     Stage,
+    StageMemory,
     Tolerance,
     encoder_stage,
     image_preprocess_stages,
@@ -124,6 +126,16 @@ class LlavaSpec(FamilySpec):
         "vision_encoder": Batching(max_batch_size=16, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000),
         "decoder": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
         "decoder_stream": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
+    }
+    # Fixed resident memory per stage, measured with the tiny LLaVA (scripts/soak.py, 60 s at
+    # concurrency 16, then `tritonkit plan REPO --measure REPORT`; docs/RELIABILITY.md): the
+    # language model in PyTorch with its tokenizer and chat template, DALI's decoding buffers.
+    memory: ClassVar[Mapping[str, StageMemory]] = {
+        "image_preprocess": StageMemory(fixed_mb=125),
+        "vision_encoder": StageMemory(fixed_mb=65),
+        "decoder": StageMemory(fixed_mb=375),
+        "decoder_stream": StageMemory(fixed_mb=315),
+        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=15),
     }
 
     @staticmethod

@@ -14,12 +14,14 @@ from tritonkit.errors import ExportError
 from tritonkit.families.base import (
     GRAPH_ROWS_PARAMETER,
     PLAN_DIMS_PARAMETER,
+    SERVER_MEMORY_ROLE,
     Artefact,
     BuildOptions,
     FamilySpec,
     OnnxExport,
     Pipeline,
     Stage,
+    StageMemory,
     Tolerance,
     dali_stage,
     encoder_stage,
@@ -96,6 +98,19 @@ class WhisperSpec(FamilySpec):
         ),
         "decoder": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16, 32), max_queue_delay_us=5000),
         "vad": Batching(max_batch_size=8, preferred_batch_sizes=(), max_queue_delay_us=0),
+    }
+
+    # Fixed resident memory per stage, measured with tiny.en (scripts/soak.py, 60 s at concurrency 16,
+    # then `tritonkit plan REPO --measure REPORT`; docs/RELIABILITY.md): the decoder's transformers
+    # tokenizer and two ONNX Runtime sessions, DALI's log-mel buffers, and tritonserver's buffers
+    # for uploads of up to 600 s and the file features passed to the decoder.
+    memory: ClassVar[Mapping[str, StageMemory]] = {
+        "audio_preprocess": StageMemory(fixed_mb=70),
+        "log_mel": StageMemory(fixed_mb=190),
+        "encoder": StageMemory(fixed_mb=140),
+        "decoder": StageMemory(fixed_mb=395),
+        "vad": StageMemory(fixed_mb=40),
+        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=295),
     }
 
     @staticmethod
