@@ -101,16 +101,16 @@ class WhisperSpec(FamilySpec):
     }
 
     # Fixed resident memory per stage, measured with tiny.en (scripts/soak.py, 60 s at concurrency 16,
-    # then `tritonkit plan REPO --measure REPORT`; docs/RELIABILITY.md): the decoder's transformers
+    # then `tritonkit plan REPO --measure REPORT`; the middle of two runs; docs/RELIABILITY.md): the decoder's transformers
     # tokenizer and two ONNX Runtime sessions, DALI's log-mel buffers, and tritonserver's buffers
     # for uploads of up to 600 s and the file features passed to the decoder.
     memory: ClassVar[Mapping[str, StageMemory]] = {
-        "audio_preprocess": StageMemory(fixed_mb=70),
-        "log_mel": StageMemory(fixed_mb=190),
-        "encoder": StageMemory(fixed_mb=140),
-        "decoder": StageMemory(fixed_mb=395),
+        "audio_preprocess": StageMemory(fixed_mb=65),
+        "log_mel": StageMemory(fixed_mb=175),
+        "encoder": StageMemory(fixed_mb=125),
+        "decoder": StageMemory(fixed_mb=365),
         "vad": StageMemory(fixed_mb=40),
-        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=295),
+        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=285),
     }
 
     @staticmethod
