@@ -8,7 +8,12 @@ of the middle third's; the first third fills batch-sized buffers, shown per proc
 violation; prints a JSON report.
 
     python scripts/soak.py [--family clip|whisper|llava|all] [--repository REPO] [--duration 600] [--concurrency 16]
-                           [--max-rss-growth-mb 300] [--gateway]
+                           [--max-rss-growth-mb 300] [--gateway] [--long] [--plot FILE] [--json FILE]
+
+Memory is resident memory per model (PSS of tritonserver and of each model's stubs), sampled every
+10 s; `--long` is the memory soak: 30 minutes and a plot of every model's timeline (soak-FAMILY.png).
+The report's `rss_mb_settled` (per model, the median of the last third) and `average_batch` are what
+`tritonkit plan REPO --measure REPORT` compares its prediction with.
 
 Without --repository it builds one first: the tiny random CLIP or LLaVA, or Whisper tiny.en from the bundled
 weights (`all`: the three in one repository). With --gateway the same mix goes over HTTP through the
@@ -575,8 +580,10 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if args.long:
+    if args.long:  # the memory soak: 30 minutes, flat within 50 MB (issue 18's bound), a plot
         args.duration = 1800 if args.duration == parser.get_default("duration") else args.duration
+        if args.max_rss_growth_mb == parser.get_default("max_rss_growth_mb"):
+            args.max_rss_growth_mb = 50
         args.plot = args.plot or Path(f"soak-{args.family}.png")
     every = args.sample_every or min(10.0, max(args.duration / 30, 1.0))
     with tempfile.TemporaryDirectory(prefix="soak-") as folder:
