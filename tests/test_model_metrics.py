@@ -96,3 +96,27 @@ def test_decoder_reports_generated_tokens_and_decode_steps(whisper_repository, s
     assert value(samples, "tritonkit_input_bytes_sum", input="AUDIO", **preprocess) == len(speech_files[0]) * 2 + len(
         speech_files[1]
     )
+
+
+def test_tracemalloc_attributes_each_stubs_python_allocations(clip_repository, monkeypatch):
+    """TRITONKIT_TRACEMALLOC: each stub reports its traced Python allocations beside its resident
+    memory (the rest is native: ONNX Runtime's arena, DALI)."""
+    monkeypatch.setenv("TRITONKIT_TRACEMALLOC", "1")
+    server = start_server(clip_repository)
+    try:
+        with TritonkitClient(server.grpc_url) as client:
+            client.embed_images([encode_image(random_image(120, 90), "JPEG")])
+        samples = scrape(server)
+    finally:
+        server.stop()
+    stub = value(
+        samples,
+        "tritonkit_resident_bytes",
+        model="clip_image_encoder",
+        instance="clip_image_encoder_0_0",
+        process="stub",
+    )
+    traced = value(
+        samples, "tritonkit_python_traced_bytes", model="clip_image_encoder", instance="clip_image_encoder_0_0"
+    )
+    assert 0 < traced < stub

@@ -20,6 +20,13 @@ CACHE_HITS = "tritonkit_feature_cache_hits_total"
 CACHE_MISSES = "tritonkit_feature_cache_misses_total"
 SERVER_RESTARTS = "tritonkit_server_restarts"
 RESIDENT_BYTES = "tritonkit_resident_bytes"
+TRACED_BYTES = "tritonkit_python_traced_bytes"
+# TRITONKIT_TRACEMALLOC=N (frames): every stub traces its Python allocations (numpy arrays
+# included), reports them as TRACED_BYTES and writes its 10 largest allocation sites to stderr
+# (the server's log) every TRACE_REPORT_EVERY_S; what it holds beyond them is native (ONNX Runtime's
+# arena, DALI, PyTorch). Tracing slows allocations: a profiling switch, not for production.
+TRACEMALLOC_ENV = "TRITONKIT_TRACEMALLOC"
+TRACE_REPORT_EVERY_S = 60.0
 RESIDENT_EVERY_S = 1.0  # how often a serving model refreshes its resident-memory gauges
 
 SECONDS_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -34,6 +41,7 @@ DESCRIPTIONS = {
     DECODE_STEPS: "Decoder steps one request took (all its windows)",
     CACHE_HITS: "Encoder rows answered from the feature cache (a repeated image)",
     CACHE_MISSES: "Encoder rows computed (not in the feature cache)",
+    TRACED_BYTES: "Python allocations alive in this model instance's stub (with TRITONKIT_TRACEMALLOC set)",
     RESIDENT_BYTES: "Resident memory of this model instance's Python-backend process (process=stub) and of "
     "tritonserver's (process=tritonserver), refreshed while the model serves",
     SERVER_RESTARTS: "Times `tritonkit serve` restarted tritonserver (a crash, or a Python-backend process lost)",
@@ -48,6 +56,8 @@ class ModelMetrics:
         self.role = role  # "preprocess", "decoder" or "" (rejections only)
         self.instance = instance
         self._resident_at = -RESIDENT_EVERY_S
+        self._traced_at = 0.0
+        self._start_tracing()
         self._families: dict = {}
         self._metrics: dict = {}
         try:
@@ -110,10 +120,23 @@ class ModelMetrics:
         if misses:
             self._metric(CACHE_MISSES, "COUNTER").increment(float(misses))
 
-    def resident(self) -> None:
-        """Refresh this stub's and tritonserver's resident bytes (at most once a second)."""
+    def _start_tracing(self) -> None:
         import os
         import time
+        import tracemalloc
+
+        frames = os.environ.get(TRACEMALLOC_ENV)
+        if self._pb is not None and frames and frames.isdigit() and not tracemalloc.is_tracing():
+            tracemalloc.start(int(frames))
+            self._traced_at = time.monotonic()
+
+    def resident(self) -> None:
+        """Refresh this stub's and tritonserver's resident bytes (at most once a second), and the
+        traced Python allocations when tracing."""
+        import os
+        import sys
+        import time
+        import tracemalloc
 
         from tritonkit.memory import SERVER, resident_bytes
 
@@ -125,6 +148,19 @@ class ModelMetrics:
             size = resident_bytes(pid)
             if size is not None:
                 self._metric(RESIDENT_BYTES, "GAUGE", process=process, instance=self.instance).set(float(size))
+        if not tracemalloc.is_tracing():
+            return
+        self._metric(TRACED_BYTES, "GAUGE", instance=self.instance).set(float(tracemalloc.get_traced_memory()[0]))
+        if now - self._traced_at >= TRACE_REPORT_EVERY_S:
+            self._traced_at = now
+            top = tracemalloc.take_snapshot().statistics("lineno")[:10]
+            lines = [f"  {stat.size / 2**20:9.1f} MiB in {stat.count:7d} blocks  {stat.traceback}" for stat in top]
+            print(
+                f"tritonkit {self.model} ({self.instance}): largest Python allocations",
+                *lines,
+                sep="\n",
+                file=sys.stderr,
+            )
 
     def close(self) -> None:
         """Drop the families before the stub exits (the backend requires them gone at finalize)."""
