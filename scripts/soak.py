@@ -131,8 +131,16 @@ def whisper_cases() -> list[Case]:
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("speech.wav", speech)
     noise = np.random.default_rng(2).uniform(-0.3, 0.3, 3 * 16000).astype(np.float32)
+    # a long file: the sentence again and again with a second of silence between, about 150 s
+    pause = np.zeros(rate, np.float32)
+    long_file = encoded(
+        np.concatenate([np.concatenate([decoded, pause])] * max(1, 150 * rate // (len(decoded) + rate))), rate, "WAV"
+    )
+    timestamps = {"TIMESTAMPS": np.array([[True]], dtype=bool)}
     return [
         Case("speech wav", "whisper", audio(speech), True),
+        Case("long speech, 150 s", "whisper", audio(long_file), True),
+        Case("long speech, 150 s, long-form with timestamps", "whisper", {**audio(long_file), **timestamps}, True),
         Case("speech flac", "whisper", audio(encoded(decoded, rate, "FLAC")), True),
         Case("speech, language named", "whisper", audio(speech, language="english"), True),
         Case("silence", "whisper", audio(encoded(np.zeros(2 * 16000, np.float32), 16000, "WAV")), True),

@@ -57,7 +57,6 @@ class ModelMetrics:
         self.instance = instance
         self._resident_at = -RESIDENT_EVERY_S
         self._traced_at = 0.0
-        self._start_tracing()
         self._families: dict = {}
         self._metrics: dict = {}
         try:
@@ -67,6 +66,7 @@ class ModelMetrics:
         else:
             self._pb = pb_utils if hasattr(pb_utils, "MetricFamily") else None
         self._report_restarts()
+        self._start_tracing()
 
     def _report_restarts(self) -> None:
         """Every model reports the supervisor's count (a gauge: instances set the same value)."""
