@@ -184,6 +184,7 @@ class ModelPlan:
     buffer_bytes: int = 0  # CPU: a full batch's input and output tensors held by the stub
     rows_per_run: int = 0  # the rows one graph run takes (the workspace's batch)
     target: str = "cpu"
+    gpu_host_bytes: int = 0  # a GPU instance's host memory (its Python-backend stub's runtime)
 
     @property
     def bytes_per_instance(self) -> int:
@@ -237,8 +238,11 @@ class Plan:
 
     @property
     def host_bytes(self) -> int:
-        """Host memory of one replica: tritonserver and every CPU model's instances."""
-        return self.server_bytes + sum(m.total_bytes for m in self.models if m.target == "cpu")
+        """Host memory of one replica: tritonserver, every CPU model's instances and the GPU
+        instances' stubs."""
+        return self.server_bytes + sum(
+            m.total_bytes if m.target == "cpu" else m.instances * m.gpu_host_bytes for m in self.models
+        )
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -323,18 +327,29 @@ def model_plans(
             else:
                 weights += path.stat().st_size
         instances = instance_count(config)
-        if gpu:
-            overhead = overhead_bytes if overhead_bytes is not None else int(GPU_OVERHEAD_MB * MIB)
-            plans.append(
-                ModelPlan(
-                    name, instances, config.max_batch_size, weights, workspace, overhead, tuple(graphs), target="gpu"
-                )
-            )
-            continue
         template = parameter(config, "tritonkit_template") or ""
         runtime = stage_memory.fixed_mb
         if runtime is None:
             runtime = TEMPLATE_RUNTIME_MB.get(template, DEFAULT_RUNTIME_MB)
+        if gpu:
+            overhead = overhead_bytes if overhead_bytes is not None else int(GPU_OVERHEAD_MB * MIB)
+            # a Python-backend stub on a GPU still holds its runtime in host memory; the ONNX
+            # Runtime and TensorRT backends run inside tritonserver
+            host = int(runtime * MIB) if template else 0
+            plans.append(
+                ModelPlan(
+                    name,
+                    instances,
+                    config.max_batch_size,
+                    weights,
+                    workspace,
+                    overhead,
+                    tuple(graphs),
+                    target="gpu",
+                    gpu_host_bytes=host,
+                )
+            )
+            continue
         plans.append(
             ModelPlan(
                 name,
