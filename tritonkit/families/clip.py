@@ -155,7 +155,7 @@ class ClipSpec(FamilySpec):
         "image_encoder": StageMemory(fixed_mb=60),
         "text_tokenizer": StageMemory(fixed_mb=290),
         "text_encoder": StageMemory(fixed_mb=55),
-        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=30),
+        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=15),
     }
 
     @staticmethod

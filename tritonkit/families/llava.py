@@ -128,14 +128,14 @@ class LlavaSpec(FamilySpec):
         "decoder_stream": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
     }
     # Fixed resident memory per stage, measured with the tiny LLaVA (scripts/soak.py, 60 s at
-    # concurrency 16, then `tritonkit plan REPO --measure REPORT`; the middle of two runs;
+    # concurrency 16, then `tritonkit plan REPO --measure REPORT`; the median of four runs;
     # docs/RELIABILITY.md): the language model in PyTorch with its tokenizer and chat template, DALI's decoding buffers.
     memory: ClassVar[Mapping[str, StageMemory]] = {
-        "image_preprocess": StageMemory(fixed_mb=110),
-        "vision_encoder": StageMemory(fixed_mb=55),
+        "image_preprocess": StageMemory(fixed_mb=89),
+        "vision_encoder": StageMemory(fixed_mb=44),
         "decoder": StageMemory(fixed_mb=370),
         "decoder_stream": StageMemory(fixed_mb=310),
-        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=15),
+        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=5),
     }
 
     @staticmethod

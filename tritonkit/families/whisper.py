@@ -101,13 +101,13 @@ class WhisperSpec(FamilySpec):
     }
 
     # Fixed resident memory per stage, measured with tiny.en (scripts/soak.py, 60 s at concurrency 16,
-    # then `tritonkit plan REPO --measure REPORT`; the middle of two runs, tritonserver's with the
+    # then `tritonkit plan REPO --measure REPORT`; the median of five runs, tritonserver's with the
     # soak's 150 s files; docs/RELIABILITY.md): the decoder's transformers
     # tokenizer and two ONNX Runtime sessions, DALI's log-mel buffers, and tritonserver's buffers
     # for uploads of up to 600 s and the file features passed to the decoder.
     memory: ClassVar[Mapping[str, StageMemory]] = {
-        "audio_preprocess": StageMemory(fixed_mb=65),
-        "log_mel": StageMemory(fixed_mb=175),
+        "audio_preprocess": StageMemory(fixed_mb=60),
+        "log_mel": StageMemory(fixed_mb=160),
         "encoder": StageMemory(fixed_mb=125),
         "decoder": StageMemory(fixed_mb=365),
         "vad": StageMemory(fixed_mb=40),
