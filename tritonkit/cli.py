@@ -824,7 +824,7 @@ def plan(
         Console(width=max(Console().width, 150)).print(compared)
     lines = [
         f"one replica: {mib(result.replica_bytes)} MiB -> {result.gpus_per_replica} GPU(s) of {gpu_memory_gb:g} GB",
-        f"host memory of one replica (tritonserver and its CPU models): {mib(result.host_bytes)} MiB",
+        f"host memory of one replica (tritonserver, its CPU models, the stubs of its GPU models): {mib(result.host_bytes)} MiB",
     ]
     if result.throughput:
         t = result.throughput

@@ -24,6 +24,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -331,36 +332,31 @@ def model_plans(
         runtime = stage_memory.fixed_mb
         if runtime is None:
             runtime = TEMPLATE_RUNTIME_MB.get(template, DEFAULT_RUNTIME_MB)
+        fields: dict[str, Any]
         if gpu:
-            overhead = overhead_bytes if overhead_bytes is not None else int(GPU_OVERHEAD_MB * MIB)
             # a Python-backend stub on a GPU still holds its runtime in host memory; the ONNX
             # Runtime and TensorRT backends run inside tritonserver
-            host = int(runtime * MIB) if template else 0
-            plans.append(
-                ModelPlan(
-                    name,
-                    instances,
-                    config.max_batch_size,
-                    weights,
-                    workspace,
-                    overhead,
-                    tuple(graphs),
-                    target="gpu",
-                    gpu_host_bytes=host,
-                )
-            )
-            continue
+            fields = {
+                "workspace_bytes": workspace,
+                "overhead_bytes": overhead_bytes if overhead_bytes is not None else int(GPU_OVERHEAD_MB * MIB),
+                "target": "gpu",
+                "gpu_host_bytes": int(runtime * MIB) if template else 0,
+            }
+        else:
+            fields = {
+                "workspace_bytes": arena,
+                "overhead_bytes": overhead_bytes if overhead_bytes is not None else int(runtime * MIB),
+                "buffer_bytes": batch_tensor_bytes(config, batch_rows),
+                "rows_per_run": rows,
+            }
         plans.append(
             ModelPlan(
-                name,
-                instances,
-                config.max_batch_size,
-                weights,
-                arena,
-                overhead_bytes if overhead_bytes is not None else int(runtime * MIB),
-                tuple(graphs),
-                buffer_bytes=batch_tensor_bytes(config, batch_rows),
-                rows_per_run=rows,
+                name=name,
+                instances=instances,
+                max_batch_size=config.max_batch_size,
+                weight_bytes=weights,
+                graphs=tuple(graphs),
+                **fields,
             )
         )
     if not plans:
