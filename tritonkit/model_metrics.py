@@ -8,6 +8,7 @@ name from several models.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -122,7 +123,6 @@ class ModelMetrics:
 
     def _start_tracing(self) -> None:
         import os
-        import time
         import tracemalloc
 
         frames = os.environ.get(TRACEMALLOC_ENV)
@@ -133,17 +133,16 @@ class ModelMetrics:
     def resident(self) -> None:
         """Refresh this stub's and tritonserver's resident bytes (at most once a second), and the
         traced Python allocations when tracing."""
+        now = time.monotonic()
+        if self._pb is None or now - self._resident_at < RESIDENT_EVERY_S:  # on every execute: cheap first
+            return
+        self._resident_at = now
         import os
         import sys
-        import time
         import tracemalloc
 
         from tritonkit.memory import SERVER, resident_bytes
 
-        now = time.monotonic()
-        if self._pb is None or now - self._resident_at < RESIDENT_EVERY_S:
-            return
-        self._resident_at = now
         for process, pid in (("stub", os.getpid()), (SERVER, os.getppid())):
             size = resident_bytes(pid)
             if size is not None:
