@@ -7,10 +7,8 @@ rows seen before are answered from `tritonkit.row_cache` without running the gra
 ONNX Runtime's arena by the slice instead of the largest batch ever seen).
 """
 
-import numpy as np
-
 from tritonkit.row_cache import RowCache
-from tritonkit.runtime import BatchedModel
+from tritonkit.runtime import BatchedModel, run_in_slices
 
 
 class TritonPythonModel(BatchedModel):
@@ -28,16 +26,8 @@ class TritonPythonModel(BatchedModel):
         self.cache = RowCache(entries) if entries > 0 else None
 
     def compute(self, feed):
-        rows = len(next(iter(feed.values())))
-        if not self.rows_per_run or rows <= self.rows_per_run:
-            return dict(zip(self.session_outputs, self.session.run(self.session_outputs, feed)))
-        slices = [
-            self.session.run(
-                self.session_outputs, {name: value[start : start + self.rows_per_run] for name, value in feed.items()}
-            )
-            for start in range(0, rows, self.rows_per_run)
-        ]
-        return {name: np.concatenate([part[i] for part in slices]) for i, name in enumerate(self.session_outputs)}
+        outputs = run_in_slices(lambda part: self.session.run(self.session_outputs, part), feed, self.rows_per_run)
+        return dict(zip(self.session_outputs, outputs))
 
     def run(self, batch):
         feed = {name: batch[name] for name in self.session_inputs}

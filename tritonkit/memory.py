@@ -47,10 +47,10 @@ def process_model(pid: int) -> str:
 
 def resident_by_model(root_pid: int) -> dict[str, int]:
     """Resident bytes (PSS) of tritonserver (`root_pid`) and its stubs, summed per model (all its instances)."""
-    from tritonkit.server import process_tree_rss
+    from tritonkit.server import process_tree
 
     totals: dict[str, int] = {}
-    for pid in process_tree_rss(root_pid):
+    for pid in process_tree(root_pid):
         size = resident_bytes(pid)
         if size is not None:
             label = SERVER if pid == root_pid else process_model(pid)

@@ -277,14 +277,16 @@ def model_plans(
     dims: dict[str, int] | None = None,
     concurrency: int | None = None,
     batches: Mapping[str, float] | None = None,
+    configs: Mapping[str, Any] | None = None,
 ) -> list[ModelPlan]:
     """Memory of every non-ensemble model of a repository. `overhead_bytes` replaces the
     per-instance overhead (CPU: the stage's measured fixed memory or its template's; GPU:
     GPU_OVERHEAD_MB). With `concurrency` (requests in flight), batches hold at most that many
     requests' rows; without it, the max batch size (the worst case a memory limit must hold).
-    `batches` (model -> average rows per execution, as measured) sets the rows of those models."""
+    `batches` (model -> average rows per execution, as measured) sets the rows of those models;
+    `configs` are the repository's, when the caller has read them already."""
     plans = []
-    for name, config in read_repository(repository).items():
+    for name, config in (configs if configs is not None else read_repository(repository)).items():
         if config.platform == "ensemble":
             continue
         version_dir = Path(repository) / name / VERSION
@@ -306,6 +308,7 @@ def model_plans(
             bound.update(json.loads(recorded.string_value))
         bound.update(dims or {})
         config_tensors = {t.name for t in [*config.input, *config.output]}
+        graph_rows = json.loads(parameter(config, GRAPH_ROWS_PARAMETER) or "{}")  # graphs run in slices
         graphs, weights, workspace, arena = [], 0, 0, 0
         for path in sorted(version_dir.rglob("*")) if version_dir.is_dir() else []:
             if (
@@ -316,8 +319,8 @@ def model_plans(
             ):
                 continue
             if path.suffix == ".onnx":
-                graph_rows = json.loads(parameter(config, GRAPH_ROWS_PARAMETER) or "{}").get(path.name)
-                memory = graph_memory(path, {**bound, BATCH_DIM: min(rows, graph_rows)} if graph_rows else bound)
+                sliced = graph_rows.get(path.name)
+                memory = graph_memory(path, {**bound, BATCH_DIM: min(rows, sliced)} if sliced else bound)
                 graphs.append(memory)
                 weights += memory.weight_bytes
                 workspace = max(workspace, memory.workspace_bytes)  # graphs of one model run one after another
@@ -391,7 +394,8 @@ def make_plan(
     if concurrency is not None and concurrency < 1:
         raise InputError(f"--concurrency must be >= 1, got {concurrency}")
     overhead = None if overhead_mb is None else int(overhead_mb * MIB)
-    models = tuple(model_plans(repository, overhead, dims, concurrency, batches))
+    configs = read_repository(repository)
+    models = tuple(model_plans(repository, overhead, dims, concurrency, batches, configs))
     gpu_bytes = int(gpu_memory_gb * 2**30)
     replica_bytes = sum(m.total_bytes for m in models)
     notes = []
@@ -405,7 +409,7 @@ def make_plan(
                 notes.append(f"{model.name}/{graph.file}: {graph.unsized_tensors} tensors of unknown shape not counted")
     cpu_models = [m for m in models if m.target == "cpu"]
     server = int(SERVER_RUNTIME_MB * MIB) + int(SERVER_BUFFER_SHARE * sum(m.buffer_bytes for m in cpu_models))
-    for config in read_repository(repository).values():  # what each family's requests add (measured)
+    for config in configs.values():  # what each family's requests add (measured)
         recorded = parameter(config, PLAN_MEMORY_PARAMETER) if config.platform == "ensemble" else None
         if recorded:
             server += int((StageMemory.from_json(recorded).fixed_mb or 0.0) * MIB)
@@ -455,7 +459,7 @@ class Measurement:
 def measured_memory(source: str) -> Measurement:
     """Resident bytes per model from a served repository: Triton's metrics URL (host:8002 or
     http://host:8002/metrics), a saved /metrics page, or a `scripts/soak.py --json` report (the
-    median of its last third, per model, and the soak's concurrency)."""
+    median of its last third, per model, and the batches the soak's models ran)."""
     from tritonkit.memory import average_batches, resident_from_metrics
 
     if source.startswith(("http://", "https://")) or (":" in source and not Path(source).exists()):
@@ -471,29 +475,33 @@ def measured_memory(source: str) -> Measurement:
             raise InputError(
                 f"--measure {source}: cannot read {url} ({exc})", hint="pass the server's metrics port"
             ) from None
-        found = resident_from_metrics(text)
-        if not found:
-            raise InputError(
-                f"--measure {source}: no tritonkit_resident_bytes at {url}",
-                hint="serve a repository built by this tritonkit, and send it a request first",
-            )
-        return Measurement(found, average_batches(text))
-    path = Path(source)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(f"--measure {source}: {exc.strerror or exc}") from None
-    if path.suffix == ".json":
+        where = f"at {url}"
+    else:
+        path = Path(source)
         try:
-            report = json.loads(text)
-            sizes = {name: int(mb * MIB) for name, mb in report["rss_mb_settled"].items() if name != "gateway"}
-            return Measurement(sizes, dict(report.get("average_batch") or {}))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise InputError(f"--measure {source}: not a scripts/soak.py --json report (no rss_mb_settled)") from None
+            text = path.read_text()
+        except OSError as exc:
+            raise InputError(f"--measure {source}: {exc.strerror or exc}") from None
+        if path.suffix == ".json":
+            return soak_measurement(source, text)
+        where = "in this metrics page"
     found = resident_from_metrics(text)
     if not found:
-        raise InputError(f"--measure {source}: no tritonkit_resident_bytes in this metrics page")
+        raise InputError(
+            f"--measure {source}: no tritonkit_resident_bytes {where}",
+            hint="serve a repository built by this tritonkit, and send it a request first",
+        )
     return Measurement(found, average_batches(text))
+
+
+def soak_measurement(source: str, text: str) -> Measurement:
+    """A `scripts/soak.py --json` report's settled memory per model and average batches."""
+    try:
+        report = json.loads(text)
+        sizes = {name: int(mb * MIB) for name, mb in report["rss_mb_settled"].items() if name != "gateway"}
+        return Measurement(sizes, dict(report.get("average_batch") or {}))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"--measure {source}: not a scripts/soak.py --json report (no rss_mb_settled)") from None
 
 
 def check_memory(plan: Plan, measured: Mapping[str, int]) -> list[MemoryCheck]:

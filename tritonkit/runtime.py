@@ -47,6 +47,23 @@ def concat_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarra
     return {name: np.concatenate([r[name] for r in rows], axis=0) for name in names}
 
 
+def run_in_slices(run, feed: Mapping[str, np.ndarray], rows_per_run: int) -> list[np.ndarray]:
+    """`run(feed)`'s outputs, computed `rows_per_run` rows at a time and written into one array
+    each: a runtime that keeps its high-water mark (ONNX Runtime's arena) then holds one slice's
+    worth, not the largest batch's. 0, or a batch no larger, runs it whole."""
+    rows = len(next(iter(feed.values())))
+    if not rows_per_run or rows <= rows_per_run:
+        return list(run(feed))
+    outputs: list[np.ndarray] = []
+    for start in range(0, rows, rows_per_run):
+        parts = run({name: value[start : start + rows_per_run] for name, value in feed.items()})
+        if not outputs:
+            outputs = [np.empty((rows, *part.shape[1:]), dtype=part.dtype) for part in parts]
+        for output, part in zip(outputs, parts):
+            output[start : start + rows_per_run] = part
+    return outputs
+
+
 def string_rows(array: np.ndarray, tensor: str) -> list[str]:
     """Decode a TYPE_STRING tensor [B, 1] to str, rejecting text that is not UTF-8."""
     texts = []

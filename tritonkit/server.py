@@ -107,8 +107,8 @@ def repository_backends(repository: Path) -> set[str]:
         return set()
 
 
-def process_tree_rss(pid: int) -> dict[int, int]:
-    """Resident bytes of a process and all its descendants (tritonserver and its backend stubs), from /proc."""
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (tritonserver and its backend stubs) alive now, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -118,15 +118,24 @@ def process_tree_rss(pid: int) -> dict[int, int]:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry.name))
-    rss, stack = {}, [pid]
-    page = os.sysconf("SC_PAGE_SIZE")
+    tree, stack = [], [pid]
     while stack:
         current = stack.pop()
+        if (Path("/proc") / str(current)).is_dir():
+            tree.append(current)
+            stack += children.get(current, [])
+    return tree
+
+
+def process_tree_rss(pid: int) -> dict[int, int]:
+    """Resident bytes of a process and all its descendants, from /proc."""
+    rss = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for current in process_tree(pid):
         try:
             rss[current] = int((Path("/proc") / str(current) / "statm").read_text().split()[1]) * page
         except OSError:
             continue
-        stack += children.get(current, [])
     return rss
 
 

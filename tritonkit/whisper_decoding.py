@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from tritonkit.errors import InputError, shown
+from tritonkit.runtime import run_in_slices
 
 
 def layer_names(prefix: str, layers: int) -> list[str]:
@@ -402,17 +403,9 @@ class WindowDecoder:
     def _cross_attention(self, encoder_hidden: np.ndarray) -> Cache:
         """Every layer's cross-attention keys and values, computed in slices and written into one
         array each (ONNX Runtime would otherwise keep an arena block the size of the largest batch)."""
-        count, step = len(encoder_hidden), self.CROSS_KV_ROWS_PER_RUN
-        if count <= step:
-            return dict(zip(self.cross_names, self.cross_kv.run(None, {"ENCODER_HIDDEN": encoder_hidden})))
-        cross: Cache = {}
-        for start in range(0, count, step):
-            parts = self.cross_kv.run(None, {"ENCODER_HIDDEN": encoder_hidden[start : start + step]})
-            for name, part in zip(self.cross_names, parts):
-                if name not in cross:
-                    cross[name] = np.empty((count, *part.shape[1:]), dtype=part.dtype)
-                cross[name][start : start + step] = part
-        return cross
+        feed = {"ENCODER_HIDDEN": encoder_hidden}
+        outputs = run_in_slices(lambda part: self.cross_kv.run(None, part), feed, self.CROSS_KV_ROWS_PER_RUN)
+        return dict(zip(self.cross_names, outputs))
 
     def _empty_past(self, count: int) -> Cache:
         return {name: np.zeros((count, *shape), dtype=np.float32) for name, shape in self.empty_shapes.items()}
