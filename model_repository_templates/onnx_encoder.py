@@ -1,7 +1,9 @@
-"""An ONNX model run by ONNX Runtime inside the Python backend (the CPU stand-in for TensorRT).
+"""A graph run by ONNX Runtime or OpenVINO inside the Python backend (the CPU stand-in for TensorRT).
 
-Triton tensor names are the ONNX input/output names. Parameters: `onnx_file` (default
-model.onnx), `intra_op_threads` (0 = ONNX Runtime's default), `feature_cache_entries` (0 = off:
+Triton tensor names are the graph's input/output names. Parameters: `model_file` (default
+model.onnx; an OpenVINO IR is model.xml), `engine` (onnxruntime or openvino) and
+`inference_precision` (fp32, bf16 or int8: OpenVINO's precision hint), `intra_op_threads` (0 = ONNX
+Runtime's default; OpenVINO: the cores over the instance count), `feature_cache_entries` (0 = off:
 rows seen before are answered from `tritonkit.row_cache` without running the graph), `rows_per_run`
 (0 = the whole batch at once; otherwise the batch runs in slices of that many rows, which bounds
 ONNX Runtime's arena by the slice instead of the largest batch ever seen).
@@ -13,12 +15,11 @@ from tritonkit.runtime import BatchedModel, run_in_slices
 
 class TritonPythonModel(BatchedModel):
     def setup(self):
-        import onnxruntime as ort
+        from tritonkit.engines import session_from_parameters
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(self.parameters.get("intra_op_threads", "0"))
-        path = self.version_dir / self.parameters.get("onnx_file", "model.onnx")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # `onnx_file`: repositories built before OpenVINO
+        graph = self.parameters.get("model_file") or self.parameters.get("onnx_file", "model.onnx")
+        self.session = session_from_parameters(self.version_dir / graph, self.parameters, self.model_config)
         self.session_inputs = [i.name for i in self.session.get_inputs()]
         self.session_outputs = [o.name for o in self.session.get_outputs() if o.name in self.output_dtypes]
         self.rows_per_run = int(self.parameters.get("rows_per_run", "0"))

@@ -8,7 +8,9 @@ its first window. Windows the fallback judged silent give no text and no segment
 options say `long_form` carries its file's whole features (`FILE_FEATURES`): it is decoded with
 OpenAI's sequential algorithm (`tritonkit.whisper_decoding.LongForm`), its windows encoded by the
 `encoder_model` (Triton's BLS), every long file's current window one row of the same batch. Parameter `providers`: ONNX Runtime execution providers, comma-separated
-(default CPUExecutionProvider; GPU repositories ask for CUDA first). Files: cross_kv.onnx, step.onnx, tokenizer/. Parameter `decode_settings`: the JSON
+(default CPUExecutionProvider; GPU repositories ask for CUDA first); `engine` and
+`inference_precision` as in onnx_encoder. Files: cross_kv.onnx and step.onnx (OpenVINO: cross_kv.xml
+and step.xml with their .bin), tokenizer/. Parameter `decode_settings`: the JSON
 of `tritonkit.whisper_decoding.DecodeSettings`.
 """
 
@@ -28,28 +30,30 @@ class TritonPythonModel(BatchedModel):
     metrics_role = "decoder"
 
     def setup(self):
-        import onnxruntime as ort
         from transformers import AutoTokenizer
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(self.parameters.get("intra_op_threads", "0"))
+        from tritonkit.engines import session_from_parameters
 
         providers = self.parameters.get("providers", "CPUExecutionProvider").split(",")
-        missing = [p for p in providers if p not in ort.get_available_providers()]
-        if missing:
-            raise RuntimeError(
-                f"{self.model_name}: ONNX Runtime here lacks {', '.join(missing)}; this repository was built with "
-                "--target gpu: run it on a GPU machine with onnxruntime-gpu, or rebuild with --target cpu"
-            )
+        if self.parameters.get("engine", "onnxruntime") == "onnxruntime":
+            import onnxruntime as ort
 
-        def session(name):
-            return ort.InferenceSession(str(self.version_dir / name), options, providers=providers)
+            missing = [p for p in providers if p not in ort.get_available_providers()]
+            if missing:
+                raise RuntimeError(
+                    f"{self.model_name}: ONNX Runtime here lacks {', '.join(missing)}; this repository was built with "
+                    "--target gpu: run it on a GPU machine with onnxruntime-gpu, or rebuild with --target cpu"
+                )
+
+        def session(stem):  # `STEM_file`: the graph (absent in repositories built before OpenVINO)
+            path = self.version_dir / self.parameters.get(f"{stem}_file", f"{stem}.onnx")
+            return session_from_parameters(path, self.parameters, self.model_config, providers=providers)
 
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.version_dir / self.parameters["tokenizer_dir"]))
         self.decoder = WindowDecoder(
-            session("cross_kv.onnx"),
-            session("step.onnx"),
+            session("cross_kv"),
+            session("step"),
             self.settings,
             prompt_ids=lambda text: [int(t) for t in self.tokenizer.get_prompt_ids(text)],
             text_of=lambda tokens: self.text(tokens).decode(),

@@ -45,6 +45,11 @@ def build(
         from tritonkit.tensorrt import require_gpu
 
         require_gpu()  # before any slow work
+    precision.variants(options.engine)  # a precision the engine lacks fails here, before any slow work
+    if precision.precision == "bf16":
+        from tritonkit.engines import require_native_bf16
+
+        require_native_bf16()
     name = name or spec.name
     if not name.replace("_", "").replace("-", "").isalnum():
         raise InputError(f"--name {name!r}: use letters, digits, '_' and '-' only")
@@ -76,10 +81,12 @@ def build(
             onnx_files[export.role] = path
             reports.append(report)
         accuracy, variant = {}, "fp32"
-        if precision.variants():
+        if precision.variants(options.engine):
             onnx_files, accuracy, variant = reduce_precision(
-                spec, loaded, exports, onnx_files, precision, staging, progress, options.target
+                spec, loaded, exports, onnx_files, precision, staging, progress, options
             )
+        elif options.engine == "openvino":
+            onnx_files, reports = openvino_graphs(exports, onnx_files, progress)
         options = dataclasses.replace(options, precision=variant)
         progress(f"describing the {options.target} repository's pipelines ({options.preprocessing} preprocessing)")
         pipelines = spec.pipelines(loaded, onnx_files, options)
@@ -127,6 +134,27 @@ def make_artefacts(
     return [dataclasses.replace(p, stages=tuple(resolve(stage) for stage in p.stages)) for p in pipelines]
 
 
+def openvino_graphs(exports, onnx_files, progress: Progress) -> tuple[dict[str, Path], list[ValidationReport]]:
+    """FP32 on OpenVINO: every graph converted to IR and checked against PyTorch again, run by
+    OpenVINO with its FP32 precision hint (its report replaces the ONNX one beside the graph)."""
+    from tritonkit.engines import Runtime
+    from tritonkit.precision import openvino_ir
+
+    files, reports = {}, []
+    for role, path in onnx_files.items():
+        progress(f"converting {role} to OpenVINO IR")
+        ir = Path(path).with_name("model.openvino.xml")
+        openvino_ir(Path(path), ir)
+        report = validate_onnx(exports[role], ir, Runtime("openvino"))
+        progress(f"on OpenVINO: {report.summary()}")
+        if not report.passed:
+            raise ExportError(f"{report.summary()}: OpenVINO's FP32 result does not match PyTorch")
+        report.write(Path(path).with_name("export_report.json"))
+        files[role] = ir
+        reports.append(report)
+    return files, reports
+
+
 def reduce_precision(
     spec,
     loaded,
@@ -135,10 +163,10 @@ def reduce_precision(
     precision: PrecisionOptions,
     staging: Path,
     progress: Progress,
-    target: str = "cpu",
+    options: BuildOptions = BuildOptions(),
 ):
-    """Build each requested variant of every graph, judge it, and keep the target's preferred one
-    that passes (`tritonkit.precision.choose`)."""
+    """Build each requested variant of every graph, judge it as the engine will run it, and keep
+    the preferred one that passes (`tritonkit.precision.choose`)."""
     import json
 
     from tritonkit.precision import choose, convert, evaluate
@@ -153,7 +181,7 @@ def reduce_precision(
     task_check = spec.task_check(loaded, data, onnx_files)
     files: dict[str, dict[str, Path]] = {}
     reports: dict[str, AccuracyReport] = {}
-    for variant in precision.variants():
+    for variant in precision.variants(options.engine):
         files[variant] = {}
         for role, fp32 in onnx_files.items():
             progress(f"converting {role} to {variant}")
@@ -165,9 +193,9 @@ def reduce_precision(
                 precision.calibration_method,
             )
         progress(f"measuring {variant} against FP32 on held-out data ({data.source})")
-        reports[variant] = evaluate(variant, exports, files[variant], data, thresholds, task_check)
+        reports[variant] = evaluate(variant, exports, files[variant], data, thresholds, task_check, options.engine)
         progress(reports[variant].summary())
-    decision = choose(reports, precision.force, target)
+    decision = choose(reports, precision.force, "openvino" if options.engine == "openvino" else options.target)
     chosen = decision.chosen
     summary = {
         "chosen": chosen,

@@ -17,8 +17,17 @@ from tritonkit.errors import ConfigError
 from tritonkit.repository import TEMPLATE_PARAMETER, VERSION, list_models
 from tritonkit.triton_config import parameter, read_config
 
-REQUIRED_FILES = {"python": "model.py", "dali": "model.dali", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+REQUIRED_FILES = {
+    "python": "model.py",
+    "dali": "model.dali",
+    "onnxruntime": "model.onnx",
+    "tensorrt": "model.plan",
+    "openvino": "model.xml",
+}
 CPU_BACKENDS = {"python", ""}
+# target cpu-native: a CPU server with Triton's own CPU backends (NGC containers), not the bundled one
+NATIVE_CPU_BACKENDS = {"python", "", "onnxruntime", "openvino"}
+TARGETS = ("cpu", "cpu-native", "gpu")
 # Python-backend stages of a CPU repository whose work a GPU repository gives to a GPU backend.
 CPU_ONLY_TEMPLATES = {"onnx_encoder": "its ONNX graph (ONNX Runtime)", "dali_pipeline": "its DALI pipeline"}
 
@@ -44,7 +53,8 @@ def _signature(tensor) -> tuple[int, tuple[int, ...]]:
 
 
 def check_repository(repository: Path, target: str | None = None) -> CheckReport:
-    """`target` cpu or gpu also checks that instance kinds and backends suit it."""
+    """`target` cpu (the bundled server), cpu-native (a CPU server with Triton's onnxruntime and
+    openvino backends) or gpu also checks that instance kinds and backends suit it."""
     repository = Path(repository)
     report = CheckReport(repository)
     configs = {}
@@ -71,14 +81,25 @@ def check_repository(repository: Path, target: str | None = None) -> CheckReport
             )
         elif required and not (repository / name / VERSION / required).exists():
             report.errors.append(f"{name}: the {config.backend} backend needs {VERSION}/{required}, which is missing")
+        elif config.backend == "openvino" and not (repository / name / VERSION / "model.bin").exists():
+            report.errors.append(f"{name}: {VERSION}/model.xml has no weights beside it ({VERSION}/model.bin)")
         kinds = {_kind(g) for g in config.instance_group}
-        if target == "cpu":
+        if target in ("cpu", "cpu-native"):
             if "KIND_GPU" in kinds:
                 report.errors.append(f"{name}: KIND_GPU instances in a CPU repository")
-            if config.backend not in CPU_BACKENDS:
+            if target == "cpu" and config.backend not in CPU_BACKENDS:
                 report.errors.append(
-                    f"{name}: the {config.backend} backend is not in the CPU server (Python backend only)"
+                    f"{name}: the {config.backend} backend is not in the CPU server bundled here (Python backend "
+                    "only); check it with --target cpu-native for a server that has Triton's CPU backends"
                 )
+            if target == "cpu-native" and config.backend not in NATIVE_CPU_BACKENDS:
+                report.errors.append(f"{name}: the {config.backend} backend is not a CPU backend")
+        if config.backend == "openvino" and parameter(config, "HINT_BF16") is None:
+            report.warnings.append(
+                f"{name}: Triton's openvino backend has no FP32 precision hint, so on a CPU with native BF16 "
+                "OpenVINO computes this graph's float parts in BF16 (its default there); for FP32 there, build with "
+                "--engine onnxruntime --native-backends"
+            )
         if target == "gpu" and config.backend in ("dali", "onnxruntime", "tensorrt") and "KIND_GPU" not in kinds:
             report.warnings.append(f"{name}: a {config.backend} model without KIND_GPU instances runs on CPU")
         template = parameter(config, TEMPLATE_PARAMETER)

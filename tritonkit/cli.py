@@ -112,12 +112,24 @@ def build(
     engine: Annotated[
         str,
         typer.Option(
-            help="--target gpu encoders: onnxruntime, onnxruntime-trt (its TensorRT accelerator) or tensorrt (plans built here; needs a GPU)."
+            help="How graphs run. CPU: onnxruntime or openvino. GPU: onnxruntime, onnxruntime-trt (its TensorRT "
+            "accelerator) or tensorrt (plans built here; needs a GPU)."
         ),
     ] = "onnxruntime",
-    precision: Annotated[str, typer.Option(help="fp32, fp16, or int8 (each judged against FP32 before use).")] = "fp32",
+    native_backends: Annotated[
+        bool,
+        typer.Option(
+            help="CPU: encoders on Triton's own onnxruntime/openvino backends (NGC containers; not the server bundled here)."
+        ),
+    ] = False,
+    precision: Annotated[
+        str, typer.Option(help="fp32, fp16, bf16 (openvino, native BF16 CPUs) or int8; each judged against FP32.")
+    ] = "fp32",
     quantization: Annotated[
-        str, typer.Option(help="INT8: static (calibrated QDQ), dynamic, or auto (the faster that passes).")
+        str,
+        typer.Option(
+            help="INT8: static (calibrated QDQ), dynamic, auto (the preferred that passes), nncf (openvino's default)."
+        ),
     ] = "auto",
     calibration_data: Annotated[
         Path | None, typer.Option(help="Your images+captions (CLIP) or audio+.txt (Whisper) to calibrate and judge on.")
@@ -167,6 +179,7 @@ def build(
         max_prompt_bytes=max_prompt_bytes,
         dali_threads=dali_threads,
         engine=engine,
+        native_backends=native_backends,
     )
     overrides = BatchingOverrides(
         max_batch_size=max_batch_size,
@@ -599,13 +612,18 @@ def preprocess(
 @app.command()
 def check(
     repository: Annotated[Path, typer.Argument(help="Model repository directory.")],
-    target: Annotated[str | None, typer.Option(help="Also check that models suit cpu or gpu serving.")] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Also check that models suit cpu (the bundled server), cpu-native (Triton's CPU backends) or gpu serving."
+        ),
+    ] = None,
 ):
     """Validate a repository without loading it: schema, ensemble wiring, files, instance kinds."""
-    from tritonkit.check import check_repository
+    from tritonkit.check import TARGETS, check_repository
 
-    if target not in (None, "cpu", "gpu"):
-        raise InputError(f"--target {target!r}: use cpu or gpu")
+    if target not in (None, *TARGETS):
+        raise InputError(f"--target {target!r}: use {', '.join(TARGETS)}")
     report = check_repository(repository, target)
     for warning in report.warnings:
         labelled("warning:", "yellow", str(warning))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tritonkit.engines import ONNX_RUNTIME, Runtime
 from tritonkit.errors import ExportError
 from tritonkit.families.base import OnnxExport
 from tritonkit.metrics import cosines
@@ -78,12 +79,12 @@ def export_onnx(export: OnnxExport, path: Path) -> Path:
     return path
 
 
-def validate_onnx(export: OnnxExport, path: Path) -> ValidationReport:
-    """Run PyTorch and ONNX Runtime on every sample batch; shape mismatches are fatal."""
-    import onnxruntime as ort
+def validate_onnx(export: OnnxExport, path: Path, runtime: Runtime = ONNX_RUNTIME) -> ValidationReport:
+    """Run PyTorch and the graph (ONNX Runtime, or as `runtime` says: an OpenVINO IR) on every
+    sample batch; shape mismatches are fatal."""
     import torch
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = runtime.session(path)
     output_names = [t.name for t in export.outputs]
     max_abs, min_cos, batches = 0.0, 1.0, []
     for sample in export.sample_inputs:
@@ -96,7 +97,7 @@ def validate_onnx(export: OnnxExport, path: Path) -> ValidationReport:
             want = want.numpy()
             if want.shape != got.shape:
                 raise ExportError(
-                    f"{export.role}: output {name} has shape {got.shape} in ONNX, {want.shape} in PyTorch"
+                    f"{export.role}: output {name} has shape {got.shape} on {runtime.engine}, {want.shape} in PyTorch"
                 )
             max_abs = max(max_abs, float(np.abs(want - got).max()) if want.size else 0.0)
             min_cos = min(min_cos, float(cosines(want, got).min()))

@@ -12,6 +12,10 @@ checked against the FP32 PyTorch model before a build may use it.
   0.62 to FP32 on speech; this recipe gives 0.99 (`scripts/bench_precision.py` reports it).
 - FP16: float16 weights and compute, with LayerNorm, Softmax, reductions and the graph's inputs
   and outputs kept in float32.
+- OpenVINO (`--engine openvino`): every graph becomes OpenVINO IR with FP32 weights. BF16 is the
+  FP32 graph run with OpenVINO's BF16 precision hint (only where the CPU has native BF16); INT8 is
+  NNCF's post-training quantization for transformers, built with SmoothQuant (NNCF's recipe) and
+  without it, the first that passes kept.
 
 `auto` (the INT8 default) builds both INT8 variants and keeps the faster one that passes its
 accuracy report, measured on this machine.
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
+from tritonkit.engines import IR_SUFFIX, ONNX_RUNTIME, Runtime
 from tritonkit.errors import ExportError, InputError
 from tritonkit.metrics import cosines
 
@@ -36,8 +41,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-PRECISIONS = ("fp32", "fp16", "int8")
-QUANTIZATIONS = ("auto", "static", "dynamic")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+QUANTIZATIONS = ("auto", "static", "dynamic", "nncf")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ["MatMul", "Gemm"]
 ACTIVATION_FUNCTIONS = {"Erf", "Gelu", "FastGelu", "Sigmoid", "Tanh", "Relu", "QuickGelu"}
@@ -79,11 +84,25 @@ class PrecisionOptions:
         if self.calibration_data is not None and not Path(self.calibration_data).is_dir():
             raise InputError(f"--calibration-data {self.calibration_data}: no such directory")
 
-    def variants(self) -> list[str]:
-        """The graph variants to build and compare: fp16, int8-static, int8-dynamic."""
-        if self.precision == "fp16":
-            return ["fp16"]
+    def variants(self, engine: str = "onnxruntime") -> list[str]:
+        """The graph variants to build and compare for `engine`: fp16, int8-static, int8-dynamic
+        (ONNX Runtime, TensorRT); bf16, int8-nncf, int8-nncf-nosq (OpenVINO)."""
+        openvino = engine == "openvino"
+        if self.precision == "bf16" and not openvino:
+            raise InputError("--precision bf16 runs on OpenVINO: add --engine openvino")
+        if self.precision == "fp16" and openvino:
+            raise InputError("--precision fp16 is not a CPU precision on OpenVINO: use bf16 or int8")
+        if self.precision == "int8" and self.quantization != "auto" and openvino != (self.quantization == "nncf"):
+            raise InputError(
+                f"--quantization {self.quantization} is for "
+                + ("--engine openvino" if self.quantization == "nncf" else "ONNX Runtime and TensorRT builds")
+                + (": use nncf (or auto) with --engine openvino" if openvino else "")
+            )
+        if self.precision in ("fp16", "bf16"):
+            return [self.precision]
         if self.precision == "int8":
+            if openvino:
+                return ["int8-nncf", "int8-nncf-nosq"]
             return {"auto": ["int8-static", "int8-dynamic"], "static": ["int8-static"], "dynamic": ["int8-dynamic"]}[
                 self.quantization
             ]
@@ -139,11 +158,13 @@ class FeedReader:
 
 
 def convert(fp32: Path, out: Path, variant: str, calibration: list[Feeds], method: str = "minmax") -> Path:
-    """Write `variant` of the FP32 graph `fp32` to `out`."""
+    """Write `variant` of the FP32 graph `fp32` to `out` (OpenVINO variants: `out` with suffix .xml)."""
     import onnx
 
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        if variant in OPENVINO_VARIANTS:
+            return _openvino_variant(fp32, out.with_suffix(IR_SUFFIX), variant, calibration)
         if variant == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -168,6 +189,58 @@ def convert(fp32: Path, out: Path, variant: str, calibration: list[Feeds], metho
     except Exception as exc:
         raise ExportError(f"{fp32.parent.name}: {variant} conversion failed: {exc}") from exc
     return out
+
+
+OPENVINO_VARIANTS = ("fp32-openvino", "bf16", "int8-nncf", "int8-nncf-nosq")
+
+
+def openvino_ir(fp32: Path, out: Path):
+    """The ONNX graph `fp32` as OpenVINO IR in `out` (.xml and .bin) with FP32 weights: OpenVINO's
+    save_model would store them as FP16 by default. Returns the converted ov.Model."""
+    import onnx
+    import openvino as ov
+
+    model = ov.convert_model(str(fp32))
+    # a port may carry an inner tensor's name too ('/vision_model/.../Cast_output_0'), and
+    # OpenVINO (Triton's openvino backend among its users) reads any one of them: keep the graph's
+    # own names, which are the Triton tensor names
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    own = {value.name for value in [*graph.input, *graph.output]}
+    for port in [*model.inputs, *model.outputs]:
+        names = port.get_names() & own
+        if names:
+            port.get_tensor().set_names(names)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(out), compress_to_fp16=False)
+    return model
+
+
+def _openvino_variant(fp32: Path, out: Path, variant: str, calibration: list[Feeds]) -> Path:
+    model = openvino_ir(fp32, out)
+    if variant.startswith("int8-nncf"):
+        import nncf
+        import openvino as ov
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+        if not calibration:
+            raise InputError("INT8 quantization with NNCF needs calibration samples")
+        advanced = None
+        if variant == "int8-nncf-nosq":  # alpha -1 turns SmoothQuant off
+            advanced = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(calibration),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(calibration),
+            advanced_parameters=advanced,
+        )
+        ov.save_model(quantized, str(out), compress_to_fp16=False)
+    return out
+
+
+def runtime_precision(variant: str) -> str:
+    """How an OpenVINO session computes a variant's graph (its precision hint)."""
+    return "bf16" if variant == "bf16" else "int8" if variant.startswith("int8") else "fp32"
 
 
 def _quantize_static(fp32: Path, out: Path, calibration: list[Feeds], method: str) -> None:
@@ -232,13 +305,14 @@ def nodes_kept_in_float(model) -> list[str]:
     return kept
 
 
-def compare_graph(module, onnx_file: Path, outputs: list[str], heldout: list[Feeds]) -> tuple[dict[str, float], float]:
-    """Variant vs the FP32 PyTorch module on held-out feeds: cosine min/mean, max abs; and the
-    median latency of one feed."""
-    import onnxruntime as ort
+def compare_graph(
+    module, onnx_file: Path, outputs: list[str], heldout: list[Feeds], runtime: Runtime = ONNX_RUNTIME
+) -> tuple[dict[str, float], float]:
+    """Variant vs the FP32 PyTorch module on held-out feeds, run as it will be served (`runtime`):
+    cosine min/mean, max abs; and the median latency of one feed."""
     import torch
 
-    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    session = runtime.session(onnx_file)
     names = [i.name for i in session.get_inputs()]
     all_cosines, max_abs, times = [], 0.0, []
     for feed in heldout:
@@ -262,7 +336,12 @@ def compare_graph(module, onnx_file: Path, outputs: list[str], heldout: list[Fee
 # builds of the same inputs kept different graphs). CPU: ONNX Runtime's dynamic INT8 ran 1.82x
 # FP32 and static QDQ 0.96x on CLIP ViT-B/32 (scripts/bench_precision.py, docs/BENCHMARKS.md).
 # GPU: TensorRT builds INT8 engines from the static QDQ graph (explicit quantization).
-PREFERENCE = {"cpu": ("int8-dynamic", "int8-static", "fp16"), "gpu": ("int8-static", "int8-dynamic", "fp16")}
+# OpenVINO: NNCF INT8 (with SmoothQuant, then without), then BF16.
+PREFERENCE = {
+    "cpu": ("int8-dynamic", "int8-static", "fp16"),
+    "gpu": ("int8-static", "int8-dynamic", "fp16"),
+    "openvino": ("int8-nncf", "int8-nncf-nosq", "bf16"),
+}
 
 
 @dataclass(frozen=True)
@@ -344,17 +423,22 @@ def evaluate(
     files: Mapping[str, Path],
     data: PrecisionData,
     thresholds: dict[str, float],
-    task_check: Callable[[Mapping[str, Path]], dict[str, float]] | None = None,
+    task_check: Callable[[Mapping[str, Path], Runtime], dict[str, float]] | None = None,
+    engine: str = "onnxruntime",
 ) -> AccuracyReport:
-    """The accuracy report of one variant: every graph against FP32 PyTorch, then the family's
-    task-level check (which also fills failures by its own thresholds)."""
+    """The accuracy report of one variant, run on `engine` as it will be served: every graph
+    against FP32 PyTorch, then the family's task-level check (which also fills failures by its
+    own thresholds)."""
+    runtime = Runtime(engine, runtime_precision(variant))
     graphs, latency, failures = {}, {}, []
     for role, export in exports.items():
-        stats, ms = compare_graph(export.module, files[role], [t.name for t in export.outputs], data.heldout[role])
+        stats, ms = compare_graph(
+            export.module, files[role], [t.name for t in export.outputs], data.heldout[role], runtime
+        )
         graphs[role], latency[role] = stats, ms
         if stats["min_cosine"] < thresholds["min_cosine"]:
             failures.append(f"{role} min cosine {stats['min_cosine']:.4f} < {thresholds['min_cosine']}")
-    task = task_check(files) if task_check else {}
+    task = task_check(files, runtime) if task_check else {}
     if "wer_increase" in task and task["wer_increase"] > thresholds.get("max_wer_increase", float("inf")):
         failures.append(f"WER rises by {task['wer_increase']:.3f} > {thresholds['max_wer_increase']}")
     return AccuracyReport(variant, data.source, graphs, task, thresholds, failures, latency)

@@ -15,8 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_repository_templates import template_path
+from tritonkit.engines import usable_cores
 from tritonkit.errors import ConfigError, TritonkitError
-from tritonkit.families.base import PLAN_MEMORY_PARAMETER, SERVER_MEMORY_ROLE, Pipeline, StageMemory
+from tritonkit.families.base import (
+    NATIVE_THREAD_PARAMETERS,
+    PLAN_MEMORY_PARAMETER,
+    SERVER_MEMORY_ROLE,
+    Pipeline,
+    StageMemory,
+)
 from tritonkit.triton_config import (
     Batching,
     EnsembleStep,
@@ -82,11 +89,16 @@ def plan_models(
                 parameters[PLAN_MEMORY_PARAMETER] = memory[stage.role].to_json()
             if max_request_bytes and client_inputs & {t.name for t in stage.inputs}:
                 parameters[REQUEST_BYTES_PARAMETER] = str(max_request_bytes)
+        batching = overrides.apply(stage.batching)
+        if stage.backend in NATIVE_THREAD_PARAMETERS and stage.kind == "KIND_CPU":
+            parameters.setdefault(
+                NATIVE_THREAD_PARAMETERS[stage.backend], str(max(1, usable_cores() // batching.instances))
+            )
         config = model_config(
             stage_name,
             stage.inputs,
             stage.outputs,
-            overrides.apply(stage.batching),
+            batching,
             parameters,
             backend=stage.backend,
             kind=stage.kind,

@@ -257,8 +257,8 @@ class TritonServer:
                 raise ServerError(
                     f"{repository} needs the {', '.join(missing)} backend(s), which the tritonserver bundled in "
                     "nvidia-pytriton does not have",
-                    hint="it was built with --target gpu: serve it with an NGC tritonserver container on a GPU machine, "
-                    "or rebuild with --target cpu",
+                    hint="serve it with an NGC tritonserver container (it was built with --target gpu or "
+                    "--native-backends), or rebuild with --target cpu and without --native-backends",
                 )
         self._workdir = Path(tempfile.mkdtemp(prefix="tritonkit-server-"))
         if self.log_file is None:

@@ -107,7 +107,7 @@ def _parse(config: dict) -> model_config_pb2.ModelConfig:
         raise ConfigError(f"model {config.get('name')!r}: invalid config: {exc}") from exc
 
 
-BACKENDS = ("python", "dali", "onnxruntime", "tensorrt")
+BACKENDS = ("python", "dali", "onnxruntime", "tensorrt", "openvino")
 KINDS = ("KIND_CPU", "KIND_GPU")
 
 

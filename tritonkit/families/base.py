@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tritonkit.engines import graph_files, graph_name
 from tritonkit.errors import ConfigError
 from tritonkit.triton_config import Batching, Tensor
 
@@ -110,7 +111,11 @@ PLAN_MEMORY_PARAMETER = "tritonkit_plan_memory"
 # A CPU encoder's rows per graph run (Batching.rows_per_run); `tritonkit plan` sizes its workspace by it.
 ROWS_PER_RUN_PARAMETER = "rows_per_run"
 PREPROCESSING = ("dali", "python")
-ENGINES = ("onnxruntime", "onnxruntime-trt", "tensorrt")
+ENGINES = ("onnxruntime", "onnxruntime-trt", "tensorrt", "openvino")
+GPU_ENGINES = ("onnxruntime-trt", "tensorrt")
+# The thread-count parameter of Triton's CPU backends: a KIND_CPU model on one gets the build
+# machine's cores over its instance count (neither backend has an 'all cores' value).
+NATIVE_THREAD_PARAMETERS = {"openvino": "INFERENCE_NUM_THREADS", "onnxruntime": "intra_op_thread_count"}
 
 
 @dataclass(frozen=True)
@@ -129,8 +134,12 @@ class BuildOptions:
     max_request_bytes: int | None = None  # all encoded inputs of one request; None: the family's default
     max_prompt_bytes: int | None = None  # one text prompt (chat), checked before tokenizing
     dali_threads: int = 1
-    engine: str = "onnxruntime"  # gpu target: how encoders run (ONNX Runtime, its TensorRT provider, or TensorRT plans)
+    # how the graphs run: ONNX Runtime or OpenVINO (cpu); ONNX Runtime, its TensorRT provider, or TensorRT plans (gpu)
+    engine: str = "onnxruntime"
     precision: str = "fp32"  # what the encoders' graphs hold (set by the build from the chosen variant)
+    # cpu: encoders on Triton's own onnxruntime / openvino backends (NGC containers have them; the
+    # bundled server here does not), preprocessing and decoders in the Python backend as always
+    native_backends: bool = False
 
     def __post_init__(self):
         from tritonkit.errors import InputError
@@ -151,8 +160,12 @@ class BuildOptions:
                 raise InputError(f"{flag} must be >= 1, got {value}")
         if self.engine not in ENGINES:
             raise InputError(f"--engine {self.engine!r}: use one of {', '.join(ENGINES)}")
-        if self.engine != "onnxruntime" and not self.gpu:
+        if self.engine in GPU_ENGINES and not self.gpu:
             raise InputError(f"--engine {self.engine} is for --target gpu")
+        if self.engine == "openvino" and self.gpu:
+            raise InputError("--engine openvino is for --target cpu")
+        if self.native_backends and self.gpu:
+            raise InputError("--native-backends is for --target cpu (GPU repositories always use Triton's backends)")
 
     @property
     def gpu(self) -> bool:
@@ -408,6 +421,40 @@ def image_preprocess_stages(
     )
 
 
+def engine_parameters(graph: Path, stem: str, options: BuildOptions) -> dict[str, str]:
+    """What a Python-backend stage needs to run `graph` as the build chose: its file (`STEM_file`)
+    and, on OpenVINO, the engine and the precision it computes in."""
+    from tritonkit.precision import runtime_precision
+
+    parameters = {f"{stem}_file": graph_name(graph, stem)}
+    if options.engine == "openvino":
+        parameters.update(engine="openvino", inference_precision=runtime_precision(options.precision))
+    return parameters
+
+
+def native_encoder_stage(role: str, inputs, outputs, batching: Batching, graph: Path, options: BuildOptions) -> Stage:
+    """An encoder on Triton's own CPU backend: onnxruntime (model.onnx) or openvino (model.xml and
+    model.bin, with its precision in the backend's parameters; the repository writer adds the
+    threads per instance, NATIVE_THREAD_PARAMETERS)."""
+    parameters: dict[str, str] = {}
+    if options.engine == "openvino":
+        parameters = {"NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
+        if options.precision == "bf16":
+            parameters["HINT_BF16"] = "YES"
+    backend = "openvino" if options.engine == "openvino" else "onnxruntime"
+    return Stage(
+        role,
+        None,
+        inputs,
+        outputs,
+        batching,
+        parameters,
+        graph_files(graph, "model"),
+        backend=backend,
+        graphs={graph_name(graph, "model"): role},
+    )
+
+
 def encoder_stage(role: str, inputs, outputs, batching: Batching, onnx_file: Path, options: BuildOptions) -> Stage:
     """An ONNX encoder. CPU: ONNX Runtime inside the Python backend. GPU: the ONNX Runtime backend
     (optionally with its TensorRT execution accelerator), or a TensorRT plan that the build makes,
@@ -415,7 +462,10 @@ def encoder_stage(role: str, inputs, outputs, batching: Batching, onnx_file: Pat
     from tritonkit.triton_config import warmup
 
     if not options.gpu:
+        if options.native_backends:
+            return native_encoder_stage(role, inputs, outputs, batching, onnx_file, options)
         parameters = {ROWS_PER_RUN_PARAMETER: str(batching.rows_per_run)} if batching.rows_per_run else {}
+        parameters.update(engine_parameters(onnx_file, "model", options))
         return Stage(
             role,
             "onnx_encoder",
@@ -423,8 +473,8 @@ def encoder_stage(role: str, inputs, outputs, batching: Batching, onnx_file: Pat
             outputs,
             batching,
             parameters,
-            {"model.onnx": onnx_file},
-            graphs={"model.onnx": role},
+            graph_files(onnx_file, "model"),
+            graphs={graph_name(onnx_file, "model"): role},
         )
     extra = warmup(inputs)
     if options.engine == "tensorrt":

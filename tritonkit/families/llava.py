@@ -251,6 +251,7 @@ class LlavaSpec(FamilySpec):
     # -- reduced precision -----------------------------------------------------------------
     precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {
         "fp16": {"min_cosine": 0.999},
+        "bf16": {"min_cosine": 0.995},
         "int8": {"min_cosine": 0.99},
     }
 

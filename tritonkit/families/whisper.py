@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tritonkit.engines import graph_files, graph_name
 from tritonkit.errors import ExportError
 from tritonkit.families.base import (
     GRAPH_ROWS_PARAMETER,
@@ -25,6 +26,7 @@ from tritonkit.families.base import (
     Tolerance,
     dali_stage,
     encoder_stage,
+    engine_parameters,
     register,
     saved_pretrained,
 )
@@ -230,6 +232,7 @@ class WhisperSpec(FamilySpec):
     # -- reduced precision -----------------------------------------------------------------
     precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {
         "fp16": {"min_cosine": 0.99, "max_wer_increase": 0.02},
+        "bf16": {"min_cosine": 0.99, "max_wer_increase": 0.02},
         "int8": {"min_cosine": 0.9, "max_wer_increase": 0.02},
     }
 
@@ -321,8 +324,8 @@ class WhisperSpec(FamilySpec):
         reference_tokens, reference_texts = self._transcribe(loaded, onnx_files, data.task)
         truths = data.task["texts"]
 
-        def check(files) -> dict[str, float]:
-            tokens, texts = self._transcribe(loaded, files, data.task)
+        def check(files, runtime) -> dict[str, float]:
+            tokens, texts = self._transcribe(loaded, files, data.task, runtime)
             metrics = {
                 "token_agreement": sum(a == b for a, b in zip(tokens, reference_tokens)) / len(tokens),
                 "wer_vs_fp32": wer(reference_texts, texts),
@@ -337,14 +340,13 @@ class WhisperSpec(FamilySpec):
 
         return check
 
-    def _transcribe(self, loaded, files, task) -> tuple[list[list[int]], list[str]]:
-        import onnxruntime as ort
-
+    def _transcribe(self, loaded, files, task, runtime=None) -> tuple[list[list[int]], list[str]]:
+        from tritonkit.engines import Runtime
         from tritonkit.preprocessing.audio import AudioRecipe, log_mel, split_windows
         from tritonkit.whisper_decoding import DecodeOptions
 
         def session(role):
-            return ort.InferenceSession(str(files[role]), providers=["CPUExecutionProvider"])
+            return (runtime or Runtime()).session(files[role])
 
         encoder = session("encoder")
         decoder = WindowDecoder(session("decoder_cross_kv"), session("decoder_step"), self.decode_settings(loaded))
@@ -449,8 +451,10 @@ class WhisperSpec(FamilySpec):
             decoder_parameters["providers"] = "CUDAExecutionProvider,CPUExecutionProvider"
         else:  # the decoder runs its cross-KV graph in slices (WindowDecoder.CROSS_KV_ROWS_PER_RUN)
             decoder_parameters[GRAPH_ROWS_PARAMETER] = json.dumps(
-                {"cross_kv.onnx": WindowDecoder.CROSS_KV_ROWS_PER_RUN}
+                {graph_name(onnx_files["decoder_cross_kv"], "cross_kv"): WindowDecoder.CROSS_KV_ROWS_PER_RUN}
             )
+        decoder_parameters.update(engine_parameters(onnx_files["decoder_cross_kv"], "cross_kv", options))
+        decoder_parameters.update(engine_parameters(onnx_files["decoder_step"], "step", options))
         encoder = encoder_stage(
             "encoder",
             (t[INPUT_FEATURES],),
@@ -471,8 +475,14 @@ class WhisperSpec(FamilySpec):
                 outputs=outputs,
                 batching=self.stage_batching("decoder"),
                 parameters=decoder_parameters,
-                files={"cross_kv.onnx": onnx_files["decoder_cross_kv"], "step.onnx": onnx_files["decoder_step"]},
-                graphs={"cross_kv.onnx": "decoder_cross_kv", "step.onnx": "decoder_step"},
+                files={
+                    **graph_files(onnx_files["decoder_cross_kv"], "cross_kv"),
+                    **graph_files(onnx_files["decoder_step"], "step"),
+                },
+                graphs={
+                    graph_name(onnx_files["decoder_cross_kv"], "cross_kv"): "decoder_cross_kv",
+                    graph_name(onnx_files["decoder_step"], "step"): "decoder_step",
+                },
                 artefacts=(saved_pretrained("tokenizer", "tokenizer", loaded.processor.tokenizer.save_pretrained),),
                 kind="KIND_GPU" if options.gpu else "KIND_CPU",
             ),
