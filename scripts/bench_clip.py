@@ -6,11 +6,13 @@
   same ONNX Runtime graph the repository serves, batch 16, no server;
 - the served `clip_image` ensemble on a real tritonserver, `tritonkit bench` at concurrency 16.
 
-For FP32 and INT8 builds (INT8 as `tritonkit build --precision int8` picks it, with its accuracy
-report). The model has the CLIP ViT-B/32 architecture with random weights (speed does not
-depend on them).
+For FP32 and INT8 builds on ONNX Runtime and on OpenVINO, and BF16 on OpenVINO where the CPU has
+native BF16 (each reduced precision as `tritonkit build --precision ...` picks it, with its
+accuracy report on the built-in varied images). The model has the CLIP ViT-B/32 architecture with
+random weights (speed does not depend on them). The ceiling is also given as a share of the
+machine's FP32 matrix-multiply rate, measured here (numpy's BLAS, all cores).
 
-    python scripts/bench_clip.py [--images 64] [--duration 20] [--json out.json] [--markdown docs/BENCHMARKS.md]
+    python scripts/bench_clip.py [--images 64] [--duration 20] [--engines onnxruntime,openvino] [--json out.json] [--markdown docs/BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -41,6 +43,23 @@ from tritonkit.triton_config import parameter, read_config
 
 BATCH = 16
 CONCURRENCY = 16
+# multiply-accumulates of one 224x224 image through the ViT-B/32 image tower (timm's 4.4 GMACs)
+VIT_B32_GMACS = 4.4
+
+
+def fp32_gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The FP32 matrix-multiply rate of this machine (numpy's BLAS on all cores), GFLOP/s."""
+    a = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    b = a.T.copy()
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
 def photos(count: int) -> list[bytes]:
@@ -78,15 +97,18 @@ def transformers_eager(model_dir: Path, files: list[bytes]) -> float:
 
 
 def in_process_ceiling(repository: Path, files: list[bytes]) -> float:
-    """The repository's own preprocessing and encoder graph, called directly in this process."""
-    import onnxruntime as ort
+    """The repository's own preprocessing and encoder graph (on its engine, at its precision),
+    called directly in this process."""
+    from tritonkit.engines import session_from_parameters
 
     preprocess = repository / "clip_image_preprocess"
     recipe = ImageRecipe.from_json(parameter(read_config(preprocess), "image_recipe"))
     runner = DaliRunner((preprocess / VERSION / "model.dali").read_bytes(), BATCH)
-    session = ort.InferenceSession(
-        str(repository / "clip_image_encoder" / VERSION / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
+    encoder = read_config(repository / "clip_image_encoder")
+    parameters = {key: value.string_value for key, value in encoder.parameters.items()}
+    graph = parameters.get("model_file") or parameters.get("onnx_file", "model.onnx")
+    config = {"instance_group": [{"count": g.count} for g in encoder.instance_group]}
+    session = session_from_parameters(repository / "clip_image_encoder" / VERSION / graph, parameters, config)
 
     def run():
         for i in range(0, len(files), BATCH):
@@ -123,16 +145,32 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--engines", default="onnxruntime,openvino")
     args = parser.parse_args()
+    from tritonkit.engines import cpu_capabilities
+    from tritonkit.families.base import BuildOptions
+
     files = photos(args.images)
+    gemm = fp32_gemm_gflops()
+    print(f"FP32 matrix multiply: {gemm:.0f} GFLOP/s", flush=True)
+    builds = []
+    for engine in args.engines.split(","):
+        precisions = ["fp32", "int8"] + (["bf16"] if engine == "openvino" and "BF16" in cpu_capabilities() else [])
+        builds += [(engine, precision) for precision in precisions]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-clip-") as folder:
         model_dir = make_vit_b32_clip(Path(folder) / "vit-b-32")
         eager = transformers_eager(model_dir, files)
         print(f"transformers eager: {eager:.1f} images/s", flush=True)
-        for precision in ("fp32", "int8"):
-            repository = Path(folder) / f"repo-{precision}"
-            result = build("clip", str(model_dir), repository, precision=PrecisionOptions(precision))
+        for engine, precision in builds:
+            repository = Path(folder) / f"repo-{engine}-{precision}"
+            result = build(
+                "clip",
+                str(model_dir),
+                repository,
+                options=BuildOptions(engine=engine),
+                precision=PrecisionOptions(precision),
+            )
             ceiling = in_process_ceiling(repository, files)
             throughput, details = served(repository, files, args.duration)
             accuracy = (
@@ -142,16 +180,25 @@ def main() -> None:
             )
             rows.append(
                 {
+                    "engine": engine,
                     "precision": result.precision_variant,
                     "served": throughput,
                     "ceiling": ceiling,
+                    "ceiling_gflops": ceiling * VIT_B32_GMACS * 2,
                     "eager": eager,
                     "min_cosine": accuracy,
                     **details,
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    result = {"machine": machine(), "images": args.images, "duration_s": args.duration, "rows": rows}
+    result = {
+        "machine": machine(),
+        "optimization_capabilities": sorted(cpu_capabilities()),
+        "fp32_gemm_gflops": gemm,
+        "images": args.images,
+        "duration_s": args.duration,
+        "rows": rows,
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     if args.markdown:
@@ -160,30 +207,37 @@ def main() -> None:
 
 def write_markdown(path: Path, result: dict) -> None:
     lines = [
-        f"{result['images']} JPEG photos (480x640), {result['machine']['cpus']} CPUs; served: `tritonkit bench` at "
-        f"concurrency {CONCURRENCY} for {result['duration_s']:.0f} s (load generator on the same cores). Command: "
-        "`python scripts/bench_clip.py --markdown docs/BENCHMARKS.md`.",
+        f"{result['images']} JPEG photos (480x640), {result['machine']['cpus']} CPUs (OpenVINO computes natively: "
+        f"{', '.join(result['optimization_capabilities'])}; FP32 matrix multiply measured at "
+        f"{result['fp32_gemm_gflops']:.0f} GFLOP/s); served: `tritonkit bench` at concurrency {CONCURRENCY} for "
+        f"{result['duration_s']:.0f} s (load generator on the same cores). Command: "
+        "`python scripts/bench_clip.py --markdown docs/BENCHMARKS.md`. The ceiling's GFLOP/s counts "
+        f"{VIT_B32_GMACS} GMACs per image.",
         "",
     ]
     lines += markdown_table(
         [
+            "engine",
             "precision",
             "served images/s",
             "in-process ceiling",
             "transformers eager",
             "served / eager",
             "served / ceiling",
+            "ceiling GFLOP/s (share of FP32 GEMM)",
             "p99 ms",
             "min cosine to FP32",
         ],
         [
             [
+                r["engine"],
                 r["precision"],
                 f"{r['served']:.1f}",
                 f"{r['ceiling']:.1f}",
                 f"{r['eager']:.1f}",
                 f"**{r['served'] / r['eager']:.2f}x**",
                 f"**{r['served'] / r['ceiling']:.2f}x**",
+                f"{r['ceiling_gflops']:.0f} ({r['ceiling_gflops'] / result['fp32_gemm_gflops']:.0%})",
                 f"{r['p99_ms']:.0f}",
                 f"{r['min_cosine']:.4f}",
             ]
@@ -199,7 +253,9 @@ def write_markdown(path: Path, result: dict) -> None:
             if name != "clip_image"
         ]
         lines.append(
-            f"- {r['precision']}: " + "; ".join(parts) + f"; client CPU {r['client_cpu_share']:.0%} of the machine"
+            f"- {r['engine']} {r['precision']}: "
+            + "; ".join(parts)
+            + f"; client CPU {r['client_cpu_share']:.0%} of the machine"
         )
     replace_section(path, "bench_clip", "CLIP image embeddings (served vs baselines)", lines)
 

@@ -173,6 +173,10 @@ def reduce_precision(
 
     progress("preparing calibration and held-out data")
     data = spec.precision_data(loaded, exports, onnx_files, precision.calibration_data)
+    if data.builtin:
+        from tritonkit.calibration import BUILTIN_NOTE
+
+        progress(f"warning: the accuracy gate measures {BUILTIN_NOTE}")
     thresholds = dict(spec.precision_thresholds.get(precision.precision, {}))
     if precision.min_cosine is not None:
         thresholds["min_cosine"] = precision.min_cosine
@@ -191,6 +195,7 @@ def reduce_precision(
                 variant,
                 data.calibration.get(role, []),
                 precision.calibration_method,
+                weights_only=role in spec.int8_weights_only,
             )
         progress(f"measuring {variant} against FP32 on held-out data ({data.source})")
         reports[variant] = evaluate(variant, exports, files[variant], data, thresholds, task_check, options.engine)
@@ -199,6 +204,8 @@ def reduce_precision(
     chosen = decision.chosen
     summary = {
         "chosen": chosen,
+        "data": data.source,
+        "builtin_data": data.builtin,
         "decision": {"rule": decision.rule, "order": list(decision.order), "passed": decision.passed},
         # latency_ms in each report is a timing taken here: informational, never used to choose,
         # and the only field that differs between two builds of the same inputs

@@ -892,6 +892,87 @@ def engine(
 
 
 @app.command()
+def tune(
+    repository: Annotated[
+        Path, typer.Argument(help="Model repository directory (its best configuration is written back).")
+    ],
+    model: Annotated[str, typer.Argument(help="Ensemble to load, e.g. clip_image or whisper.")],
+    input: Annotated[
+        list[Path] | None, typer.Option("--input", "-i", help="Files to send (images, audio); repeat the flag.")
+    ] = None,
+    text: Annotated[list[str] | None, typer.Option(help="Texts to send to a text ensemble; repeat the flag.")] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(help="The composing model to tune (default: where a first measurement finds the time)."),
+    ] = None,
+    p99_ms: Annotated[
+        float | None, typer.Option(help="Keep only configurations whose p99 latency is at most this.")
+    ] = None,
+    instances: Annotated[str, typer.Option(help="Instance counts to try, comma-separated.")] = "1,2",
+    max_batch_sizes: Annotated[str, typer.Option(help="Max batch sizes to try.")] = "8,16,32",
+    preferred: Annotated[
+        str, typer.Option(help="Try the max batch size as preferred batch size: no, yes or both.")
+    ] = "no",
+    queue_delays_us: Annotated[
+        str, typer.Option(help="Dynamic batcher queue delays to try (microseconds).")
+    ] = "0,2000",
+    threads: Annotated[str, typer.Option(help="Threads per instance to try (0: the engine's default).")] = "0",
+    concurrency: Annotated[int, typer.Option(help="Concurrent requests while measuring.")] = 8,
+    duration: Annotated[float, typer.Option(help="Seconds per configuration.")] = 10.0,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for tune.md, tune.json and tune.png (default REPOSITORY-tune beside it)."),
+    ] = None,
+):
+    """Search a stage's batching, instances and threads (as Model Analyzer does), measured with bench.
+
+    Example: tritonkit tune model_repository clip_image -i cat.jpg -i dog.png --p99-ms 500
+    """
+    from tritonkit.client import read_inputs
+    from tritonkit.tune import grid, table, write_results
+    from tritonkit.tune import tune as run_tune
+
+    items = read_inputs(input or []) + [t.encode("utf-8") for t in (text or [])]
+    if not items:
+        raise InputError("nothing to send", hint="give --input FILE (images, audio) or --text TEXT")
+    choices = {"no": (False,), "yes": (True,), "both": (False, True)}
+    if preferred not in choices:
+        raise InputError(f"--preferred {preferred!r}: use no, yes or both")
+    points = grid(
+        _int_list(instances) or (1,),
+        _int_list(max_batch_sizes) or (8,),
+        choices[preferred],
+        _int_list(queue_delays_us) or (0,),
+        _int_list(threads) or (0,),
+    )
+    stage_tuned, results, best = run_tune(
+        repository,
+        model,
+        items,
+        points,
+        stage=stage,
+        p99_ms=p99_ms,
+        concurrency=concurrency,
+        duration_s=duration,
+        progress=lambda message: console.print(message, highlight=False, markup=False),
+    )
+    folder = out or Path(repository).resolve().with_name(Path(repository).resolve().name + "-tune")
+    write_results(results, best, stage_tuned, folder, p99_ms)
+    print(table(results, best))
+    if best is None:
+        labelled(
+            "error:",
+            "red",
+            f"no configuration of {stage_tuned} kept p99 within {p99_ms:g} ms; the repository is unchanged",
+        )
+        raise typer.Exit(2)
+    console.print(
+        f"[green]wrote[/green] {best.point.label()} ({best.throughput:.1f} req/s, p99 {best.p99_ms:.0f} ms) "
+        f"to {Path(repository) / stage_tuned / 'config.pbtxt'}; table and plot in {folder}"
+    )
+
+
+@app.command()
 def bench(
     model: Annotated[str, typer.Argument(help="Model or ensemble to load, e.g. clip_image, clip_text, whisper.")],
     input: Annotated[

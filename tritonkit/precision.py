@@ -14,8 +14,10 @@ checked against the FP32 PyTorch model before a build may use it.
   and outputs kept in float32.
 - OpenVINO (`--engine openvino`): every graph becomes OpenVINO IR with FP32 weights. BF16 is the
   FP32 graph run with OpenVINO's BF16 precision hint (only where the CPU has native BF16); INT8 is
-  NNCF's post-training quantization for transformers, built with SmoothQuant (NNCF's recipe) and
-  without it, the first that passes kept.
+  NNCF's post-training quantization for transformers with SmoothQuant (NNCF's recipe), the same
+  without SmoothQuant, and INT8 weights with float activations (`nncf.compress_weights`), the
+  first in that order that passes kept. A family may keep a graph weights-only in every INT8
+  variant (`FamilySpec.int8_weights_only`: Whisper's decoder step, which full INT8 ruins).
 
 `auto` (the INT8 default) builds both INT8 variants and keeps the faster one that passes its
 accuracy report, measured on this machine.
@@ -86,7 +88,7 @@ class PrecisionOptions:
 
     def variants(self, engine: str = "onnxruntime") -> list[str]:
         """The graph variants to build and compare for `engine`: fp16, int8-static, int8-dynamic
-        (ONNX Runtime, TensorRT); bf16, int8-nncf, int8-nncf-nosq (OpenVINO)."""
+        (ONNX Runtime, TensorRT); bf16, int8-nncf, int8-nncf-nosq, int8-nncf-weights (OpenVINO)."""
         openvino = engine == "openvino"
         if self.precision == "bf16" and not openvino:
             raise InputError("--precision bf16 runs on OpenVINO: add --engine openvino")
@@ -102,7 +104,7 @@ class PrecisionOptions:
             return [self.precision]
         if self.precision == "int8":
             if openvino:
-                return ["int8-nncf", "int8-nncf-nosq"]
+                return ["int8-nncf", "int8-nncf-nosq", "int8-nncf-weights"]
             return {"auto": ["int8-static", "int8-dynamic"], "static": ["int8-static"], "dynamic": ["int8-dynamic"]}[
                 self.quantization
             ]
@@ -118,12 +120,13 @@ class PrecisionData:
     heldout: dict[str, list[Feeds]]
     source: str  # where the data came from, for the report
     task: dict = field(default_factory=dict)
+    builtin: bool = False  # tritonkit.calibration's set, not the user's: the report says so
 
 
 @dataclass
 class AccuracyReport:
     variant: str
-    data_source: str
+    data_source: str  # which data it measured (says when it is the built-in set)
     graphs: dict[str, dict[str, float]]  # role -> min_cosine, mean_cosine, max_abs_error vs FP32 PyTorch
     task: dict[str, float]  # family metrics (Whisper: WER, token agreement)
     thresholds: dict[str, float]
@@ -157,14 +160,22 @@ class FeedReader:
         return next(self._feeds, None)
 
 
-def convert(fp32: Path, out: Path, variant: str, calibration: list[Feeds], method: str = "minmax") -> Path:
-    """Write `variant` of the FP32 graph `fp32` to `out` (OpenVINO variants: `out` with suffix .xml)."""
+def convert(
+    fp32: Path,
+    out: Path,
+    variant: str,
+    calibration: list[Feeds],
+    method: str = "minmax",
+    weights_only: bool = False,
+) -> Path:
+    """Write `variant` of the FP32 graph `fp32` to `out` (OpenVINO variants: `out` with suffix .xml;
+    `weights_only`: NNCF INT8 compresses the weights and leaves the activations in float)."""
     import onnx
 
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         if variant in OPENVINO_VARIANTS:
-            return _openvino_variant(fp32, out.with_suffix(IR_SUFFIX), variant, calibration)
+            return _openvino_variant(fp32, out.with_suffix(IR_SUFFIX), variant, calibration, weights_only)
         if variant == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -191,7 +202,7 @@ def convert(fp32: Path, out: Path, variant: str, calibration: list[Feeds], metho
     return out
 
 
-OPENVINO_VARIANTS = ("fp32-openvino", "bf16", "int8-nncf", "int8-nncf-nosq")
+OPENVINO_VARIANTS = ("bf16", "int8-nncf", "int8-nncf-nosq", "int8-nncf-weights")
 
 
 def openvino_ir(fp32: Path, out: Path):
@@ -215,9 +226,14 @@ def openvino_ir(fp32: Path, out: Path):
     return model
 
 
-def _openvino_variant(fp32: Path, out: Path, variant: str, calibration: list[Feeds]) -> Path:
+def _openvino_variant(fp32: Path, out: Path, variant: str, calibration: list[Feeds], weights_only: bool) -> Path:
     model = openvino_ir(fp32, out)
-    if variant.startswith("int8-nncf"):
+    if variant == "int8-nncf-weights" or (variant.startswith("int8-nncf") and weights_only):
+        import nncf
+        import openvino as ov
+
+        ov.save_model(nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM), str(out))
+    elif variant.startswith("int8-nncf"):
         import nncf
         import openvino as ov
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
@@ -340,7 +356,7 @@ def compare_graph(
 PREFERENCE = {
     "cpu": ("int8-dynamic", "int8-static", "fp16"),
     "gpu": ("int8-static", "int8-dynamic", "fp16"),
-    "openvino": ("int8-nncf", "int8-nncf-nosq", "bf16"),
+    "openvino": ("int8-nncf", "int8-nncf-nosq", "int8-nncf-weights", "bf16"),
 }
 
 
@@ -375,7 +391,7 @@ def choose(reports: Mapping[str, AccuracyReport], force: bool, target: str = "cp
 
 
 def split_files(files: list[T], heldout_share: float = 0.25) -> tuple[list[T], list[T]]:
-    """Calibration and held-out items (files, texts, indices): every 4th is held out (at least one of each)."""
+    """Calibration and held-out items (files, texts, indices): every 1/share-th is held out (at least one of each)."""
     if len(files) < 2:
         raise InputError("calibration data needs at least 2 files (some are held out to judge accuracy)")
     step = max(2, round(1 / heldout_share))

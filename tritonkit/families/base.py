@@ -293,8 +293,11 @@ class FamilySpec:
         return self.batching.get(role, Batching())
 
     # -- reduced precision (tritonkit.precision) -----------------------------------------
-    # Per precision ("fp16", "int8"): the bounds a variant's accuracy report must meet.
+    # Per precision ("fp16", "bf16", "int8"): the bounds a variant's accuracy report must meet.
     precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {}
+    # Export roles whose NNCF INT8 keeps activations in float and stores INT8 weights (a decoder
+    # step, whose activations INT8 does not hold and whose small batches wait on weight reads).
+    int8_weights_only: ClassVar[frozenset[str]] = frozenset()
 
     def precision_data(
         self,

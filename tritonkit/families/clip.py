@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tritonkit.calibration import BUILTIN_NOTE
 from tritonkit.families.base import (
     SERVER_MEMORY_ROLE,
     BuildOptions,
@@ -288,7 +289,8 @@ class ClipSpec(FamilySpec):
 
     def precision_data(self, loaded: LoadedClip, exports, onnx_files, calibration_dir):
         """Images (*.jpg, *.png, ...) and captions (*.txt, one per line) from `calibration_dir`,
-        or 32 synthetic photos and 24 built-in captions. A quarter of each is held out."""
+        or the built-in varied images (`tritonkit.calibration`) and 24 built-in captions. A quarter of
+        the user's images (a fifth of the built-in ones: one of each kind) and of the captions is held out."""
         from tritonkit.errors import InputError
         from tritonkit.precision import PrecisionData, data_files, image_feeds, split_files
 
@@ -304,9 +306,9 @@ class ClipSpec(FamilySpec):
                 )
             source = f"{len(images)} images and {len(texts)} captions from {calibration_dir}"
         else:
-            images = [synthetic_photo(seed) for seed in range(32)]
+            images, source = builtin_images()
             texts = list(CALIBRATION_CAPTIONS)
-            source = "32 synthetic photos and 24 built-in captions (pass --calibration-data for your own)"
+            source += f" and {len(texts)} built-in captions: {BUILTIN_NOTE}"
 
         def pixel_feeds(files):
             return image_feeds(files, loaded.image_processor, PIXEL_VALUES, CALIBRATION_BATCH)
@@ -320,12 +322,15 @@ class ClipSpec(FamilySpec):
                 for i in range(0, len(captions), CALIBRATION_BATCH)
             ]
 
-        image_calibration, image_heldout = split_files(images)
+        image_calibration, image_heldout = split_files(
+            images, BUILTIN_HELDOUT_SHARE if calibration_dir is None else 0.25
+        )
         text_calibration, text_heldout = split_files(texts)
         return PrecisionData(
             calibration={"image_encoder": pixel_feeds(image_calibration), "text_encoder": text_feeds(text_calibration)},
             heldout={"image_encoder": pixel_feeds(image_heldout), "text_encoder": text_feeds(text_heldout)},
             source=source,
+            builtin=calibration_dir is None,
         )
 
     # -- reference -------------------------------------------------------------------------
@@ -345,6 +350,21 @@ class ClipSpec(FamilySpec):
             return projected(
                 loaded.model.get_text_features(**{TOKENIZER_OUTPUTS[name]: value for name, value in encoded.items()})
             ).numpy()
+
+
+# 40 built-in images, every 5th held out: 5 is coprime with the 8 kinds of tritonkit.calibration,
+# so the held-out 8 are one of each kind
+BUILTIN_IMAGES = 40
+BUILTIN_HELDOUT_SHARE = 0.2
+
+
+def builtin_images() -> tuple[list[bytes], str]:
+    """The built-in varied images and how a report names them."""
+    from tritonkit.calibration import IMAGE_KINDS, varied_images
+
+    images = [data for _, data in varied_images(BUILTIN_IMAGES)]
+    kinds = ", ".join(kind for kind, _, _ in IMAGE_KINDS)
+    return images, f"{len(images)} built-in varied images ({kinds}; colour, grayscale and RGBA PNG)"
 
 
 def synthetic_photo(seed: int, height: int = 360, width: int = 480) -> bytes:

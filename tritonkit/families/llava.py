@@ -256,9 +256,11 @@ class LlavaSpec(FamilySpec):
     }
 
     def precision_data(self, loaded: LoadedLlava, exports, onnx_files, calibration_dir):
-        """Images (*.jpg, *.png, ...) from `calibration_dir`, or 32 synthetic photos; a quarter held out."""
+        """Images (*.jpg, *.png, ...) from `calibration_dir` (a quarter held out), or the built-in
+        varied images (`tritonkit.calibration`; one of each kind held out)."""
+        from tritonkit.calibration import BUILTIN_NOTE
         from tritonkit.errors import InputError
-        from tritonkit.families.clip import IMAGE_SUFFIXES, synthetic_photo
+        from tritonkit.families.clip import BUILTIN_HELDOUT_SHARE, IMAGE_SUFFIXES, builtin_images
         from tritonkit.precision import PrecisionData, data_files, image_feeds, split_files
 
         if calibration_dir is not None:
@@ -267,17 +269,18 @@ class LlavaSpec(FamilySpec):
                 raise InputError(f"--calibration-data {calibration_dir}: needs images (jpg, png, ...)")
             source = f"{len(images)} images from {calibration_dir}"
         else:
-            images = [synthetic_photo(seed) for seed in range(32)]
-            source = "32 synthetic photos (pass --calibration-data for your own)"
+            images, source = builtin_images()
+            source += f": {BUILTIN_NOTE}"
 
         def feeds(files):
             return image_feeds(files, loaded.processor.image_processor, PIXEL_VALUES)
 
-        calibration, heldout = split_files(images)
+        calibration, heldout = split_files(images, BUILTIN_HELDOUT_SHARE if calibration_dir is None else 0.25)
         return PrecisionData(
             calibration={"vision_encoder": feeds(calibration)},
             heldout={"vision_encoder": feeds(heldout)},
             source=source,
+            builtin=calibration_dir is None,
         )
 
     # -- reference (tests) -----------------------------------------------------------------
