@@ -4,9 +4,11 @@ and 8), transformers `generate` (batch 1 and 8), and faster-whisper on the same 
 (concurrency 1, and its batched pipeline at batch 8). Then faster-whisper with its own defaults
 (beam 5, VAD, timestamps, temperature fallback; concurrency 1 and 8, and its batched pipeline)
 beside the served ensemble with the same settings (BEAM_SIZE 5, VAD_FILTER, TIMESTAMPS, FALLBACK).
-Reports audio-seconds per wall second and WER.
+With `--engines onnxruntime,openvino` (the default) the OpenVINO builds (FP32, and INT8 as
+`--precision int8` picks it) are served greedily beside them. Reports audio-seconds per wall
+second and WER.
 
-    python scripts/bench_whisper.py [--clips 16] [--json out.json] [--markdown docs/BENCHMARKS.md]
+    python scripts/bench_whisper.py [--clips 16] [--engines onnxruntime,openvino] [--json out.json] [--markdown docs/BENCHMARKS.md]
 
 Needs espeak-ng (the clips are spoken sentences) and `pip install faster-whisper`.
 """
@@ -157,11 +159,25 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path, help="write the results table into this file")
+    parser.add_argument("--engines", default="onnxruntime,openvino")
     args = parser.parse_args()
+    from tritonkit.families.base import BuildOptions
+    from tritonkit.precision import PrecisionOptions
 
     work = Path(tempfile.mkdtemp(prefix="bench-whisper-"))
     model_dir = convert_ct2_whisper(bundled_tiny_en(), work / "tiny.en")
     build("whisper", str(model_dir), work / "repo")
+    openvino_builds = {}
+    if "openvino" in args.engines.split(","):
+        for precision in ("fp32", "int8"):
+            result = build(
+                "whisper",
+                str(model_dir),
+                work / f"repo-openvino-{precision}",
+                options=BuildOptions(engine="openvino"),
+                precision=PrecisionOptions(precision),
+            )
+            openvino_builds[f"openvino {result.precision_variant}"] = result.out
     clips, references = make_clips(work, args.clips)
     samples = [decode_audio(c, AudioRecipe()) for c in clips]
     audio_seconds = sum(len(s) for s in samples) / SAMPLE_RATE
@@ -193,6 +209,13 @@ def main() -> None:
         for concurrency in (1, 8):
             texts, seconds = bench_served(server.grpc_url, clips, concurrency, FASTER_WHISPER_DEFAULTS)
             record("tritonkit, beam 5 + VAD", f"concurrency {concurrency}", texts, seconds)
+    for label, repository in openvino_builds.items():
+        server = TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+        with server:
+            bench_served(server.grpc_url, clips[:2], 2)  # warm-up
+            for concurrency in (1, 8):
+                texts, seconds = bench_served(server.grpc_url, clips, concurrency)
+                record(f"tritonkit {label}", f"concurrency {concurrency}", texts, seconds)
     for batch in (1, 8):
         texts, seconds = bench_transformers(model_dir, samples, batch)
         record("transformers generate", f"batch {batch}", texts, seconds)
@@ -232,6 +255,11 @@ def write_markdown(path: Path, result: dict) -> None:
     )
     comparisons = (
         ("Greedy", "faster-whisper (fp32)", "tritonkit ensemble"),
+        *(
+            (f"Greedy, {system.removeprefix('tritonkit ')}", "faster-whisper (fp32)", system)
+            for system in dict.fromkeys(r["system"] for r in result["rows"])
+            if system.startswith("tritonkit openvino")
+        ),
         (
             "faster-whisper's defaults (beam 5, VAD, timestamps, fallback)",
             "faster-whisper defaults",

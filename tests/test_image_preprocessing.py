@@ -81,3 +81,26 @@ def test_decode_fails_cleanly_when_a_jpeg_is_truncated(cut, processor):
         image_bytes_to_pixels(data, ImageRecipe.from_processor(processor))
     except InputError as exc:
         assert str(exc).startswith("IMAGE: ")
+
+
+def test_jpeg_draft_decodes_large_jpegs_at_a_reduced_scale_with_the_same_output(clip_loaded, tiny_clip_dir, tmp_path):
+    import dataclasses
+
+    from tritonkit.build import build
+    from tritonkit.families.base import BuildOptions
+    from tritonkit.preprocessing.image import PIL_FORMATS, decode_image
+
+    spec, loaded = clip_loaded
+    recipe = ImageRecipe.from_processor(loaded.image_processor).with_options(formats=PIL_FORMATS)
+    drafted = dataclasses.replace(recipe, jpeg_draft=True)
+    large = encode_image(random_image(1600, 2400, seed=4), "JPEG")
+    assert decode_image(large, recipe).size == (2400, 1600)
+    width, height = decode_image(large, drafted).size
+    resized = recipe.shortest_edge * 2400 // 1600
+    assert width < 2400 and 2400 % width == 0 and min(width, height) >= 2 * recipe.shortest_edge, (width, resized)
+    full, scaled = image_bytes_to_pixels(large, recipe), image_bytes_to_pixels(large, drafted)
+    assert full.shape == scaled.shape and np.abs(full - scaled).mean() < 0.05
+    small = encode_image(random_image(240, 320, seed=4), "JPEG")  # no smaller scale covers 2x the resize
+    assert np.array_equal(image_bytes_to_pixels(small, recipe), image_bytes_to_pixels(small, drafted))
+    with pytest.raises(InputError, match="--jpeg-draft decodes with PIL: add --preprocessing python"):
+        build("clip", str(tiny_clip_dir), tmp_path / "repo", options=BuildOptions(image={"jpeg_draft": True}))

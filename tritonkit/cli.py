@@ -107,6 +107,13 @@ def build(
             help="Turn images upright by their EXIF orientation (default: yes).",
         ),
     ] = None,
+    jpeg_draft: Annotated[
+        bool | None,
+        typer.Option(
+            "--jpeg-draft/--no-jpeg-draft",
+            help="--preprocessing python: decode large JPEGs at a reduced DCT scale (see docs/BENCHMARKS.md).",
+        ),
+    ] = None,
     max_audio_seconds: Annotated[float | None, typer.Option(help="Longest accepted audio file (default 600).")] = None,
     dali_threads: Annotated[int, typer.Option(help="CPU threads of each DALI pipeline.")] = 1,
     engine: Annotated[
@@ -169,6 +176,7 @@ def build(
         "max_pixels": max_image_pixels,
         "max_resize_pixels": max_resize_pixels,
         "exif_orientation": exif_orientation,
+        "jpeg_draft": jpeg_draft,
     }
     options = BuildOptions(
         target=target,

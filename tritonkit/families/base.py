@@ -386,6 +386,8 @@ def image_recipe_for(image_processor, options: BuildOptions):
 
     recipe = ImageRecipe.from_processor(image_processor).with_options(**options.image)
     undecodable = sorted(set(recipe.formats) - set(DALI_FORMATS))
+    if options.preprocessing == "dali" and recipe.jpeg_draft:
+        raise InputError("--jpeg-draft decodes with PIL: add --preprocessing python (DALI has no scaled JPEG decode)")
     if options.preprocessing == "dali" and undecodable:
         raise InputError(
             f"DALI does not decode {', '.join(undecodable)} images",

@@ -53,6 +53,11 @@ class ImageRecipe:
     resize_mode: str = "crop"
     formats: tuple[str, ...] = DALI_FORMATS
     exif_orientation: bool = True
+    # PIL path: decode a JPEG much larger than the resize at a reduced DCT scale (libjpeg's 1/2,
+    # 1/4, 1/8) that keeps it at least JPEG_DRAFT_MARGIN times the resize. Off by default:
+    # scripts/bench_jpeg_draft.py measures its pixel and embedding differences against the family's
+    # tolerance (docs/BENCHMARKS.md)
+    jpeg_draft: bool = False
 
     def __post_init__(self):
         if self.resize_mode not in RESIZE_MODES:
@@ -159,9 +164,23 @@ def inspect_image(data: bytes, recipe: ImageRecipe) -> Image.Image:
     return image
 
 
+JPEG_DRAFT_MARGIN = 2  # the scaled decode stays >= 2x the resize, so the resize filter still antialiases
+
+
+def draft(image: Image.Image, recipe: ImageRecipe) -> None:
+    """Ask libjpeg for the smallest DCT scale whose result still covers JPEG_DRAFT_MARGIN x the
+    resize in both dims (whatever the EXIF orientation turns them into)."""
+    height, width = image.height, image.width
+    new_h, new_w = resized_size(height, width, recipe)
+    side = JPEG_DRAFT_MARGIN * max(new_h, new_w)
+    image.draft(image.mode, (side, side))
+
+
 def decode_image(data: bytes, recipe: ImageRecipe) -> Image.Image:
     """Decode encoded image bytes to RGB; every failure is an InputError naming the cause."""
     image = inspect_image(data, recipe)
+    if recipe.jpeg_draft and image.format == "JPEG":
+        draft(image, recipe)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
