@@ -128,6 +128,32 @@ def test_bf16_build_reports_and_serves(tiny_clip_dir, clip_loaded, tmp_path):
 
 
 @pytest.mark.server
+@pytest.mark.skipif(not NATIVE_BF16, reason="needs a CPU with native BF16 (AVX-512 BF16 or AMX)")
+def test_whisper_and_llava_bf16_builds_report_and_serve(
+    whisper_dir, whisper_server, speech_files, tiny_llava_dir, tmp_path
+):
+    from tests.test_llava import NEW_TOKENS, image
+
+    whisper = build("whisper", str(whisper_dir), tmp_path / "w", options=OPENVINO, precision=PrecisionOptions("bf16"))
+    assert whisper.accuracy["bf16"].passed, whisper.accuracy["bf16"].summary()
+    llava = build("llava", str(tiny_llava_dir), tmp_path / "l", options=OPENVINO, precision=PrecisionOptions("bf16"))
+    assert llava.accuracy["bf16"].passed, llava.accuracy["bf16"].summary()
+    servers = [start_server(whisper.out), start_server(llava.out)]
+    try:
+        with TritonkitClient(servers[0].grpc_url) as client:
+            bf16 = [t.text for t in client.transcribe(speech_files)]
+        with TritonkitClient(servers[1].grpc_url) as client:
+            answer = client.chat(image(1), "What is in the picture?", max_new_tokens=NEW_TOKENS)
+    finally:
+        for server in servers:
+            server.stop()
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        fp32 = [t.text for t in client.transcribe(speech_files)]
+    assert wer(SENTENCES, bf16) <= wer(SENTENCES, fp32) + 0.02, (fp32, bf16)
+    assert answer
+
+
+@pytest.mark.server
 def test_whisper_openvino_int8_keeps_wer_within_two_points_of_fp32(whisper_dir, whisper_server, speech_files, tmp_path):
     result = build("whisper", str(whisper_dir), tmp_path / "repo", options=OPENVINO, precision=PrecisionOptions("int8"))
     report = result.accuracy[result.precision_variant]
