@@ -196,6 +196,7 @@ def reduce_precision(
                 data.calibration.get(role, []),
                 precision.calibration_method,
                 weights_only=role in spec.int8_weights_only,
+                reduce_range=spec.int8_reduce_range,
             )
         progress(f"measuring {variant} against FP32 on held-out data ({data.source})")
         reports[variant] = evaluate(variant, exports, files[variant], data, thresholds, task_check, options.engine)

@@ -167,9 +167,11 @@ def convert(
     calibration: list[Feeds],
     method: str = "minmax",
     weights_only: bool = False,
+    reduce_range: bool = True,
 ) -> Path:
     """Write `variant` of the FP32 graph `fp32` to `out` (OpenVINO variants: `out` with suffix .xml;
-    `weights_only`: NNCF INT8 compresses the weights and leaves the activations in float)."""
+    `weights_only`: NNCF INT8 compresses the weights and leaves the activations in float;
+    `reduce_range`: ONNX Runtime INT8 uses 7-bit weights where the CPU lacks VNNI)."""
     import onnx
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -190,10 +192,10 @@ def convert(
                 op_types_to_quantize=QUANTIZED_OPS,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=nodes_kept_in_float(onnx.load(str(fp32))),
-                reduce_range=saturating_int8(),
+                reduce_range=reduce_range and saturating_int8(),
             )
         elif variant == "int8-static":
-            _quantize_static(fp32, out, calibration, method)
+            _quantize_static(fp32, out, calibration, method, reduce_range and saturating_int8())
         else:
             raise ValueError(f"unknown precision variant {variant!r}")
     except (InputError, ValueError):
@@ -272,7 +274,7 @@ def saturating_int8() -> bool:
     return not ({"avx512_vnni", "avx_vnni"} & set(flags.split()))
 
 
-def _quantize_static(fp32: Path, out: Path, calibration: list[Feeds], method: str) -> None:
+def _quantize_static(fp32: Path, out: Path, calibration: list[Feeds], method: str, reduce_range: bool) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -298,7 +300,7 @@ def _quantize_static(fp32: Path, out: Path, calibration: list[Feeds], method: st
         weight_type=QuantType.QInt8,
         calibrate_method=methods[method],
         nodes_to_exclude=nodes_kept_in_float(onnx.load(str(prepared))),
-        reduce_range=saturating_int8(),
+        reduce_range=reduce_range,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
     )
     prepared.unlink(missing_ok=True)

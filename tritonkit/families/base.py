@@ -298,6 +298,8 @@ class FamilySpec:
     # Export roles whose NNCF INT8 keeps activations in float and stores INT8 weights (a decoder
     # step, whose activations INT8 does not hold and whose small batches wait on weight reads).
     int8_weights_only: ClassVar[frozenset[str]] = frozenset()
+    # ONNX Runtime INT8 with 7-bit weights on CPUs without VNNI (tritonkit.precision.saturating_int8)
+    int8_reduce_range: ClassVar[bool] = True
 
     def precision_data(
         self,
