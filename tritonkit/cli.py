@@ -43,6 +43,16 @@ def labelled(label: str, style: str, text: str) -> None:
     console.print(Text.assemble((label, style), " ", text), highlight=False)
 
 
+def _request_items(files: list[Path] | None, texts: list[str] | None) -> list[bytes]:
+    """What `bench` and `tune` send: the files' bytes, then the texts."""
+    from tritonkit.client import read_inputs
+
+    items = read_inputs(files or []) + [text.encode("utf-8") for text in (texts or [])]
+    if not items:
+        raise InputError("nothing to send", hint="give --input FILE (images, audio) or --text TEXT")
+    return items
+
+
 def _int_list(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -936,13 +946,10 @@ def tune(
 
     Example: tritonkit tune model_repository clip_image -i cat.jpg -i dog.png --p99-ms 500
     """
-    from tritonkit.client import read_inputs
     from tritonkit.tune import grid, table, write_results
     from tritonkit.tune import tune as run_tune
 
-    items = read_inputs(input or []) + [t.encode("utf-8") for t in (text or [])]
-    if not items:
-        raise InputError("nothing to send", hint="give --input FILE (images, audio) or --text TEXT")
+    items = _request_items(input, text)
     choices = {"no": (False,), "yes": (True,), "both": (False, True)}
     if preferred not in choices:
         raise InputError(f"--preferred {preferred!r}: use no, yes or both")
@@ -1019,12 +1026,8 @@ def bench(
     from rich.table import Table
 
     from tritonkit import bench as load
-    from tritonkit.client import read_inputs
 
-    files = read_inputs(input or [])
-    items = files + [t.encode("utf-8") for t in (text or [])]
-    if not items:
-        raise InputError("nothing to send", hint="give --input FILE (images, audio) or --text TEXT")
+    items = _request_items(input, text)
     levels = _int_list(concurrency) or (1,)
     if duration is None and requests is None:
         duration = 10.0
@@ -1054,7 +1057,7 @@ def bench(
             progress=progress,
             allow_cache=allow_cache,
             openai=openai,
-            texts=[False] * len(files) + [True] * len(text or []),
+            texts=[False] * (len(items) - len(text or [])) + [True] * len(text or []),
         )
     table = Table(title=f"{model} at {openai or url}")
     for column in ("conc.", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "timeouts", "client CPU"):

@@ -129,7 +129,8 @@ def session_from_parameters(path: Path, parameters: Mapping[str, str], model_con
     engine = parameters.get("engine", "onnxruntime")
     threads = int(parameters.get("intra_op_threads", "0"))
     if engine == "openvino" and threads == 0:
-        threads = threads_per_instance(model_config)
+        groups = model_config.get("instance_group", [])
+        threads = threads_per_instance(sum(int(group.get("count", 1)) for group in groups) or 1)
     return open_session(
         path, engine, precision=parameters.get("inference_precision", "fp32"), threads=threads, **kwargs
     )
@@ -142,8 +143,8 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_per_instance(model_config: Mapping[str, Any]) -> int:
-    instances = sum(int(group.get("count", 1)) for group in model_config.get("instance_group", [])) or 1
+def threads_per_instance(instances: int) -> int:
+    """The cores each of a model's `instances` may use, so that they do not oversubscribe them."""
     return max(1, usable_cores() // instances)
 
 

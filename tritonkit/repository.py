@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_repository_templates import template_path
-from tritonkit.engines import usable_cores
+from tritonkit.engines import threads_per_instance
 from tritonkit.errors import ConfigError, TritonkitError
 from tritonkit.families.base import (
     NATIVE_THREAD_PARAMETERS,
@@ -92,7 +92,7 @@ def plan_models(
         batching = overrides.apply(stage.batching)
         if stage.backend in NATIVE_THREAD_PARAMETERS and stage.kind == "KIND_CPU":
             parameters.setdefault(
-                NATIVE_THREAD_PARAMETERS[stage.backend], str(max(1, usable_cores() // batching.instances))
+                NATIVE_THREAD_PARAMETERS[stage.backend], str(threads_per_instance(batching.instances))
             )
         config = model_config(
             stage_name,

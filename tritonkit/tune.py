@@ -23,7 +23,7 @@ from pathlib import Path
 from tritonkit.errors import InputError
 from tritonkit.families.base import NATIVE_THREAD_PARAMETERS
 from tritonkit.repository import list_models
-from tritonkit.triton_config import parameter, read_config, write_config
+from tritonkit.triton_config import read_config, write_config
 
 # the thread-count parameter per backend: the Python-backend templates read intra_op_threads
 THREAD_PARAMETERS = {"python": "intra_op_threads", **NATIVE_THREAD_PARAMETERS}
@@ -227,16 +227,3 @@ def write_results(
     figure.tight_layout()
     figure.savefig(folder / "tune.png", dpi=120)
     plt.close(figure)
-
-
-def current_point(repository: Path, stage: str) -> TunePoint:
-    """The stage's configuration as a point (for the report's baseline)."""
-    config = read_config(Path(repository) / stage)
-    key = THREAD_PARAMETERS.get(config.backend, "")
-    return TunePoint(
-        instances=sum(max(g.count, 1) for g in config.instance_group) or 1,
-        max_batch_size=config.max_batch_size,
-        preferred=bool(config.dynamic_batching.preferred_batch_size),
-        queue_delay_us=config.dynamic_batching.max_queue_delay_microseconds,
-        threads=int(parameter(config, key) or 0),
-    )

@@ -355,12 +355,12 @@ class WhisperSpec(FamilySpec):
         return check
 
     def _transcribe(self, loaded, files, task, runtime=None) -> tuple[list[list[int]], list[str]]:
-        from tritonkit.engines import Runtime
+        from tritonkit.engines import ONNX_RUNTIME
         from tritonkit.preprocessing.audio import AudioRecipe, log_mel, split_windows
         from tritonkit.whisper_decoding import DecodeOptions
 
         def session(role):
-            return (runtime or Runtime()).session(files[role])
+            return (runtime or ONNX_RUNTIME).session(files[role])
 
         encoder = session("encoder")
         decoder = WindowDecoder(session("decoder_cross_kv"), session("decoder_step"), self.decode_settings(loaded))
