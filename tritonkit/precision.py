@@ -231,16 +231,15 @@ def openvino_ir(fp32: Path, out: Path):
 
 def _openvino_variant(fp32: Path, out: Path, variant: str, calibration: list[Feeds], weights_only: bool) -> Path:
     model = openvino_ir(fp32, out)
-    if variant == "int8-nncf-weights" or (variant.startswith("int8-nncf") and weights_only):
-        import nncf
-        import openvino as ov
+    if not variant.startswith("int8-nncf"):
+        return out  # bf16: the FP32 IR, run with the BF16 hint
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
-        ov.save_model(nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM), str(out))
-    elif variant.startswith("int8-nncf"):
-        import nncf
-        import openvino as ov
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
-
+    if variant == "int8-nncf-weights" or weights_only:
+        quantized = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    else:
         if not calibration:
             raise InputError("INT8 quantization with NNCF needs calibration samples")
         advanced = None
@@ -253,7 +252,8 @@ def _openvino_variant(fp32: Path, out: Path, variant: str, calibration: list[Fee
             subset_size=len(calibration),
             advanced_parameters=advanced,
         )
-        ov.save_model(quantized, str(out), compress_to_fp16=False)
+    # the weights NNCF left in float stay FP32 (save_model would store them as FP16)
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
     return out
 
 
