@@ -27,7 +27,7 @@ from tritonkit.llava_decoding import (
     chat_text,
     conversation,
 )
-from tritonkit.runtime import BatchedModel, concat_rows, string_rows
+from tritonkit.runtime import BatchedModel, concat_rows, object_rows, string_rows
 
 
 class TritonPythonModel(BatchedModel):
@@ -40,16 +40,28 @@ class TritonPythonModel(BatchedModel):
         device = self.parameters.get("device", "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"{self.model_name} was built for a GPU (--target gpu) and no CUDA device is visible")
-        language_model = AutoModelForCausalLM.from_pretrained(
-            str(self.version_dir / self.parameters["language_model_dir"])
-        )
-        self.processor = AutoProcessor.from_pretrained(str(self.version_dir / self.parameters["processor_dir"]))
+        model_dir = str(self.version_dir / self.parameters["language_model_dir"])
+        # Qwen-VL: a text model with M-RoPE beside its head (tritonkit.qwen_vl); otherwise a causal LM
+        merge_size = int(self.parameters.get("mrope_merge_size", "0")) or None
+        if merge_size:
+            from transformers import AutoTokenizer
+
+            from tritonkit.qwen_vl import load_language_model
+
+            language_model = load_language_model(model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(str(self.version_dir / self.parameters["processor_dir"]))
+            self.processor = tokenizer  # its chat template renders the conversations
+        else:
+            language_model = AutoModelForCausalLM.from_pretrained(model_dir)
+            self.processor = AutoProcessor.from_pretrained(str(self.version_dir / self.parameters["processor_dir"]))
+            tokenizer = self.processor.tokenizer
         self.generator = ChatGenerator(
             language_model.eval().to(device),
-            self.processor.tokenizer,
+            tokenizer,
             int(self.parameters["image_token_id"]),
             json.loads(self.parameters["eos_token_ids"]),
             device,
+            mrope_merge_size=merge_size,
         )
         self.max_new_tokens = int(self.parameters["max_new_tokens"])
         self.max_prompt_bytes = int(self.parameters.get("max_prompt_bytes", DEFAULT_MAX_PROMPT_BYTES))
@@ -65,6 +77,8 @@ class TritonPythonModel(BatchedModel):
             *rest,
         ) = self.input_names
         self.messages_input = rest[0] if rest else None  # builds before conversations have no MESSAGES
+        # Qwen-VL: each request's images' patch grids; its features are ragged ([tokens of all its images, hidden])
+        self.grid_input = rest[1] if len(rest) > 1 else None
         self.text_output = next(iter(self.output_dtypes))
 
     def row_options(self, inputs, count: int) -> list[ChatOptions]:
@@ -96,6 +110,18 @@ class TritonPythonModel(BatchedModel):
 
     def prepare(self, inputs):
         features = inputs[self.features_input]
+        tokens_per_image = [[features.shape[1]] for _ in range(len(features))]
+        if self.grid_input is not None:  # one conversation per request, its images' features in one ragged row
+            from tritonkit.qwen_vl import image_tokens
+
+            grids = inputs[self.grid_input]
+            if len(features) != 1 or len(grids) != 1:
+                raise InputError(f"{self.model_name}: send one conversation per request", reason="bad_option")
+            tokens_per_image = [[image_tokens(grid, self.generator.mrope_merge_size) for grid in grids[0]]]
+            if sum(tokens_per_image[0]) != features.shape[1]:
+                raise RuntimeError(f"{features.shape[1]} image features for grids {grids[0].tolist()}")
+            features = object_rows([features[0]])
+            grid_rows = object_rows([grids[0]])
         given = [name for name in (self.prompt_input, self.messages_input) if name is not None and name in inputs]
         if len(given) != 1:
             raise InputError(
@@ -119,23 +145,40 @@ class TritonPythonModel(BatchedModel):
                 f"{self.model_name} streams one answer per request; send one image and prompt", reason="bad_option"
             )
         options = self.row_options(inputs, len(prompts))
+        images = [len(counts) for counts in tokens_per_image]
         if name == self.prompt_input:
-            texts = [self.prompt_text(prompt) for prompt in prompts]
+            texts = [self.prompt_text(prompt, count) for prompt, count in zip(prompts, images)]
         else:
-            texts = [chat_text(self.processor, conversation(raw, name)) for raw in prompts]
-        ids = np.empty(len(prompts), dtype=object)
-        ids[:] = [self.generator.prompt_ids(text, features.shape[1]) for text in texts]
-        packed = np.empty(len(prompts), dtype=object)
-        packed[:] = [
-            self.generator.fit(row_ids, features.shape[1], row_options, self.max_new_tokens)
-            for row_ids, row_options in zip(ids, options)
-        ]
-        return {self.features_input: features, "prompt_ids": ids, "options": packed}
+            texts = [
+                chat_text(self.processor, conversation(raw, name, count, self.placeholder))
+                for raw, count in zip(prompts, images)
+            ]
+        ids = object_rows([self.generator.prompt_ids(text, counts) for text, counts in zip(texts, tokens_per_image)])
+        packed = object_rows(
+            [
+                self.generator.fit(row_ids, sum(counts), row_options, self.max_new_tokens)
+                for row_ids, counts, row_options in zip(ids, tokens_per_image, options)
+            ]
+        )
+        rows = {self.features_input: features, "prompt_ids": ids, "options": packed}
+        if self.grid_input is not None:
+            rows["grids"] = grid_rows
+        return rows
 
-    def prompt_text(self, prompt: str) -> str:
-        if "<image>" in prompt:
-            raise InputError(f"{self.prompt_input}: do not write <image>; the image goes in IMAGE", reason="bad_text")
-        return chat_prompt(self.processor, prompt)
+    @property
+    def placeholder(self) -> str:
+        """The image token as text (users may not write it)."""
+        if self.generator.mrope_merge_size is None:
+            return "<image>"
+        return self.generator.tokenizer.convert_ids_to_tokens(self.generator.image_token_id)
+
+    def prompt_text(self, prompt: str, images: int = 1) -> str:
+        if self.placeholder in prompt:
+            where = "IMAGE" if self.grid_input is None else "IMAGE or IMAGES"
+            raise InputError(
+                f"{self.prompt_input}: do not write {self.placeholder}; the image goes in {where}", reason="bad_text"
+            )
+        return chat_prompt(self.processor, prompt, images)
 
     def generate(self, batch, on_text=None):
         return self.generator.generate(
@@ -144,6 +187,7 @@ class TritonPythonModel(BatchedModel):
             list(batch["options"]),
             self.max_new_tokens,
             on_text,
+            list(batch["grids"]) if "grids" in batch else None,
         )
 
     def run(self, batch):

@@ -14,6 +14,8 @@ from tritonkit.triton_config import Batching, Tensor
 FAMILY_ROWS = {
     "clip": {"image", "text"},
     "llava": {"chat", "chat_stream"},
+    "qwen2vl": {"chat", "chat_stream"},
+    "qwen2_5vl": {"chat", "chat_stream"},
     "siglip": {"image", "text"},
     "whisper": {""},
 }

@@ -25,6 +25,7 @@ def test_every_template_defines_a_batched_triton_python_model():
 
 
 def test_every_template_is_used_by_a_registered_family(tiny_model_dir, tmp_path):
+    from tritonkit.errors import InputError
     from tritonkit.families import get_family
     from tritonkit.families.base import BuildOptions
 
@@ -34,7 +35,11 @@ def test_every_template_is_used_by_a_registered_family(tiny_model_dir, tmp_path)
         loaded = spec.load(str(tiny_model_dir(name)))
         onnx = {e.role: tmp_path / f"{e.role}.onnx" for e in spec.exports(loaded)}
         for options in (BuildOptions(), BuildOptions(preprocessing="python"), BuildOptions(target="gpu")):
-            for pipeline in spec.pipelines(loaded, onnx, options):
+            try:
+                pipelines = spec.pipelines(loaded, onnx, options)
+            except InputError:  # a family that does not build for this target (Qwen-VL: CPU only)
+                continue
+            for pipeline in pipelines:
                 stages = [*pipeline.stages, *(callee for stage in pipeline.stages for callee in stage.callees)]
                 used |= {stage.template for stage in stages if stage.template}
     assert used == set(TEMPLATES)

@@ -157,7 +157,7 @@ def transcript(result: dict[str, np.ndarray], row: int = 0) -> Transcript:
 
 
 def chat_inputs(
-    image: bytes,
+    image: bytes | Sequence[bytes],
     prompt: str | Sequence[Mapping],
     max_new_tokens: int | None = None,
     temperature: float | None = None,
@@ -165,9 +165,13 @@ def chat_inputs(
     seed: int | None = None,
     stop: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
-    """One image, a prompt (or a conversation: messages with one {"type": "image"} part, sent as
-    MESSAGES) and its options as the LLaVA chat ensembles' inputs (None left out)."""
-    inputs = {"IMAGE": pack_byte_rows([image])}
+    """An image (or a list of them: IMAGES, for Qwen-VL), a prompt (or a conversation: messages
+    with one {"type": "image"} part per image, sent as MESSAGES) and its options as the chat
+    ensembles' inputs (None left out)."""
+    if isinstance(image, bytes):
+        inputs = {"IMAGE": pack_byte_rows([image])}
+    else:
+        inputs = {"IMAGES": np.array([list(image)], dtype=object)}
     if isinstance(prompt, str):
         inputs["PROMPT"] = np.array([[prompt.encode()]], dtype=object)
     else:
@@ -310,24 +314,20 @@ class TritonkitClient:
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             return list(pool.map(one, files))
 
-    def chat(
-        self, image: bytes | str | Path, prompt: str | Sequence[Mapping], model: str = "llava_chat", **options
-    ) -> str:
-        """The answer to `prompt` (or to a conversation) about `image`, whole (options:
-        max_new_tokens, temperature, top_p, seed, stop)."""
-        (data,) = read_inputs([image])
-        return self.infer(model, chat_inputs(data, prompt, **options))["TEXT"][0, 0].decode("utf-8")
+    def chat(self, image: ChatImages, prompt: str | Sequence[Mapping], model: str = "llava_chat", **options) -> str:
+        """The answer to `prompt` (or to a conversation) about `image` (or a list of images, for
+        models that take several), whole (options: max_new_tokens, temperature, top_p, seed, stop)."""
+        return self.infer(model, chat_inputs(_chat_images(image), prompt, **options))["TEXT"][0, 0].decode("utf-8")
 
     def chat_stream(
-        self, image: bytes | str | Path, prompt: str | Sequence[Mapping], model: str = "llava_chat_stream", **options
+        self, image: ChatImages, prompt: str | Sequence[Mapping], model: str = "llava_chat_stream", **options
     ):
         """Yield the answer's text piece by piece as the server generates it (gRPC streaming)."""
         import queue
 
-        (data,) = read_inputs([image])
         self.model_io(model)  # an unknown model fails here with its name, not inside the stream
         tensors = []
-        for name, array in chat_inputs(data, prompt, **options).items():
+        for name, array in chat_inputs(_chat_images(image), prompt, **options).items():
             tensors.append(self._grpc.InferInput(name, list(array.shape), wire_datatype(array)))
             tensors[-1].set_data_from_numpy(array)
         answers: queue.Queue = queue.Queue()
@@ -352,6 +352,17 @@ class TritonkitClient:
 
     def statistics(self, model: str) -> dict:
         return self.client.get_inference_statistics(model, as_json=True)
+
+
+ChatImages = bytes | str | Path | Sequence[bytes | str | Path]
+
+
+def _chat_images(image: ChatImages) -> bytes | list[bytes]:
+    """One image's bytes, or a list of images' (sent as IMAGES)."""
+    if isinstance(image, (bytes, str, Path)):
+        (data,) = read_inputs([image])
+        return data
+    return read_inputs(list(image))
 
 
 def _message(exc: Exception) -> str:

@@ -53,7 +53,7 @@ def export_onnx(export: OnnxExport, path: Path) -> Path:
     output_names = [t.name for t in export.outputs]
     dynamic_axes = {}
     for tensor in (*export.inputs, *export.outputs):
-        axes = {0: "batch"}
+        axes = {0: export.first_axis.get(tensor.name, "batch")}
         axes.update({i + 1: f"{tensor.name}_dim{i + 1}" for i, d in enumerate(tensor.dims) if d == -1})
         dynamic_axes[tensor.name] = axes
     sample = export.sample_inputs[0]

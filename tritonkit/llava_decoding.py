@@ -77,27 +77,29 @@ ROLES = ("system", "user", "assistant")
 MAX_MESSAGES = 256
 
 
-def chat_prompt(processor, prompt: str) -> str:
-    """The model's chat template around one image and the user's prompt, ready for generation."""
-    return chat_text(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}])
+def chat_prompt(processor, prompt: str, images: int = 1) -> str:
+    """The model's chat template around the image(s) and the user's prompt, ready for generation."""
+    parts = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
+    return chat_text(processor, [{"role": "user", "content": parts}])
 
 
 def chat_text(processor, messages: list[dict]) -> str:
     """A checked conversation (see `conversation`) in the model's chat template, ready for generation."""
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def conversation(raw: str, tensor: str = "MESSAGES") -> list[dict]:
+def conversation(raw: str, tensor: str = "MESSAGES", images: int = 1, placeholder: str = "<image>") -> list[dict]:
     """MESSAGES parsed and checked: a JSON list of {"role": system|user|assistant, "content": text or
-    parts}, parts {"type": "text", "text": ...} or {"type": "image"} (the request's IMAGE, exactly
-    once). Contents come back as lists of parts, the form every chat template reads."""
+    parts}, parts {"type": "text", "text": ...} or {"type": "image"} (one per image the request
+    sends, in order; `placeholder` is the model's image token, which text may not contain).
+    Contents come back as lists of parts, the form every chat template reads."""
     try:
         messages = json.loads(raw)
     except ValueError:
         raise InputError(f"{tensor}: not JSON; send a list of {{role, content}} messages", reason="bad_text") from None
     if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
         raise InputError(f"{tensor}: a list of 1 to {MAX_MESSAGES} {{role, content}} messages", reason="bad_text")
-    checked, images = [], 0
+    checked, found = [], 0
     for k, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
@@ -110,24 +112,27 @@ def conversation(raw: str, tensor: str = "MESSAGES") -> list[dict]:
         for j, part in enumerate(parts):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                if "<image>" in part["text"]:
+                if placeholder in part["text"]:
                     raise InputError(
-                        f"{tensor}[{k}].content[{j}]: do not write <image>; use an {{type: image}} part",
+                        f"{tensor}[{k}].content[{j}]: do not write {placeholder}; use an {{type: image}} part",
                         reason="bad_text",
                     )
                 kept.append({"type": "text", "text": part["text"]})
             elif kind == "image":
-                images += 1
+                found += 1
                 kept.append({"type": "image"})
             else:
                 raise InputError(
                     f"{tensor}[{k}].content[{j}]: a {{type: text, text}} or {{type: image}} part", reason="bad_text"
                 )
         checked.append({"role": role, "content": kept})
-    if images != 1:
-        raise InputError(
-            f"{tensor}: exactly one {{type: image}} part (it stands for IMAGE), got {images}", reason="bad_text"
+    if found != images:
+        wanted = (
+            "exactly one {type: image} part (it stands for IMAGE)"
+            if images == 1
+            else f"{images} {{type: image}} parts (one per image sent)"
         )
+        raise InputError(f"{tensor}: {wanted}, got {found}", reason="bad_text")
     return checked
 
 
@@ -152,7 +157,18 @@ def streamable(text: str, stop: Sequence[str]) -> int:
 
 
 class ChatGenerator:
-    def __init__(self, lm, tokenizer, image_token_id: int, eos_token_ids: Sequence[int], device: str = "cpu"):
+    def __init__(
+        self,
+        lm,
+        tokenizer,
+        image_token_id: int,
+        eos_token_ids: Sequence[int],
+        device: str = "cpu",
+        mrope_merge_size: int | None = None,
+    ):
+        """`mrope_merge_size`: the model places image tokens with multimodal rotary positions
+        (Qwen-VL's M-RoPE, `tritonkit.qwen_vl.mrope_positions`) for patch grids merged by that size;
+        None: positions count tokens (LLaVA)."""
         import torch
 
         self.context_length = int(getattr(lm.config, "max_position_embeddings", 0) or 0)  # 0: unknown
@@ -164,18 +180,27 @@ class ChatGenerator:
         self.device = device
         self.embed = lm.get_input_embeddings()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+        self.mrope_merge_size = mrope_merge_size
 
-    def prompt_ids(self, prompt_text: str, image_tokens: int) -> list[int]:
-        """Token ids of a chat-templated prompt with `<image>` expanded to one token per feature,
-        tokenized as LlavaProcessor tokenizes (with the tokenizer's special tokens, e.g. BOS)."""
+    def prompt_ids(self, prompt_text: str, image_tokens: int | Sequence[int]) -> list[int]:
+        """Token ids of a chat-templated prompt with each image's placeholder token expanded to one
+        token per feature of that image (`image_tokens`: the count, or one count per image in
+        order), tokenized as the model's processor tokenizes (with its special tokens, e.g. BOS)."""
+        counts = [image_tokens] if isinstance(image_tokens, int) else list(image_tokens)
         ids = self.tokenizer(prompt_text)["input_ids"]
-        if ids.count(self.image_token_id) != 1:
+        placed = ids.count(self.image_token_id)
+        if placed != len(counts):
+            token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
             raise InputError(
-                "PROMPT: the chat template must place exactly one <image>; do not write <image> yourself",
+                f"PROMPT: the chat template placed {placed} image tokens for {len(counts)} image(s); "
+                f"do not write {token} yourself",
                 reason="bad_text",
             )
-        at = ids.index(self.image_token_id)
-        return ids[:at] + [self.image_token_id] * image_tokens + ids[at + 1 :]
+        expanded: list[int] = []
+        images = iter(counts)
+        for token_id in ids:
+            expanded.extend([token_id] * next(images) if token_id == self.image_token_id else [token_id])
+        return expanded
 
     def fit(self, ids: list[int], image_tokens: int, options: ChatOptions, default_max_new_tokens: int) -> ChatOptions:
         """The options with MAX_NEW_TOKENS fitted into the context: an explicit one must fit whole
@@ -201,8 +226,10 @@ class ChatGenerator:
         options: Sequence[ChatOptions],
         default_max_new_tokens: int,
         on_text: Callable[[int, str, Generated], None] | None = None,
+        grids: Sequence[np.ndarray] | None = None,
     ) -> list[Generated]:
-        """Decode every row together. `on_text(row, piece, result)` streams each row's new text."""
+        """Decode every row together. `on_text(row, piece, result)` streams each row's new text;
+        `grids`: per row its images' (t, h, w) patch grids (M-RoPE models)."""
         torch = self.torch
         count = len(prompts)
         longest = max(len(p) for p in prompts)
@@ -216,15 +243,14 @@ class ChatGenerator:
             for i, feature in enumerate(features):
                 positions = (ids[i] == self.image_token_id).nonzero().flatten()
                 embeds[i, positions] = torch.from_numpy(np.asarray(feature)).to(embeds.dtype).to(self.device)
-            mask = mask.to(self.device)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            position_ids, next_position = self.prompt_positions(ids, mask, prompts, grids)
+            mask, position_ids, next_position = (t.to(self.device) for t in (mask, position_ids, next_position))
             output = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True)
             cache = output.past_key_values
             logits = output.logits[:, -1, :].float()
             generators = [torch.Generator().manual_seed(int(o.seed)) if o.seed is not None else None for o in options]
             limits = [o.max_new_tokens or default_max_new_tokens for o in options]
             results = [Generated() for _ in range(count)]
-            next_position = position_ids[:, -1:] + 1
             while True:
                 chosen = []
                 for i, (row_logits, result) in enumerate(zip(logits, results)):
@@ -261,6 +287,25 @@ class ChatGenerator:
                 cache = output.past_key_values
                 logits = output.logits[:, -1, :].float()
                 next_position = next_position + 1
+
+    def prompt_positions(self, ids, mask, prompts: Sequence[list[int]], grids):
+        """Position ids of the left-padded prompts and of each row's first new token (then +1 a
+        step): token counts [B, L] and [B, 1]; with M-RoPE [4, B, L] and [4, B, 1] (text positions,
+        as transformers' generate passes them, then temporal, height, width)."""
+        torch = self.torch
+        text = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.mrope_merge_size is None:
+            return text, text[:, -1:] + 1
+        from tritonkit.qwen_vl import mrope_positions
+
+        count, longest = ids.shape
+        rope = torch.zeros((3, count, longest), dtype=torch.long)
+        following = torch.zeros((4, count, 1), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            positions, delta = mrope_positions(prompt, self.image_token_id, grids[i], self.mrope_merge_size)
+            rope[:, i, longest - len(prompt) :] = torch.from_numpy(positions)
+            following[0, i], following[1:, i] = len(prompt), len(prompt) + delta
+        return torch.cat([text[None], rope]), following
 
     def _choose(self, logits, options: ChatOptions, generator) -> int:
         torch = self.torch

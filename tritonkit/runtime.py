@@ -64,6 +64,15 @@ def run_in_slices(run, feed: Mapping[str, np.ndarray], rows_per_run: int) -> lis
     return outputs
 
 
+def object_rows(values) -> np.ndarray:
+    """One row per value, whatever its shape: ragged rows (a request's patches, its prompt ids)
+    batch as objects."""
+    rows = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        rows[i] = value
+    return rows
+
+
 def string_rows(array: np.ndarray, tensor: str) -> list[str]:
     """Decode a TYPE_STRING tensor [B, 1] to str, rejecting text that is not UTF-8."""
     texts = []

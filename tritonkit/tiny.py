@@ -347,3 +347,142 @@ def make_tiny_llava(
     processor.save_pretrained(str(directory))
     (directory / "tritonkit_tiny.json").write_text(json.dumps({"made_by": "tritonkit.tiny.make_tiny_llava"}))
     return directory
+
+
+# Qwen2-VL-Instruct's chat template (images as <|vision_start|><|image_pad|><|vision_end|>).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_VL_SPECIALS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def make_tiny_qwen_vl(
+    directory: Path,
+    *,
+    variant: str = "qwen2_vl",
+    text_hidden: int = 64,
+    vision_hidden: int = 32,
+    layers: int = 2,
+    init_std: float = 0.2,
+    seed: int = 0,
+) -> Path:
+    """A random Qwen2-VL (`variant` qwen2_vl) or Qwen2.5-VL (qwen2_5_vl): the real vision tower
+    (Qwen2.5-VL's with window attention in all but its last block) and language model with M-RoPE,
+    GPT-2's BPE (from the bundled Whisper tiny.en) with Qwen's special tokens and chat template, and
+    the Qwen2-VL image processor with a small pixel budget (4 to 64 visual tokens per image).
+
+    The tokenizer and image processor are saved on their own: transformers' Qwen2-VL processor
+    needs its video processor, which needs torchvision (not installable beside this torch)."""
+    import json
+
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from tritonkit.convert_ct2 import bundled_tiny_en
+
+    if variant not in ("qwen2_vl", "qwen2_5_vl"):
+        raise TritonkitError(f"Qwen-VL variant {variant!r}: use qwen2_vl or qwen2_5_vl")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer.from_file(str(bundled_tiny_en() / "tokenizer.json"))
+    bpe.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])  # Qwen adds no BOS
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=4096,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_VL_SPECIALS)})
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+
+    def token(text: str) -> int:
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        assert isinstance(token_id, int)
+        return token_id
+
+    torch.manual_seed(seed)
+    heads = 4
+    head_dim = text_hidden // heads
+    text: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": text_hidden,
+        "intermediate_size": 4 * text_hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        # M-RoPE: the rotary half-dims split over (temporal, height, width) as Qwen's 2:3:3
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16],
+            "rope_theta": 10000.0,
+        },
+        "initializer_range": init_std,
+        "eos_token_id": token("<|im_end|>"),
+        "pad_token_id": token("<|endoftext|>"),
+        "bos_token_id": token("<|endoftext|>"),
+    }
+    common: dict[str, Any] = {
+        "depth": layers,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    config_class: Any
+    model_class: Any
+    if variant == "qwen2_vl":
+        vision = {**common, "embed_dim": vision_hidden, "hidden_size": text_hidden, "mlp_ratio": 2}
+        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    else:
+        vision = {
+            **common,
+            "hidden_size": vision_hidden,
+            "out_hidden_size": text_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "window_size": 56,  # 2x2 merged patches per window
+            "fullatt_block_indexes": [layers - 1],
+        }
+        config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    vision["initializer_range"] = init_std
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=token("<|image_pad|>"),
+        video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
+        tie_word_embeddings=False,
+        initializer_range=init_std,
+    )
+    model = model_class(config).eval()
+    model.generation_config.eos_token_id = token("<|im_end|>")
+    model.generation_config.pad_token_id = token("<|endoftext|>")
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64).save_pretrained(str(directory))
+    (directory / "tritonkit_tiny.json").write_text(
+        json.dumps({"made_by": f"tritonkit.tiny.make_tiny_qwen_vl({variant})"})
+    )
+    return directory

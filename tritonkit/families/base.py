@@ -38,6 +38,9 @@ class OnnxExport:
     sample_inputs: list[dict[str, Any]]
     tolerance: Tolerance
     opset: int = 17
+    # The name of each tensor's first axis (default "batch"): tensors whose first axes differ in
+    # size name them apart (Qwen-VL's patches and visual tokens).
+    first_axis: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)  # an artefact shared by two stages is made once (compared by identity)

@@ -1,0 +1,193 @@
+"""Qwen2-VL and Qwen2.5-VL image chat served end to end (tiny random models of both variants, real
+tritonserver) against transformers `generate`: images of their own sizes, several per request,
+conversations, batches of mixed sizes, streaming, seeded sampling, bad inputs."""
+
+from __future__ import annotations
+
+import io
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import encode_image, random_image, start_server
+from tests.test_llava import executed_batches, metric
+from tritonkit.build import build
+from tritonkit.client import TritonkitClient, pack_byte_rows
+from tritonkit.errors import InferenceError
+from tritonkit.families import get_family
+
+pytestmark = pytest.mark.server
+NEW_TOKENS = 10
+VARIANTS = ("qwen2vl", "qwen2_5vl")
+# (height, width): small, wide, tall, and one over the tiny processor's pixel budget (resized down)
+SIZES = [(60, 90), (200, 120), (56, 300), (400, 560)]
+
+
+def image(seed: int, size=(96, 72)) -> bytes:
+    return encode_image(random_image(*size, seed=seed), "JPEG")
+
+
+def pil(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def qwen(request, tiny_model_dir, tmp_path_factory):
+    """(family, spec, loaded model, server) of one variant."""
+    family = request.param
+    model_dir = tiny_model_dir(family)
+    spec = get_family(family)
+    repository = tmp_path_factory.mktemp(f"{family}_repo") / "model_repository"
+    build(family, str(model_dir), repository)
+    server = start_server(repository)
+    yield family, spec, spec.load(str(model_dir)), server
+    server.stop()
+
+
+def user(images: int, text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
+
+
+def reference(qwen, files: list[bytes], messages: list[dict]) -> str:
+    _, spec, loaded, _ = qwen
+    tokens = spec.reference_tokens(loaded, [pil(f) for f in files], messages, NEW_TOKENS)
+    return loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_greedy_answers_equal_transformers_for_images_of_their_own_sizes(qwen):
+    family, _, _, server = qwen
+    with TritonkitClient(server.grpc_url) as client:
+        answers = []
+        for seed, size in enumerate(SIZES):
+            data = image(seed, size)
+            answers.append(
+                client.chat(data, "What is in the picture?", model=f"{family}_chat", max_new_tokens=NEW_TOKENS)
+            )
+            assert answers[-1] == reference(qwen, [data], user(1, "What is in the picture?")), size
+    assert len(set(answers)) > 1  # the answers depend on the image
+
+
+def test_two_images_and_a_conversation_with_text_only_turns(qwen):
+    family, _, _, server = qwen
+    files = [image(7, (80, 120)), image(8, (150, 90))]
+    conversation = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}, {"type": "image"}]},
+        {"role": "assistant", "content": "Two pictures."},
+        {"role": "user", "content": "Which is brighter?"},
+    ]
+    with TritonkitClient(server.grpc_url) as client:
+        two = client.chat(files, "Compare them.", model=f"{family}_chat", max_new_tokens=NEW_TOKENS)
+        assert two == reference(qwen, files, user(2, "Compare them."))
+        talk = client.chat(files, conversation, model=f"{family}_chat", max_new_tokens=NEW_TOKENS)
+        as_parts = [
+            {
+                **m,
+                "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"],
+            }
+            for m in conversation
+        ]
+        assert talk == reference(qwen, files, as_parts)
+        streamed = client.chat_stream(files, conversation, model=f"{family}_chat_stream", max_new_tokens=NEW_TOKENS)
+        assert "".join(streamed) == talk
+
+
+def test_concurrent_requests_of_mixed_sizes_decode_together_with_the_same_answers(qwen):
+    family, _, _, server = qwen
+    cases = [([image(seed, size)], f"Question {seed}?") for seed, size in enumerate(SIZES)]
+    cases += [([image(11, (64, 64)), image(12, (90, 140))], "Both?"), ([image(13, (120, 60))], "Colour?")]
+    cases += [([image(14, (70, 70))], "One word."), ([image(15, (300, 200))], "Shapes?")]
+
+    def ask(case):
+        files, prompt = case
+        with TritonkitClient(server.grpc_url) as client:
+            return client.chat(files, prompt, model=f"{family}_chat", max_new_tokens=NEW_TOKENS)
+
+    with TritonkitClient(server.grpc_url) as client:
+        alone = [ask(case) for case in cases]
+        before = executed_batches(client, f"{family}_decoder")
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            together = list(pool.map(ask, cases))
+        after = executed_batches(client, f"{family}_decoder")
+    assert together == alone
+    grown = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+    assert any(size > 1 and count > 0 for size, count in grown.items()), grown
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(qwen):
+    family, _, _, server = qwen
+    options = {"temperature": 0.9, "seed": 42, "max_new_tokens": NEW_TOKENS}
+
+    def ask(seed):
+        with TritonkitClient(server.grpc_url) as client:
+            return client.chat(image(seed), "Tell me a story.", model=f"{family}_chat", **options)
+
+    alone = [ask(seed) for seed in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(ask, range(4))) == alone
+
+
+def test_vision_features_equal_pytorch_for_four_sizes_in_one_run(qwen):
+    import torch
+
+    from tritonkit.engines import ONNX_RUNTIME
+    from tritonkit.families.qwen2vl import image_inputs
+    from tritonkit.qwen_vl import vision_inputs
+
+    family, _, loaded, server = qwen
+    pixels, grids = image_inputs(loaded, [pil(image(seed, size)) for seed, size in enumerate(SIZES)])
+    assert len({tuple(g) for g in grids.tolist()}) == 4
+    session = ONNX_RUNTIME.session(server.repository / f"{family}_vision_encoder" / "1" / "model.onnx")
+    feed = {"PATCHES": pixels, **vision_inputs(grids, loaded.layout)}
+    (served,) = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
+    with torch.no_grad():
+        want = loaded.model.model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grids)).pooler_output
+    np.testing.assert_allclose(served, want.numpy(), atol=1e-4)
+
+
+def test_a_repeated_image_is_not_encoded_again(qwen):
+    family, _, _, server = qwen
+    fresh = encode_image(random_image(64, 96, seed=4321), "PNG")
+    names = ("tritonkit_feature_cache_hits_total", "tritonkit_feature_cache_misses_total")
+    encoder = f"{family}_vision_encoder"
+    before = [metric(server, name, encoder) for name in names]
+    with TritonkitClient(server.grpc_url) as client:
+        for prompt in ("One?", "Two?", "Three?"):
+            client.chat(fresh, prompt, model=f"{family}_chat", max_new_tokens=2)
+    after = [metric(server, name, encoder) for name in names]
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "files, prompt, message",
+    [
+        ([image(1), b"%PDF-1.4 not an image"], "What?", "IMAGES[1]: not a decodable image"),
+        ([image(seed) for seed in range(5)], "What?", "IMAGES: 1 to 4 images per request, got 5"),
+        ([image(1)], user(2, "Two?"), "MESSAGES: exactly one {type: image} part (it stands for IMAGE), got 2"),
+        ([image(1), image(2)], user(1, "One?"), "MESSAGES: 2 {type: image} parts (one per image sent), got 1"),
+        ([image(1)], "<|image_pad|> What?", "PROMPT: do not write <|image_pad|>"),
+    ],
+)
+def test_bad_inputs_fail_their_own_request_with_a_message(qwen, files, prompt, message):
+    family, _, _, server = qwen
+    with TritonkitClient(server.grpc_url) as client:
+        with pytest.raises(InferenceError, match=re.escape(message)):
+            client.chat(files, prompt, model=f"{family}_chat")
+        assert client.chat(image(1), "Fine?", model=f"{family}_chat", max_new_tokens=2)  # the server is fine
+
+
+def test_image_and_images_together_are_refused(qwen):
+    family, _, _, server = qwen
+    inputs = {
+        "IMAGE": pack_byte_rows([image(1)]),
+        "IMAGES": np.array([[image(2)]], dtype=object),
+        "PROMPT": np.array([[b"What?"]], dtype=object),
+    }
+    with (
+        TritonkitClient(server.grpc_url) as client,
+        pytest.raises(InferenceError, match=re.escape("IMAGE or IMAGES: give exactly one")),
+    ):
+        client.infer(f"{family}_chat", inputs)

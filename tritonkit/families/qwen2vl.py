@@ -1,0 +1,311 @@
+"""Qwen2-VL and Qwen2.5-VL: image chat with images at their own resolution, through LLaVA's contract.
+
+The checkpoint's image processor turns each image into its own grid of patches (within its pixel
+budget); the vision tower with its patch merger is one graph over a ragged batch of images (block
+attention masks from per-patch image and window ids, `tritonkit.qwen_vl`); the language model
+decodes in the Python backend with LLaVA's ChatGenerator, each image's placeholder expanded to its
+own number of visual tokens and positions given as transformers' M-RoPE (`get_rope_index`).
+Qwen2.5-VL differs only in its tower (RMSNorm, gated MLP, window attention), which the graph reads
+from the config: its variant names its model class and makes its own tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from tritonkit.errors import InputError
+from tritonkit.families.base import (
+    BuildOptions,
+    FamilySpec,
+    OnnxExport,
+    Pipeline,
+    Stage,
+    Tolerance,
+    engine_parameters,
+    register,
+    saved_pretrained,
+)
+from tritonkit.families.llava import (
+    DEFAULT_MAX_NEW_TOKENS,
+    FEATURE_CACHE_ENTRIES,
+    IMAGE,
+    IMAGE_FEATURES,
+    MAX_NEW_TOKENS,
+    MESSAGES,
+    PROMPT,
+    SEED,
+    STOP,
+    TEMPERATURE,
+    TEXT,
+    TOP_P,
+)
+from tritonkit.llava_decoding import COMPLETION_TOKENS, DEFAULT_MAX_PROMPT_BYTES, FINISH_REASON, PROMPT_TOKENS
+from tritonkit.qwen_vl import VisionLayout, image_tokens, vision_inputs
+from tritonkit.triton_config import Batching, Tensor
+
+# Public contract beside LLaVA's: several images in one request (BYTES, one encoded image each).
+IMAGES = "IMAGES"
+MAX_IMAGES = 4
+# Between composing models.
+PATCHES = "PATCHES"
+GRID_THW = "GRID_THW"
+# The vision graph's index inputs (tritonkit.qwen_vl.vision_inputs).
+POSITIONS, SEGMENTS, WINDOW_INDEX, WINDOW_SEGMENTS = "POSITIONS", "SEGMENTS", "WINDOW_INDEX", "WINDOW_SEGMENTS"
+# A vision run's patches (its attention masks grow with their square).
+MAX_PATCHES_PER_RUN = 4096
+# Sample images' patch grids for export and validation: four sizes in one batch, then fewer.
+SAMPLE_GRIDS = ([[1, 8, 8], [1, 4, 6], [1, 6, 4], [1, 14, 14]], [[1, 4, 4]], [[1, 10, 6], [1, 4, 8]])
+
+
+@dataclass
+class LoadedQwenVL:
+    model: Any  # Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration
+    tokenizer: Any  # with the chat template
+    image_processor: Any  # Qwen2VLImageProcessor(Pil)
+
+    @property
+    def layout(self) -> VisionLayout:
+        return VisionLayout.from_config(self.model.config.vision_config)
+
+    @property
+    def text_hidden(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def patch_values(self) -> int:
+        """Values per patch: channels x temporal patch x patch x patch."""
+        vision = self.model.config.vision_config
+        return int(vision.in_channels * vision.temporal_patch_size * vision.patch_size**2)
+
+
+def image_inputs(loaded: LoadedQwenVL, images) -> tuple[np.ndarray, np.ndarray]:
+    """PIL images -> (pixel_values [patches, D], image_grid_thw [images, 3]) by the checkpoint's processor."""
+    processed = loaded.image_processor(images=images, return_tensors="np")
+    return np.asarray(processed["pixel_values"], np.float32), np.asarray(processed["image_grid_thw"], np.int64)
+
+
+@register
+class Qwen2VLSpec(FamilySpec):
+    name = "qwen2vl"
+    model_types = ("qwen2_vl",)
+    description = (
+        "Qwen2-VL / Qwen2.5-VL image chat at each image's own resolution -> ensembles NAME_chat and "
+        "NAME_chat_stream (IMAGE or IMAGES (1-4) + PROMPT or MESSAGES in, TEXT out)"
+    )
+    model_class = "Qwen2VLForConditionalGeneration"
+    processor_classes: ClassVar[Mapping[str, str]] = {
+        "tokenizer": "AutoTokenizer",
+        "image_processor": "AutoImageProcessor",
+    }
+    loaded_class = LoadedQwenVL
+    tolerances: ClassVar[Mapping[str, Tolerance]] = {"vision_encoder": Tolerance(max_abs=1e-4, min_cosine=0.9999)}
+    batching: ClassVar[Mapping[str, Batching]] = {
+        "image_preprocess": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=2000),
+        "vision_encoder": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=2000),
+        "decoder": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
+        "decoder_stream": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
+    }
+
+    @staticmethod
+    def make_tiny(directory: Path) -> Path:
+        """A small random Qwen2-VL with GPT-2's BPE plus Qwen's special tokens and chat template."""
+        from tritonkit.tiny import make_tiny_qwen_vl
+
+        return make_tiny_qwen_vl(directory, variant="qwen2_vl")
+
+    def tensors(self, loaded: LoadedQwenVL) -> dict[str, Tensor]:
+        return {
+            IMAGE: Tensor(IMAGE, "uint8", (-1,), ragged=True, optional=True),
+            IMAGES: Tensor(IMAGES, "string", (-1,), ragged=True, optional=True),
+            PROMPT: Tensor(PROMPT, "string", (1,), optional=True),
+            MESSAGES: Tensor(MESSAGES, "string", (1,), optional=True),
+            MAX_NEW_TOKENS: Tensor(MAX_NEW_TOKENS, "int32", (1,), optional=True),
+            TEMPERATURE: Tensor(TEMPERATURE, "float32", (1,), optional=True),
+            TOP_P: Tensor(TOP_P, "float32", (1,), optional=True),
+            SEED: Tensor(SEED, "int64", (1,), optional=True),
+            STOP: Tensor(STOP, "string", (-1,), ragged=True, optional=True),
+            PATCHES: Tensor(PATCHES, "float32", (-1, loaded.patch_values), ragged=True),
+            GRID_THW: Tensor(GRID_THW, "int64", (-1, 3), ragged=True),
+            IMAGE_FEATURES: Tensor(IMAGE_FEATURES, "float32", (-1, loaded.text_hidden), ragged=True),
+            TEXT: Tensor(TEXT, "string", (1,)),
+            PROMPT_TOKENS: Tensor(PROMPT_TOKENS, "int32", (1,)),
+            COMPLETION_TOKENS: Tensor(COMPLETION_TOKENS, "int32", (1,)),
+            FINISH_REASON: Tensor(FINISH_REASON, "string", (1,)),
+        }
+
+    def graph_tensors(self, loaded: LoadedQwenVL) -> tuple[tuple[Tensor, ...], Tensor]:
+        """The vision graph's inputs (per patch, or per merge unit) and output (per visual token)."""
+        inputs = [
+            Tensor(PATCHES, "float32", (loaded.patch_values,)),
+            Tensor(POSITIONS, "int64", (2,)),
+            Tensor(SEGMENTS, "int64", ()),
+        ]
+        if loaded.layout.windowed:
+            inputs += [Tensor(WINDOW_INDEX, "int64", ()), Tensor(WINDOW_SEGMENTS, "int64", ())]
+        return tuple(inputs), Tensor(IMAGE_FEATURES, "float32", (loaded.text_hidden,))
+
+    def exports(self, loaded: LoadedQwenVL) -> list[OnnxExport]:
+        import torch
+
+        from tritonkit.qwen_vl import vision_module
+
+        inputs, output = self.graph_tensors(loaded)
+        generator = torch.Generator().manual_seed(0)
+        samples = []
+        for grids in SAMPLE_GRIDS:
+            grid = np.asarray(grids, dtype=np.int64)
+            feed = {name: torch.from_numpy(value) for name, value in vision_inputs(grid, loaded.layout).items()}
+            patches = int(np.prod(grid, axis=1).sum())
+            feed[PATCHES] = torch.randn((patches, loaded.patch_values), generator=generator)
+            samples.append(feed)
+        per_unit = {WINDOW_INDEX: "units", IMAGE_FEATURES: "units"}
+        return [
+            OnnxExport(
+                role="vision_encoder",
+                module=vision_module(loaded.model.model.visual, loaded.layout),
+                inputs=inputs,
+                outputs=(output,),
+                sample_inputs=samples,
+                tolerance=self.tolerance("vision_encoder"),
+                first_axis={t.name: per_unit.get(t.name, "patches") for t in (*inputs, output)},
+            )
+        ]
+
+    def pipelines(
+        self, loaded: LoadedQwenVL, onnx_files: Mapping[str, Path], options: BuildOptions = BuildOptions()
+    ) -> list[Pipeline]:
+        from tritonkit.engines import graph_files, graph_name
+        from tritonkit.families.llava import _eos_ids
+        from tritonkit.preprocessing.image import PIL_FORMATS, ImageRecipe
+
+        if options.gpu or options.native_backends:
+            raise InputError(
+                "qwen2vl builds for --target cpu with its encoders in the Python backend",
+                hint="leave out --target gpu and --native-backends (not written for this family yet)",
+            )
+        t = self.tensors(loaded)
+        from tritonkit.qwen_vl import save_language_model
+
+        language = saved_pretrained(
+            "language model (PyTorch)", "language_model", lambda path: save_language_model(loaded.model, path)
+        )
+        tokenizer = saved_pretrained("tokenizer and chat template", "tokenizer", loaded.tokenizer.save_pretrained)
+        image_processor = saved_pretrained("image processor", "image_processor", loaded.image_processor.save_pretrained)
+        # limits checked on every image before decoding; the processor does its own resize
+        limits = ImageRecipe(None, 28, 28, None, None, 3, None, None, None, resize_mode="fit", formats=PIL_FORMATS)
+        preprocess = Stage(
+            "image_preprocess",
+            "qwen_vl_preprocess",
+            (t[IMAGE], t[IMAGES]),
+            (t[PATCHES], t[GRID_THW]),
+            self.stage_batching("image_preprocess"),
+            {
+                "image_processor_dir": "image_processor",
+                "max_images": str(MAX_IMAGES),
+                "image_recipe": limits.with_options(**options.image).to_json(),
+            },
+            artefacts=(image_processor,),
+        )
+        graph = onnx_files["vision_encoder"]
+        vision = Stage(
+            "vision_encoder",
+            "qwen_vl_vision",
+            (t[PATCHES], t[GRID_THW]),
+            (t[IMAGE_FEATURES],),
+            self.stage_batching("vision_encoder"),
+            {
+                **engine_parameters(graph, "model", options),
+                "vision_layout": json.dumps(asdict(loaded.layout)),
+                "max_patches_per_run": str(MAX_PATCHES_PER_RUN),
+                "feature_cache_entries": str(FEATURE_CACHE_ENTRIES),
+            },
+            graph_files(graph, "model"),
+            graphs={graph_name(graph, "model"): "vision_encoder"},
+        )
+        parameters = {
+            "language_model_dir": "language_model",
+            "processor_dir": "tokenizer",
+            "max_new_tokens": str(DEFAULT_MAX_NEW_TOKENS),
+            "image_token_id": str(loaded.model.config.image_token_id),
+            "eos_token_ids": json.dumps(_eos_ids(loaded.model)),
+            "max_prompt_bytes": str(options.max_prompt_bytes or DEFAULT_MAX_PROMPT_BYTES),
+            "mrope_merge_size": str(loaded.layout.merge_size),
+        }
+        options_in = (t[MAX_NEW_TOKENS], t[TEMPERATURE], t[TOP_P], t[SEED], t[STOP], t[MESSAGES], t[GRID_THW])
+        usage = (t[PROMPT_TOKENS], t[COMPLETION_TOKENS], t[FINISH_REASON])
+
+        def decoder(role: str, stream: bool) -> Stage:
+            return Stage(
+                role=role,
+                template="llava_decoder",
+                inputs=(t[IMAGE_FEATURES], t[PROMPT], *options_in),
+                outputs=(t[TEXT], *usage),
+                batching=self.stage_batching(role),
+                parameters=parameters,
+                artefacts=(language, tokenizer),
+                config_extra={"model_transaction_policy": {"decoupled": True}} if stream else {},
+            )
+
+        inputs = (t[IMAGE], t[IMAGES], t[PROMPT], *options_in[:-1])
+        return [
+            Pipeline("chat", inputs, (t[TEXT], *usage), (preprocess, vision, decoder("decoder", False))),
+            Pipeline("chat_stream", inputs, (t[TEXT], *usage), (preprocess, vision, decoder("decoder_stream", True))),
+        ]
+
+    # -- reference (tests, benchmarks) -------------------------------------------------------
+    def prompt_ids(self, loaded: LoadedQwenVL, messages: list[dict], grids: np.ndarray | list) -> list[int]:
+        """The chat-templated conversation's token ids with each image's placeholder expanded to its
+        visual tokens, as Qwen2VLProcessor makes them."""
+        text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        pad = "<|image_pad|>"
+        pieces = text.split(pad)
+        if len(pieces) - 1 != len(grids):
+            raise ValueError(f"{len(pieces) - 1} image placeholders for {len(grids)} images")
+        counts = [image_tokens(g, loaded.layout.merge_size) for g in grids]
+        expanded = pieces[0] + "".join(pad * n + piece for n, piece in zip(counts, pieces[1:]))
+        return loaded.tokenizer(expanded)["input_ids"]
+
+    def reference_tokens(self, loaded: LoadedQwenVL, images, messages: list[dict], max_new_tokens: int) -> list[int]:
+        """transformers `generate` (greedy) on these PIL images and this conversation."""
+        import torch
+
+        pixels, grids = image_inputs(loaded, images) if images else (None, None)
+        ids = torch.tensor([self.prompt_ids(loaded, messages, grids if grids is not None else [])])
+        kwargs: dict[str, Any] = {}
+        if images:
+            kwargs = {
+                "pixel_values": torch.from_numpy(pixels),
+                "image_grid_thw": torch.from_numpy(grids),
+                "mm_token_type_ids": (ids == loaded.model.config.image_token_id).int(),
+            }
+        with torch.no_grad():
+            out = loaded.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                **kwargs,
+            )
+        return out[0, ids.shape[1] :].tolist()
+
+
+@register
+class Qwen25VLSpec(Qwen2VLSpec):
+    """Qwen2.5-VL: its model class and tiny model; its tower's window attention comes from the config."""
+
+    name = "qwen2_5vl"
+    model_types = ("qwen2_5_vl",)
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+
+    @staticmethod
+    def make_tiny(directory: Path) -> Path:
+        """A small random Qwen2.5-VL (window attention in all but the last vision block)."""
+        from tritonkit.tiny import make_tiny_qwen_vl
+
+        return make_tiny_qwen_vl(directory, variant="qwen2_5_vl")
