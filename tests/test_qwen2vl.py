@@ -191,3 +191,45 @@ def test_image_and_images_together_are_refused(qwen):
         pytest.raises(InferenceError, match=re.escape("IMAGE or IMAGES: give exactly one")),
     ):
         client.infer(f"{family}_chat", inputs)
+
+
+def test_the_openai_gateway_serves_several_images_as_the_ensemble_does(qwen):
+    import base64
+    import signal
+    import subprocess
+
+    openai = pytest.importorskip("openai")
+    from tests.conftest import free_port, serve_command
+    from tests.test_openai_gateway import wait_until_healthy
+
+    family, _, _, server = qwen
+    files = [image(21, (90, 60)), image(22, (64, 128))]
+    with TritonkitClient(server.grpc_url) as client:
+        want = client.chat(files, user(2, "Compare them."), model=f"{family}_chat", max_new_tokens=NEW_TOKENS)
+    grpc_port, openai_port = free_port(), free_port()
+    serve = subprocess.Popen(
+        serve_command(server.repository, grpc_port, None, "--openai-port", str(openai_port), "--cache-mb", "0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert serve.stdout.readline().startswith("tritonkit: ready:")
+        wait_until_healthy(f"http://127.0.0.1:{openai_port}")
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{openai_port}/v1", api_key="unused", max_retries=0)
+        parts = [
+            {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{base64.b64encode(f).decode()}"}}
+            for f in files
+        ]
+        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "Compare them."}]}]
+        answer = sdk.chat.completions.create(model=family, messages=messages, max_tokens=NEW_TOKENS)
+        assert answer.choices[0].message.content == want
+        streamed = sdk.chat.completions.create(model=family, messages=messages, max_tokens=NEW_TOKENS, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == want
+        with pytest.raises(openai.BadRequestError, match=re.escape("IMAGES: 1 to 4 images per request, got 5")):
+            sdk.chat.completions.create(
+                model=family, messages=[{"role": "user", "content": parts * 2 + parts[:1]}], max_tokens=2
+            )
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)

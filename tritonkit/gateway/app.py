@@ -305,9 +305,9 @@ def create_app(options: GatewayOptions):
         )
 
     # -- chat -------------------------------------------------------------------------------------
-    async def conversation(messages: object) -> tuple[list[dict], bytes]:
-        """OpenAI's messages as the decoder's MESSAGES (the image part as {"type": "image"}) and the
-        one image's bytes."""
+    async def conversation(messages: object, several: bool) -> tuple[list[dict], list[bytes]]:
+        """OpenAI's messages as the decoder's MESSAGES (each image part as {"type": "image"}) and the
+        images' bytes in order: exactly one, or with `several` (models that take IMAGES) one or more."""
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages: a non-empty list", param="messages")
         rendered, images = [], []
@@ -339,15 +339,18 @@ def create_app(options: GatewayOptions):
                         400, f"{param}: a text part (or, in a user message, an image_url part)", param="messages"
                     )
             rendered.append({"role": role, "content": kept})
-        if len(images) != 1:
+        if several and not images:
+            raise ApiError(400, "messages: at least one image_url part is needed", param="messages")
+        if not several and len(images) != 1:
             raise ApiError(400, f"messages: exactly one image_url part is needed, got {len(images)}", param="messages")
-        return rendered, images[0]
+        return rendered, images
 
     async def chat_inputs(body: dict, model: ServedModel) -> dict[str, np.ndarray]:
         if body.get("n", 1) != 1:
             raise ApiError(400, "n: only 1 is supported", param="n")
-        rendered, image = await conversation(body.get("messages"))
-        inputs = {"IMAGE": byte_row(image)}
+        several = "IMAGES" in model.inputs
+        rendered, images = await conversation(body.get("messages"), several)
+        inputs = {"IMAGES": np.array([images], dtype=object)} if several else {"IMAGE": byte_row(images[0])}
         if "MESSAGES" in model.inputs:
             inputs["MESSAGES"] = string_array([json.dumps(rendered)])
         elif len(rendered) == 1:  # a build from before conversations: one user message as PROMPT
