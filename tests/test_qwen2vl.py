@@ -233,3 +233,32 @@ def test_the_openai_gateway_serves_several_images_as_the_ensemble_does(qwen):
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=60)
+
+
+NATIVE_BF16 = "BF16" in __import__("tritonkit.engines", fromlist=["cpu_capabilities"]).cpu_capabilities()
+
+
+@pytest.mark.parametrize(
+    "engine, precision", [("onnxruntime", "int8"), ("openvino", "bf16" if NATIVE_BF16 else "int8")]
+)
+def test_reduced_precision_vision_towers_report_their_accuracy_and_serve(tiny_model_dir, tmp_path, engine, precision):
+    from tritonkit.families.base import BuildOptions
+    from tritonkit.precision import PrecisionOptions
+
+    repository = tmp_path / "repo"
+    result = build(
+        "qwen2_5vl",
+        str(tiny_model_dir("qwen2_5vl")),
+        repository,
+        options=BuildOptions(engine=engine),
+        precision=PrecisionOptions(precision),
+    )
+    report = result.accuracy[result.precision_variant]
+    assert report.passed and report.graphs["vision_encoder"]["min_cosine"] >= 0.99, report.summary()
+    assert "built-in" in report.data_source
+    server = start_server(repository)
+    try:
+        with TritonkitClient(server.grpc_url) as client:
+            assert client.chat([image(1), image(2, (60, 120))], "Both?", model="qwen2_5vl_chat", max_new_tokens=4)
+    finally:
+        server.stop()

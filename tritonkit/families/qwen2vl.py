@@ -11,6 +11,7 @@ from the config: its variant names its model class and makes its own tiny model.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -257,6 +258,49 @@ class Qwen2VLSpec(FamilySpec):
             Pipeline("chat", inputs, (t[TEXT], *usage), (preprocess, vision, decoder("decoder", False))),
             Pipeline("chat_stream", inputs, (t[TEXT], *usage), (preprocess, vision, decoder("decoder_stream", True))),
         ]
+
+    # -- reduced precision -----------------------------------------------------------------
+    precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {
+        "fp16": {"min_cosine": 0.999},
+        "bf16": {"min_cosine": 0.995},
+        "int8": {"min_cosine": 0.99},
+    }
+
+    def precision_data(self, loaded: LoadedQwenVL, exports, onnx_files, calibration_dir):
+        """Images (*.jpg, *.png, ...) from `calibration_dir` (a quarter held out), or the built-in
+        varied images (`tritonkit.calibration`; one of each kind held out), each at its own
+        resolution as the processor sizes it, four images a run."""
+        from tritonkit.calibration import BUILTIN_NOTE
+        from tritonkit.families.clip import BUILTIN_HELDOUT_SHARE, IMAGE_SUFFIXES, builtin_images
+        from tritonkit.precision import PrecisionData, data_files, split_files
+        from tritonkit.preprocessing.image import to_rgb
+
+        if calibration_dir is not None:
+            images = [p.read_bytes() for p in data_files(calibration_dir, IMAGE_SUFFIXES)]
+            if not images:
+                raise InputError(f"--calibration-data {calibration_dir}: needs images (jpg, png, ...)")
+            source = f"{len(images)} images from {calibration_dir}"
+        else:
+            images, source = builtin_images()
+            source += f": {BUILTIN_NOTE}"
+
+        def feeds(files: list[bytes]) -> list[dict[str, np.ndarray]]:
+            from PIL import Image
+
+            runs = []
+            for start in range(0, len(files), 4):
+                pictures = [to_rgb(Image.open(io.BytesIO(f))) for f in files[start : start + 4]]
+                pixels, grids = image_inputs(loaded, pictures)
+                runs.append({PATCHES: pixels, **vision_inputs(grids, loaded.layout)})
+            return runs
+
+        calibration, heldout = split_files(images, BUILTIN_HELDOUT_SHARE if calibration_dir is None else 0.25)
+        return PrecisionData(
+            calibration={"vision_encoder": feeds(calibration)},
+            heldout={"vision_encoder": feeds(heldout)},
+            source=source,
+            builtin=calibration_dir is None,
+        )
 
     # -- reference (tests, benchmarks) -------------------------------------------------------
     def prompt_ids(self, loaded: LoadedQwenVL, messages: list[dict], grids: np.ndarray | list) -> list[int]:
