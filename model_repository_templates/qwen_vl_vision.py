@@ -3,8 +3,8 @@
 Inputs: PATCHES [patches, D] and GRID_THW [images, 3] (one request's images, from
 qwen_vl_preprocess). Output: IMAGE_FEATURES [visual tokens of all its images, text hidden]. The
 images of every request in the batch are encoded together: in runs of at most
-`max_patches_per_run` patches (attention is a block mask over a run, so a run's memory grows with
-its patches squared), with the graph's index inputs computed from the grids
+`max_patches_per_run` patches (attention is a block mask over a run, so a run's work and memory grow
+with its patches squared; an image larger than that runs alone), with the graph's index inputs computed from the grids
 (`tritonkit.qwen_vl.vision_inputs`). Parameters: `model_file`, `engine`, `inference_precision`,
 `intra_op_threads` (as onnx_encoder), `vision_layout` (JSON of VisionLayout),
 `feature_cache_entries` (images seen before, keyed by their patches, are not encoded again).
@@ -28,7 +28,7 @@ class TritonPythonModel(BatchedModel):
         self.session = session_from_parameters(self.version_dir / graph, self.parameters, self.model_config)
         self.graph_inputs = [i.name for i in self.session.get_inputs()]
         self.layout = VisionLayout(**json.loads(self.parameters["vision_layout"]))
-        self.max_patches = int(self.parameters.get("max_patches_per_run", "4096"))
+        self.max_patches = int(self.parameters.get("max_patches_per_run", "1536"))
         self.cache_entries = int(self.parameters.get("feature_cache_entries", "0"))
         self.cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.patches_input, self.grid_input = self.input_names

@@ -245,7 +245,10 @@ class ChatGenerator:
                 embeds[i, positions] = torch.from_numpy(np.asarray(feature)).to(embeds.dtype).to(self.device)
             position_ids, next_position = self.prompt_positions(ids, mask, prompts, grids)
             mask, position_ids, next_position = (t.to(self.device) for t in (mask, position_ids, next_position))
-            output = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True)
+            # the last position's logits only: a whole prompt's would cost a vocabulary-wide product a token
+            output = self.lm(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
+            )
             cache = output.past_key_values
             logits = output.logits[:, -1, :].float()
             generators = [torch.Generator().manual_seed(int(o.seed)) if o.seed is not None else None for o in options]

@@ -189,6 +189,7 @@ def load_language_model(path: str):
             position_ids=None,
             past_key_values=None,
             use_cache=True,
+            logits_to_keep=0,
         ):
             out = self.text(
                 input_ids=input_ids,
@@ -198,7 +199,8 @@ def load_language_model(path: str):
                 cache=past_key_values,
                 use_cache=use_cache,
             )
-            return SimpleNamespace(logits=self.head(out.last_hidden_state), past_key_values=out.cache)
+            hidden = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
+            return SimpleNamespace(logits=self.head(hidden), past_key_values=out.cache)
 
     text = AutoModel.from_pretrained(path)
     weight = load_file(str(Path(path) / LM_HEAD_FILE))["weight"]

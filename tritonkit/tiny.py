@@ -379,13 +379,17 @@ def make_tiny_qwen_vl(
     text_hidden: int = 64,
     vision_hidden: int = 32,
     layers: int = 2,
+    heads: int = 4,
+    vision_layers: int | None = None,
+    max_image_tokens: int = 64,
     init_std: float = 0.2,
     seed: int = 0,
 ) -> Path:
     """A random Qwen2-VL (`variant` qwen2_vl) or Qwen2.5-VL (qwen2_5_vl): the real vision tower
     (Qwen2.5-VL's with window attention in all but its last block) and language model with M-RoPE,
     GPT-2's BPE (from the bundled Whisper tiny.en) with Qwen's special tokens and chat template, and
-    the Qwen2-VL image processor with a small pixel budget (4 to 64 visual tokens per image).
+    the Qwen2-VL image processor with a small pixel budget (4 to `max_image_tokens` visual tokens
+    per image). The sizes are arguments so that benchmarks can make a larger one.
 
     The tokenizer and image processor are saved on their own: transformers' Qwen2-VL processor
     needs its video processor, which needs torchvision (not installable beside this torch)."""
@@ -422,7 +426,6 @@ def make_tiny_qwen_vl(
         return token_id
 
     torch.manual_seed(seed)
-    heads = 4
     head_dim = text_hidden // heads
     text: dict[str, Any] = {
         "vocab_size": len(tokenizer),
@@ -462,7 +465,7 @@ def make_tiny_qwen_vl(
             "out_hidden_size": text_hidden,
             "intermediate_size": 2 * vision_hidden,
             "window_size": 56,  # 2x2 merged patches per window
-            "fullatt_block_indexes": [layers - 1],
+            "fullatt_block_indexes": [(vision_layers or layers) - 1],
         }
         config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
     vision["initializer_range"] = init_std
@@ -481,7 +484,9 @@ def make_tiny_qwen_vl(
     model.generation_config.pad_token_id = token("<|endoftext|>")
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
-    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64).save_pretrained(str(directory))
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * max_image_tokens).save_pretrained(
+        str(directory)
+    )
     (directory / "tritonkit_tiny.json").write_text(
         json.dumps({"made_by": f"tritonkit.tiny.make_tiny_qwen_vl({variant})"})
     )

@@ -22,11 +22,14 @@ import numpy as np
 
 from tritonkit.errors import InputError
 from tritonkit.families.base import (
+    PLAN_DIMS_PARAMETER,
+    SERVER_MEMORY_ROLE,
     BuildOptions,
     FamilySpec,
     OnnxExport,
     Pipeline,
     Stage,
+    StageMemory,
     Tolerance,
     engine_parameters,
     register,
@@ -58,8 +61,11 @@ PATCHES = "PATCHES"
 GRID_THW = "GRID_THW"
 # The vision graph's index inputs (tritonkit.qwen_vl.vision_inputs).
 POSITIONS, SEGMENTS, WINDOW_INDEX, WINDOW_SEGMENTS = "POSITIONS", "SEGMENTS", "WINDOW_INDEX", "WINDOW_SEGMENTS"
-# A vision run's patches (its attention masks grow with their square).
-MAX_PATCHES_PER_RUN = 4096
+# A vision run's patches: images share a run's dense attention under a block mask, whose wasted
+# work grows with the run's square; up to about 6x the tower's width it stays below the cost of the
+# blocks' linear layers (2N²d for scores and values against 12Nd² a block), past it images run apart.
+RUN_PATCHES_PER_WIDTH = 6
+MIN_PATCHES_PER_RUN, MAX_PATCHES_PER_RUN = 256, 8192
 # Sample images' patch grids for export and validation: four sizes in one batch, then fewer.
 SAMPLE_GRIDS = ([[1, 8, 8], [1, 4, 6], [1, 6, 4], [1, 14, 14]], [[1, 4, 4]], [[1, 10, 6], [1, 4, 8]])
 
@@ -77,6 +83,12 @@ class LoadedQwenVL:
     @property
     def text_hidden(self) -> int:
         return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def patches_per_run(self) -> int:
+        vision = self.model.config.vision_config
+        width = int(getattr(vision, "embed_dim", None) or vision.hidden_size)  # Qwen2-VL names it embed_dim
+        return max(MIN_PATCHES_PER_RUN, min(MAX_PATCHES_PER_RUN, RUN_PATCHES_PER_WIDTH * width))
 
     @property
     def patch_values(self) -> int:
@@ -111,6 +123,16 @@ class Qwen2VLSpec(FamilySpec):
         "vision_encoder": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=2000),
         "decoder": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
         "decoder_stream": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
+    }
+
+    # Fixed resident memory per stage beyond weights and buffers, measured with the scaled-down
+    # model of scripts/bench_qwen2vl.py (`tritonkit plan REPO --measure` after its served runs):
+    # the preprocessing stub holds transformers, torch and the image processor; the vision stub
+    # torch and transformers' vision_utils beside ONNX Runtime.
+    memory: ClassVar[Mapping[str, StageMemory]] = {
+        "image_preprocess": StageMemory(fixed_mb=300),
+        "vision_encoder": StageMemory(fixed_mb=260),
+        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=45),
     }
 
     @staticmethod
@@ -223,8 +245,12 @@ class Qwen2VLSpec(FamilySpec):
             {
                 **engine_parameters(graph, "model", options),
                 "vision_layout": json.dumps(asdict(loaded.layout)),
-                "max_patches_per_run": str(MAX_PATCHES_PER_RUN),
+                "max_patches_per_run": str(loaded.patches_per_run),
                 "feature_cache_entries": str(FEATURE_CACHE_ENTRIES),
+                # a run at its patch budget: the graph's attention masks and scores grow with its square
+                PLAN_DIMS_PARAMETER: json.dumps(
+                    {"patches": loaded.patches_per_run, "units": loaded.patches_per_run // loaded.layout.merge_size**2}
+                ),
             },
             graph_files(graph, "model"),
             graphs={graph_name(graph, "model"): "vision_encoder"},
