@@ -6,7 +6,8 @@ images of every request in the batch are encoded together: in runs of at most
 `max_patches_per_run` patches (attention is a block mask over a run, so a run's work and memory grow
 with its patches squared; an image larger than that runs alone), with the graph's index inputs computed from the grids
 (`tritonkit.qwen_vl.vision_inputs`). Parameters: `model_file`, `engine`, `inference_precision`,
-`intra_op_threads` (as onnx_encoder), `vision_layout` (JSON of VisionLayout),
+`intra_op_threads` (as onnx_encoder), `providers` (ONNX Runtime's; a GPU repository's start with
+CUDAExecutionProvider), `vision_layout` (JSON of VisionLayout),
 `feature_cache_entries` (images seen before, keyed by their patches, are not encoded again).
 """
 
@@ -22,10 +23,13 @@ from tritonkit.runtime import BatchedModel, object_rows
 
 class TritonPythonModel(BatchedModel):
     def setup(self):
-        from tritonkit.engines import session_from_parameters
+        from tritonkit.engines import onnxruntime_providers, session_from_parameters
 
         graph = self.parameters.get("model_file", "model.onnx")
-        self.session = session_from_parameters(self.version_dir / graph, self.parameters, self.model_config)
+        providers = onnxruntime_providers(self.parameters, self.model_name)
+        self.session = session_from_parameters(
+            self.version_dir / graph, self.parameters, self.model_config, providers=providers
+        )
         self.graph_inputs = [i.name for i in self.session.get_inputs()]
         self.layout = VisionLayout(**json.loads(self.parameters["vision_layout"]))
         self.max_patches = int(self.parameters.get("max_patches_per_run", "1536"))

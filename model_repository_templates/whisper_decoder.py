@@ -32,18 +32,9 @@ class TritonPythonModel(BatchedModel):
     def setup(self):
         from transformers import AutoTokenizer
 
-        from tritonkit.engines import session_from_parameters
+        from tritonkit.engines import onnxruntime_providers, session_from_parameters
 
-        providers = self.parameters.get("providers", "CPUExecutionProvider").split(",")
-        if self.parameters.get("engine", "onnxruntime") == "onnxruntime":
-            import onnxruntime as ort
-
-            missing = [p for p in providers if p not in ort.get_available_providers()]
-            if missing:
-                raise RuntimeError(
-                    f"{self.model_name}: ONNX Runtime here lacks {', '.join(missing)}; this repository was built with "
-                    "--target gpu: run it on a GPU machine with onnxruntime-gpu, or rebuild with --target cpu"
-                )
+        providers = onnxruntime_providers(self.parameters, self.model_name)
 
         def session(stem):  # `STEM_file`: the graph (absent in repositories built before OpenVINO)
             path = self.version_dir / self.parameters.get(f"{stem}_file", f"{stem}.onnx")

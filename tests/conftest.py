@@ -142,6 +142,22 @@ def embedding_servers(embedding_repositories, tiny_model_dir):
         server.stop()
 
 
+def _qwen_repository(family: str, tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp(f"{family}_repo") / "model_repository"
+    build(family, str(tiny_model_dir(family)), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen2vl_repository(tiny_model_dir, tmp_path_factory) -> Path:
+    return _qwen_repository("qwen2vl", tiny_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def qwen2_5vl_repository(tiny_model_dir, tmp_path_factory) -> Path:
+    return _qwen_repository("qwen2_5vl", tiny_model_dir, tmp_path_factory)
+
+
 @pytest.fixture(scope="session")
 def family_repository(request, embedding_repositories):
     """family -> a built repository of it: the tiny model (Whisper: the real tiny.en)."""

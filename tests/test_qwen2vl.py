@@ -35,14 +35,12 @@ def pil(data: bytes) -> Image.Image:
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
-def qwen(request, tiny_model_dir, tmp_path_factory):
+def qwen(request, tiny_model_dir):
     """(family, spec, loaded model, server) of one variant."""
     family = request.param
     model_dir = tiny_model_dir(family)
     spec = get_family(family)
-    repository = tmp_path_factory.mktemp(f"{family}_repo") / "model_repository"
-    build(family, str(model_dir), repository)
-    server = start_server(repository)
+    server = start_server(request.getfixturevalue(f"{family}_repository"))
     yield family, spec, spec.load(str(model_dir)), server
     server.stop()
 
@@ -260,5 +258,42 @@ def test_reduced_precision_vision_towers_report_their_accuracy_and_serve(tiny_mo
     try:
         with TritonkitClient(server.grpc_url) as client:
             assert client.chat([image(1), image(2, (60, 120))], "Both?", model="qwen2_5vl_chat", max_new_tokens=4)
+    finally:
+        server.stop()
+
+
+def test_a_gpu_repository_runs_every_stage_in_the_python_backend_on_kind_gpu(tiny_model_dir, tmp_path):
+    from tritonkit.check import check_repository
+    from tritonkit.families.base import BuildOptions
+    from tritonkit.repository import read_repository
+
+    build("qwen2vl", str(tiny_model_dir("qwen2vl")), tmp_path / "repo", options=BuildOptions(target="gpu"))
+    configs = read_repository(tmp_path / "repo")
+    from tritonclient.grpc import model_config_pb2
+
+    kind = model_config_pb2.ModelInstanceGroup.Kind.Name
+    kinds = {name: {kind(g.kind) for g in c.instance_group} for name, c in configs.items() if c.backend == "python"}
+    gpu = {name for name, k in kinds.items() if k == {"KIND_GPU"}}
+    assert gpu == {"qwen2vl_vision_encoder", "qwen2vl_decoder", "qwen2vl_decoder_stream"}, kinds
+    assert configs["qwen2vl_vision_encoder"].parameters["providers"].string_value.startswith("CUDAExecutionProvider")
+    assert configs["qwen2vl_decoder"].parameters["device"].string_value == "cuda"
+    assert check_repository(tmp_path / "repo", "gpu").ok
+
+
+@pytest.mark.gpu
+def test_a_gpu_repository_answers_as_transformers_on_a_gpu(tiny_model_dir, tmp_path):
+    """Never run here (no GPU): the GPU repository's greedy answer against transformers'."""
+    from tritonkit.families.base import BuildOptions
+
+    model_dir = tiny_model_dir("qwen2vl")
+    build("qwen2vl", str(model_dir), tmp_path / "repo", options=BuildOptions(target="gpu"))
+    spec = get_family("qwen2vl")
+    loaded = spec.load(str(model_dir))
+    server = start_server(tmp_path / "repo")
+    try:
+        with TritonkitClient(server.grpc_url) as client:
+            served = client.chat(image(3), "What?", model="qwen2vl_chat", max_new_tokens=NEW_TOKENS)
+        tokens = spec.reference_tokens(loaded, [pil(image(3))], user(1, "What?"), NEW_TOKENS)
+        assert served == loaded.tokenizer.decode(tokens, skip_special_tokens=True)
     finally:
         server.stop()

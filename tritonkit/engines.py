@@ -122,6 +122,22 @@ class Runtime:
 ONNX_RUNTIME = Runtime()  # the default: ONNX Runtime on the CPU
 
 
+def onnxruntime_providers(parameters: Mapping[str, str], model_name: str) -> list[str]:
+    """A template's ONNX Runtime execution providers (parameter `providers`, comma-separated); a GPU
+    repository's on an ONNX Runtime without CUDA fails at load with what to do."""
+    providers = parameters.get("providers", "CPUExecutionProvider").split(",")
+    if parameters.get("engine", "onnxruntime") == "onnxruntime":
+        import onnxruntime as ort
+
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise RuntimeError(
+                f"{model_name}: ONNX Runtime here lacks {', '.join(missing)}; this repository was built with "
+                "--target gpu: run it on a GPU machine with onnxruntime-gpu, or rebuild with --target cpu"
+            )
+    return providers
+
+
 def session_from_parameters(path: Path, parameters: Mapping[str, str], model_config: Mapping[str, Any], **kwargs):
     """A template's session, as its config's parameters say (`engine`, `inference_precision`,
     `intra_op_threads`); an OpenVINO stage without a thread count takes the cores it may use

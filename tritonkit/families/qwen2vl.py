@@ -207,10 +207,10 @@ class Qwen2VLSpec(FamilySpec):
         from tritonkit.families.llava import _eos_ids
         from tritonkit.preprocessing.image import PIL_FORMATS, ImageRecipe
 
-        if options.gpu or options.native_backends:
+        if options.native_backends or options.engine in ("tensorrt", "onnxruntime-trt"):
             raise InputError(
-                "qwen2vl builds for --target cpu with its encoders in the Python backend",
-                hint="leave out --target gpu and --native-backends (not written for this family yet)",
+                f"{self.name}: the ragged vision graph runs in the Python backend (ONNX Runtime or OpenVINO)",
+                hint="leave out --native-backends and --engine tensorrt / onnxruntime-trt for this family",
             )
         t = self.tensors(loaded)
         from tritonkit.qwen_vl import save_language_model
@@ -236,6 +236,10 @@ class Qwen2VLSpec(FamilySpec):
             artefacts=(image_processor,),
         )
         graph = onnx_files["vision_encoder"]
+        # GPU: the same Python-backend stages, the vision graph on ONNX Runtime's CUDA provider and
+        # the language model on CUDA; the image processor stays on the CPU
+        gpu = {"providers": "CUDAExecutionProvider,CPUExecutionProvider"} if options.gpu else {}
+        kind = "KIND_GPU" if options.gpu else "KIND_CPU"
         vision = Stage(
             "vision_encoder",
             "qwen_vl_vision",
@@ -251,8 +255,10 @@ class Qwen2VLSpec(FamilySpec):
                 PLAN_DIMS_PARAMETER: json.dumps(
                     {"patches": loaded.patches_per_run, "units": loaded.patches_per_run // loaded.layout.merge_size**2}
                 ),
+                **gpu,
             },
             graph_files(graph, "model"),
+            kind=kind,
             graphs={graph_name(graph, "model"): "vision_encoder"},
         )
         parameters = {
@@ -264,6 +270,8 @@ class Qwen2VLSpec(FamilySpec):
             "max_prompt_bytes": str(options.max_prompt_bytes or DEFAULT_MAX_PROMPT_BYTES),
             "mrope_merge_size": str(loaded.layout.merge_size),
         }
+        if options.gpu:
+            parameters["device"] = "cuda"
         options_in = (t[MAX_NEW_TOKENS], t[TEMPERATURE], t[TOP_P], t[SEED], t[STOP], t[MESSAGES], t[GRID_THW])
         usage = (t[PROMPT_TOKENS], t[COMPLETION_TOKENS], t[FINISH_REASON])
 
@@ -276,6 +284,7 @@ class Qwen2VLSpec(FamilySpec):
                 batching=self.stage_batching(role),
                 parameters=parameters,
                 artefacts=(language, tokenizer),
+                kind=kind,
                 config_extra={"model_transaction_policy": {"decoupled": True}} if stream else {},
             )
 
