@@ -214,39 +214,8 @@ class LlavaSpec(FamilySpec):
                 encoder, parameters={**encoder.parameters, "feature_cache_entries": str(FEATURE_CACHE_ENTRIES)}
             )
         options_in = (t[MAX_NEW_TOKENS], t[TEMPERATURE], t[TOP_P], t[SEED], t[STOP], t[MESSAGES])
-        parameters = {
-            "language_model_dir": "language_model",
-            "processor_dir": "processor",
-            "max_new_tokens": str(DEFAULT_MAX_NEW_TOKENS),
-            "image_token_id": str(loaded.model.config.image_token_id),
-            "eos_token_ids": json.dumps(_eos_ids(loaded.model)),
-            "max_prompt_bytes": str(options.max_prompt_bytes or DEFAULT_MAX_PROMPT_BYTES),
-        }
-        if options.gpu:
-            parameters["device"] = "cuda"
-
-        usage = (t[PROMPT_TOKENS], t[COMPLETION_TOKENS], t[FINISH_REASON])
-
-        def decoder(role: str, stream: bool) -> Stage:
-            return Stage(
-                role=role,
-                template="llava_decoder",
-                inputs=(t[IMAGE_FEATURES], t[PROMPT], *options_in),
-                outputs=(t[TEXT], *usage),
-                batching=self.stage_batching(role),
-                parameters=parameters,
-                artefacts=saved,
-                kind="KIND_GPU" if options.gpu else "KIND_CPU",
-                config_extra={"model_transaction_policy": {"decoupled": True}} if stream else {},
-            )
-
-        inputs = (t[IMAGE], t[PROMPT], *options_in)
-        return [
-            Pipeline("chat", inputs, (t[TEXT], *usage), (*image_stages, encoder, decoder("decoder", False))),
-            Pipeline(
-                "chat_stream", inputs, (t[TEXT], *usage), (*image_stages, encoder, decoder("decoder_stream", True))
-            ),
-        ]
+        decoders = chat_decoders(self, loaded, t, options, options_in, saved, {"processor_dir": "processor"})
+        return chat_pipelines(t, (t[IMAGE], t[PROMPT], *options_in), (*image_stages, encoder), decoders)
 
     # -- reduced precision -----------------------------------------------------------------
     precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {
@@ -309,6 +278,55 @@ class LlavaSpec(FamilySpec):
                 max_new_tokens=max_new_tokens,
             )
         return out[0, ids.shape[1] :].tolist()
+
+
+def chat_decoders(
+    spec: FamilySpec,
+    loaded,
+    t: Mapping[str, Tensor],
+    options: BuildOptions,
+    options_in: tuple[Tensor, ...],
+    artefacts: tuple,
+    parameters: Mapping[str, str],
+) -> tuple[Stage, Stage]:
+    """A chat family's whole-answer and streaming decoders (the llava_decoder template), with the
+    family's own `parameters` (its processor folder, Qwen-VL's M-RoPE) beside the shared ones."""
+    shared = {
+        "language_model_dir": "language_model",
+        **parameters,
+        "max_new_tokens": str(DEFAULT_MAX_NEW_TOKENS),
+        "image_token_id": str(loaded.model.config.image_token_id),
+        "eos_token_ids": json.dumps(_eos_ids(loaded.model)),
+        "max_prompt_bytes": str(options.max_prompt_bytes or DEFAULT_MAX_PROMPT_BYTES),
+    }
+    if options.gpu:
+        shared["device"] = "cuda"
+    usage = (t[PROMPT_TOKENS], t[COMPLETION_TOKENS], t[FINISH_REASON])
+
+    def decoder(role: str, stream: bool) -> Stage:
+        return Stage(
+            role=role,
+            template="llava_decoder",
+            inputs=(t[IMAGE_FEATURES], t[PROMPT], *options_in),
+            outputs=(t[TEXT], *usage),
+            batching=spec.stage_batching(role),
+            parameters=shared,
+            artefacts=artefacts,
+            kind="KIND_GPU" if options.gpu else "KIND_CPU",
+            config_extra={"model_transaction_policy": {"decoupled": True}} if stream else {},
+        )
+
+    return decoder("decoder", False), decoder("decoder_stream", True)
+
+
+def chat_pipelines(t: Mapping[str, Tensor], inputs: tuple[Tensor, ...], front: tuple[Stage, ...], decoders):
+    """NAME_chat and NAME_chat_stream: the image stages, then the whole-answer or streaming decoder."""
+    outputs = (t[TEXT], t[PROMPT_TOKENS], t[COMPLETION_TOKENS], t[FINISH_REASON])
+    whole, stream = decoders
+    return [
+        Pipeline("chat", inputs, outputs, (*front, whole)),
+        Pipeline("chat_stream", inputs, outputs, (*front, stream)),
+    ]
 
 
 def _eos_ids(model) -> list[int]:

@@ -36,7 +36,6 @@ from tritonkit.families.base import (
     saved_pretrained,
 )
 from tritonkit.families.llava import (
-    DEFAULT_MAX_NEW_TOKENS,
     FEATURE_CACHE_ENTRIES,
     IMAGE,
     IMAGE_FEATURES,
@@ -48,8 +47,10 @@ from tritonkit.families.llava import (
     TEMPERATURE,
     TEXT,
     TOP_P,
+    chat_decoders,
+    chat_pipelines,
 )
-from tritonkit.llava_decoding import COMPLETION_TOKENS, DEFAULT_MAX_PROMPT_BYTES, FINISH_REASON, PROMPT_TOKENS
+from tritonkit.llava_decoding import COMPLETION_TOKENS, FINISH_REASON, PROMPT_TOKENS
 from tritonkit.qwen_vl import VisionLayout, image_tokens, vision_inputs
 from tritonkit.triton_config import Batching, Tensor
 
@@ -204,7 +205,6 @@ class Qwen2VLSpec(FamilySpec):
         self, loaded: LoadedQwenVL, onnx_files: Mapping[str, Path], options: BuildOptions = BuildOptions()
     ) -> list[Pipeline]:
         from tritonkit.engines import graph_files, graph_name
-        from tritonkit.families.llava import _eos_ids
         from tritonkit.preprocessing.image import PIL_FORMATS, ImageRecipe
 
         if options.native_backends or options.engine in ("tensorrt", "onnxruntime-trt"):
@@ -239,7 +239,6 @@ class Qwen2VLSpec(FamilySpec):
         # GPU: the same Python-backend stages, the vision graph on ONNX Runtime's CUDA provider and
         # the language model on CUDA; the image processor stays on the CPU
         gpu = {"providers": "CUDAExecutionProvider,CPUExecutionProvider"} if options.gpu else {}
-        kind = "KIND_GPU" if options.gpu else "KIND_CPU"
         vision = Stage(
             "vision_encoder",
             "qwen_vl_vision",
@@ -258,41 +257,21 @@ class Qwen2VLSpec(FamilySpec):
                 **gpu,
             },
             graph_files(graph, "model"),
-            kind=kind,
+            kind="KIND_GPU" if options.gpu else "KIND_CPU",
             graphs={graph_name(graph, "model"): "vision_encoder"},
         )
-        parameters = {
-            "language_model_dir": "language_model",
-            "processor_dir": "tokenizer",
-            "max_new_tokens": str(DEFAULT_MAX_NEW_TOKENS),
-            "image_token_id": str(loaded.model.config.image_token_id),
-            "eos_token_ids": json.dumps(_eos_ids(loaded.model)),
-            "max_prompt_bytes": str(options.max_prompt_bytes or DEFAULT_MAX_PROMPT_BYTES),
-            "mrope_merge_size": str(loaded.layout.merge_size),
-        }
-        if options.gpu:
-            parameters["device"] = "cuda"
         options_in = (t[MAX_NEW_TOKENS], t[TEMPERATURE], t[TOP_P], t[SEED], t[STOP], t[MESSAGES], t[GRID_THW])
-        usage = (t[PROMPT_TOKENS], t[COMPLETION_TOKENS], t[FINISH_REASON])
-
-        def decoder(role: str, stream: bool) -> Stage:
-            return Stage(
-                role=role,
-                template="llava_decoder",
-                inputs=(t[IMAGE_FEATURES], t[PROMPT], *options_in),
-                outputs=(t[TEXT], *usage),
-                batching=self.stage_batching(role),
-                parameters=parameters,
-                artefacts=(language, tokenizer),
-                kind=kind,
-                config_extra={"model_transaction_policy": {"decoupled": True}} if stream else {},
-            )
-
-        inputs = (t[IMAGE], t[IMAGES], t[PROMPT], *options_in[:-1])
-        return [
-            Pipeline("chat", inputs, (t[TEXT], *usage), (preprocess, vision, decoder("decoder", False))),
-            Pipeline("chat_stream", inputs, (t[TEXT], *usage), (preprocess, vision, decoder("decoder_stream", True))),
-        ]
+        decoders = chat_decoders(
+            self,
+            loaded,
+            t,
+            options,
+            options_in,
+            (language, tokenizer),
+            {"processor_dir": "tokenizer", "mrope_merge_size": str(loaded.layout.merge_size)},
+        )
+        inputs = (t[IMAGE], t[IMAGES], t[PROMPT], *options_in[:-1])  # GRID_THW is made inside
+        return chat_pipelines(t, inputs, (preprocess, vision), decoders)
 
     # -- reduced precision -----------------------------------------------------------------
     precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {
