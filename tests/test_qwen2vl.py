@@ -49,9 +49,23 @@ def user(images: int, text: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
 
 
+def served_patches(repository, family: str, files: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel_values, image_grid_thw) as the repository's DALI preprocessing computes them."""
+    from tritonkit.preprocessing.dali import image_patches
+    from tritonkit.preprocessing.image import ImageRecipe
+    from tritonkit.qwen_vl import PatchRecipe
+    from tritonkit.repository import read_repository
+
+    parameters = read_repository(repository)[f"{family}_image_preprocess"].parameters
+    recipe = PatchRecipe.from_json(parameters["patch_recipe"].string_value)
+    return image_patches(recipe, ImageRecipe.from_json(parameters["image_recipe"].string_value), files)
+
+
 def reference(qwen, files: list[bytes], messages: list[dict]) -> str:
-    _, spec, loaded, _ = qwen
-    tokens = spec.reference_tokens(loaded, [pil(f) for f in files], messages, NEW_TOKENS)
+    """transformers `generate` (greedy) on the patches the served preprocessing computes."""
+    family, spec, loaded, server = qwen
+    processed = served_patches(server.repository, family, files) if files else None
+    tokens = spec.reference_tokens(loaded, None, messages, NEW_TOKENS, processed=processed)
     return loaded.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
@@ -144,6 +158,107 @@ def test_vision_features_equal_pytorch_for_four_sizes_in_one_run(qwen):
     with torch.no_grad():
         want = loaded.model.model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grids)).pooler_output
     np.testing.assert_allclose(served, want.numpy(), atol=1e-4)
+
+
+# DALI's antialiased cubic resize against PIL's bicubic (the processor's), measured on these images
+# and the built-in varied ones (scripts/bench_qwen_vl_preprocessing.py): at most 7 grey levels at
+# sharp edges of flat graphics, 0.1 on average; a one-pixel shift or a wrong patch order gives tens.
+MAX_LEVELS, MEAN_LEVELS, MIN_FEATURE_COSINE = 8.0, 0.3, 0.998
+
+
+def exif_rotated(seed: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display: DALI and the processor's input both apply it
+    buffer = io.BytesIO()
+    Image.fromarray(random_image(90, 150, seed=seed)).save(buffer, format="JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def rgba(seed: int) -> bytes:
+    pixels = np.concatenate([random_image(80, 120, seed=seed), np.full((80, 120, 1), 255, np.uint8)], axis=2)
+    pixels[:30, :, 3] = 0
+    return encode_image(pixels, "PNG")
+
+
+def test_dali_patches_match_the_image_processor_on_varied_images(tiny_model_dir):
+    """Every built-in varied image (8 kinds; colour, grayscale, RGBA) and the sizes above, an EXIF
+    rotated JPEG, a 1x1 image (resized up to the minimum) and a wide strip: the same grids, pixels
+    within a few grey levels, the tiny tower's features within MIN_FEATURE_COSINE."""
+    import torch
+
+    from tritonkit.calibration import varied_images
+    from tritonkit.families.qwen2vl import image_inputs
+    from tritonkit.preprocessing.dali import image_patches
+    from tritonkit.preprocessing.image import DALI_FORMATS, ImageRecipe, decode_image
+    from tritonkit.qwen_vl import PatchRecipe
+
+    loaded = get_family("qwen2vl").load(str(tiny_model_dir("qwen2vl")))
+    recipe = PatchRecipe.from_processor(loaded.image_processor)
+    limits = ImageRecipe(None, 28, 28, None, None, 3, None, None, None, resize_mode="fit", formats=DALI_FORMATS)
+    files = [data for _, data in varied_images(24)] + [image(seed, size) for seed, size in enumerate(SIZES)]
+    files += [exif_rotated(5), rgba(6), encode_image(random_image(1, 1, seed=7), "PNG")]
+    files += [encode_image(random_image(20, 900, seed=8), "PNG")]
+    levels = np.repeat(np.asarray(recipe.std, np.float32), recipe.patch_values // 3) * 255
+    for k, data in enumerate(files):
+        ours, grid = image_patches(recipe, limits, [data])
+        theirs, their_grid = image_inputs(loaded, [decode_image(data, limits)])
+        assert grid.tolist() == their_grid.tolist(), k
+        diff = np.abs(ours - theirs) * levels
+        assert diff.max() <= MAX_LEVELS and diff.mean() <= MEAN_LEVELS, (k, diff.max(), diff.mean())
+        with torch.no_grad():
+            visual, grid_thw = loaded.model.model.visual, torch.from_numpy(grid)
+            a = visual(torch.from_numpy(ours), grid_thw=grid_thw).pooler_output
+            b = visual(torch.from_numpy(theirs), grid_thw=grid_thw).pooler_output
+        assert torch.nn.functional.cosine_similarity(a, b).min() >= MIN_FEATURE_COSINE, k
+
+
+def test_the_resize_is_transformers_smart_resize():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as theirs
+
+    from tritonkit.errors import InputError
+    from tritonkit.qwen_vl import smart_resize
+
+    rng = np.random.default_rng(0)
+    sizes = [(h, w) for h in (1, 14, 27, 28, 42, 70, 98, 223, 224, 1080) for w in (1, 28, 70, 99, 640, 1920)]
+    sizes += [tuple(int(x) for x in rng.integers(1, 3000, 2)) for _ in range(300)]
+    for budget in ((3136, 50176), (3136, 12845056), (200704, 1003520)):
+        for height, width in sizes:
+            if max(height, width) > 200 * min(height, width):
+                with pytest.raises(InputError, match="aspect ratio"):
+                    smart_resize(height, width, 28, *budget)
+                continue
+            assert smart_resize(height, width, 28, *budget) == theirs(height, width, 28, *budget), (height, width)
+
+
+def test_a_strip_over_the_processors_aspect_ratio_fails_its_own_request(qwen):
+    family, _, _, server = qwen
+    with TritonkitClient(server.grpc_url) as client:
+        strip = encode_image(random_image(4, 1000, seed=3), "PNG")
+        with pytest.raises(InferenceError, match=re.escape("IMAGES[1]: 1000x4 is over the 200:1 aspect ratio")):
+            client.chat([image(1), strip], "What?", model=f"{family}_chat")
+        assert client.chat(image(1), "Fine?", model=f"{family}_chat", max_new_tokens=2)
+
+
+def test_python_preprocessing_answers_equal_transformers_on_the_processors_own_pixels(tiny_model_dir, tmp_path):
+    """`--preprocessing python`: the checkpoint's processor in the stage, exact to transformers."""
+    from tritonkit.families.base import BuildOptions
+
+    model_dir = tiny_model_dir("qwen2vl")
+    build("qwen2vl", str(model_dir), tmp_path / "repo", options=BuildOptions(preprocessing="python"))
+    assert not (tmp_path / "repo" / "qwen2vl_image_preprocess" / "1" / "model.dali").exists()
+    spec = get_family("qwen2vl")
+    loaded = spec.load(str(model_dir))
+    server = start_server(tmp_path / "repo")
+    try:
+        files = [image(31, (200, 120)), image(32, (60, 90))]
+        with TritonkitClient(server.grpc_url) as client:
+            served = client.chat(files, "Compare.", model="qwen2vl_chat", max_new_tokens=NEW_TOKENS)
+            with pytest.raises(InferenceError, match=re.escape("IMAGES[1]: not a decodable image")):
+                client.chat([image(1), b"GIF89a broken"], "What?", model="qwen2vl_chat")
+        tokens = spec.reference_tokens(loaded, [pil(f) for f in files], user(2, "Compare."), NEW_TOKENS)
+        assert served == loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+    finally:
+        server.stop()
 
 
 def test_a_repeated_image_is_not_encoded_again(qwen):
@@ -274,7 +389,8 @@ def test_a_gpu_repository_runs_every_stage_in_the_python_backend_on_kind_gpu(tin
     kind = model_config_pb2.ModelInstanceGroup.Kind.Name
     kinds = {name: {kind(g.kind) for g in c.instance_group} for name, c in configs.items() if c.backend == "python"}
     gpu = {name for name, k in kinds.items() if k == {"KIND_GPU"}}
-    assert gpu == {"qwen2vl_vision_encoder", "qwen2vl_decoder", "qwen2vl_decoder_stream"}, kinds
+    assert gpu == {"qwen2vl_image_preprocess", "qwen2vl_vision_encoder", "qwen2vl_decoder", "qwen2vl_decoder_stream"}
+    assert (tmp_path / "repo" / "qwen2vl_image_preprocess" / "1" / "model.dali").exists()  # GPU operators
     assert configs["qwen2vl_vision_encoder"].parameters["providers"].string_value.startswith("CUDAExecutionProvider")
     assert configs["qwen2vl_decoder"].parameters["device"].string_value == "cuda"
     assert check_repository(tmp_path / "repo", "gpu").ok
@@ -293,7 +409,9 @@ def test_a_gpu_repository_answers_as_transformers_on_a_gpu(tiny_model_dir, tmp_p
     try:
         with TritonkitClient(server.grpc_url) as client:
             served = client.chat(image(3), "What?", model="qwen2vl_chat", max_new_tokens=NEW_TOKENS)
-        tokens = spec.reference_tokens(loaded, [pil(image(3))], user(1, "What?"), NEW_TOKENS)
+        # the CPU pipeline's patches: nvJPEG and libjpeg-turbo may differ by a grey level
+        processed = served_patches(tmp_path / "repo", "qwen2vl", [image(3)])
+        tokens = spec.reference_tokens(loaded, None, user(1, "What?"), NEW_TOKENS, processed=processed)
         assert served == loaded.tokenizer.decode(tokens, skip_special_tokens=True)
     finally:
         server.stop()

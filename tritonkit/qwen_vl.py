@@ -12,8 +12,10 @@ block mask built from those ids.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,6 +43,91 @@ class VisionLayout:
             if getattr(vision_config, "fullatt_block_indexes", None) is not None
             else 0,
         )
+
+
+MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses longer strips
+# The DALI pipeline's second input: each image's resized (height, width).
+RESIZED_SIZE = "RESIZED_SIZE"
+
+
+@dataclass(frozen=True)
+class PatchRecipe:
+    """The checkpoint's image processor settings: what the DALI pipeline and the size arithmetic
+    of the preprocessing stage need (resize within the pixel budget, normalisation, patches)."""
+
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    min_pixels: int
+    max_pixels: int
+    mean: tuple[float, float, float]  # on 0..1 pixels, after the rescale
+    std: tuple[float, float, float]
+    rescale_factor: float = 1 / 255
+    resample: int = 3  # PIL's filter number (3 = bicubic)
+    exif_orientation: bool = True
+
+    @classmethod
+    def from_processor(cls, processor, exif_orientation: bool = True) -> PatchRecipe:
+        size = dict(processor.size)
+        return cls(
+            patch_size=int(processor.patch_size),
+            merge_size=int(processor.merge_size),
+            temporal_patch_size=int(processor.temporal_patch_size),
+            min_pixels=int(size.get("shortest_edge") or size["min_pixels"]),
+            max_pixels=int(size.get("longest_edge") or size["max_pixels"]),
+            mean=tuple(float(x) for x in processor.image_mean),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in processor.image_std),  # type: ignore[arg-type]
+            rescale_factor=float(processor.rescale_factor),
+            resample=int(processor.resample),
+            exif_orientation=exif_orientation,
+        )
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @property
+    def patch_values(self) -> int:
+        return 3 * self.temporal_patch_size * self.patch_size**2
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def grid(self, resized_height: int, resized_width: int) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid of one image at its resized size."""
+        return 1, int(resized_height) // self.patch_size, int(resized_width) // self.patch_size
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> PatchRecipe:
+        data = json.loads(text)
+        return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The size Qwen2-VL's image processor resizes an image to: both sides multiples of `factor`,
+    the area within [min_pixels, max_pixels], the aspect ratio kept as closely as that allows
+    (transformers' `smart_resize`, with its rounding; a strip over 200:1 is an InputError)."""
+    from tritonkit.errors import InputError
+
+    if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+        raise InputError(
+            f"IMAGE: {width}x{height} is over the {MAX_ASPECT_RATIO}:1 aspect ratio Qwen-VL's processor accepts",
+            reason="too_large",
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
 
 
 def image_tokens(grid: Sequence[int], merge_size: int) -> int:

@@ -124,6 +124,8 @@ class BatchedModel:
         self.input_names = [i["name"] for i in self.model_config["input"]]
         self.output_dtypes = {o["name"]: numpy_dtype(o["data_type"]) for o in self.model_config["output"]}
         self.metrics = ModelMetrics(self.model_name, self.metrics_role, args.get("model_instance_name", ""))
+        # KIND_GPU instances: the GPU this instance runs on (Triton's args); None on CPU
+        self.device_id = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
         self.setup()
         self.metrics.resident()
 

@@ -23,7 +23,9 @@ import numpy as np
 from tritonkit.errors import InputError
 from tritonkit.families.base import (
     PLAN_DIMS_PARAMETER,
+    ROWS_PER_RUN_PARAMETER,
     SERVER_MEMORY_ROLE,
+    Artefact,
     BuildOptions,
     FamilySpec,
     OnnxExport,
@@ -205,7 +207,6 @@ class Qwen2VLSpec(FamilySpec):
         self, loaded: LoadedQwenVL, onnx_files: Mapping[str, Path], options: BuildOptions = BuildOptions()
     ) -> list[Pipeline]:
         from tritonkit.engines import graph_files, graph_name
-        from tritonkit.preprocessing.image import PIL_FORMATS, ImageRecipe
 
         if options.native_backends or options.engine in ("tensorrt", "onnxruntime-trt"):
             raise InputError(
@@ -219,22 +220,7 @@ class Qwen2VLSpec(FamilySpec):
             "language model (PyTorch)", "language_model", lambda path: save_language_model(loaded.model, path)
         )
         tokenizer = saved_pretrained("tokenizer and chat template", "tokenizer", loaded.tokenizer.save_pretrained)
-        image_processor = saved_pretrained("image processor", "image_processor", loaded.image_processor.save_pretrained)
-        # limits checked on every image before decoding; the processor does its own resize
-        limits = ImageRecipe(None, 28, 28, None, None, 3, None, None, None, resize_mode="fit", formats=PIL_FORMATS)
-        preprocess = Stage(
-            "image_preprocess",
-            "qwen_vl_preprocess",
-            (t[IMAGE], t[IMAGES]),
-            (t[PATCHES], t[GRID_THW]),
-            self.stage_batching("image_preprocess"),
-            {
-                "image_processor_dir": "image_processor",
-                "max_images": str(MAX_IMAGES),
-                "image_recipe": limits.with_options(**options.image).to_json(),
-            },
-            artefacts=(image_processor,),
-        )
+        preprocess = self.preprocess_stage(loaded, t, options)
         graph = onnx_files["vision_encoder"]
         # GPU: the same Python-backend stages, the vision graph on ONNX Runtime's CUDA provider and
         # the language model on CUDA; the image processor stays on the CPU
@@ -272,6 +258,69 @@ class Qwen2VLSpec(FamilySpec):
         )
         inputs = (t[IMAGE], t[IMAGES], t[PROMPT], *options_in[:-1])  # GRID_THW is made inside
         return chat_pipelines(t, inputs, (preprocess, vision), decoders)
+
+    def preprocess_stage(self, loaded: LoadedQwenVL, t: Mapping[str, Tensor], options: BuildOptions) -> Stage:
+        """Images -> PATCHES, GRID_THW: DALI (the default; GPU operators in a GPU repository) or the
+        checkpoint's image processor (`--preprocessing python`, equal to transformers)."""
+        from tritonkit.preprocessing.dali import patches_graph, serialize
+        from tritonkit.preprocessing.image import DALI_FORMATS, PIL_FORMATS, ImageRecipe
+        from tritonkit.qwen_vl import RESIZED_SIZE, PatchRecipe
+
+        dali = options.preprocessing == "dali"
+        # limits checked on every image from its header; the resize is the processor's own
+        limits = ImageRecipe(
+            None,
+            28,
+            28,
+            None,
+            None,
+            3,
+            None,
+            None,
+            None,
+            resize_mode="fit",
+            formats=DALI_FORMATS if dali else PIL_FORMATS,
+        ).with_options(**options.image)
+        undecodable = sorted(set(limits.formats) - set(DALI_FORMATS))
+        if dali and undecodable:
+            raise InputError(
+                f"DALI does not decode {', '.join(undecodable)} images",
+                hint="leave them out of --image-formats, or use --preprocessing python (CPU only)",
+            )
+        batching = self.stage_batching("image_preprocess")
+        parameters = {"max_images": str(MAX_IMAGES), "image_recipe": limits.to_json()}
+        if not dali:
+            processor = saved_pretrained("image processor", "image_processor", loaded.image_processor.save_pretrained)
+            parameters["image_processor_dir"] = "image_processor"
+            artefacts = (processor,)
+        else:
+            recipe = PatchRecipe.from_processor(loaded.image_processor, exif_orientation=limits.exif_orientation)
+            images_per_run = batching.max_batch_size * MAX_IMAGES
+            device = "gpu" if options.gpu else "cpu"
+
+            def make(folder: Path) -> Mapping[str, Path]:
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / "model.dali"
+                graph = patches_graph(recipe, "IMAGE", RESIZED_SIZE)
+                path.write_bytes(serialize(graph, device, images_per_run, options.dali_threads))
+                return {"model.dali": path}
+
+            artefacts = (Artefact(f"serialize its DALI graph with {device.upper()} operators", make),)
+            parameters |= {
+                "patch_recipe": recipe.to_json(),
+                "num_threads": str(options.dali_threads),
+                ROWS_PER_RUN_PARAMETER: str(images_per_run),
+            }
+        return Stage(
+            "image_preprocess",
+            "qwen_vl_preprocess",
+            (t[IMAGE], t[IMAGES]),
+            (t[PATCHES], t[GRID_THW]),
+            batching,
+            parameters,
+            artefacts=artefacts,
+            kind="KIND_GPU" if options.gpu and dali else "KIND_CPU",
+        )
 
     # -- reduced precision -----------------------------------------------------------------
     precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {
@@ -329,11 +378,18 @@ class Qwen2VLSpec(FamilySpec):
         expanded = pieces[0] + "".join(pad * n + piece for n, piece in zip(counts, pieces[1:]))
         return loaded.tokenizer(expanded)["input_ids"]
 
-    def reference_tokens(self, loaded: LoadedQwenVL, images, messages: list[dict], max_new_tokens: int) -> list[int]:
-        """transformers `generate` (greedy) on these PIL images and this conversation."""
+    def reference_tokens(
+        self, loaded: LoadedQwenVL, images, messages: list[dict], max_new_tokens: int, processed=None
+    ) -> list[int]:
+        """transformers `generate` (greedy) on these PIL images (through the checkpoint's processor)
+        or on `processed` = (pixel_values, image_grid_thw), and this conversation."""
         import torch
 
-        pixels, grids = image_inputs(loaded, images) if images else (None, None)
+        if processed is not None:
+            pixels, grids = processed
+        else:
+            pixels, grids = image_inputs(loaded, images) if images else (None, None)
+        images = images or (processed is not None)
         ids = torch.tensor([self.prompt_ids(loaded, messages, grids if grids is not None else [])])
         kwargs: dict[str, Any] = {}
         if images:

@@ -82,6 +82,52 @@ def image_graph(recipe: ImageRecipe, input_name: str) -> Graph:
     return graph
 
 
+def patches_graph(recipe, image_name: str, size_name: str) -> Graph:
+    """Qwen-VL: encoded image bytes (`image_name`) and their resized size (`size_name`, int64 [2]
+    = height, width from `PatchRecipe.resized`) -> the image's patches [h*w, 3 * t * p * p], laid out
+    as Qwen2-VL's processor lays them (merge blocks first; each frame repeated `temporal_patch_size`
+    times). The size is computed outside the graph because transformers rounds half to even."""
+
+    def graph(device: str):
+        fn, _, types = _dali()
+        data = fn.external_source(name=image_name, dtype=types.UINT8, ndim=1, device="cpu")
+        size = fn.external_source(name=size_name, dtype=types.INT64, ndim=1, device="cpu")
+        images = fn.decoders.image(
+            data,
+            device="mixed" if device == "gpu" else "cpu",
+            output_type=types.RGB,
+            adjust_orientation=recipe.exif_orientation,
+        )
+        interpolation = getattr(types, _INTERPOLATION.get(recipe.resample, "INTERP_CUBIC"))
+        images = fn.resize(images, size=fn.cast(size, dtype=types.FLOAT), interp_type=interpolation, antialias=True)
+        scale = 1.0 / recipe.rescale_factor
+        images = fn.crop_mirror_normalize(
+            images,
+            mean=[m * scale for m in recipe.mean],
+            std=[s * scale for s in recipe.std],
+            dtype=types.FLOAT,
+            output_layout="CHW",
+        )
+        patch, merge, frames = recipe.patch_size, recipe.merge_size, recipe.temporal_patch_size
+        rows, cols = size[0] // patch, size[1] // patch
+        one = rows * 0 + 1  # constants as DataNodes, so they stack with the per-image sizes
+
+        def shape(*dims):
+            return fn.cast(fn.stack(*dims), dtype=types.INT32)
+
+        # [C, H, W] -> [C, H/pm, m, p, W/pm, m, p] -> [H/pm, W/pm, m, m, C, p, p] -> frames -> [h*w, C*t*p*p]
+        blocks = fn.reshape(
+            images,
+            shape=shape(one * 3, rows // merge, one * merge, one * patch, cols // merge, one * merge, one * patch),
+            layout="",
+        )
+        blocks = fn.transpose(blocks, perm=[1, 4, 2, 5, 0, 3, 6])
+        blocks = fn.stack(*([blocks] * frames), axis=5)
+        return (fn.reshape(blocks, shape=shape(rows * cols, one * recipe.patch_values)),)
+
+    return graph
+
+
 def log_mel_graph(n_mels: int, input_name: str) -> Graph:
     """Samples of one window (float32 [-1], 16 kHz, <= 30 s) -> Whisper features [n_mels, 3000]."""
 
@@ -153,10 +199,11 @@ class DaliRunner:
     fail.
     """
 
-    def __init__(self, serialized: bytes, max_batch_size: int, num_threads: int = 1):
+    def __init__(self, serialized: bytes, max_batch_size: int, num_threads: int = 1, device_id: int | None = None):
         self.serialized = serialized
         self.max_batch_size = max_batch_size
         self.num_threads = num_threads
+        self.device_id = device_id  # a GPU for a pipeline serialized with GPU operators; None: CPU only
         self._pipe = None
 
     def _pipeline(self):
@@ -167,7 +214,7 @@ class DaliRunner:
                 serialized_pipeline=self.serialized,
                 batch_size=self.max_batch_size,
                 num_threads=self.num_threads,
-                device_id=None,
+                device_id=self.device_id,
                 exec_async=False,
                 exec_pipelined=False,
                 prefetch_queue_depth=1,
@@ -186,6 +233,7 @@ class DaliRunner:
             self._pipe = None
             raise
         count = len(next(iter(inputs.values())))
+        outputs = [out.as_cpu() if hasattr(out, "as_cpu") else out for out in outputs]  # GPU operators' outputs
         return [tuple(np.array(out[i]) for out in outputs) for i in range(count)]
 
     def run(self, inputs: dict[str, list[np.ndarray]]) -> list[tuple[np.ndarray, ...] | RowFailed]:
@@ -220,6 +268,33 @@ def image_pixels(recipe: ImageRecipe, files: Sequence[bytes]) -> np.ndarray:
             raise InputError(f"IMAGE: not decodable ({result})", reason="undecodable")
         rows.append(result[0])
     return np.stack(rows)
+
+
+def image_patches(recipe, limits: ImageRecipe, files: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """What a CPU repository's DALI stage computes for one request's images: Qwen-VL's
+    (pixel_values [patches, D], image_grid_thw [images, 3]), as its image processor returns them."""
+    from tritonkit.errors import InputError
+    from tritonkit.qwen_vl import RESIZED_SIZE
+
+    batch = max(len(files), 1)
+    runner = DaliRunner(serialize(patches_graph(recipe, "IMAGE", RESIZED_SIZE), "cpu", batch), batch)
+    sizes, checked = zip(*(resized_image(recipe, limits, data) for data in files))
+    results = runner.run({"IMAGE": list(checked), RESIZED_SIZE: list(sizes)})
+    failed = [r for r in results if isinstance(r, RowFailed)]
+    if failed:
+        raise InputError(f"IMAGE: not decodable ({failed[0]})", reason="undecodable")
+    patches = np.concatenate([r[0] for r in results if not isinstance(r, RowFailed)])
+    return patches, np.asarray([recipe.grid(*size) for size in sizes], np.int64)
+
+
+def resized_image(recipe, limits: ImageRecipe, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """One encoded image, checked against `limits` from its header: (its resized height and width
+    as int64 [2], the bytes to decode). Nothing is decoded unless it has transparency."""
+    from tritonkit.preprocessing.image import checked_image_bytes, inspect_image, oriented_size
+
+    height, width = oriented_size(inspect_image(data, limits), recipe.exif_orientation)
+    size = np.asarray(recipe.resized(height, width), dtype=np.int64)
+    return size, np.frombuffer(checked_image_bytes(data, limits), dtype=np.uint8)
 
 
 def log_mel_features(n_mels: int, windows: Sequence[np.ndarray]) -> np.ndarray:

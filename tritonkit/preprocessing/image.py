@@ -194,6 +194,18 @@ def decode_image(data: bytes, recipe: ImageRecipe) -> Image.Image:
     return to_rgb(image)
 
 
+EXIF_ORIENTATION_TAG = 0x0112
+EXIF_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
+
+
+def oriented_size(image: Image.Image, exif_orientation: bool = True) -> tuple[int, int]:
+    """(height, width) once the EXIF orientation is applied, from the header alone."""
+    width, height = image.size
+    if exif_orientation and image.getexif().get(EXIF_ORIENTATION_TAG) in EXIF_TRANSPOSED:
+        return width, height
+    return height, width
+
+
 def has_transparency(image: Image.Image) -> bool:
     return "A" in image.getbands() or image.info.get("transparency") is not None
 
