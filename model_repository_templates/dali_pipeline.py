@@ -7,9 +7,13 @@ external sources of the same names; outputs are the pipeline's outputs in config
 Parameters: `num_threads` (DALI CPU threads), `rows_per_run` (the pipeline's batch size: a batch runs
 in slices of that many rows, which bounds DALI's per-sample buffers; default the max batch size), `image_recipe` (optional JSON of
 `tritonkit.preprocessing.image.ImageRecipe`: checks each encoded image first, so size limits,
-formats and bombs fail per request with a message). A row DALI cannot decode fails its request
-alone: the batch is rerun without it.
+formats and bombs fail per request with a message), `warmup` (optional JSON {input: largest
+shape}: one run of zeros at load, so the pipeline's buffers are at their largest from the start
+instead of growing over hours as ever longer inputs arrive). A row DALI cannot decode fails its
+request alone: the batch is rerun without it.
 """
+
+import json
 
 import numpy as np
 
@@ -31,6 +35,10 @@ class TritonPythonModel(BatchedModel):
         recipe = self.parameters.get("image_recipe")
         self.image_recipe = ImageRecipe.from_json(recipe) if recipe else None
         self.first_input = self.input_names[0]
+        warmup = json.loads(self.parameters.get("warmup") or "{}")
+        if warmup:
+            rows = self.runner.max_batch_size
+            self.runner.run({name: [np.zeros(shape, np.float32)] * rows for name, shape in warmup.items()})
 
     def prepare(self, inputs):
         if self.image_recipe is None:

@@ -537,6 +537,15 @@ def settled_growth_mb(samples: list[float]) -> float:
     return float(np.median(samples[-third:]) - np.median(samples[third : 2 * third]))
 
 
+def floor_growth_mb(samples: list[float], percentile: float = 10) -> float:
+    """The low percentile of the last third minus the middle third's: the memory kept between large
+    requests, which a leak or fragmentation raises and a busy moment does not."""
+    if len(samples) < 3:
+        return 0.0
+    third = len(samples) // 3
+    return float(np.percentile(samples[-third:], percentile) - np.percentile(samples[third : 2 * third], percentile))
+
+
 def tiny_repository(family: str, folder: Path) -> Path:
     """The tiny random CLIP or LLaVA, or the bundled real Whisper tiny.en, built into a repository."""
     from tritonkit.build import build
@@ -650,6 +659,7 @@ def main() -> int:
         "rss_mb_after": round(sum(after.values()) / 2**20, 1),
         "rss_growth_mb": round((sum(after.values()) - sum(before.values())) / 2**20, 1),
         "rss_growth_mb_last_third": round(late_growth_mb, 1),
+        "rss_floor_growth_mb_last_third": round(floor_growth_mb([sample["total_mb"] for sample in timeline]), 1),
         "rss_growth_mb_by_process": {
             label: round((after.get(label, 0) - before.get(label, 0)) / 2**20, 1) for label in sorted(after)
         },
@@ -658,6 +668,9 @@ def main() -> int:
         "rss_growth_mb_last_third_by_process": {
             label: round(settled_growth_mb([sample["mb"].get(label, 0.0) for sample in timeline]), 1)
             for label in labels
+        },
+        "rss_floor_growth_mb_last_third_by_process": {
+            label: round(floor_growth_mb([sample["mb"].get(label, 0.0) for sample in timeline]), 1) for label in labels
         },
         "average_batch": {model: round(rows, 2) for model, rows in sorted(batches.items())},
         "server_alive": alive,

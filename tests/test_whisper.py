@@ -399,6 +399,31 @@ def test_a_prompt_conditions_decoding_as_transformers_prompt_ids_do(whisper_serv
     assert any(p.tokens != q.tokens for p, q in zip(prompted, plain)), "the prompt changed nothing: a weak test"
 
 
+@pytest.mark.server
+def test_prompts_of_different_lengths_decode_in_one_batch_as_transformers_does_each(
+    whisper_server, whisper_loaded, speech_files
+):
+    """Three rows of one request, no prompt and two prompts of different lengths: one decoder batch
+    (the shorter prompts start choosing while the longest is still fed), each row's tokens those of
+    transformers with its own prompt_ids."""
+    import torch
+
+    _, loaded = whisper_loaded
+    prompts = ["", "Foxes.", "Quick brown foxes; lazy dogs, jumping over the fence, then back again."]
+    files = speech_files[:3]
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        result = client.infer(
+            "whisper",
+            {"AUDIO": pack_byte_rows(files), "PROMPT": np.array([[p.encode()] for p in prompts], dtype=object)},
+        )
+    eos = loaded.model.generation_config.eos_token_id
+    for row, (data, prompt) in enumerate(zip(files, prompts)):
+        kwargs = {"prompt_ids": loaded.processor.get_prompt_ids(prompt, return_tensors="pt")} if prompt else {}
+        with torch.no_grad():
+            want = loaded.model.generate(torch.from_numpy(features(loaded, data)), **kwargs)[0].tolist()
+        assert list(transcript(result, row).tokens) == [t for t in want if t != eos], prompt
+
+
 def reversed_speech(speech: bytes) -> bytes:
     """Speech played backwards: it sounds like speech (low no-speech probability) and decodes with low
     confidence, so OpenAI's thresholds ask for a fallback."""

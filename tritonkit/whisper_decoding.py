@@ -494,12 +494,12 @@ class WindowDecoder:
         ]
         pending, attempt = [i for i, o in enumerate(options) if not o.empty], 0
         while pending:
-            # Rows with prompts of one length start together (all rows, unless options differ);
-            # beam search (at temperature 0 only, as transformers falls back to sampling) apart.
+            # Greedy and sampled rows decode together whatever their prompts' lengths; beam search
+            # (at temperature 0 only, as transformers falls back to sampling) apart, by prompt length.
             groups: dict[tuple[int, bool], list[int]] = {}
             for i in pending:
                 beams = options[i].beam_size > 1 and self.temperatures[i] == 0
-                groups.setdefault((len(prompts[i]), beams), []).append(i)
+                groups.setdefault((len(prompts[i]) if beams else 0, beams), []).append(i)
             for (_, beams), rows in groups.items():
                 for i in rows:
                     results[i], self.sum_logprobs[i] = [], 0.0
@@ -592,35 +592,53 @@ class WindowDecoder:
 
     def _decode_rows(self, rows, prompts, limits, cross: Cache, results, options, generators) -> None:
         """Greedy or sampled decoding of `rows`, whose cross KV (one row each, in order) this pass
-        owns: finished rows are compacted out of it in place, not copied."""
+        owns: finished rows are compacted out of it in place, not copied.
+
+        Prompts may differ in length (a long file's window conditioned on its previous text, a
+        PROMPT): the first run takes every row's first `shortest` prompt tokens at once, then a row
+        still in its prompt feeds its next prompt token while the others feed their last chosen
+        one, so every row's cache stays one contiguous sequence and the step needs no padding mask."""
         active = np.array(rows)
-        ids = np.array([prompts[i] for i in rows], dtype=np.int64)
+        lengths = np.array([len(prompts[i]) for i in rows])
+        fed = np.full(len(rows), lengths.min())  # prompt tokens in each row's cache after the run
+        started = np.zeros(len(rows), dtype=bool)  # has chosen a token
+        ids = np.array([prompts[i][: fed[0]] for i in rows], dtype=np.int64)
         past = self._empty_past(len(rows))
-        first = True
         while len(active):
             logits, past = self._run(ids, past, cross)
             for row in active:
                 self.steps_per_window[row] += 1
-            logits[:, self.begin_suppress if first else self.suppress] = -np.inf
-            for j, row in enumerate(active):
+            choosing = fed >= lengths  # whose logits predict a token of theirs (the rest are in their prompt)
+            for j in np.flatnonzero(choosing):
+                row, first = active[j], not started[j]
+                logits[j, self.begin_suppress if first else self.suppress] = -np.inf
                 if options[row].timestamps:
                     self.apply_timestamp_rules(logits[j], results[row], first)
-            first = False
-            next_tokens = self._choose(logits, active, generators)
-            chosen = log_softmax(logits)[np.arange(len(active)), next_tokens]
+            picked = np.flatnonzero(choosing)
+            next_ids = np.zeros(len(active), dtype=np.int64)
             keep = np.ones(len(active), dtype=bool)
-            for j, (row, token) in enumerate(zip(active, next_tokens)):
-                self.sum_logprobs[row] += float(chosen[j])
-                if token == self.settings.end_token:
-                    keep[j] = False
-                    continue
-                results[row].append(int(token))
-                if len(results[row]) >= limits[row]:
-                    keep[j] = False
+            if len(picked):
+                tokens = self._choose(logits[picked], active[picked], generators)
+                chosen = log_softmax(logits[picked])[np.arange(len(picked)), tokens]
+                for j, token, logprob in zip(picked, tokens, chosen):
+                    row = active[j]
+                    self.sum_logprobs[row] += float(logprob)
+                    next_ids[j] = token
+                    if token == self.settings.end_token:
+                        keep[j] = False
+                        continue
+                    results[row].append(int(token))
+                    if len(results[row]) >= limits[row]:
+                        keep[j] = False
+            for j in np.flatnonzero(~choosing):
+                next_ids[j] = prompts[active[j]][fed[j]]
+                fed[j] += 1
+            started |= choosing
             if not keep.all():
                 cross = compacted(cross, keep)
-                active, past, next_tokens = active[keep], taken(past, keep), next_tokens[keep]
-            ids = next_tokens[:, None].astype(np.int64)
+                active, past, next_ids = active[keep], taken(past, keep), next_ids[keep]
+                lengths, fed, started = lengths[keep], fed[keep], started[keep]
+            ids = next_ids[:, None]
 
     def _mask(self, scores: np.ndarray, tokens: list[int], first: bool, timestamps: bool) -> None:
         """The suppressions and (with timestamps) Whisper's timestamp rules, in place on one row."""

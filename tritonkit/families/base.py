@@ -345,12 +345,14 @@ def dali_stage(
     options: BuildOptions,
     *,
     image_recipe=None,
+    warmup: Mapping[str, tuple[int, ...]] | None = None,
 ) -> Stage:
     """A preprocessing stage from a DALI graph definition (`tritonkit.preprocessing.dali`).
 
     Target gpu: a DALI-backend model with GPU operators. Target cpu: the same graph with CPU
     operators, run by the `dali_pipeline` Python-backend template (which also checks images
-    per request when given `image_recipe`)."""
+    per request when given `image_recipe`). `warmup`: float32 inputs of their largest shape, run
+    once at load (CPU), so DALI's buffers start at the size they would otherwise grow to."""
     from tritonkit.preprocessing.dali import serialize
 
     device = "gpu" if options.gpu else "cpu"
@@ -371,6 +373,8 @@ def dali_stage(
         parameters["image_recipe"] = image_recipe.to_json()
     if batching.rows_per_run:
         parameters[ROWS_PER_RUN_PARAMETER] = str(batching.rows_per_run)
+    if warmup:
+        parameters["warmup"] = json.dumps({name: list(shape) for name, shape in warmup.items()})
     return Stage(role, "dali_pipeline", inputs, outputs, batching, parameters, artefacts=(serialized,))
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from tritonkit.errors import InputError
 from tritonkit.families.base import (
     PLAN_DIMS_PARAMETER,
+    PLAN_MEMORY_PARAMETER,
     ROWS_PER_RUN_PARAMETER,
     SERVER_MEMORY_ROLE,
     Artefact,
@@ -71,6 +72,11 @@ RUN_PATCHES_PER_WIDTH = 6
 MIN_PATCHES_PER_RUN, MAX_PATCHES_PER_RUN = 256, 8192
 # Sample images' patch grids for export and validation: four sizes in one batch, then fewer.
 SAMPLE_GRIDS = ([[1, 8, 8], [1, 4, 6], [1, 6, 4], [1, 14, 14]], [[1, 4, 4]], [[1, 10, 6], [1, 4, 8]])
+
+
+# The DALI preprocessing stub's fixed memory (no transformers or torch: DALI and PIL), measured as
+# the family's `memory` (scripts/bench_qwen2vl.py, `tritonkit plan --measure` after its runs).
+DALI_PREPROCESS_MEMORY = StageMemory(fixed_mb=190)
 
 
 @dataclass
@@ -133,7 +139,7 @@ class Qwen2VLSpec(FamilySpec):
     # the preprocessing stub holds transformers, torch and the image processor; the vision stub
     # torch and transformers' vision_utils beside ONNX Runtime.
     memory: ClassVar[Mapping[str, StageMemory]] = {
-        "image_preprocess": StageMemory(fixed_mb=300),
+        "image_preprocess": StageMemory(fixed_mb=300),  # --preprocessing python (DALI's below)
         "vision_encoder": StageMemory(fixed_mb=260),
         SERVER_MEMORY_ROLE: StageMemory(fixed_mb=45),
     }
@@ -307,6 +313,7 @@ class Qwen2VLSpec(FamilySpec):
 
             artefacts = (Artefact(f"serialize its DALI graph with {device.upper()} operators", make),)
             parameters |= {
+                PLAN_MEMORY_PARAMETER: DALI_PREPROCESS_MEMORY.to_json(),
                 "patch_recipe": recipe.to_json(),
                 "num_threads": str(options.dali_threads),
                 ROWS_PER_RUN_PARAMETER: str(images_per_run),

@@ -399,6 +399,7 @@ class WhisperSpec(FamilySpec):
     def pipelines(
         self, loaded: LoadedWhisper, onnx_files: Mapping[str, Path], options: BuildOptions = BuildOptions()
     ) -> list[Pipeline]:
+        from tritonkit.preprocessing.audio import WINDOW_SAMPLES as WINDOW_SAMPLES_COUNT
         from tritonkit.preprocessing.audio import AudioRecipe
         from tritonkit.preprocessing.dali import log_mel_graph
 
@@ -443,6 +444,7 @@ class WhisperSpec(FamilySpec):
                     (t[INPUT_FEATURES],),
                     self.stage_batching("log_mel"),
                     options,
+                    warmup={WINDOW_SAMPLES: (WINDOW_SAMPLES_COUNT,)},
                 )
             )
         longest = loaded.config.max_target_positions
