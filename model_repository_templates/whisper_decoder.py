@@ -7,7 +7,9 @@ request row: the text, its tokens (windows joined in order; padded with -1) and 
 its first window. Windows the fallback judged silent give no text and no segments. A row whose
 options say `long_form` carries its file's whole features (`FILE_FEATURES`): it is decoded with
 OpenAI's sequential algorithm (`tritonkit.whisper_decoding.LongForm`), its windows encoded by the
-`encoder_model` (Triton's BLS), every long file's current window one row of the same batch. Parameter `providers`: ONNX Runtime execution providers, comma-separated
+`encoder_model` (Triton's BLS), every long file's current window one row of the same batch.
+A request whose windows are final is answered at once (its response sender), while its batch
+mates' windows that fall back are decoded again. Parameter `providers`: ONNX Runtime execution providers, comma-separated
 (default CPUExecutionProvider; GPU repositories ask for CUDA first); `engine` and
 `inference_precision` as in onnx_encoder. Files: cross_kv.onnx and step.onnx (OpenVINO: cross_kv.xml
 and step.xml with their .bin), tokenizer/. Parameter `decode_settings`: the JSON
@@ -28,6 +30,7 @@ from tritonkit.whisper_decoding import (
 
 class TritonPythonModel(BatchedModel):
     metrics_role = "decoder"
+    early_responses = True  # a request is answered when its windows are final, not when its batch is
 
     def setup(self):
         from transformers import AutoTokenizer
@@ -100,11 +103,19 @@ class TritonPythonModel(BatchedModel):
         window_segments = np.empty(count, dtype=object)
         languages = np.empty(count, dtype=object)
         steps = np.zeros(count, dtype=np.int64)
+        ready = np.zeros(count, dtype=bool)
+        outputs = {
+            "window_tokens": window_tokens,
+            "window_segments": window_segments,
+            "window_language": languages,
+            "window_steps": steps,
+        }
         begin = self.settings.timestamp_begin
-        if short_rows:
-            hidden = batch[self.hidden_input][short_rows]
-            tokens, decoded = self.decoder.decode(hidden, [options[i] for i in short_rows])
-            for k, i in enumerate(short_rows):
+
+        def final(windows, tokens, decoded):
+            """Short windows done: their rows' outputs, and the requests they complete answered now."""
+            for k in windows:
+                i = short_rows[k]
                 kept = [] if self.decoder.skipped[k] else tokens[k]
                 window_tokens[i], languages[i], steps[i] = kept, decoded[k], self.decoder.steps_per_window[k]
                 found = []
@@ -116,6 +127,16 @@ class TritonPythonModel(BatchedModel):
                         for start, end, text in segments(kept, begin, options[i].offset_s, options[i].duration_s)
                     ]
                 window_segments[i] = found
+                ready[i] = True
+            if windows:
+                self.release(outputs, ready)
+
+        if short_rows:
+            hidden = batch[self.hidden_input][short_rows]
+            tokens, decoded = self.decoder.decode(hidden, [options[i] for i in short_rows], on_final=final)
+            final(
+                [k for k, i in enumerate(short_rows) if not ready[i]], tokens, decoded
+            )  # windows with nothing to decode
         if long_rows:
             files = self.long_form.transcribe(
                 [batch[self.features_input][i] for i in long_rows], [options[i] for i in long_rows]
@@ -127,12 +148,7 @@ class TritonPythonModel(BatchedModel):
                     for start, end, piece, stats in result.segments
                 ]
                 languages[i], steps[i] = result.language, result.steps
-        return {
-            "window_tokens": window_tokens,
-            "window_segments": window_segments,
-            "window_language": languages,
-            "window_steps": steps,
-        }
+        return outputs
 
     def finish(self, outputs, rows):
         owners = rows[self.row_input].reshape(-1)

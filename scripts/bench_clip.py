@@ -38,7 +38,7 @@ from tritonkit.families.clip import synthetic_photo
 from tritonkit.precision import PrecisionOptions
 from tritonkit.preprocessing.dali import DaliRunner
 from tritonkit.preprocessing.image import ImageRecipe, checked_image_bytes
-from tritonkit.reporting import machine, markdown_table, replace_section
+from tritonkit.reporting import best_seconds, machine, markdown_table, replace_section
 from tritonkit.repository import VERSION
 from tritonkit.server import TritonServer, free_port
 from tritonkit.tiny import make_vit_b32_clip
@@ -92,13 +92,7 @@ def photos(count: int) -> list[bytes]:
 
 
 def best_rate(function, items: int, repeats: int = 3) -> float:
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return items / best
+    return items / best_seconds(function, repeats)
 
 
 def transformers_eager(model_dir: Path, files: list[bytes]) -> float:

@@ -18,7 +18,6 @@ import io
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tritonkit.calibration import IMAGE_KINDS
 from tritonkit.families.clip import LoadedClip
 from tritonkit.preprocessing.image import PIL_FORMATS, ImageRecipe, image_bytes_to_pixels
-from tritonkit.reporting import machine, markdown_table, replace_section
+from tritonkit.reporting import best_seconds, machine, markdown_table, replace_section
 from tritonkit.tiny import make_vit_b32_clip
 
 SIZES = [(3000, 4000), (2000, 3000), (3508, 2480), (1080, 1920)]  # 12 MP photo, 6 MP, A4 at 300 dpi, full HD
@@ -45,16 +44,6 @@ def large_jpegs() -> list[tuple[str, bytes]]:
             Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
             images.append((f"{kind} {width}x{height}", buffer.getvalue()))
     return images
-
-
-def timed(function, repeats: int = 3) -> float:
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -81,8 +70,8 @@ def main() -> None:
         with torch.no_grad():
             embeds = projected(loaded.model.get_image_features(pixel_values=torch.from_numpy(np.stack([a, b])))).numpy()
         cosine = float(embeds[0] @ embeds[1] / np.linalg.norm(embeds[0]) / np.linalg.norm(embeds[1]))
-        full_s = timed(lambda data=data: image_bytes_to_pixels(data, full))
-        draft_s = timed(lambda data=data: image_bytes_to_pixels(data, drafted))
+        full_s = best_seconds(lambda data=data: image_bytes_to_pixels(data, full))
+        draft_s = best_seconds(lambda data=data: image_bytes_to_pixels(data, drafted))
         rows.append(
             {
                 "image": name,

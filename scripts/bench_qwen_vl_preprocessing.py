@@ -26,7 +26,6 @@ import io
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ from tritonkit.calibration import varied_images
 from tritonkit.preprocessing.dali import DaliRunner, patches_graph, resized_image, serialize
 from tritonkit.preprocessing.image import DALI_FORMATS, ImageRecipe, decode_image
 from tritonkit.qwen_vl import RESIZED_SIZE, PatchRecipe
-from tritonkit.reporting import machine, markdown_table, replace_section
+from tritonkit.reporting import best_seconds, machine, markdown_table, replace_section
 
 BATCH = 8
 BUDGETS = {"tiny model (max 50,176 px)": (3136, 50176), "Qwen2-VL-7B-Instruct (max 12,845,056 px)": (3136, 12845056)}
@@ -59,14 +58,8 @@ def photos(count: int = 12) -> list[tuple[str, bytes]]:
     return files
 
 
-def best_rate(function, items: int, repeats: int = 3) -> float:
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
-    return items / best
+def best_rate(function, items: int) -> float:
+    return items / best_seconds(function)
 
 
 def dali_patches(runner: DaliRunner, recipe: PatchRecipe, files: list[bytes]) -> list[np.ndarray]:

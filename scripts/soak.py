@@ -595,6 +595,12 @@ def main() -> int:
         help="Bound on memory growth from the run's middle third to its last (medians of the samples; "
         "the first third reaches the high-water mark of batch-sized buffers such as ONNX Runtime's arena)",
     )
+    parser.add_argument(
+        "--allocator",
+        default="auto",
+        choices=("auto", "jemalloc", "tcmalloc", "glibc"),
+        help="tritonserver's and its stubs' allocator (tritonkit.server.ALLOCATORS)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.long:  # the memory soak: 30 minutes, flat within 50 MB (issue 18's bound), a plot
@@ -607,7 +613,9 @@ def main() -> int:
         repository = args.repository or tiny_repository(args.family, Path(folder))
         families = ["clip", "whisper", "llava"] if args.family == "all" else [args.family]
         cases = [case for family in families for case in FAMILIES[family]()]
-        server = TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+        server = TritonServer(
+            repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), allocator=args.allocator
+        )
         server.start().wait_until_ready(600)
         gateway = None
         try:
@@ -654,6 +662,7 @@ def main() -> int:
         "path": "HTTP through the OpenAI gateway" if args.gateway else "gRPC",
         "duration_s": args.duration,
         "concurrency": args.concurrency,
+        "allocator": args.allocator,
         "valid_per_s": round(valid_answered / elapsed, 3),
         "rss_mb_before": round(sum(before.values()) / 2**20, 1),
         "rss_mb_after": round(sum(after.values()) / 2**20, 1),

@@ -467,6 +467,52 @@ def test_fallback_redecodes_unlikely_windows_and_skips_silent_ones(whisper_serve
     assert fallen[2].text == "" and fallen[2].segments == ()  # silent and unlikely: skipped
 
 
+def test_a_fallback_redecode_does_not_hold_up_its_batch_mates(whisper_server, speech_files):
+    """The served decoder's graphs in process: speech and reversed speech (which falls back) in one
+    batch with fallback on. The speech window is final after the first pass (the served decoder
+    answers its request then, through the request's response sender) while the reversed one is
+    decoded again; every other served test goes through the same sender."""
+    import onnxruntime as ort
+    from google.protobuf import text_format
+    from transformers import AutoTokenizer
+    from tritonclient.grpc import model_config_pb2
+
+    from tritonkit.preprocessing.audio import log_mel, split_windows
+    from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings, WindowDecoder
+
+    repository = whisper_server.repository
+    folder = repository / "whisper_decoder" / "1"
+    config = text_format.Parse(
+        (repository / "whisper_decoder" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+
+    def session(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    decoder = WindowDecoder(
+        session(folder / "cross_kv.onnx"),
+        session(folder / "step.onnx"),
+        DecodeSettings.from_json(config.parameters["decode_settings"].string_value),
+        text_of=lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True),
+    )
+    filters = np.load(repository / "whisper_audio_preprocess" / "1" / "mel_filters.npy")
+    recipe = AudioRecipe(n_mels=filters.shape[0])
+    windows = [
+        split_windows(decode_audio(f, recipe), recipe)[0] for f in (speech_files[1], reversed_speech(speech_files[1]))
+    ]
+    encoder = session(repository / "whisper_encoder" / "1" / "model.onnx")
+    hidden = encoder.run(None, {encoder.get_inputs()[0].name: log_mel(windows, filters)})[0]
+    passes: list[tuple[list[int], list[int]]] = []  # (final windows, the speech window's tokens then)
+    options = [DecodeOptions(timestamps=True, fallback=True, seed=1) for _ in windows]
+    tokens, _ = decoder.decode(
+        hidden, options, on_final=lambda done, results, _: passes.append((done, list(results[0])))
+    )
+    assert passes[0][0] == [0] and passes[0][1] == tokens[0]  # the speech, final and complete after pass 1
+    assert [done for done, _ in passes[1:]][-1] == [1] and len(passes) > 1  # the reversed speech after re-decodes
+    assert decoder.temperatures[1] > 0 and decoder.temperatures[0] == 0
+
+
 def test_vad_finds_the_speech_chunks_faster_whisper_finds(speech_files):
     from faster_whisper.vad import VadOptions, get_speech_timestamps
 
@@ -543,6 +589,30 @@ def long_clip(speech_files, order, gap_s: float, tail_silence_s: float = 0.0) ->
     return np.concatenate(pieces)
 
 
+def long_form_reference(loaded, samples: np.ndarray, condition: bool, **options) -> list[int]:
+    """transformers' long-form `generate` (timestamps, the whole file's features): its tokens."""
+    import torch
+
+    f = loaded.processor(
+        samples,
+        sampling_rate=SAMPLE_RATE,
+        return_tensors="pt",
+        truncation=False,
+        padding="longest",
+        return_attention_mask=True,
+    )
+    with torch.no_grad():
+        out = loaded.model.generate(
+            f["input_features"],
+            attention_mask=f["attention_mask"],
+            return_timestamps=True,
+            condition_on_prev_tokens=condition,
+            **options,
+        )
+    config = loaded.model.generation_config
+    return [t for t in out[0].tolist() if t not in (config.eos_token_id, config.pad_token_id)]
+
+
 @pytest.mark.server
 def test_long_form_is_openais_sequential_algorithm_as_transformers_runs_it(
     whisper_server, whisper_loaded, speech_files
@@ -550,7 +620,6 @@ def test_long_form_is_openais_sequential_algorithm_as_transformers_runs_it(
     """>= 60 s files (speech with pauses; speech, then 40 s of silence, then speech) decoded by
     seeking to the last timestamp: tokens equal transformers' long-form generate, with and without
     condition_on_prev_tokens, both files' windows decoded together (encoder batches of 2)."""
-    import torch
 
     _, loaded = whisper_loaded
     pauses = long_clip(speech_files, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 0, 1], 1.5)
@@ -559,26 +628,6 @@ def test_long_form_is_openais_sequential_algorithm_as_transformers_runs_it(
     )
     clips = [pauses, silence]
     assert all(len(c) >= 60 * SAMPLE_RATE for c in clips)
-    eos, pad = loaded.model.generation_config.eos_token_id, loaded.model.generation_config.pad_token_id
-
-    def reference(samples: np.ndarray, condition: bool) -> list[int]:
-        f = loaded.processor(
-            samples,
-            sampling_rate=SAMPLE_RATE,
-            return_tensors="pt",
-            truncation=False,
-            padding="longest",
-            return_attention_mask=True,
-        )
-        with torch.no_grad():
-            out = loaded.model.generate(
-                f["input_features"],
-                attention_mask=f["attention_mask"],
-                return_timestamps=True,
-                condition_on_prev_tokens=condition,
-            )
-        return [t for t in out[0].tolist() if t not in (eos, pad)]
-
     files = [wav_bytes(c.astype(np.float32), SAMPLE_RATE) for c in clips]
     with TritonkitClient(whisper_server.grpc_url) as client:
         before = executed_batch_sizes(client.statistics("whisper_encoder"), "whisper_encoder")
@@ -596,7 +645,7 @@ def test_long_form_is_openais_sequential_algorithm_as_transformers_runs_it(
         after = executed_batch_sizes(client.statistics("whisper_encoder"), "whisper_encoder")
     for condition, transcripts in served.items():
         for samples, result in zip(clips, transcripts):
-            assert list(result.tokens) == reference(samples, condition), condition
+            assert list(result.tokens) == long_form_reference(loaded, samples, condition), condition
             starts = [s.start for s in result.segments]
             assert starts == sorted(starts) and result.segments[-1].end <= len(samples) / SAMPLE_RATE + 0.02
     assert served[True][0].tokens != served[False][0].tokens  # conditioning changed the later windows

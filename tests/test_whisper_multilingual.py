@@ -141,3 +141,41 @@ def test_client_transcribe_passes_options_and_reports_the_language(multilingual_
         transcripts = client.transcribe(speech_files[:2], language="it", task="translate", max_new_tokens=4)
     assert [t.language for t in transcripts] == ["it", "it"]
     assert all(len(t.tokens) == 4 for t in transcripts)
+
+
+def test_beam_search_and_long_form_equal_transformers_on_the_multilingual_model(
+    multilingual_whisper_server, multilingual_whisper_loaded, speech_files
+):
+    """Beam search (5 beams, French forced, with and without timestamps) on short files, and the
+    sequential long-form algorithm on a 66 s file (condition_on_prev_tokens on and off), against
+    transformers `generate` with the same options."""
+    import numpy as np
+
+    from tests.test_whisper import long_clip, long_form_reference, wav_bytes
+    from tritonkit.client import pack_byte_rows, transcript
+    from tritonkit.preprocessing.audio import SAMPLE_RATE
+
+    _, loaded = multilingual_whisper_loaded
+    repository = multilingual_whisper_server.repository
+    with TritonkitClient(multilingual_whisper_server.grpc_url) as client:
+        for data in speech_files[:2]:
+            for timestamps in (False, True):
+                options = {"language": "fr", "beam_size": 5, "timestamps": timestamps}
+                want, _, _ = reference(
+                    loaded, repository, data, {"language": "fr", "num_beams": 5, "return_timestamps": timestamps}
+                )
+                assert served(client.infer("whisper", whisper_inputs(data, **options)))[0] == want, timestamps
+        samples = long_clip(speech_files, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 0, 1], 1.5)
+        assert len(samples) >= 60 * SAMPLE_RATE
+        for condition in (False, True):
+            result = client.infer(
+                "whisper",
+                {
+                    "AUDIO": pack_byte_rows([wav_bytes(samples, SAMPLE_RATE)]),
+                    "LANGUAGE": np.array([[b"fr"]], dtype=object),
+                    "TIMESTAMPS": np.ones((1, 1), dtype=bool),
+                    "CONDITION_ON_PREVIOUS": np.full((1, 1), condition, dtype=bool),
+                },
+            )
+            want = long_form_reference(loaded, samples, condition, language="fr", task="transcribe")
+            assert list(transcript(result, 0).tokens) == want, condition

@@ -247,6 +247,14 @@ def serve(
     openai_port: Annotated[
         int | None, typer.Option(help="Also serve the OpenAI API on this port (see `tritonkit openai`).")
     ] = None,
+    allocator: Annotated[
+        str,
+        typer.Option(
+            help="Memory allocator preloaded into tritonserver and its Python-backend stubs: auto (jemalloc, "
+            "else tcmalloc, else glibc's), jemalloc, tcmalloc or glibc. glibc's keeps freed memory, so a "
+            "long-running server's memory creeps up (docs/RELIABILITY.md)."
+        ),
+    ] = "auto",
 ):
     """Run tritonserver on a repository in the foreground; Ctrl-C stops it."""
     from tritonkit.repository import list_models
@@ -260,6 +268,7 @@ def serve(
         metrics_port=metrics_port,
         log_file=log_file,
         response_cache_bytes=max(cache_mb, 0) * 1024 * 1024,
+        allocator=allocator,
     )
     stopping = []
 

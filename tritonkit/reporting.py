@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 
@@ -33,3 +34,14 @@ def replace_section(path: Path, name: str, title: str, lines: list[str]) -> None
     else:
         text = text.rstrip() + f"\n\n## {title}\n\n" + body + "\n"
     path.write_text(text)
+
+
+def best_seconds(function, repeats: int = 3) -> float:
+    """The fastest of `repeats` timed calls of `function`, after one untimed warm-up call."""
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best

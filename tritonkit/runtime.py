@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -115,6 +116,11 @@ class BatchedModel:
     """Base of tritonkit's `TritonPythonModel` classes."""
 
     metrics_role = ""  # "preprocess" or "decoder": which of tritonkit.model_metrics this model reports
+    # `run` may answer requests before the batch ends (`release`): every response then goes through
+    # the request's response sender (one final response each, as a non-decoupled model may send)
+    early_responses = False
+    _batch: list[tuple[Any, dict[str, np.ndarray], int, int]] | None = None  # (request, rows, first row, rows)
+    _answered: frozenset[int] | set[int] = frozenset()  # positions in _batch answered by `release`
 
     def initialize(self, args: dict) -> None:
         self.model_config = json.loads(args["model_config"])
@@ -189,6 +195,23 @@ class BatchedModel:
         LOGGER.error("%s: %s failed:\n%s", self.model_name, doing, traceback.format_exc())
         return Failure(bounded(f"{self.model_name}: {exc}"), client=False)
 
+    def release(self, outputs: Mapping[str, np.ndarray], ready: np.ndarray) -> None:
+        """From inside `run`: answer now every request of the batch whose rows are all `ready`
+        (outputs: batch-length arrays, filled where ready), so its batch mates' longer work (a
+        fallback re-decode) does not hold it up. Without early responses, nothing happens."""
+        if self._batch is None:
+            return
+        import triton_python_backend_utils as pb_utils
+
+        answered = set(self._answered)
+        for position, (request, rows, start, count) in enumerate(self._batch):
+            if position in answered or not ready[start : start + count].all():
+                continue
+            response = self.respond({name: array[start : start + count] for name, array in outputs.items()}, rows)
+            request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            answered.add(position)
+        self._answered = answered
+
     def run_requests(self, groups: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | Failure]:
         """`run` over every request's rows at once -> per request its outputs or its Failure.
 
@@ -207,7 +230,11 @@ class BatchedModel:
                 bounded(str(exc), 200),
             )
         results: list[dict[str, np.ndarray] | Failure] = []
-        for rows, count in zip(groups, counts):
+        answered, self._batch = set(self._answered), None  # alone: answered at the end
+        for position, (rows, count) in enumerate(zip(groups, counts)):
+            if position in answered:  # released before the batch failed
+                results.append(Failure("answered already", client=False))
+                continue
             try:
                 results.append(split_rows(self.run(rows), [count])[0])
             except Exception as exc:
@@ -247,18 +274,35 @@ class BatchedModel:
             else:
                 responses[index] = pb_utils.InferenceResponse(error=rows.error())
             seconds[index] = time.perf_counter() - began
+        answered: set[int] = set()
         if prepared:
             counts = [len(next(iter(rows.values()))) for _, rows in prepared]
+            if self.early_responses:
+                starts = np.cumsum([0, *counts[:-1]])
+                self._batch = [(requests[i], rows, int(a), c) for (i, rows), a, c in zip(prepared, starts, counts)]
+                self._answered = frozenset()
             began = time.perf_counter()
-            results = self.run_requests([rows for _, rows in prepared])
+            try:
+                results = self.run_requests([rows for _, rows in prepared])
+            finally:
+                answered = {prepared[position][0] for position in self._answered}
+                self._batch, self._answered = None, frozenset()
             batch_seconds = time.perf_counter() - began
             for (index, rows), count, result in zip(prepared, counts, results):
                 seconds[index] += batch_seconds * count / sum(counts)
-                responses[index] = self.respond(result, rows)
+                if index not in answered:
+                    responses[index] = self.respond(result, rows)
         for request_seconds in seconds:
             self.metrics.preprocessed(request_seconds)
         self.metrics.resident()
-        return responses
+        if not self.early_responses:
+            return responses
+        import triton_python_backend_utils as pb_utils
+
+        for request, response in zip(requests, responses):
+            if response is not None:
+                request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
 
     def finalize(self) -> None:
         self.metrics.close()

@@ -83,8 +83,43 @@ def _python_backend_dir(installation: Installation, workdir: Path) -> Path:
     return backends
 
 
-def server_environment(installation: Installation) -> dict[str, str]:
+# The allocator tritonserver and its stubs run with. glibc's malloc keeps freed memory in its
+# per-thread arenas, so a long-running server's resident memory creeps up (NGC's tritonserver
+# containers preload tcmalloc for the same reason); jemalloc or tcmalloc return it.
+ALLOCATORS = ("auto", "jemalloc", "tcmalloc", "glibc")
+_ALLOCATOR_LIBRARIES = {
+    "jemalloc": ("libjemalloc.so.2",),
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
+}
+# jemalloc: a background thread returns freed pages even while the server is idle
+JEMALLOC_CONF = "background_thread:true"
+
+
+def allocator_library(allocator: str) -> Path | None:
+    """The shared library to preload for `allocator` (auto: jemalloc, else tcmalloc, else none)."""
+    if allocator not in ALLOCATORS:
+        raise ServerError(f"--allocator {allocator!r}: use one of {', '.join(ALLOCATORS)}")
+    if allocator == "glibc":
+        return None
+    folders = [Path(f"/usr/lib/{os.uname().machine}-linux-gnu"), Path("/usr/lib64"), Path("/usr/lib")]
+    for name in ("jemalloc", "tcmalloc") if allocator == "auto" else (allocator,):
+        for library in _ALLOCATOR_LIBRARIES[name]:
+            for folder in folders:
+                if (folder / library).is_file():
+                    return folder / library
+    if allocator == "auto":
+        return None
+    package = "libjemalloc2" if allocator == "jemalloc" else "libgoogle-perftools4"
+    raise ServerError(f"--allocator {allocator}: no {allocator} library found", hint=f"apt-get install {package}")
+
+
+def server_environment(installation: Installation, allocator: str = "auto") -> dict[str, str]:
     env = os.environ.copy()
+    library = allocator_library(allocator)
+    if library is not None and str(library) not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(p for p in (str(library), env.get("LD_PRELOAD", "")) if p)
+        if "jemalloc" in library.name:
+            env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     # The stub embeds libpython: this interpreter's own library must win over the system's
     # (a different patch release fails on symbols such as _PyModule_Add).
     library_dirs = [sysconfig.get_config_var("LIBDIR") or ""]
@@ -177,6 +212,7 @@ class TritonServer:
     response_cache_bytes: int = 0  # 0: no response cache
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
+    allocator: str = "auto"  # ALLOCATORS: what tritonserver and its stubs allocate with
     process: subprocess.Popen | None = field(default=None, init=False)
     restarts: int = field(default=0, init=False)  # by serve_forever, since start
 
@@ -265,7 +301,7 @@ class TritonServer:
             self.log_file = self._workdir / "tritonserver.log"
         # open for the server's life; a restart appends to the earlier log
         self._log = open(self.log_file, "wb" if check_ports else "ab")  # noqa: SIM115
-        environment = server_environment(installation)
+        environment = server_environment(installation, self.allocator)
         environment[RESTARTS_ENV] = str(self.restarts)
         self.process = subprocess.Popen(
             self.command(installation, self._workdir),

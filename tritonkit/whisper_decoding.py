@@ -454,11 +454,13 @@ class WindowDecoder:
         return tokens
 
     def decode(
-        self, encoder_hidden: np.ndarray, options: list[DecodeOptions]
+        self, encoder_hidden: np.ndarray, options: list[DecodeOptions], on_final=None
     ) -> tuple[list[list[int]], list[str | None]]:
         """Tokens (without prompt and end token) and the language decoded in, one per window.
 
-        A multilingual model detects the language of each window that has none given."""
+        A multilingual model detects the language of each window that has none given.
+        `on_final(windows, results, languages)` is called after each pass with the windows whose
+        tokens and figures are final, before the windows that fall back are decoded again."""
         count = len(encoder_hidden)
         cross: Cache | None = self._cross_attention(encoder_hidden)
         assert cross is not None
@@ -528,6 +530,12 @@ class WindowDecoder:
                     again.append(i)
                 else:
                     self.skipped[i] = silent and too_unlikely
+            if on_final is not None:
+                final = set(again)
+                done = [i for i in pending if i not in final]
+                if attempt == 1:
+                    done += [i for i, o in enumerate(options) if o.empty]
+                on_final(done, results, languages)
             pending = again
         return results, languages
 
