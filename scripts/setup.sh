@@ -8,9 +8,11 @@ MODE=${1:-test}
 # espeak-ng speaks the test and demo sentences for Whisper. For the tests only: prometheus brings
 # promtool and a real Prometheus for the generated alerts and dashboard (tritonkit k8s; on a
 # systemd host the package also starts a Prometheus daemon), redis-server a real Redis for the
-# gateway's embedding cache.
+# gateway's embedding cache. libjemalloc2: the allocator `tritonkit serve` preloads into tritonserver
+# (glibc's malloc lets a long-running server's memory creep up; docs/RELIABILITY.md).
 missing=()
 command -v espeak-ng > /dev/null || missing+=(espeak-ng)
+[ -e "/usr/lib/$(uname -m)-linux-gnu/libjemalloc.so.2" ] || missing+=(libjemalloc2)
 if [ "$MODE" = test ]; then
   command -v promtool > /dev/null || missing+=(prometheus)
   command -v redis-server > /dev/null || missing+=(redis-server)

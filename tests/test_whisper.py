@@ -589,7 +589,7 @@ def long_clip(speech_files, order, gap_s: float, tail_silence_s: float = 0.0) ->
     return np.concatenate(pieces)
 
 
-def long_form_reference(loaded, samples: np.ndarray, condition: bool, **options) -> list[int]:
+def long_form_reference(loaded, samples: np.ndarray, condition: bool) -> list[int]:
     """transformers' long-form `generate` (timestamps, the whole file's features): its tokens."""
     import torch
 
@@ -607,7 +607,6 @@ def long_form_reference(loaded, samples: np.ndarray, condition: bool, **options)
             attention_mask=f["attention_mask"],
             return_timestamps=True,
             condition_on_prev_tokens=condition,
-            **options,
         )
     config = loaded.model.generation_config
     return [t for t in out[0].tolist() if t not in (config.eos_token_id, config.pad_token_id)]
