@@ -93,7 +93,7 @@ def build(
         accuracy_file = staging / "onnx" / "accuracy_report.json" if accuracy else None
         pipelines = make_artefacts(pipelines, staging / "assets", staging / "onnx", accuracy_file, progress)
         models = plan_models(
-            name, pipelines, overrides, options.max_request_bytes or spec.max_request_bytes, spec.memory
+            name, pipelines, overrides, options.max_request_bytes or spec.max_request_bytes, spec.memory_for(options)
         )
         progress(f"writing {len(models)} models to {out}")
         names = write_models(models, out, staging)

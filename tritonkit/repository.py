@@ -86,8 +86,7 @@ def plan_models(
         if stage.template is not None:
             parameters[TEMPLATE_PARAMETER] = stage.template
             if memory and stage.role in memory:  # what `tritonkit plan` cannot compute from the graphs
-                # (a stage that carries its own, e.g. one engine of two for the same role, keeps it)
-                parameters.setdefault(PLAN_MEMORY_PARAMETER, memory[stage.role].to_json())
+                parameters[PLAN_MEMORY_PARAMETER] = memory[stage.role].to_json()
             if max_request_bytes and client_inputs & {t.name for t in stage.inputs}:
                 parameters[REQUEST_BYTES_PARAMETER] = str(max_request_bytes)
         batching = overrides.apply(stage.batching)

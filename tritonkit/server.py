@@ -95,11 +95,20 @@ _ALLOCATOR_LIBRARIES = {
 JEMALLOC_CONF = "background_thread:true"
 
 
-def allocator_library(allocator: str) -> Path | None:
-    """The shared library to preload for `allocator` (auto: jemalloc, else tcmalloc, else none)."""
+def allocator_library(allocator: str, openvino: bool = False) -> Path | None:
+    """The shared library to preload for `allocator` (auto: jemalloc, else tcmalloc, else none).
+
+    OpenVINO's CPU plugin aborts under a preloaded jemalloc ("free(): invalid pointer": memory
+    allocated by one allocator freed by glibc's), so a repository with OpenVINO stages (`openvino`)
+    gets glibc's under auto and a ServerError when jemalloc is asked for."""
     if allocator not in ALLOCATORS:
         raise ServerError(f"--allocator {allocator!r}: use one of {', '.join(ALLOCATORS)}")
-    if allocator == "glibc":
+    if allocator == "jemalloc" and openvino:
+        raise ServerError(
+            "--allocator jemalloc: OpenVINO aborts under a preloaded jemalloc (free(): invalid pointer)",
+            hint="use --allocator glibc (or auto) for repositories built with --engine openvino",
+        )
+    if allocator == "glibc" or (allocator == "auto" and openvino):
         return None
     folders = [Path(f"/usr/lib/{os.uname().machine}-linux-gnu"), Path("/usr/lib64"), Path("/usr/lib")]
     for name in ("jemalloc", "tcmalloc") if allocator == "auto" else (allocator,):
@@ -113,9 +122,9 @@ def allocator_library(allocator: str) -> Path | None:
     raise ServerError(f"--allocator {allocator}: no {allocator} library found", hint=f"apt-get install {package}")
 
 
-def server_environment(installation: Installation, allocator: str = "auto") -> dict[str, str]:
+def server_environment(installation: Installation, allocator: str = "auto", openvino: bool = False) -> dict[str, str]:
     env = os.environ.copy()
-    library = allocator_library(allocator)
+    library = allocator_library(allocator, openvino)
     if library is not None and str(library) not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = ":".join(p for p in (str(library), env.get("LD_PRELOAD", "")) if p)
         if "jemalloc" in library.name:
@@ -140,6 +149,20 @@ def repository_backends(repository: Path) -> set[str]:
         return {config.backend for config in read_repository(Path(repository)).values()}
     except Exception:  # an unreadable repository is reported by the server itself
         return set()
+
+
+def uses_openvino(repository: Path) -> bool:
+    """Whether any model runs OpenVINO: Triton's openvino backend or a Python stage with engine openvino."""
+    from tritonkit.repository import read_repository
+
+    try:
+        configs = read_repository(Path(repository)).values()
+    except Exception:  # an unreadable repository is reported by the server itself
+        return False
+    return any(
+        c.backend == "openvino" or ("engine" in c.parameters and c.parameters["engine"].string_value == "openvino")
+        for c in configs
+    )
 
 
 def process_tree(pid: int) -> list[int]:
@@ -301,7 +324,7 @@ class TritonServer:
             self.log_file = self._workdir / "tritonserver.log"
         # open for the server's life; a restart appends to the earlier log
         self._log = open(self.log_file, "wb" if check_ports else "ab")  # noqa: SIM115
-        environment = server_environment(installation, self.allocator)
+        environment = server_environment(installation, self.allocator, uses_openvino(repository))
         environment[RESTARTS_ENV] = str(self.restarts)
         self.process = subprocess.Popen(
             self.command(installation, self._workdir),

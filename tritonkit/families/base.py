@@ -292,6 +292,11 @@ class FamilySpec:
     # first ensemble).
     memory: ClassVar[Mapping[str, StageMemory]] = {}
 
+    def memory_for(self, options: BuildOptions) -> Mapping[str, StageMemory]:
+        """The stages' measured fixed memory for a build with `options` (a family whose stage
+        differs by option, such as its preprocessing engine, overrides it)."""
+        return self.memory
+
     def stage_batching(self, role: str) -> Batching:
         return self.batching.get(role, Batching())
 

@@ -23,7 +23,6 @@ import numpy as np
 from tritonkit.errors import InputError
 from tritonkit.families.base import (
     PLAN_DIMS_PARAMETER,
-    PLAN_MEMORY_PARAMETER,
     ROWS_PER_RUN_PARAMETER,
     SERVER_MEMORY_ROLE,
     Artefact,
@@ -143,6 +142,11 @@ class Qwen2VLSpec(FamilySpec):
         "vision_encoder": StageMemory(fixed_mb=260),
         SERVER_MEMORY_ROLE: StageMemory(fixed_mb=45),
     }
+
+    def memory_for(self, options: BuildOptions) -> Mapping[str, StageMemory]:
+        if options.preprocessing != "dali":
+            return self.memory
+        return {**self.memory, "image_preprocess": DALI_PREPROCESS_MEMORY}
 
     @staticmethod
     def make_tiny(directory: Path) -> Path:
@@ -313,7 +317,6 @@ class Qwen2VLSpec(FamilySpec):
 
             artefacts = (Artefact(f"serialize its DALI graph with {device.upper()} operators", make),)
             parameters |= {
-                PLAN_MEMORY_PARAMETER: DALI_PREPROCESS_MEMORY.to_json(),
                 "patch_recipe": recipe.to_json(),
                 "num_threads": str(options.dali_threads),
                 ROWS_PER_RUN_PARAMETER: str(images_per_run),
