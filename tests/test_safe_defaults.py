@@ -118,3 +118,21 @@ def test_no_request_data_is_unpickled_or_evaluated(path):
                 ):
                     problems.append(f"line {node.lineno}: allow_pickle={ast.unparse(keyword.value)}")
     assert not problems, problems
+
+
+def test_the_server_and_its_stubs_run_with_jemalloc_unless_openvino_is_served(clip_server):
+    """glibc's malloc let tritonserver's memory creep up over a 30-minute soak (docs/RELIABILITY.md):
+    `auto` preloads jemalloc where installed; OpenVINO aborts under it, so its repositories keep glibc's."""
+    from tritonkit.errors import ServerError
+    from tritonkit.server import allocator_library
+
+    library = allocator_library("auto")
+    if library is None:
+        pytest.skip("no jemalloc or tcmalloc here (apt-get install libjemalloc2)")
+    pids = [clip_server.started.pid, *clip_server.stub_pids()]
+    assert len(pids) > 1 and all(library.name in (Path("/proc") / str(pid) / "maps").read_text() for pid in pids)
+    assert allocator_library("auto", openvino=True) is None and allocator_library("glibc") is None
+    with pytest.raises(ServerError, match="OpenVINO aborts under a preloaded jemalloc"):
+        allocator_library("jemalloc", openvino=True)
+    with pytest.raises(ServerError, match="--allocator 'mimalloc': use one of auto, jemalloc, tcmalloc, glibc"):
+        allocator_library("mimalloc")
