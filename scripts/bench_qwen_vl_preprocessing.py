@@ -33,14 +33,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonkit.calibration import varied_images
+from tritonkit.families.qwen2vl import image_limits
 from tritonkit.preprocessing.dali import DaliRunner, patches_graph, resized_image, serialize
-from tritonkit.preprocessing.image import DALI_FORMATS, ImageRecipe, decode_image
+from tritonkit.preprocessing.image import DALI_FORMATS, decode_image
 from tritonkit.qwen_vl import RESIZED_SIZE, PatchRecipe
 from tritonkit.reporting import best_seconds, machine, markdown_table, replace_section
 
 BATCH = 8
 BUDGETS = {"tiny model (max 50,176 px)": (3136, 50176), "Qwen2-VL-7B-Instruct (max 12,845,056 px)": (3136, 12845056)}
-LIMITS = ImageRecipe(None, 28, 28, None, None, 3, None, None, None, resize_mode="fit", formats=DALI_FORMATS)
+LIMITS = image_limits(DALI_FORMATS)
 
 
 def photos(count: int = 12) -> list[tuple[str, bytes]]:

@@ -187,14 +187,14 @@ def test_dali_patches_match_the_image_processor_on_varied_images(tiny_model_dir)
     import torch
 
     from tritonkit.calibration import varied_images
-    from tritonkit.families.qwen2vl import image_inputs
+    from tritonkit.families.qwen2vl import image_inputs, image_limits
     from tritonkit.preprocessing.dali import image_patches
-    from tritonkit.preprocessing.image import DALI_FORMATS, ImageRecipe, decode_image
+    from tritonkit.preprocessing.image import DALI_FORMATS, decode_image
     from tritonkit.qwen_vl import PatchRecipe
 
     loaded = get_family("qwen2vl").load(str(tiny_model_dir("qwen2vl")))
     recipe = PatchRecipe.from_processor(loaded.image_processor)
-    limits = ImageRecipe(None, 28, 28, None, None, 3, None, None, None, resize_mode="fit", formats=DALI_FORMATS)
+    limits = image_limits(DALI_FORMATS)
     files = [data for _, data in varied_images(24)] + [image(seed, size) for seed, size in enumerate(SIZES)]
     files += [exif_rotated(5), rgba(6), encode_image(random_image(1, 1, seed=7), "PNG")]
     files += [encode_image(random_image(20, 900, seed=8), "PNG")]

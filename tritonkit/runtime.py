@@ -112,6 +112,14 @@ class Failure:
         return pb_utils.TritonError(self.message) if code is None else pb_utils.TritonError(self.message, code)
 
 
+def send_final(request, response) -> None:
+    """Answer `request` through its response sender: the one, final response a non-decoupled
+    model may send that way."""
+    import triton_python_backend_utils as pb_utils
+
+    request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
 class BatchedModel:
     """Base of tritonkit's `TritonPythonModel` classes."""
 
@@ -119,8 +127,6 @@ class BatchedModel:
     # `run` may answer requests before the batch ends (`release`): every response then goes through
     # the request's response sender (one final response each, as a non-decoupled model may send)
     early_responses = False
-    _batch: list[tuple[Any, dict[str, np.ndarray], int, int]] | None = None  # (request, rows, first row, rows)
-    _answered: frozenset[int] | set[int] = frozenset()  # positions in _batch answered by `release`
 
     def initialize(self, args: dict) -> None:
         self.model_config = json.loads(args["model_config"])
@@ -132,6 +138,10 @@ class BatchedModel:
         self.metrics = ModelMetrics(self.model_name, self.metrics_role, args.get("model_instance_name", ""))
         # KIND_GPU instances: the GPU this instance runs on (Triton's args); None on CPU
         self.device_id = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
+        # early responses: the batch being run (request, rows, first row, rows) and the positions in
+        # it already answered by `release`
+        self._batch: list[tuple[Any, dict[str, np.ndarray], int, int]] | None = None
+        self._answered: set[int] = set()
         self.setup()
         self.metrics.resident()
 
@@ -201,16 +211,11 @@ class BatchedModel:
         fallback re-decode) does not hold it up. Without early responses, nothing happens."""
         if self._batch is None:
             return
-        import triton_python_backend_utils as pb_utils
-
-        answered = set(self._answered)
         for position, (request, rows, start, count) in enumerate(self._batch):
-            if position in answered or not ready[start : start + count].all():
+            if position in self._answered or not ready[start : start + count].all():
                 continue
-            response = self.respond({name: array[start : start + count] for name, array in outputs.items()}, rows)
-            request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            answered.add(position)
-        self._answered = answered
+            send_final(request, self.respond({name: a[start : start + count] for name, a in outputs.items()}, rows))
+            self._answered.add(position)
 
     def run_requests(self, groups: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | Failure]:
         """`run` over every request's rows at once -> per request its outputs or its Failure.
@@ -280,13 +285,13 @@ class BatchedModel:
             if self.early_responses:
                 starts = np.cumsum([0, *counts[:-1]])
                 self._batch = [(requests[i], rows, int(a), c) for (i, rows), a, c in zip(prepared, starts, counts)]
-                self._answered = frozenset()
+                self._answered = set()
             began = time.perf_counter()
             try:
                 results = self.run_requests([rows for _, rows in prepared])
             finally:
                 answered = {prepared[position][0] for position in self._answered}
-                self._batch, self._answered = None, frozenset()
+                self._batch, self._answered = None, set()
             batch_seconds = time.perf_counter() - began
             for (index, rows), count, result in zip(prepared, counts, results):
                 seconds[index] += batch_seconds * count / sum(counts)
@@ -297,11 +302,9 @@ class BatchedModel:
         self.metrics.resident()
         if not self.early_responses:
             return responses
-        import triton_python_backend_utils as pb_utils
-
         for request, response in zip(requests, responses):
             if response is not None:
-                request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                send_final(request, response)
         return None
 
     def finalize(self) -> None:

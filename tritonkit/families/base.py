@@ -358,17 +358,7 @@ def dali_stage(
     operators, run by the `dali_pipeline` Python-backend template (which also checks images
     per request when given `image_recipe`). `warmup`: float32 inputs of their largest shape, run
     once at load (CPU), so DALI's buffers start at the size they would otherwise grow to."""
-    from tritonkit.preprocessing.dali import serialize
-
-    device = "gpu" if options.gpu else "cpu"
-
-    def make(folder: Path) -> Mapping[str, Path]:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "model.dali"
-        path.write_bytes(serialize(graph, device, batching.max_batch_size, options.dali_threads))
-        return {"model.dali": path}
-
-    serialized = Artefact(f"serialize its DALI graph with {device.upper()} operators", make)
+    serialized = dali_artefact(graph, batching.max_batch_size, options)
     parameters = {"num_threads": str(options.dali_threads)}
     if options.gpu:
         return Stage(
@@ -381,6 +371,21 @@ def dali_stage(
     if warmup:
         parameters["warmup"] = json.dumps({name: list(shape) for name, shape in warmup.items()})
     return Stage(role, "dali_pipeline", inputs, outputs, batching, parameters, artefacts=(serialized,))
+
+
+def dali_artefact(graph, batch_size: int, options: BuildOptions) -> Artefact:
+    """`model.dali`: `graph` serialized with GPU operators for a GPU build, CPU ones otherwise."""
+    from tritonkit.preprocessing.dali import serialize
+
+    device = "gpu" if options.gpu else "cpu"
+
+    def make(folder: Path) -> Mapping[str, Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "model.dali"
+        path.write_bytes(serialize(graph, device, batch_size, options.dali_threads))
+        return {"model.dali": path}
+
+    return Artefact(f"serialize its DALI graph with {device.upper()} operators", make)
 
 
 def saved_pretrained(what: str, name: str, saver: Callable[[str], Any]) -> Artefact:

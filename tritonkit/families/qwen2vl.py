@@ -25,7 +25,6 @@ from tritonkit.families.base import (
     PLAN_DIMS_PARAMETER,
     ROWS_PER_RUN_PARAMETER,
     SERVER_MEMORY_ROLE,
-    Artefact,
     BuildOptions,
     FamilySpec,
     OnnxExport,
@@ -33,6 +32,7 @@ from tritonkit.families.base import (
     Stage,
     StageMemory,
     Tolerance,
+    dali_artefact,
     engine_parameters,
     register,
     saved_pretrained,
@@ -103,6 +103,14 @@ class LoadedQwenVL:
         """Values per patch: channels x temporal patch x patch x patch."""
         vision = self.model.config.vision_config
         return int(vision.in_channels * vision.temporal_patch_size * vision.patch_size**2)
+
+
+def image_limits(formats):
+    """The ImageRecipe that checks every image from its header (bytes, pixels, formats); its resize
+    fields are unused: the size is the processor's own (`PatchRecipe`)."""
+    from tritonkit.preprocessing.image import ImageRecipe
+
+    return ImageRecipe(None, 28, 28, None, None, 3, None, None, None, resize_mode="fit", formats=tuple(formats))
 
 
 def image_inputs(loaded: LoadedQwenVL, images) -> tuple[np.ndarray, np.ndarray]:
@@ -272,25 +280,12 @@ class Qwen2VLSpec(FamilySpec):
     def preprocess_stage(self, loaded: LoadedQwenVL, t: Mapping[str, Tensor], options: BuildOptions) -> Stage:
         """Images -> PATCHES, GRID_THW: DALI (the default; GPU operators in a GPU repository) or the
         checkpoint's image processor (`--preprocessing python`, equal to transformers)."""
-        from tritonkit.preprocessing.dali import patches_graph, serialize
-        from tritonkit.preprocessing.image import DALI_FORMATS, PIL_FORMATS, ImageRecipe
+        from tritonkit.preprocessing.dali import patches_graph
+        from tritonkit.preprocessing.image import DALI_FORMATS, PIL_FORMATS
         from tritonkit.qwen_vl import RESIZED_SIZE, PatchRecipe
 
         dali = options.preprocessing == "dali"
-        # limits checked on every image from its header; the resize is the processor's own
-        limits = ImageRecipe(
-            None,
-            28,
-            28,
-            None,
-            None,
-            3,
-            None,
-            None,
-            None,
-            resize_mode="fit",
-            formats=DALI_FORMATS if dali else PIL_FORMATS,
-        ).with_options(**options.image)
+        limits = image_limits(DALI_FORMATS if dali else PIL_FORMATS).with_options(**options.image)
         undecodable = sorted(set(limits.formats) - set(DALI_FORMATS))
         if dali and undecodable:
             raise InputError(
@@ -306,16 +301,7 @@ class Qwen2VLSpec(FamilySpec):
         else:
             recipe = PatchRecipe.from_processor(loaded.image_processor, exif_orientation=limits.exif_orientation)
             images_per_run = batching.max_batch_size * MAX_IMAGES
-            device = "gpu" if options.gpu else "cpu"
-
-            def make(folder: Path) -> Mapping[str, Path]:
-                folder.mkdir(parents=True, exist_ok=True)
-                path = folder / "model.dali"
-                graph = patches_graph(recipe, "IMAGE", RESIZED_SIZE)
-                path.write_bytes(serialize(graph, device, images_per_run, options.dali_threads))
-                return {"model.dali": path}
-
-            artefacts = (Artefact(f"serialize its DALI graph with {device.upper()} operators", make),)
+            artefacts = (dali_artefact(patches_graph(recipe, "IMAGE", RESIZED_SIZE), images_per_run, options),)
             parameters |= {
                 "patch_recipe": recipe.to_json(),
                 "num_threads": str(options.dali_threads),
@@ -399,10 +385,9 @@ class Qwen2VLSpec(FamilySpec):
             pixels, grids = processed
         else:
             pixels, grids = image_inputs(loaded, images) if images else (None, None)
-        images = images or (processed is not None)
         ids = torch.tensor([self.prompt_ids(loaded, messages, grids if grids is not None else [])])
         kwargs: dict[str, Any] = {}
-        if images:
+        if pixels is not None:
             kwargs = {
                 "pixel_values": torch.from_numpy(pixels),
                 "image_grid_thw": torch.from_numpy(grids),
