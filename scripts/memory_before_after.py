@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Memory and speed of a family's repository as built by an earlier commit and as built now, side by side.
+"""Memory and speed of a family's repository two ways, side by side: as built by an earlier commit
+and as built now (`--before REV`), or served with two allocators (`--allocators glibc jemalloc`).
 
-Both repositories are soaked alike (scripts/soak.py: the same mix at concurrency 16), alternating
-A B A B so that both see the same machine; reports the valid requests answered per second and the
-resident memory per model (the median of each run's last third).
+Both are soaked alike (scripts/soak.py: the same mix at concurrency 16), alternating A B A B so
+that both see the same machine; reports the valid requests answered per second, the resident
+memory per model (the median of each run's last third), its spread over the rounds, and how far
+`tritonkit plan REPO --measure REPORT` is from each run's figure per model.
 
     python scripts/memory_before_after.py --before 9a79e68 [--family whisper] [--duration 120]
                                           [--rounds 2] [--markdown docs/RELIABILITY.md]
+    python scripts/memory_before_after.py --allocators glibc jemalloc [--family whisper] ...
 
 The earlier repository is built from a git worktree of REV (its templates and graphs) and served
 with the current library (the generic decoder loop decodes both graph layouts).
@@ -50,7 +53,9 @@ def build_at(revision: str | None, family: str, folder: Path) -> Path:
     return Path(printed.strip().splitlines()[-1])
 
 
-def soak(repository: Path, family: str, duration: float, report: Path) -> dict:
+def soak(repository: Path, family: str, duration: float, report: Path, allocator: str = "auto") -> dict:
+    """One soak's report, with `plan_error` (model -> (predicted - measured) / measured) from
+    `tritonkit plan --measure` on it."""
     subprocess.run(
         [
             sys.executable,
@@ -61,18 +66,32 @@ def soak(repository: Path, family: str, duration: float, report: Path) -> dict:
             str(repository),
             "--duration",
             str(duration),
+            "--allocator",
+            allocator,
             "--json",
             str(report),
         ],
         check=False,
         capture_output=True,
     )
-    return json.loads(report.read_text())
+    result = json.loads(report.read_text())
+    plan = report.with_suffix(".plan.json")
+    subprocess.run(
+        [sys.executable, "-m", "tritonkit.cli", "plan", str(repository), "--measure", str(report), "--json", str(plan)],
+        check=True,
+        capture_output=True,
+    )
+    result["plan_error"] = {c["model"]: c["error"] for c in json.loads(plan.read_text())["measured"]}
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", required=True, help="The git revision to compare with")
+    ways = parser.add_mutually_exclusive_group(required=True)
+    ways.add_argument("--before", help="The git revision to compare with")
+    ways.add_argument(
+        "--allocators", nargs=2, metavar=("A", "B"), help="Serve one build with two allocators (glibc, jemalloc, ...)"
+    )
     parser.add_argument("--family", default="whisper", choices=["clip", "whisper", "llava"])
     parser.add_argument("--duration", type=float, default=120)
     parser.add_argument("--rounds", type=int, default=2)
@@ -82,79 +101,104 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="before-after-") as folder:
         base = Path(folder)
         try:
-            repositories = {
-                "before": build_at(args.before, args.family, base),
-                "after": build_at(None, args.family, base),
-            }
-            runs: dict[str, list[dict]] = {"before": [], "after": []}
+            setups: dict[str, tuple[Path, str]]  # label -> (repository, allocator)
+            if args.allocators:
+                repository = build_at(None, args.family, base)
+                setups = {allocator: (repository, allocator) for allocator in args.allocators}
+            else:
+                setups = {
+                    "before": (build_at(args.before, args.family, base), "auto"),
+                    "now": (build_at(None, args.family, base), "auto"),
+                }
+            runs: dict[str, list[dict]] = {label: [] for label in setups}
             for round_ in range(args.rounds):
-                for label, repository in repositories.items():
-                    report = soak(repository, args.family, args.duration, base / f"{label}{round_}.json")
+                for label, (repository, allocator) in setups.items():
+                    report = soak(repository, args.family, args.duration, base / f"{label}{round_}.json", allocator)
                     runs[label].append(report)
-                    print(f"{label} round {round_ + 1}: {report['valid_per_s']} valid/s, {report['rss_mb_after']} MB")
+                    print(
+                        f"{label} round {round_ + 1}: {report['valid_per_s']} valid/s, {report['rss_mb_after']} MB",
+                        flush=True,
+                    )
         finally:
             if (base / "worktree").exists():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base / "worktree")])
     summary: dict[str, dict] = {}
     for label, reports in runs.items():
         models = sorted({m for r in reports for m in r["rss_mb_settled"]})
+        settled = {m: [r["rss_mb_settled"].get(m, 0.0) for r in reports] for m in models}
         summary[label] = {
             "valid_per_s": float(np.mean([r["valid_per_s"] for r in reports])),
             "total_mb": float(np.mean([sum(r["rss_mb_settled"].values()) for r in reports])),
             "growth_mb_last_third": float(np.max([r["rss_growth_mb_last_third"] for r in reports])),
-            "models_mb": {m: float(np.mean([r["rss_mb_settled"].get(m, 0.0) for r in reports])) for m in models},
+            "models_mb": {m: float(np.mean(values)) for m, values in settled.items()},
+            "models_mb_range": {m: (float(min(values)), float(max(values))) for m, values in settled.items()},
+            # the plan's error per model over the rounds: (worst under-prediction, worst over-prediction)
+            "plan_error_range": {
+                m: (min(errors), max(errors))
+                for m in {m for r in reports for m in r["plan_error"]}
+                for errors in [[r["plan_error"][m] for r in reports if m in r["plan_error"]]]
+            },
         }
-    before, after = summary["before"], summary["after"]
+    a, b = list(summary)
+    first, second = summary[a], summary[b]
+
+    def model_row(model: str) -> list[str]:
+        def cell(figures: dict) -> str:
+            low, high = figures["models_mb_range"].get(model, (0.0, 0.0))
+            spread = f" ({low:,.0f}-{high:,.0f})" if args.rounds > 1 else ""
+            error = figures["plan_error_range"].get(model)
+            plan = f"; plan {error[0]:+.0%}..{error[1]:+.0%}" if error else ""
+            return f"{figures['models_mb'].get(model, 0.0):,.0f}{spread}{plan}"
+
+        ratio = second["models_mb"].get(model, 0.0) / max(first["models_mb"].get(model, 0.0), 1e-9)
+        return [f"  {model}", cell(first), cell(second), f"{ratio:.2f}x"]
+
     rows = [
         [
             "valid requests answered / s",
-            f"{before['valid_per_s']:.2f}",
-            f"{after['valid_per_s']:.2f}",
-            f"{after['valid_per_s'] / before['valid_per_s']:.2f}x",
+            f"{first['valid_per_s']:.2f}",
+            f"{second['valid_per_s']:.2f}",
+            f"{second['valid_per_s'] / first['valid_per_s']:.2f}x",
         ],
         [
             "resident MB, all (median of the last third)",
-            f"{before['total_mb']:,.0f}",
-            f"{after['total_mb']:,.0f}",
-            f"{after['total_mb'] / before['total_mb']:.2f}x",
+            f"{first['total_mb']:,.0f}",
+            f"{second['total_mb']:,.0f}",
+            f"{second['total_mb'] / first['total_mb']:.2f}x",
         ],
-        *(
-            [
-                f"  {model}",
-                f"{before['models_mb'].get(model, 0.0):,.0f}",
-                f"{after['models_mb'].get(model, 0.0):,.0f}",
-                f"{after['models_mb'].get(model, 0.0) / max(before['models_mb'].get(model, 0.0), 1e-9):.2f}x",
-            ]
-            for model in sorted(set(before["models_mb"]) | set(after["models_mb"]))
-        ),
+        *(model_row(model) for model in sorted(set(first["models_mb"]) | set(second["models_mb"]))),
         [
             "growth middle → last third, MB (worst run)",
-            f"{before['growth_mb_last_third']:+.0f}",
-            f"{after['growth_mb_last_third']:+.0f}",
+            f"{first['growth_mb_last_third']:+.0f}",
+            f"{second['growth_mb_last_third']:+.0f}",
             "",
         ],
     ]
+    headers = [f"before ({args.before})", "now"] if args.before else list(args.allocators)
     lines = markdown_table(
-        [
-            f"{args.family}: {args.duration:g} s soaks, {args.rounds} rounds A B",
-            f"before ({args.before})",
-            "now",
-            "now / before",
-        ],
+        [f"{args.family}: {args.duration:g} s soaks, {args.rounds} rounds A B", *headers, f"{b} / {a}"],
         rows,
         align_right_from=1,
     )
     facts = machine()
+    way = f"--before {args.before}" if args.before else f"--allocators {' '.join(args.allocators)}"
     lines += [
         "",
+        "Per model: the mean over the rounds of each run's settled memory (the median of its last third), the "
+        "lowest and highest run in brackets, and `tritonkit plan --measure`'s error on those runs ((predicted - "
+        "measured) / measured, lowest..highest).",
+        "",
         f"{facts['cpus']} CPUs ({facts['processor']}), Python {facts['python']}. Rerun: `python scripts/memory_before_after.py "
-        f"--before {args.before} --family {args.family} --duration {args.duration:g} --rounds {args.rounds}`.",
+        f"{way} --family {args.family} --duration {args.duration:g} --rounds {args.rounds}`.",
     ]
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     if args.markdown:
-        replace_section(args.markdown, f"memory-before-after-{args.family}", "Memory before and after", lines)
+        if args.before:
+            replace_section(args.markdown, f"memory-before-after-{args.family}", "Memory before and after", lines)
+        else:
+            replace_section(args.markdown, f"memory-allocators-{args.family}", f"Allocators: {a} and {b}", lines)
     return 0
 
 

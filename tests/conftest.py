@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -30,6 +32,27 @@ def export_cache_dir(tmp_path_factory):
         os.environ.pop("TRITONKIT_CACHE_DIR", None)
     else:
         os.environ["TRITONKIT_CACHE_DIR"] = previous
+
+
+T = TypeVar("T")
+
+
+def runs_until_batched(client, model: str, run: Callable[[], T], attempts: int = 3) -> tuple[list[T], dict[int, int]]:
+    """Every result of `run()` (concurrent requests), repeated until Triton's statistics show `model`
+    executed a batch of more than one during a run, and the batch sizes it formed then ({} if none did).
+    Whether requests in flight together share a batch is up to timing on a loaded machine; the
+    results must hold in every run, batched or not."""
+    from tritonkit.client import executed_batch_sizes
+
+    results = []
+    for _ in range(attempts):
+        before = executed_batch_sizes(client.statistics(model), model)
+        results.append(run())
+        after = executed_batch_sizes(client.statistics(model), model)
+        formed = {size: count - before.get(size, 0) for size, count in after.items() if count > before.get(size, 0)}
+        if any(size > 1 for size in formed):
+            return results, formed
+    return results, {}
 
 
 def has_gpu() -> bool:
