@@ -48,11 +48,29 @@ def runs_until_batched(client, model: str, run: Callable[[], T], attempts: int =
     for _ in range(attempts):
         before = executed_batch_sizes(client.statistics(model), model)
         results.append(run())
-        after = executed_batch_sizes(client.statistics(model), model)
-        formed = {size: count - before.get(size, 0) for size, count in after.items() if count > before.get(size, 0)}
+        formed = executions_since(client, model, before)
         if any(size > 1 for size in formed):
             return results, formed
     return results, {}
+
+
+def executions_since(
+    client, model: str, before: dict[int, int], at_least: int = 1, timeout: float = 10
+) -> dict[int, int]:
+    """Batch size -> executions of `model` since `before` (its executed_batch_sizes), once there are
+    `at_least`. A model that answers through its response sender (Whisper's decoder) has its
+    statistics recorded after the answer, so they are polled for."""
+    import time
+
+    from tritonkit.client import executed_batch_sizes
+
+    deadline = time.monotonic() + timeout
+    while True:
+        after = executed_batch_sizes(client.statistics(model), model)
+        formed = {size: count - before.get(size, 0) for size, count in after.items() if count > before.get(size, 0)}
+        if sum(formed.values()) >= at_least or time.monotonic() > deadline:
+            return formed
+        time.sleep(0.05)
 
 
 def has_gpu() -> bool:

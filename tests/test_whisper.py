@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import runs_until_batched
+from tests.conftest import executions_since, runs_until_batched
 from tritonkit.client import TritonkitClient, executed_batch_sizes, pack_byte_rows, transcript
 from tritonkit.errors import InferenceError
 from tritonkit.metrics import wer
@@ -401,28 +401,32 @@ def test_a_prompt_conditions_decoding_as_transformers_prompt_ids_do(whisper_serv
 
 
 @pytest.mark.server
+@pytest.mark.parametrize("beams", [1, 5], ids=["greedy", "beam5"])
 def test_prompts_of_different_lengths_decode_in_one_batch_as_transformers_does_each(
-    whisper_server, whisper_loaded, speech_files
+    whisper_server, whisper_loaded, speech_files, beams
 ):
     """Three rows of one request, no prompt and two prompts of different lengths: one decoder batch
-    (the shorter prompts start choosing while the longest is still fed), each row's tokens those of
-    transformers with its own prompt_ids."""
+    (the shorter prompts start choosing, or branching into beams, while the longest is still fed),
+    each row's tokens those of transformers with its own prompt_ids."""
     import torch
 
     _, loaded = whisper_loaded
     prompts = ["", "Foxes.", "Quick brown foxes; lazy dogs, jumping over the fence, then back again."]
     files = speech_files[:3]
+    inputs = {"AUDIO": pack_byte_rows(files), "PROMPT": np.array([[p.encode()] for p in prompts], dtype=object)}
+    if beams > 1:
+        inputs["BEAM_SIZE"] = np.full((len(files), 1), beams, dtype=np.int32)
     with TritonkitClient(whisper_server.grpc_url) as client:
-        result = client.infer(
-            "whisper",
-            {"AUDIO": pack_byte_rows(files), "PROMPT": np.array([[p.encode()] for p in prompts], dtype=object)},
-        )
+        before = executed_batch_sizes(client.statistics("whisper_decoder"), "whisper_decoder")
+        result = client.infer("whisper", inputs)
+        formed = executions_since(client, "whisper_decoder", before)
+    assert formed == {len(files): 1}, formed  # the three rows in one decoder batch
     eos = loaded.model.generation_config.eos_token_id
     for row, (data, prompt) in enumerate(zip(files, prompts)):
         kwargs = {"prompt_ids": loaded.processor.get_prompt_ids(prompt, return_tensors="pt")} if prompt else {}
         with torch.no_grad():
-            want = loaded.model.generate(torch.from_numpy(features(loaded, data)), **kwargs)[0].tolist()
-        assert list(transcript(result, row).tokens) == [t for t in want if t != eos], prompt
+            want = loaded.model.generate(torch.from_numpy(features(loaded, data)), num_beams=beams, **kwargs)[0]
+        assert list(transcript(result, row).tokens) == [t for t in want.tolist() if t != eos], prompt
 
 
 def reversed_speech(speech: bytes) -> bytes:

@@ -364,6 +364,25 @@ def compacted(cache: Cache, keep: np.ndarray) -> Cache:
     return {name: value[: len(kept)] for name, value in cache.items()}
 
 
+def swap_removed(cache: Cache, starts: list[int], size: int) -> tuple[Cache, list[int]]:
+    """The blocks of `size` rows at `starts` kept, every other block (all of `size` rows) dropped:
+    the kept blocks already among the first len(starts) stay, the others move into the holes, in
+    place. Returns the view of those rows and the blocks' order in it (indices into `starts`)."""
+    kept = len(starts) * size
+    order: list[int | None] = [None] * len(starts)
+    moving = []
+    for k, start in enumerate(starts):
+        if start < kept:
+            order[start // size] = k
+        else:
+            moving.append(k)
+    for slot, k in zip([slot for slot, found in enumerate(order) if found is None], moving):
+        for value in cache.values():
+            value[slot * size : (slot + 1) * size] = value[starts[k] : starts[k] + size]
+        order[slot] = k
+    return {name: value[:kept] for name, value in cache.items()}, [k for k in order if k is not None]
+
+
 class WindowDecoder:
     """Decoding of many windows at once over two ONNX Runtime sessions (greedy, sampled, fallback)."""
 
@@ -380,6 +399,7 @@ class WindowDecoder:
         self.suppress[[t for t in settings.suppress_tokens if t < vocab]] = True
         self.begin_suppress = self.suppress.copy()
         self.begin_suppress[[t for t in settings.begin_suppress_tokens if t < vocab]] = True
+        self.suppress_ids, self.begin_suppress_ids = np.flatnonzero(self.suppress), np.flatnonzero(self.begin_suppress)
         # the graphs' cache tensors, by name: cross KV (the cross-KV graph's outputs, the step's
         # inputs), the self-attention cache (PAST_* in, PRESENT_* out); fixed dims of an empty cache
         self.cross_names = [o.name for o in cross_kv_session.get_outputs()]
@@ -496,13 +516,12 @@ class WindowDecoder:
         ]
         pending, attempt = [i for i, o in enumerate(options) if not o.empty], 0
         while pending:
-            # Greedy and sampled rows decode together whatever their prompts' lengths; beam search
-            # (at temperature 0 only, as transformers falls back to sampling) apart, by prompt length.
-            groups: dict[tuple[int, bool], list[int]] = {}
+            # Rows decode together whatever their prompts' lengths: greedy and sampled ones in one
+            # group, beam search (at temperature 0 only, as transformers falls back to sampling) in another.
+            groups: dict[bool, list[int]] = {}
             for i in pending:
-                beams = options[i].beam_size > 1 and self.temperatures[i] == 0
-                groups.setdefault((len(prompts[i]) if beams else 0, beams), []).append(i)
-            for (_, beams), rows in groups.items():
+                groups.setdefault(options[i].beam_size > 1 and self.temperatures[i] == 0, []).append(i)
+            for beams, rows in groups.items():
                 for i in rows:
                     results[i], self.sum_logprobs[i] = [], 0.0
                 if cross is None:  # the first pass consumed it: computed again for these windows
@@ -580,11 +599,14 @@ class WindowDecoder:
             logits[:begin] = -np.inf
             if s.max_initial_timestamp_index is not None:
                 logits[begin + s.max_initial_timestamp_index + 1 :] = -np.inf
-        shifted = logits - logits.max()
-        logprobs = shifted - np.log(np.exp(shifted).sum())
-        finite = logprobs[begin:][np.isfinite(logprobs[begin:])]
-        if finite.size and np.logaddexp.reduce(finite) > logprobs[:begin].max():
-            logits[:begin] = -np.inf
+        # timestamps' summed probability above the likeliest text token's: a timestamp next. Compared
+        # on the logits themselves (log-softmax subtracts the same constant from both sides).
+        stamps_part = logits[begin:]
+        finite = stamps_part[np.isfinite(stamps_part)].astype(np.float64)
+        if finite.size:
+            most = finite.max()
+            if most + np.log(np.exp(finite - most).sum()) > logits[:begin].max():
+                logits[:begin] = -np.inf
 
     def _choose(self, logits: np.ndarray, rows: np.ndarray, generators) -> np.ndarray:
         """Each row's next token: the most likely, or sampled at the row's temperature."""
@@ -619,7 +641,7 @@ class WindowDecoder:
             choosing = fed >= lengths  # whose logits predict a token of theirs (the rest are in their prompt)
             for j in np.flatnonzero(choosing):
                 row, first = active[j], not started[j]
-                logits[j, self.begin_suppress if first else self.suppress] = -np.inf
+                logits[j, self.begin_suppress_ids if first else self.suppress_ids] = -np.inf
                 if options[row].timestamps:
                     self.apply_timestamp_rules(logits[j], results[row], first)
             picked = np.flatnonzero(choosing)
@@ -648,18 +670,15 @@ class WindowDecoder:
                 lengths, fed, started = lengths[keep], fed[keep], started[keep]
             ids = next_ids[:, None]
 
-    def _mask(self, scores: np.ndarray, tokens: list[int], first: bool, timestamps: bool) -> None:
-        """The suppressions and (with timestamps) Whisper's timestamp rules, in place on one row."""
-        scores[self.begin_suppress if first else self.suppress] = -np.inf
-        if timestamps:
-            self.apply_timestamp_rules(scores, tokens, first)
-
     def _beam_rows(self, rows, prompts, limits, cross: Cache, results, options) -> None:
         """Beam search over many windows at once, as transformers' `_beam_search` does it (2 x beams
         candidates a step, finished beams scored sum / length ** length_penalty, its early-stop
         heuristic), every window's live beams sharing one batched decoder step. OpenAI's patience
         sets how many finished beams a window waits for (1.0: the beam size, transformers' rule).
-        `cross` holds one row per window of `rows`, in order."""
+        `cross` holds one row per window of `rows`, in order.
+
+        Prompts may differ in length, as in `_decode_rows`: a window still in its prompt has one
+        beam, which feeds its next prompt token, and branches once its prompt is in its cache."""
 
         @dataclass
         class Window:
@@ -667,54 +686,92 @@ class WindowDecoder:
             width: int  # beams
             pool_size: int  # finished beams kept
             live: list[tuple[float, list[int]]]  # (summed log-probability, tokens) of each live beam
+            prompt: list[int]
+            fed: int  # prompt tokens in its cache
             finished: list[tuple[float, float, list[int]]] = field(default_factory=list)  # (score, sum, tokens)
             improvable: bool = True
 
+            @property
+            def in_prompt(self) -> bool:  # its last logits predict a token of its own prompt
+                return self.fed < len(self.prompt)
+
+        shortest = min(len(prompts[i]) for i in rows)
         windows = [
             Window(
                 row,
                 options[row].beam_size,
                 max(options[row].beam_size, round(options[row].beam_size * options[row].patience)),
                 [(0.0, [])],
+                list(prompts[row]),
+                shortest,
             )
             for row in rows
         ]
         count = len(rows)
-        ids = np.array([prompts[i] for i in rows], dtype=np.int64)
+        ids = np.array([prompts[i][:shortest] for i in rows], dtype=np.int64)
         past = self._empty_past(count)
         position = {row: j for j, row in enumerate(rows)}
-        owners = np.arange(count)  # each live beam's window, as its position in `rows`
-        gathered: tuple[np.ndarray, Cache] | None = None  # (owners, their cross KV) of the last step
-        first = True
+        # the cross KV of every live beam (a copy of its window's), and the window of each of its rows
+        beam_cross, layout = cross, list(rows)
         while windows:
-            if gathered is None or not np.array_equal(gathered[0], owners):  # beams share their window's
-                gathered = (owners, taken(cross, owners))
-            logits, past = self._run(ids, past, gathered[1])
-            logprobs = log_softmax(logits).astype(np.float32)  # the processors mask log-probabilities
-            parents, next_ids, still = [], [], []
+            owners = [w.row for w in windows for _ in w.live]
+            if layout != owners:
+                beam_cross, layout = taken(cross, [position[row] for row in owners]), owners
+            sizes = {len(w.live) for w in windows}
+            logits, past = self._run(ids, past, beam_cross)
+            logprobs = log_softmax32(logits)  # the processors mask log-probabilities (float32, as transformers)
+            start, opening, going = (
+                0,
+                list[int](),
+                list[int](),
+            )  # rows choosing their window's first token, and later ones
+            for window in windows:
+                self.steps_per_window[window.row] += len(window.live)
+                if not window.in_prompt:
+                    first = not window.live[0][1]
+                    (opening if first else going).extend(range(start, start + len(window.live)))
+                start += len(window.live)
+            logprobs[np.array(opening, dtype=np.int64)[:, None], self.begin_suppress_ids] = -np.inf
+            logprobs[np.array(going, dtype=np.int64)[:, None], self.suppress_ids] = -np.inf
+            start = 0
+            for window in windows:
+                if options[window.row].timestamps and not window.in_prompt:
+                    for b, (_, tokens) in enumerate(window.live):
+                        self.apply_timestamp_rules(logprobs[start + b], tokens, not tokens)
+                start += len(window.live)
+            # each beam's best 2 x beams tokens (unordered): a window's best candidates are among its beams'
+            widest = 2 * max(w.width for w in windows)
+            best_tokens = np.argpartition(logprobs, -widest, axis=1)[:, -widest:]
+            vocab = logprobs.shape[1]
+            still, starts = [], []  # the windows that go on, and where their rows were in this step
+            chosen: dict[int, tuple[list[int], list[int]]] = {}  # window -> (its beams' parent rows, next ids)
             start = 0
             for window in windows:
                 beams = len(window.live)
-                scores = logprobs[start : start + beams]
-                self.steps_per_window[window.row] += beams
-                for b, (_, tokens) in enumerate(window.live):
-                    self._mask(scores[b], tokens, first, bool(options[window.row].timestamps))
-                totals = (scores + np.array([s for s, _ in window.live], dtype=np.float32)[:, None]).reshape(-1)
-                keep = 2 * window.width
-                order = np.argpartition(-totals, keep)[:keep]
-                order = order[np.argsort(-totals[order], kind="stable")]
-                vocab = scores.shape[1]
+                if window.in_prompt:  # one beam, fed its next prompt token
+                    chosen[window.row] = ([start], [window.prompt[window.fed]])
+                    window.fed += 1
+                    still.append(window)
+                    starts.append(start)
+                    start += beams
+                    continue
+                sums = np.array([s for s, _ in window.live], dtype=np.float32)
+                tokens_of = best_tokens[start : start + beams]
+                totals = (logprobs[start : start + beams][np.arange(beams)[:, None], tokens_of] + sums[:, None]).ravel()
+                flat = (np.arange(beams)[:, None] * vocab + tokens_of).ravel()
+                order = np.lexsort((flat, -totals))[: 2 * window.width]  # best first; ties: lower beam, token
                 length = len(window.live[0][1]) + 1  # tokens after this step, the end token included
                 candidates = []
-                for rank, flat in enumerate(order):
-                    beam, token = divmod(int(flat), vocab)
+                for rank, k in enumerate(order):
+                    beam, token = divmod(int(flat[k]), vocab)
+                    total = float(totals[k])
                     tokens = window.live[beam][1]
                     hits = token == self.settings.end_token or length >= limits[window.row]
-                    candidates.append((float(totals[flat]), beam, token, hits))
-                    if hits and rank < window.width and window.improvable and np.isfinite(totals[flat]):
+                    candidates.append((total, beam, token, hits))
+                    if hits and rank < window.width and window.improvable and np.isfinite(total):
                         kept = tokens if token == self.settings.end_token else [*tokens, token]
-                        penalized = float(totals[flat]) / length ** options[window.row].length_penalty
-                        window.finished.append((penalized, float(totals[flat]), kept))
+                        penalized = total / length ** options[window.row].length_penalty
+                        window.finished.append((penalized, total, kept))
                 window.finished = sorted(window.finished, key=lambda f: -f[0])[: window.pool_size]
                 running = [c for c in candidates if not c[3]][: window.width]
                 window.live = [(total, [*window.live[beam][1], token]) for total, beam, token, _ in running]
@@ -723,19 +780,27 @@ class WindowDecoder:
                     window.improvable = best > min(f[0] for f in window.finished)
                 if window.improvable and running:
                     still.append(window)
-                    parents += [start + beam for _, beam, _, _ in running]
-                    next_ids += [token for _, _, token, _ in running]
+                    starts.append(start)
+                    chosen[window.row] = ([start + beam for _, beam, _, _ in running], [t for _, _, t, _ in running])
                 else:
                     self._finish_beams(window.row, window.finished, window.live, results)
                 start += beams
-            first = False
-            windows = still
-            if not windows:
+            if not still:
                 return
-            chosen = np.array(parents)
-            past = taken(past, chosen)
-            owners = np.array([position[w.row] for w in windows for _ in w.live])
-            ids = np.array(next_ids, dtype=np.int64)[:, None]
+            size = len(still[0].live)
+            if (
+                len(still) < len(windows)
+                and sizes == {len(w.live) for w in still} == {size}
+                and beam_cross is not cross
+            ):
+                # windows finished and every beam count stayed: the last windows' cross KV moved into
+                # the rows of the finished ones (in place; a full gather would copy every beam's)
+                beam_cross, order = swap_removed(beam_cross, starts, size)
+                still = [still[k] for k in order]
+                layout = [w.row for w in still for _ in w.live]
+            windows = still
+            past = taken(past, np.array([parent for w in windows for parent in chosen[w.row][0]]))
+            ids = np.array([token for w in windows for token in chosen[w.row][1]], dtype=np.int64)[:, None]
 
     def _finish_beams(self, row: int, finished, live, results) -> None:
         """The best finished beam (a live one if none finished): its tokens and summed log-probability."""
@@ -900,6 +965,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax in float64 (rows may hold -inf for suppressed tokens)."""
     logits = logits.astype(np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def log_softmax32(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32, in a new array."""
+    shifted = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
