@@ -49,10 +49,6 @@ def test_soak_with_mixed_valid_and_invalid_requests(family, gateway, request, tm
             "30" if gateway else "45" if family == "llava" else "60",
             "--json",
             str(tmp_path / "soak.json"),
-            # the plan's stage figures (FamilySpec.memory) were measured under glibc's malloc; under
-            # jemalloc the small stubs measure up to a third smaller (the plan over-predicts: the safe side)
-            "--allocator",
-            "glibc",
             *(["--gateway"] if gateway else []),
         ],
         capture_output=True,
@@ -70,11 +66,13 @@ def test_soak_with_mixed_valid_and_invalid_requests(family, gateway, request, tm
         check_plan_against(repository, tmp_path / "soak.json", tmp_path / "plan.json")
 
 
-# The gate on `tritonkit plan --measure` after a CI soak: the whole repository within 20%, each
-# model within 30% or 25 MiB. Small stubs' memory varies by a third from one short soak to the
-# next (DALI keeps the largest image it has decoded; which images came, and in which batches, is
-# up to the run), so a per-model 20% would fail on noise; docs/RELIABILITY.md has the per-model figures.
-MAX_PLAN_ERROR, MAX_MODEL_ERROR, MODEL_SLACK_MIB = 0.2, 0.3, 25
+# The gate on `tritonkit plan --measure` after a CI soak (served with the default allocator, which
+# the stage figures were measured under): the whole repository and each model within 20%, or 40 MiB
+# for the small stubs. PSS splits a shared library's pages among every process that maps it, and
+# this test's own process maps DALI and ONNX Runtime: Whisper's log-mel stub measures 117 MB here
+# and 146 MB in the same 60 s soak run alone (plan: 152). DALI also keeps the largest image it has
+# decoded, which is up to the run; docs/RELIABILITY.md has the per-model figures.
+MAX_PLAN_ERROR, MAX_MODEL_ERROR, MODEL_SLACK_MIB = 0.2, 0.2, 40
 
 
 def check_plan_against(repository: Path, measured: Path, out: Path) -> None:

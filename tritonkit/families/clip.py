@@ -148,15 +148,17 @@ class ClipSpec(FamilySpec):
         "text_tokenizer": Batching(max_batch_size=64, preferred_batch_sizes=(16, 32, 64), max_queue_delay_us=1000),
         "text_encoder": Batching(max_batch_size=64, preferred_batch_sizes=(16, 32, 64), max_queue_delay_us=1000),
     }
-    # Fixed resident memory per stage, measured with the tiny CLIP (scripts/soak.py, 60 s at
-    # concurrency 16, then `tritonkit plan REPO --measure REPORT`; docs/RELIABILITY.md): DALI's
+    # Fixed resident memory per stage, measured with the tiny CLIP under jemalloc (the default
+    # allocator; `python scripts/memory_before_after.py --allocators glibc jemalloc --family clip`:
+    # three 90 s soaks at concurrency 16, `tritonkit plan --measure` after each; docs/RELIABILITY.md;
+    # glibc's malloc holds the image preprocessing 60 MB larger): DALI's
     # decoding buffers, the tokenizer (transformers), ONNX Runtime's sessions.
     memory: ClassVar[Mapping[str, StageMemory]] = {
-        "image_preprocess": StageMemory(fixed_mb=185),
-        "image_encoder": StageMemory(fixed_mb=60),
-        "text_tokenizer": StageMemory(fixed_mb=290),
-        "text_encoder": StageMemory(fixed_mb=55),
-        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=15),
+        "image_preprocess": StageMemory(fixed_mb=154),
+        "image_encoder": StageMemory(fixed_mb=54),
+        "text_tokenizer": StageMemory(fixed_mb=281),
+        "text_encoder": StageMemory(fixed_mb=48),
+        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=37),
     }
 
     @staticmethod

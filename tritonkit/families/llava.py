@@ -127,15 +127,15 @@ class LlavaSpec(FamilySpec):
         "decoder": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
         "decoder_stream": Batching(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=5000),
     }
-    # Fixed resident memory per stage, measured with the tiny LLaVA (scripts/soak.py, 60 s at
-    # concurrency 16, then `tritonkit plan REPO --measure REPORT`; the median of four runs;
-    # docs/RELIABILITY.md): the language model in PyTorch with its tokenizer and chat template, DALI's decoding buffers.
+    # Fixed resident memory per stage, measured with the tiny LLaVA under jemalloc (the default
+    # allocator; `python scripts/memory_before_after.py --allocators glibc jemalloc --family llava`:
+    # three 90 s soaks at concurrency 16, `tritonkit plan --measure` after each; docs/RELIABILITY.md): the language model in PyTorch with its tokenizer and chat template, DALI's decoding buffers.
     memory: ClassVar[Mapping[str, StageMemory]] = {
-        "image_preprocess": StageMemory(fixed_mb=89),
-        "vision_encoder": StageMemory(fixed_mb=44),
-        "decoder": StageMemory(fixed_mb=370),
-        "decoder_stream": StageMemory(fixed_mb=310),
-        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=5),
+        "image_preprocess": StageMemory(fixed_mb=99),
+        "vision_encoder": StageMemory(fixed_mb=45),
+        "decoder": StageMemory(fixed_mb=322),
+        "decoder_stream": StageMemory(fixed_mb=294),
+        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=9),
     }
 
     @staticmethod

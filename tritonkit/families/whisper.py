@@ -102,18 +102,19 @@ class WhisperSpec(FamilySpec):
         "vad": Batching(max_batch_size=8, preferred_batch_sizes=(), max_queue_delay_us=0),
     }
 
-    # Fixed resident memory per stage, measured with tiny.en (scripts/soak.py, 60 s at concurrency 16,
-    # then `tritonkit plan REPO --measure REPORT`; the median of five runs, tritonserver's with the
-    # soak's 150 s files; docs/RELIABILITY.md): the decoder's transformers
+    # Fixed resident memory per stage, measured with tiny.en under jemalloc (the default allocator;
+    # `python scripts/memory_before_after.py --allocators glibc jemalloc --family whisper`: three 90 s
+    # soaks at concurrency 16 with the soak's 150 s files, `tritonkit plan --measure` after each;
+    # docs/RELIABILITY.md; glibc's malloc holds tritonserver and log-mel a fifth larger): the decoder's transformers
     # tokenizer and two ONNX Runtime sessions, DALI's log-mel buffers, and tritonserver's buffers
     # for uploads of up to 600 s and the file features passed to the decoder.
     memory: ClassVar[Mapping[str, StageMemory]] = {
-        "audio_preprocess": StageMemory(fixed_mb=60),
-        "log_mel": StageMemory(fixed_mb=160),
-        "encoder": StageMemory(fixed_mb=125),
-        "decoder": StageMemory(fixed_mb=365),
+        "audio_preprocess": StageMemory(fixed_mb=75),
+        "log_mel": StageMemory(fixed_mb=144),
+        "encoder": StageMemory(fixed_mb=103),
+        "decoder": StageMemory(fixed_mb=480),
         "vad": StageMemory(fixed_mb=40),
-        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=385),
+        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=400),
     }
 
     @staticmethod
