@@ -73,6 +73,9 @@ def test_soak_with_mixed_valid_and_invalid_requests(family, gateway, request, tm
 # and 146 MB in the same 60 s soak run alone (the plan's 133 sits between). DALI also keeps the largest image it has
 # decoded, which is up to the run; docs/RELIABILITY.md has the per-model figures.
 MAX_PLAN_ERROR, MAX_MODEL_ERROR, MODEL_SLACK_MIB = 0.2, 0.2, 40
+# tritonserver measured 380-417 MB in CI runs (other tritonservers of the session share its
+# libraries' pages) and 487 MB alone: over-predicting it (the safe side) is allowed up to 30%.
+SERVER_OVER_ERROR = 0.3
 
 
 def check_plan_against(repository: Path, measured: Path, out: Path) -> None:
@@ -103,7 +106,11 @@ def check_plan_against(repository: Path, measured: Path, out: Path) -> None:
         c["model"]: round(c["error"], 3)
         for c in checks
         if abs(c["predicted_bytes"] - c["measured_bytes"])
-        > max(MAX_MODEL_ERROR * c["measured_bytes"], MODEL_SLACK_MIB * 2**20)
+        > max(
+            (SERVER_OVER_ERROR if c["model"] == "tritonserver" and c["error"] > 0 else MAX_MODEL_ERROR)
+            * c["measured_bytes"],
+            MODEL_SLACK_MIB * 2**20,
+        )
     }
     assert not off, f"plan off by more than {MAX_MODEL_ERROR:.0%} and {MODEL_SLACK_MIB} MiB: {off}"
 
