@@ -60,7 +60,9 @@ def _modules():
 
     class DecoderStep(torch.nn.Module):
         """(INPUT_IDS, past keys and values per layer, cross keys and values per layer) ->
-        (the last position's logits, present keys and values per layer)."""
+        (the last position's logits, present keys and values per layer). The rows of INPUT_IDS and
+        the self-attention cache are windows x beams (a window's beams together), the cross KV's
+        rows are windows."""
 
         def __init__(self, model):
             super().__init__()
@@ -77,6 +79,15 @@ def _modules():
             if mask is not None:
                 scores = scores + mask
             return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+        def attend_windows(self, q, k_transposed, v):
+            """Cross attention where rows = windows x beams and the cross KV has a row per window:
+            a window's beams are one query block against its keys, which are read once for them
+            all (beam search would otherwise copy and read each window's cross KV once a beam)."""
+            windows, heads, new, head_dim = k_transposed.shape[0], q.shape[1], q.shape[2], q.shape[3]
+            grouped = q.reshape(windows, -1, heads, new, head_dim).transpose(1, 2).reshape(windows, heads, -1, head_dim)
+            out = self.attend(grouped, k_transposed, v, None)
+            return out.reshape(windows, heads, -1, new, head_dim).transpose(1, 2).reshape(-1, heads, new, head_dim)
 
         def split(self, x):
             batch, length, _ = x.shape
@@ -113,7 +124,7 @@ def _modules():
                 x = layer.encoder_attn_layer_norm(hidden)
                 cross = layer.encoder_attn
                 q = self.split(cross.q_proj(x))
-                hidden = residual + cross.out_proj(self.merge(self.attend(q, cross_keys[i], cross_values[i], None)))
+                hidden = residual + cross.out_proj(self.merge(self.attend_windows(q, cross_keys[i], cross_values[i])))
                 residual = hidden
                 x = layer.final_layer_norm(hidden)
                 hidden = residual + layer.fc2(layer.activation_fn(layer.fc1(x)))
@@ -148,6 +159,9 @@ class DecodeSettings:
     language_names: dict[str, str] = field(default_factory=dict)  # "french" -> "fr"
     max_initial_timestamp_index: int | None = None  # the first timestamp is at most this many 0.02 s steps
     prev_sot_token: int | None = None  # <|startofprev|>: before the previous text a long-form window is conditioned on
+    # the step graph's cross attention is per window: its rows are windows x beams, each window's
+    # beams attending to one cross KV row (read once for all of them); older builds: a row per beam
+    cross_kv_per_window: bool = False
 
     @property
     def timestamp_begin(self) -> int | None:
@@ -711,49 +725,49 @@ class WindowDecoder:
         ids = np.array([prompts[i][:shortest] for i in rows], dtype=np.int64)
         past = self._empty_past(count)
         position = {row: j for j, row in enumerate(rows)}
-        # the cross KV of every live beam (a copy of its window's), and the window of each of its rows
-        beam_cross, layout = cross, list(rows)
+        # Graphs whose cross attention is per window (`cross_kv_per_window`): every window has
+        # `group` rows (its live beams, then copies of its first beam that are not read), and the
+        # cross KV keeps one row per window, which all its rows attend to. Older graphs: one cross
+        # KV row per live beam (a copy of its window's), and the window of each of its rows.
+        share = self.settings.cross_kv_per_window
+        beam_cross, layout, owned = cross, list(rows), False
+        group = 1
         while windows:
-            owners = [w.row for w in windows for _ in w.live]
-            if layout != owners:
-                beam_cross, layout = taken(cross, [position[row] for row in owners]), owners
+            if share:
+                starts_now = [k * group for k in range(len(windows))]
+            else:
+                owners = [w.row for w in windows for _ in w.live]
+                if layout != owners:
+                    beam_cross, layout = taken(cross, [position[row] for row in owners]), owners
+                starts_now = list(np.cumsum([0] + [len(w.live) for w in windows[:-1]]))
             sizes = {len(w.live) for w in windows}
             logits, past = self._run(ids, past, beam_cross)
             logprobs = log_softmax32(logits)  # the processors mask log-probabilities (float32, as transformers)
-            start, opening, going = (
-                0,
-                list[int](),
-                list[int](),
-            )  # rows choosing their window's first token, and later ones
-            for window in windows:
+            opening, going = list[int](), list[int]()  # rows choosing their window's first token, and later ones
+            for window, start in zip(windows, starts_now):
                 self.steps_per_window[window.row] += len(window.live)
                 if not window.in_prompt:
                     first = not window.live[0][1]
                     (opening if first else going).extend(range(start, start + len(window.live)))
-                start += len(window.live)
             logprobs[np.array(opening, dtype=np.int64)[:, None], self.begin_suppress_ids] = -np.inf
             logprobs[np.array(going, dtype=np.int64)[:, None], self.suppress_ids] = -np.inf
-            start = 0
-            for window in windows:
+            for window, start in zip(windows, starts_now):
                 if options[window.row].timestamps and not window.in_prompt:
                     for b, (_, tokens) in enumerate(window.live):
                         self.apply_timestamp_rules(logprobs[start + b], tokens, not tokens)
-                start += len(window.live)
             # each beam's best 2 x beams tokens (unordered): a window's best candidates are among its beams'
             widest = 2 * max(w.width for w in windows)
-            best_tokens = np.argpartition(logprobs, -widest, axis=1)[:, -widest:]
+            best_tokens = top_indices(logprobs, widest)
             vocab = logprobs.shape[1]
             still, starts = [], []  # the windows that go on, and where their rows were in this step
             chosen: dict[int, tuple[list[int], list[int]]] = {}  # window -> (its beams' parent rows, next ids)
-            start = 0
-            for window in windows:
+            for window, start in zip(windows, starts_now):
                 beams = len(window.live)
                 if window.in_prompt:  # one beam, fed its next prompt token
                     chosen[window.row] = ([start], [window.prompt[window.fed]])
                     window.fed += 1
                     still.append(window)
                     starts.append(start)
-                    start += beams
                     continue
                 sums = np.array([s for s, _ in window.live], dtype=np.float32)
                 tokens_of = best_tokens[start : start + beams]
@@ -784,9 +798,23 @@ class WindowDecoder:
                     chosen[window.row] = ([start + beam for _, beam, _, _ in running], [t for _, _, t, _ in running])
                 else:
                     self._finish_beams(window.row, window.finished, window.live, results)
-                start += beams
             if not still:
                 return
+            if share:
+                if len(still) < len(windows):  # finished windows' cross KV rows leave (in place once owned)
+                    keep = np.isin([w.row for w in windows], [w.row for w in still])
+                    beam_cross = compacted(beam_cross, keep) if owned else taken(beam_cross, keep)
+                    owned = True
+                group = max(len(chosen[w.row][0]) for w in still)
+                parents, next_ids = [], []
+                for w in still:  # padded to `group` rows with copies of the window's first beam
+                    mine, tokens = chosen[w.row]
+                    parents += mine + mine[:1] * (group - len(mine))
+                    next_ids += tokens + tokens[:1] * (group - len(tokens))
+                windows = still
+                past = taken(past, np.array(parents))
+                ids = np.array(next_ids, dtype=np.int64)[:, None]
+                continue
             size = len(still[0].live)
             if (
                 len(still) < len(windows)
@@ -959,6 +987,31 @@ def segments(
         found.append((offset_s + (start or 0.0), offset_s + duration_s, text))
     end_s = offset_s + duration_s  # a predicted time past the window's audio is its end
     return [(min(start, end_s), min(end, end_s), text) for start, end, text in found]
+
+
+def top_indices(scores: np.ndarray, k: int, block: int = 64) -> np.ndarray:
+    """Each row's k largest scores' indices (unordered; ties broken arbitrarily), as
+    `np.argpartition(scores, -k)[:, -k:]` gives them, at a fraction of its cost on wide rows: the
+    k-th largest of the rows' block maxima bounds the k-th largest score from below, and few
+    scores reach it."""
+    rows, width = scores.shape
+    whole = width // block * block
+    if whole // block < k:
+        return np.argpartition(scores, -k, axis=1)[:, -k:]
+    maxima = scores[:, :whole].reshape(rows, -1, block).max(axis=2)
+    bound = np.partition(maxima, -k, axis=1)[:, -k]
+    row_of, column = np.nonzero(scores >= bound[:, None])  # at least k a row: the blocks' maxima reach it
+    counts = np.bincount(row_of, minlength=rows)
+    if (counts == k).all():
+        return column.reshape(rows, k)
+    chosen = np.empty((rows, k), dtype=np.int64)
+    ends = np.cumsum(counts)
+    for row, (end, count) in enumerate(zip(ends, counts)):
+        candidates = column[end - count : end]
+        if count > k:
+            candidates = candidates[np.argpartition(scores[row, candidates], -k)[-k:]]
+        chosen[row] = candidates
+    return chosen
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

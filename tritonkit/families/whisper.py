@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -193,12 +193,14 @@ class WhisperSpec(FamilySpec):
         present_names = [*layer_names(PRESENT_KEYS, layers), *layer_names(PRESENT_VALUES, layers)]
         step_samples = []
         with torch.no_grad():
-            for batch, prompt, past in ((2, 2, 0), (3, 1, 3), (1, 1, 5)):
-                hidden = torch.randn((batch, c.max_source_positions, c.d_model), generator=g)
+            # (windows, beams a window, prompt tokens, cached tokens): rows are windows x beams
+            for windows, beams, prompt, past in ((2, 1, 2, 0), (3, 1, 1, 3), (1, 1, 1, 5), (2, 3, 1, 4)):
+                hidden = torch.randn((windows, c.max_source_positions, c.d_model), generator=g)
+                rows = windows * beams
                 step_samples.append(
                     {
-                        INPUT_IDS: torch.randint(0, c.vocab_size, (batch, prompt), generator=g),
-                        **{n: torch.randn((batch, heads, past, head_dim), generator=g) for n in past_names},
+                        INPUT_IDS: torch.randint(0, c.vocab_size, (rows, prompt), generator=g),
+                        **{n: torch.randn((rows, heads, past, head_dim), generator=g) for n in past_names},
                         **dict(zip(cross_names, cross(hidden))),
                         "_hidden": hidden,
                     }
@@ -229,6 +231,7 @@ class WhisperSpec(FamilySpec):
                 (t[LOGITS], *(t[n] for n in present_names)),
                 step_samples,
                 self.tolerance("decoder_step"),
+                first_axis=dict.fromkeys(cross_names, "windows"),  # rows are windows x beams
             ),
         ]
 
@@ -397,7 +400,10 @@ class WhisperSpec(FamilySpec):
     def decode_settings(self, loaded: LoadedWhisper):
         from tritonkit.whisper_decoding import DecodeSettings
 
-        return DecodeSettings.from_generation_config(loaded.model.generation_config, loaded.config.max_target_positions)
+        settings = DecodeSettings.from_generation_config(
+            loaded.model.generation_config, loaded.config.max_target_positions
+        )
+        return replace(settings, cross_kv_per_window=True)  # DecoderStep's cross attention
 
     def pipelines(
         self, loaded: LoadedWhisper, onnx_files: Mapping[str, Path], options: BuildOptions = BuildOptions()
