@@ -37,18 +37,21 @@ def export_cache_dir(tmp_path_factory):
 T = TypeVar("T")
 
 
-def runs_until_batched(client, model: str, run: Callable[[], T], attempts: int = 3) -> tuple[list[T], dict[int, int]]:
+def runs_until_batched(
+    client, model: str, run: Callable[[], T], attempts: int = 3, rows: int = 1
+) -> tuple[list[T], dict[int, int]]:
     """Every result of `run()` (concurrent requests), repeated until Triton's statistics show `model`
     executed a batch of more than one during a run, and the batch sizes it formed then ({} if none did).
     Whether requests in flight together share a batch is up to timing on a loaded machine; the
-    results must hold in every run, batched or not."""
+    results must hold in every run, batched or not. `rows`: how many batch rows a run sends `model`,
+    waited for in its statistics before a run is judged."""
     from tritonkit.client import executed_batch_sizes
 
     results = []
     for _ in range(attempts):
         before = executed_batch_sizes(client.statistics(model), model)
         results.append(run())
-        formed = executions_since(client, model, before)
+        formed = executions_since(client, model, before, rows)
         if any(size > 1 for size in formed):
             return results, formed
     return results, {}
@@ -57,8 +60,8 @@ def runs_until_batched(client, model: str, run: Callable[[], T], attempts: int =
 def executions_since(
     client, model: str, before: dict[int, int], at_least: int = 1, timeout: float = 10
 ) -> dict[int, int]:
-    """Batch size -> executions of `model` since `before` (its executed_batch_sizes), once there are
-    `at_least`. A model that answers through its response sender (Whisper's decoder) has its
+    """Batch size -> executions of `model` since `before` (its executed_batch_sizes), once they hold
+    `at_least` rows. A model that answers through its response sender (Whisper's decoder) has its
     statistics recorded after the answer, so they are polled for."""
     import time
 
@@ -68,7 +71,7 @@ def executions_since(
     while True:
         after = executed_batch_sizes(client.statistics(model), model)
         formed = {size: count - before.get(size, 0) for size, count in after.items() if count > before.get(size, 0)}
-        if sum(formed.values()) >= at_least or time.monotonic() > deadline:
+        if sum(size * count for size, count in formed.items()) >= at_least or time.monotonic() > deadline:
             return formed
         time.sleep(0.05)
 

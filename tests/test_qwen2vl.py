@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import encode_image, random_image, start_server
-from tests.test_llava import executed_batches, metric
+from tests.conftest import encode_image, random_image, runs_until_batched, start_server
+from tests.test_llava import metric
 from tritonkit.build import build
 from tritonkit.client import TritonkitClient, pack_byte_rows
 from tritonkit.errors import InferenceError
@@ -120,13 +120,15 @@ def test_concurrent_requests_of_mixed_sizes_decode_together_with_the_same_answer
 
     with TritonkitClient(server.grpc_url) as client:
         alone = [ask(case) for case in cases]
-        before = executed_batches(client, f"{family}_decoder")
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            together = list(pool.map(ask, cases))
-        after = executed_batches(client, f"{family}_decoder")
-    assert together == alone
-    grown = {size: after.get(size, 0) - before.get(size, 0) for size in after}
-    assert any(size > 1 and count > 0 for size, count in grown.items()), grown
+
+        def together():
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                return list(pool.map(ask, cases))
+
+        runs, batched = runs_until_batched(client, f"{family}_decoder", together, rows=len(cases))
+    for run in runs:
+        assert run == alone
+    assert batched, "no run formed a decoder batch of more than one"
 
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(qwen):

@@ -73,23 +73,23 @@ def test_ensemble_transcribes_speech_with_the_tokens_of_transformers(whisper_ser
 
 @pytest.mark.server
 def test_ensemble_batches_concurrent_requests_with_identical_results(whisper_server, speech_files):
-    with TritonkitClient(whisper_server.grpc_url) as client:
-        single = [client.infer("whisper", {"AUDIO": pack_byte_rows([d])}) for d in speech_files]
-        before = executed_batch_sizes(client.statistics("whisper_decoder"), "whisper_decoder")
-
     def call(data):
         with TritonkitClient(whisper_server.grpc_url) as c:
             return c.infer("whisper", {"AUDIO": pack_byte_rows([data])})
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        concurrent = list(pool.map(call, speech_files * 2))
-    for i, result in enumerate(concurrent):
-        want = single[i % len(single)]
-        assert result["TEXT"][0, 0] == want["TEXT"][0, 0]
-        assert served_tokens(result) == served_tokens(want)
+    def concurrently():
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(call, speech_files * 2))
+
     with TritonkitClient(whisper_server.grpc_url) as client:
-        after = executed_batch_sizes(client.statistics("whisper_decoder"), "whisper_decoder")
-    assert any(size > 1 and after[size] > before.get(size, 0) for size in after), after
+        single = [client.infer("whisper", {"AUDIO": pack_byte_rows([d])}) for d in speech_files]
+        runs, batched = runs_until_batched(client, "whisper_decoder", concurrently, rows=len(speech_files) * 2)
+    for concurrent in runs:
+        for i, result in enumerate(concurrent):
+            want = single[i % len(single)]
+            assert result["TEXT"][0, 0] == want["TEXT"][0, 0]
+            assert served_tokens(result) == served_tokens(want)
+    assert batched, "no run formed a decoder batch of more than one"
 
 
 @pytest.mark.server
@@ -444,7 +444,10 @@ def test_seeded_sampling_is_reproducible_alone_and_inside_batches(whisper_server
         greedy = client.transcribe(files, concurrency=1)
         other_seed = client.transcribe(files, temperature=0.8, seed=8, concurrency=1)
         runs, batched = runs_until_batched(
-            client, "whisper_decoder", lambda: client.transcribe(files * 3, temperature=0.8, seed=7, concurrency=9)
+            client,
+            "whisper_decoder",
+            lambda: client.transcribe(files * 3, temperature=0.8, seed=7, concurrency=9),
+            rows=len(files) * 3,
         )
         with pytest.raises(InferenceError, match=r"TEMPERATURE: must be between 0 \(greedy\) and 1, got 1\.5"):
             client.transcribe(files[:1], temperature=1.5)
@@ -573,7 +576,10 @@ def test_beam_search_is_transformers_num_beams_5_alone_and_in_batches(whisper_se
     with TritonkitClient(whisper_server.grpc_url) as client:
         alone = [client.transcribe([f], beam_size=5)[0] for f in files]
         runs, batched = runs_until_batched(
-            client, "whisper_decoder", lambda: client.transcribe(files * 2, beam_size=5, concurrency=6)
+            client,
+            "whisper_decoder",
+            lambda: client.transcribe(files * 2, beam_size=5, concurrency=6),
+            rows=len(files) * 2,
         )
         greedy = client.transcribe(files, concurrency=3)
         stamped = client.transcribe(files[1:2], beam_size=5, timestamps=True)[0]
