@@ -602,12 +602,13 @@ def long_clip(speech_files, order, gap_s: float, tail_silence_s: float = 0.0) ->
     return np.concatenate(pieces)
 
 
-def long_form_reference(loaded, samples: np.ndarray, condition: bool) -> list[int]:
-    """transformers' long-form `generate` (timestamps, the whole file's features): its tokens."""
+def long_form_reference(loaded, data: bytes, condition: bool, **options) -> list[int]:
+    """transformers' long-form `generate` (timestamps, the whole file's features) on the samples the
+    server decodes from `data` (a WAV file holds 16-bit samples, not the float clip): its tokens."""
     import torch
 
     f = loaded.processor(
-        samples,
+        decode_audio(data, AudioRecipe()),
         sampling_rate=SAMPLE_RATE,
         return_tensors="pt",
         truncation=False,
@@ -620,6 +621,7 @@ def long_form_reference(loaded, samples: np.ndarray, condition: bool) -> list[in
             attention_mask=f["attention_mask"],
             return_timestamps=True,
             condition_on_prev_tokens=condition,
+            **options,
         )
     config = loaded.model.generation_config
     return [t for t in out[0].tolist() if t not in (config.eos_token_id, config.pad_token_id)]
@@ -656,8 +658,8 @@ def test_long_form_is_openais_sequential_algorithm_as_transformers_runs_it(
             served[condition] = [transcript(result, row) for row in range(2)]
         after = executed_batch_sizes(client.statistics("whisper_encoder"), "whisper_encoder")
     for condition, transcripts in served.items():
-        for samples, result in zip(clips, transcripts):
-            assert list(result.tokens) == long_form_reference(loaded, samples, condition), condition
+        for data, samples, result in zip(files, clips, transcripts):
+            assert list(result.tokens) == long_form_reference(loaded, data, condition), condition
             starts = [s.start for s in result.segments]
             assert starts == sorted(starts) and result.segments[-1].end <= len(samples) / SAMPLE_RATE + 0.02
     assert served[True][0].tokens != served[False][0].tokens  # conditioning changed the later windows
