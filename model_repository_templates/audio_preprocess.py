@@ -7,7 +7,8 @@ came from, and `DECODE_OPTIONS` carries the row's options (optional inputs LANGU
 MAX_NEW_TOKENS, TIMESTAMPS, PROMPT, TEMPERATURE, FALLBACK, SEED, VAD_FILTER, BEAM_SIZE, LENGTH_PENALTY,
 PATIENCE) and the window's place in its file, checked here so a bad option fails before any encoder work. Parameters: `recipe`
 (JSON of `tritonkit.preprocessing.audio.AudioRecipe`) and `decode_settings` (JSON of
-`tritonkit.whisper_decoding.DecodeSettings`); the mel filters are `mel_filters.npy`. With
+`tritonkit.whisper_decoding.DecodeSettings`); the mel filters are `mel_filters.npy`. With the recipe's padding "features" and DALI, WINDOW_FRAMES
+tells the log-mel stage how many frames of each window hold audio. With
 VAD_FILTER, the file's speech (found by the `vad_model` parameter's model, called through BLS) is
 decoded instead of the whole file, and each window carries the map back to the file's timeline.
 """
@@ -22,6 +23,7 @@ from tritonkit.preprocessing.audio import (
     SAMPLE_RATE,
     WINDOW_SAMPLES,
     AudioRecipe,
+    content_frames,
     decode_audio,
     log_mel,
     log_mel_whole,
@@ -41,7 +43,8 @@ class TritonPythonModel(BatchedModel):
         self.mel_filters = np.load(self.version_dir / "mel_filters.npy")
         self.audio_input = self.input_names[0]  # then the options of OPTION_INPUTS this build has
         self.windows_output, self.row_output, self.options_output, *rest = self.output_dtypes
-        self.features_output = rest[0] if rest else None  # FILE_FEATURES: long-form files' whole features
+        self.features_output = "FILE_FEATURES" if "FILE_FEATURES" in rest else None  # long-form files' whole features
+        self.frames_output = "WINDOW_FRAMES" if "WINDOW_FRAMES" in rest else None
         self.emit_features = self.windows_output == "INPUT_FEATURES"
         self.max_windows = int(self.model_config["max_batch_size"])
         self.vad_model = self.parameters.get("vad_model")  # absent: built without faster-whisper's Silero VAD
@@ -126,12 +129,14 @@ class TritonPythonModel(BatchedModel):
                 reason="too_long",
             )
         prepared = {
-            self.windows_output: log_mel(windows, self.mel_filters)
+            self.windows_output: log_mel(windows, self.mel_filters, self.recipe.padding)
             if self.emit_features
             else np.stack([pad_window(w) for w in windows]),
             self.row_output: np.array(owners, dtype=np.int32)[:, None],
             self.options_output: np.array(options, dtype=object)[:, None],
         }
+        if self.frames_output:
+            prepared[self.frames_output] = np.array([[content_frames(w)] for w in windows], dtype=np.int32)
         if self.features_output:
             whole = np.empty(len(windows), dtype=object)  # ragged until this request's response
             whole[:] = file_features

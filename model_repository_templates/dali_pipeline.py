@@ -8,7 +8,7 @@ Parameters: `num_threads` (DALI CPU threads), `rows_per_run` (the pipeline's bat
 in slices of that many rows, which bounds DALI's per-sample buffers; default the max batch size), `image_recipe` (optional JSON of
 `tritonkit.preprocessing.image.ImageRecipe`: checks each encoded image first, so size limits,
 formats and bombs fail per request with a message), `warmup` (optional JSON {input: largest
-shape}: one run of zeros at load, so the pipeline's buffers are at their largest from the start
+shape}: one run of zeros of each input's type at load, so the pipeline's buffers are at their largest from the start
 instead of growing over hours as ever longer inputs arrive). A row DALI cannot decode fails its
 request alone: the batch is rerun without it.
 """
@@ -17,6 +17,7 @@ import json
 
 import numpy as np
 
+from tritonkit.dtypes import numpy_dtype
 from tritonkit.errors import InputError
 from tritonkit.preprocessing.dali import DaliRunner, RowFailed
 from tritonkit.preprocessing.image import ImageRecipe, checked_image_bytes
@@ -38,7 +39,8 @@ class TritonPythonModel(BatchedModel):
         warmup = json.loads(self.parameters.get("warmup") or "{}")
         if warmup:
             rows = self.runner.max_batch_size
-            self.runner.run({name: [np.zeros(shape, np.float32)] * rows for name, shape in warmup.items()})
+            dtypes = {i["name"]: numpy_dtype(i["data_type"]) for i in self.model_config["input"]}
+            self.runner.run({name: [np.zeros(shape, dtypes[name])] * rows for name, shape in warmup.items()})
 
     def prepare(self, inputs):
         if self.image_recipe is None:

@@ -4,6 +4,8 @@ and 8), transformers `generate` (batch 1 and 8), and faster-whisper on the same 
 (concurrency 1, and its batched pipeline at batch 8). Then faster-whisper with its own defaults
 (beam 5, VAD, timestamps, temperature fallback; concurrency 1 and 8, and its batched pipeline)
 beside the served ensemble with the same settings (BEAM_SIZE 5, VAD_FILTER, TIMESTAMPS, FALLBACK).
+Both served configurations also run from a build with `--audio-padding features` (faster-whisper's
+log-mel padding; the default pads the audio as OpenAI and transformers do).
 With `--engines onnxruntime,openvino` (the default) the OpenVINO builds (FP32, and INT8 as
 `--precision int8` picks it) are served greedily beside them. Reports audio-seconds per wall
 second and WER.
@@ -167,6 +169,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-whisper-"))
     model_dir = convert_ct2_whisper(bundled_tiny_en(), work / "tiny.en")
     build("whisper", str(model_dir), work / "repo")
+    build("whisper", str(model_dir), work / "repo-features", options=BuildOptions(audio_padding="features"))
     openvino_builds = {}
     if "openvino" in args.engines.split(","):
         for precision in ("fp32", "int8"):
@@ -209,6 +212,16 @@ def main() -> None:
         for concurrency in (1, 8):
             texts, seconds = bench_served(server.grpc_url, clips, concurrency, FASTER_WHISPER_DEFAULTS)
             record("tritonkit, beam 5 + VAD", f"concurrency {concurrency}", texts, seconds)
+    server = TritonServer(work / "repo-features", grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    with server:  # --audio-padding features: the encoder sees what faster-whisper gives it
+        bench_served(server.grpc_url, clips[:2], 2)  # warm-up
+        bench_served(server.grpc_url, clips[:2], 2, FASTER_WHISPER_DEFAULTS)
+        for concurrency in (1, 8):
+            texts, seconds = bench_served(server.grpc_url, clips, concurrency)
+            record("tritonkit, feature padding", f"concurrency {concurrency}", texts, seconds)
+        for concurrency in (1, 8):
+            texts, seconds = bench_served(server.grpc_url, clips, concurrency, FASTER_WHISPER_DEFAULTS)
+            record("tritonkit, feature padding, beam 5 + VAD", f"concurrency {concurrency}", texts, seconds)
     for label, repository in openvino_builds.items():
         server = TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
         with server:
@@ -255,6 +268,7 @@ def write_markdown(path: Path, result: dict) -> None:
     )
     comparisons = (
         ("Greedy", "faster-whisper (fp32)", "tritonkit ensemble"),
+        ("Greedy, `--audio-padding features`", "faster-whisper (fp32)", "tritonkit, feature padding"),
         *(
             (f"Greedy, {system.removeprefix('tritonkit ')}", "faster-whisper (fp32)", system)
             for system in dict.fromkeys(r["system"] for r in result["rows"])
@@ -264,6 +278,11 @@ def write_markdown(path: Path, result: dict) -> None:
             "faster-whisper's defaults (beam 5, VAD, timestamps, fallback)",
             "faster-whisper defaults",
             "tritonkit, beam 5 + VAD",
+        ),
+        (
+            "faster-whisper's defaults, `--audio-padding features`",
+            "faster-whisper defaults",
+            "tritonkit, feature padding, beam 5 + VAD",
         ),
     )
     for label, theirs, mine in comparisons:

@@ -55,7 +55,7 @@ def main() -> None:
         ]
         result["faster_whisper_wer"][name] = round(wer(references, texts), 4)
     theirs, ours = FeatureExtractor(feature_size=80), WhisperFeatureExtractor(feature_size=80)
-    speech, padding = [], []
+    speech, padding, fw_features, hf_features = [], [], [], []
     for a in samples:
         fw = theirs(a, padding=160)
         fw = np.pad(fw, ((0, 0), (0, max(0, FRAMES - fw.shape[1]))))[:, :FRAMES]  # as faster-whisper pads segments
@@ -63,9 +63,31 @@ def main() -> None:
         n = len(a) // HOP
         speech.append(float(np.abs(fw[:, :n] - hf[:, :n]).max()))
         padding.append(float(np.abs(fw[:, n + 1 :] - hf[:, n + 1 :]).mean()))
+        fw_features.append(fw)
+        hf_features.append(hf)
     result["log_mel_max_abs_diff_speech_frames"] = max(speech)
     result["log_mel_mean_abs_diff_padding_frames"] = float(np.mean(padding))
+    result["transformers_wer"] = transformers_wer(references, {"own": hf_features, "faster-whisper's": fw_features})
     print(json.dumps(result, indent=2))
+
+
+def transformers_wer(references: list[str], features: dict[str, list[np.ndarray]]) -> dict[str, float]:
+    """transformers greedy `generate` on each feature set: does the padding alone explain the gap?"""
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from tritonkit.convert_ct2 import convert_ct2_whisper
+
+    converted = Path(tempfile.mkdtemp(prefix="whisper-gap-hf-")) / "tiny.en"
+    convert_ct2_whisper(bundled_tiny_en(), converted)
+    model = WhisperForConditionalGeneration.from_pretrained(converted).eval()
+    processor = WhisperProcessor.from_pretrained(converted)
+    result = {}
+    for name, rows in features.items():
+        with torch.no_grad():
+            tokens = model.generate(torch.from_numpy(np.stack(rows)))
+        result[name] = round(wer(references, processor.batch_decode(tokens, skip_special_tokens=True)), 4)
+    return result
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import executions_since, runs_until_batched
+from tests.conftest import executions_since, runs_until_batched, start_server
+from tritonkit.build import build
 from tritonkit.client import TritonkitClient, executed_batch_sizes, pack_byte_rows, transcript
 from tritonkit.errors import InferenceError
 from tritonkit.metrics import wer
@@ -173,6 +174,69 @@ def test_numpy_log_mel_matches_whisper_feature_extractor_when_input_is(case, whi
     reference = extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]
     # numpy float64 FFT vs torch's float32 STFT: differences stay at float32 rounding of log10.
     assert np.abs(ours - reference).max() < 2e-4
+
+
+def faster_whisper_features(samples: np.ndarray, n_mels: int = 80) -> np.ndarray:
+    """What faster-whisper's `transcribe` gives the encoder for a clip of <= 30 s: the log-mel of
+    the audio padded by one hop, zero frames up to 3000."""
+    from faster_whisper.feature_extractor import FeatureExtractor
+
+    from tritonkit.preprocessing.audio import FRAMES
+
+    features = FeatureExtractor(feature_size=n_mels)(samples, padding=160)
+    return np.pad(features, ((0, 0), (0, max(0, FRAMES - features.shape[1]))))[:, :FRAMES]
+
+
+@pytest.mark.parametrize("case", [*AUDIO_CASES, "exactly 30 s"])
+def test_feature_padding_matches_faster_whisper_in_numpy_and_dali(case, speech_files):
+    from tritonkit.preprocessing.audio import log_mel
+    from tritonkit.preprocessing.dali import log_mel_features
+
+    if case == "exactly 30 s":
+        speech = decode_audio(speech_files[0], AudioRecipe())
+        samples = np.resize(speech, 30 * SAMPLE_RATE)
+    else:
+        samples = audio_case(case, speech_files)
+    want = faster_whisper_features(samples)
+    from transformers import WhisperFeatureExtractor
+
+    filters = WhisperFeatureExtractor(feature_size=80).mel_filters
+    assert np.abs(log_mel([samples], filters, "features")[0] - want).max() < 2e-4
+    assert np.abs(log_mel_features(80, [samples], "features")[0] - want).max() < 2e-4
+    assert np.abs(log_mel([samples], filters)[0] - want).max() > 0.1 or len(samples) >= 30 * SAMPLE_RATE
+
+
+@pytest.fixture(scope="module")
+def feature_padded_whisper_server(whisper_dir, tmp_path_factory):
+    from tritonkit.families.base import BuildOptions
+
+    out = tmp_path_factory.mktemp("whisper_feature_padding") / "model_repository"
+    build("whisper", str(whisper_dir), out, options=BuildOptions(audio_padding="features"))
+    server = start_server(out)
+    yield server
+    server.stop()
+
+
+@pytest.mark.server
+def test_feature_padding_decodes_what_transformers_decodes_from_faster_whispers_features(
+    feature_padded_whisper_server, whisper_loaded, speech_files
+):
+    """`--audio-padding features` (DALI log-mel): the served tokens, greedy and with 5 beams, equal
+    transformers `generate` on the features faster-whisper computes."""
+    import torch
+
+    _, loaded = whisper_loaded
+    files = speech_files[:4]
+    with TritonkitClient(feature_padded_whisper_server.grpc_url) as client:
+        for beams in (1, 5):
+            served = client.transcribe(files, beam_size=beams, concurrency=4)
+            for data, result in zip(files, served):
+                features = torch.from_numpy(faster_whisper_features(decode_audio(data, AudioRecipe()))[None])
+                with torch.no_grad():
+                    want = loaded.model.generate(features, num_beams=beams)[0].tolist()
+                assert list(result.tokens) == [t for t in want if t != loaded.model.generation_config.eos_token_id], (
+                    beams
+                )
 
 
 @pytest.mark.server

@@ -125,6 +125,13 @@ def build(
         ),
     ] = None,
     max_audio_seconds: Annotated[float | None, typer.Option(help="Longest accepted audio file (default 600).")] = None,
+    audio_padding: Annotated[
+        str | None,
+        typer.Option(
+            help="Whisper: audio (pad with silence to 30 s, then log-mel: OpenAI and transformers, the default) or "
+            "features (zero frames after the log-mel: faster-whisper; lower WER in docs/BENCHMARKS.md)."
+        ),
+    ] = None,
     dali_threads: Annotated[int, typer.Option(help="CPU threads of each DALI pipeline.")] = 1,
     engine: Annotated[
         str,
@@ -193,6 +200,7 @@ def build(
         preprocessing=preprocessing,
         image={k: v for k, v in image_options.items() if v is not None},
         max_audio_seconds=max_audio_seconds,
+        audio_padding=audio_padding,
         max_request_bytes=max_request_bytes,
         max_prompt_bytes=max_prompt_bytes,
         dali_threads=dali_threads,

@@ -43,7 +43,14 @@ def _json_parameter(config, key: str) -> str:
 
 
 def _run_step(model_dir: Path, config, tensors: dict) -> dict[str, Any]:
-    from tritonkit.preprocessing.audio import AudioRecipe, decode_audio, log_mel, pad_window, split_windows
+    from tritonkit.preprocessing.audio import (
+        AudioRecipe,
+        content_frames,
+        decode_audio,
+        log_mel,
+        pad_window,
+        split_windows,
+    )
     from tritonkit.preprocessing.image import ImageRecipe, checked_image_bytes, image_bytes_to_pixels
 
     template = parameter(config, TEMPLATE_PARAMETER)
@@ -69,8 +76,11 @@ def _run_step(model_dir: Path, config, tensors: dict) -> dict[str, Any]:
         windows = [w for data in tensors[inputs[0]] for w in split_windows(decode_audio(data, recipe), recipe)]
         if outputs[0] == "INPUT_FEATURES":
             mel_filters = np.load(model_dir / VERSION / "mel_filters.npy")
-            return {outputs[0]: log_mel(windows, mel_filters)}
-        return {outputs[0]: np.stack([pad_window(w) for w in windows])}
+            return {outputs[0]: log_mel(windows, mel_filters, recipe.padding)}
+        prepared = {outputs[0]: np.stack([pad_window(w) for w in windows])}
+        if "WINDOW_FRAMES" in outputs:
+            prepared["WINDOW_FRAMES"] = np.array([[content_frames(w)] for w in windows], dtype=np.int32)
+        return prepared
     return {}
 
 

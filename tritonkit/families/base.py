@@ -134,6 +134,7 @@ class BuildOptions:
     preprocessing: str = "dali"
     image: Mapping[str, Any] = field(default_factory=dict)  # ImageRecipe options: resize_mode, formats, ...
     max_audio_seconds: float | None = None
+    audio_padding: str | None = None  # Whisper: "audio" (OpenAI, transformers) or "features" (faster-whisper)
     max_request_bytes: int | None = None  # all encoded inputs of one request; None: the family's default
     max_prompt_bytes: int | None = None  # one text prompt (chat), checked before tokenizing
     dali_threads: int = 1
@@ -356,7 +357,7 @@ def dali_stage(
 
     Target gpu: a DALI-backend model with GPU operators. Target cpu: the same graph with CPU
     operators, run by the `dali_pipeline` Python-backend template (which also checks images
-    per request when given `image_recipe`). `warmup`: float32 inputs of their largest shape, run
+    per request when given `image_recipe`). `warmup`: every input at its largest shape, run
     once at load (CPU), so DALI's buffers start at the size they would otherwise grow to."""
     serialized = dali_artefact(graph, batching.max_batch_size, options)
     parameters = {"num_threads": str(options.dali_threads)}

@@ -54,6 +54,7 @@ DECODED_LANGUAGE = "DECODED_LANGUAGE"  # the language given, or detected in the 
 INPUT_FEATURES = "INPUT_FEATURES"
 WINDOW_SAMPLES = "WINDOW_SAMPLES"  # one 30 s window of 16 kHz samples, zero-padded (DALI log-mel input)
 VAD_SAMPLES, SPEECH_PROBS = "VAD_SAMPLES", "SPEECH_PROBS"  # the preprocessing's call to the VAD model
+WINDOW_FRAMES = "WINDOW_FRAMES"  # padding "features": how many of a window's frames hold audio (DALI log-mel)
 FILE_FEATURES = "FILE_FEATURES"  # a long-form file's whole features (the decoder seeks through them)
 WINDOW_ROW = "WINDOW_ROW"  # which row of the request each 30 s window came from
 DECODE_OPTIONS = "DECODE_OPTIONS"  # each window's validated options (JSON of DecodeOptions)
@@ -167,6 +168,7 @@ class WhisperSpec(FamilySpec):
             INPUT_FEATURES: Tensor(INPUT_FEATURES, "float32", (c.num_mel_bins, frames)),
             WINDOW_SAMPLES: Tensor(WINDOW_SAMPLES, "float32", (WINDOW_SECONDS * SAMPLE_RATE,)),
             WINDOW_ROW: Tensor(WINDOW_ROW, "int32", (1,)),
+            WINDOW_FRAMES: Tensor(WINDOW_FRAMES, "int32", (1,)),
             ENCODER_HIDDEN: Tensor(ENCODER_HIDDEN, "float32", (c.max_source_positions, c.d_model)),
             **per_layer,
             INPUT_IDS: Tensor(INPUT_IDS, "int64", (-1,)),
@@ -422,8 +424,8 @@ class WhisperSpec(FamilySpec):
             return {"mel_filters.npy": folder / "mel_filters.npy"}
 
         recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
-        if options.max_audio_seconds is not None:
-            recipe = recipe.with_options(max_seconds=options.max_audio_seconds)
+        recipe = recipe.with_options(max_seconds=options.max_audio_seconds, padding=options.audio_padding)
+        counted = options.preprocessing == "dali" and recipe.padding == "features"  # the log-mel needs WINDOW_FRAMES
         settings = self.decode_settings(loaded).to_json()
         from tritonkit.whisper_decoding import OPTION_INPUTS
 
@@ -437,7 +439,8 @@ class WhisperSpec(FamilySpec):
                 role="audio_preprocess",
                 template="audio_preprocess",
                 inputs=(t[AUDIO], *request_options),
-                outputs=(windows, t[WINDOW_ROW], t[DECODE_OPTIONS], t[FILE_FEATURES]),
+                outputs=(windows, t[WINDOW_ROW], t[DECODE_OPTIONS], t[FILE_FEATURES])
+                + ((t[WINDOW_FRAMES],) if counted else ()),
                 batching=self.stage_batching("audio_preprocess"),
                 parameters={"recipe": recipe.to_json(), "decode_settings": settings},
                 artefacts=(Artefact("save the mel filter bank", save_mel_filters),),
@@ -448,12 +451,14 @@ class WhisperSpec(FamilySpec):
             stages.append(
                 dali_stage(
                     "log_mel",
-                    log_mel_graph(loaded.config.num_mel_bins, WINDOW_SAMPLES),
-                    (t[WINDOW_SAMPLES],),
+                    log_mel_graph(
+                        loaded.config.num_mel_bins, WINDOW_SAMPLES, recipe.padding, WINDOW_FRAMES if counted else None
+                    ),
+                    (t[WINDOW_SAMPLES],) + ((t[WINDOW_FRAMES],) if counted else ()),
                     (t[INPUT_FEATURES],),
                     self.stage_batching("log_mel"),
                     options,
-                    warmup={WINDOW_SAMPLES: (WINDOW_SAMPLES_COUNT,)},
+                    warmup={WINDOW_SAMPLES: (WINDOW_SAMPLES_COUNT,), **({WINDOW_FRAMES: (1,)} if counted else {})},
                 )
             )
         longest = loaded.config.max_target_positions

@@ -2,7 +2,10 @@
 
 The log-mel computation is WhisperFeatureExtractor's (pad to 30 s, periodic Hann STFT with
 n_fft 400 and hop 160, power spectrum, the model's own Slaney mel filters, log10, clamp at
-max - 8, (x + 4) / 4), vectorised over windows with numpy.
+max - 8, (x + 4) / 4), vectorised over windows with numpy. `AudioRecipe.padding` "features" pads
+as faster-whisper does instead: the log-mel of the audio alone (normalised over its own frames),
+then zero features up to 3000 frames; on short clips the encoder then sees what faster-whisper
+gives it (docs/BENCHMARKS.md: the WER difference between the two comes from this alone).
 
 Long audio is cut into windows of at most 30 s. Each cut is placed at the quietest 100 ms of the
 last `search_seconds` before the 30 s mark, so words are rarely split and the texts of the
@@ -25,6 +28,7 @@ HOP = 160
 WINDOW_SECONDS = 30
 WINDOW_SAMPLES = SAMPLE_RATE * WINDOW_SECONDS
 FRAMES = WINDOW_SAMPLES // HOP  # 3000
+PADDINGS = ("audio", "features")  # OpenAI's and transformers' / faster-whisper's
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class AudioRecipe:
     max_seconds: float = 600.0
     max_bytes: int = 200 * 1024 * 1024
     search_seconds: float = 5.0  # where to look for a quiet cut before each 30 s mark
+    padding: str = "audio"  # "audio": silence to 30 s, then log-mel; "features": zero frames after the log-mel
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -47,7 +52,15 @@ class AudioRecipe:
         recipe = dataclasses.replace(self, **{k: v for k, v in options.items() if v is not None})
         if recipe.max_seconds <= 0:
             raise InputError(f"the audio duration limit must be > 0 s, got {recipe.max_seconds}")
+        if recipe.padding not in PADDINGS:
+            raise InputError(f"--audio-padding {recipe.padding!r}: use one of {', '.join(PADDINGS)}")
         return recipe
+
+
+def content_frames(piece: np.ndarray) -> int:
+    """How many of a window's 3000 frames hold its audio when padding="features": faster-whisper
+    pads the audio by one hop and keeps len // hop frames of the STFT."""
+    return min((len(piece) + HOP) // HOP, FRAMES)
 
 
 def pad_window(piece: np.ndarray) -> np.ndarray:
@@ -126,15 +139,25 @@ def log_mel_whole(samples: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(((log_spec + 4.0) / 4.0).T, dtype=np.float32)
 
 
-def log_mel(windows: list[np.ndarray], mel_filters: np.ndarray) -> np.ndarray:
-    """Pieces of <= 30 s -> features [N, n_mels, 3000]. `mel_filters` is [n_freq=201, n_mels]."""
+def log_mel(windows: list[np.ndarray], mel_filters: np.ndarray, padding: str = "audio") -> np.ndarray:
+    """Pieces of <= 30 s -> features [N, n_mels, 3000]. `mel_filters` is [n_freq=201, n_mels].
+
+    padding="features": every window gets one hop of silence after its 30 s (faster-whisper pads
+    its audio by one hop), is normalised over its content frames only, and its other frames are 0."""
     padded = np.stack([pad_window(piece) for piece in windows])
+    if padding == "features":
+        padded = np.pad(padded, ((0, 0), (0, HOP)))
     # center=True with reflect padding, as torch.stft in the feature extractor
     padded = np.pad(padded, ((0, 0), (N_FFT // 2, N_FFT // 2)), mode="reflect")
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT, axis=1)[:, ::HOP]  # [N, 3001, 400]
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT, axis=1)[:, ::HOP][:, :FRAMES]  # [N, 3000, 400]
     spectrum = np.fft.rfft(frames * hann_window(), axis=-1)
-    power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)[:, :-1]  # drop the last frame
+    power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
     mel = power @ mel_filters.astype(np.float32)  # [N, 3000, n_mels]
     log_spec = np.log10(np.maximum(mel, 1e-10))
-    log_spec = np.maximum(log_spec, log_spec.max(axis=(1, 2), keepdims=True) - 8.0)
-    return np.ascontiguousarray(((log_spec + 4.0) / 4.0).transpose(0, 2, 1), dtype=np.float32)
+    if padding != "features":
+        log_spec = np.maximum(log_spec, log_spec.max(axis=(1, 2), keepdims=True) - 8.0)
+        return np.ascontiguousarray(((log_spec + 4.0) / 4.0).transpose(0, 2, 1), dtype=np.float32)
+    content = (np.arange(FRAMES)[None, :] < np.array([content_frames(w) for w in windows])[:, None])[:, :, None]
+    peak = np.where(content, log_spec, -np.inf).max(axis=(1, 2), keepdims=True)
+    features = np.where(content, (np.maximum(log_spec, peak - 8.0) + 4.0) / 4.0, 0.0)
+    return np.ascontiguousarray(features.transpose(0, 2, 1), dtype=np.float32)

@@ -128,16 +128,21 @@ def patches_graph(recipe, image_name: str, size_name: str) -> Graph:
     return graph
 
 
-def log_mel_graph(n_mels: int, input_name: str) -> Graph:
-    """Samples of one window (float32 [-1], 16 kHz, <= 30 s) -> Whisper features [n_mels, 3000]."""
+def log_mel_graph(n_mels: int, input_name: str, padding: str = "audio", frames_input: str | None = None) -> Graph:
+    """Samples of one window (float32 [-1], 16 kHz, <= 30 s) -> Whisper features [n_mels, 3000].
+
+    padding="features" (faster-whisper's, `tritonkit.preprocessing.audio.log_mel`): `frames_input`
+    (int32 [1]) gives each window's content frames; the log-mel is normalised over them and the
+    other frames are 0."""
 
     def graph(device: str):
         fn, math, types = _dali()
         samples = fn.external_source(name=input_name, dtype=types.FLOAT, ndim=1, device="cpu")
+        length = WINDOW_SAMPLES + (HOP if padding == "features" else 0)  # faster-whisper pads one hop
         if device == "gpu":
             samples = samples.gpu()
-        samples = fn.pad(samples, axes=[0], shape=[WINDOW_SAMPLES], fill_value=0.0)
-        samples = fn.slice(samples, 0, WINDOW_SAMPLES, axes=[0], out_of_bounds_policy="trim_to_shape")
+        samples = fn.pad(samples, axes=[0], shape=[length], fill_value=0.0)
+        samples = fn.slice(samples, 0, length, axes=[0], out_of_bounds_policy="trim_to_shape")
         power = fn.spectrogram(
             samples,
             nfft=N_FFT,
@@ -160,8 +165,15 @@ def log_mel_graph(n_mels: int, input_name: str) -> Graph:
         )
         mel = fn.slice(mel, 0, FRAMES, axes=[1])  # the STFT's last frame is dropped, as Whisper does
         log_spec = fn.to_decibels(mel, multiplier=1.0, reference=1.0, cutoff_db=-10.0)  # log10(max(x, 1e-10))
-        log_spec = math.max(log_spec, fn.reductions.max(log_spec) - 8.0)
-        return ((log_spec + 4.0) / 4.0,)
+        if padding != "features":
+            log_spec = math.max(log_spec, fn.reductions.max(log_spec) - 8.0)
+            return ((log_spec + 4.0) / 4.0,)
+        frames = fn.external_source(name=frames_input, dtype=types.INT32, ndim=1, device="cpu")
+        if device == "gpu":
+            frames = frames.gpu()
+        content = fn.cast(types.Constant(np.arange(FRAMES, dtype=np.int32)) < frames, dtype=types.FLOAT)
+        peak = fn.reductions.max(log_spec + (content - 1.0) * 100.0)  # log10 values are >= -10
+        return ((math.max(log_spec, peak - 8.0) + 4.0) / 4.0 * content,)
 
     return graph
 
@@ -297,11 +309,17 @@ def resized_image(recipe, limits: ImageRecipe, data: bytes) -> tuple[np.ndarray,
     return size, np.frombuffer(checked_image_bytes(data, limits), dtype=np.uint8)
 
 
-def log_mel_features(n_mels: int, windows: Sequence[np.ndarray]) -> np.ndarray:
+def log_mel_features(n_mels: int, windows: Sequence[np.ndarray], padding: str = "audio") -> np.ndarray:
     """What a CPU repository's DALI log-mel stage computes for 16 kHz windows: [N, n_mels, 3000]."""
+    from tritonkit.preprocessing.audio import content_frames
+
     batch = max(len(windows), 1)
-    runner = DaliRunner(serialize(log_mel_graph(n_mels, "WINDOW_SAMPLES"), "cpu", batch), batch)
-    results = runner.run({"WINDOW_SAMPLES": [np.ascontiguousarray(w, dtype=np.float32) for w in windows]})
+    frames_input = "WINDOW_FRAMES" if padding == "features" else None
+    runner = DaliRunner(serialize(log_mel_graph(n_mels, "WINDOW_SAMPLES", padding, frames_input), "cpu", batch), batch)
+    rows = {"WINDOW_SAMPLES": [np.ascontiguousarray(w, dtype=np.float32) for w in windows]}
+    if frames_input:
+        rows[frames_input] = [np.array([content_frames(w)], dtype=np.int32) for w in windows]
+    results = runner.run(rows)
     failed = [r for r in results if isinstance(r, RowFailed)]
     if failed:
         raise RuntimeError(f"DALI failed on a 16 kHz window: {failed[0]}")
