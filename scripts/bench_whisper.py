@@ -212,7 +212,9 @@ def main() -> None:
         for concurrency in (1, 8):
             texts, seconds = bench_served(server.grpc_url, clips, concurrency, FASTER_WHISPER_DEFAULTS)
             record("tritonkit, beam 5 + VAD", f"concurrency {concurrency}", texts, seconds)
-    server = TritonServer(work / "repo-features", grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    server = TritonServer(
+        work / "repo-features", grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()
+    )
     with server:  # --audio-padding features: the encoder sees what faster-whisper gives it
         bench_served(server.grpc_url, clips[:2], 2)  # warm-up
         bench_served(server.grpc_url, clips[:2], 2, FASTER_WHISPER_DEFAULTS)
