@@ -101,9 +101,13 @@ class TritonPythonModel(BatchedModel):
                 if not len(samples):  # no speech: one empty window, decoded to nothing
                     row_options[index] = replace(row_options[index], empty=True)
             row_options[index] = replace(row_options[index], **mapped)
-            if self.features_output and row_options[index].timestamps and len(samples) > WINDOW_SAMPLES:
-                # OpenAI's sequential long-form: the decoder seeks through the whole file's features
-                features = log_mel_whole(samples, self.mel_filters)
+            # OpenAI's sequential algorithm for files over 30 s (as transformers runs it), and with
+            # faster-whisper's padding for every file, as faster-whisper runs it: a short file's
+            # text after its last complete timestamp is decoded again from there
+            sequential = len(samples) > WINDOW_SAMPLES or (self.recipe.padding == "features" and len(samples) > 0)
+            if self.features_output and row_options[index].timestamps and sequential:
+                # the decoder seeks through the whole file's features
+                features = log_mel_whole(samples, self.mel_filters, self.recipe.padding)
                 row_options[index] = replace(row_options[index], long_form=True, total_frames=features.shape[1])
                 pieces = [samples[:WINDOW_SAMPLES]]
                 file_features.append(features)

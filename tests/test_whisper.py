@@ -178,12 +178,12 @@ def test_numpy_log_mel_matches_whisper_feature_extractor_when_input_is(case, whi
 
 def faster_whisper_features(samples: np.ndarray, n_mels: int = 80) -> np.ndarray:
     """What faster-whisper's `transcribe` gives the encoder for a clip of <= 30 s: the log-mel of
-    the audio padded by one hop, zero frames up to 3000."""
+    the audio padded by one hop but its last frame, zero frames up to 3000."""
     from faster_whisper.feature_extractor import FeatureExtractor
 
     from tritonkit.preprocessing.audio import FRAMES
 
-    features = FeatureExtractor(feature_size=n_mels)(samples, padding=160)
+    features = FeatureExtractor(feature_size=n_mels)(samples, padding=160)[:, :-1]
     return np.pad(features, ((0, 0), (0, max(0, FRAMES - features.shape[1]))))[:, :FRAMES]
 
 
@@ -237,6 +237,35 @@ def test_feature_padding_decodes_what_transformers_decodes_from_faster_whispers_
                 assert list(result.tokens) == [t for t in want if t != loaded.model.generation_config.eos_token_id], (
                     beams
                 )
+
+
+@pytest.mark.server
+def test_feature_padding_decodes_short_files_with_timestamps_as_faster_whisper_does(
+    feature_padded_whisper_server, speech_files
+):
+    """With `--audio-padding features` and TIMESTAMPS a file of <= 30 s is decoded as faster-whisper
+    decodes it: when the window's last segment is not closed by the end of the audio, the rest is
+    decoded again from the last timestamp. Segments (text, start, end) equal faster-whisper's
+    `transcribe(beam_size=1, temperature=0)` on the same CTranslate2 weights, on clips of three
+    sentences; on at least one of them faster-whisper decodes a second window."""
+    from faster_whisper import WhisperModel
+
+    from tritonkit.convert_ct2 import bundled_tiny_en
+
+    model = WhisperModel(str(bundled_tiny_en()), device="cpu", compute_type="float32")
+    clips = [long_clip(speech_files, [i, i + 1, i + 2], 0.3) for i in range(0, 9)]
+    files = [wav_bytes(c, SAMPLE_RATE) for c in clips]
+    with TritonkitClient(feature_padded_whisper_server.grpc_url) as client:
+        served = client.transcribe(files, timestamps=True, concurrency=4)
+    second_windows = 0
+    for data, result in zip(files, served):
+        theirs, _ = model.transcribe(decode_audio(data, AudioRecipe()), beam_size=1, temperature=[0.0])
+        theirs = list(theirs)
+        second_windows += any(s.seek > 0 for s in theirs)
+        assert [s.text.strip() for s in result.segments] == [s.text.strip() for s in theirs]
+        for ours, want in zip(result.segments, theirs):
+            assert abs(ours.start - want.start) < 0.02 and abs(ours.end - want.end) < 0.02, (ours, want)
+    assert second_windows, "no clip needed a second window: choose longer clips"
 
 
 @pytest.mark.server

@@ -59,8 +59,9 @@ class AudioRecipe:
 
 def content_frames(piece: np.ndarray) -> int:
     """How many of a window's 3000 frames hold its audio when padding="features": faster-whisper
-    pads the audio by one hop and keeps len // hop frames of the STFT."""
-    return min((len(piece) + HOP) // HOP, FRAMES)
+    pads the audio by one hop, normalises over the STFT's frames but the last, and keeps one fewer
+    (`content_frames = features.shape[-1] - 1` in its transcribe)."""
+    return min(len(piece) // HOP, FRAMES)
 
 
 def pad_window(piece: np.ndarray) -> np.ndarray:
@@ -127,15 +128,21 @@ def hann_window() -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 
 
-def log_mel_whole(samples: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:
+def log_mel_whole(samples: np.ndarray, mel_filters: np.ndarray, padding: str = "audio") -> np.ndarray:
     """A whole file's features [n_mels, len // 160], normalised over the whole file: what the
-    feature extractor gives long-form generation (truncation=False, padding="longest")."""
-    padded = np.pad(samples.astype(np.float32), (N_FFT // 2, N_FFT // 2), mode="reflect")
+    feature extractor gives long-form generation (truncation=False, padding="longest"), or with
+    padding="features" what faster-whisper's transcribe seeks through (the audio padded by one hop,
+    normalised over one frame more than it keeps)."""
+    kept = len(samples) // HOP
+    samples = samples.astype(np.float32)
+    if padding == "features":
+        samples = np.pad(samples, (0, HOP))
+    padded = np.pad(samples, (N_FFT // 2, N_FFT // 2), mode="reflect")
     frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP][: len(samples) // HOP]
     spectrum = np.fft.rfft(frames * hann_window(), axis=-1)
     power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
     log_spec = np.log10(np.maximum(power @ mel_filters.astype(np.float32), 1e-10))
-    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)[:kept]
     return np.ascontiguousarray(((log_spec + 4.0) / 4.0).T, dtype=np.float32)
 
 
@@ -143,7 +150,8 @@ def log_mel(windows: list[np.ndarray], mel_filters: np.ndarray, padding: str = "
     """Pieces of <= 30 s -> features [N, n_mels, 3000]. `mel_filters` is [n_freq=201, n_mels].
 
     padding="features": every window gets one hop of silence after its 30 s (faster-whisper pads
-    its audio by one hop), is normalised over its content frames only, and its other frames are 0."""
+    its audio by one hop), is normalised over its content frames (and the one after), and its
+    other frames are 0."""
     padded = np.stack([pad_window(piece) for piece in windows])
     if padding == "features":
         padded = np.pad(padded, ((0, 0), (0, HOP)))
@@ -157,7 +165,9 @@ def log_mel(windows: list[np.ndarray], mel_filters: np.ndarray, padding: str = "
     if padding != "features":
         log_spec = np.maximum(log_spec, log_spec.max(axis=(1, 2), keepdims=True) - 8.0)
         return np.ascontiguousarray(((log_spec + 4.0) / 4.0).transpose(0, 2, 1), dtype=np.float32)
-    content = (np.arange(FRAMES)[None, :] < np.array([content_frames(w) for w in windows])[:, None])[:, :, None]
-    peak = np.where(content, log_spec, -np.inf).max(axis=(1, 2), keepdims=True)
+    kept = np.array([content_frames(w) for w in windows])[:, None]
+    content = (np.arange(FRAMES)[None, :] < kept)[:, :, None]
+    normalised_over = (np.arange(FRAMES)[None, :] <= kept)[:, :, None]  # one frame more, as faster-whisper
+    peak = np.where(normalised_over, log_spec, -np.inf).max(axis=(1, 2), keepdims=True)
     features = np.where(content, (np.maximum(log_spec, peak - 8.0) + 4.0) / 4.0, 0.0)
     return np.ascontiguousarray(features.transpose(0, 2, 1), dtype=np.float32)

@@ -133,7 +133,7 @@ def log_mel_graph(n_mels: int, input_name: str, padding: str = "audio", frames_i
 
     padding="features" (faster-whisper's, `tritonkit.preprocessing.audio.log_mel`): `frames_input`
     (int32 [1]) gives each window's content frames; the log-mel is normalised over them and the
-    other frames are 0."""
+    next frame, and the other frames are 0."""
 
     def graph(device: str):
         fn, math, types = _dali()
@@ -171,8 +171,10 @@ def log_mel_graph(n_mels: int, input_name: str, padding: str = "audio", frames_i
         frames = fn.external_source(name=frames_input, dtype=types.INT32, ndim=1, device="cpu")
         if device == "gpu":
             frames = frames.gpu()
-        content = fn.cast(types.Constant(np.arange(FRAMES, dtype=np.int32)) < frames, dtype=types.FLOAT)
-        peak = fn.reductions.max(log_spec + (content - 1.0) * 100.0)  # log10 values are >= -10
+        index = types.Constant(np.arange(FRAMES, dtype=np.int32))
+        content = fn.cast(index < frames, dtype=types.FLOAT)
+        normalised_over = fn.cast(index <= frames, dtype=types.FLOAT)  # one frame more, as faster-whisper
+        peak = fn.reductions.max(log_spec + (normalised_over - 1.0) * 100.0)  # log10 values are >= -10
         return ((math.max(log_spec, peak - 8.0) + 4.0) / 4.0 * content,)
 
     return graph
