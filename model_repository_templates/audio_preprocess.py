@@ -108,7 +108,14 @@ class TritonPythonModel(BatchedModel):
             if self.features_output and row_options[index].timestamps and sequential:
                 # the decoder seeks through the whole file's features
                 features = log_mel_whole(samples, self.mel_filters, self.recipe.padding)
-                row_options[index] = replace(row_options[index], long_form=True, total_frames=features.shape[1])
+                row_options[index] = replace(
+                    row_options[index],
+                    long_form=True,
+                    total_frames=features.shape[1],
+                    # a file of <= 30 s with faster-whisper's padding: its window's features are the
+                    # file's, so the ensemble's encoder output serves the decoder's first window
+                    first_window_encoded=self.recipe.padding == "features" and len(samples) <= WINDOW_SAMPLES,
+                )
                 pieces = [samples[:WINDOW_SAMPLES]]
                 file_features.append(features)
             else:

@@ -139,7 +139,9 @@ class TritonPythonModel(BatchedModel):
             )  # windows with nothing to decode
         if long_rows:
             files = self.long_form.transcribe(
-                [batch[self.features_input][i] for i in long_rows], [options[i] for i in long_rows]
+                [batch[self.features_input][i] for i in long_rows],
+                [options[i] for i in long_rows],
+                first_hidden=batch[self.hidden_input][long_rows],
             )
             for i, result in zip(long_rows, files):
                 window_tokens[i] = [t for _, _, piece, _ in result.segments for t in piece]

@@ -256,16 +256,21 @@ def test_feature_padding_decodes_short_files_with_timestamps_as_faster_whisper_d
     clips = [long_clip(speech_files, [i, i + 1, i + 2], 0.3) for i in range(0, 9)]
     files = [wav_bytes(c, SAMPLE_RATE) for c in clips]
     with TritonkitClient(feature_padded_whisper_server.grpc_url) as client:
+        before = executed_batch_sizes(client.statistics("whisper_encoder"), "whisper_encoder")
         served = client.transcribe(files, timestamps=True, concurrency=4)
-    second_windows = 0
+        encoded = executions_since(client, "whisper_encoder", before, at_least=len(files))
+    second_windows, windows = 0, 0
     for data, result in zip(files, served):
         theirs, _ = model.transcribe(decode_audio(data, AudioRecipe()), beam_size=1, temperature=[0.0])
         theirs = list(theirs)
         second_windows += any(s.seek > 0 for s in theirs)
+        windows += len({s.seek for s in theirs})
         assert [s.text.strip() for s in result.segments] == [s.text.strip() for s in theirs]
         for ours, want in zip(result.segments, theirs):
             assert abs(ours.start - want.start) < 0.02 and abs(ours.end - want.end) < 0.02, (ours, want)
     assert second_windows, "no clip needed a second window: choose longer clips"
+    # each file's first window is encoded once (by the ensemble), later windows by the decoder
+    assert sum(size * count for size, count in encoded.items()) == windows, (encoded, windows)
 
 
 @pytest.mark.server

@@ -269,6 +269,7 @@ class DecodeOptions:
     empty: bool = False  # nothing to decode (VAD found no speech): no text, no segments
     long_form: bool = False  # OpenAI's sequential long-form decoding over the file's features
     total_frames: int = 0  # with long_form: the file's mel frames
+    first_window_encoded: bool = False  # long-form: the ensemble's encoder output is the first window's
     condition: bool = True  # long-form: condition each window on the text before it (condition_on_previous_text)
     previous: tuple[int, ...] | None = None  # long-form: the tokens a window is conditioned on
 
@@ -900,13 +901,16 @@ class LongForm:
     """OpenAI's sequential long-form transcription, as transformers' long-form `generate` runs it:
     each file's current 30 s window (its features from the seek point, zero-padded) is one row of
     a batch; the decoded timestamps tell each file where its next window starts. `encode(features)`
-    runs the encoder on a batch of windows."""
+    runs the encoder on a batch of windows; a file whose options say `first_window_encoded` has
+    its first window's encoder output in `first_hidden` (not encoded again)."""
 
     def __init__(self, decoder: WindowDecoder, encode):
         self.decoder = decoder
         self.encode = encode
 
-    def transcribe(self, features: list[np.ndarray], options: list[DecodeOptions]) -> list[FileTranscript]:
+    def transcribe(
+        self, features: list[np.ndarray], options: list[DecodeOptions], first_hidden: np.ndarray | None = None
+    ) -> list[FileTranscript]:
         begin = self.decoder.settings.timestamp_begin
         if begin is None:
             raise InputError(
@@ -944,7 +948,15 @@ class LongForm:
                         window=window_index[i],
                     )
                 )
-            hidden = self.encode(np.stack(windows))
+            given = first_hidden if first_hidden is not None else [None] * len(features)
+            reused = [given[i] if window_index[i] == 0 and options[i].first_window_encoded else None for i in active]
+            if all(r is not None for r in reused):
+                hidden = np.stack([r for r in reused if r is not None])
+            else:
+                hidden = self.encode(np.stack([w for w, r in zip(windows, reused) if r is None]))
+                if any(r is not None for r in reused):
+                    encoded = iter(hidden)
+                    hidden = np.stack([r if r is not None else next(encoded) for r in reused])
             tokens, decoded_languages = self.decoder.decode(hidden, window_options)
             for k, i in enumerate(active):
                 window_index[i] += 1
