@@ -2,8 +2,11 @@
 """Why faster-whisper's WER differs from transformers' on the same tiny.en model and clips.
 
 Prints (1) faster-whisper's WER with its temperature fallback, `suppress_blank` and conditioning
-turned off one at a time, and (2) how its log-mel input differs from WhisperFeatureExtractor's:
-on speech frames, and on the frames that pad each clip to 30 s.
+turned off one at a time, (2) how its log-mel input differs from WhisperFeatureExtractor's:
+on speech frames, and on the frames that pad each clip to 30 s, and (3) transformers greedy
+`generate`'s WER on either log-mel (tritonkit's `--audio-padding audio` and `features`): on the
+benchmark's clips, and on tritonkit's varied built-in speech (three espeak-ng voices, every fourth
+sentence with noise at 10 dB SNR, a silent and a noise-only clip).
 
     python scripts/whisper_reference_gap.py [--clips 16]
 """
@@ -23,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_whisper import make_clips
 
+from tritonkit.calibration import varied_speech
 from tritonkit.convert_ct2 import bundled_tiny_en
 from tritonkit.metrics import wer
 from tritonkit.preprocessing.audio import FRAMES, HOP, SAMPLE_RATE, AudioRecipe, decode_audio
+from tritonkit.samples import SENTENCES
 
 
 def main() -> None:
@@ -68,6 +73,20 @@ def main() -> None:
     result["log_mel_max_abs_diff_speech_frames"] = max(speech)
     result["log_mel_mean_abs_diff_padding_frames"] = float(np.mean(padding))
     result["transformers_wer"] = transformers_wer(references, {"own": hf_features, "faster-whisper's": fw_features})
+    varied = varied_speech(SENTENCES, tempfile.mkdtemp(prefix="whisper-gap-varied-"))
+    varied_samples = [decode_audio(data, AudioRecipe()) for _, data, _ in varied]
+    result["transformers_wer_varied_speech"] = transformers_wer(
+        [text for _, _, text in varied],
+        {
+            "own": [
+                ours(a, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"][0] for a in varied_samples
+            ],
+            "faster-whisper's": [
+                np.pad(f, ((0, 0), (0, max(0, FRAMES - f.shape[1]))))[:, :FRAMES]
+                for f in (theirs(a, padding=160) for a in varied_samples)
+            ],
+        },
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -129,7 +129,8 @@ def build(
         str | None,
         typer.Option(
             help="Whisper: audio (pad with silence to 30 s, then log-mel: OpenAI and transformers, the default) or "
-            "features (zero frames after the log-mel: faster-whisper; lower WER in docs/BENCHMARKS.md)."
+            "features (zero frames after the log-mel, and timestamped files decoded sequentially: faster-whisper's "
+            "transcripts; docs/BENCHMARKS.md compares their WER)."
         ),
     ] = None,
     dali_threads: Annotated[int, typer.Option(help="CPU threads of each DALI pipeline.")] = 1,
