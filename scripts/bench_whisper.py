@@ -202,28 +202,21 @@ def main() -> None:
             flush=True,
         )
 
-    server = TritonServer(work / "repo", grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
-    with server:
-        bench_served(server.grpc_url, clips[:2], 2)  # warm-up
-        bench_served(server.grpc_url, clips[:2], 2, FASTER_WHISPER_DEFAULTS)
-        for concurrency in (1, 8):
-            texts, seconds = bench_served(server.grpc_url, clips, concurrency)
-            record("tritonkit ensemble", f"concurrency {concurrency}", texts, seconds)
-        for concurrency in (1, 8):
-            texts, seconds = bench_served(server.grpc_url, clips, concurrency, FASTER_WHISPER_DEFAULTS)
-            record("tritonkit, beam 5 + VAD", f"concurrency {concurrency}", texts, seconds)
-    server = TritonServer(
-        work / "repo-features", grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()
+    served_builds = (  # the default build, and --audio-padding features (the encoder sees what faster-whisper gives it)
+        ("repo", "tritonkit ensemble", "tritonkit, beam 5 + VAD"),
+        ("repo-features", "tritonkit, feature padding", "tritonkit, feature padding, beam 5 + VAD"),
     )
-    with server:  # --audio-padding features: the encoder sees what faster-whisper gives it
-        bench_served(server.grpc_url, clips[:2], 2)  # warm-up
-        bench_served(server.grpc_url, clips[:2], 2, FASTER_WHISPER_DEFAULTS)
-        for concurrency in (1, 8):
-            texts, seconds = bench_served(server.grpc_url, clips, concurrency)
-            record("tritonkit, feature padding", f"concurrency {concurrency}", texts, seconds)
-        for concurrency in (1, 8):
-            texts, seconds = bench_served(server.grpc_url, clips, concurrency, FASTER_WHISPER_DEFAULTS)
-            record("tritonkit, feature padding, beam 5 + VAD", f"concurrency {concurrency}", texts, seconds)
+    for folder, greedy, defaults in served_builds:
+        server = TritonServer(work / folder, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+        with server:
+            bench_served(server.grpc_url, clips[:2], 2)  # warm-up
+            bench_served(server.grpc_url, clips[:2], 2, FASTER_WHISPER_DEFAULTS)
+            for concurrency in (1, 8):
+                texts, seconds = bench_served(server.grpc_url, clips, concurrency)
+                record(greedy, f"concurrency {concurrency}", texts, seconds)
+            for concurrency in (1, 8):
+                texts, seconds = bench_served(server.grpc_url, clips, concurrency, FASTER_WHISPER_DEFAULTS)
+                record(defaults, f"concurrency {concurrency}", texts, seconds)
     for label, repository in openvino_builds.items():
         server = TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
         with server:
