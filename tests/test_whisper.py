@@ -206,6 +206,14 @@ def test_feature_padding_matches_faster_whisper_in_numpy_and_dali(case, speech_f
     assert np.abs(log_mel([samples], filters)[0] - want).max() > 0.1 or len(samples) >= 30 * SAMPLE_RATE
 
 
+def test_an_unknown_audio_padding_fails_before_any_build_work():
+    from tritonkit.errors import InputError
+    from tritonkit.families.base import BuildOptions
+
+    with pytest.raises(InputError, match="--audio-padding 'zeros': use one of audio, features"):
+        BuildOptions(audio_padding="zeros")
+
+
 @pytest.fixture(scope="module")
 def feature_padded_whisper_server(whisper_dir, tmp_path_factory):
     from tritonkit.families.base import BuildOptions

@@ -156,6 +156,10 @@ class BuildOptions:
             raise InputError("--target gpu preprocesses with DALI; leave out --preprocessing python")
         if self.dali_threads < 1:
             raise InputError("--dali-threads must be >= 1")
+        from tritonkit.preprocessing.audio import PADDINGS
+
+        if self.audio_padding is not None and self.audio_padding not in PADDINGS:
+            raise InputError(f"--audio-padding {self.audio_padding!r}: use one of {', '.join(PADDINGS)}")
         for flag, value in (
             ("--max-request-bytes", self.max_request_bytes),
             ("--max-prompt-bytes", self.max_prompt_bytes),
