@@ -164,6 +164,20 @@ def test_every_family_repository_is_planned_from_its_graphs(family, family_repos
         assert plan.workspace_bytes > 0 and plan.instances >= 1
 
 
+def test_whisper_decoders_cross_kv_is_sized_for_a_window_per_row(whisper_repository):
+    """Beam search shares one cross-KV row per window, but greedy rows are each a window: the
+    step graph's `windows` dim is planned at the batch's rows, not left at 1."""
+    from tritonkit.plan import model_plans
+
+    def decoder(dims=None):
+        return next(p for p in model_plans(whisper_repository, dims=dims) if p.name == "whisper_decoder")
+
+    planned = decoder()
+    step = next(g for g in planned.graphs if g.file == "step.onnx")
+    assert "windows" not in step.assumed_dims
+    assert decoder({"windows": 1}).workspace_bytes < planned.workspace_bytes
+
+
 @pytest.mark.server
 def test_plan_measures_a_served_repository_through_its_metrics(clip_repository, clip_server, tmp_path):
     """`--measure host:port` reads each stub's tritonkit_resident_bytes from Triton's /metrics:

@@ -6,7 +6,8 @@ workspace is the peak of the bytes of tensors alive at once when the graph's nod
 each tensor freed after its last consumer: what an allocator that reuses memory perfectly needs,
 at the rows one run takes (the max batch size, or a CPU encoder's `rows_per_run`). Symbolic dims
 are bound to that ("batch") or to the worst case the build recorded in the model's
-`tritonkit_plan_dims` parameter; any other dim counts as 1 and is reported.
+`tritonkit_plan_dims` parameter (a size, or "batch" for a dim as large as the rows: a decoder's
+windows when every row is a window of its own); any other dim counts as 1 and is reported.
 
 A CPU model (a Python-backend stub holding everything in host memory) adds what was measured of
 served repositories (`tritonkit plan REPO --measure`, scripts/soak.py): its template's runtime
@@ -307,6 +308,7 @@ def model_plans(
         if recorded is not None:
             bound.update(json.loads(recorded.string_value))
         bound.update(dims or {})
+        rows_alike = [dim for dim, size in bound.items() if size == BATCH_DIM]
         config_tensors = {t.name for t in [*config.input, *config.output]}
         graph_rows = json.loads(parameter(config, GRAPH_ROWS_PARAMETER) or "{}")  # graphs run in slices
         graphs, weights, workspace, arena = [], 0, 0, 0
@@ -320,7 +322,8 @@ def model_plans(
                 continue
             if path.suffix == ".onnx":
                 sliced = graph_rows.get(path.name)
-                memory = graph_memory(path, {**bound, BATCH_DIM: min(rows, sliced)} if sliced else bound)
+                graph_rows_bound = min(rows, sliced) if sliced else rows
+                memory = graph_memory(path, {**bound, **dict.fromkeys([BATCH_DIM, *rows_alike], graph_rows_bound)})
                 graphs.append(memory)
                 weights += memory.weight_bytes
                 workspace = max(workspace, memory.workspace_bytes)  # graphs of one model run one after another

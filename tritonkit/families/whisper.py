@@ -469,6 +469,7 @@ class WhisperSpec(FamilySpec):
             PLAN_DIMS_PARAMETER: json.dumps(
                 {
                     "INPUT_IDS_dim1": 1,
+                    "windows": "batch",  # greedy decoding: every row a window of its own
                     **{
                         f"{name}_dim2": longest - 1
                         for prefix in (PAST_KEYS, PAST_VALUES)
