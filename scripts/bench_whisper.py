@@ -173,14 +173,14 @@ def main() -> None:
     openvino_builds = {}
     if "openvino" in args.engines.split(","):
         for precision in ("fp32", "int8"):
-            result = build(
+            built = build(
                 "whisper",
                 str(model_dir),
                 work / f"repo-openvino-{precision}",
                 options=BuildOptions(engine="openvino"),
                 precision=PrecisionOptions(precision),
             )
-            openvino_builds[f"openvino {result.precision_variant}"] = result.out
+            openvino_builds[f"openvino {built.precision_variant}"] = built.out
     clips, references = make_clips(work, args.clips)
     samples = [decode_audio(c, AudioRecipe()) for c in clips]
     audio_seconds = sum(len(s) for s in samples) / SAMPLE_RATE

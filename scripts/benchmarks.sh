@@ -10,3 +10,4 @@ PY="${PYTHON:-.venv/bin/python}"
 "$PY" scripts/bench_clip.py --markdown docs/BENCHMARKS.md
 "$PY" scripts/bench_gateway.py --markdown docs/BENCHMARKS.md
 "$PY" scripts/bench_whisper.py --clips 16 --markdown docs/BENCHMARKS.md
+"$PY" scripts/whisper_varied_wer.py --markdown docs/BENCHMARKS.md
