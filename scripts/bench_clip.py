@@ -121,7 +121,7 @@ def in_process_ceiling(repository: Path, files: list[bytes]) -> float:
     from tritonkit.engines import session_from_parameters
 
     preprocess = repository / "clip_image_preprocess"
-    recipe = ImageRecipe.from_json(parameter(read_config(preprocess), "image_recipe"))
+    recipe = ImageRecipe.from_json(parameter(read_config(preprocess), "image_recipe") or "{}")
     runner = DaliRunner((preprocess / VERSION / "model.dali").read_bytes(), BATCH)
     encoder = read_config(repository / "clip_image_encoder")
     parameters = {key: value.string_value for key, value in encoder.parameters.items()}
@@ -132,7 +132,7 @@ def in_process_ceiling(repository: Path, files: list[bytes]) -> float:
     def run():
         for i in range(0, len(files), BATCH):
             rows = [np.frombuffer(checked_image_bytes(f, recipe), dtype=np.uint8) for f in files[i : i + BATCH]]
-            pixels = np.stack([r[0] for r in runner.run({"IMAGE": rows})])
+            pixels = np.stack([r[0] for r in runner.run_all({"IMAGE": rows})])
             session.run(None, {"PIXEL_VALUES": pixels})
 
     return best_rate(run, len(files))
@@ -184,7 +184,7 @@ def main() -> None:
         print(f"transformers eager: {eager:.1f} images/s", flush=True)
         for engine, precision in builds:
             repository = Path(folder) / f"repo-{engine}-{precision}"
-            result = build(
+            built = build(
                 "clip",
                 str(model_dir),
                 repository,
@@ -194,14 +194,12 @@ def main() -> None:
             ceiling = in_process_ceiling(repository, files)
             throughput, details = served(repository, files, args.duration)
             accuracy = (
-                result.accuracy[result.precision_variant].graphs["image_encoder"]["min_cosine"]
-                if result.accuracy
-                else 1.0
+                built.accuracy[built.precision_variant].graphs["image_encoder"]["min_cosine"] if built.accuracy else 1.0
             )
             rows.append(
                 {
                     "engine": engine,
-                    "precision": result.precision_variant,
+                    "precision": built.precision_variant,
                     "served": throughput,
                     "ceiling": ceiling,
                     "ceiling_gflops": ceiling * VIT_B32_GMACS * 2,

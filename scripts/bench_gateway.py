@@ -100,6 +100,7 @@ def main() -> None:
         build("clip", str(model_dir), repository)
         server = TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
         server.start().wait_until_ready(600)
+        assert server.process is not None
         gateway, base = spawn_gateway(server.grpc_url)
         try:
             grpc_run = lambda: run_bench(  # noqa: E731

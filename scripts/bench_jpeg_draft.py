@@ -36,7 +36,7 @@ SIZES = [(3000, 4000), (2000, 3000), (3508, 2480), (1080, 1920)]  # 12 MP photo,
 def large_jpegs() -> list[tuple[str, bytes]]:
     from PIL import Image
 
-    images = []
+    images: list[tuple[str, bytes]] = []
     for (kind, make, _), (height, width) in zip(IMAGE_KINDS[:4], SIZES):
         for quality in (90,):
             pixels = make(np.random.default_rng(len(images)), height, width)
@@ -62,10 +62,10 @@ def main() -> None:
         loaded: LoadedClip = spec.load(str(make_vit_b32_clip(Path(folder) / "clip")))
     full = ImageRecipe.from_processor(loaded.image_processor).with_options(formats=PIL_FORMATS)
     drafted = dataclasses.replace(full, jpeg_draft=True)
-    rows = []
+    rows: list[dict] = []
     for name, data in large_jpegs():
         a, b = image_bytes_to_pixels(data, full), image_bytes_to_pixels(data, drafted)
-        std = np.asarray(full.std, dtype=np.float32)[:, None, None] / full.rescale_factor
+        std = np.asarray(full.pixel_mean_std()[1], dtype=np.float32)[:, None, None]  # pixel steps per unit
         pixel_steps = float(np.abs((a - b) * std).max())
         with torch.no_grad():
             embeds = projected(loaded.model.get_image_features(pixel_values=torch.from_numpy(np.stack([a, b])))).numpy()
@@ -85,7 +85,7 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
     tolerance = spec.tolerance("image_encoder").min_cosine
-    result = {"machine": machine(), "tolerance_min_cosine": tolerance, "rows": rows}
+    result: dict = {"machine": machine(), "tolerance_min_cosine": tolerance, "rows": rows}
     result["within_tolerance"] = all(r["cosine"] >= tolerance for r in rows)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +102,7 @@ def bench_whisper(folder: Path) -> list[dict]:
     from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio
     from tritonkit.samples import SENTENCES, speak
 
-    spec = get_family("whisper")
+    spec: Any = get_family("whisper")  # the Whisper spec's own transcription helper
     loaded = spec.load(str(convert_ct2_whisper(bundled_tiny_en(), folder / "tiny.en")))
     files, reports, data = variants(spec, loaded, folder / "onnx")
     # Speed and WER over every spoken sentence; the accuracy reports judge the held-out half only.
@@ -143,7 +144,7 @@ def main() -> None:
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-whisper", action="store_true")
     args = parser.parse_args()
-    result = {"machine": machine()}
+    result: dict = {"machine": machine()}
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as folder:
         if not args.skip_clip:
             result["clip"] = bench_clip(Path(folder) / "clip")

@@ -47,7 +47,7 @@ def photos(count: int) -> list[bytes]:
     for i in range(count):
         height, width = sizes[i % len(sizes)]
         coarse = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         files.append(buffer.getvalue())
@@ -68,7 +68,7 @@ def windows(count: int) -> list[np.ndarray]:
     return out
 
 
-def rate(function, items: int, repeats: int = 3) -> float:
+def rate(function, items: float, repeats: int = 3) -> float:
     """Items per second, best of `repeats` runs after a warm-up."""
     function()
     best = min(_timed(function) for _ in range(repeats))
@@ -92,7 +92,7 @@ def dali_runner(graph, batch: int, threads: int) -> DaliRunner:
 def run_dali(runner: DaliRunner, name: str, rows: list[np.ndarray]) -> list[np.ndarray]:
     out = []
     for chunk in batched(rows, runner.max_batch_size):
-        out += [r[0] for r in runner.run({name: chunk})]
+        out += [r[0] for r in runner.run_all({name: chunk})]
     return out
 
 
@@ -113,7 +113,7 @@ def bench_images(count: int) -> list[dict]:
     def transformers_run():
         out = []
         for chunk in batched(files, BATCH_IMAGES):
-            images = [Image.open(io.BytesIO(f)) for f in chunk]
+            images: list = [Image.open(io.BytesIO(f)) for f in chunk]
             out += list(processor(images, return_tensors="np")["pixel_values"])
         return out
 
@@ -215,8 +215,8 @@ def resampler_gap() -> list[dict]:
         batch_size=1, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False, prefetch_queue_depth=1
     )
     with pipe:
-        data = fn.external_source(name="AUDIO", dtype=types.UINT8, ndim=1)
-        audio, _ = fn.decoders.audio(data, sample_rate=SAMPLE_RATE, downmix=True, dtype=types.FLOAT)
+        data = fn.external_source(name="AUDIO", dtype=types.DALIDataType.UINT8, ndim=1)
+        audio, _ = fn.decoders.audio(data, sample_rate=SAMPLE_RATE, downmix=True, dtype=types.DALIDataType.FLOAT)
         pipe.set_outputs(audio)
     pipe.build()
     speech = windows(1)[0][: SAMPLE_RATE * 8]

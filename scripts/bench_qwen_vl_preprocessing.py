@@ -54,7 +54,9 @@ def photos(count: int = 12) -> list[tuple[str, bytes]]:
         height, width = sizes[i % len(sizes)]
         coarse = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
         buffer = io.BytesIO()
-        Image.fromarray(coarse).resize((width, height), Image.BICUBIC).save(buffer, format="JPEG", quality=90)
+        Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC).save(
+            buffer, format="JPEG", quality=90
+        )
         files.append((f"photo {width}x{height}", buffer.getvalue()))
     return files
 
@@ -67,7 +69,7 @@ def dali_patches(runner: DaliRunner, recipe: PatchRecipe, files: list[bytes]) ->
     out = []
     for start in range(0, len(files), BATCH):
         sizes, checked = zip(*(resized_image(recipe, LIMITS, f) for f in files[start : start + BATCH]))
-        out += [r[0] for r in runner.run({"IMAGE": list(checked), RESIZED_SIZE: list(sizes)})]
+        out += [r[0] for r in runner.run_all({"IMAGE": list(checked), RESIZED_SIZE: list(sizes)})]
     return out
 
 
@@ -82,7 +84,7 @@ def bench_budget(loaded, files: list[bytes], min_pixels: int, max_pixels: int) -
         return [processor(images=[decode_image(f, LIMITS)], return_tensors="np") for f in files]
 
     reference = reference_run()
-    rows = [{"engine": "transformers Qwen2VLImageProcessor (PIL)", "setting": "one image a call"}]
+    rows: list[dict] = [{"engine": "transformers Qwen2VLImageProcessor (PIL)", "setting": "one image a call"}]
     rows[0]["per_s"] = best_rate(reference_run, len(files))
     levels = np.asarray(recipe.std, np.float32).repeat(recipe.temporal_patch_size * recipe.patch_size**2) * 255
     for threads in (1, 2):

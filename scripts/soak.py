@@ -617,6 +617,7 @@ def main() -> int:
             repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), allocator=args.allocator
         )
         server.start().wait_until_ready(600)
+        assert server.process is not None
         gateway = None
         try:
             if args.gateway:

@@ -44,13 +44,13 @@ def main() -> None:
     clips, references = make_clips(Path(tempfile.mkdtemp(prefix="whisper-gap-")), args.clips)
     samples = [decode_audio(c, AudioRecipe()) for c in clips]
     model = WhisperModel(str(bundled_tiny_en()), device="cpu", compute_type="float32")
-    ablations = {
+    ablations: dict[str, dict] = {
         "default": {},
         "no temperature fallback": {"temperature": [0.0]},
         "no suppress_blank": {"temperature": [0.0], "suppress_blank": False},
         "no conditioning on previous text": {"temperature": [0.0], "condition_on_previous_text": False},
     }
-    result = {"faster_whisper_wer": {}}
+    result: dict = {"faster_whisper_wer": {}}
     for name, options in ablations.items():
         texts = [
             " ".join(

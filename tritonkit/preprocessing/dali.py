@@ -250,6 +250,15 @@ class DaliRunner:
         outputs = [out.as_cpu() if hasattr(out, "as_cpu") else out for out in outputs]  # GPU operators' outputs
         return [tuple(np.array(out[i]) for out in outputs) for i in range(count)]
 
+    def run_all(self, inputs: dict[str, list[np.ndarray]]) -> list[tuple[np.ndarray, ...]]:
+        """Each row's outputs, raising the first row's failure (for callers whose inputs are known good)."""
+        results = []
+        for result in self.run(inputs):
+            if isinstance(result, RowFailed):
+                raise result
+            results.append(result)
+        return results
+
     def run(self, inputs: dict[str, list[np.ndarray]]) -> list[tuple[np.ndarray, ...] | RowFailed]:
         """Each row's outputs, or RowFailed for the rows DALI rejects."""
         count = len(next(iter(inputs.values())))
