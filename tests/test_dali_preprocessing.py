@@ -142,6 +142,9 @@ def test_runner_fails_only_the_rows_dali_cannot_decode(recipe):
     assert [isinstance(r, RowFailed) for r in results] == [False, True, False, True]
     np.testing.assert_array_equal(results[0][0], results[2][0])
     assert runner.run({"IMAGE": [good]})[0][0].shape == (3, 224, 224)  # usable after the failure
+    assert [r[0].shape for r in runner.run_all({"IMAGE": [good, good]})] == [(3, 224, 224)] * 2
+    with pytest.raises(RowFailed):  # run_all: for callers whose inputs are known good
+        runner.run_all({"IMAGE": [good, good[: len(good) // 3]]})
 
 
 def direct_pipeline_outputs(graph, name: str, rows: list[np.ndarray]) -> list[np.ndarray]:
