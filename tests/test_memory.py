@@ -45,6 +45,50 @@ def test_this_process_is_measured_by_its_proportional_set():
     assert set(resident_by_model(os.getpid())) >= {SERVER}  # the root process is labelled tritonserver
 
 
+def test_a_server_group_is_measured_alike_whatever_else_maps_its_libraries():
+    """PSS drops as unrelated processes map the same libraries; the group's share does not."""
+    import os
+    import subprocess
+    import sys
+
+    from tritonkit.memory import group_resident_bytes
+
+    if group_resident_bytes([os.getpid()]) is None:
+        pytest.skip("page frame numbers are hidden here (needs root): the measure falls back to PSS")
+    holding = "import numpy, sys; a = numpy.ones(2**22); print(flush=True); sys.stdin.read()"
+
+    def start(count):
+        started = [
+            subprocess.Popen([sys.executable, "-c", holding], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            for _ in range(count)
+        ]
+        for process in started:
+            process.stdout.readline()  # numpy imported, 32 MiB written
+        return started
+
+    group = start(2)
+    try:
+        pids = [p.pid for p in group]
+        alone = group_resident_bytes(pids)
+        pss_alone = [resident_bytes(pid) for pid in pids]
+        rss = [int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") for pid in pids]
+        assert all(32 * 2**20 < alone[pid] <= size for pid, size in zip(pids, rss))
+        assert sum(alone.values()) < sum(rss)  # the pages the two share are counted once
+        others = start(4)
+        try:
+            beside = group_resident_bytes(pids)
+            pss_beside = [resident_bytes(pid) for pid in pids]
+        finally:
+            for process in others:
+                process.kill()
+    finally:
+        for process in group:
+            process.kill()
+    assert all(b < a for a, b in zip(pss_alone, pss_beside))  # PSS shares with the newcomers
+    for pid in pids:
+        assert abs(beside[pid] - alone[pid]) <= 0.02 * alone[pid], (alone, beside)
+
+
 def test_taken_rows_share_memory_only_when_every_row_is_taken_in_order():
     cache = {"K": np.arange(12.0).reshape(4, 3), "V": np.arange(4.0)}
     assert taken(cache, [0, 1, 2, 3]) is cache

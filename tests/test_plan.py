@@ -181,7 +181,7 @@ def test_whisper_decoders_cross_kv_is_sized_for_a_window_per_row(whisper_reposit
 @pytest.mark.server
 def test_plan_measures_a_served_repository_through_its_metrics(clip_repository, clip_server, tmp_path):
     """`--measure host:port` reads each stub's tritonkit_resident_bytes from Triton's /metrics:
-    the same figures /proc gives on the server's machine, every model and tritonserver compared."""
+    the PSS figures /proc gives on the server's machine, every model and tritonserver compared."""
     import tritonclient.grpc as grpcclient
 
     from tests.conftest import encode_image, random_image
@@ -199,7 +199,7 @@ def test_plan_measures_a_served_repository_through_its_metrics(clip_repository, 
         client.infer("clip_text", [tensor])
     time.sleep(1.1)  # gauges refresh at most once a second
     client.infer("clip_text", [tensor])
-    on_the_machine = resident_by_model(clip_server.process.pid)
+    on_the_machine = resident_by_model(clip_server.process.pid, within_server=False)
     result = subprocess.run(
         [
             sys.executable,
