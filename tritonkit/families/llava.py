@@ -129,13 +129,17 @@ class LlavaSpec(FamilySpec):
     }
     # Fixed resident memory per stage, measured with the tiny LLaVA under jemalloc (the default
     # allocator; `python scripts/memory_before_after.py --allocators glibc jemalloc --family llava`:
-    # three 90 s soaks at concurrency 16, `tritonkit plan --measure` after each; docs/RELIABILITY.md): the language model in PyTorch with its tokenizer and chat template, DALI's decoding buffers.
+    # three 90 s soaks at concurrency 16, `tritonkit plan --measure` after each, every process charged
+    # its share of the pages the server's processes map, as a pod's limit charges them;
+    # docs/RELIABILITY.md): the language model in PyTorch with its tokenizer and chat template,
+    # DALI's decoding buffers (what they grew to under the load seen: the same soak measured the image
+    # preprocessing at 176-178 MB one hour and 139 MB the next; its figure sits between).
     memory: ClassVar[Mapping[str, StageMemory]] = {
-        "image_preprocess": StageMemory(fixed_mb=99),
-        "vision_encoder": StageMemory(fixed_mb=45),
-        "decoder": StageMemory(fixed_mb=322),
-        "decoder_stream": StageMemory(fixed_mb=294),
-        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=9),
+        "image_preprocess": StageMemory(fixed_mb=158),
+        "vision_encoder": StageMemory(fixed_mb=66),
+        "decoder": StageMemory(fixed_mb=362),
+        "decoder_stream": StageMemory(fixed_mb=334),
+        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=31),
     }
 
     @staticmethod

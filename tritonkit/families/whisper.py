@@ -104,20 +104,19 @@ class WhisperSpec(FamilySpec):
     }
 
     # Fixed resident memory per stage, measured with tiny.en under jemalloc (the default allocator;
-    # `python scripts/memory_before_after.py --allocators glibc jemalloc --family whisper`: three 90 s
-    # soaks at concurrency 16 with the soak's 150 s files, `tritonkit plan --measure` after each;
-    # docs/RELIABILITY.md; glibc's malloc holds tritonserver and log-mel a fifth larger): the decoder's transformers
-    # tokenizer and two ONNX Runtime sessions, DALI's log-mel buffers, and tritonserver's buffers
-    # for uploads of up to 600 s and the file features passed to the decoder.
+    # `python scripts/calibrate_memory.py --family whisper`: three 90 s soaks at concurrency 16 with
+    # the soak's 150 s files, `tritonkit plan --measure` after each, every process charged its share
+    # of the pages the server's processes map, as a pod's limit charges them; docs/RELIABILITY.md;
+    # glibc's malloc holds tritonserver and log-mel a fifth larger): the decoder's transformers
+    # tokenizer and two ONNX Runtime sessions, DALI's log-mel buffers and libraries, and
+    # tritonserver's buffers for uploads of up to 600 s and the file features passed to the decoder.
     memory: ClassVar[Mapping[str, StageMemory]] = {
-        "audio_preprocess": StageMemory(fixed_mb=75),
-        # DALI's libraries are most of it: alone 146-157 MB, 111-117 MB in a test run whose other
-        # processes map DALI too (PSS splits shared pages); the figure sits between the two
-        "log_mel": StageMemory(fixed_mb=125),
-        "encoder": StageMemory(fixed_mb=103),
-        "decoder": StageMemory(fixed_mb=480),
-        "vad": StageMemory(fixed_mb=40),
-        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=400),
+        "audio_preprocess": StageMemory(fixed_mb=68),
+        "log_mel": StageMemory(fixed_mb=160),
+        "encoder": StageMemory(fixed_mb=113),
+        "decoder": StageMemory(fixed_mb=611),
+        "vad": StageMemory(fixed_mb=43),
+        SERVER_MEMORY_ROLE: StageMemory(fixed_mb=392),
     }
 
     @staticmethod
