@@ -7,7 +7,7 @@ images of every request in the batch are encoded together: in runs of at most
 with its patches squared; an image larger than that runs alone), with the graph's index inputs computed from the grids
 (`tritonkit.qwen_vl.vision_inputs`). Parameters: `model_file`, `engine`, `inference_precision`,
 `intra_op_threads` (as onnx_encoder), `providers` (ONNX Runtime's; a GPU repository's start with
-CUDAExecutionProvider), `vision_layout` (JSON of VisionLayout),
+CUDAExecutionProvider, or TensorrtExecutionProvider with `tensorrt_options`), `vision_layout` (JSON of VisionLayout),
 `feature_cache_entries` (images seen before, keyed by their patches, are not encoded again).
 """
 

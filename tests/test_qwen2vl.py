@@ -16,8 +16,10 @@ from tests.conftest import encode_image, random_image, runs_until_batched, start
 from tests.test_llava import metric
 from tritonkit.build import build
 from tritonkit.client import TritonkitClient, pack_byte_rows
-from tritonkit.errors import InferenceError
+from tritonkit.errors import InferenceError, InputError
 from tritonkit.families import get_family
+from tritonkit.families.qwen2vl import image_inputs
+from tritonkit.qwen_vl import PatchRecipe, image_tokens
 
 pytestmark = pytest.mark.server
 NEW_TOKENS = 10
@@ -263,6 +265,64 @@ def test_python_preprocessing_answers_equal_transformers_on_the_processors_own_p
         server.stop()
 
 
+def test_an_images_visual_tokens_are_bounded_by_what_a_vision_run_holds(tiny_model_dir):
+    """A checkpoint whose processor allows more patches than one vision run's attention holds in
+    ATTENTION_BUDGET_BYTES (Qwen2-VL-7B's 12.8 MP with 16 heads: 65,536 patches, 275 GB of scores)
+    has its max_pixels lowered; --max-image-tokens picks the bound within it, and only for Qwen-VL."""
+    from tritonkit.families.base import BuildOptions
+    from tritonkit.families.qwen2vl import ATTENTION_BUDGET_BYTES
+
+    spec = get_family("qwen2vl")
+    loaded = spec.load(str(tiny_model_dir("qwen2vl")))
+    assert ATTENTION_BUDGET_BYTES == 2 * 2**30
+    assert loaded.attention_patches == 16384  # 2 heads: 4 x 2 x 16384² bytes = 2 GiB
+    assert spec.fit(loaded, BuildOptions()) == []  # the tiny processor's 64 tokens fit
+    with pytest.raises(InputError, match=re.escape("--max-image-tokens 5000: use 4 to 4096")):
+        spec.fit(loaded, BuildOptions(max_image_tokens=5000))
+    with pytest.raises(InputError, match=re.escape("--max-image-tokens 3: use 4 to 4096")):
+        spec.fit(loaded, BuildOptions(max_image_tokens=3))
+    with pytest.raises(InputError, match="--max-image-tokens is for Qwen-VL"):
+        get_family("clip").fit(None, BuildOptions(max_image_tokens=16))
+
+    loaded.model.config.vision_config.num_heads = 16  # as Qwen2-VL-7B's tower
+    loaded.image_processor = type(loaded.image_processor)(min_pixels=3136, max_pixels=12845056)
+    assert loaded.attention_patches == 5792 and loaded.patches_per_run <= 5792
+    assert spec.fit(loaded, BuildOptions()) == [
+        "image processor: max_pixels 12845056 -> 1135232 (1448 visual tokens an image; "
+        "a vision run's attention within 2048 MiB)"
+    ]
+    pixels, grids = image_inputs(loaded, [Image.new("RGB", (4000, 3000))])
+    assert image_tokens(grids[0], 2) <= 1448 and len(pixels) <= loaded.attention_patches
+
+
+def test_max_image_tokens_resizes_large_images_down_as_the_processor_does(tiny_model_dir, tmp_path):
+    """--max-image-tokens 16: a large image is resized to at most 16 visual tokens, by the DALI
+    pipeline and by the processor alike, and answered as transformers answers with that processor."""
+    from tritonkit.families.base import BuildOptions
+
+    model_dir = tiny_model_dir("qwen2vl")
+    said: list[str] = []
+    options = BuildOptions(preprocessing="python", max_image_tokens=16)
+    build("qwen2vl", str(model_dir), tmp_path / "repo", options=options, progress=said.append)
+    assert "image processor: max_pixels 50176 -> 12544 (16 visual tokens an image; --max-image-tokens)" in said
+    spec = get_family("qwen2vl")
+    loaded = spec.load(str(model_dir))
+    spec.fit(loaded, options)
+    big = image(41, (400, 560))
+    _, grids = image_inputs(loaded, [pil(big)])
+    assert tuple(grids[0]) == (1, 6, 8)  # 84 x 112 pixels: 3 x 4 = 12 visual tokens (16 would stretch it)
+    recipe = PatchRecipe.from_processor(loaded.image_processor)  # what the DALI stage sizes images by
+    assert recipe.max_pixels == 16 * 28 * 28 and recipe.grid(*recipe.resized(400, 560)) == (1, 6, 8)
+    server = start_server(tmp_path / "repo")
+    try:
+        with TritonkitClient(server.grpc_url) as client:
+            served = client.chat(big, "Describe.", model="qwen2vl_chat", max_new_tokens=NEW_TOKENS)
+        tokens = spec.reference_tokens(loaded, [pil(big)], user(1, "Describe."), NEW_TOKENS)
+        assert served == loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+    finally:
+        server.stop()
+
+
 def test_a_repeated_image_is_not_encoded_again(qwen):
     family, _, _, server = qwen
     fresh = encode_image(random_image(64, 96, seed=4321), "PNG")
@@ -398,13 +458,51 @@ def test_a_gpu_repository_runs_every_stage_in_the_python_backend_on_kind_gpu(tin
     assert check_repository(tmp_path / "repo", "gpu").ok
 
 
+def test_a_gpu_repository_may_run_the_vision_graph_on_onnx_runtimes_tensorrt_provider(tiny_model_dir, tmp_path):
+    """--engine onnxruntime-trt: the TensorRT provider first, with one optimisation profile from one
+    merge unit to the most patches a run holds, and engines cached; without TensorRT and CUDA in
+    ONNX Runtime the stage fails at load saying what to do."""
+    import json
+
+    from tritonkit.check import check_repository
+    from tritonkit.engines import onnxruntime_providers
+    from tritonkit.families.base import BuildOptions
+    from tritonkit.repository import read_repository
+
+    model_dir = tiny_model_dir("qwen2_5vl")
+    build("qwen2_5vl", str(model_dir), tmp_path / "repo", options=BuildOptions(target="gpu", engine="onnxruntime-trt"))
+    parameters = read_repository(tmp_path / "repo")["qwen2_5vl_vision_encoder"].parameters
+    providers = parameters["providers"].string_value
+    assert providers == "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider"
+    loaded = get_family("qwen2_5vl").load(str(model_dir))
+    most, values = loaded.attention_patches, loaded.patch_values
+    options = json.loads(parameters["tensorrt_options"].string_value)
+    assert (
+        options["trt_profile_min_shapes"]
+        == f"PATCHES:4x{values},POSITIONS:4x2,SEGMENTS:4,WINDOW_INDEX:1,WINDOW_SEGMENTS:4"
+    )
+    assert options["trt_profile_max_shapes"] == (
+        f"PATCHES:{most}x{values},POSITIONS:{most}x2,SEGMENTS:{most},WINDOW_INDEX:{most // 4},WINDOW_SEGMENTS:{most}"
+    )
+    assert options["trt_engine_cache_enable"] is True and options["trt_fp16_enable"] is False
+    assert check_repository(tmp_path / "repo", "gpu").ok
+    with pytest.raises(RuntimeError, match=r"lacks TensorrtExecutionProvider, CUDAExecutionProvider; .* TensorRT"):
+        onnxruntime_providers({k: v.string_value for k, v in parameters.items()}, "qwen2_5vl_vision_encoder")
+    with pytest.raises(
+        InputError, match="leave out --native-backends; on a GPU use --engine onnxruntime or onnxruntime-trt"
+    ):
+        build("qwen2_5vl", str(model_dir), tmp_path / "native", options=BuildOptions(native_backends=True))
+
+
 @pytest.mark.gpu
-def test_a_gpu_repository_answers_as_transformers_on_a_gpu(tiny_model_dir, tmp_path):
-    """Never run here (no GPU): the GPU repository's greedy answer against transformers'."""
+@pytest.mark.parametrize("engine", ["onnxruntime", "onnxruntime-trt"])
+def test_a_gpu_repository_answers_as_transformers_on_a_gpu(tiny_model_dir, tmp_path, engine):
+    """Never run here (no GPU): the GPU repository's greedy answer against transformers', the vision
+    graph on ONNX Runtime's CUDA provider or its TensorRT provider."""
     from tritonkit.families.base import BuildOptions
 
     model_dir = tiny_model_dir("qwen2vl")
-    build("qwen2vl", str(model_dir), tmp_path / "repo", options=BuildOptions(target="gpu"))
+    build("qwen2vl", str(model_dir), tmp_path / "repo", options=BuildOptions(target="gpu", engine=engine))
     spec = get_family("qwen2vl")
     loaded = spec.load(str(model_dir))
     server = start_server(tmp_path / "repo")

@@ -58,6 +58,8 @@ def build(
         progress(f"loading {family} from {model}")
         spec.check_model_type(model)
         loaded = spec.load(model, trust_remote_code=trust_remote_code)
+        for change in spec.fit(loaded, options):
+            progress(change)
         onnx_files, reports, exports = {}, [], {}
         key = export_cache.export_key(model, family)
         for export in spec.exports(loaded):

@@ -110,6 +110,13 @@ def build(
             help="Chat: largest prompt, checked before tokenizing (default 65536); its tokens must also fit the context."
         ),
     ] = None,
+    max_image_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Qwen-VL: visual tokens per image (its max_pixels / 28²); larger images are resized down as the "
+            "processor does. Default: the checkpoint's, lowered to what one vision run's attention holds in 2 GiB."
+        ),
+    ] = None,
     exif_orientation: Annotated[
         bool | None,
         typer.Option(
@@ -204,6 +211,7 @@ def build(
         audio_padding=audio_padding,
         max_request_bytes=max_request_bytes,
         max_prompt_bytes=max_prompt_bytes,
+        max_image_tokens=max_image_tokens,
         dali_threads=dali_threads,
         engine=engine,
         native_backends=native_backends,

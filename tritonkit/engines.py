@@ -10,7 +10,9 @@ a session always states its precision hint, so "fp32" is FP32 on every CPU.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +95,7 @@ def open_session(
     *,
     precision: str = "fp32",
     threads: int = 0,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",),
 ):
     """A session over the graph `path` (ONNX, or OpenVINO IR for openvino) on `engine`;
     `providers` are ONNX Runtime's."""
@@ -122,9 +124,11 @@ class Runtime:
 ONNX_RUNTIME = Runtime()  # the default: ONNX Runtime on the CPU
 
 
-def onnxruntime_providers(parameters: Mapping[str, str], model_name: str) -> list[str]:
-    """A template's ONNX Runtime execution providers (parameter `providers`, comma-separated); a GPU
-    repository's on an ONNX Runtime without CUDA fails at load with what to do."""
+def onnxruntime_providers(parameters: Mapping[str, str], model_name: str) -> list[str | tuple[str, dict]]:
+    """A template's ONNX Runtime execution providers (parameter `providers`, comma-separated; the
+    TensorRT provider with the options of parameter `tensorrt_options`, its engines cached under the
+    temporary directory); a GPU repository's on an ONNX Runtime without them fails at load with what
+    to do."""
     providers = parameters.get("providers", "CPUExecutionProvider").split(",")
     if parameters.get("engine", "onnxruntime") == "onnxruntime":
         import onnxruntime as ort
@@ -133,9 +137,14 @@ def onnxruntime_providers(parameters: Mapping[str, str], model_name: str) -> lis
         if missing:
             raise RuntimeError(
                 f"{model_name}: ONNX Runtime here lacks {', '.join(missing)}; this repository was built with "
-                "--target gpu: run it on a GPU machine with onnxruntime-gpu, or rebuild with --target cpu"
+                "--target gpu: run it on a GPU machine with onnxruntime-gpu (and TensorRT for "
+                "--engine onnxruntime-trt), or rebuild with --target cpu"
             )
-    return providers
+    tensorrt = json.loads(parameters.get("tensorrt_options", "{}"))
+    if not tensorrt:
+        return list(providers)
+    tensorrt.setdefault("trt_engine_cache_path", str(Path(tempfile.gettempdir()) / "tritonkit-tensorrt" / model_name))
+    return [(p, tensorrt) if p == "TensorrtExecutionProvider" else p for p in providers]
 
 
 def session_from_parameters(path: Path, parameters: Mapping[str, str], model_config: Mapping[str, Any], **kwargs):

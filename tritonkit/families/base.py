@@ -137,6 +137,7 @@ class BuildOptions:
     audio_padding: str | None = None  # Whisper: "audio" (OpenAI, transformers) or "features" (faster-whisper)
     max_request_bytes: int | None = None  # all encoded inputs of one request; None: the family's default
     max_prompt_bytes: int | None = None  # one text prompt (chat), checked before tokenizing
+    max_image_tokens: int | None = None  # Qwen-VL: visual tokens per image (None: the checkpoint's, within memory)
     dali_threads: int = 1
     # how the graphs run: ONNX Runtime or OpenVINO (cpu); ONNX Runtime, its TensorRT provider, or TensorRT plans (gpu)
     engine: str = "onnxruntime"
@@ -163,6 +164,7 @@ class BuildOptions:
         for flag, value in (
             ("--max-request-bytes", self.max_request_bytes),
             ("--max-prompt-bytes", self.max_prompt_bytes),
+            ("--max-image-tokens", self.max_image_tokens),
         ):
             if value is not None and value < 1:
                 raise InputError(f"{flag} must be >= 1, got {value}")
@@ -281,6 +283,15 @@ class FamilySpec:
                 if owner
                 else f"{self.name} builds {', '.join(self.model_types)} models",
             )
+
+    def fit(self, loaded: Any, options: BuildOptions) -> list[str]:
+        """Adapt the loaded processors to the build's options before anything is exported or written;
+        returns what changed, one line each, for the build's progress."""
+        from tritonkit.errors import InputError
+
+        if options.max_image_tokens is not None:
+            raise InputError(f"--max-image-tokens is for Qwen-VL's images; leave it out for {self.name}")
+        return []
 
     def exports(self, loaded: Any) -> list[OnnxExport]:
         raise NotImplementedError

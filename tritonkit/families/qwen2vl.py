@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +70,10 @@ POSITIONS, SEGMENTS, WINDOW_INDEX, WINDOW_SEGMENTS = "POSITIONS", "SEGMENTS", "W
 # blocks' linear layers (2N²d for scores and values against 12Nd² a block), past it images run apart.
 RUN_PATCHES_PER_WIDTH = 6
 MIN_PATCHES_PER_RUN, MAX_PATCHES_PER_RUN = 256, 8192
+# What one vision run's attention scores (float32, every head: 4 x heads x patches²) may take. A run
+# holds one image at least, so an image may have no more patches than fit: checkpoints that allow
+# more (Qwen2-VL-7B's 12.8 MP: 65,536 patches, 275 GB of scores) get their max_pixels lowered.
+ATTENTION_BUDGET_BYTES = 2 * 2**30
 # Sample images' patch grids for export and validation: four sizes in one batch, then fewer.
 SAMPLE_GRIDS = ([[1, 8, 8], [1, 4, 6], [1, 6, 4], [1, 14, 14]], [[1, 4, 4]], [[1, 10, 6], [1, 4, 8]])
 
@@ -93,10 +98,51 @@ class LoadedQwenVL:
         return int(self.model.config.text_config.hidden_size)
 
     @property
+    def attention_patches(self) -> int:
+        """The most patches one vision run may hold within ATTENTION_BUDGET_BYTES (whole merge units)."""
+        heads = int(self.model.config.vision_config.num_heads)
+        unit = self.layout.merge_size**2
+        return math.isqrt(ATTENTION_BUDGET_BYTES // (4 * heads)) // unit * unit
+
+    @property
     def patches_per_run(self) -> int:
         vision = self.model.config.vision_config
         width = int(getattr(vision, "embed_dim", None) or vision.hidden_size)  # Qwen2-VL names it embed_dim
-        return max(MIN_PATCHES_PER_RUN, min(MAX_PATCHES_PER_RUN, RUN_PATCHES_PER_WIDTH * width))
+        wanted = max(MIN_PATCHES_PER_RUN, min(MAX_PATCHES_PER_RUN, RUN_PATCHES_PER_WIDTH * width))
+        return min(wanted, self.attention_patches)
+
+    @property
+    def pixels_per_token(self) -> int:
+        return (self.layout.patch_size * self.layout.merge_size) ** 2
+
+    def bound_image_tokens(self, tokens: int | None) -> str | None:
+        """Lower the image processor's max_pixels to `tokens` visual tokens per image (None: to what a
+        vision run holds, if the checkpoint allows more); returns what changed, or None."""
+        from tritonkit.errors import InputError
+
+        size = dict(self.image_processor.size)
+        low = int(size.get("shortest_edge") or size["min_pixels"])
+        high = int(size.get("longest_edge") or size["max_pixels"])
+        fits = self.attention_patches // self.layout.merge_size**2
+        if tokens is not None and not (low <= tokens * self.pixels_per_token and tokens <= fits):
+            raise InputError(
+                f"--max-image-tokens {tokens}: use {-(-low // self.pixels_per_token)} to {fits} (the processor's "
+                f"min_pixels {low}; one vision run's attention within {ATTENTION_BUDGET_BYTES >> 20} MiB)"
+            )
+        bound = (tokens if tokens is not None else fits) * self.pixels_per_token
+        if bound == high or (bound > high and tokens is None):
+            return None
+        config = self.image_processor.to_dict()
+        for key in ("min_pixels", "max_pixels", "image_processor_type"):
+            config.pop(key, None)
+        config["size"] = {"shortest_edge": low, "longest_edge": bound}
+        self.image_processor = type(self.image_processor).from_dict(config)
+        why = (
+            "--max-image-tokens"
+            if tokens is not None
+            else f"a vision run's attention within {ATTENTION_BUDGET_BYTES >> 20} MiB"
+        )
+        return f"image processor: max_pixels {high} -> {bound} ({bound // self.pixels_per_token} visual tokens an image; {why})"
 
     @property
     def patch_values(self) -> int:
@@ -117,6 +163,28 @@ def image_inputs(loaded: LoadedQwenVL, images) -> tuple[np.ndarray, np.ndarray]:
     """PIL images -> (pixel_values [patches, D], image_grid_thw [images, 3]) by the checkpoint's processor."""
     processed = loaded.image_processor(images=images, return_tensors="np")
     return np.asarray(processed["pixel_values"], np.float32), np.asarray(processed["image_grid_thw"], np.int64)
+
+
+def tensorrt_options(loaded: LoadedQwenVL, precision: str) -> dict[str, Any]:
+    """ONNX Runtime's TensorRT provider options for the vision graph: one optimisation profile from
+    one merge unit to the most patches a run holds (an image never has more: `bound_image_tokens`),
+    so TensorRT builds its engine once instead of once per new run size; FP16 kernels for --precision
+    fp16; engines cached across restarts."""
+    unit = loaded.layout.merge_size**2
+
+    def shapes(patches: int) -> str:
+        dims = {PATCHES: f"{patches}x{loaded.patch_values}", POSITIONS: f"{patches}x2", SEGMENTS: f"{patches}"}
+        if loaded.layout.windowed:
+            dims |= {WINDOW_INDEX: f"{patches // unit}", WINDOW_SEGMENTS: f"{patches}"}
+        return ",".join(f"{name}:{dims[name]}" for name in dims)
+
+    return {
+        "trt_profile_min_shapes": shapes(unit),
+        "trt_profile_opt_shapes": shapes(loaded.patches_per_run),
+        "trt_profile_max_shapes": shapes(loaded.attention_patches),
+        "trt_fp16_enable": precision == "fp16",
+        "trt_engine_cache_enable": True,
+    }
 
 
 @register
@@ -150,6 +218,10 @@ class Qwen2VLSpec(FamilySpec):
         "vision_encoder": StageMemory(fixed_mb=260),
         SERVER_MEMORY_ROLE: StageMemory(fixed_mb=45),
     }
+
+    def fit(self, loaded: LoadedQwenVL, options: BuildOptions) -> list[str]:
+        change = loaded.bound_image_tokens(options.max_image_tokens)
+        return [change] if change else []
 
     def memory_for(self, options: BuildOptions) -> Mapping[str, StageMemory]:
         if options.preprocessing != "dali":
@@ -226,10 +298,11 @@ class Qwen2VLSpec(FamilySpec):
     ) -> list[Pipeline]:
         from tritonkit.engines import graph_files, graph_name
 
-        if options.native_backends or options.engine in ("tensorrt", "onnxruntime-trt"):
+        if options.native_backends or options.engine == "tensorrt":
             raise InputError(
-                f"{self.name}: the ragged vision graph runs in the Python backend (ONNX Runtime or OpenVINO)",
-                hint="leave out --native-backends and --engine tensorrt / onnxruntime-trt for this family",
+                f"{self.name}: the ragged vision graph runs in the Python backend (ONNX Runtime, its TensorRT "
+                "provider, or OpenVINO)",
+                hint="leave out --native-backends; on a GPU use --engine onnxruntime or onnxruntime-trt",
             )
         t = self.tensors(loaded)
         from tritonkit.qwen_vl import save_language_model
@@ -240,9 +313,15 @@ class Qwen2VLSpec(FamilySpec):
         tokenizer = saved_pretrained("tokenizer and chat template", "tokenizer", loaded.tokenizer.save_pretrained)
         preprocess = self.preprocess_stage(loaded, t, options)
         graph = onnx_files["vision_encoder"]
-        # GPU: the same Python-backend stages, the vision graph on ONNX Runtime's CUDA provider and
-        # the language model on CUDA; the image processor stays on the CPU
-        gpu = {"providers": "CUDAExecutionProvider,CPUExecutionProvider"} if options.gpu else {}
+        # GPU: the same Python-backend stages, the vision graph on ONNX Runtime's CUDA provider (or
+        # its TensorRT provider, --engine onnxruntime-trt) and the language model on CUDA
+        gpu = {}
+        if options.gpu:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if options.engine == "onnxruntime-trt":
+                providers.insert(0, "TensorrtExecutionProvider")
+                gpu["tensorrt_options"] = json.dumps(tensorrt_options(loaded, options.precision))
+            gpu["providers"] = ",".join(providers)
         vision = Stage(
             "vision_encoder",
             "qwen_vl_vision",
