@@ -112,6 +112,12 @@ class LoadedQwenVL:
         return min(wanted, self.attention_patches)
 
     @property
+    def most_image_patches(self) -> int:
+        """The patches of the largest image the processor makes (at its max_pixels)."""
+        size = dict(self.image_processor.size)
+        return int(size.get("longest_edge") or size["max_pixels"]) // self.layout.patch_size**2
+
+    @property
     def pixels_per_token(self) -> int:
         return (self.layout.patch_size * self.layout.merge_size) ** 2
 
@@ -313,6 +319,8 @@ class Qwen2VLSpec(FamilySpec):
         tokenizer = saved_pretrained("tokenizer and chat template", "tokenizer", loaded.tokenizer.save_pretrained)
         preprocess = self.preprocess_stage(loaded, t, options)
         graph = onnx_files["vision_encoder"]
+        unit = loaded.layout.merge_size**2
+        largest_run = max(loaded.patches_per_run, loaded.most_image_patches // unit * unit)
         # GPU: the same Python-backend stages, the vision graph on ONNX Runtime's CUDA provider (or
         # its TensorRT provider, --engine onnxruntime-trt) and the language model on CUDA
         gpu = {}
@@ -333,10 +341,9 @@ class Qwen2VLSpec(FamilySpec):
                 "vision_layout": json.dumps(asdict(loaded.layout)),
                 "max_patches_per_run": str(loaded.patches_per_run),
                 "feature_cache_entries": str(FEATURE_CACHE_ENTRIES),
-                # a run at its patch budget: the graph's attention masks and scores grow with its square
-                PLAN_DIMS_PARAMETER: json.dumps(
-                    {"patches": loaded.patches_per_run, "units": loaded.patches_per_run // loaded.layout.merge_size**2}
-                ),
+                # the largest run (its patch budget, or one image at the processor's max_pixels): the
+                # graph's attention masks and scores grow with its square
+                PLAN_DIMS_PARAMETER: json.dumps({"patches": largest_run, "units": largest_run // unit}),
                 **gpu,
             },
             graph_files(graph, "model"),
