@@ -293,6 +293,9 @@ def test_an_images_visual_tokens_are_bounded_by_what_a_vision_run_holds(tiny_mod
     ]
     pixels, grids = image_inputs(loaded, [Image.new("RGB", (4000, 3000))])
     assert image_tokens(grids[0], 2) <= 1448 and len(pixels) <= loaded.attention_patches
+    loaded.image_processor = type(loaded.image_processor)(min_pixels=1449 * 28 * 28, max_pixels=12845056)
+    with pytest.raises(InputError, match="min_pixels 1136016 is more than one vision run's attention holds"):
+        spec.fit(loaded, BuildOptions())
 
 
 def test_max_image_tokens_resizes_large_images_down_as_the_processor_does(tiny_model_dir, tmp_path):

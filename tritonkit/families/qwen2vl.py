@@ -136,6 +136,12 @@ class LoadedQwenVL:
                 f"min_pixels {low}; one vision run's attention within {ATTENTION_BUDGET_BYTES >> 20} MiB)"
             )
         bound = (tokens if tokens is not None else fits) * self.pixels_per_token
+        if bound < low:
+            raise InputError(
+                f"the image processor's min_pixels {low} is more than one vision run's attention holds within "
+                f"{ATTENTION_BUDGET_BYTES >> 20} MiB ({fits} visual tokens)",
+                hint="lower min_pixels in the checkpoint's preprocessor_config.json",
+            )
         if bound == high or (bound > high and tokens is None):
             return None
         config = self.image_processor.to_dict()
