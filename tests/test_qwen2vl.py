@@ -293,6 +293,7 @@ def test_an_images_visual_tokens_are_bounded_by_what_a_vision_run_holds(tiny_mod
     ]
     pixels, grids = image_inputs(loaded, [Image.new("RGB", (4000, 3000))])
     assert image_tokens(grids[0], 2) <= 1448 and len(pixels) <= loaded.attention_patches
+    assert loaded.largest_run == 5792  # what the plan and the TensorRT profile size a run at
     loaded.image_processor = type(loaded.image_processor)(min_pixels=1449 * 28 * 28, max_pixels=12845056)
     with pytest.raises(InputError, match="min_pixels 1136016 is more than one vision run's attention holds"):
         spec.fit(loaded, BuildOptions())
@@ -478,7 +479,7 @@ def test_a_gpu_repository_may_run_the_vision_graph_on_onnx_runtimes_tensorrt_pro
     providers = parameters["providers"].string_value
     assert providers == "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider"
     loaded = get_family("qwen2_5vl").load(str(model_dir))
-    most, values = loaded.attention_patches, loaded.patch_values
+    most, values = 256, loaded.patch_values  # the largest run: one image at the tiny max_pixels (50,176)
     options = json.loads(parameters["tensorrt_options"].string_value)
     assert (
         options["trt_profile_min_shapes"]

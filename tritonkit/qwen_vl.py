@@ -68,13 +68,13 @@ class PatchRecipe:
 
     @classmethod
     def from_processor(cls, processor, exif_orientation: bool = True) -> PatchRecipe:
-        size = dict(processor.size)
+        min_pixels, max_pixels = pixel_budget(processor)
         return cls(
             patch_size=int(processor.patch_size),
             merge_size=int(processor.merge_size),
             temporal_patch_size=int(processor.temporal_patch_size),
-            min_pixels=int(size.get("shortest_edge") or size["min_pixels"]),
-            max_pixels=int(size.get("longest_edge") or size["max_pixels"]),
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
             mean=tuple(float(x) for x in processor.image_mean),  # type: ignore[arg-type]
             std=tuple(float(x) for x in processor.image_std),  # type: ignore[arg-type]
             rescale_factor=float(processor.rescale_factor),
@@ -104,6 +104,12 @@ class PatchRecipe:
     def from_json(cls, text: str) -> PatchRecipe:
         data = json.loads(text)
         return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+
+
+def pixel_budget(processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a Qwen2-VL image processor (its `size`, in either spelling)."""
+    size = dict(processor.size)
+    return int(size.get("shortest_edge") or size["min_pixels"]), int(size.get("longest_edge") or size["max_pixels"])
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -54,7 +54,7 @@ from tritonkit.families.llava import (
     chat_pipelines,
 )
 from tritonkit.llava_decoding import COMPLETION_TOKENS, FINISH_REASON, PROMPT_TOKENS
-from tritonkit.qwen_vl import VisionLayout, image_tokens, vision_inputs
+from tritonkit.qwen_vl import VisionLayout, image_tokens, pixel_budget, vision_inputs
 from tritonkit.triton_config import Batching, Tensor
 
 # Public contract beside LLaVA's: several images in one request (BYTES, one encoded image each).
@@ -112,10 +112,12 @@ class LoadedQwenVL:
         return min(wanted, self.attention_patches)
 
     @property
-    def most_image_patches(self) -> int:
-        """The patches of the largest image the processor makes (at its max_pixels)."""
-        size = dict(self.image_processor.size)
-        return int(size.get("longest_edge") or size["max_pixels"]) // self.layout.patch_size**2
+    def largest_run(self) -> int:
+        """The most patches one vision run holds: its patch budget, or one image at the processor's
+        max_pixels (whole merge units)."""
+        unit = self.layout.merge_size**2
+        largest_image = pixel_budget(self.image_processor)[1] // self.layout.patch_size**2
+        return max(self.patches_per_run, largest_image // unit * unit)
 
     @property
     def pixels_per_token(self) -> int:
@@ -126,9 +128,7 @@ class LoadedQwenVL:
         vision run holds, if the checkpoint allows more); returns what changed, or None."""
         from tritonkit.errors import InputError
 
-        size = dict(self.image_processor.size)
-        low = int(size.get("shortest_edge") or size["min_pixels"])
-        high = int(size.get("longest_edge") or size["max_pixels"])
+        low, high = pixel_budget(self.image_processor)
         fits = self.attention_patches // self.layout.merge_size**2
         if tokens is not None and not (low <= tokens * self.pixels_per_token and tokens <= fits):
             raise InputError(
@@ -179,9 +179,9 @@ def image_inputs(loaded: LoadedQwenVL, images) -> tuple[np.ndarray, np.ndarray]:
 
 def tensorrt_options(loaded: LoadedQwenVL, precision: str) -> dict[str, Any]:
     """ONNX Runtime's TensorRT provider options for the vision graph: one optimisation profile from
-    one merge unit to the most patches a run holds (an image never has more: `bound_image_tokens`),
-    so TensorRT builds its engine once instead of once per new run size; FP16 kernels for --precision
-    fp16; engines cached across restarts."""
+    one merge unit to the most patches a run holds (`largest_run`, finite because
+    `bound_image_tokens` bounds every image), so TensorRT builds its engine once instead of once per
+    new run size; FP16 kernels for --precision fp16; engines cached across restarts."""
     unit = loaded.layout.merge_size**2
 
     def shapes(patches: int) -> str:
@@ -193,7 +193,7 @@ def tensorrt_options(loaded: LoadedQwenVL, precision: str) -> dict[str, Any]:
     return {
         "trt_profile_min_shapes": shapes(unit),
         "trt_profile_opt_shapes": shapes(loaded.patches_per_run),
-        "trt_profile_max_shapes": shapes(loaded.attention_patches),
+        "trt_profile_max_shapes": shapes(loaded.largest_run),
         "trt_fp16_enable": precision == "fp16",
         "trt_engine_cache_enable": True,
     }
@@ -325,8 +325,6 @@ class Qwen2VLSpec(FamilySpec):
         tokenizer = saved_pretrained("tokenizer and chat template", "tokenizer", loaded.tokenizer.save_pretrained)
         preprocess = self.preprocess_stage(loaded, t, options)
         graph = onnx_files["vision_encoder"]
-        unit = loaded.layout.merge_size**2
-        largest_run = max(loaded.patches_per_run, loaded.most_image_patches // unit * unit)
         # GPU: the same Python-backend stages, the vision graph on ONNX Runtime's CUDA provider (or
         # its TensorRT provider, --engine onnxruntime-trt) and the language model on CUDA
         gpu = {}
@@ -349,7 +347,9 @@ class Qwen2VLSpec(FamilySpec):
                 "feature_cache_entries": str(FEATURE_CACHE_ENTRIES),
                 # the largest run (its patch budget, or one image at the processor's max_pixels): the
                 # graph's attention masks and scores grow with its square
-                PLAN_DIMS_PARAMETER: json.dumps({"patches": largest_run, "units": largest_run // unit}),
+                PLAN_DIMS_PARAMETER: json.dumps(
+                    {"patches": loaded.largest_run, "units": loaded.largest_run // loaded.layout.merge_size**2}
+                ),
                 **gpu,
             },
             graph_files(graph, "model"),
