@@ -101,20 +101,24 @@ class TritonPythonModel(BatchedModel):
                 if not len(samples):  # no speech: one empty window, decoded to nothing
                     row_options[index] = replace(row_options[index], empty=True)
             row_options[index] = replace(row_options[index], **mapped)
-            # OpenAI's sequential algorithm for files over 30 s (as transformers runs it), and with
-            # faster-whisper's padding for every file, as faster-whisper runs it: a short file's
-            # text after its last complete timestamp is decoded again from there
-            sequential = len(samples) > WINDOW_SAMPLES or (self.recipe.padding == "features" and len(samples) > 0)
-            if self.features_output and row_options[index].timestamps and sequential:
-                # the decoder seeks through the whole file's features
-                features = log_mel_whole(samples, self.mel_filters, self.recipe.padding)
+            # With timestamps every file is decoded with OpenAI's sequential algorithm, as transformers'
+            # generate(return_timestamps=True) decodes short files too: a window whose last segment is
+            # complete before the end of its 30 s (speech cut off at the end) is decoded again from its
+            # last timestamp, or the file's last words are lost. A file of <= 30 s seeks through its
+            # window's own features (3000 frames, as transformers' max_frames), so the ensemble's
+            # encoder output serves the decoder's first window.
+            short = len(samples) <= WINDOW_SAMPLES
+            if self.features_output and row_options[index].timestamps and len(samples) > 0:
+                if short and self.recipe.padding == "audio":
+                    features = log_mel([samples], self.mel_filters)[0]
+                else:
+                    features = log_mel_whole(samples, self.mel_filters, self.recipe.padding)
                 row_options[index] = replace(
                     row_options[index],
                     long_form=True,
                     total_frames=features.shape[1],
-                    # a file of <= 30 s with faster-whisper's padding: its window's features are the
-                    # file's, so the ensemble's encoder output serves the decoder's first window
-                    first_window_encoded=self.recipe.padding == "features" and len(samples) <= WINDOW_SAMPLES,
+                    file_s=len(samples) / SAMPLE_RATE,
+                    first_window_encoded=short,
                 )
                 pieces = [samples[:WINDOW_SAMPLES]]
                 file_features.append(features)

@@ -396,6 +396,49 @@ def test_timestamps_are_the_tokens_of_transformers_and_make_segments(whisper_ser
         assert wer([without.text], [result.text]) < 0.3
 
 
+def speech_ending_at(speech_files, order, end_s: float) -> np.ndarray:
+    """Sentences 0.3 s apart, silence before them, the last one ending exactly at `end_s` (the
+    audio is cut there): speech that runs to the end of a 30 s window."""
+    pieces = []
+    for i in order:
+        pieces += [decode_audio(speech_files[i], AudioRecipe()), np.zeros(int(0.3 * SAMPLE_RATE), np.float32)]
+    speech = np.concatenate(pieces[:-1])
+    total = int(end_s * SAMPLE_RATE)
+    return np.concatenate([np.zeros(max(0, total - len(speech)), np.float32), speech])[-total:]
+
+
+@pytest.mark.server
+def test_speech_that_runs_to_the_end_of_a_30_second_file_keeps_its_last_segment(
+    whisper_server, whisper_loaded, speech_files
+):
+    """The first pass over such a window ends with a complete segment seconds before its end (the
+    model leaves the cut-off speech to a next window); transformers' generate(return_timestamps=True)
+    then decodes again from that timestamp, and so must the server, or the last sentence is lost."""
+    import torch
+
+    _, loaded = whisper_loaded
+    clips = [
+        speech_ending_at(speech_files, (0, 1, 2, 3, 4, 6), 30.0),
+        speech_ending_at(speech_files, (2, 3, 4, 5, 6, 7), 29.99),
+    ]
+    files = [wav_bytes(c, SAMPLE_RATE) for c in clips]
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        served = client.transcribe(files, timestamps=True)  # one request: both files in one batch
+    config = loaded.model.generation_config
+    for data, clip, result, last_words in zip(files, clips, served, ("cup and coffee with milk", "leaves the station")):
+        with torch.no_grad():  # the server's default is OpenAI's condition_on_previous_text
+            out = loaded.model.generate(
+                torch.from_numpy(features(loaded, data)), return_timestamps=True, condition_on_prev_tokens=True
+            )
+        reference = [t for t in out[0].tolist() if t not in (config.eos_token_id, config.pad_token_id)]
+        assert list(result.tokens) == reference
+        stamps = [t for t in reference if t >= 50363]
+        assert any(b < a for a, b in zip(stamps, stamps[1:]))  # the reference decoded a second pass
+        assert last_words in result.segments[-1].text and last_words in result.text, result
+        assert result.segments[-1].end <= len(clip) / SAMPLE_RATE + 1e-6
+        assert result.segments[-1].end > len(clip) / SAMPLE_RATE - 2
+
+
 @pytest.mark.server
 def test_a_long_file_gets_segments_on_its_own_timeline(whisper_server, speech_files):
     samples = [decode_audio(speech_files[i % len(speech_files)], AudioRecipe()) for i in range(12)]

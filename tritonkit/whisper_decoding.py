@@ -269,6 +269,7 @@ class DecodeOptions:
     empty: bool = False  # nothing to decode (VAD found no speech): no text, no segments
     long_form: bool = False  # OpenAI's sequential long-form decoding over the file's features
     total_frames: int = 0  # with long_form: the file's mel frames
+    file_s: float = 0.0  # with long_form: the file's audio in seconds (segment times past it are clamped to it)
     first_window_encoded: bool = False  # long-form: the ensemble's encoder output is the first window's
     condition: bool = True  # long-form: condition each window on the text before it (condition_on_previous_text)
     previous: tuple[int, ...] | None = None  # long-form: the tokens a window is conditioned on
@@ -970,7 +971,8 @@ class LongForm:
                 found, advance = window_segments(tokens[k], begin, seeks[i] * SECONDS_PER_FRAME, frames[i])
                 text = self.decoder.text_of(tokens[k]) if self.decoder.text_of else ""
                 stats = self.decoder.window_stats(k, tokens[k], text)
-                duration = options[i].total_frames * SECONDS_PER_FRAME  # a time past the file's end is its end
+                # a time past the file's end is its end
+                duration = options[i].file_s or options[i].total_frames * SECONDS_PER_FRAME
                 results[i].segments += [
                     (min(start, duration), min(end, duration), piece, stats) for start, end, piece in found
                 ]
