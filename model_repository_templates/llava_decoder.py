@@ -40,6 +40,7 @@ class TritonPythonModel(BatchedModel):
         device = self.parameters.get("device", "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"{self.model_name} was built for a GPU (--target gpu) and no CUDA device is visible")
+        self.torch_threads()  # its share of the cores: instances left with torch's default fight over them
         model_dir = str(self.version_dir / self.parameters["language_model_dir"])
         # Qwen-VL: a text model with M-RoPE beside its head (tritonkit.qwen_vl); otherwise a causal LM
         merge_size = int(self.parameters.get("mrope_merge_size", "0")) or None

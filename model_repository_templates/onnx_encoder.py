@@ -15,11 +15,9 @@ from tritonkit.runtime import BatchedModel, run_in_slices
 
 class TritonPythonModel(BatchedModel):
     def setup(self):
-        from tritonkit.engines import session_from_parameters
-
         # `onnx_file`: repositories built before OpenVINO
         graph = self.parameters.get("model_file") or self.parameters.get("onnx_file", "model.onnx")
-        self.session = session_from_parameters(self.version_dir / graph, self.parameters, self.model_config)
+        self.session = self.open_session(self.version_dir / graph)
         self.session_inputs = [i.name for i in self.session.get_inputs()]
         self.session_outputs = [o.name for o in self.session.get_outputs() if o.name in self.output_dtypes]
         self.rows_per_run = int(self.parameters.get("rows_per_run", "0"))

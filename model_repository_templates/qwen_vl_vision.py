@@ -23,13 +23,11 @@ from tritonkit.runtime import BatchedModel, object_rows
 
 class TritonPythonModel(BatchedModel):
     def setup(self):
-        from tritonkit.engines import onnxruntime_providers, session_from_parameters
+        from tritonkit.engines import onnxruntime_providers
 
         graph = self.parameters.get("model_file", "model.onnx")
         providers = onnxruntime_providers(self.parameters, self.model_name)
-        self.session = session_from_parameters(
-            self.version_dir / graph, self.parameters, self.model_config, providers=providers
-        )
+        self.session = self.open_session(self.version_dir / graph, providers=providers)
         self.graph_inputs = [i.name for i in self.session.get_inputs()]
         self.layout = VisionLayout(**json.loads(self.parameters["vision_layout"]))
         self.max_patches = int(self.parameters.get("max_patches_per_run", "1536"))

@@ -35,13 +35,13 @@ class TritonPythonModel(BatchedModel):
     def setup(self):
         from transformers import AutoTokenizer
 
-        from tritonkit.engines import onnxruntime_providers, session_from_parameters
+        from tritonkit.engines import onnxruntime_providers
 
         providers = onnxruntime_providers(self.parameters, self.model_name)
 
         def session(stem):  # `STEM_file`: the graph (absent in repositories built before OpenVINO)
             path = self.version_dir / self.parameters.get(f"{stem}_file", f"{stem}.onnx")
-            return session_from_parameters(path, self.parameters, self.model_config, providers=providers)
+            return self.open_session(path, providers=providers)
 
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.version_dir / self.parameters["tokenizer_dir"]))

@@ -285,3 +285,30 @@ def test_chat_names_an_unknown_model_in_one_line(llava_server, tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"model 'nope_stream' is not available at {llava_server.grpc_url}" in result.stderr  # the streaming ensemble
+
+
+def test_the_decoder_gives_torch_its_share_of_the_cores_and_reports_it(llava_server, llava_repository):
+    """torch takes every core unless told: the decoder sets its threads from the cores and its
+    instance count (tritonkit_compute_threads on /metrics; docs/BENCHMARKS.md has the before/after)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from tests.test_model_metrics import scrape
+    from tritonkit.engines import instance_threads, usable_cores
+
+    config = text_format.Parse(
+        (llava_repository / "llava_decoder" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    instances = sum(group.count or 1 for group in config.instance_group) or 1
+    expected = max(1, usable_cores() // instances)
+    reported = {
+        labels: v
+        for (name, labels), v in scrape(llava_server).items()
+        if name == "tritonkit_compute_threads" and ("model", "llava_decoder") in labels
+    }
+    assert len(reported) == instances and set(reported.values()) == {expected}, reported
+    assert all(("library", "torch") in labels for labels in reported)
+    # the rule itself: two instances on these cores share them; a parameter overrides it
+    two = {"instance_group": [{"count": 2, "kind": "KIND_CPU"}]}
+    assert instance_threads({}, two) == max(1, usable_cores() // 2)
+    assert instance_threads({"intra_op_threads": "3"}, two) == 3

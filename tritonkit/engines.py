@@ -149,16 +149,26 @@ def onnxruntime_providers(parameters: Mapping[str, str], model_name: str) -> lis
 
 def session_from_parameters(path: Path, parameters: Mapping[str, str], model_config: Mapping[str, Any], **kwargs):
     """A template's session, as its config's parameters say (`engine`, `inference_precision`,
-    `intra_op_threads`); an OpenVINO stage without a thread count takes the cores it may use
-    divided by its instance count."""
-    engine = parameters.get("engine", "onnxruntime")
-    threads = int(parameters.get("intra_op_threads", "0"))
-    if engine == "openvino" and threads == 0:
-        groups = model_config.get("instance_group", [])
-        threads = threads_per_instance(sum(int(group.get("count", 1)) for group in groups) or 1)
+    `intra_op_threads`), on `instance_threads` threads."""
     return open_session(
-        path, engine, precision=parameters.get("inference_precision", "fp32"), threads=threads, **kwargs
+        path,
+        parameters.get("engine", "onnxruntime"),
+        precision=parameters.get("inference_precision", "fp32"),
+        threads=instance_threads(parameters, model_config),
+        **kwargs,
     )
+
+
+def instance_threads(parameters: Mapping[str, str], model_config: Mapping[str, Any]) -> int:
+    """The threads one instance of a Python-backend model computes with: its `intra_op_threads`
+    parameter, or the cores it may use divided by its instance count. Left to themselves torch,
+    ONNX Runtime and OpenVINO each take every core, and a model's instances (and the models beside
+    them) then fight over the same cores."""
+    threads = int(parameters.get("intra_op_threads", "0") or 0)
+    if threads > 0:
+        return threads
+    groups = model_config.get("instance_group", [])
+    return threads_per_instance(sum(int(group.get("count", 1)) for group in groups) or 1)
 
 
 def usable_cores() -> int:

@@ -21,6 +21,7 @@ CACHE_HITS = "tritonkit_feature_cache_hits_total"
 CACHE_MISSES = "tritonkit_feature_cache_misses_total"
 SERVER_RESTARTS = "tritonkit_server_restarts"
 RESIDENT_BYTES = "tritonkit_resident_bytes"
+COMPUTE_THREADS = "tritonkit_compute_threads"
 TRACED_BYTES = "tritonkit_python_traced_bytes"
 # TRITONKIT_TRACEMALLOC=N (frames): every stub traces its Python allocations (numpy arrays
 # included), reports them as TRACED_BYTES and writes its 10 largest allocation sites to stderr
@@ -45,6 +46,7 @@ DESCRIPTIONS = {
     TRACED_BYTES: "Python allocations alive in this model instance's stub (with TRITONKIT_TRACEMALLOC set)",
     RESIDENT_BYTES: "Resident memory of this model instance's Python-backend process (process=stub) and of "
     "tritonserver's (process=tritonserver), refreshed while the model serves",
+    COMPUTE_THREADS: "Threads one model instance computes with, by library (torch, onnxruntime, openvino)",
     SERVER_RESTARTS: "Times `tritonkit serve` restarted tritonserver (a crash, or a Python-backend process lost)",
 }
 
@@ -112,6 +114,10 @@ class ModelMetrics:
             return
         self._metric(GENERATED_TOKENS, "COUNTER").increment(float(tokens))
         self._metric(DECODE_STEPS, "HISTOGRAM", STEPS_BUCKETS).observe(float(steps))
+
+    def compute_threads(self, library: str, threads: int) -> None:
+        if self._pb is not None:
+            self._metric(COMPUTE_THREADS, "GAUGE", library=library, instance=self.instance).set(float(threads))
 
     def cache_lookups(self, hits: int, misses: int) -> None:
         if self._pb is None:

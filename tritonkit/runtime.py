@@ -148,6 +148,31 @@ class BatchedModel:
     def setup(self) -> None:
         """Load what the model needs (sessions, tokenizers) from `self.version_dir`."""
 
+    def open_session(self, path: Path, **kwargs):
+        """An ONNX Runtime or OpenVINO session for the graph at `path`, as this model's parameters
+        say (`tritonkit.engines.session_from_parameters`), its threads reported."""
+        from tritonkit.engines import instance_threads, session_from_parameters
+
+        session = session_from_parameters(path, self.parameters, self.model_config, **kwargs)
+        threads = instance_threads(self.parameters, self.model_config)
+        self.metrics.compute_threads(self.parameters.get("engine", "onnxruntime"), threads)
+        return session
+
+    def torch_threads(self) -> int:
+        """Give torch this instance's share of the cores (`tritonkit.engines.instance_threads`),
+        report it (`tritonkit_compute_threads`) and return it."""
+        import torch
+
+        from tritonkit.engines import instance_threads
+
+        torch.set_num_threads(instance_threads(self.parameters, self.model_config))
+        try:
+            torch.set_num_interop_threads(1)  # one model call at a time per instance
+        except RuntimeError:  # already set, or inter-op work has started in this process
+            pass
+        self.metrics.compute_threads("torch", torch.get_num_threads())
+        return torch.get_num_threads()
+
     def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One request's inputs -> rows to batch. Raise InputError for a bad request."""
         return inputs
