@@ -118,12 +118,18 @@ def test_bench_makes_inputs_unique_so_the_response_cache_never_answers_unless_al
     (tmp_path / "a.jpg").write_bytes(encode_image(random_image(120, 90, seed=70), "JPEG"))
     args = ["bench", "clip_image", "-i", str(tmp_path / "a.jpg"), "--concurrency", "2", "--requests", "8"]
     args += ["--url", cached_clip_server.grpc_url, "--json"]
-    measured = run_cli(*args, str(tmp_path / "unique.json"))
-    assert measured.returncode == 0, measured.stderr
-    (level,) = json.loads((tmp_path / "unique.json").read_text())["levels"]
-    encoder = level["models"]["clip_image_encoder"]
-    assert level["errors"] == 0 and encoder["requests"] == 8 and encoder["cache_hits"] == 0
-    assert "response cache answered" not in measured.stdout + measured.stderr
+    # two levels, and the same command run twice: no level repeats the inputs of one before it
+    several = [*args[:4], "--concurrency", "1,2", *args[6:]]
+    for run in ("first", "again"):
+        measured = run_cli(*several, str(tmp_path / f"{run}.json"))
+        assert measured.returncode == 0, measured.stderr
+        levels = json.loads((tmp_path / f"{run}.json").read_text())["levels"]
+        assert len(levels) == 2
+        for level in levels:
+            ensemble, encoder = level["models"]["clip_image"], level["models"]["clip_image_encoder"]
+            assert level["errors"] == 0 and encoder["requests"] == 8, level
+            assert ensemble["cache_hits"] == 0 and encoder["cache_hits"] == 0, level
+        assert "response cache answered" not in measured.stdout + measured.stderr
     cached = run_cli(*args, str(tmp_path / "cached.json"), "--allow-cache")
     assert cached.returncode == 0, cached.stderr
     (level,) = json.loads((tmp_path / "cached.json").read_text())["levels"]

@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import resource
+import secrets
 import shutil
 import subprocess
 import time
@@ -70,7 +71,8 @@ def _cpu_seconds() -> float:
 def unique(item: bytes, serial: int, text: bool) -> bytes:
     """`item` with a serial number in bytes its decoder skips, so no cache can answer it."""
     if text:
-        return item + b" " * (1 + serial % 64) + b" " * (serial // 64 % 64)  # tokenizers strip trailing spaces
+        # the serial in binary as trailing spaces and tabs: tokenizers strip trailing whitespace
+        return item + b" " + bytes(b" \t"[int(bit)] for bit in f"{serial:b}")
     if item[:4] == b"RIFF" and item[8:12] == b"WAVE":  # a chunk WAV readers skip, and the RIFF size grown to match
         chunk = b"tkbn" + (8).to_bytes(4, "little") + serial.to_bytes(8, "little")
         body = item[12:] + chunk
@@ -112,8 +114,10 @@ async def _run_level(
     duration_s: float | None,
     count: int | None,
     tick: Callable[[], None],
+    first_serial: int = 0,
 ) -> tuple[list[float], int, int, float, str | None]:
-    """`concurrency` workers each keeping one `send(serial)` in flight; latencies in ms."""
+    """`concurrency` workers each keeping one `send(serial)` in flight, serials counted from
+    `first_serial`; latencies in ms."""
     latencies: list[float] = []
     errors = timeouts = 0
     first_error: str | None = None
@@ -129,7 +133,7 @@ async def _run_level(
     async def worker() -> None:
         nonlocal errors, timeouts, sent, first_error
         while more():
-            serial = sent
+            serial = first_serial + sent
             sent += 1
             began = time.perf_counter()
             try:
@@ -148,7 +152,7 @@ async def _run_level(
     return latencies, errors, timeouts, time.perf_counter() - start, first_error
 
 
-async def _grpc_level(url, model, feeds, allow_cache, concurrency, duration_s, count, timeout_s, tick):
+async def _grpc_level(url, model, feeds, allow_cache, concurrency, duration_s, count, timeout_s, tick, first_serial):
     import tritonclient.grpc.aio as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
@@ -163,7 +167,7 @@ async def _grpc_level(url, model, feeds, allow_cache, concurrency, duration_s, c
         await client.infer(model, tensors, client_timeout=timeout_s)
 
     try:
-        return await _run_level(send, concurrency, duration_s, count, tick)
+        return await _run_level(send, concurrency, duration_s, count, tick, first_serial)
     finally:
         await client.close()
 
@@ -172,7 +176,9 @@ class HttpError(Exception):
     pass
 
 
-async def _openai_level(base, model, kind, items, texts, allow_cache, concurrency, duration_s, count, timeout_s, tick):
+async def _openai_level(
+    base, model, kind, items, texts, allow_cache, concurrency, duration_s, count, timeout_s, tick, first_serial
+):
     """The same load as OpenAI API calls: embeddings (texts, or images as data URLs),
     transcriptions (multipart audio) or chat (an image and a question)."""
     import base64
@@ -215,7 +221,7 @@ async def _openai_level(base, model, kind, items, texts, allow_cache, concurrenc
             raise HttpError(f"HTTP {response.status_code}: {response.text[:300]}")
 
     try:
-        return await _run_level(send, concurrency, duration_s, count, tick)
+        return await _run_level(send, concurrency, duration_s, count, tick, first_serial)
     finally:
         await client.aclose()
 
@@ -354,6 +360,9 @@ def run_bench(
             except Exception:
                 models = []
         results = []
+        # every level, and every run of bench, sends inputs no earlier one sent: a level that
+        # repeated the one before would be answered by the response cache
+        first_serial = secrets.randbits(40)
         for concurrency in concurrencies:
             done = [0]
             total = requests or 0
@@ -365,12 +374,26 @@ def run_bench(
 
             before, cpu_before = _stats(sync, models), _cpu_seconds()
             if kind is None:
-                level = _grpc_level(url, model, feeds, allow_cache, concurrency, duration_s, requests, timeout_s, tick)
+                level = _grpc_level(
+                    url, model, feeds, allow_cache, concurrency, duration_s, requests, timeout_s, tick, first_serial
+                )
             else:
                 level = _openai_level(
-                    openai, model, kind, items, flags, allow_cache, concurrency, duration_s, requests, timeout_s, tick
+                    openai,
+                    model,
+                    kind,
+                    items,
+                    flags,
+                    allow_cache,
+                    concurrency,
+                    duration_s,
+                    requests,
+                    timeout_s,
+                    tick,
+                    first_serial,
                 )
             latencies, errors, timeouts, seconds, first_error = asyncio.run(level)
+            first_serial += len(latencies) + errors + timeouts
             cpu = (_cpu_seconds() - cpu_before) / seconds / (os.cpu_count() or 1)
             after = _settled_stats(sync, models, before, counted, len(latencies)) if models else {}
             results.append(
