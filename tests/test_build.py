@@ -134,3 +134,42 @@ def test_a_path_like_model_that_does_not_exist_is_never_sent_to_the_hub(source, 
     with pytest.raises(ModelSourceError, match=f"--model {source}: no such directory"):
         build("clip", source, tmp_path / "out")
     assert time.monotonic() - began < 10  # no Hub retries
+
+
+def test_a_hub_id_without_a_reachable_hub_fails_at_once_naming_both_readings(tmp_path):
+    """ "demo/tiny-clp" without a demo/ folder reads as a Hub id too; with no Hub to reach (here an
+    endpoint whose port refuses connections) the command says so at once, instead of after
+    huggingface_hub's five retries (about 30 s)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    began = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "build",
+            "clip",
+            "--model",
+            "demo/tiny-clp",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    seconds = time.monotonic() - began
+    assert result.returncode == 2, result.stderr
+    assert (
+        "--model demo/tiny-clp: no such directory here, and the Hugging Face Hub (http://127.0.0.1:9)" in result.stderr
+    )
+    assert "fix the path" in result.stderr and "Retrying" not in result.stderr and "Traceback" not in result.stderr
+    assert seconds < 20, seconds  # the import of torch and transformers, then one refused connection

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
+import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 from tritonkit.errors import ModelSourceError
+
+HUB_PROBE_TIMEOUT_S = 3.0  # how long a Hub id waits to learn whether the Hub can be reached at all
 
 
 def looks_local(source: str) -> bool:
@@ -14,6 +21,36 @@ def looks_local(source: str) -> bool:
         return True
     parts = source.split("/")
     return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the Hub's endpoint opens within `timeout_s` (name lookup
+    included: it runs in a thread, as getaddrinfo has no timeout of its own). Without this a Hub
+    id on a machine with no Hub access fails only after huggingface_hub's retries (about 30 s)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    opened: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((url.hostname or "", port), timeout=timeout_s):
+                opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(opened)
 
 
 def from_pretrained(loader, source: str, what: str, **kwargs):
@@ -30,6 +67,15 @@ def from_pretrained(loader, source: str, what: str, **kwargs):
                 hint="it must be written by save_pretrained (model, tokenizer, processor)",
             )
         source = str(path)
+    elif not hub_reachable():  # only the Hub's cache on this machine can answer, and at once
+        try:
+            return loader.from_pretrained(source, local_files_only=True, **kwargs)
+        except (OSError, ValueError, KeyError):
+            raise ModelSourceError(
+                f"--model {source}: no such directory here, and the Hugging Face Hub ({hub_endpoint()}) "
+                "cannot be reached to fetch it as a Hub id",
+                hint="fix the path, or download the model where the Hub is reachable and pass its directory",
+            ) from None
     try:
         return loader.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
