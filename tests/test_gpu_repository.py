@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -240,4 +243,17 @@ def test_check_for_a_gpu_server_fails_on_a_cpu_repository_naming_the_models(clip
     assert not report.ok
     flagged = {error.split(":")[0] for error in report.errors}
     assert flagged == {"clip_image_preprocess", "clip_image_encoder", "clip_text_encoder"}, report.errors
-    assert all("rebuild with --target gpu" in error for error in report.errors)
+    assert not any("rebuild" in error for error in report.errors)  # said once, at the end
+    result = subprocess.run(
+        [sys.executable, "-m", "tritonkit.cli", "check", str(clip_repository), "--target", "gpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 3, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"{clip_repository}: {len(report.models)} models checked: 3 error(s); the repository was built for CPU: "
+        "rebuild it with --target gpu for a GPU server"
+    )
+    assert "Traceback" not in result.stderr

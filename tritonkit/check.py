@@ -38,10 +38,23 @@ class CheckReport:
     models: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    fixes: list[str] = field(default_factory=list)  # what to do, once each, however many errors call for it
 
     @property
     def ok(self) -> bool:
         return not self.errors
+
+    def error(self, message: str, fix: str | None = None) -> None:
+        self.errors.append(message)
+        if fix and fix not in self.fixes:
+            self.fixes.append(fix)
+
+    @property
+    def summary(self) -> str:
+        """One line: how many models, the verdict, and what to do."""
+        verdict = "ok" if self.ok else f"{len(self.errors)} error(s)"
+        line = f"{self.repository}: {len(self.models)} models checked: {verdict}"
+        return line + "".join(f"; {fix}" for fix in self.fixes)
 
 
 def _kind(group) -> str:
@@ -86,11 +99,14 @@ def check_repository(repository: Path, target: str | None = None) -> CheckReport
         kinds = {_kind(g) for g in config.instance_group}
         if target in ("cpu", "cpu-native"):
             if "KIND_GPU" in kinds:
-                report.errors.append(f"{name}: KIND_GPU instances in a CPU repository")
+                report.error(
+                    f"{name}: KIND_GPU instances in a CPU repository",
+                    fix="the repository was built for a GPU: rebuild it with --target cpu for a CPU server",
+                )
             if target == "cpu" and config.backend not in CPU_BACKENDS:
-                report.errors.append(
-                    f"{name}: the {config.backend} backend is not in the CPU server bundled here (Python backend "
-                    "only); check it with --target cpu-native for a server that has Triton's CPU backends"
+                report.error(
+                    f"{name}: the {config.backend} backend is not in the CPU server bundled here (Python backend only)",
+                    fix="check it with --target cpu-native for a server that has Triton's CPU backends",
                 )
             if target == "cpu-native" and config.backend not in NATIVE_CPU_BACKENDS:
                 report.errors.append(f"{name}: the {config.backend} backend is not a CPU backend")
@@ -104,9 +120,10 @@ def check_repository(repository: Path, target: str | None = None) -> CheckReport
             report.warnings.append(f"{name}: a {config.backend} model without KIND_GPU instances runs on CPU")
         template = parameter(config, TEMPLATE_PARAMETER)
         if target == "gpu" and template in CPU_ONLY_TEMPLATES and "KIND_GPU" not in kinds:
-            report.errors.append(
+            report.error(
                 f"{name}: runs {CPU_ONLY_TEMPLATES[template]} in the Python backend on CPU, which a GPU server "
-                "does on its GPU backends (the repository was built with --target cpu: rebuild with --target gpu)"
+                "does on its GPU backends",
+                fix="the repository was built for CPU: rebuild it with --target gpu for a GPU server",
             )
     return report
 

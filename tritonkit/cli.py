@@ -673,8 +673,7 @@ def check(
         labelled("warning:", "yellow", str(warning))
     for error in report.errors:
         labelled("error:", "red", str(error))
-    verdict = "ok" if report.ok else f"{len(report.errors)} error(s)"
-    print(f"{repository}: {len(report.models)} models checked: {verdict}")
+    print(report.summary)
     if not report.ok:
         raise typer.Exit(2)
 
