@@ -2,7 +2,8 @@
 
 Inputs (exactly one): IMAGE (UINT8 [-1], one encoded image, as LLaVA's ensembles take it) or
 IMAGES (BYTES [-1], 1 to `max_images` encoded images, in the order their {type: image} parts come
-in MESSAGES, or all before PROMPT). One conversation per request. Outputs: PATCHES
+in MESSAGES, or all before PROMPT); PROMPT and MESSAGES come only so that a turn without images reaches
+this model and fails with a message saying so. One conversation per request. Outputs: PATCHES
 [patches of all its images, channels * temporal patch * patch²] and GRID_THW [images, 3].
 
 Every image is checked from its header first (`image_recipe`: bytes, pixels, formats); a bad one
@@ -29,7 +30,7 @@ class TritonPythonModel(BatchedModel):
     def setup(self):
         self.recipe = ImageRecipe.from_json(self.parameters["image_recipe"])
         self.max_images = int(self.parameters["max_images"])
-        self.image_input, self.images_input = self.input_names
+        self.image_input, self.images_input, *_ = self.input_names  # then PROMPT, MESSAGES
         self.patches_output, self.grid_output = self.output_dtypes
         pipeline = self.version_dir / "model.dali"
         self.runner = self.processor = None
@@ -53,6 +54,12 @@ class TritonPythonModel(BatchedModel):
 
     def encoded_images(self, inputs) -> tuple[str, list[bytes]]:
         given = [name for name in (self.image_input, self.images_input) if name in inputs]
+        if not given:
+            raise InputError(
+                f"{self.image_input} or {self.images_input}: none given; every turn to this ensemble needs an image "
+                f"({self.image_input}: one encoded image; {self.images_input}: 1 to {self.max_images})",
+                reason="bad_option",
+            )
         if len(given) != 1:
             raise InputError(
                 f"{self.image_input} or {self.images_input}: give exactly one ({self.image_input}: one encoded "

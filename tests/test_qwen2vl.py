@@ -372,6 +372,25 @@ def test_image_and_images_together_are_refused(qwen):
         client.infer(f"{family}_chat", inputs)
 
 
+@pytest.mark.parametrize("ensemble", ["chat", "chat_stream"])
+def test_a_turn_without_an_image_fails_with_one_line_naming_the_inputs(qwen, ensemble):
+    family, _, _, server = qwen
+    model = f"{family}_{ensemble}"
+    with TritonkitClient(server.grpc_url) as client:
+        try:
+            if ensemble == "chat":
+                client.chat(None, "Hello, who are you?", model=model)
+            else:
+                list(client.chat_stream(None, "Hello, who are you?", model=model))
+        except InferenceError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError("a turn without an image was answered")
+        assert "IMAGE or IMAGES: none given; every turn to this ensemble needs an image" in message, message
+        assert "out of bounds" not in message and "\n" not in message.strip()
+        assert client.chat(image(1), "Fine?", model=f"{family}_chat", max_new_tokens=2)  # the server is fine
+
+
 def test_the_openai_gateway_serves_several_images_as_the_ensemble_does(qwen):
     import base64
     import signal

@@ -157,7 +157,7 @@ def transcript(result: dict[str, np.ndarray], row: int = 0) -> Transcript:
 
 
 def chat_inputs(
-    image: bytes | Sequence[bytes],
+    image: bytes | Sequence[bytes] | None,
     prompt: str | Sequence[Mapping],
     max_new_tokens: int | None = None,
     temperature: float | None = None,
@@ -168,10 +168,11 @@ def chat_inputs(
     """An image (or a list of them: IMAGES, for Qwen-VL), a prompt (or a conversation: messages
     with one {"type": "image"} part per image, sent as MESSAGES) and its options as the chat
     ensembles' inputs (None left out)."""
+    inputs: dict[str, np.ndarray] = {}
     if isinstance(image, bytes):
-        inputs = {"IMAGE": pack_byte_rows([image])}
-    else:
-        inputs = {"IMAGES": np.array([list(image)], dtype=object)}
+        inputs["IMAGE"] = pack_byte_rows([image])
+    elif image is not None:  # None: a turn without an image
+        inputs["IMAGES"] = np.array([list(image)], dtype=object)
     if isinstance(prompt, str):
         inputs["PROMPT"] = np.array([[prompt.encode()]], dtype=object)
     else:
@@ -314,13 +315,15 @@ class TritonkitClient:
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             return list(pool.map(one, files))
 
-    def chat(self, image: ChatImages, prompt: str | Sequence[Mapping], model: str = "llava_chat", **options) -> str:
+    def chat(
+        self, image: ChatImages | None, prompt: str | Sequence[Mapping], model: str = "llava_chat", **options
+    ) -> str:
         """The answer to `prompt` (or to a conversation) about `image` (or a list of images, for
         models that take several), whole (options: max_new_tokens, temperature, top_p, seed, stop)."""
         return self.infer(model, chat_inputs(_chat_images(image), prompt, **options))["TEXT"][0, 0].decode("utf-8")
 
     def chat_stream(
-        self, image: ChatImages, prompt: str | Sequence[Mapping], model: str = "llava_chat_stream", **options
+        self, image: ChatImages | None, prompt: str | Sequence[Mapping], model: str = "llava_chat_stream", **options
     ):
         """Yield the answer's text piece by piece as the server generates it (gRPC streaming)."""
         import queue
@@ -357,8 +360,10 @@ class TritonkitClient:
 ChatImages = bytes | str | Path | Sequence[bytes | str | Path]
 
 
-def _chat_images(image: ChatImages) -> bytes | list[bytes]:
-    """One image's bytes, or a list of images' (sent as IMAGES)."""
+def _chat_images(image: ChatImages | None) -> bytes | list[bytes] | None:
+    """One image's bytes, or a list of images' (sent as IMAGES), or None (no image)."""
+    if image is None:
+        return None
     if isinstance(image, (bytes, str, Path)):
         (data,) = read_inputs([image])
         return data

@@ -402,7 +402,9 @@ class Qwen2VLSpec(FamilySpec):
         return Stage(
             "image_preprocess",
             "qwen_vl_preprocess",
-            (t[IMAGE], t[IMAGES]),
+            # PROMPT and MESSAGES too, only so that a turn without images reaches the model (a request
+            # with no input at all is refused by Triton in its own words) and is told what it lacks
+            (t[IMAGE], t[IMAGES], t[PROMPT], t[MESSAGES]),
             (t[PATCHES], t[GRID_THW]),
             batching,
             parameters,
