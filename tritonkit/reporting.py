@@ -11,9 +11,20 @@ from pathlib import Path
 def machine() -> dict:
     return {
         "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": processor_name(),
         "python": platform.python_version(),
     }
+
+
+def processor_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def markdown_table(header: list[str], rows: list[list], align_right_from: int = 2) -> list[str]:
