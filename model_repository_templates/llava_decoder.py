@@ -9,9 +9,20 @@ its text piece by piece as tokens are generated (with the token counts so far an
 FINISH_REASON), then a final response with empty TEXT, the counts and the FINISH_REASON. Parameters:
 `language_model_dir`, `processor_dir`, `max_new_tokens` (default and limit), `image_token_id`,
 `eos_token_ids` (JSON), `device` (cpu or cuda), `max_prompt_bytes`. See `tritonkit.llava_decoding`.
+
+Batching (`decoder_batching`): `inflight` (the default) hands each request to the instance's step
+loop (`tritonkit.chat_loop.ChatLoop`) and returns: requests join the running answers between
+steps and each is answered when its own answer is done. `max_rows_in_flight` answers are generated
+at once (default: the max batch size) and `max_queued` more may wait (default 4x that); past them
+a request fails at once with UNAVAILABLE (retry later). A cancelled request frees its row within
+`cancel_check_ms`. Streamed text is sent at most every `stream_interval_ms` (default 20) unless
+`stream_tokens` tokens (default 8) are waiting; the last piece is sent at once. `static` keeps the
+earlier scheduler (a dynamic batch generated to its longest answer), for comparison.
 """
 
 import json
+import threading
+import time
 
 import numpy as np
 
@@ -27,7 +38,7 @@ from tritonkit.llava_decoding import (
     chat_text,
     conversation,
 )
-from tritonkit.runtime import BatchedModel, concat_rows, object_rows, string_rows
+from tritonkit.runtime import BatchedModel, Failure, concat_rows, object_rows, string_rows
 
 
 class TritonPythonModel(BatchedModel):
@@ -81,6 +92,20 @@ class TritonPythonModel(BatchedModel):
         # Qwen-VL: each request's images' patch grids; its features are ragged ([tokens of all its images, hidden])
         self.grid_input = rest[1] if len(rest) > 1 else None
         self.text_output = next(iter(self.output_dtypes))
+        self.loop = None
+        if self.parameters.get("decoder_batching", "inflight") == "inflight":
+            from tritonkit.chat_loop import ChatLoop
+
+            rows = int(self.parameters.get("max_rows_in_flight") or self.model_config.get("max_batch_size") or 8)
+            self.loop = ChatLoop(
+                self.generator,
+                self.max_new_tokens,
+                max_rows=rows,
+                max_queued=int(self.parameters.get("max_queued") or 4 * rows),
+                cancel_check_s=int(self.parameters.get("cancel_check_ms", "100")) / 1000,
+            )
+            self.stream_interval_s = int(self.parameters.get("stream_interval_ms", "20")) / 1000
+            self.stream_tokens = int(self.parameters.get("stream_tokens", "8"))
 
     def row_options(self, inputs, count: int) -> list[ChatOptions]:
         def column(name, convert):
@@ -212,7 +237,17 @@ class TritonPythonModel(BatchedModel):
         response.update({name: value for name, value in usage.items() if name in self.output_dtypes})
         return response
 
+    def finalize(self):
+        if self.loop is not None:
+            self.loop.stop()
+        super().finalize()
+
     def execute(self, requests):
+        if self.loop is not None:
+            for request in requests:
+                self.submit(request)
+            self.metrics.resident()
+            return None
         if not self.decoupled:
             return super().execute(requests)
         import triton_python_backend_utils as pb_utils
@@ -276,3 +311,138 @@ class TritonPythonModel(BatchedModel):
                 sender.send(response(row, "", len(result.tokens), result.reason), flags=final)
             else:
                 sender.send(flags=final)
+
+    # -- in-flight batching ---------------------------------------------------------------
+    def submit(self, request) -> None:
+        """Check a request and hand its rows to the step loop; a bad or unplaceable one is answered now."""
+        import triton_python_backend_utils as pb_utils
+
+        from tritonkit.chat_loop import ChatJob, QueueFull
+
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        sender = request.get_response_sender()
+        rows = self.prepare_request(request)
+        if isinstance(rows, Failure):
+            sender.send(pb_utils.InferenceResponse(error=rows.error()), flags=final)
+            return
+        answer = StreamedAnswer(self, sender, rows) if self.decoupled else WholeAnswer(self, sender, rows)
+        for i in range(answer.count):
+            job = ChatJob(
+                features=rows[self.features_input][i],
+                prompt_ids=list(rows["prompt_ids"][i]),
+                options=rows["options"][i],
+                on_done=lambda result, i=i: answer.done(i, result),
+                on_error=lambda exc, i=i: answer.failed(i, exc),
+                on_text=answer.text if self.decoupled else None,
+                cancelled=getattr(request, "is_cancelled", lambda: False),
+                grid=rows["grids"][i] if "grids" in rows else None,
+            )
+            try:
+                self.loop.submit(job)
+            except QueueFull as exc:
+                answer.failed(i, exc)
+
+
+class WholeAnswer:
+    """A request to the whole-answer model: answered once all its rows are done."""
+
+    def __init__(self, model, sender, rows):
+        self.model, self.sender, self.rows = model, sender, rows
+        self.count = len(rows["prompt_ids"])
+        self.results = [None] * self.count
+        self.lock = threading.Lock()
+        self.answered = False
+
+    def done(self, i, result) -> None:
+        with self.lock:
+            self.results[i] = result
+            if self.answered or any(r is None for r in self.results):
+                return
+            self.answered = True
+        import triton_python_backend_utils as pb_utils
+
+        outputs = {
+            self.model.text_output: np.array([[r.text.encode()] for r in self.results], dtype=object),
+            "tokens": np.array([len(r.tokens) for r in self.results], dtype=np.int64),
+            "steps": np.array([r.steps for r in self.results], dtype=np.int64),
+            "prompt_tokens": np.array([r.prompt_tokens for r in self.results], dtype=np.int64),
+            "reasons": np.array([[r.reason.encode()] for r in self.results], dtype=object),
+        }
+        self.sender.send(self.model.respond(outputs, self.rows), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def failed(self, i, exc) -> None:
+        with self.lock:
+            if self.answered:
+                return
+            self.answered = True
+        send_error(self.model, self.sender, exc)
+
+
+class StreamedAnswer:
+    """A request to the streaming model: its text in pieces, at most every `stream_interval_ms`
+    unless `stream_tokens` tokens wait, then a final response with the counts and the reason."""
+
+    count = 1
+
+    def __init__(self, model, sender, rows):
+        self.model, self.sender = model, sender
+        self.pending = ""
+        self.waiting = 0  # tokens whose text is pending
+        self.sent_at = 0.0
+        self.prompt_tokens = len(rows["prompt_ids"][0])
+
+    def response(self, piece: str, completion_tokens: int, reason: str):
+        import triton_python_backend_utils as pb_utils
+
+        tensors = {
+            self.model.text_output: np.array([[piece.encode()]], dtype=object),
+            PROMPT_TOKENS: np.array([[self.prompt_tokens]], dtype=np.int32),
+            COMPLETION_TOKENS: np.array([[completion_tokens]], dtype=np.int32),
+            FINISH_REASON: np.array([[reason.encode()]], dtype=object),
+        }
+        return pb_utils.InferenceResponse(  # the outputs this build declares (older ones: TEXT alone)
+            output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items() if k in self.model.output_dtypes]
+        )
+
+    def text(self, piece: str, result) -> None:
+        self.pending += piece
+        self.waiting += 1
+        now = time.monotonic()
+        if now - self.sent_at >= self.model.stream_interval_s or self.waiting >= self.model.stream_tokens:
+            self.flush(result)
+            self.sent_at = now
+
+    def flush(self, result) -> None:
+        if self.pending:
+            self.sender.send(self.response(self.pending, len(result.tokens), ""))
+            self.pending, self.waiting = "", 0
+
+    def done(self, i, result) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.model.metrics.decoded(tokens=len(result.tokens), steps=result.steps)
+        self.flush(result)
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if len(self.model.output_dtypes) > 1:
+            self.sender.send(self.response("", len(result.tokens), result.reason), flags=final)
+        else:
+            self.sender.send(flags=final)
+
+    def failed(self, i, exc) -> None:
+        send_error(self.model, self.sender, exc)
+
+
+def send_error(model, sender, exc: Exception) -> None:
+    """A request's error: a bad input INVALID_ARG, a full queue UNAVAILABLE, a bug INTERNAL."""
+    import triton_python_backend_utils as pb_utils
+
+    from tritonkit.chat_loop import CancelledError, QueueFull
+
+    final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    code = {QueueFull: "UNAVAILABLE", CancelledError: "CANCELLED"}.get(type(exc))
+    if code is None:
+        error = model.failure(exc, "a request").error()
+    else:
+        model.metrics.rejected("queue_full" if code == "UNAVAILABLE" else "cancelled")
+        error = pb_utils.TritonError(f"{model.model_name}: {exc}", getattr(pb_utils.TritonError, code))
+    sender.send(pb_utils.InferenceResponse(error=error), flags=final)

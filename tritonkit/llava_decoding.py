@@ -232,25 +232,11 @@ class ChatGenerator:
         `grids`: per row its images' (t, h, w) patch grids (M-RoPE models)."""
         torch = self.torch
         count = len(prompts)
-        longest = max(len(p) for p in prompts)
-        ids = torch.full((count, longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((count, longest), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, longest - len(prompt) :] = torch.tensor(prompt)
-            mask[i, longest - len(prompt) :] = 1
         with torch.no_grad():
-            embeds = self.embed(ids.to(self.device))
-            for i, feature in enumerate(features):
-                positions = (ids[i] == self.image_token_id).nonzero().flatten()
-                embeds[i, positions] = torch.from_numpy(np.asarray(feature)).to(embeds.dtype).to(self.device)
-            position_ids, next_position = self.prompt_positions(ids, mask, prompts, grids)
-            mask, position_ids, next_position = (t.to(self.device) for t in (mask, position_ids, next_position))
-            # the last position's logits only: a whole prompt's would cost a vocabulary-wide product a token
-            output = self.lm(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
-            )
-            cache = output.past_key_values
-            logits = output.logits[:, -1, :].float()
+            cache, logits, next_position = self.prefill(features, prompts, grids)
+            mask = torch.zeros((count, max(len(p) for p in prompts)), dtype=torch.long, device=self.device)
+            for i, prompt in enumerate(prompts):
+                mask[i, mask.shape[1] - len(prompt) :] = 1
             generators = [torch.Generator().manual_seed(int(o.seed)) if o.seed is not None else None for o in options]
             limits = [o.max_new_tokens or default_max_new_tokens for o in options]
             results = [Generated() for _ in range(count)]
@@ -290,6 +276,31 @@ class ChatGenerator:
                 cache = output.past_key_values
                 logits = output.logits[:, -1, :].float()
                 next_position = next_position + 1
+
+    def prefill(self, features: Sequence[np.ndarray], prompts: Sequence[list[int]], grids=None):
+        """The prompts run together, left-padded, each image's features in place of its tokens:
+        (the KV cache, the last position's logits [rows, vocab] as float32, each row's next
+        position: [rows, 1], or [4, rows, 1] with M-RoPE)."""
+        torch = self.torch
+        count = len(prompts)
+        longest = max(len(p) for p in prompts)
+        ids = torch.full((count, longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((count, longest), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, longest - len(prompt) :] = torch.tensor(prompt)
+            mask[i, longest - len(prompt) :] = 1
+        with torch.no_grad():
+            embeds = self.embed(ids.to(self.device))
+            for i, feature in enumerate(features):
+                positions = (ids[i] == self.image_token_id).nonzero().flatten()
+                embeds[i, positions] = torch.from_numpy(np.asarray(feature)).to(embeds.dtype).to(self.device)
+            position_ids, next_position = self.prompt_positions(ids, mask, prompts, grids)
+            mask, position_ids, next_position = (t.to(self.device) for t in (mask, position_ids, next_position))
+            # the last position's logits only: a whole prompt's would cost a vocabulary-wide product a token
+            output = self.lm(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
+            )
+        return output.past_key_values, output.logits[:, -1, :].float(), next_position
 
     def prompt_positions(self, ids, mask, prompts: Sequence[list[int]], grids):
         """Position ids of the left-padded prompts and of each row's first new token (then +1 a
