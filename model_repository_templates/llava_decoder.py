@@ -103,6 +103,7 @@ class TritonPythonModel(BatchedModel):
                 max_rows=rows,
                 max_queued=int(self.parameters.get("max_queued") or 4 * rows),
                 cancel_check_s=int(self.parameters.get("cancel_check_ms", "100")) / 1000,
+                on_rows=self.metrics.decoder_rows,
             )
             self.stream_interval_s = int(self.parameters.get("stream_interval_ms", "20")) / 1000
             self.stream_tokens = int(self.parameters.get("stream_tokens", "8"))

@@ -313,3 +313,106 @@ def test_the_decoder_gives_torch_its_share_of_the_cores_and_reports_it(llava_ser
     two = {"instance_group": [{"count": 2, "kind": "KIND_CPU"}]}
     assert instance_threads({}, two) == max(1, usable_cores() // 2)
     assert instance_threads({"intra_op_threads": "3"}, two) == 3
+
+
+def test_a_short_request_sent_during_a_long_answer_is_answered_before_it_with_its_own_text(llava_server):
+    """In-flight batching: the short request joins the running answer (the same streaming decoder)
+    at the next step instead of waiting for it (the static decoder answered it after the long one)."""
+    import threading
+    import time
+
+    long_prompt, short_prompt = "Tell me a long story about this picture.", CASES[1][1]
+    with TritonkitClient(llava_server.grpc_url) as client:
+        long_alone = client.chat(image(1), long_prompt, max_new_tokens=256)
+        short_alone = client.chat(image(2), short_prompt, max_new_tokens=8)
+    finished: dict[str, tuple[float, str]] = {}
+    first_piece = threading.Event()
+
+    def long_answer():
+        with TritonkitClient(llava_server.grpc_url) as client:
+            pieces = []
+            for piece in client.chat_stream(image(1), long_prompt, model="llava_chat_stream", max_new_tokens=256):
+                pieces.append(piece)
+                first_piece.set()
+            finished["long"] = (time.perf_counter(), "".join(pieces))
+
+    runner = threading.Thread(target=long_answer)
+    runner.start()
+    assert first_piece.wait(60)
+    with TritonkitClient(llava_server.grpc_url) as client:
+        text = "".join(client.chat_stream(image(2), short_prompt, model="llava_chat_stream", max_new_tokens=8))
+        finished["short"] = (time.perf_counter(), text)
+    runner.join(120)
+    assert finished["short"][1] == short_alone and finished["long"][1] == long_alone
+    assert len(long_alone.split()) > 40  # long enough to be still running when the short one came
+    assert finished["short"][0] < finished["long"][0]
+
+
+def test_a_full_decoder_refuses_at_once_and_the_gateway_says_429_with_retry_after(llava_repository, tmp_path):
+    """One answer in flight and one waiting at most: the rest of a burst is refused with
+    UNAVAILABLE naming the wait, which the OpenAI gateway answers with 429 and Retry-After."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from tests.conftest import start_server
+    from tests.test_openai_gateway import standalone_gateway
+    from tritonkit.chat_loop import BUSY_MARK
+
+    repository = tmp_path / "model_repository"
+    shutil.copytree(llava_repository, repository, ignore=shutil.ignore_patterns("__pycache__"))
+    path = repository / "llava_decoder" / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    config.parameters["max_rows_in_flight"].string_value = "1"
+    config.parameters["max_queued"].string_value = "1"
+    path.write_text(text_format.MessageToString(config))
+    server = start_server(repository)
+    try:
+
+        def ask(seed: int):
+            with TritonkitClient(server.grpc_url) as client:
+                try:
+                    return client.chat(image(seed), "Tell me a long story.", max_new_tokens=200)
+                except InferenceError as exc:
+                    return exc
+
+        with ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(ask, range(1, 7)))
+        refused = [o for o in outcomes if isinstance(o, InferenceError)]
+        assert refused and len(refused) < len(outcomes), outcomes
+        assert all(BUSY_MARK in str(o) for o in refused), refused
+        with standalone_gateway(server.grpc_url) as base:
+            sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+            image_url = "data:image/jpeg;base64," + __import__("base64").b64encode(image(1)).decode()
+
+            def chat(_):
+                try:
+                    return sdk.chat.completions.with_raw_response.create(
+                        model="llava",
+                        max_tokens=200,
+                        messages=[
+                            {
+                                "role": "user",
+                                "content": [
+                                    {"type": "text", "text": "Tell me a long story."},
+                                    {"type": "image_url", "image_url": {"url": image_url}},
+                                ],
+                            }
+                        ],
+                    )
+                except openai.APIStatusError as exc:
+                    return exc
+
+            with ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(chat, range(6)))
+        limited = [a for a in answers if isinstance(a, openai.RateLimitError)]
+        assert limited and all(a.response.headers.get("retry-after") == "1" for a in limited), answers
+        assert all(BUSY_MARK in a.message for a in limited)
+        assert not any(isinstance(a, openai.APIStatusError) and a.status_code != 429 for a in answers), answers
+        with TritonkitClient(server.grpc_url) as client:  # and the decoder answers once the burst is over
+            assert client.chat(image(1), "Fine?", max_new_tokens=2)
+    finally:
+        server.stop()

@@ -31,7 +31,11 @@ from tritonkit.errors import TritonkitError
 from tritonkit.llava_decoding import ChatGenerator, ChatOptions, cut_at_stop, streamable
 
 LOGGER = logging.getLogger(__name__)
-FIRST_COLUMNS = 256  # columns allocated at first; doubled when a longer row needs them
+FIRST_COLUMNS = 256  # KV columns allocated at first; doubled when a longer row needs them
+REPORT_EVERY_S = 0.05  # how often the rows in flight are reported while they change
+# Ends the message of a request refused because the decoder is full; the OpenAI gateway answers it
+# with 429 and Retry-After (the message also reaches it on streams, whose errors carry no status).
+BUSY_MARK = "are waiting for this decoder; retry later"
 
 
 class QueueFull(TritonkitError):
@@ -281,7 +285,7 @@ class ChatLoop:
         default_max_new_tokens: int,
         max_rows: int = 32,
         max_queued: int = 128,
-        on_step: Callable[[int], None] | None = None,
+        on_rows: Callable[[int, int], None] | None = None,
         cancel_check_s: float = 0.1,
     ):
         import inspect
@@ -293,9 +297,10 @@ class ChatLoop:
         self.default_max_new_tokens = default_max_new_tokens
         self.max_rows = max_rows
         self.max_queued = max_queued
-        self.on_step = on_step  # called with the rows of each step (metrics)
+        self.on_rows = on_rows  # called with (rows running, requests queued) when they change (metrics)
         self.cancel_check_s = cancel_check_s  # asking a request whether it was cancelled costs a message to Triton
         self._checked_at = 0.0
+        self._reported_at, self._unreported = 0.0, False
         parameters = inspect.signature(generator.lm.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.queue: queue.Queue[ChatJob | None] = queue.Queue()
@@ -308,11 +313,22 @@ class ChatLoop:
 
     def submit(self, job: ChatJob) -> None:
         if self.queue.qsize() >= self.max_queued:
-            raise QueueFull(
-                f"{self.max_queued} requests are waiting for this decoder (and {len(self.rows)} are being answered); "
-                "retry later"
-            )
+            raise QueueFull(f"{len(self.rows)} requests are being answered and {self.max_queued} {BUSY_MARK}")
         self.queue.put(job)
+        self._report()
+
+    def _report(self) -> None:
+        """on_rows, at most every REPORT_EVERY_S while answers run (at once when the loop is idle)."""
+        now = time.monotonic()
+        if self.rows and now - self._reported_at < REPORT_EVERY_S:
+            self._unreported = True
+            return
+        self._reported_at, self._unreported = now, False
+        if self.on_rows is not None:
+            try:
+                self.on_rows(len(self.rows), self.queue.qsize())
+            except Exception:  # metrics must never stop the loop
+                LOGGER.exception("chat loop: reporting its rows failed")
 
     def stop(self) -> None:
         self._stopped = True
@@ -412,6 +428,7 @@ class ChatLoop:
             )
             self.rows.append(row)
         self._choose(logits, range(len(self.rows) - len(live), len(self.rows)))
+        self._report()
 
     def _step(self) -> None:
         torch = self.torch
@@ -430,8 +447,8 @@ class ChatLoop:
         for row in self.rows:
             row.position = row.position + 1
         self.steps += 1
-        if self.on_step is not None:
-            self.on_step(len(self.rows))
+        if self._unreported:
+            self._report()
         self._choose(output.logits[:, -1, :].float(), range(len(self.rows)))
 
     def _choose(self, logits, indices) -> None:
@@ -479,6 +496,7 @@ class ChatLoop:
         last = self.rows.pop()
         if index < len(self.rows):
             self.rows[index] = last
+        self._report()
 
     def _fail_all(self, exc: Exception, waiting: Sequence[ChatJob] = ()) -> None:
         rows, self.rows = self.rows, []

@@ -22,6 +22,7 @@ CACHE_MISSES = "tritonkit_feature_cache_misses_total"
 SERVER_RESTARTS = "tritonkit_server_restarts"
 RESIDENT_BYTES = "tritonkit_resident_bytes"
 COMPUTE_THREADS = "tritonkit_compute_threads"
+DECODER_ROWS = "tritonkit_decoder_rows"
 TRACED_BYTES = "tritonkit_python_traced_bytes"
 # TRITONKIT_TRACEMALLOC=N (frames): every stub traces its Python allocations (numpy arrays
 # included), reports them as TRACED_BYTES and writes its 10 largest allocation sites to stderr
@@ -46,6 +47,7 @@ DESCRIPTIONS = {
     TRACED_BYTES: "Python allocations alive in this model instance's stub (with TRITONKIT_TRACEMALLOC set)",
     RESIDENT_BYTES: "Resident memory of this model instance's Python-backend process (process=stub) and of "
     "tritonserver's (process=tritonserver), refreshed while the model serves",
+    DECODER_ROWS: "Requests a decoder instance's step loop holds: state=running (answers being generated) or queued",
     COMPUTE_THREADS: "Threads one model instance computes with, by library (torch, onnxruntime, openvino)",
     SERVER_RESTARTS: "Times `tritonkit serve` restarted tritonserver (a crash, or a Python-backend process lost)",
 }
@@ -114,6 +116,12 @@ class ModelMetrics:
             return
         self._metric(GENERATED_TOKENS, "COUNTER").increment(float(tokens))
         self._metric(DECODE_STEPS, "HISTOGRAM", STEPS_BUCKETS).observe(float(steps))
+
+    def decoder_rows(self, running: int, queued: int) -> None:
+        if self._pb is None:
+            return
+        self._metric(DECODER_ROWS, "GAUGE", state="running", instance=self.instance).set(float(running))
+        self._metric(DECODER_ROWS, "GAUGE", state="queued", instance=self.instance).set(float(queued))
 
     def compute_threads(self, library: str, threads: int) -> None:
         if self._pb is not None:

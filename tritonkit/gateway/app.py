@@ -132,7 +132,7 @@ def create_app(options: GatewayOptions):
         return state["triton"]
 
     def error_response(error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(ApiError)
     async def on_api_error(_request, exc: ApiError):

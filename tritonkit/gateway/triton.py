@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tritonkit.chat_loop import BUSY_MARK
 from tritonkit.dtypes import wire_datatype
 
 # A composing model's message as an ensemble passes it on: "in ensemble 'clip_image', IMAGE: ..."
+RETRY_AFTER_S = 1  # what a 429 asks a client to wait: a decoder's queue moves on within a second or two
 _ENSEMBLE_PREFIX = re.compile(r"^(?:in ensemble '[^']*', )+")
 
 
@@ -32,8 +34,14 @@ class ApiError(Exception):
             401: "authentication_error",
             404: "not_found_error",
             413: "invalid_request_error",
+            429: "requests",
             503: "service_unavailable",
         }.get(self.status, "server_error")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """A busy server says when to come back (Retry-After, in seconds)."""
+        return {"Retry-After": str(RETRY_AFTER_S)} if self.status == 429 else {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -99,6 +107,10 @@ def api_error(exc: Exception, param: str | None = None) -> ApiError:
     message = _ENSEMBLE_PREFIX.sub("", message.strip())
     if status == "StatusCode.INVALID_ARGUMENT":
         return ApiError(400, message, param=param, code="invalid_value")
+    if (
+        BUSY_MARK in message
+    ):  # a decoder's queue is full (tritonkit.chat_loop.QueueFull); also on streams, which carry no status
+        return ApiError(429, message, code="rate_limit_exceeded")
     if status in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED") or "failed to connect" in message:
         return ApiError(503, f"the inference server is not available: {message}", code="unavailable")
     if status == "StatusCode.NOT_FOUND" or "unknown model" in message.lower():
