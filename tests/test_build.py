@@ -57,7 +57,7 @@ def test_build_names_the_problem_when_model_directory_is_not_a_model(tmp_path):
 
 def test_build_gives_a_clear_error_when_hub_is_unreachable(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelSourceError, match="cannot load the clip model"):
+    with pytest.raises(ModelSourceError, match="cannot be reached to fetch it as a Hub id"):
         build("clip", "openai/clip-vit-base-patch32-not-cached", tmp_path / "out")
 
 

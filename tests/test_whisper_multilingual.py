@@ -20,10 +20,18 @@ OPTION_ROWS = [
     pytest.param({"language": "German", "task": "translate"}, {"language": "de", "task": "translate"}, id="translate"),
     pytest.param({"task": "translate"}, {"task": "translate"}, id="detect then translate"),
     pytest.param({"max_new_tokens": 5}, {"max_new_tokens": 5}, id="max new tokens"),
-    pytest.param({"timestamps": True}, {"return_timestamps": True}, id="timestamps, detected language"),
+    # With timestamps a window may be decoded in several passes (OpenAI's sequential algorithm). The
+    # served default conditions each pass on the text before it (OpenAI's), transformers' does not;
+    # and transformers raises a conditioned pass's token budget by its prompt's length, the server
+    # gives every pass the same: both get the same conditioning and an explicit budget.
     pytest.param(
-        {"language": "fr", "timestamps": True},
-        {"language": "fr", "return_timestamps": True},
+        {"timestamps": True, "max_new_tokens": 40},
+        {"return_timestamps": True, "condition_on_prev_tokens": True, "max_new_tokens": 40},
+        id="timestamps, detected language",
+    ),
+    pytest.param(
+        {"language": "fr", "timestamps": True, "max_new_tokens": 40},
+        {"language": "fr", "return_timestamps": True, "condition_on_prev_tokens": True, "max_new_tokens": 40},
         id="timestamps, forced language",
     ),
 ]
@@ -53,16 +61,42 @@ def reference(loaded, repository, data: bytes, options: dict) -> tuple[list[int]
         if language is None:
             detected = int(model.detect_language(features)[0])
             language = next(k for k, v in model.generation_config.lang_to_id.items() if v == detected).strip("<|>")
-    if "segments" in out:  # return_timestamps: the one short-form call's result is in its segments
-        out = out["segments"][0][0]["result"]
-        sequences, scores = out["sequences"], out["scores"]
-    else:
-        sequences, scores = out.sequences, out.scores
+    if "segments" in out:  # return_timestamps: OpenAI's sequential algorithm, one or more passes over the window
+        return sequential_reference(model, out, language)
+    sequences, scores = out.sequences, out.scores
     generated = sequences.reshape(1, -1)[0, -len(scores) :].tolist()  # sequences start with the prompt here
     tokens = [t for t in generated if t != model.generation_config.eos_token_id]
+    decided = first_near_tie(scores, len(tokens))
+    return tokens, language, decided
+
+
+def first_near_tie(scores, count: int) -> int:
+    """How many leading steps are decided by a margin larger than NEAR_TIE (at most `count`)."""
+    import torch
+
     top2 = torch.stack(tuple(scores), 1).reshape(len(scores), -1).topk(2, dim=-1).values
     ties = ((top2[:, 0] - top2[:, 1]) < NEAR_TIE).nonzero()
-    decided = int(ties[0]) if len(ties) else len(tokens)
+    return min(int(ties[0]), count) if len(ties) else count
+
+
+def sequential_reference(model, out, language: str) -> tuple[list[int], str, int]:
+    """Timestamps: the tokens of every pass's segments (what the served decoder returns), and how
+    many are decided: each pass's kept tokens are a prefix of what it generated, so its near-ties
+    count only within them."""
+    config = model.generation_config
+    tokens = [t for t in out["sequences"][0].tolist() if t not in (config.eos_token_id, config.pad_token_id)]
+    passes: list = []
+    for segment in out["segments"][0]:
+        if not any(segment["result"] is p for p, _ in passes):
+            passes.append((segment["result"], 0))
+        index = next(k for k, (p, _) in enumerate(passes) if p is segment["result"])
+        passes[index] = (passes[index][0], passes[index][1] + len(segment["tokens"]))
+    decided = 0
+    for result, kept in passes:
+        settled = first_near_tie(result["scores"], kept)
+        decided += settled
+        if settled < kept:
+            break
     return tokens, language, decided
 
 

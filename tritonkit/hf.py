@@ -29,14 +29,20 @@ def hub_endpoint() -> str:
     return constants.ENDPOINT
 
 
-@functools.cache
 def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the Hub's endpoint opens within `timeout_s` (name lookup
-    included: it runs in a thread, as getaddrinfo has no timeout of its own). Without this a Hub
-    id on a machine with no Hub access fails only after huggingface_hub's retries (about 30 s)."""
+    """Whether the Hub can be asked at all: not with HF_HUB_OFFLINE set, nor when a TCP connection
+    to its endpoint does not open within `timeout_s`. Without this a Hub id on a machine with no
+    Hub access fails only after huggingface_hub's retries (about 30 s)."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
-    url = urlparse(hub_endpoint())
+    return _connects(hub_endpoint(), timeout_s)
+
+
+@functools.cache
+def _connects(endpoint: str, timeout_s: float) -> bool:
+    """A TCP connection to `endpoint` opens within `timeout_s` (name lookup included: it runs in a
+    thread, as getaddrinfo has no timeout of its own)."""
+    url = urlparse(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     opened: list[bool] = []
 
