@@ -271,6 +271,11 @@ def write_markdown(path: Path, result: dict) -> None:
     static, inflight = best.get("tritonkit static", 0.0), best.get("tritonkit in-flight", 0.0)
     reference = best.get("transformers continuous batching", 0.0)
     head = result["head_of_line"]
+    refused = [f"{r['system']} at {r['rate']:g} req/s: {r['errors']}" for r in rows if r["errors"]]
+    top = {
+        system: max(r["completed_per_s"] for r in rows if r["system"] == system)
+        for system in ("tritonkit static", "tritonkit in-flight")
+    }
     lines = [
         f"Tiny LLaVA (the tests' model), the decoder with one instance on {result['machine']['cpus']} cores; "
         f"Poisson arrivals for {result['duration_s']:g} s at each rate, answers of {', '.join(map(str, LENGTHS))} "
@@ -298,6 +303,16 @@ def write_markdown(path: Path, result: dict) -> None:
         f"(in-flight served / in process: {inflight / reference:.2f}x; the served figures include the image "
         "stages, gRPC and streaming, which the in-process one has not)."
         if static and reference
+        else "",
+        "",
+        f"Most completed req/s at any rate: in-flight {top['tritonkit in-flight']:.1f}, static "
+        f"{top['tritonkit static']:.1f} ({top['tritonkit in-flight'] / top['tritonkit static']:.1f}x).",
+        "",
+        (
+            "Requests refused at once by the decoder's bound (UNAVAILABLE `... retry later`; 429 through the "
+            "gateway), not counted as completed: " + "; ".join(refused) + "."
+        )
+        if refused
         else "",
         "",
         "Head of line: an 8-token answer sent 0.3 s after a 256-token one, latency over its latency alone: "
