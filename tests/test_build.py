@@ -148,18 +148,9 @@ def test_a_hub_id_without_a_reachable_hub_fails_at_once_naming_both_readings(tmp
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
     began = time.monotonic()
+    command = ["build", "clip", "--model", "demo/tiny-clp", "--out", str(tmp_path / "o")]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tritonkit.cli",
-            "build",
-            "clip",
-            "--model",
-            "demo/tiny-clp",
-            "--out",
-            str(tmp_path / "o"),
-        ],
+        [sys.executable, "-m", "tritonkit.cli", *command],
         capture_output=True,
         text=True,
         cwd=tmp_path,
