@@ -524,6 +524,7 @@ def test_transcribe_command_writes_subtitles_a_parser_reads(whisper_server, spee
         written[fmt] = Path(result.stdout.strip())
     document = json.loads(written["verbose_json"].read_text())
     assert written["verbose_json"].name == "talk.json" and document["segments"]
+    assert all(round(s[k], 3) == s[k] for s in document["segments"] for k in ("start", "end"))  # no float32 noise
     cues = list(srt.parse(written["srt"].read_text()))
     assert [c.content for c in cues] == [s["text"] for s in document["segments"]]
     captions = webvtt.read(str(written["vtt"]))

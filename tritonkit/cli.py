@@ -573,8 +573,9 @@ def transcribe(
             text = subtitles.vtt(segments)
         else:
             document: dict[str, object] = {"text": transcript.text, "language": transcript.language}
-            if output_format == "verbose_json":
-                document |= {"duration": subtitles.duration(path.read_bytes()), "segments": segments}
+            if output_format == "verbose_json":  # times to the millisecond, not float32's 5.440000057220459
+                rounded = [{**s, "start": round(s["start"], 3), "end": round(s["end"], 3)} for s in segments]
+                document |= {"duration": subtitles.duration(path.read_bytes()), "segments": rounded}
             text = json.dumps(document, ensure_ascii=False)
         if output_dir is not None:
             output_dir.mkdir(parents=True, exist_ok=True)
