@@ -542,3 +542,55 @@ def test_translation_on_the_multilingual_whisper_equals_the_ensembles(multilingu
         with pytest.raises(openai.BadRequestError, match="AUDIO: not a decodable audio file"):
             sdk.audio.translations.create(model="whisper", file=("broken.wav", b"RIFF not audio"))
     assert translated.text == want
+
+
+def test_openai_schema_deviations_of_wave_2_are_gone(sdk, gateway, speech_files, tmp_path):
+    """Issue 37's items 1-5: logprobs and refusal present (null), a streamed bad image is a 400
+    (not a 500 the SDK retries twice), "stream": "false" a 400, GET /v1/models/{model}, and
+    text/plain for text, srt and vtt."""
+    import httpx
+
+    base = gateway[0]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    image = data_url(encode_image(random_image(64, 80, seed=9), "JPEG"))
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": image}}],
+        }
+    ]
+    body = {"model": "llava", "messages": messages, "max_tokens": 3}
+    whole = httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=120).json()
+    choice = whole["choices"][0]
+    assert "logprobs" in choice and choice["logprobs"] is None
+    assert "refusal" in choice["message"] and choice["message"]["refusal"] is None
+    streamed = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": True}, headers=headers, timeout=120)
+    chunks = [json_line for json_line in streamed.text.splitlines() if json_line.startswith("data: {")]
+    assert chunks and all('"logprobs": null' in c for c in chunks if '"choices": [{' in c)
+    refused = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": "false"}, headers=headers, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+    bad = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Hi"},
+                {"type": "image_url", "image_url": {"url": data_url(b"not an image")}},
+            ],
+        }
+    ]
+    with pytest.raises(openai.BadRequestError, match="IMAGE: not a decodable image"):
+        list(sdk.chat.completions.create(model="llava", messages=bad, stream=True))
+    assert sdk.models.retrieve("llava").id == "llava"
+    with pytest.raises(openai.NotFoundError, match="'nope' is not served"):
+        sdk.models.retrieve("nope")
+    (tmp_path / "a.wav").write_bytes(speech_files[0])
+    for response_format in ("text", "srt", "vtt"):
+        with open(tmp_path / "a.wav", "rb") as audio:
+            answer = httpx.post(
+                f"{base}/v1/audio/transcriptions",
+                data={"model": "whisper", "response_format": response_format},
+                files={"file": ("a.wav", audio)},
+                headers=headers,
+                timeout=120,
+            )
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain"), response_format

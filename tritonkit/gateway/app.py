@@ -206,16 +206,23 @@ def create_app(options: GatewayOptions):
     async def metrics():
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
+    def model_object(m) -> dict:
+        return {"id": m.name, "object": "model", "created": 0, "owned_by": "tritonkit", "kind": m.kind}
+
     @app.get("/v1/models")
     async def models():
         served = await triton().models(refresh=True)
-        return {
-            "object": "list",
-            "data": [
-                {"id": m.name, "object": "model", "created": 0, "owned_by": "tritonkit", "kind": m.kind}
-                for m in sorted(served.values(), key=lambda m: m.name)
-            ],
-        }
+        return {"object": "list", "data": [model_object(m) for m in sorted(served.values(), key=lambda m: m.name)]}
+
+    @app.get("/v1/models/{name}")
+    async def retrieve_model(name: str):
+        served = await triton().models(refresh=True)
+        if name not in served:
+            known = ", ".join(sorted(served)) or "none"
+            raise ApiError(
+                404, f"model {name!r} is not served (served: {known})", param="model", code="model_not_found"
+            )
+        return model_object(served[name])
 
     async def image_bytes(url: str, param: str) -> bytes:
         """A data URL's bytes, or an http(s) URL's body as --allow-url-fetch permits."""
@@ -398,6 +405,8 @@ def create_app(options: GatewayOptions):
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict):
             raise ApiError(400, "stream_options: an object", param="stream_options")
+        if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
+            raise ApiError(400, f"stream: a boolean, got {json.dumps(body.get('stream'))[:40]}", param="stream")
         inputs = await chat_inputs(body, model)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -405,7 +414,15 @@ def create_app(options: GatewayOptions):
             if "stream" not in model.ensembles:
                 raise ApiError(400, f"stream: {model.name} has no streaming ensemble", param="stream")
             stream = triton().stream(model.ensembles["stream"], inputs, "messages")
-            first = await anext_or_none(stream)  # errors before the first chunk are still a 400/503
+            try:
+                first = await anext_or_none(stream)  # errors before the first chunk are still a 400/429/503
+            except ApiError as exc:
+                # tritonclient's stream errors carry no status code: a failure Triton did not classify is
+                # asked again of the whole-answer ensemble, whose error does (a bad image is a 400 there)
+                if exc.status != 500 or "chat" not in model.ensembles:
+                    raise
+                await triton().infer(model.ensembles["chat"], inputs, "messages")
+                raise
 
             def chunk(choices: list[dict], **extra) -> str:
                 payload = {
@@ -419,13 +436,24 @@ def create_app(options: GatewayOptions):
                 return f"data: {json.dumps(payload)}\n\n"
 
             async def events():
-                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                yield chunk(
+                    [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
                 outputs, last = first, first
                 while outputs is not None:
                     last = outputs
                     piece = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
                     if piece:
-                        yield chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+                        yield chunk(
+                            [{"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}]
+                        )
                     try:
                         outputs = await anext_or_none(stream)
                     except ApiError as exc:
@@ -434,7 +462,7 @@ def create_app(options: GatewayOptions):
                 reason = "stop"
                 if last is not None and "FINISH_REASON" in last:
                     reason = last["FINISH_REASON"].reshape(-1)[0].decode() or "stop"
-                yield chunk([{"index": 0, "delta": {}, "finish_reason": reason}])
+                yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
                 usage = usage_of(last) if last is not None else None
                 if stream_options.get("include_usage") and usage is not None:  # OpenAI: a last chunk, no choices
                     yield chunk([], usage=usage)
@@ -448,7 +476,14 @@ def create_app(options: GatewayOptions):
             "object": "chat.completion",
             "created": created,
             "model": model.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
         }
         if (usage := usage_of(outputs)) is not None:  # repositories built before these outputs lack them
             answer["choices"][0]["finish_reason"] = outputs["FINISH_REASON"].reshape(-1)[0].decode()
@@ -542,9 +577,9 @@ def create_app(options: GatewayOptions):
             return {"text": text}
         found = segments_of(outputs)
         if response_format == "srt":
-            return PlainTextResponse(subtitles.srt(found), media_type="application/x-subrip")
+            return PlainTextResponse(subtitles.srt(found))  # text/plain, as OpenAI answers srt and vtt
         if response_format == "vtt":
-            return PlainTextResponse(subtitles.vtt(found), media_type="text/vtt")
+            return PlainTextResponse(subtitles.vtt(found))
         return {
             "task": task,
             "language": subtitles.language_name(outputs["DECODED_LANGUAGE"].reshape(-1)[0].decode()),
