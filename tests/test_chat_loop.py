@@ -175,3 +175,24 @@ def test_incremental_text_is_the_full_decode_of_every_prefix(generator):
             assert full.startswith(got), (k, got, full)
             if not full.endswith("\ufffd"):
                 assert got == full, (k, got, full)
+
+
+@pytest.mark.gpu
+def test_the_loop_on_cuda_gives_the_static_decoders_answers(llava_loaded, jobs):
+    """GPU repositories run the same loop with the language model on CUDA (never run here: no GPU)."""
+    import torch
+
+    from tritonkit.families.llava import language_model
+
+    _, loaded = llava_loaded
+    tokenizer = loaded.processor.tokenizer
+    lm = language_model(loaded.model).to("cuda")
+    on_gpu = ChatGenerator(lm, tokenizer, loaded.model.config.image_token_id, [tokenizer.eos_token_id], "cuda")
+    alone = [on_gpu.generate([j["features"]], [j["prompt_ids"]], [j["options"]], 256)[0] for j in jobs[:4]]
+    loop = ChatLoop(on_gpu, 256, max_rows=2)
+    try:
+        answers = wait_answers(loop, jobs[:4])
+    finally:
+        loop.stop()
+    assert [a.tokens for a in answers] == [r.tokens for r in alone]
+    assert torch.cuda.is_available()
