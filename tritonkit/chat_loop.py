@@ -186,7 +186,6 @@ class KVSlots:
     def admit(self, prefill_cache, lengths: Sequence[int]) -> None:
         """Rows prefilled together (left-padded to the longest, `lengths` their own) joined to the
         rows in flight, each ending at the shared column."""
-        torch = self.torch
         layers = [(layer.keys, layer.values) for layer in prefill_cache.layers]
         count, padded = len(lengths), layers[0][0].shape[-2]
         if not self.keys:
@@ -217,7 +216,6 @@ class KVSlots:
             self.mask[row, self.length - length : self.length] = 1
             self.starts.append(self.length - length)
         self.rows += count
-        del torch
 
     def remove(self, row: int) -> None:
         """Row `row` leaves; the last row takes its place (the caller moves its own row state likewise)."""
