@@ -20,16 +20,20 @@ LIMITS = [8, 48, 24, 96]
 
 @pytest.fixture(scope="module")
 def generator(llava_loaded):
+    """One torch thread, as a decoder instance on its share of the cores; the test process's own
+    count is restored after (later tests build and compare numbers in this process)."""
     import torch
 
     from tritonkit.families.llava import language_model
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     _, loaded = llava_loaded
     tokenizer = loaded.processor.tokenizer
-    return ChatGenerator(
+    yield ChatGenerator(
         language_model(loaded.model), tokenizer, loaded.model.config.image_token_id, [tokenizer.eos_token_id]
     )
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

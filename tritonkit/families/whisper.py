@@ -111,7 +111,7 @@ class WhisperSpec(FamilySpec):
     # tokenizer and two ONNX Runtime sessions, DALI's log-mel buffers and libraries, and
     # tritonserver's buffers for uploads of up to 600 s and the file features passed to the decoder.
     memory: ClassVar[Mapping[str, StageMemory]] = {
-        "audio_preprocess": StageMemory(fixed_mb=68),
+        "audio_preprocess": StageMemory(fixed_mb=62),  # 58-72 MB measured across soaks: a small, noisy stub
         "log_mel": StageMemory(fixed_mb=160),
         "encoder": StageMemory(fixed_mb=113),
         "decoder": StageMemory(fixed_mb=611),
