@@ -279,15 +279,7 @@ class TritonPythonModel(BatchedModel):
         started = [False] * len(prepared)
 
         def response(row, piece: str, completion_tokens: int, reason: str):
-            tensors = {
-                self.text_output: np.array([[piece.encode()]], dtype=object),
-                PROMPT_TOKENS: np.array([[prompt_tokens[row]]], dtype=np.int32),
-                COMPLETION_TOKENS: np.array([[completion_tokens]], dtype=np.int32),
-                FINISH_REASON: np.array([[reason.encode()]], dtype=object),
-            }
-            return pb_utils.InferenceResponse(  # the outputs this build declares (older ones: TEXT alone)
-                output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items() if k in self.output_dtypes]
-            )
+            return stream_response(self, piece, prompt_tokens[row], completion_tokens, reason)
 
         def send_piece(row, piece, result):
             senders[row].send(response(row, piece, len(result.tokens), ""))
@@ -393,17 +385,7 @@ class StreamedAnswer:
         self.prompt_tokens = len(rows["prompt_ids"][0])
 
     def response(self, piece: str, completion_tokens: int, reason: str):
-        import triton_python_backend_utils as pb_utils
-
-        tensors = {
-            self.model.text_output: np.array([[piece.encode()]], dtype=object),
-            PROMPT_TOKENS: np.array([[self.prompt_tokens]], dtype=np.int32),
-            COMPLETION_TOKENS: np.array([[completion_tokens]], dtype=np.int32),
-            FINISH_REASON: np.array([[reason.encode()]], dtype=object),
-        }
-        return pb_utils.InferenceResponse(  # the outputs this build declares (older ones: TEXT alone)
-            output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items() if k in self.model.output_dtypes]
-        )
+        return stream_response(self.model, piece, self.prompt_tokens, completion_tokens, reason)
 
     def text(self, piece: str, result) -> None:
         self.pending += piece
@@ -447,3 +429,18 @@ def send_error(model, sender, exc: Exception) -> None:
         model.metrics.rejected("queue_full" if code == "UNAVAILABLE" else "cancelled")
         error = pb_utils.TritonError(f"{model.model_name}: {exc}", getattr(pb_utils.TritonError, code))
     sender.send(pb_utils.InferenceResponse(error=error), flags=final)
+
+
+def stream_response(model, piece: str, prompt_tokens: int, completion_tokens: int, reason: str):
+    """One streamed response: a piece of text with the counts so far and the finish reason."""
+    import triton_python_backend_utils as pb_utils
+
+    tensors = {
+        model.text_output: np.array([[piece.encode()]], dtype=object),
+        PROMPT_TOKENS: np.array([[prompt_tokens]], dtype=np.int32),
+        COMPLETION_TOKENS: np.array([[completion_tokens]], dtype=np.int32),
+        FINISH_REASON: np.array([[reason.encode()]], dtype=object),
+    }
+    return pb_utils.InferenceResponse(  # the outputs this build declares (older ones: TEXT alone)
+        output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items() if k in model.output_dtypes]
+    )
