@@ -16,6 +16,8 @@ and step.xml with their .bin), tokenizer/. Parameter `decode_settings`: the JSON
 of `tritonkit.whisper_decoding.DecodeSettings`.
 """
 
+import threading
+
 import numpy as np
 
 from tritonkit.runtime import BatchedModel
@@ -23,7 +25,9 @@ from tritonkit.whisper_decoding import (
     DecodeOptions,
     DecodeSettings,
     LongForm,
+    SequentialFile,
     WindowDecoder,
+    WindowResult,
     segments,
 )
 
@@ -58,6 +62,37 @@ class TritonPythonModel(BatchedModel):
         self.segment_outputs = segment_outputs  # SEGMENT_TIMES, SEGMENT_TEXTS (absent in older repositories)
         self.encoder_model = self.parameters.get("encoder_model")
         self.long_form = LongForm(self.decoder, self.encode)
+        self.loop = None
+        if self.parameters.get("decoder_batching", "inflight") == "inflight" and self.decoder.takes_offsets:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from tritonkit.whisper_loop import WhisperLoop
+
+            rows = int(self.parameters.get("max_rows_in_flight") or self.model_config.get("max_batch_size") or 8)
+            self.loop = WhisperLoop(
+                self.decoder,
+                max_rows=rows,
+                max_queued=int(self.parameters.get("max_queued") or 4 * rows),
+                cancel_check_s=int(self.parameters.get("cancel_check_ms", "100")) / 1000,
+                on_rows=self.metrics.decoder_rows,
+            )
+            # long-form files' next windows are encoded here (Triton's BLS), never on the loop's thread;
+            # concurrent calls meet in the encoder's dynamic batcher
+            self.encoding = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tritonkit-encode")
+
+    def finalize(self):
+        if self.loop is not None:
+            self.loop.stop()
+            self.encoding.shutdown(wait=False, cancel_futures=True)
+        super().finalize()
+
+    def execute(self, requests):
+        if self.loop is None:
+            return super().execute(requests)
+        for request in requests:
+            self.submit(request)
+        self.metrics.resident()
+        return None
 
     def encode(self, features: np.ndarray) -> np.ndarray:
         """The encoder model on a batch of windows (Triton's BLS), in chunks of its max batch size."""
@@ -110,23 +145,13 @@ class TritonPythonModel(BatchedModel):
             "window_language": languages,
             "window_steps": steps,
         }
-        begin = self.settings.timestamp_begin
 
         def final(windows, tokens, decoded):
             """Short windows done: their rows' outputs, and the requests they complete answered now."""
             for k in windows:
                 i = short_rows[k]
-                kept = [] if self.decoder.skipped[k] else tokens[k]
-                window_tokens[i], languages[i], steps[i] = kept, decoded[k], self.decoder.steps_per_window[k]
-                found = []
-                if options[i].timestamps and begin is not None:
-                    # OpenAI's per-window figures, shared by the window's segments
-                    stats = self.decoder.window_stats(k, kept, self.text(kept).decode())
-                    found = [
-                        (*options[i].original_span(start, end), text, stats)
-                        for start, end, text in segments(kept, begin, options[i].offset_s, options[i].duration_s)
-                    ]
-                window_segments[i] = found
+                result = WindowResult.of(self.decoder, k, tokens[k], decoded[k])
+                window_tokens[i], window_segments[i], languages[i], steps[i] = self.window_outputs(options[i], result)
                 ready[i] = True
             if windows:
                 self.release(outputs, ready)
@@ -144,13 +169,99 @@ class TritonPythonModel(BatchedModel):
                 first_hidden=batch[self.hidden_input][long_rows],
             )
             for i, result in zip(long_rows, files):
-                window_tokens[i] = [t for _, _, piece, _ in result.segments for t in piece]
-                window_segments[i] = [
-                    (*options[i].original_span(start, end), piece, stats)
-                    for start, end, piece, stats in result.segments
-                ]
-                languages[i], steps[i] = result.language, result.steps
+                window_tokens[i], window_segments[i], languages[i], steps[i] = self.file_outputs(options[i], result)
         return outputs
+
+    def window_outputs(self, options: DecodeOptions, result: WindowResult):
+        """A short window's row: its tokens, segments (times on the file; OpenAI's per-window
+        figures shared by its segments), language and steps."""
+        kept = [] if result.skipped else result.tokens
+        found = []
+        begin = self.settings.timestamp_begin
+        if options.timestamps and begin is not None:
+            stats = WindowResult(kept, None, 0, result.sum_logprob, result.no_speech_prob, result.temperature).stats(
+                self.text(kept).decode()
+            )
+            found = [
+                (*options.original_span(start, end), text, stats)
+                for start, end, text in segments(kept, begin, options.offset_s, options.duration_s)
+            ]
+        return kept, found, result.language, result.steps
+
+    def file_outputs(self, options: DecodeOptions, transcript):
+        """A long-form file's row, as `window_outputs`."""
+        tokens = [t for _, _, piece, _ in transcript.segments for t in piece]
+        found = [(*options.original_span(start, end), piece, stats) for start, end, piece, stats in transcript.segments]
+        return tokens, found, transcript.language, transcript.steps
+
+    # -- in-flight batching ---------------------------------------------------------------
+    def submit(self, request) -> None:
+        """Check a request and hand its windows to the step loop (a long-form file its first
+        window); a bad or unplaceable one is answered now."""
+        from tritonkit.whisper_loop import WindowJob
+
+        rows = self.prepare_request(request)
+        if not isinstance(rows, dict):
+            pb_utils_send_error(request, rows)
+            return
+        answer = RequestAnswer(self, request, rows)
+        cancelled = getattr(request, "is_cancelled", lambda: False)
+        jobs = []
+        for i, options in enumerate(rows["options"]):
+            if options.long_form:
+                file = SequentialFile(rows[self.features_input][i], options, self.decoder)
+                if file.done:
+                    answer.done(i, self.file_outputs(options, file.transcript))
+                    continue
+                hidden = rows[self.hidden_input][i] if file.encoded else None
+                jobs.append(self.file_window(file, hidden, answer, i, cancelled))
+            else:
+                jobs.append(
+                    WindowJob(
+                        rows[self.hidden_input][i],
+                        options,
+                        on_done=lambda result, i=i, options=options: answer.done(
+                            i, self.window_outputs(options, result)
+                        ),
+                        on_error=answer.failed,
+                        cancelled=cancelled,
+                    )
+                )
+        try:
+            self.loop.submit_all(jobs)
+        except Exception as exc:
+            answer.failed(exc)
+
+    def file_window(self, file, hidden, answer, row: int, cancelled):
+        """The WindowJob of a long-form file's current window (`hidden`: its encoder output if
+        known); once it is final, the file's next window is encoded and submitted."""
+        from tritonkit.whisper_loop import WindowJob
+
+        features, options = file.next_window()
+        if hidden is None:
+            hidden = self.encode(features[None])[0]
+
+        def done(result):
+            try:
+                file.window_done(result)
+                if file.done:
+                    answer.done(row, self.file_outputs(file.options, file.transcript))
+                else:
+                    self.encoding.submit(self.next_file_window, file, answer, row, cancelled)
+            except Exception as exc:  # the request fails, never hangs
+                answer.failed(exc)
+
+        return WindowJob(hidden, options, on_done=done, on_error=answer.failed, cancelled=cancelled)
+
+    def next_file_window(self, file, answer, row: int, cancelled) -> None:
+        try:
+            if cancelled():
+                from tritonkit.chat_loop import CancelledError
+
+                raise CancelledError("the request was cancelled")
+            self.loop.submit_all([self.file_window(file, None, answer, row, cancelled)], queued_anyway=True)
+        except Exception as exc:
+            answer.failed(exc)
 
     def finish(self, outputs, rows):
         owners = rows[self.row_input].reshape(-1)
@@ -196,3 +307,51 @@ class TritonPythonModel(BatchedModel):
         begin = self.settings.timestamp_begin
         kept = [t for t in tokens if begin is None or t < begin]
         return self.tokenizer.decode(kept, skip_special_tokens=True).strip().encode()
+
+
+def pb_utils_send_error(request, failure) -> None:
+    import triton_python_backend_utils as pb_utils
+
+    from tritonkit.runtime import send_final
+
+    send_final(request, pb_utils.InferenceResponse(error=failure.error()))
+
+
+class RequestAnswer:
+    """A request's rows (short windows or long-form files): answered once every row is final, or
+    failed at its first error."""
+
+    def __init__(self, model, request, rows):
+        count = len(rows["options"])
+        self.model, self.request, self.rows = model, request, rows
+        self.outputs = {
+            "window_tokens": np.empty(count, dtype=object),
+            "window_segments": np.empty(count, dtype=object),
+            "window_language": np.empty(count, dtype=object),
+            "window_steps": np.zeros(count, dtype=np.int64),
+        }
+        self.left = count
+        self.answered = False
+        self.lock = threading.Lock()
+
+    def done(self, row: int, outputs) -> None:
+        with self.lock:
+            if self.answered:
+                return
+            names = ("window_tokens", "window_segments", "window_language", "window_steps")
+            for name, value in zip(names, outputs):
+                self.outputs[name][row] = value
+            self.left -= 1
+            if self.left:
+                return
+            self.answered = True
+        from tritonkit.runtime import send_final
+
+        send_final(self.request, self.model.respond(dict(self.outputs), self.rows))
+
+    def failed(self, exc: Exception) -> None:
+        with self.lock:
+            if self.answered:
+                return
+            self.answered = True
+        pb_utils_send_error(self.request, self.model.failure(exc, "a request"))

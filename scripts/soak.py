@@ -417,7 +417,7 @@ async def soak(
     from tritonkit.dtypes import wire_datatype
 
     client = grpcclient.InferenceServerClient(url)
-    counts = {case.label: {"sent": 0, "ok": 0, "error": 0, "timeout": 0} for case in cases}
+    counts = {case.label: {"sent": 0, "ok": 0, "error": 0, "timeout": 0, "slowest_s": 0.0} for case in cases}
     unexpected: list[str] = []
     deadline = time.perf_counter() + duration
     rng = random.Random(0)
@@ -425,6 +425,7 @@ async def soak(
     async def worker():
         while time.perf_counter() < deadline:
             case = rng.choice(cases)
+            started = time.perf_counter()
             tensors = []
             for name, array in case.inputs.items():
                 tensors.append(grpcclient.InferInput(name, list(array.shape), wire_datatype(array)))
@@ -445,6 +446,8 @@ async def soak(
                         unexpected.append(f"{case.label}: {text.strip().splitlines()[0][:200]}")
                     elif any(f in text for f in TRANSPORT_FAILURES) or len(text) > MAX_ERROR_CHARS:
                         unexpected.append(f"{case.label}: no message of its own ({len(text)} chars): {text[:200]}")
+            slowest = max(counts[case.label]["slowest_s"], time.perf_counter() - started)
+            counts[case.label]["slowest_s"] = round(slowest, 2)
 
     timeline: list[dict] = []
     try:
@@ -587,7 +590,13 @@ def main() -> int:
     )
     parser.add_argument("--plot", type=Path, help="Write the per-model memory timeline as a PNG plot")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--timeout", type=float, default=60)
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=180,
+        help="Seconds after which a request counts as hung (16 concurrent 150 s long-form files share 2 cores: "
+        "a minute each is not a hang)",
+    )
     parser.add_argument(
         "--max-rss-growth-mb",
         type=float,

@@ -28,6 +28,8 @@ import numpy as np
 from tritonkit.errors import InputError, shown
 from tritonkit.runtime import run_in_slices
 
+OFFSETS = "OFFSETS"  # the decoder step's input: each row's left padding in the shared cache
+
 
 def layer_names(prefix: str, layers: int) -> list[str]:
     """One graph tensor per decoder layer (CROSS_KEYS_0 ...): ONNX Runtime reads each from the
@@ -59,10 +61,11 @@ def _modules():
             return (*keys, *values)
 
     class DecoderStep(torch.nn.Module):
-        """(INPUT_IDS, past keys and values per layer, cross keys and values per layer) ->
+        """(INPUT_IDS, OFFSETS, past keys and values per layer, cross keys and values per layer) ->
         (the last position's logits, present keys and values per layer). The rows of INPUT_IDS and
         the self-attention cache are windows x beams (a window's beams together), the cross KV's
-        rows are windows."""
+        rows are windows. OFFSETS ([rows, 1]) is each row's left padding: rows whose sequences
+        began at different steps share one cache (the in-flight loop's), their padding masked."""
 
         def __init__(self, model):
             super().__init__()
@@ -97,18 +100,26 @@ def _modules():
             batch, _, length, _ = x.shape
             return x.transpose(1, 2).reshape(batch, length, -1)
 
-        def forward(self, input_ids, *caches):
+        def forward(self, input_ids, offsets, *caches):
             n = self.layers
             past_keys, past_values = caches[:n], caches[n : 2 * n]
             cross_keys, cross_values = caches[2 * n : 3 * n], caches[3 * n :]
             past = past_keys[0].shape[2]
             new = input_ids.shape[1]
-            positions = self.decoder.embed_positions.weight[past : past + new]
-            hidden = self.decoder.embed_tokens(input_ids) * self.embed_scale + positions
-            # query i (at absolute position past + i) sees keys 0 .. past + i
-            key_positions = torch.arange(past + new).unsqueeze(0)
-            query_positions = torch.arange(new).unsqueeze(1) + past
-            mask = torch.where(key_positions <= query_positions, 0.0, float("-inf")).to(hidden.dtype)
+            # row r is left-padded by offsets[r] columns: its token in column c is at position c - offset
+            columns = torch.arange(new).unsqueeze(0) + past  # [1, new]
+            positions = (columns - offsets).clamp(min=0)  # [rows, new]
+            hidden = (
+                self.decoder.embed_tokens(input_ids) * self.embed_scale + self.decoder.embed_positions.weight[positions]
+            )
+            # query i (column past + i) sees the columns from its row's first token up to its own
+            # (and its own always: a padding query then attends to itself, never to nothing)
+            key_columns = torch.arange(past + new).view(1, 1, -1)
+            query_columns = columns.unsqueeze(-1)  # [1, new, 1]
+            visible = (key_columns <= query_columns) & (
+                (key_columns >= offsets.unsqueeze(-1)) | (key_columns == query_columns)
+            )
+            mask = torch.where(visible, 0.0, float("-inf")).to(hidden.dtype).unsqueeze(1)  # [rows, 1, new, keys]
             present_keys, present_values = [], []
             for i, layer in enumerate(self.decoder.layers):
                 residual = hidden
@@ -420,6 +431,8 @@ class WindowDecoder:
         # inputs), the self-attention cache (PAST_* in, PRESENT_* out); fixed dims of an empty cache
         self.cross_names = [o.name for o in cross_kv_session.get_outputs()]
         self.past_names = [i.name for i in step_session.get_inputs() if i.name.startswith("PAST_")]
+        # OFFSETS: rows left-padded in one cache (the in-flight loop); absent in repositories built before it
+        self.takes_offsets = any(i.name == OFFSETS for i in step_session.get_inputs())
         self.present_names = [o.name.replace("PRESENT_", "PAST_", 1) for o in step_session.get_outputs()[1:]]
         self.empty_shapes = {
             i.name: tuple(d if isinstance(d, int) else 0 for d in i.shape[1:])
@@ -446,9 +459,17 @@ class WindowDecoder:
     def _empty_past(self, count: int) -> Cache:
         return {name: np.zeros((count, *shape), dtype=np.float32) for name, shape in self.empty_shapes.items()}
 
-    def _run(self, ids: np.ndarray, past: Cache, cross: Cache) -> tuple[np.ndarray, Cache]:
-        """One decoder step: the last position's logits and the grown self-attention cache."""
-        logits, *present = self.step.run(None, {"INPUT_IDS": ids, **past, **cross})
+    def _run(
+        self, ids: np.ndarray, past: Cache, cross: Cache, offsets: np.ndarray | None = None
+    ) -> tuple[np.ndarray, Cache]:
+        """One decoder step: the last position's logits and the grown self-attention cache.
+        `offsets`: each row's left padding (graphs with OFFSETS; none: no row is padded)."""
+        feed = {"INPUT_IDS": ids, **past, **cross}
+        if self.takes_offsets:
+            feed[OFFSETS] = offsets if offsets is not None else np.zeros((len(ids), 1), dtype=np.int64)
+        elif offsets is not None and offsets.any():
+            raise ValueError("this repository's decoder step takes no OFFSETS (built before in-flight batching)")
+        logits, *present = self.step.run(None, feed)
         return logits, dict(zip(self.present_names, present))
 
     def _start_logits(self, cross: Cache) -> np.ndarray:
@@ -589,10 +610,14 @@ class WindowDecoder:
         )
 
     def _judge(self, row: int, tokens: list[int]) -> tuple[bool, bool]:
-        """(too unlikely, too repetitive) under OpenAI's thresholds."""
+        return self.judge(self.sum_logprobs[row], tokens)
+
+    def judge(self, sum_logprob: float, tokens: list[int]) -> tuple[bool, bool]:
+        """(too unlikely, too repetitive) under OpenAI's thresholds: a window's decoding, given
+        its chosen tokens' summed log-probability (end token included)."""
         if self.text_of is None:
             raise ValueError("FALLBACK needs the decoder's tokenizer (text_of)")
-        too_unlikely = self.avg_logprob(row, tokens) < LOGPROB_THRESHOLD
+        too_unlikely = sum_logprob / (len(tokens) + 1) < LOGPROB_THRESHOLD
         return too_unlikely, compression_ratio(self.text_of(tokens)) > COMPRESSION_RATIO_THRESHOLD
 
     def apply_timestamp_rules(self, logits: np.ndarray, generated: list[int], first: bool) -> None:
@@ -898,12 +923,119 @@ def conditioning(segments: list[tuple[float, float, list[int], tuple]], timestam
     return out
 
 
+@dataclass
+class WindowResult:
+    """One window's decoding, final (after any fallback): its tokens (no prompt, no end token),
+    its language, the decoder steps it took and OpenAI's per-window figures."""
+
+    tokens: list[int]
+    language: str | None
+    steps: int = 0
+    sum_logprob: float = 0.0  # the chosen tokens' summed log-probability, end token included
+    no_speech_prob: float = float("nan")
+    temperature: float = 0.0  # the temperature it was last decoded at
+    skipped: bool = False  # FALLBACK judged it silent: no text, no segments
+
+    def stats(self, text: str) -> tuple[float, float, float, float]:
+        """avg_logprob, compression_ratio, no_speech_prob, temperature (`text`: its tokens' text)."""
+        return (
+            self.sum_logprob / (len(self.tokens) + 1),
+            compression_ratio(text),
+            self.no_speech_prob,
+            self.temperature,
+        )
+
+    @classmethod
+    def of(cls, decoder: WindowDecoder, row: int, tokens: list[int], language: str | None) -> WindowResult:
+        """Window `row` of the decoder's last `decode`."""
+        return cls(
+            tokens,
+            language,
+            decoder.steps_per_window[row],
+            decoder.sum_logprobs[row],
+            decoder.no_speech_probs[row],
+            decoder.temperatures[row],
+            decoder.skipped[row],
+        )
+
+
+class SequentialFile:
+    """One file's OpenAI sequential long-form transcription, as transformers' long-form
+    `generate` runs it: the current 30 s window (its features from the seek point, zero-padded)
+    is decoded, and its timestamps tell where the next window starts. `next_window` gives the
+    window to decode, `window_done` takes its result; `transcript` grows segment by segment."""
+
+    def __init__(self, features: np.ndarray, options: DecodeOptions, decoder: WindowDecoder):
+        if decoder.settings.timestamp_begin is None:
+            raise InputError(
+                "TIMESTAMPS: this model has no timestamp tokens for long-form decoding", reason="bad_option"
+            )
+        self.features, self.options, self.decoder = features, options, decoder
+        self.begin = decoder.settings.timestamp_begin
+        self.seek = 0
+        self.index = 0  # windows decoded
+        self.condition = options.condition
+        self.language = options.language
+        # transformers' "first-segment" prompt: the prompt counts as text before the file
+        prompt_ids = decoder.prompt_ids
+        self.prefix = list(prompt_ids(options.prompt))[1:] if options.prompt and prompt_ids else []
+        self.transcript = FileTranscript()
+
+    @property
+    def done(self) -> bool:
+        return self.options.empty or self.seek >= self.options.total_frames
+
+    @property
+    def frames(self) -> int:
+        """The current window's frames of audio."""
+        return min(FRAMES_PER_WINDOW, self.options.total_frames - self.seek)
+
+    def next_window(self) -> tuple[np.ndarray, DecodeOptions]:
+        """The current window's features ([mel bins, 3000], zero-padded) and options."""
+        o, frames = self.options, self.frames
+        window = np.zeros((self.features.shape[0], FRAMES_PER_WINDOW), dtype=np.float32)
+        window[:, :frames] = self.features[:, self.seek : self.seek + frames]
+        previous = self.prefix + conditioning(self.transcript.segments, self.begin)
+        return window, replace(
+            o,
+            language=self.language,
+            timestamps=True,
+            prompt=o.prompt if not self.condition else None,
+            previous=tuple(previous) if self.condition and previous else None,
+            offset_s=self.seek * SECONDS_PER_FRAME,
+            duration_s=frames * SECONDS_PER_FRAME,
+            window=self.index,
+        )
+
+    @property
+    def encoded(self) -> bool:
+        """The current window's encoder output came with the request (the ensemble's first window)."""
+        return self.index == 0 and self.options.first_window_encoded
+
+    def window_done(self, result: WindowResult) -> None:
+        frames, o = self.frames, self.options
+        self.index += 1
+        self.transcript.steps += result.steps
+        self.language = self.language or result.language
+        self.transcript.language = self.transcript.language or result.language
+        self.condition = o.condition and result.temperature < 0.5
+        if result.skipped:
+            self.seek += frames
+            return
+        found, advance = window_segments(result.tokens, self.begin, self.seek * SECONDS_PER_FRAME, frames)
+        stats = result.stats(self.decoder.text_of(result.tokens) if self.decoder.text_of else "")
+        duration = o.file_s or o.total_frames * SECONDS_PER_FRAME  # a time past the file's end is its end
+        self.transcript.segments += [
+            (min(start, duration), min(end, duration), piece, stats) for start, end, piece in found
+        ]
+        self.seek += advance if advance > 0 else frames  # never stand still
+
+
 class LongForm:
-    """OpenAI's sequential long-form transcription, as transformers' long-form `generate` runs it:
-    each file's current 30 s window (its features from the seek point, zero-padded) is one row of
-    a batch; the decoded timestamps tell each file where its next window starts. `encode(features)`
-    runs the encoder on a batch of windows; a file whose options say `first_window_encoded` has
-    its first window's encoder output in `first_hidden` (not encoded again)."""
+    """Sequential long-form transcription of many files at once (`SequentialFile` each): every
+    file's current window is one row of a batch. `encode(features)` runs the encoder on a batch
+    of windows; a file whose options say `first_window_encoded` has its first window's encoder
+    output in `first_hidden` (not encoded again)."""
 
     def __init__(self, decoder: WindowDecoder, encode):
         self.decoder = decoder
@@ -912,45 +1044,14 @@ class LongForm:
     def transcribe(
         self, features: list[np.ndarray], options: list[DecodeOptions], first_hidden: np.ndarray | None = None
     ) -> list[FileTranscript]:
-        begin = self.decoder.settings.timestamp_begin
-        if begin is None:
-            raise InputError(
-                "TIMESTAMPS: this model has no timestamp tokens for long-form decoding", reason="bad_option"
-            )
-        results = [FileTranscript() for _ in features]
-        seeks = [0] * len(features)
-        condition = [o.condition for o in options]
-        prompts: list[list[int]] = []
-        for o in options:  # transformers' "first-segment" prompt: the prompt counts as text before the file
-            prompts.append(list(self.decoder.prompt_ids(o.prompt))[1:] if o.prompt and self.decoder.prompt_ids else [])
-        languages = [o.language for o in options]
-        window_index = [0] * len(features)
+        files = [SequentialFile(f, o, self.decoder) for f, o in zip(features, options)]
+        given = first_hidden if first_hidden is not None else [None] * len(files)
         while True:
-            active = [i for i, o in enumerate(options) if seeks[i] < o.total_frames and not o.empty]
+            active = [i for i, file in enumerate(files) if not file.done]
             if not active:
-                return results
-            windows, window_options = [], []
-            frames = {i: min(FRAMES_PER_WINDOW, options[i].total_frames - seeks[i]) for i in active}
-            for i in active:
-                o = options[i]
-                window = np.zeros((features[i].shape[0], FRAMES_PER_WINDOW), dtype=np.float32)
-                window[:, : frames[i]] = features[i][:, seeks[i] : seeks[i] + frames[i]]
-                windows.append(window)
-                previous = prompts[i] + conditioning(results[i].segments, begin)
-                window_options.append(
-                    replace(
-                        o,
-                        language=languages[i],
-                        timestamps=True,
-                        prompt=o.prompt if not condition[i] else None,
-                        previous=tuple(previous) if condition[i] and previous else None,
-                        offset_s=seeks[i] * SECONDS_PER_FRAME,
-                        duration_s=frames[i] * SECONDS_PER_FRAME,
-                        window=window_index[i],
-                    )
-                )
-            given = first_hidden if first_hidden is not None else [None] * len(features)
-            reused = [given[i] if window_index[i] == 0 and options[i].first_window_encoded else None for i in active]
+                return [file.transcript for file in files]
+            windows, window_options = zip(*(files[i].next_window() for i in active))
+            reused = [given[i] if files[i].encoded else None for i in active]
             if all(r is not None for r in reused):
                 hidden = np.stack([r for r in reused if r is not None])
             else:
@@ -958,25 +1059,9 @@ class LongForm:
                 if any(r is not None for r in reused):
                     encoded = iter(hidden)
                     hidden = np.stack([r if r is not None else next(encoded) for r in reused])
-            tokens, decoded_languages = self.decoder.decode(hidden, window_options)
+            tokens, languages = self.decoder.decode(hidden, list(window_options))
             for k, i in enumerate(active):
-                window_index[i] += 1
-                results[i].steps += self.decoder.steps_per_window[k]
-                languages[i] = languages[i] or decoded_languages[k]
-                results[i].language = results[i].language or decoded_languages[k]
-                condition[i] = options[i].condition and self.decoder.temperatures[k] < 0.5
-                if self.decoder.skipped[k]:
-                    seeks[i] += frames[i]
-                    continue
-                found, advance = window_segments(tokens[k], begin, seeks[i] * SECONDS_PER_FRAME, frames[i])
-                text = self.decoder.text_of(tokens[k]) if self.decoder.text_of else ""
-                stats = self.decoder.window_stats(k, tokens[k], text)
-                # a time past the file's end is its end
-                duration = options[i].file_s or options[i].total_frames * SECONDS_PER_FRAME
-                results[i].segments += [
-                    (min(start, duration), min(end, duration), piece, stats) for start, end, piece in found
-                ]
-                seeks[i] += advance if advance > 0 else frames[i]  # never stand still
+                files[i].window_done(WindowResult.of(self.decoder, k, tokens[k], languages[k]))
 
 
 def segments(

@@ -32,7 +32,7 @@ from tritonkit.families.base import (
 )
 from tritonkit.preprocessing.audio import SAMPLE_RATE, WINDOW_SECONDS
 from tritonkit.triton_config import Batching, Tensor
-from tritonkit.whisper_decoding import WindowDecoder, layer_names
+from tritonkit.whisper_decoding import OFFSETS, WindowDecoder, layer_names
 
 # Public contract (see README).
 AUDIO = "AUDIO"
@@ -171,6 +171,7 @@ class WhisperSpec(FamilySpec):
             ENCODER_HIDDEN: Tensor(ENCODER_HIDDEN, "float32", (c.max_source_positions, c.d_model)),
             **per_layer,
             INPUT_IDS: Tensor(INPUT_IDS, "int64", (-1,)),
+            OFFSETS: Tensor(OFFSETS, "int64", (1,)),
             LOGITS: Tensor(LOGITS, "float32", (c.vocab_size,)),
             TEXT: Tensor(TEXT, "string", (1,)),
             TOKENS: Tensor(TOKENS, "int64", (-1,)),
@@ -195,18 +196,26 @@ class WhisperSpec(FamilySpec):
         step_samples = []
         with torch.no_grad():
             # (windows, beams a window, prompt tokens, cached tokens): rows are windows x beams
-            for windows, beams, prompt, past in ((2, 1, 2, 0), (3, 1, 1, 3), (1, 1, 1, 5), (2, 3, 1, 4)):
+            # and the rows' left padding (the in-flight loop's rows began at different steps)
+            shapes = (
+                (2, 1, 2, 0, (0, 0)),
+                (3, 1, 1, 3, (0, 2, 1)),
+                (1, 1, 1, 5, (0,)),
+                (2, 3, 1, 4, (0,) * 3 + (3,) * 3),
+            )
+            for windows, beams, prompt, past, offsets in shapes:
                 hidden = torch.randn((windows, c.max_source_positions, c.d_model), generator=g)
                 rows = windows * beams
                 step_samples.append(
                     {
                         INPUT_IDS: torch.randint(0, c.vocab_size, (rows, prompt), generator=g),
+                        OFFSETS: torch.tensor(offsets, dtype=torch.int64).view(rows, 1),
                         **{n: torch.randn((rows, heads, past, head_dim), generator=g) for n in past_names},
                         **dict(zip(cross_names, cross(hidden))),
                         "_hidden": hidden,
                     }
                 )
-        step_inputs = [INPUT_IDS, *past_names, *cross_names]
+        step_inputs = [INPUT_IDS, OFFSETS, *past_names, *cross_names]
         check_decoder_step(loaded.model, step, step_samples[0], step_inputs, self.tolerance("decoder_step"))
         for sample in step_samples:
             sample.pop("_hidden")

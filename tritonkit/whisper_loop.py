@@ -1,0 +1,574 @@
+"""In-flight batching for Whisper: windows join the running decoder batch between steps.
+
+A `WhisperLoop` owns a thread that runs decoder steps over every window in flight. Windows are
+queued (`submit`) by the decoder model's `execute`, which returns at once; before each step the
+loop admits what is queued: their cross-attention keys and values are computed, languages
+detected, and their prompts prefilled together (left-padded), then they join the running rows.
+A window leaves the moment its end token comes, and its request is answered as soon as all its
+windows are final, so a short clip never waits for a long file's windows.
+
+Rows that began at different steps share one self-attention cache: the decoder step graph takes
+each row's left padding (OFFSETS), positions its tokens from its own first column and masks the
+columns before it; the columns no row uses any more are dropped when rows leave. Greedy and
+sampled windows run in one lane (a row each); beam search runs in a lane per beam size (a window's
+beams together, reading its cross KV once), each lane one decoder step per loop iteration.
+
+A window is decoded exactly as `WindowDecoder.decode` decodes it (the same suppression, timestamp
+rules, sampling generator, beam search and OpenAI's temperature fallback, which sends a window
+back to the queue at its next temperature); long-form files (`SequentialFile`) feed their next
+window as soon as the previous one is final (see the decoder model).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tritonkit.chat_loop import BUSY_MARK, REPORT_EVERY_S, CancelledError, QueueFull
+from tritonkit.whisper_decoding import (
+    NO_SPEECH_THRESHOLD,
+    Cache,
+    DecodeOptions,
+    WindowDecoder,
+    WindowResult,
+    compacted,
+    log_softmax,
+    log_softmax32,
+    softmax,
+    taken,
+    temperature_schedule,
+    top_indices,
+)
+
+LOGGER = logging.getLogger(__name__)
+TRIM_COLUMNS = 16  # padding columns every row has before the cache is cut down to drop them
+
+
+@dataclass(eq=False)
+class WindowJob:
+    """One window to decode (`hidden`: its encoder output [frames, d_model]) and how to deliver
+    it: `on_done(WindowResult)` once final, or `on_error(exc)`. `cancelled()` is asked between steps."""
+
+    hidden: np.ndarray
+    options: DecodeOptions
+    on_done: Callable[[WindowResult], None]
+    on_error: Callable[[Exception], None]
+    cancelled: Callable[[], bool] = lambda: False
+
+
+@dataclass(eq=False)
+class _Window:
+    """A window's decoding across its attempts (OpenAI's fallback decodes it again)."""
+
+    job: WindowJob
+    language: str | None = None
+    prompt: list[int] = field(default_factory=list)
+    limit: int = 0
+    schedule: tuple[float, ...] = (0.0,)
+    attempt: int = 0
+    no_speech_prob: float = float("nan")
+    steps: int = 0
+    cross: Cache | None = None  # its cross KV (one row), kept while it may fall back
+    generator: Any = None
+
+    @property
+    def temperature(self) -> float:
+        return self.schedule[self.attempt]
+
+    @property
+    def beams(self) -> int:
+        """Its lane: rows a step (1 unless beam search, which runs at temperature 0 only)."""
+        o = self.job.options
+        return o.beam_size if o.beam_size > 1 and self.temperature == 0 else 1
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One decoding of a window in a lane: greedy or sampled (one row), or beam search."""
+
+    window: _Window
+    tokens: list[int] = field(default_factory=list)  # greedy/sampled: chosen so far
+    sum_logprob: float = 0.0
+    # beam search (transformers' `_beam_search`): live beams (sum, tokens), finished (score, sum, tokens)
+    live: list[tuple[float, list[int]]] = field(default_factory=lambda: [(0.0, [])])
+    finished: list[tuple[float, float, list[int]]] = field(default_factory=list)
+    improvable: bool = True
+    done: bool = False
+
+
+class _Lane:
+    """Rows decoded together: `group` rows a window (its beams), one shared left-padded cache."""
+
+    def __init__(self, group: int):
+        self.group = group
+        self.attempts: list[_Attempt] = []
+        self.past: Cache = {}
+        self.cross: Cache = {}
+        self.offsets = np.zeros((0, 1), dtype=np.int64)
+        self.ids = np.zeros((0, 1), dtype=np.int64)
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.past.values())).shape[2] if self.past else 0
+
+    def join(self, past: Cache, cross: Cache, offsets: np.ndarray, ids: np.ndarray, attempts) -> None:
+        """Rows prefilled apart (their cache `past`, left-padded among themselves) joined to the
+        lane's: whichever is shorter is padded on the left to the other's columns."""
+        if not self.attempts:
+            self.past, self.cross, self.offsets, self.ids = past, cross, offsets, ids
+            self.attempts = list(attempts)
+            return
+        theirs = next(iter(past.values())).shape[2]
+        ours = self.length
+        if theirs < ours:
+            past, offsets = _padded(past, ours - theirs), offsets + (ours - theirs)
+        elif ours < theirs:
+            self.past, self.offsets = _padded(self.past, theirs - ours), self.offsets + (theirs - ours)
+        self.past = {name: np.concatenate([self.past[name], past[name]]) for name in self.past}
+        self.cross = {name: np.concatenate([self.cross[name], cross[name]]) for name in self.cross}
+        self.offsets = np.concatenate([self.offsets, offsets])
+        self.ids = np.concatenate([self.ids, ids])
+        self.attempts += attempts
+
+    def leave(self, keep_windows: np.ndarray) -> None:
+        """Only the windows `keep_windows` (a mask over attempts) stay; padding no row needs is dropped."""
+        rows = np.repeat(keep_windows, self.group)
+        self.attempts = [a for a, kept in zip(self.attempts, keep_windows) if kept]
+        if not self.attempts:
+            self.past, self.cross = {}, {}
+            self.offsets, self.ids = np.zeros((0, 1), dtype=np.int64), np.zeros((0, 1), dtype=np.int64)
+            return
+        self.cross = compacted(self.cross, keep_windows)
+        self.offsets, self.ids = self.offsets[rows], self.ids[rows]
+        cut = int(self.offsets.min())
+        if cut >= TRIM_COLUMNS:
+            self.past = {name: np.ascontiguousarray(v[rows][:, :, cut:]) for name, v in self.past.items()}
+            self.offsets = self.offsets - cut
+        else:
+            self.past = taken(self.past, rows)
+
+
+def _padded(cache: Cache, columns: int) -> Cache:
+    """Every layer's cache with `columns` zero columns before its first (masked by OFFSETS)."""
+    return {name: np.pad(v, ((0, 0), (0, 0), (columns, 0), (0, 0))) for name, v in cache.items()}
+
+
+class WhisperLoop:
+    """The step loop of one decoder instance (see the module's docstring). `max_rows` windows
+    decode at once (a beam-search window counts as one); up to `max_queued` more wait, past
+    that `submit` raises QueueFull."""
+
+    def __init__(
+        self,
+        decoder: WindowDecoder,
+        max_rows: int = 16,
+        max_queued: int = 64,
+        on_rows: Callable[[int, int], None] | None = None,
+        cancel_check_s: float = 0.1,
+    ):
+        if not decoder.takes_offsets:
+            raise ValueError("the decoder step graph takes no OFFSETS: rebuild the repository for in-flight batching")
+        self.decoder = decoder
+        self.max_rows = max_rows
+        self.max_queued = max_queued
+        self.on_rows = on_rows
+        self.cancel_check_s = cancel_check_s
+        self._checked_at = 0.0
+        self._reported_at, self._unreported = 0.0, False
+        self.queue: queue.Queue[WindowJob | None] = queue.Queue()
+        self.retries: list[_Window] = []  # windows falling back, admitted again before new ones
+        self.lanes: dict[int, _Lane] = {}
+        self.steps = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="tritonkit-whisper-loop", daemon=True)
+        self._thread.start()
+
+    # -- the public side ------------------------------------------------------------------
+    def submit(self, job: WindowJob) -> None:
+        self.submit_all([job])
+
+    def submit_all(self, jobs: Sequence[WindowJob], queued_anyway: bool = False) -> None:
+        """Queue a request's windows together, or none (QueueFull while `max_queued` wait);
+        `queued_anyway`: a file's next window, which its request was admitted with."""
+        if not queued_anyway and self.queue.qsize() >= self.max_queued:
+            raise QueueFull(f"{self.windows} windows are being decoded and {self.queue.qsize()} {BUSY_MARK}")
+        for job in jobs:
+            self.queue.put(job)
+        self._report()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.queue.put(None)
+        self._thread.join(timeout=10)
+
+    @property
+    def windows(self) -> int:
+        return sum(len(lane.attempts) for lane in self.lanes.values())
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        if self.windows and now - self._reported_at < REPORT_EVERY_S:
+            self._unreported = True
+            return
+        self._reported_at, self._unreported = now, False
+        if self.on_rows is not None:
+            try:
+                self.on_rows(self.windows, self.queue.qsize())
+            except Exception:  # metrics must never stop the loop
+                LOGGER.exception("whisper loop: reporting its rows failed")
+
+    # -- the loop -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopped:
+            newcomers: list[_Window] = []
+            try:
+                newcomers = self._take()
+                if self._stopped:
+                    break
+                self._drop_cancelled()
+                if newcomers:
+                    self._admit(newcomers)
+                    newcomers = []
+                for lane in list(self.lanes.values()):
+                    if lane.attempts:
+                        self._step(lane)
+                if self._unreported:
+                    self._report()
+            except Exception as exc:  # a bug or an out-of-memory: every window in flight fails, the loop goes on
+                LOGGER.exception("whisper loop: a step failed")
+                self._fail_all(exc, newcomers)
+
+    def _take(self) -> list[_Window]:
+        """Windows to admit now (waiting for one when nothing is in flight): fallbacks first."""
+        room = self.max_rows - self.windows
+        taken_now, self.retries = self.retries[:room], self.retries[room:]
+        if not self.windows and not taken_now:
+            job = self.queue.get()
+            if job is None:
+                return []
+            taken_now.append(self._window(job))
+        while len(taken_now) < room:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._stopped = True
+                break
+            taken_now.append(self._window(job))
+        return taken_now
+
+    def _window(self, job: WindowJob) -> _Window:
+        o = job.options
+        generator = (
+            np.random.default_rng([o.seed & (2**63 - 1), o.window]) if o.seed is not None else np.random.default_rng()
+        )
+        return _Window(job, schedule=temperature_schedule(o.temperature, o.fallback), generator=generator)
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < self.cancel_check_s:
+            return
+        self._checked_at = now
+        for lane in self.lanes.values():
+            keep = np.array([not a.window.job.cancelled() for a in lane.attempts], dtype=bool)
+            if not keep.all():
+                gone = [a for a, kept in zip(lane.attempts, keep) if not kept]
+                lane.leave(keep)
+                for attempt in gone:
+                    self._deliver_error(attempt.window.job, CancelledError("the request was cancelled"))
+        self._report()
+
+    def _admit(self, windows: list[_Window]) -> None:
+        """Prefill the newcomers together and join them to their lanes; a window whose admission
+        fails alone fails alone."""
+        live = []
+        for window in windows:
+            if window.job.cancelled():
+                self._deliver_error(window.job, CancelledError("the request was cancelled"))
+            elif window.job.options.empty:  # nothing to decode (VAD found no speech)
+                self._deliver(window, [], 0.0, skipped=True)
+            else:
+                live.append(window)
+        if not live:
+            return
+        try:
+            self._prefill(live)
+        except Exception as exc:
+            if len(live) == 1:
+                self._deliver_error(live[0].job, exc)
+                return
+            for window in live:  # the culprit fails alone, with its own error
+                self._admit([window])
+        self._report()
+
+    def _prefill(self, windows: list[_Window]) -> None:
+        d, s = self.decoder, self.decoder.settings
+        fresh = [w for w in windows if w.cross is None]
+        if fresh:
+            cross = d._cross_attention(np.stack([w.job.hidden for w in fresh]))
+            for j, w in enumerate(fresh):
+                w.cross = taken(cross, [j])
+            del cross
+            # the language (multilingual, none given) and the no-speech probability: first attempt only
+            detect = [w for w in fresh if s.multilingual and not w.job.options.language]
+            measured = [w for w in fresh if w.job.options.timestamps or w.job.options.fallback]
+            asked = list({id(w): w for w in detect + measured}.values())
+            if asked:
+                logits = d._start_logits(_joined([w.cross for w in asked]))
+                codes = list(s.language_tokens)
+                token_ids = np.array([s.language_tokens[c] for c in codes]) if codes else None
+                for w, row in zip(asked, logits):
+                    if w in detect and token_ids is not None:
+                        w.language = codes[int(row[token_ids].argmax())]
+                    if w in measured and s.no_timestamps_token is not None:
+                        w.no_speech_prob = float(softmax(row[None])[0, s.no_timestamps_token - 1])
+            for w in fresh:
+                o = w.job.options
+                w.language = "en" if not s.multilingual else (o.language or w.language)
+                w.prompt = d.prompt(o, w.language)
+                w.limit = min(o.max_new_tokens or s.max_length, s.max_target_positions - len(w.prompt))
+        # every newcomer's prompt at once, left-padded to the longest
+        longest = max(len(w.prompt) for w in windows)
+        ids = np.array([[w.prompt[0]] * (longest - len(w.prompt)) + w.prompt for w in windows], dtype=np.int64)
+        offsets = np.array([[longest - len(w.prompt)] for w in windows], dtype=np.int64)
+        cross = _joined([w.cross for w in windows])
+        logits, past = d._run(ids, d._empty_past(len(windows)), cross, offsets)
+        for w in windows:
+            w.steps += 1
+        attempts = [_Attempt(w) for w in windows]
+        by_lane: dict[int, list[int]] = {}
+        for j, w in enumerate(windows):
+            by_lane.setdefault(w.beams, []).append(j)
+        for group, members in by_lane.items():
+            chosen = [attempts[j] for j in members]
+            rows: list[int] = []  # the prefill rows each continuing row copies (a window's beams: its one row)
+            next_ids: list[int] = []
+            if group == 1:
+                tokens, keep = self._choose_greedy(chosen, logits[members])
+                rows = [j for j, kept in zip(members, keep) if kept]
+                next_ids = [int(t) for t, kept in zip(tokens, keep) if kept]
+            else:
+                parents_of, next_of, keep = self._choose_beams(
+                    chosen, logits[members], [[k] for k in range(len(members))]
+                )
+                for mine, tokens_of, kept in zip(parents_of, next_of, keep):
+                    if kept:  # padded to the group with copies of the first beam
+                        rows += [members[p] for p in mine] + [members[mine[0]]] * (group - len(mine))
+                        next_ids += tokens_of + tokens_of[:1] * (group - len(tokens_of))
+            self._finish([a for a, kept in zip(chosen, keep) if not kept])
+            if not rows:
+                continue
+            staying = [a for a, kept in zip(chosen, keep) if kept]
+            self.lanes.setdefault(group, _Lane(group)).join(
+                taken(past, np.array(rows)),
+                _joined([a.window.cross for a in staying]),
+                offsets[rows],
+                np.array(next_ids, dtype=np.int64)[:, None],
+                staying,
+            )
+
+    def _step(self, lane: _Lane) -> None:
+        logits, lane.past = self.decoder._run(lane.ids, lane.past, lane.cross, lane.offsets)
+        self.steps += 1
+        for attempt in lane.attempts:
+            attempt.window.steps += len(attempt.live) if lane.group > 1 else 1
+        if lane.group == 1:
+            next_ids, keep = self._choose_greedy(lane.attempts, logits)
+            lane.ids = next_ids[:, None]
+            if not keep.all():
+                done = [a for a, k in zip(lane.attempts, keep) if not k]
+                lane.leave(keep)
+                self._finish(done)
+            return
+        group = lane.group
+        starts = [[k * group + b for b in range(len(a.live))] for k, a in enumerate(lane.attempts)]
+        parents_of, next_of, keep = self._choose_beams(lane.attempts, logits, starts)
+        # each window's rows: its beams' parents, padded to the group with copies of its first
+        parents: list[int] = []
+        beam_ids: list[int] = []
+        for mine, tokens, kept in zip(parents_of, next_of, keep):
+            if kept:
+                parents += mine + mine[:1] * (group - len(mine))
+                beam_ids += tokens + tokens[:1] * (group - len(tokens))
+            else:
+                parents += [0] * group  # taken, then dropped with its window
+                beam_ids += [0] * group
+        lane.past = taken(lane.past, np.array(parents, dtype=np.int64))
+        lane.ids = np.array(beam_ids, dtype=np.int64)[:, None]
+        if not keep.all():
+            done = [a for a, k in zip(lane.attempts, keep) if not k]
+            lane.leave(keep)
+            self._finish(done)
+
+    # -- choosing tokens --------------------------------------------------------------------
+    def _choose_greedy(self, attempts: Sequence[_Attempt], logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each attempt's next token (WindowDecoder._decode_rows's choice); which go on."""
+        d = self.decoder
+        for j, a in enumerate(attempts):
+            first = not a.tokens
+            logits[j, d.begin_suppress_ids if first else d.suppress_ids] = -np.inf
+            if a.window.job.options.timestamps:
+                d.apply_timestamp_rules(logits[j], a.tokens, first)
+        chosen = logits.argmax(axis=1)
+        for j, a in enumerate(attempts):
+            temperature = a.window.temperature
+            if temperature > 0:
+                scaled = logits[j].astype(np.float64) / temperature
+                probs = np.exp(scaled - scaled.max())
+                cumulative = np.cumsum(probs)
+                chosen[j] = int(np.searchsorted(cumulative, a.window.generator.random() * cumulative[-1], side="right"))
+        logprobs = log_softmax(logits)[np.arange(len(attempts)), chosen]
+        keep = np.ones(len(attempts), dtype=bool)
+        for j, (a, token, logprob) in enumerate(zip(attempts, chosen, logprobs)):
+            a.sum_logprob += float(logprob)
+            if token == d.settings.end_token:
+                keep[j] = False
+                continue
+            a.tokens.append(int(token))
+            if len(a.tokens) >= a.window.limit:
+                keep[j] = False
+        return chosen.astype(np.int64), keep
+
+    def _choose_beams(
+        self, attempts: Sequence[_Attempt], logits: np.ndarray, rows_of: Sequence[Sequence[int]]
+    ) -> tuple[list[list[int]], list[list[int]], np.ndarray]:
+        """Beam search's step for each window (WindowDecoder._beam_rows's): the rows its next
+        beams continue (`rows_of[k]` are window k's live beams' rows in `logits`) and their
+        tokens; which windows go on."""
+        d = self.decoder
+        logprobs = log_softmax32(logits)
+        for a, rows in zip(attempts, rows_of):
+            first = not a.live[0][1]
+            logprobs[np.array(rows)[:, None], d.begin_suppress_ids if first else d.suppress_ids] = -np.inf
+            if a.window.job.options.timestamps:
+                for row, (_, tokens) in zip(rows, a.live):
+                    d.apply_timestamp_rules(logprobs[row], tokens, not tokens)
+        widest = 2 * max(a.window.job.options.beam_size for a in attempts)
+        best_tokens = top_indices(logprobs, widest)
+        vocab = logprobs.shape[1]
+        parents_of, next_of = [], []
+        keep = np.ones(len(attempts), dtype=bool)
+        for k, (a, rows) in enumerate(zip(attempts, rows_of)):
+            o = a.window.job.options
+            width, pool = o.beam_size, max(o.beam_size, round(o.beam_size * o.patience))
+            beams = len(a.live)
+            rows_array = np.array(rows)
+            sums = np.array([s for s, _ in a.live], dtype=np.float32)
+            tokens_of = best_tokens[rows_array]
+            totals = (logprobs[rows_array[:, None], tokens_of] + sums[:, None]).ravel()
+            flat = (np.arange(beams)[:, None] * vocab + tokens_of).ravel()
+            order = np.lexsort((flat, -totals))[: 2 * width]  # best first; ties: lower beam, token
+            length = len(a.live[0][1]) + 1  # tokens after this step, the end token included
+            candidates = []
+            for rank, index in enumerate(order):
+                beam, token = divmod(int(flat[index]), vocab)
+                total = float(totals[index])
+                tokens = a.live[beam][1]
+                hits = token == d.settings.end_token or length >= a.window.limit
+                candidates.append((total, beam, token, hits))
+                if hits and rank < width and a.improvable and np.isfinite(total):
+                    kept = tokens if token == d.settings.end_token else [*tokens, token]
+                    a.finished.append((total / length**o.length_penalty, total, kept))
+            a.finished = sorted(a.finished, key=lambda f: -f[0])[:pool]
+            running = [c for c in candidates if not c[3]][:width]
+            a.live = [(total, [*a.live[beam][1], token]) for total, beam, token, _ in running]
+            if a.improvable and len(a.finished) >= pool and running:
+                a.improvable = running[0][0] / length**o.length_penalty > min(f[0] for f in a.finished)
+            if a.improvable and running:
+                parents_of.append([rows[beam] for _, beam, _, _ in running])
+                next_of.append([t for _, _, t, _ in running])
+            else:
+                keep[k] = False
+                parents_of.append([])
+                next_of.append([])
+                if a.finished:
+                    _, a.sum_logprob, a.tokens = a.finished[0]
+                else:
+                    a.sum_logprob, a.tokens = a.live[0] if a.live else (0.0, [])
+                a.tokens = list(a.tokens)
+        return parents_of, next_of, keep
+
+    # -- answering ----------------------------------------------------------------------------
+    def _finish(self, attempts: Sequence[_Attempt]) -> None:
+        """Attempts that ended: OpenAI's fallback judges each; the final ones are delivered."""
+        for a in attempts:
+            w = a.window
+            o = w.job.options
+            if o.fallback:
+                too_unlikely, too_repetitive = self.decoder.judge(a.sum_logprob, a.tokens)
+                silent = w.no_speech_prob > NO_SPEECH_THRESHOLD
+                if (too_unlikely or too_repetitive) and not silent and w.attempt + 1 < len(w.schedule):
+                    w.attempt += 1
+                    self.retries.append(w)
+                    continue
+                self._deliver(w, a.tokens, a.sum_logprob, skipped=silent and too_unlikely, temperature=w.temperature)
+            else:
+                self._deliver(w, a.tokens, a.sum_logprob, temperature=w.temperature)
+
+    def _deliver(self, w: _Window, tokens, sum_logprob, skipped=False, temperature=None) -> None:
+        w.cross = None
+        result = WindowResult(
+            list(tokens),
+            w.language,
+            w.steps,
+            sum_logprob,
+            w.no_speech_prob,
+            w.temperature if temperature is None else temperature,
+            skipped,
+        )
+        try:
+            w.job.on_done(result)
+        except Exception:  # a response that cannot be sent (the client went away) must not stop the loop
+            LOGGER.exception("whisper loop: answering a request failed")
+
+    def _deliver_error(self, job: WindowJob, exc: Exception) -> None:
+        try:
+            job.on_error(exc)
+        except Exception:
+            LOGGER.exception("whisper loop: failing a request failed")
+
+    def _fail_all(self, exc: Exception, waiting: Sequence[_Window] = ()) -> None:
+        jobs = [a.window.job for lane in self.lanes.values() for a in lane.attempts]
+        jobs += [w.job for w in (*waiting, *self.retries)]
+        self.lanes, self.retries = {}, []
+        for job in jobs:
+            self._deliver_error(job, exc)
+
+
+def _joined(caches: Sequence[Cache | None]) -> Cache:
+    """One-row caches stacked into one."""
+    present = [c for c in caches if c is not None]
+    return {name: np.concatenate([c[name] for c in present]) for name in present[0]}
+
+
+def wait_windows(loop: WhisperLoop, jobs: Sequence[dict], timeout_s: float = 600) -> list[WindowResult | Exception]:
+    """Submit windows (WindowJob fields without the callbacks) and wait for all: the loop used in
+    process (tests, benchmarks)."""
+    results: list[WindowResult | Exception | None] = [None] * len(jobs)
+    done = threading.Event()
+    left = [len(jobs)]
+    lock = threading.Lock()
+
+    def finisher(k):
+        def finish(value):
+            with lock:
+                results[k] = value
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
+        return finish
+
+    for k, fields in enumerate(jobs):
+        loop.submit(WindowJob(on_done=finisher(k), on_error=finisher(k), **fields))
+    if not done.wait(timeout_s):
+        raise TimeoutError(f"{left[0]} of {len(jobs)} windows not ready after {timeout_s} s")
+    return [r for r in results if r is not None]
