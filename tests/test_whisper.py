@@ -111,6 +111,43 @@ def test_ensemble_transcribes_a_70_second_clip_whole(whisper_server, speech_file
 
 
 @pytest.mark.server
+def test_a_short_clip_sent_behind_long_form_files_is_answered_first(whisper_server, speech_files):
+    """In-flight batching: the clip's window joins the decoder's running batch at its next step,
+    so it does not wait for the long files' windows (statically batched, it waited for them all),
+    and its answer is the one it gets alone."""
+    import threading
+    import time
+
+    speech = [decode_audio(data, AudioRecipe()) for data in speech_files]
+    long_file = np.concatenate(speech * 4)[: 70 * SAMPLE_RATE]
+    clip = wav_bytes(speech[1], SAMPLE_RATE)
+    with TritonkitClient(whisper_server.grpc_url) as client:
+        alone = client.infer("whisper", {"AUDIO": pack_byte_rows([clip])})
+    finished: dict[str, float] = {}
+
+    def call(name: str, data: bytes, timestamps: bool) -> None:
+        inputs = {"AUDIO": pack_byte_rows([data])}
+        if timestamps:
+            inputs["TIMESTAMPS"] = np.array([[True]])
+        with TritonkitClient(whisper_server.grpc_url) as client:
+            finished[name + " result"] = client.infer("whisper", inputs)
+        finished[name] = time.perf_counter()
+
+    long_calls = [
+        threading.Thread(target=call, args=(f"long {k}", wav_bytes(long_file, SAMPLE_RATE), True)) for k in (1, 2)
+    ]
+    for thread in long_calls:
+        thread.start()
+    time.sleep(0.3)
+    call("clip", clip, False)
+    for thread in long_calls:
+        thread.join()
+    assert finished["clip"] < min(finished["long 1"], finished["long 2"])
+    assert served_tokens(finished["clip result"]) == served_tokens(alone)
+    assert served_tokens(finished["long 1 result"]) == served_tokens(finished["long 2 result"])
+
+
+@pytest.mark.server
 def test_bad_audio_fails_alone_when_batched_with_good_audio(whisper_server, speech_files):
     def call(data):
         try:
