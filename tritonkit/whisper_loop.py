@@ -75,7 +75,6 @@ class _Window:
     attempt: int = 0
     no_speech_prob: float = float("nan")
     steps: int = 0
-    cross: Cache | None = None  # its cross KV (one row), kept while it may fall back
     generator: Any = None
 
     @property
@@ -104,13 +103,18 @@ class _Attempt:
 
 
 class _Lane:
-    """Rows decoded together: `group` rows a window (its beams), one shared left-padded cache."""
+    """Rows decoded together: `group` rows a window (its beams), one shared left-padded cache.
+    The windows' cross KV lives in a preallocated buffer (the first rows of each tensor are the
+    windows in flight, which ONNX Runtime reads in place): windows that join are written after
+    them, windows that leave are compacted out in place, so the others are never copied."""
 
-    def __init__(self, group: int):
+    def __init__(self, group: int, max_windows: int):
         self.group = group
+        self.max_windows = max_windows
         self.attempts: list[_Attempt] = []
         self.past: Cache = {}
-        self.cross: Cache = {}
+        self.cross: Cache = {}  # views of the first len(attempts) rows of `_cross_buffer`
+        self._cross_buffer: Cache = {}
         self.offsets = np.zeros((0, 1), dtype=np.int64)
         self.ids = np.zeros((0, 1), dtype=np.int64)
 
@@ -121,8 +125,9 @@ class _Lane:
     def join(self, past: Cache, cross: Cache, offsets: np.ndarray, ids: np.ndarray, attempts) -> None:
         """Rows prefilled apart (their cache `past`, left-padded among themselves) joined to the
         lane's: whichever is shorter is padded on the left to the other's columns."""
+        self._add_cross(cross)
         if not self.attempts:
-            self.past, self.cross, self.offsets, self.ids = past, cross, offsets, ids
+            self.past, self.offsets, self.ids = past, offsets, ids
             self.attempts = list(attempts)
             return
         theirs = next(iter(past.values())).shape[2]
@@ -132,17 +137,29 @@ class _Lane:
         elif ours < theirs:
             self.past, self.offsets = _padded(self.past, theirs - ours), self.offsets + (theirs - ours)
         self.past = {name: np.concatenate([self.past[name], past[name]]) for name in self.past}
-        self.cross = {name: np.concatenate([self.cross[name], cross[name]]) for name in self.cross}
         self.offsets = np.concatenate([self.offsets, offsets])
         self.ids = np.concatenate([self.ids, ids])
         self.attempts += attempts
+
+    def _add_cross(self, cross: Cache) -> None:
+        count, added = len(self.attempts), len(next(iter(cross.values())))
+        capacity = len(next(iter(self._cross_buffer.values()))) if self._cross_buffer else 0
+        if count + added > capacity:  # grown (rarely: to the bound on windows in flight, doubling)
+            capacity = max(count + added, min(2 * capacity, self.max_windows))
+            buffer = {name: np.empty((capacity, *v.shape[1:]), dtype=v.dtype) for name, v in cross.items()}
+            for name, value in self.cross.items():
+                buffer[name][:count] = value
+            self._cross_buffer = buffer
+        for name, value in cross.items():
+            self._cross_buffer[name][count : count + added] = value
+        self.cross = {name: value[: count + added] for name, value in self._cross_buffer.items()}
 
     def leave(self, keep_windows: np.ndarray) -> None:
         """Only the windows `keep_windows` (a mask over attempts) stay; padding no row needs is dropped."""
         rows = np.repeat(keep_windows, self.group)
         self.attempts = [a for a, kept in zip(self.attempts, keep_windows) if kept]
-        if not self.attempts:
-            self.past, self.cross = {}, {}
+        if not self.attempts:  # an idle lane holds no memory
+            self.past, self.cross, self._cross_buffer = {}, {}, {}
             self.offsets, self.ids = np.zeros((0, 1), dtype=np.int64), np.zeros((0, 1), dtype=np.int64)
             return
         self.cross = compacted(self.cross, keep_windows)
@@ -161,9 +178,9 @@ def _padded(cache: Cache, columns: int) -> Cache:
 
 
 class WhisperLoop:
-    """The step loop of one decoder instance (see the module's docstring). `max_rows` windows
-    decode at once (a beam-search window counts as one); up to `max_queued` more wait, past
-    that `submit` raises QueueFull."""
+    """The step loop of one decoder instance (see the module's docstring). At most `max_rows`
+    decoder rows run at once (a window each, a beam-search window one per beam); up to
+    `max_queued` windows more wait, past that `submit` raises QueueFull."""
 
     def __init__(
         self,
@@ -184,6 +201,7 @@ class WhisperLoop:
         self._reported_at, self._unreported = 0.0, False
         self.queue: queue.Queue[WindowJob | None] = queue.Queue()
         self.retries: list[_Window] = []  # windows falling back, admitted again before new ones
+        self._next: _Window | None = None  # taken from the queue, waiting for rows to leave
         self.lanes: dict[int, _Lane] = {}
         self.steps = 0
         self._stopped = False
@@ -246,24 +264,41 @@ class WhisperLoop:
                 self._fail_all(exc, newcomers)
 
     def _take(self) -> list[_Window]:
-        """Windows to admit now (waiting for one when nothing is in flight): fallbacks first."""
-        room = self.max_rows - self.windows
-        taken_now, self.retries = self.retries[:room], self.retries[room:]
-        if not self.windows and not taken_now:
-            job = self.queue.get()
-            if job is None:
-                return []
-            taken_now.append(self._window(job))
-        while len(taken_now) < room:
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._stopped = True
-                break
-            taken_now.append(self._window(job))
+        """Windows to admit now, fallbacks first, while their rows (a beam-search window's beams)
+        fit under `max_rows` (one at least when nothing runs; waiting for it then)."""
+        rows = self.rows
+        taken_now: list[_Window] = []
+
+        def fits(window: _Window) -> bool:
+            return rows + window.beams <= self.max_rows or (not rows and not taken_now)
+
+        while self.retries and fits(self.retries[0]):
+            taken_now.append(self.retries.pop(0))
+            rows += taken_now[-1].beams
+        while not self.retries:
+            if self._next is None:
+                if not rows and not taken_now:
+                    job = self.queue.get()
+                else:
+                    try:
+                        job = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if job is None:
+                    self._stopped = True
+                    break
+                self._next = self._window(job)
+            if not fits(self._next):
+                break  # it waits (first in line) for rows to leave
+            taken_now.append(self._next)
+            rows += self._next.beams
+            self._next = None
         return taken_now
+
+    @property
+    def rows(self) -> int:
+        """Decoder rows in flight: a window each, a beam-search window its beams."""
+        return sum(lane.group * len(lane.attempts) for lane in self.lanes.values())
 
     def _window(self, job: WindowJob) -> _Window:
         o = job.options
@@ -311,35 +346,31 @@ class WhisperLoop:
 
     def _prefill(self, windows: list[_Window]) -> None:
         d, s = self.decoder, self.decoder.settings
-        fresh = [w for w in windows if w.cross is None]
-        if fresh:
-            cross = d._cross_attention(np.stack([w.job.hidden for w in fresh]))
-            for j, w in enumerate(fresh):
-                w.cross = taken(cross, [j])
-            del cross
-            # the language (multilingual, none given) and the no-speech probability: first attempt only
-            detect = [w for w in fresh if s.multilingual and not w.job.options.language]
-            measured = [w for w in fresh if w.job.options.timestamps or w.job.options.fallback]
-            asked = list({id(w): w for w in detect + measured}.values())
-            if asked:
-                logits = d._start_logits(_joined([w.cross for w in asked]))
-                codes = list(s.language_tokens)
-                token_ids = np.array([s.language_tokens[c] for c in codes]) if codes else None
-                for w, row in zip(asked, logits):
-                    if w in detect and token_ids is not None:
-                        w.language = codes[int(row[token_ids].argmax())]
-                    if w in measured and s.no_timestamps_token is not None:
-                        w.no_speech_prob = float(softmax(row[None])[0, s.no_timestamps_token - 1])
-            for w in fresh:
-                o = w.job.options
-                w.language = "en" if not s.multilingual else (o.language or w.language)
-                w.prompt = d.prompt(o, w.language)
-                w.limit = min(o.max_new_tokens or s.max_length, s.max_target_positions - len(w.prompt))
+        # computed again for a window that falls back (its encoder output is kept, not its cross KV)
+        cross = d._cross_attention(np.stack([w.job.hidden for w in windows]))
+        fresh = [j for j, w in enumerate(windows) if not w.prompt]  # first attempts
+        # the language (multilingual, none given) and the no-speech probability: first attempt only
+        detect = {j for j in fresh if s.multilingual and not windows[j].job.options.language}
+        measured = {j for j in fresh if windows[j].job.options.timestamps or windows[j].job.options.fallback}
+        asked = sorted(detect | measured)
+        if asked:
+            logits = d._start_logits(taken(cross, asked))
+            codes = list(s.language_tokens)
+            token_ids = np.array([s.language_tokens[c] for c in codes]) if codes else None
+            for j, row in zip(asked, logits):
+                if j in detect and token_ids is not None:
+                    windows[j].language = codes[int(row[token_ids].argmax())]
+                if j in measured and s.no_timestamps_token is not None:
+                    windows[j].no_speech_prob = float(softmax(row[None])[0, s.no_timestamps_token - 1])
+        for j in fresh:
+            w, o = windows[j], windows[j].job.options
+            w.language = "en" if not s.multilingual else (o.language or w.language)
+            w.prompt = d.prompt(o, w.language)
+            w.limit = min(o.max_new_tokens or s.max_length, s.max_target_positions - len(w.prompt))
         # every newcomer's prompt at once, left-padded to the longest
         longest = max(len(w.prompt) for w in windows)
         ids = np.array([[w.prompt[0]] * (longest - len(w.prompt)) + w.prompt for w in windows], dtype=np.int64)
         offsets = np.array([[longest - len(w.prompt)] for w in windows], dtype=np.int64)
-        cross = _joined([w.cross for w in windows])
         logits, past = d._run(ids, d._empty_past(len(windows)), cross, offsets)
         for w in windows:
             w.steps += 1
@@ -367,9 +398,9 @@ class WhisperLoop:
             if not rows:
                 continue
             staying = [a for a, kept in zip(chosen, keep) if kept]
-            self.lanes.setdefault(group, _Lane(group)).join(
+            self.lanes.setdefault(group, _Lane(group, self.max_rows)).join(
                 taken(past, np.array(rows)),
-                _joined([a.window.cross for a in staying]),
+                taken(cross, [j for j, kept in zip(members, keep) if kept]),
                 offsets[rows],
                 np.array(next_ids, dtype=np.int64)[:, None],
                 staying,
@@ -514,7 +545,6 @@ class WhisperLoop:
                 self._deliver(w, a.tokens, a.sum_logprob, temperature=w.temperature)
 
     def _deliver(self, w: _Window, tokens, sum_logprob, skipped=False, temperature=None) -> None:
-        w.cross = None
         result = WindowResult(
             list(tokens),
             w.language,
@@ -537,16 +567,10 @@ class WhisperLoop:
 
     def _fail_all(self, exc: Exception, waiting: Sequence[_Window] = ()) -> None:
         jobs = [a.window.job for lane in self.lanes.values() for a in lane.attempts]
-        jobs += [w.job for w in (*waiting, *self.retries)]
-        self.lanes, self.retries = {}, []
+        jobs += [w.job for w in (*waiting, *self.retries, *([self._next] if self._next else []))]
+        self.lanes, self.retries, self._next = {}, [], None
         for job in jobs:
             self._deliver_error(job, exc)
-
-
-def _joined(caches: Sequence[Cache | None]) -> Cache:
-    """One-row caches stacked into one."""
-    present = [c for c in caches if c is not None]
-    return {name: np.concatenate([c[name] for c in present]) for name in present[0]}
 
 
 def wait_windows(loop: WhisperLoop, jobs: Sequence[dict], timeout_s: float = 600) -> list[WindowResult | Exception]:
