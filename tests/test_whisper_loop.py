@@ -183,3 +183,18 @@ def test_a_repository_built_before_in_flight_batching_is_refused_clearly(decoder
     old = WindowDecoder(decoder.cross_kv, OldStep(decoder.step), decoder.settings)
     with pytest.raises(ValueError, match="rebuild the repository"):
         WhisperLoop(old)
+
+
+def test_a_window_that_cannot_be_admitted_fails_alone(decoder, windows, alone):
+    """A PROMPT of more tokens than half the context fails its window with its own message while
+    the windows admitted with it decode as alone."""
+    from tritonkit.errors import InputError
+
+    loop = WhisperLoop(decoder, max_rows=8)
+    try:
+        long_prompt = {"hidden": windows[2], "options": DecodeOptions(prompt="coffee and trains " * 100)}
+        results = wait_windows(loop, [jobs(windows)[0], long_prompt, jobs(windows)[1]])
+        assert isinstance(results[1], InputError) and "PROMPT" in str(results[1]) and "token limit" in str(results[1])
+        assert [results[0].tokens, results[2].tokens] == [alone[0][0], alone[1][0]]
+    finally:
+        loop.stop()

@@ -378,6 +378,8 @@ class WhisperLoop:
         by_lane: dict[int, list[int]] = {}
         for j, w in enumerate(windows):
             by_lane.setdefault(w.beams, []).append(j)
+        # every choice made before any lane changes: a failure up to here leaves nothing half-admitted
+        joins, ended = [], []
         for group, members in by_lane.items():
             chosen = [attempts[j] for j in members]
             rows: list[int] = []  # the prefill rows each continuing row copies (a window's beams: its one row)
@@ -394,17 +396,21 @@ class WhisperLoop:
                     if kept:  # padded to the group with copies of the first beam
                         rows += [members[p] for p in mine] + [members[mine[0]]] * (group - len(mine))
                         next_ids += tokens_of + tokens_of[:1] * (group - len(tokens_of))
-            self._finish([a for a, kept in zip(chosen, keep) if not kept])
-            if not rows:
-                continue
-            staying = [a for a, kept in zip(chosen, keep) if kept]
-            self.lanes.setdefault(group, _Lane(group, self.max_rows)).join(
-                taken(past, np.array(rows)),
-                taken(cross, [j for j, kept in zip(members, keep) if kept]),
-                offsets[rows],
-                np.array(next_ids, dtype=np.int64)[:, None],
-                staying,
-            )
+            ended += [a for a, kept in zip(chosen, keep) if not kept]
+            if rows:
+                joins.append(
+                    (
+                        group,
+                        taken(past, np.array(rows)),
+                        taken(cross, [j for j, kept in zip(members, keep) if kept]),
+                        offsets[rows],
+                        np.array(next_ids, dtype=np.int64)[:, None],
+                        [a for a, kept in zip(chosen, keep) if kept],
+                    )
+                )
+        for group, *joined in joins:
+            self.lanes.setdefault(group, _Lane(group, self.max_rows)).join(*joined)
+        self._finish(ended)
 
     def _step(self, lane: _Lane) -> None:
         logits, lane.past = self.decoder._run(lane.ids, lane.past, lane.cross, lane.offsets)
