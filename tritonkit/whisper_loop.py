@@ -179,8 +179,8 @@ def _padded(cache: Cache, columns: int) -> Cache:
 
 class WhisperLoop:
     """The step loop of one decoder instance (see the module's docstring). At most `max_rows`
-    decoder rows run at once (a window each, a beam-search window one per beam); up to
-    `max_queued` windows more wait, past that `submit` raises QueueFull."""
+    windows decode at once (a beam-search window counts once: its beams share its cross K/V, the
+    memory a window holds); up to `max_queued` more wait, past that `submit` raises QueueFull."""
 
     def __init__(
         self,
@@ -201,7 +201,6 @@ class WhisperLoop:
         self._reported_at, self._unreported = 0.0, False
         self.queue: queue.Queue[WindowJob | None] = queue.Queue()
         self.retries: list[_Window] = []  # windows falling back, admitted again before new ones
-        self._next: _Window | None = None  # taken from the queue, waiting for rows to leave
         self.lanes: dict[int, _Lane] = {}
         self.steps = 0
         self._stopped = False
@@ -264,41 +263,25 @@ class WhisperLoop:
                 self._fail_all(exc, newcomers)
 
     def _take(self) -> list[_Window]:
-        """Windows to admit now, fallbacks first, while their rows (a beam-search window's beams)
-        fit under `max_rows` (one at least when nothing runs; waiting for it then)."""
-        rows = self.rows
-        taken_now: list[_Window] = []
-
-        def fits(window: _Window) -> bool:
-            return rows + window.beams <= self.max_rows or (not rows and not taken_now)
-
-        while self.retries and fits(self.retries[0]):
-            taken_now.append(self.retries.pop(0))
-            rows += taken_now[-1].beams
-        while not self.retries:
-            if self._next is None:
-                if not rows and not taken_now:
-                    job = self.queue.get()
-                else:
-                    try:
-                        job = self.queue.get_nowait()
-                    except queue.Empty:
-                        break
-                if job is None:
-                    self._stopped = True
-                    break
-                self._next = self._window(job)
-            if not fits(self._next):
-                break  # it waits (first in line) for rows to leave
-            taken_now.append(self._next)
-            rows += self._next.beams
-            self._next = None
+        """Windows to admit now, fallbacks first, up to `max_rows` windows in flight (waiting for
+        one when nothing runs)."""
+        room = self.max_rows - self.windows
+        taken_now, self.retries = self.retries[:room], self.retries[room:]
+        if not self.windows and not taken_now:
+            job = self.queue.get()
+            if job is None:
+                return []
+            taken_now.append(self._window(job))
+        while len(taken_now) < room:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._stopped = True
+                break
+            taken_now.append(self._window(job))
         return taken_now
-
-    @property
-    def rows(self) -> int:
-        """Decoder rows in flight: a window each, a beam-search window its beams."""
-        return sum(lane.group * len(lane.attempts) for lane in self.lanes.values())
 
     def _window(self, job: WindowJob) -> _Window:
         o = job.options
@@ -573,8 +556,8 @@ class WhisperLoop:
 
     def _fail_all(self, exc: Exception, waiting: Sequence[_Window] = ()) -> None:
         jobs = [a.window.job for lane in self.lanes.values() for a in lane.attempts]
-        jobs += [w.job for w in (*waiting, *self.retries, *([self._next] if self._next else []))]
-        self.lanes, self.retries, self._next = {}, [], None
+        jobs += [w.job for w in (*waiting, *self.retries)]
+        self.lanes, self.retries = {}, []
         for job in jobs:
             self._deliver_error(job, exc)
 

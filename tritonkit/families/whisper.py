@@ -487,8 +487,8 @@ class WhisperSpec(FamilySpec):
                 }
             ),
         }
-        # decoder rows in flight (a beam-search window counts its beams): on tiny.en, 2 cores, 16 rows
-        # decoded 6.2-8.8 windows/s and 32 rows 6.3-7.5 in three runs (scripts/bench_inflight_whisper.py
+        # windows in flight (a beam-search window counts once): on tiny.en, 2 cores, 16 windows decoded
+        # 6.2-8.8 windows/s and 32 windows 6.3-7.5 in three runs (scripts/bench_inflight_whisper.py
         # --rows-sweep): 32 gains nothing measurable and holds twice the cross K/V (18 MB a window)
         decoder_parameters["max_rows_in_flight"] = str(DECODER_ROWS_IN_FLIGHT)
         if options.gpu:
