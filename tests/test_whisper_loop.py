@@ -5,6 +5,7 @@ bound. Whisper tiny.en (real weights) over the decoder graphs of a built reposit
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 
 from tritonkit import whisper_loop
-from tritonkit.chat_loop import BUSY_MARK, CancelledError, QueueFull
 from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio
+from tritonkit.step_loop import BUSY_MARK, CancelledError, QueueFull, wait_all
 from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings, WindowDecoder
 from tritonkit.whisper_loop import WhisperLoop, WindowJob, wait_windows
 
@@ -101,21 +102,13 @@ def test_windows_equal_the_static_decoders_together_staggered_and_queued(decoder
     loop = WhisperLoop(decoder, max_rows=3)
     try:
         assert_same(wait_windows(loop, jobs(windows)), alone)
-        results: list = [None] * len(windows)
-        done = threading.Event()
+        submitted = itertools.count()
 
-        def finish(k):
-            def store(value):
-                results[k] = value
-                if all(r is not None for r in results):
-                    done.set()
+        def staggered(fields, on_done, on_error):
+            loop.submit(WindowJob(on_done=on_done, on_error=on_error, **fields))
+            time.sleep(0.03 * (next(submitted) % 3))
 
-            return store
-
-        for k, fields in enumerate(jobs(windows)):
-            loop.submit(WindowJob(on_done=finish(k), on_error=finish(k), **fields))
-            time.sleep(0.03 * (k % 3))
-        assert done.wait(300)
+        results = wait_all(staggered, jobs(windows), 300)
         assert_same(results, alone)
         assert any(r.temperature > 0 for r in results if r.tokens is not None)  # the noise fell back
     finally:

@@ -17,29 +17,18 @@ attention a step computes is the left-padded batch's, so answers are transformer
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
-import time
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from tritonkit.errors import TritonkitError
 from tritonkit.llava_decoding import ChatGenerator, ChatOptions, cut_at_stop, streamable
+from tritonkit.step_loop import BUSY_MARK, CancelledError, QueueFull, StepLoop, wait_all
 
-LOGGER = logging.getLogger(__name__)
+__all__ = ["BUSY_MARK", "Answer", "CancelledError", "ChatJob", "ChatLoop", "QueueFull", "wait_answers"]
 FIRST_COLUMNS = 256  # KV columns allocated at first; doubled when a longer row needs them
-REPORT_EVERY_S = 0.05  # how often the rows in flight are reported while they change
-# Ends the message of a request refused because the decoder is full; the OpenAI gateway answers it
-# with 429 and Retry-After (the message also reaches it on streams, whose errors carry no status).
-BUSY_MARK = "are waiting for this decoder; retry later"
-
-
-class QueueFull(TritonkitError):
-    """The loop holds as many requests as it may (rows in flight and queued): retry later."""
 
 
 @dataclass(eq=False)
@@ -273,9 +262,11 @@ class _Row:
     last: int = 0  # the token fed at the next step
 
 
-class ChatLoop:
+class ChatLoop(StepLoop[ChatJob, ChatJob]):
     """The step loop of one model instance (see the module's docstring). `max_rows` answers are
     generated at once; up to `max_queued` more wait; past that `submit` raises QueueFull."""
+
+    name = "tritonkit-chat-loop"
 
     def __init__(
         self,
@@ -290,96 +281,27 @@ class ChatLoop:
 
         import torch
 
+        super().__init__(max_rows, max_queued, on_rows, cancel_check_s)
         self.torch = torch
         self.generator = generator
         self.default_max_new_tokens = default_max_new_tokens
-        self.max_rows = max_rows
-        self.max_queued = max_queued
-        self.on_rows = on_rows  # called with (rows running, requests queued) when they change (metrics)
-        self.cancel_check_s = cancel_check_s  # asking a request whether it was cancelled costs a message to Triton
-        self._checked_at = 0.0
-        self._reported_at, self._unreported = 0.0, False
         parameters = inspect.signature(generator.lm.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
-        self.queue: queue.Queue[ChatJob | None] = queue.Queue()
         self.slots = KVSlots(torch, generator.device)
         self.rows: list[_Row] = []
-        self.steps = 0
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="tritonkit-chat-loop", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: ChatJob) -> None:
-        if self.queue.qsize() >= self.max_queued:
-            raise QueueFull(f"{len(self.rows)} requests are being answered and {self.max_queued} {BUSY_MARK}")
-        self.queue.put(job)
-        self._report()
-
-    def _report(self) -> None:
-        """on_rows, at most every REPORT_EVERY_S while answers run (at once when the loop is idle)."""
-        now = time.monotonic()
-        if self.rows and now - self._reported_at < REPORT_EVERY_S:
-            self._unreported = True
-            return
-        self._reported_at, self._unreported = now, False
-        if self.on_rows is not None:
-            try:
-                self.on_rows(len(self.rows), self.queue.qsize())
-            except Exception:  # metrics must never stop the loop
-                LOGGER.exception("chat loop: reporting its rows failed")
-
-    def stop(self) -> None:
-        self._stopped = True
-        self.queue.put(None)
-        self._thread.join(timeout=10)
+        self.start()
 
     @property
-    def in_flight(self) -> int:
-        return len(self.rows) + self.queue.qsize()
+    def running(self) -> int:
+        return len(self.rows)
 
-    # -- the loop -------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stopped:
-            newcomers: list[ChatJob] = []
-            try:
-                newcomers = self._take()
-                if self._stopped:
-                    break
-                self._drop_cancelled()
-                if newcomers:
-                    self._admit(newcomers)
-                    newcomers = []
-                if self.rows:
-                    self._step()
-            except Exception as exc:  # a bug or an out-of-memory: every row in flight fails with it, the loop goes on
-                LOGGER.exception("chat loop: a step failed")
-                self._fail_all(exc, newcomers)
+    def _taken(self, job: ChatJob) -> ChatJob:
+        return job
 
-    def _take(self) -> list[ChatJob]:
-        """Queued jobs to admit now (waiting for one when nothing is in flight)."""
-        jobs: list[ChatJob] = []
-        room = self.max_rows - len(self.rows)
-        if not self.rows:
-            job = self.queue.get()
-            if job is None:
-                return []
-            jobs.append(job)
-        while len(jobs) < room:
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._stopped = True
-                break
-            jobs.append(job)
-        return jobs
+    def _step_all(self) -> None:
+        self._step()
 
     def _drop_cancelled(self) -> None:
-        now = time.monotonic()
-        if now - self._checked_at < self.cancel_check_s:
-            return
-        self._checked_at = now
         for index in reversed(range(len(self.rows))):
             row = self.rows[index]
             if row.job.cancelled():
@@ -445,8 +367,6 @@ class ChatLoop:
         for row in self.rows:
             row.position = row.position + 1
         self.steps += 1
-        if self._unreported:
-            self._report()
         self._choose(output.logits[:, -1, :].float(), range(len(self.rows)))
 
     def _choose(self, logits, indices) -> None:
@@ -485,13 +405,11 @@ class ChatLoop:
                     self.generator.tokenizer.decode(row.answer.tokens, skip_special_tokens=True), row.job.options.stop
                 )[0]
             self._leave(index)
-            try:
-                if row.job.on_text is not None and len(row.answer.text) > row.answer.emitted:
-                    row.job.on_text(row.answer.text[row.answer.emitted :], row.answer)
-                    row.answer.emitted = len(row.answer.text)
-                row.job.on_done(row.answer)
-            except Exception:  # a response that cannot be sent (the client went away) must not stop the loop
-                LOGGER.exception("chat loop: answering a request failed")
+            on_text = row.job.on_text
+            if on_text is not None and len(row.answer.text) > row.answer.emitted:
+                self._deliver(functools.partial(on_text, row.answer.text[row.answer.emitted :]), row.answer)
+                row.answer.emitted = len(row.answer.text)
+            self._deliver(row.job.on_done, row.answer)
 
     def _leave(self, index: int) -> None:
         self.slots.remove(index)
@@ -504,36 +422,14 @@ class ChatLoop:
         rows, self.rows = self.rows, []
         self.slots = KVSlots(self.torch, self.generator.device)
         for job in [*(row.job for row in rows), *waiting]:
-            try:
-                job.on_error(exc)
-            except Exception:
-                LOGGER.exception("chat loop: failing a request failed")
-
-
-class CancelledError(TritonkitError):
-    """The client cancelled the request (or went away) before its answer was complete."""
+            self._deliver(job.on_error, exc)
 
 
 def wait_answers(loop: ChatLoop, jobs: Sequence[dict], timeout_s: float = 600) -> list[Answer | Exception]:
     """Submit jobs (ChatJob fields without the callbacks) and wait for all their answers: the
     loop used in process (tests, benchmarks)."""
-    results: list[Answer | Exception | None] = [None] * len(jobs)
-    done = threading.Event()
-    left = [len(jobs)]
-    lock = threading.Lock()
 
-    def finisher(k):
-        def finish(value):
-            with lock:
-                results[k] = value
-                left[0] -= 1
-                if not left[0]:
-                    done.set()
+    def submit(fields, on_done, on_error):
+        loop.submit(ChatJob(on_done=on_done, on_error=on_error, **fields))
 
-        return finish
-
-    for k, fields in enumerate(jobs):
-        loop.submit(ChatJob(on_done=finisher(k), on_error=finisher(k), **fields))
-    if not done.wait(timeout_s):
-        raise TimeoutError(f"{left[0]} of {len(jobs)} answers not ready after {timeout_s} s")
-    return [r for r in results if r is not None]
+    return wait_all(submit, jobs, timeout_s)

@@ -410,6 +410,61 @@ def swap_removed(cache: Cache, starts: list[int], size: int) -> tuple[Cache, lis
     return {name: value[:kept] for name, value in cache.items()}, [k for k in order if k is not None]
 
 
+@dataclass
+class Beams:
+    """One window's beam search, as transformers' `_beam_search` runs it: 2 x beams candidates a
+    step, finished beams scored sum / length ** length_penalty, its early-stop heuristic; OpenAI's
+    patience sets how many finished beams the window waits for (1.0: the beam size)."""
+
+    width: int
+    pool_size: int  # finished beams kept
+    length_penalty: float
+    live: list[tuple[float, list[int]]] = field(default_factory=lambda: [(0.0, [])])  # (summed log-probability, tokens)
+    finished: list[tuple[float, float, list[int]]] = field(default_factory=list)  # (score, sum, tokens)
+    improvable: bool = True
+
+    @classmethod
+    def of(cls, options: DecodeOptions) -> Beams:
+        width = options.beam_size
+        return cls(width, max(width, round(width * options.patience)), options.length_penalty)
+
+    def advance(
+        self, logprobs: np.ndarray, best_tokens: np.ndarray, end_token: int, limit: int
+    ) -> list[tuple[int, int]]:
+        """One step: `logprobs` and `best_tokens` (each beam's best 2 x width tokens, unordered)
+        have a row per live beam, in order. Returns the beams that go on as (parent beam, token),
+        best first; none when the window is done (then `best` is its result)."""
+        beams, vocab = len(self.live), logprobs.shape[1]
+        sums = np.array([s for s, _ in self.live], dtype=np.float32)
+        totals = (logprobs[np.arange(beams)[:, None], best_tokens] + sums[:, None]).ravel()
+        flat = (np.arange(beams)[:, None] * vocab + best_tokens).ravel()
+        order = np.lexsort((flat, -totals))[: 2 * self.width]  # best first; ties: lower beam, token
+        length = len(self.live[0][1]) + 1  # tokens after this step, the end token included
+        candidates = []
+        for rank, k in enumerate(order):
+            beam, token = divmod(int(flat[k]), vocab)
+            total = float(totals[k])
+            tokens = self.live[beam][1]
+            hits = token == end_token or length >= limit
+            candidates.append((total, beam, token, hits))
+            if hits and rank < self.width and self.improvable and np.isfinite(total):
+                kept = tokens if token == end_token else [*tokens, token]
+                self.finished.append((total / length**self.length_penalty, total, kept))
+        self.finished = sorted(self.finished, key=lambda f: -f[0])[: self.pool_size]
+        running = [c for c in candidates if not c[3]][: self.width]
+        self.live = [(total, [*self.live[beam][1], token]) for total, beam, token, _ in running]
+        if self.improvable and len(self.finished) >= self.pool_size and running:
+            self.improvable = running[0][0] / length**self.length_penalty > min(f[0] for f in self.finished)
+        return [(beam, token) for _, beam, token, _ in running] if self.improvable and running else []
+
+    def best(self) -> tuple[float, list[int]]:
+        """The best finished beam's summed log-probability and tokens (a live one if none finished)."""
+        if self.finished:
+            return self.finished[0][1], list(self.finished[0][2])
+        total, tokens = self.live[0] if self.live else (0.0, [])
+        return total, list(tokens)
+
+
 class WindowDecoder:
     """Decoding of many windows at once over two ONNX Runtime sessions (greedy, sampled, fallback)."""
 
@@ -724,30 +779,20 @@ class WindowDecoder:
         @dataclass
         class Window:
             row: int
-            width: int  # beams
-            pool_size: int  # finished beams kept
-            live: list[tuple[float, list[int]]]  # (summed log-probability, tokens) of each live beam
+            beams: Beams
             prompt: list[int]
             fed: int  # prompt tokens in its cache
-            finished: list[tuple[float, float, list[int]]] = field(default_factory=list)  # (score, sum, tokens)
-            improvable: bool = True
+
+            @property
+            def live(self) -> list[tuple[float, list[int]]]:
+                return self.beams.live
 
             @property
             def in_prompt(self) -> bool:  # its last logits predict a token of its own prompt
                 return self.fed < len(self.prompt)
 
         shortest = min(len(prompts[i]) for i in rows)
-        windows = [
-            Window(
-                row,
-                options[row].beam_size,
-                max(options[row].beam_size, round(options[row].beam_size * options[row].patience)),
-                [(0.0, [])],
-                list(prompts[row]),
-                shortest,
-            )
-            for row in rows
-        ]
+        windows = [Window(row, Beams.of(options[row]), list(prompts[row]), shortest) for row in rows]
         count = len(rows)
         ids = np.array([prompts[i][:shortest] for i in rows], dtype=np.int64)
         past = self._empty_past(count)
@@ -783,9 +828,8 @@ class WindowDecoder:
                     for b, (_, tokens) in enumerate(window.live):
                         self.apply_timestamp_rules(logprobs[start + b], tokens, not tokens)
             # each beam's best 2 x beams tokens (unordered): a window's best candidates are among its beams'
-            widest = 2 * max(w.width for w in windows)
+            widest = 2 * max(w.beams.width for w in windows)
             best_tokens = top_indices(logprobs, widest)
-            vocab = logprobs.shape[1]
             still, starts = [], []  # the windows that go on, and where their rows were in this step
             chosen: dict[int, tuple[list[int], list[int]]] = {}  # window -> (its beams' parent rows, next ids)
             for window, start in zip(windows, starts_now):
@@ -796,35 +840,18 @@ class WindowDecoder:
                     still.append(window)
                     starts.append(start)
                     continue
-                sums = np.array([s for s, _ in window.live], dtype=np.float32)
-                tokens_of = best_tokens[start : start + beams]
-                totals = (logprobs[start : start + beams][np.arange(beams)[:, None], tokens_of] + sums[:, None]).ravel()
-                flat = (np.arange(beams)[:, None] * vocab + tokens_of).ravel()
-                order = np.lexsort((flat, -totals))[: 2 * window.width]  # best first; ties: lower beam, token
-                length = len(window.live[0][1]) + 1  # tokens after this step, the end token included
-                candidates = []
-                for rank, k in enumerate(order):
-                    beam, token = divmod(int(flat[k]), vocab)
-                    total = float(totals[k])
-                    tokens = window.live[beam][1]
-                    hits = token == self.settings.end_token or length >= limits[window.row]
-                    candidates.append((total, beam, token, hits))
-                    if hits and rank < window.width and window.improvable and np.isfinite(total):
-                        kept = tokens if token == self.settings.end_token else [*tokens, token]
-                        penalized = total / length ** options[window.row].length_penalty
-                        window.finished.append((penalized, total, kept))
-                window.finished = sorted(window.finished, key=lambda f: -f[0])[: window.pool_size]
-                running = [c for c in candidates if not c[3]][: window.width]
-                window.live = [(total, [*window.live[beam][1], token]) for total, beam, token, _ in running]
-                if window.improvable and len(window.finished) >= window.pool_size and running:
-                    best = running[0][0] / length ** options[window.row].length_penalty
-                    window.improvable = best > min(f[0] for f in window.finished)
-                if window.improvable and running:
+                running = window.beams.advance(
+                    logprobs[start : start + beams],
+                    best_tokens[start : start + beams],
+                    self.settings.end_token,
+                    limits[window.row],
+                )
+                if running:
                     still.append(window)
                     starts.append(start)
-                    chosen[window.row] = ([start + beam for _, beam, _, _ in running], [t for _, _, t, _ in running])
+                    chosen[window.row] = ([start + beam for beam, _ in running], [t for _, t in running])
                 else:
-                    self._finish_beams(window.row, window.finished, window.live, results)
+                    self.sum_logprobs[window.row], results[window.row] = window.beams.best()
             if not still:
                 return
             if share:
@@ -856,15 +883,6 @@ class WindowDecoder:
             windows = still
             past = taken(past, np.array([parent for w in windows for parent in chosen[w.row][0]]))
             ids = np.array([token for w in windows for token in chosen[w.row][1]], dtype=np.int64)[:, None]
-
-    def _finish_beams(self, row: int, finished, live, results) -> None:
-        """The best finished beam (a live one if none finished): its tokens and summed log-probability."""
-        if finished:
-            _, total, tokens = finished[0]
-        else:
-            total, tokens = live[0] if live else (0.0, [])
-        results[row] = list(tokens)
-        self.sum_logprobs[row] = total
 
 
 GreedyDecoder = WindowDecoder  # the name repositories built before sampling import

@@ -21,19 +21,16 @@ window as soon as the previous one is final (see the decoder model).
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from tritonkit.chat_loop import BUSY_MARK, REPORT_EVERY_S, CancelledError, QueueFull
+from tritonkit.step_loop import CancelledError, StepLoop, wait_all
 from tritonkit.whisper_decoding import (
     NO_SPEECH_THRESHOLD,
+    Beams,
     Cache,
     DecodeOptions,
     WindowDecoder,
@@ -47,7 +44,6 @@ from tritonkit.whisper_decoding import (
     top_indices,
 )
 
-LOGGER = logging.getLogger(__name__)
 TRIM_COLUMNS = 16  # padding columns every row has before the cache is cut down to drop them
 
 
@@ -93,13 +89,14 @@ class _Attempt:
     """One decoding of a window in a lane: greedy or sampled (one row), or beam search."""
 
     window: _Window
-    tokens: list[int] = field(default_factory=list)  # greedy/sampled: chosen so far
+    tokens: list[int] = field(default_factory=list)  # chosen so far (beam search: the best, once done)
     sum_logprob: float = 0.0
-    # beam search (transformers' `_beam_search`): live beams (sum, tokens), finished (score, sum, tokens)
-    live: list[tuple[float, list[int]]] = field(default_factory=lambda: [(0.0, [])])
-    finished: list[tuple[float, float, list[int]]] = field(default_factory=list)
-    improvable: bool = True
-    done: bool = False
+    beams: Beams | None = None  # beam search's state
+
+    @property
+    def rows(self) -> int:
+        """Its live rows (the lane pads a window to its group with copies of the first)."""
+        return len(self.beams.live) if self.beams is not None else 1
 
 
 class _Lane:
@@ -177,10 +174,12 @@ def _padded(cache: Cache, columns: int) -> Cache:
     return {name: np.pad(v, ((0, 0), (0, 0), (columns, 0), (0, 0))) for name, v in cache.items()}
 
 
-class WhisperLoop:
+class WhisperLoop(StepLoop[WindowJob, _Window]):
     """The step loop of one decoder instance (see the module's docstring). At most `max_rows`
     windows decode at once (a beam-search window counts once: its beams share its cross K/V, the
     memory a window holds); up to `max_queued` more wait, past that `submit` raises QueueFull."""
+
+    name = "tritonkit-whisper-loop"
 
     def __init__(
         self,
@@ -192,96 +191,32 @@ class WhisperLoop:
     ):
         if not decoder.takes_offsets:
             raise ValueError("the decoder step graph takes no OFFSETS: rebuild the repository for in-flight batching")
+        super().__init__(max_rows, max_queued, on_rows, cancel_check_s)
         self.decoder = decoder
-        self.max_rows = max_rows
-        self.max_queued = max_queued
-        self.on_rows = on_rows
-        self.cancel_check_s = cancel_check_s
-        self._checked_at = 0.0
-        self._reported_at, self._unreported = 0.0, False
-        self.queue: queue.Queue[WindowJob | None] = queue.Queue()
         self.retries: list[_Window] = []  # windows falling back, admitted again before new ones
         self.lanes: dict[int, _Lane] = {}
-        self.steps = 0
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="tritonkit-whisper-loop", daemon=True)
-        self._thread.start()
-
-    # -- the public side ------------------------------------------------------------------
-    def submit(self, job: WindowJob) -> None:
-        self.submit_all([job])
-
-    def submit_all(self, jobs: Sequence[WindowJob], queued_anyway: bool = False) -> None:
-        """Queue a request's windows together, or none (QueueFull while `max_queued` wait);
-        `queued_anyway`: a file's next window, which its request was admitted with."""
-        if not queued_anyway and self.queue.qsize() >= self.max_queued:
-            raise QueueFull(f"{self.windows} windows are being decoded and {self.queue.qsize()} {BUSY_MARK}")
-        for job in jobs:
-            self.queue.put(job)
-        self._report()
-
-    def stop(self) -> None:
-        self._stopped = True
-        self.queue.put(None)
-        self._thread.join(timeout=10)
+        self.start()
 
     @property
-    def windows(self) -> int:
+    def running(self) -> int:
+        """Windows in flight."""
         return sum(len(lane.attempts) for lane in self.lanes.values())
 
-    def _report(self) -> None:
-        now = time.monotonic()
-        if self.windows and now - self._reported_at < REPORT_EVERY_S:
-            self._unreported = True
-            return
-        self._reported_at, self._unreported = now, False
-        if self.on_rows is not None:
-            try:
-                self.on_rows(self.windows, self.queue.qsize())
-            except Exception:  # metrics must never stop the loop
-                LOGGER.exception("whisper loop: reporting its rows failed")
+    windows = running
 
-    # -- the loop -------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stopped:
-            newcomers: list[_Window] = []
-            try:
-                newcomers = self._take()
-                if self._stopped:
-                    break
-                self._drop_cancelled()
-                if newcomers:
-                    self._admit(newcomers)
-                    newcomers = []
-                for lane in list(self.lanes.values()):
-                    if lane.attempts:
-                        self._step(lane)
-                if self._unreported:
-                    self._report()
-            except Exception as exc:  # a bug or an out-of-memory: every window in flight fails, the loop goes on
-                LOGGER.exception("whisper loop: a step failed")
-                self._fail_all(exc, newcomers)
+    def _take(self, taken: list[_Window] | None = None) -> list[_Window]:
+        """Fallbacks first, then queued windows."""
+        room = self.max_rows - self.running
+        first, self.retries = self.retries[:room], self.retries[room:]
+        return super()._take(first)
 
-    def _take(self) -> list[_Window]:
-        """Windows to admit now, fallbacks first, up to `max_rows` windows in flight (waiting for
-        one when nothing runs)."""
-        room = self.max_rows - self.windows
-        taken_now, self.retries = self.retries[:room], self.retries[room:]
-        if not self.windows and not taken_now:
-            job = self.queue.get()
-            if job is None:
-                return []
-            taken_now.append(self._window(job))
-        while len(taken_now) < room:
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._stopped = True
-                break
-            taken_now.append(self._window(job))
-        return taken_now
+    def _taken(self, job: WindowJob) -> _Window:
+        return self._window(job)
+
+    def _step_all(self) -> None:
+        for lane in list(self.lanes.values()):
+            if lane.attempts:
+                self._step(lane)
 
     def _window(self, job: WindowJob) -> _Window:
         o = job.options
@@ -291,18 +226,13 @@ class WhisperLoop:
         return _Window(job, schedule=temperature_schedule(o.temperature, o.fallback), generator=generator)
 
     def _drop_cancelled(self) -> None:
-        now = time.monotonic()
-        if now - self._checked_at < self.cancel_check_s:
-            return
-        self._checked_at = now
         for lane in self.lanes.values():
             keep = np.array([not a.window.job.cancelled() for a in lane.attempts], dtype=bool)
             if not keep.all():
                 gone = [a for a, kept in zip(lane.attempts, keep) if not kept]
                 lane.leave(keep)
                 for attempt in gone:
-                    self._deliver_error(attempt.window.job, CancelledError("the request was cancelled"))
-        self._report()
+                    self._deliver(attempt.window.job.on_error, CancelledError("the request was cancelled"))
 
     def _admit(self, windows: list[_Window]) -> None:
         """Prefill the newcomers together and join them to their lanes; a window whose admission
@@ -310,9 +240,9 @@ class WhisperLoop:
         live = []
         for window in windows:
             if window.job.cancelled():
-                self._deliver_error(window.job, CancelledError("the request was cancelled"))
+                self._deliver(window.job.on_error, CancelledError("the request was cancelled"))
             elif window.job.options.empty:  # nothing to decode (VAD found no speech)
-                self._deliver(window, [], 0.0, skipped=True)
+                self._final(window, [], 0.0, skipped=True)
             else:
                 live.append(window)
         if not live:
@@ -321,7 +251,7 @@ class WhisperLoop:
             self._prefill(live)
         except Exception as exc:
             if len(live) == 1:
-                self._deliver_error(live[0].job, exc)
+                self._deliver(live[0].job.on_error, exc)
                 return
             for window in live:  # the culprit fails alone, with its own error
                 self._admit([window])
@@ -357,12 +287,13 @@ class WhisperLoop:
         logits, past = d._run(ids, d._empty_past(len(windows)), cross, offsets)
         for w in windows:
             w.steps += 1
-        attempts = [_Attempt(w) for w in windows]
+        attempts = [_Attempt(w, beams=Beams.of(w.job.options) if w.beams > 1 else None) for w in windows]
         by_lane: dict[int, list[int]] = {}
         for j, w in enumerate(windows):
             by_lane.setdefault(w.beams, []).append(j)
         # every choice made before any lane changes: a failure up to here leaves nothing half-admitted
-        joins, ended = [], []
+        joins: list[tuple[int, Cache, Cache, np.ndarray, np.ndarray, list[_Attempt]]] = []
+        ended: list[_Attempt] = []
         for group, members in by_lane.items():
             chosen = [attempts[j] for j in members]
             rows: list[int] = []  # the prefill rows each continuing row copies (a window's beams: its one row)
@@ -391,15 +322,17 @@ class WhisperLoop:
                         [a for a, kept in zip(chosen, keep) if kept],
                     )
                 )
-        for group, *joined in joins:
-            self.lanes.setdefault(group, _Lane(group, self.max_rows)).join(*joined)
+        for group, lane_past, lane_cross, lane_offsets, lane_ids, staying in joins:
+            self.lanes.setdefault(group, _Lane(group, self.max_rows)).join(
+                lane_past, lane_cross, lane_offsets, lane_ids, staying
+            )
         self._finish(ended)
 
     def _step(self, lane: _Lane) -> None:
         logits, lane.past = self.decoder._run(lane.ids, lane.past, lane.cross, lane.offsets)
         self.steps += 1
         for attempt in lane.attempts:
-            attempt.window.steps += len(attempt.live) if lane.group > 1 else 1
+            attempt.window.steps += attempt.rows
         if lane.group == 1:
             next_ids, keep = self._choose_greedy(lane.attempts, logits)
             lane.ids = next_ids[:, None]
@@ -409,7 +342,7 @@ class WhisperLoop:
                 self._finish(done)
             return
         group = lane.group
-        starts = [[k * group + b for b in range(len(a.live))] for k, a in enumerate(lane.attempts)]
+        starts = [[k * group + b for b in range(a.rows)] for k, a in enumerate(lane.attempts)]
         parents_of, next_of, keep = self._choose_beams(lane.attempts, logits, starts)
         # each window's rows: its beams' parents, padded to the group with copies of its first
         parents: list[int] = []
@@ -464,56 +397,26 @@ class WhisperLoop:
         beams continue (`rows_of[k]` are window k's live beams' rows in `logits`) and their
         tokens; which windows go on."""
         d = self.decoder
-        logprobs = log_softmax32(logits)
+        logprobs = log_softmax32(logits)  # the processors mask log-probabilities (float32, as transformers)
         for a, rows in zip(attempts, rows_of):
-            first = not a.live[0][1]
+            assert a.beams is not None
+            first = not a.beams.live[0][1]
             logprobs[np.array(rows)[:, None], d.begin_suppress_ids if first else d.suppress_ids] = -np.inf
             if a.window.job.options.timestamps:
-                for row, (_, tokens) in zip(rows, a.live):
+                for row, (_, tokens) in zip(rows, a.beams.live):
                     d.apply_timestamp_rules(logprobs[row], tokens, not tokens)
-        widest = 2 * max(a.window.job.options.beam_size for a in attempts)
-        best_tokens = top_indices(logprobs, widest)
-        vocab = logprobs.shape[1]
-        parents_of, next_of = [], []
+        best_tokens = top_indices(logprobs, 2 * max(a.window.job.options.beam_size for a in attempts))
+        parents_of: list[list[int]] = []
+        next_of: list[list[int]] = []
         keep = np.ones(len(attempts), dtype=bool)
         for k, (a, rows) in enumerate(zip(attempts, rows_of)):
-            o = a.window.job.options
-            width, pool = o.beam_size, max(o.beam_size, round(o.beam_size * o.patience))
-            beams = len(a.live)
-            rows_array = np.array(rows)
-            sums = np.array([s for s, _ in a.live], dtype=np.float32)
-            tokens_of = best_tokens[rows_array]
-            totals = (logprobs[rows_array[:, None], tokens_of] + sums[:, None]).ravel()
-            flat = (np.arange(beams)[:, None] * vocab + tokens_of).ravel()
-            order = np.lexsort((flat, -totals))[: 2 * width]  # best first; ties: lower beam, token
-            length = len(a.live[0][1]) + 1  # tokens after this step, the end token included
-            candidates = []
-            for rank, index in enumerate(order):
-                beam, token = divmod(int(flat[index]), vocab)
-                total = float(totals[index])
-                tokens = a.live[beam][1]
-                hits = token == d.settings.end_token or length >= a.window.limit
-                candidates.append((total, beam, token, hits))
-                if hits and rank < width and a.improvable and np.isfinite(total):
-                    kept = tokens if token == d.settings.end_token else [*tokens, token]
-                    a.finished.append((total / length**o.length_penalty, total, kept))
-            a.finished = sorted(a.finished, key=lambda f: -f[0])[:pool]
-            running = [c for c in candidates if not c[3]][:width]
-            a.live = [(total, [*a.live[beam][1], token]) for total, beam, token, _ in running]
-            if a.improvable and len(a.finished) >= pool and running:
-                a.improvable = running[0][0] / length**o.length_penalty > min(f[0] for f in a.finished)
-            if a.improvable and running:
-                parents_of.append([rows[beam] for _, beam, _, _ in running])
-                next_of.append([t for _, _, t, _ in running])
-            else:
+            assert a.beams is not None
+            running = a.beams.advance(logprobs[rows], best_tokens[rows], d.settings.end_token, a.window.limit)
+            parents_of.append([rows[beam] for beam, _ in running])
+            next_of.append([token for _, token in running])
+            if not running:
                 keep[k] = False
-                parents_of.append([])
-                next_of.append([])
-                if a.finished:
-                    _, a.sum_logprob, a.tokens = a.finished[0]
-                else:
-                    a.sum_logprob, a.tokens = a.live[0] if a.live else (0.0, [])
-                a.tokens = list(a.tokens)
+                a.sum_logprob, a.tokens = a.beams.best()
         return parents_of, next_of, keep
 
     # -- answering ----------------------------------------------------------------------------
@@ -529,59 +432,27 @@ class WhisperLoop:
                     w.attempt += 1
                     self.retries.append(w)
                     continue
-                self._deliver(w, a.tokens, a.sum_logprob, skipped=silent and too_unlikely, temperature=w.temperature)
+                self._final(w, a.tokens, a.sum_logprob, skipped=silent and too_unlikely)
             else:
-                self._deliver(w, a.tokens, a.sum_logprob, temperature=w.temperature)
+                self._final(w, a.tokens, a.sum_logprob)
 
-    def _deliver(self, w: _Window, tokens, sum_logprob, skipped=False, temperature=None) -> None:
-        result = WindowResult(
-            list(tokens),
-            w.language,
-            w.steps,
-            sum_logprob,
-            w.no_speech_prob,
-            w.temperature if temperature is None else temperature,
-            skipped,
-        )
-        try:
-            w.job.on_done(result)
-        except Exception:  # a response that cannot be sent (the client went away) must not stop the loop
-            LOGGER.exception("whisper loop: answering a request failed")
-
-    def _deliver_error(self, job: WindowJob, exc: Exception) -> None:
-        try:
-            job.on_error(exc)
-        except Exception:
-            LOGGER.exception("whisper loop: failing a request failed")
+    def _final(self, w: _Window, tokens, sum_logprob, skipped=False) -> None:
+        result = WindowResult(list(tokens), w.language, w.steps, sum_logprob, w.no_speech_prob, w.temperature, skipped)
+        self._deliver(w.job.on_done, result)
 
     def _fail_all(self, exc: Exception, waiting: Sequence[_Window] = ()) -> None:
         jobs = [a.window.job for lane in self.lanes.values() for a in lane.attempts]
         jobs += [w.job for w in (*waiting, *self.retries)]
         self.lanes, self.retries = {}, []
         for job in jobs:
-            self._deliver_error(job, exc)
+            self._deliver(job.on_error, exc)
 
 
 def wait_windows(loop: WhisperLoop, jobs: Sequence[dict], timeout_s: float = 600) -> list[WindowResult | Exception]:
     """Submit windows (WindowJob fields without the callbacks) and wait for all: the loop used in
     process (tests, benchmarks)."""
-    results: list[WindowResult | Exception | None] = [None] * len(jobs)
-    done = threading.Event()
-    left = [len(jobs)]
-    lock = threading.Lock()
 
-    def finisher(k):
-        def finish(value):
-            with lock:
-                results[k] = value
-                left[0] -= 1
-                if not left[0]:
-                    done.set()
+    def submit(fields, on_done, on_error):
+        loop.submit(WindowJob(on_done=on_done, on_error=on_error, **fields))
 
-        return finish
-
-    for k, fields in enumerate(jobs):
-        loop.submit(WindowJob(on_done=finisher(k), on_error=finisher(k), **fields))
-    if not done.wait(timeout_s):
-        raise TimeoutError(f"{left[0]} of {len(jobs)} windows not ready after {timeout_s} s")
-    return [r for r in results if r is not None]
+    return wait_all(submit, jobs, timeout_s)
