@@ -176,6 +176,17 @@ def main() -> None:
         help="Only faster-whisper's defaults (beam 5, VAD, timestamps, fallback): the served FP32 and INT8 builds "
         "beside faster-whisper float32 and int8",
     )
+    parser.add_argument(
+        "--int8",
+        default="auto",
+        choices=["auto", "dynamic", "static"],
+        help="With --defaults-only: the served INT8 build's quantization (auto: what the accuracy gates keep)",
+    )
+    parser.add_argument(
+        "--force-int8",
+        action="store_true",
+        help="Serve the INT8 build even if its accuracy report fails (the report is printed and recorded)",
+    )
     args = parser.parse_args()
     from tritonkit.families.base import BuildOptions
     from tritonkit.precision import PrecisionOptions
@@ -185,8 +196,19 @@ def main() -> None:
     model_dir = convert_ct2_whisper(source, work / args.model)
     english = {"LANGUAGE": np.array([[b"en"]], dtype=object)} if args.model != "tiny.en" else {}
     build("whisper", str(model_dir), work / "repo")
+    int8_note = ""
     if args.defaults_only:
-        build("whisper", str(model_dir), work / "repo-int8", precision=PrecisionOptions("int8"))
+        built = build(
+            "whisper",
+            str(model_dir),
+            work / "repo-int8",
+            precision=PrecisionOptions("int8", args.int8, force=args.force_int8),
+        )
+        report = built.accuracy.get(built.precision_variant)
+        int8_note = f"served INT8 build: {built.precision_variant}" + (
+            f"; its accuracy report: {report.summary()}" if report is not None else ""
+        )
+        print(int8_note, flush=True)
     else:
         build("whisper", str(model_dir), work / "repo-features", options=BuildOptions(audio_padding="features"))
     openvino_builds = {}
@@ -268,6 +290,7 @@ def main() -> None:
         "machine": machine(),
         "model": args.model,
         "defaults_only": args.defaults_only,
+        "int8": int8_note,
         "clips": args.clips,
         "audio_seconds": audio_seconds,
         "rows": rows,
@@ -337,6 +360,8 @@ def write_markdown(path: Path, result: dict) -> None:
                 f"**{ours[0]['audio_s_per_s'] / best['audio_s_per_s']:.2f}x**, WER {ours[0]['wer']:.3f} vs "
                 f"{best['wer']:.3f} ({ours[0]['wer'] - best['wer']:+.3f}).",
             ]
+    if result.get("int8"):
+        lines += ["", result["int8"] + "."]
     model = result.get("model", "tiny.en")
     if result.get("defaults_only"):
         lines[0] = lines[0].replace("--markdown", f"--model {model} --defaults-only --markdown")
