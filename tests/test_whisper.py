@@ -180,6 +180,68 @@ def test_a_short_clip_sent_behind_long_form_files_is_answered_first(whisper_serv
 
 
 @pytest.mark.server
+def test_a_full_whisper_decoder_refuses_with_a_retry_message_and_the_gateway_answers_429(
+    whisper_repository, speech_files, tmp_path
+):
+    """One window decoding and one queued at most: a burst of 70 s files (three windows each, queued
+    together or not at all) is partly refused at once with the retry message, over gRPC and as HTTP
+    429 with Retry-After through the gateway; the rest are answered, and so is the next request."""
+    import shutil
+
+    import openai
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from tests.test_openai_gateway import standalone_gateway
+    from tritonkit.step_loop import BUSY_MARK
+
+    repository = tmp_path / "model_repository"
+    shutil.copytree(whisper_repository, repository, ignore=shutil.ignore_patterns("__pycache__"))
+    path = repository / "whisper_decoder" / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    config.parameters["max_rows_in_flight"].string_value = "1"
+    config.parameters["max_queued"].string_value = "1"
+    path.write_text(text_format.MessageToString(config))
+    speech = [decode_audio(data, AudioRecipe()) for data in speech_files]
+    long_file = wav_bytes(np.concatenate(speech * 4)[: 70 * SAMPLE_RATE], SAMPLE_RATE)
+    server = start_server(repository)
+    try:
+
+        def transcribe(_):
+            with TritonkitClient(server.grpc_url) as client:
+                try:
+                    return client.infer("whisper", {"AUDIO": pack_byte_rows([long_file])})
+                except InferenceError as exc:
+                    return exc
+
+        with ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(transcribe, range(6)))
+        refused = [o for o in outcomes if isinstance(o, InferenceError)]
+        assert refused and len(refused) < len(outcomes), outcomes
+        assert all(BUSY_MARK in str(o) for o in refused), refused
+        with standalone_gateway(server.grpc_url) as base:
+            sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+
+            def post(_):
+                try:
+                    return sdk.audio.transcriptions.with_raw_response.create(
+                        model="whisper", file=("long.wav", long_file)
+                    )
+                except openai.APIStatusError as exc:
+                    return exc
+
+            with ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(post, range(6)))
+        limited = [a for a in answers if isinstance(a, openai.RateLimitError)]
+        assert limited and all(a.response.headers.get("retry-after") == "1" for a in limited), answers
+        assert not any(isinstance(a, openai.APIStatusError) and a.status_code != 429 for a in answers), answers
+        with TritonkitClient(server.grpc_url) as client:  # and the decoder answers once the burst is over
+            assert client.infer("whisper", {"AUDIO": pack_byte_rows([speech_files[0]])})["TEXT"][0, 0]
+    finally:
+        server.stop()
+
+
+@pytest.mark.server
 def test_bad_audio_fails_alone_when_batched_with_good_audio(whisper_server, speech_files):
     def call(data):
         try:

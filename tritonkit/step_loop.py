@@ -7,6 +7,7 @@ in flight reported as they change; and, in process, waiting for every result of 
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -31,6 +32,7 @@ class CancelledError(TritonkitError):
     """The client cancelled the request (or went away) before its answer was complete."""
 
 
+_WAKE = object()  # queued to wake an idle loop when work to continue arrives
 Job = TypeVar("Job")
 Work = TypeVar("Work")  # what a queued job becomes once taken (the loop's own record of it)
 
@@ -56,7 +58,9 @@ class StepLoop(Generic[Job, Work]):
         self.cancel_check_s = cancel_check_s  # asking a request whether it was cancelled costs a message to Triton
         self._checked_at = 0.0
         self._reported_at, self._unreported = 0.0, False
-        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.queue: queue.Queue[Any] = queue.Queue()  # jobs; None stops the loop, _WAKE wakes it
+        # work of requests already admitted (a long file's next window): taken before the queue
+        self.continuing: collections.deque[Job] = collections.deque()
         self.steps = 0
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -93,7 +97,11 @@ class StepLoop(Generic[Job, Work]):
     def submit_all(self, jobs: Sequence[Job], queued_anyway: bool = False) -> None:
         """Queue a request's jobs together, or none (QueueFull while `max_queued` wait);
         `queued_anyway`: work of a request already admitted (a long file's next window)."""
-        if not queued_anyway and self.queue.qsize() >= self.max_queued:
+        if queued_anyway:  # its request waits on it: it goes first, and is never refused
+            self.continuing.extend(jobs)
+            self.queue.put(_WAKE)
+            return
+        if self.queue.qsize() >= self.max_queued:
             raise QueueFull(f"{self.running} are in flight and {self.queue.qsize()} {BUSY_MARK}")
         for job in jobs:
             self.queue.put(job)
@@ -133,10 +141,14 @@ class StepLoop(Generic[Job, Work]):
         `max_rows` running; waiting for one when nothing runs and nothing is taken."""
         taken = list(taken or [])
         room = self.max_rows - self.running
+        while self.continuing and len(taken) < room:
+            taken.append(self._taken(self.continuing.popleft()))
         if not self.running and not taken:
             job = self.queue.get()
             if job is None:
                 return []
+            if job is _WAKE:  # work to continue arrived: taken at the next turn
+                return taken
             taken.append(self._taken(job))
         while len(taken) < room:
             try:
@@ -146,7 +158,8 @@ class StepLoop(Generic[Job, Work]):
             if job is None:
                 self._stopped = True
                 break
-            taken.append(self._taken(job))
+            if job is not _WAKE:
+                taken.append(self._taken(job))
         return taken
 
     def _cancel_check_due(self) -> bool:

@@ -442,8 +442,9 @@ class WhisperLoop(StepLoop[WindowJob, _Window]):
 
     def _fail_all(self, exc: Exception, waiting: Sequence[_Window] = ()) -> None:
         jobs = [a.window.job for lane in self.lanes.values() for a in lane.attempts]
-        jobs += [w.job for w in (*waiting, *self.retries)]
+        jobs += [w.job for w in (*waiting, *self.retries)] + list(self.continuing)
         self.lanes, self.retries = {}, []
+        self.continuing.clear()
         for job in jobs:
             self._deliver(job.on_error, exc)
 
