@@ -18,8 +18,8 @@ of `tritonkit.whisper_decoding.DecodeSettings`.
 Batching (`decoder_batching`): `inflight` (the default; repositories whose step graph takes
 OFFSETS) hands each request's windows to the instance's step loop (`tritonkit.whisper_loop`) and
 returns: windows join the running rows between steps and each request is answered when its own
-windows are final; a long-form file's next window is encoded (BLS, on a worker thread) and queued
-as soon as the one before is final. `max_rows_in_flight` windows decode at once (a beam-search window
+windows are final; a long-form file's next window is encoded (BLS, on a worker thread) and taken
+ahead of the queue as soon as the one before is final. `max_rows_in_flight` windows decode at once (a beam-search window
 counts once; default: the max batch size), `max_queued` more may wait (default 4x that); past them a request fails at once with
 UNAVAILABLE (retry later). A cancelled request frees its rows within `cancel_check_ms`. `static`
 keeps the earlier scheduler (the whole dynamic batch decoded together, as described above).
