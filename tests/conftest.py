@@ -124,6 +124,22 @@ def serve_command(repository: Path, grpc_port: int, metrics_port: int | None = N
     ]
 
 
+def copy_with_parameters(repository: Path, model: str, parameters: dict[str, str], out: Path) -> Path:
+    """A copy of `repository` at `out` whose `model` has these config parameters set."""
+    import shutil
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    shutil.copytree(repository, out, ignore=shutil.ignore_patterns("__pycache__"))
+    path = out / model / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    for name, value in parameters.items():
+        config.parameters[name].string_value = value
+    path.write_text(text_format.MessageToString(config))
+    return out
+
+
 def start_server(repository: Path, **kwargs) -> TritonServer:
     server = TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **kwargs)
     return server.start().wait_until_ready(300)

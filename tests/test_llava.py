@@ -351,24 +351,16 @@ def test_a_short_request_sent_during_a_long_answer_is_answered_before_it_with_it
 def test_a_full_decoder_refuses_at_once_and_the_gateway_says_429_with_retry_after(llava_repository, tmp_path):
     """One answer in flight and one waiting at most: the rest of a burst is refused with
     UNAVAILABLE naming the wait, which the OpenAI gateway answers with 429 and Retry-After."""
-    import shutil
     from concurrent.futures import ThreadPoolExecutor
 
     import openai
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
 
-    from tests.conftest import start_server
+    from tests.conftest import copy_with_parameters, start_server
     from tests.test_openai_gateway import standalone_gateway
     from tritonkit.chat_loop import BUSY_MARK
 
-    repository = tmp_path / "model_repository"
-    shutil.copytree(llava_repository, repository, ignore=shutil.ignore_patterns("__pycache__"))
-    path = repository / "llava_decoder" / "config.pbtxt"
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    config.parameters["max_rows_in_flight"].string_value = "1"
-    config.parameters["max_queued"].string_value = "1"
-    path.write_text(text_format.MessageToString(config))
+    bounds = {"max_rows_in_flight": "1", "max_queued": "1"}
+    repository = copy_with_parameters(llava_repository, "llava_decoder", bounds, tmp_path / "model_repository")
     server = start_server(repository)
     try:
 

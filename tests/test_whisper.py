@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import executions_since, runs_until_batched, start_server
+from tests.conftest import copy_with_parameters, executions_since, runs_until_batched, start_server
 from tritonkit.build import build
 from tritonkit.client import TritonkitClient, executed_batch_sizes, pack_byte_rows, transcript
 from tritonkit.errors import InferenceError
@@ -186,22 +186,14 @@ def test_a_full_whisper_decoder_refuses_with_a_retry_message_and_the_gateway_ans
     """One window decoding and one queued at most: a burst of 70 s files (three windows each, queued
     together or not at all) is partly refused at once with the retry message, over gRPC and as HTTP
     429 with Retry-After through the gateway; the rest are answered, and so is the next request."""
-    import shutil
 
     import openai
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
 
     from tests.test_openai_gateway import standalone_gateway
     from tritonkit.step_loop import BUSY_MARK
 
-    repository = tmp_path / "model_repository"
-    shutil.copytree(whisper_repository, repository, ignore=shutil.ignore_patterns("__pycache__"))
-    path = repository / "whisper_decoder" / "config.pbtxt"
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    config.parameters["max_rows_in_flight"].string_value = "1"
-    config.parameters["max_queued"].string_value = "1"
-    path.write_text(text_format.MessageToString(config))
+    bounds = {"max_rows_in_flight": "1", "max_queued": "1"}
+    repository = copy_with_parameters(whisper_repository, "whisper_decoder", bounds, tmp_path / "model_repository")
     speech = [decode_audio(data, AudioRecipe()) for data in speech_files]
     long_file = wav_bytes(np.concatenate(speech * 4)[: 70 * SAMPLE_RATE], SAMPLE_RATE)
     server = start_server(repository)

@@ -8,6 +8,7 @@ name from several models.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -64,6 +65,9 @@ class ModelMetrics:
         self._traced_at = 0.0
         self._families: dict = {}
         self._metrics: dict = {}
+        # the decoder loops report from their own threads: a family created twice at once would
+        # delete the first, and the backend crashes on the metrics made from it
+        self._creating = threading.Lock()
         try:
             import triton_python_backend_utils as pb_utils
         except ImportError:
@@ -86,17 +90,20 @@ class ModelMetrics:
     def _metric(self, name: str, kind: str, buckets: Sequence[float] | None = None, **labels: str):
         """The metric `name` with these labels, created on first use (callers check `self._pb`)."""
         key = (name, tuple(sorted(labels.items())))
-        if key not in self._metrics:
-            pb = self._pb
-            assert pb is not None
-            family = self._families.get(name)
-            if family is None:
-                family = pb.MetricFamily(name=name, description=DESCRIPTIONS[name], kind=getattr(pb.MetricFamily, kind))
-                self._families[name] = family
-            arguments: dict[str, Any] = {"labels": {"model": self.model, **labels}}
-            if buckets is not None:
-                arguments["buckets"] = list(buckets)
-            self._metrics[key] = family.Metric(**arguments)
+        with self._creating:
+            return self._metrics[key] if key in self._metrics else self._created(key, name, kind, buckets, labels)
+
+    def _created(self, key, name: str, kind: str, buckets: Sequence[float] | None, labels: dict[str, str]):
+        pb = self._pb
+        assert pb is not None
+        family = self._families.get(name)
+        if family is None:
+            family = pb.MetricFamily(name=name, description=DESCRIPTIONS[name], kind=getattr(pb.MetricFamily, kind))
+            self._families[name] = family
+        arguments: dict[str, Any] = {"labels": {"model": self.model, **labels}}
+        if buckets is not None:
+            arguments["buckets"] = list(buckets)
+        self._metrics[key] = family.Metric(**arguments)
         return self._metrics[key]
 
     def received(self, tensor: str, size: int) -> None:
@@ -177,5 +184,6 @@ class ModelMetrics:
 
     def close(self) -> None:
         """Drop the families before the stub exits (the backend requires them gone at finalize)."""
-        self._metrics.clear()
-        self._families.clear()
+        with self._creating:
+            self._metrics.clear()
+            self._families.clear()
