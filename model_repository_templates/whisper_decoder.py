@@ -26,6 +26,7 @@ keeps the earlier scheduler (the whole dynamic batch decoded together, as descri
 """
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 
@@ -143,17 +144,9 @@ class TritonPythonModel(BatchedModel):
         count = len(options)
         long_rows = [i for i, o in enumerate(options) if o.long_form]
         short_rows = [i for i in range(count) if i not in set(long_rows)]
-        window_tokens = np.empty(count, dtype=object)
-        window_segments = np.empty(count, dtype=object)
-        languages = np.empty(count, dtype=object)
-        steps = np.zeros(count, dtype=np.int64)
         ready = np.zeros(count, dtype=bool)
-        outputs = {
-            "window_tokens": window_tokens,
-            "window_segments": window_segments,
-            "window_language": languages,
-            "window_steps": steps,
-        }
+        outputs = row_outputs(count)
+        window_tokens, window_segments, languages, steps = (outputs[name] for name in ROW_OUTPUTS)
 
         def final(windows, tokens, decoded):
             """Short windows done: their rows' outputs, and the requests they complete answered now."""
@@ -188,9 +181,7 @@ class TritonPythonModel(BatchedModel):
         found = []
         begin = self.settings.timestamp_begin
         if options.timestamps and begin is not None:
-            stats = WindowResult(kept, None, 0, result.sum_logprob, result.no_speech_prob, result.temperature).stats(
-                self.text(kept).decode()
-            )
+            stats = replace(result, tokens=kept).stats(self.text(kept).decode())
             found = [
                 (*options.original_span(start, end), text, stats)
                 for start, end, text in segments(kept, begin, options.offset_s, options.duration_s)
@@ -211,7 +202,7 @@ class TritonPythonModel(BatchedModel):
 
         rows = self.prepare_request(request)
         if not isinstance(rows, dict):
-            pb_utils_send_error(request, rows)
+            send_failure(request, rows)
             return
         answer = RequestAnswer(self, request, rows)
         cancelled = getattr(request, "is_cancelled", lambda: False)
@@ -265,7 +256,7 @@ class TritonPythonModel(BatchedModel):
     def next_file_window(self, file, answer, row: int, cancelled) -> None:
         try:
             if cancelled():
-                from tritonkit.chat_loop import CancelledError
+                from tritonkit.step_loop import CancelledError
 
                 raise CancelledError("the request was cancelled")
             self.loop.submit_all([self.file_window(file, None, answer, row, cancelled)], queued_anyway=True)
@@ -318,7 +309,17 @@ class TritonPythonModel(BatchedModel):
         return self.tokenizer.decode(kept, skip_special_tokens=True).strip().encode()
 
 
-def pb_utils_send_error(request, failure) -> None:
+# what `run` gives each window row (`window_outputs`, `file_outputs`), which `finish` joins per request
+ROW_OUTPUTS = ("window_tokens", "window_segments", "window_language", "window_steps")
+
+
+def row_outputs(count: int) -> dict[str, np.ndarray]:
+    outputs = {name: np.empty(count, dtype=object) for name in ROW_OUTPUTS}
+    outputs["window_steps"] = np.zeros(count, dtype=np.int64)
+    return outputs
+
+
+def send_failure(request, failure) -> None:
     import triton_python_backend_utils as pb_utils
 
     from tritonkit.runtime import send_final
@@ -333,12 +334,7 @@ class RequestAnswer:
     def __init__(self, model, request, rows):
         count = len(rows["options"])
         self.model, self.request, self.rows = model, request, rows
-        self.outputs = {
-            "window_tokens": np.empty(count, dtype=object),
-            "window_segments": np.empty(count, dtype=object),
-            "window_language": np.empty(count, dtype=object),
-            "window_steps": np.zeros(count, dtype=np.int64),
-        }
+        self.outputs = row_outputs(count)
         self.left = count
         self.answered = False
         self.lock = threading.Lock()
@@ -347,8 +343,7 @@ class RequestAnswer:
         with self.lock:
             if self.answered:
                 return
-            names = ("window_tokens", "window_segments", "window_language", "window_steps")
-            for name, value in zip(names, outputs):
+            for name, value in zip(ROW_OUTPUTS, outputs):
                 self.outputs[name][row] = value
             self.left -= 1
             if self.left:
@@ -363,4 +358,4 @@ class RequestAnswer:
             if self.answered:
                 return
             self.answered = True
-        pb_utils_send_error(self.request, self.model.failure(exc, "a request"))
+        send_failure(self.request, self.model.failure(exc, "a request"))

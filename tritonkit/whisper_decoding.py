@@ -650,20 +650,6 @@ class WindowDecoder:
             pending = again
         return results, languages
 
-    def avg_logprob(self, row: int, tokens: list[int]) -> float:
-        """OpenAI's: the chosen tokens' summed log-probability (end token included) over their count + 1."""
-        return self.sum_logprobs[row] / (len(tokens) + 1)
-
-    def window_stats(self, row: int, tokens: list[int], text: str) -> tuple[float, float, float, float]:
-        """OpenAI's figures of a decoded window (`text` its tokens' text): avg_logprob,
-        compression_ratio, no_speech_prob and the temperature it was last decoded at."""
-        return (
-            self.avg_logprob(row, tokens),
-            compression_ratio(text),
-            self.no_speech_probs[row],
-            self.temperatures[row],
-        )
-
     def _judge(self, row: int, tokens: list[int]) -> tuple[bool, bool]:
         return self.judge(self.sum_logprobs[row], tokens)
 
@@ -672,7 +658,7 @@ class WindowDecoder:
         its chosen tokens' summed log-probability (end token included)."""
         if self.text_of is None:
             raise ValueError("FALLBACK needs the decoder's tokenizer (text_of)")
-        too_unlikely = sum_logprob / (len(tokens) + 1) < LOGPROB_THRESHOLD
+        too_unlikely = avg_logprob(sum_logprob, tokens) < LOGPROB_THRESHOLD
         return too_unlikely, compression_ratio(self.text_of(tokens)) > COMPRESSION_RATIO_THRESHOLD
 
     def apply_timestamp_rules(self, logits: np.ndarray, generated: list[int], first: bool) -> None:
@@ -957,7 +943,7 @@ class WindowResult:
     def stats(self, text: str) -> tuple[float, float, float, float]:
         """avg_logprob, compression_ratio, no_speech_prob, temperature (`text`: its tokens' text)."""
         return (
-            self.sum_logprob / (len(self.tokens) + 1),
+            avg_logprob(self.sum_logprob, self.tokens),
             compression_ratio(text),
             self.no_speech_prob,
             self.temperature,
@@ -1146,6 +1132,11 @@ def log_softmax32(logits: np.ndarray) -> np.ndarray:
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     return np.exp(log_softmax(logits))
+
+
+def avg_logprob(sum_logprob: float, tokens: list[int]) -> float:
+    """OpenAI's: the chosen tokens' summed log-probability (end token included) over their count + 1."""
+    return sum_logprob / (len(tokens) + 1)
 
 
 def compression_ratio(text: str) -> float:
