@@ -78,7 +78,7 @@ class _Window:
         return self.schedule[self.attempt]
 
     @property
-    def beams(self) -> int:
+    def group(self) -> int:
         """Its lane: rows a step (1 unless beam search, which runs at temperature 0 only)."""
         o = self.job.options
         return o.beam_size if o.beam_size > 1 and self.temperature == 0 else 1
@@ -287,10 +287,10 @@ class WhisperLoop(StepLoop[WindowJob, _Window]):
         logits, past = d._run(ids, d._empty_past(len(windows)), cross, offsets)
         for w in windows:
             w.steps += 1
-        attempts = [_Attempt(w, beams=Beams.of(w.job.options) if w.beams > 1 else None) for w in windows]
+        attempts = [_Attempt(w, beams=Beams.of(w.job.options) if w.group > 1 else None) for w in windows]
         by_lane: dict[int, list[int]] = {}
         for j, w in enumerate(windows):
-            by_lane.setdefault(w.beams, []).append(j)
+            by_lane.setdefault(w.group, []).append(j)
         # every choice made before any lane changes: a failure up to here leaves nothing half-admitted
         joins: list[tuple[int, Cache, Cache, np.ndarray, np.ndarray, list[_Attempt]]] = []
         ended: list[_Attempt] = []
