@@ -1,9 +1,11 @@
 """LLaVA's language model (PyTorch) generating answers for a dynamic batch of image features + prompts.
 
-Inputs: IMAGE_FEATURES [tokens, hidden] (the vision encoder's), PROMPT (STRING [1]) or MESSAGES
+Inputs: IMAGE_FEATURES [tokens, hidden] (the vision encoder's; absent in a text-only turn), PROMPT (STRING [1]) or MESSAGES
 (a JSON conversation, `tritonkit.llava_decoding.conversation`), and the optional MAX_NEW_TOKENS,
-TEMPERATURE, TOP_P, SEED, STOP. Outputs: TEXT, PROMPT_TOKENS, COMPLETION_TOKENS and FINISH_REASON
-(what OpenAI's `usage` and `finish_reason` report). In a decoupled model
+TEMPERATURE, TOP_P, SEED, STOP, TOP_LOGPROBS, RESPONSE_FORMAT (OpenAI's `response_format` as JSON:
+json_object or json_schema constrain every step of the row to what the schema allows). Outputs: TEXT, PROMPT_TOKENS, COMPLETION_TOKENS and
+FINISH_REASON (what OpenAI's `usage` and `finish_reason` report), LOGPROBS (with TOP_LOGPROBS: the
+response's tokens as OpenAI's `logprobs.content`, JSON; empty without). In a decoupled model
 (`model_transaction_policy { decoupled: true }`, the NAME_chat_stream ensemble) every request gets
 its text piece by piece as tokens are generated (with the token counts so far and an empty
 FINISH_REASON), then a final response with empty TEXT, the counts and the FINISH_REASON. Parameters:
@@ -31,12 +33,17 @@ from tritonkit.llava_decoding import (
     COMPLETION_TOKENS,
     DEFAULT_MAX_PROMPT_BYTES,
     FINISH_REASON,
+    LOGPROBS,
     PROMPT_TOKENS,
+    RESPONSE_FORMAT,
+    TOP_LOGPROBS,
     ChatGenerator,
     ChatOptions,
     chat_prompt,
     chat_text,
     conversation,
+    logprobs_json,
+    response_grammar,
 )
 from tritonkit.runtime import BatchedModel, Failure, concat_rows, object_rows, string_rows
 
@@ -86,11 +93,14 @@ class TritonPythonModel(BatchedModel):
             self.top_p_input,
             self.seed_input,
             self.stop_input,
-            *rest,
+            *_,
         ) = self.input_names
-        self.messages_input = rest[0] if rest else None  # builds before conversations have no MESSAGES
-        # Qwen-VL: each request's images' patch grids; its features are ragged ([tokens of all its images, hidden])
-        self.grid_input = rest[1] if len(rest) > 1 else None
+        # later inputs, each absent from builds before it: conversations; Qwen-VL's patch grids of
+        # each request's images (its features are ragged: [tokens of all its images, hidden]); logprobs
+        self.messages_input = "MESSAGES" if "MESSAGES" in self.input_names else None
+        self.grid_input = "GRID_THW" if "GRID_THW" in self.input_names else None
+        self.top_logprobs_input = TOP_LOGPROBS if TOP_LOGPROBS in self.input_names else None
+        self.response_format_input = RESPONSE_FORMAT if RESPONSE_FORMAT in self.input_names else None
         self.text_output = next(iter(self.output_dtypes))
         self.loop = None
         if self.parameters.get("decoder_batching", "inflight") == "inflight":
@@ -124,6 +134,14 @@ class TritonPythonModel(BatchedModel):
         top_ps = column(self.top_p_input, lambda row, _: float(row[0]))
         seeds = column(self.seed_input, lambda row, _: int(row[0]))
         stops = column(self.stop_input, lambda row, name: tuple(s for s in string_rows(row, name) if s))
+        tops = column(self.top_logprobs_input, lambda row, _: int(row[0]))
+        grammars = column(self.response_format_input, lambda row, name: response_grammar(string_rows(row, name)[0]))
+        if self.loop is None and any(grammars):
+            raise InputError(
+                f"{RESPONSE_FORMAT}: structured outputs need the in-flight decoder (decoder_batching inflight, "
+                "the default)",
+                reason="bad_option",
+            )
         return [
             ChatOptions(
                 max_new_tokens=limit,
@@ -131,24 +149,31 @@ class TritonPythonModel(BatchedModel):
                 top_p=1.0 if top_p is None else top_p,
                 seed=seed,
                 stop=stop or (),
+                top_logprobs=top,
+                grammar=grammar,
             ).validate(self.max_new_tokens)
-            for limit, temperature, top_p, seed, stop in zip(limits, temperatures, top_ps, seeds, stops)
+            for limit, temperature, top_p, seed, stop, top, grammar in zip(
+                limits, temperatures, top_ps, seeds, stops, tops, grammars
+            )
         ]
 
     def prepare(self, inputs):
-        features = inputs[self.features_input]
-        tokens_per_image = [[features.shape[1]] for _ in range(len(features))]
-        if self.grid_input is not None:  # one conversation per request, its images' features in one ragged row
+        if self.features_input not in inputs:  # a text-only turn (NAME_chat_text): no image, no features
+            features, tokens_per_image, grid_rows = None, None, None
+        elif self.grid_input is not None:  # one conversation per request, its images' features in one ragged row
             from tritonkit.qwen_vl import image_tokens
 
-            grids = inputs[self.grid_input]
+            features, grids = inputs[self.features_input], inputs[self.grid_input]
             if len(features) != 1 or len(grids) != 1:
                 raise InputError(f"{self.model_name}: send one conversation per request", reason="bad_option")
             tokens_per_image = [[image_tokens(grid, self.generator.mrope_merge_size) for grid in grids[0]]]
             if sum(tokens_per_image[0]) != features.shape[1]:
                 raise RuntimeError(f"{features.shape[1]} image features for grids {grids[0].tolist()}")
-            features = object_rows([features[0]])
             grid_rows = object_rows([grids[0]])
+        else:
+            features = inputs[self.features_input]
+            tokens_per_image = [[features.shape[1]] for _ in range(len(features))]
+            grid_rows = None
         given = [name for name in (self.prompt_input, self.messages_input) if name is not None and name in inputs]
         if len(given) != 1:
             raise InputError(
@@ -165,6 +190,12 @@ class TritonPythonModel(BatchedModel):
                     reason="too_long",
                 )
         prompts = string_rows(inputs[name], name)
+        if features is None:
+            hidden = self.generator.embed.embedding_dim
+            features = [np.zeros((0, hidden), dtype=np.float32) for _ in prompts]
+            tokens_per_image = [[] for _ in prompts]
+            if self.grid_input is not None:
+                grid_rows = object_rows([np.zeros((0, 3), dtype=np.int64) for _ in prompts])
         if len(prompts) != len(features):
             raise InputError(f"{name}: {len(prompts)} prompts for {len(features)} images", reason="bad_option")
         if self.decoupled and len(prompts) != 1:
@@ -187,8 +218,9 @@ class TritonPythonModel(BatchedModel):
                 for row_ids, counts, row_options in zip(ids, tokens_per_image, options)
             ]
         )
-        rows = {self.features_input: features, "prompt_ids": ids, "options": packed}
-        if self.grid_input is not None:
+        # features as one object per row: rows of image turns and text-only turns concatenate
+        rows = {self.features_input: object_rows(list(features)), "prompt_ids": ids, "options": packed}
+        if grid_rows is not None:
             rows["grids"] = grid_rows
         return rows
 
@@ -225,6 +257,7 @@ class TritonPythonModel(BatchedModel):
             "steps": np.array([r.steps for r in results], dtype=np.int64),
             "prompt_tokens": np.array([len(ids) for ids in batch["prompt_ids"]], dtype=np.int64),
             "reasons": np.array([[r.reason.encode()] for r in results], dtype=object),
+            "logprobs": object_rows([r.logprobs for r in results]),
         }
 
     def finish(self, outputs, rows):
@@ -234,9 +267,23 @@ class TritonPythonModel(BatchedModel):
             PROMPT_TOKENS: outputs["prompt_tokens"][:, None],
             COMPLETION_TOKENS: outputs["tokens"][:, None],
             FINISH_REASON: outputs["reasons"],
+            LOGPROBS: np.array(
+                [
+                    [self.logprobs_text(entries, options)]
+                    for entries, options in zip(outputs["logprobs"], rows["options"])
+                ],
+                dtype=object,
+            ),
         }
         response.update({name: value for name, value in usage.items() if name in self.output_dtypes})
         return response
+
+    def logprobs_text(self, entries, options: ChatOptions) -> bytes:
+        """LOGPROBS of a response: OpenAI's `logprobs.content` for its tokens as JSON; empty when
+        the request did not ask (TOP_LOGPROBS absent)."""
+        if options.top_logprobs is None:
+            return b""
+        return logprobs_json(self.generator.tokenizer, entries).encode()
 
     def finalize(self):
         if self.loop is not None:
@@ -278,11 +325,16 @@ class TritonPythonModel(BatchedModel):
         prompt_tokens = [len(rows["prompt_ids"][0]) for _, rows in prepared]
         started = [False] * len(prepared)
 
-        def response(row, piece: str, completion_tokens: int, reason: str):
-            return stream_response(self, piece, prompt_tokens[row], completion_tokens, reason)
+        options = [rows["options"][0] for _, rows in prepared]
+        sent_logprobs = [0] * len(prepared)  # each row's logprobs entries already sent
+
+        def response(row, piece: str, result, reason: str):
+            entries, sent_logprobs[row] = result.logprobs[sent_logprobs[row] :], len(result.logprobs)
+            logprobs = self.logprobs_text(entries, options[row])
+            return stream_response(self, piece, prompt_tokens[row], len(result.tokens), reason, logprobs)
 
         def send_piece(row, piece, result):
-            senders[row].send(response(row, piece, len(result.tokens), ""))
+            senders[row].send(response(row, piece, result, ""))
             started[row] = True
 
         try:
@@ -301,7 +353,7 @@ class TritonPythonModel(BatchedModel):
         for row, (sender, result) in enumerate(zip(senders, results)):
             self.metrics.decoded(tokens=len(result.tokens), steps=result.steps)
             if len(self.output_dtypes) > 1:
-                sender.send(response(row, "", len(result.tokens), result.reason), flags=final)
+                sender.send(response(row, "", result, result.reason), flags=final)
             else:
                 sender.send(flags=final)
 
@@ -360,6 +412,7 @@ class WholeAnswer:
             "steps": np.array([r.steps for r in self.results], dtype=np.int64),
             "prompt_tokens": np.array([r.prompt_tokens for r in self.results], dtype=np.int64),
             "reasons": np.array([[r.reason.encode()] for r in self.results], dtype=object),
+            "logprobs": object_rows([r.logprobs for r in self.results]),
         }
         self.sender.send(self.model.respond(outputs, self.rows), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
@@ -383,9 +436,13 @@ class StreamedAnswer:
         self.waiting = 0  # tokens whose text is pending
         self.sent_at = 0.0
         self.prompt_tokens = len(rows["prompt_ids"][0])
+        self.options = rows["options"][0]
+        self.sent_logprobs = 0  # logprobs entries already sent
 
-    def response(self, piece: str, completion_tokens: int, reason: str):
-        return stream_response(self.model, piece, self.prompt_tokens, completion_tokens, reason)
+    def response(self, piece: str, result, reason: str):
+        entries, self.sent_logprobs = result.logprobs[self.sent_logprobs :], len(result.logprobs)
+        logprobs = self.model.logprobs_text(entries, self.options)
+        return stream_response(self.model, piece, self.prompt_tokens, len(result.tokens), reason, logprobs)
 
     def text(self, piece: str, result) -> None:
         self.pending += piece
@@ -397,7 +454,7 @@ class StreamedAnswer:
 
     def flush(self, result) -> None:
         if self.pending:
-            self.sender.send(self.response(self.pending, len(result.tokens), ""))
+            self.sender.send(self.response(self.pending, result, ""))
             self.pending, self.waiting = "", 0
 
     def done(self, i, result) -> None:
@@ -407,7 +464,7 @@ class StreamedAnswer:
         self.flush(result)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if len(self.model.output_dtypes) > 1:
-            self.sender.send(self.response("", len(result.tokens), result.reason), flags=final)
+            self.sender.send(self.response("", result, result.reason), flags=final)
         else:
             self.sender.send(flags=final)
 
@@ -431,8 +488,9 @@ def send_error(model, sender, exc: Exception) -> None:
     sender.send(pb_utils.InferenceResponse(error=error), flags=final)
 
 
-def stream_response(model, piece: str, prompt_tokens: int, completion_tokens: int, reason: str):
-    """One streamed response: a piece of text with the counts so far and the finish reason."""
+def stream_response(model, piece: str, prompt_tokens: int, completion_tokens: int, reason: str, logprobs: bytes = b""):
+    """One streamed response: a piece of text with the counts so far, the finish reason and the
+    logprobs of the tokens since the last response."""
     import triton_python_backend_utils as pb_utils
 
     tensors = {
@@ -440,6 +498,7 @@ def stream_response(model, piece: str, prompt_tokens: int, completion_tokens: in
         PROMPT_TOKENS: np.array([[prompt_tokens]], dtype=np.int32),
         COMPLETION_TOKENS: np.array([[completion_tokens]], dtype=np.int32),
         FINISH_REASON: np.array([[reason.encode()]], dtype=object),
+        LOGPROBS: np.array([[logprobs]], dtype=object),
     }
     return pb_utils.InferenceResponse(  # the outputs this build declares (older ones: TEXT alone)
         output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items() if k in model.output_dtypes]

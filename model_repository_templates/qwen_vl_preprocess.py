@@ -57,7 +57,8 @@ class TritonPythonModel(BatchedModel):
         if not given:
             raise InputError(
                 f"{self.image_input} or {self.images_input}: none given; every turn to this ensemble needs an image "
-                f"({self.image_input}: one encoded image; {self.images_input}: 1 to {self.max_images})",
+                f"({self.image_input}: one encoded image; {self.images_input}: 1 to {self.max_images}); "
+                "send a turn without images to NAME_chat_text",
                 reason="bad_option",
             )
         if len(given) != 1:

@@ -344,3 +344,15 @@ def llava_server(llava_repository):
     server = start_server(llava_repository)
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def answers_conform_to_openais_document():
+    """Fails a test that received a gateway answer OpenAI's API description rejects
+    (tests/openai_conformance.py checks each answer of the clients made there)."""
+    yield
+    checker = sys.modules.get("tests.openai_conformance")
+    if checker is not None and checker.VIOLATIONS:
+        found = list(checker.VIOLATIONS)
+        checker.VIOLATIONS.clear()
+        pytest.fail("answers not valid against OpenAI's API description:\n" + "\n".join(found[:20]))

@@ -200,3 +200,72 @@ def test_the_loop_on_cuda_gives_the_static_decoders_answers(llava_loaded, jobs):
         loop.stop()
     assert [a.tokens for a in answers] == [r.tokens for r in alone]
     assert torch.cuda.is_available()
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "colour": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+        "outdoor": {"type": "boolean"},
+    },
+    "required": ["name", "colour", "count", "tags", "outdoor"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_rows_answer_valid_json_of_their_schema_beside_free_rows(generator, jobs, alone):
+    """A batch that mixes rows constrained by a JSON schema (greedy and sampled), a JSON-object row
+    and free rows: every constrained answer parses and validates against its schema (the random
+    model left alone writes no JSON at all), the free rows answer as they do alone."""
+    import json
+
+    import jsonschema
+
+    from tritonkit.llava_decoding import response_grammar
+
+    schema_format = json.dumps({"type": "json_schema", "json_schema": {"name": "scene", "schema": SCHEMA}})
+    grammar = response_grammar(schema_format)
+    object_grammar = response_grammar(json.dumps({"type": "json_object"}))
+    constrained = [
+        {**jobs[0], "options": ChatOptions(max_new_tokens=200, grammar=grammar)},
+        {**jobs[1], "options": ChatOptions(max_new_tokens=200, temperature=0.9, seed=3, grammar=grammar)},
+        {**jobs[2], "options": ChatOptions(max_new_tokens=200, grammar=object_grammar)},
+    ]
+    free = [jobs[3], jobs[4]]
+    loop = ChatLoop(generator, 256, max_rows=8)
+    try:
+        answers = wait_answers(loop, [*constrained, *free])
+    finally:
+        loop.stop()
+    for answer in answers[:2]:
+        jsonschema.validate(json.loads(answer.text), SCHEMA)
+        assert answer.reason == "stop"
+    # a random model may write one endless string: cut by its limit, the JSON object so far is a prefix the grammar allows
+    if answers[2].reason == "stop":
+        assert isinstance(json.loads(answers[2].text), dict)
+    else:
+        assert answers[2].reason == "length" and answers[2].text.startswith("{")
+        matcher = generator.matcher(object_grammar)
+        assert all(matcher.consume_token(t) for t in answers[2].tokens) and not matcher.is_error()
+    assert [a.text for a in answers[3:]] == [alone[3].text, alone[4].text]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(alone[0].text)  # unconstrained, the same row is no JSON
+
+
+@pytest.mark.parametrize(
+    "response_format, message",
+    [
+        ('{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}', "x cannot constrain"),
+        ('{"type": "xml"}', "type must be text, json_object or json_schema"),
+        ("not json", "RESPONSE_FORMAT: not JSON"),
+    ],
+)
+def test_a_response_format_that_cannot_constrain_is_a_clear_input_error(response_format, message):
+    from tritonkit.errors import InputError
+    from tritonkit.llava_decoding import response_grammar
+
+    with pytest.raises(InputError, match=message):
+        response_grammar(response_format)

@@ -13,9 +13,9 @@ from tritonkit.triton_config import Batching, Tensor
 # family lists from the registry (tests.conftest.EMBEDDING_FAMILIES, family_names()).
 FAMILY_ROWS = {
     "clip": {"image", "text"},
-    "llava": {"chat", "chat_stream"},
-    "qwen2vl": {"chat", "chat_stream"},
-    "qwen2_5vl": {"chat", "chat_stream"},
+    "llava": {"chat", "chat_stream", "chat_text", "chat_text_stream"},
+    "qwen2vl": {"chat", "chat_stream", "chat_text", "chat_text_stream"},
+    "qwen2_5vl": {"chat", "chat_stream", "chat_text", "chat_text_stream"},
     "siglip": {"image", "text"},
     "whisper": {""},
 }

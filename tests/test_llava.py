@@ -9,8 +9,10 @@ import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
+from tests import openai_conformance as conformance
 from tests.conftest import encode_image, random_image, runs_until_batched
 from tritonkit.client import TritonkitClient, pack_byte_rows
 from tritonkit.errors import InferenceError
@@ -226,6 +228,39 @@ def test_chat_command_streams_the_answer(llava_server, tmp_path):
     assert streamed.stdout == whole.stdout and len(streamed.stdout.strip()) > 0
 
 
+def test_chat_command_asks_without_an_image_for_json_and_prints_logprobs(llava_server, tmp_path):
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "blue"]}, "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["colour", "count"],
+        "additionalProperties": False,
+    }
+    (tmp_path / "scene.json").write_text(json.dumps(schema))
+    base = [sys.executable, "-m", "tritonkit.cli", "chat", "--url", llava_server.grpc_url]
+    answer = subprocess.run(
+        [*base, "Describe it.", "--json-schema", str(tmp_path / "scene.json"), "--max-new-tokens", "40"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert answer.returncode == 0, answer.stderr
+    jsonschema.validate(json.loads(answer.stdout), schema)
+    with TritonkitClient(llava_server.grpc_url) as client:
+        want = client.chat(None, "Name a colour.", max_new_tokens=5)
+    figures = subprocess.run(
+        [*base, "Name a colour.", "--max-new-tokens", "5", "--top-logprobs", "2"], capture_output=True, text=True
+    )
+    lines = figures.stdout.splitlines()
+    assert figures.returncode == 0 and lines[0] == want, figures.stderr
+    assert 1 <= len(lines) - 1 <= 5 and all(len(line.split("\t")) == 3 for line in lines[1:]), lines
+    missing = subprocess.run([*base, "nope.jpg", "Hi"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "nope.jpg: no such file" in missing.stderr
+
+
 def test_int8_vision_encoder_is_judged_and_served(tiny_llava_dir, tmp_path):
     import json
 
@@ -348,6 +383,169 @@ def test_a_short_request_sent_during_a_long_answer_is_answered_before_it_with_it
     assert finished["short"][0] < finished["long"][0]
 
 
+TEXT_TURNS = [
+    [{"role": "user", "content": "Write a short poem about the sea."}],
+    [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": [{"type": "text", "text": "What is two plus two?"}]},
+    ],
+    [
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": "Hi. How can I help?"},
+        {"role": "user", "content": "Name a colour."},
+    ],
+]
+
+
+def as_parts(messages: list[dict]) -> list[dict]:
+    """Messages as transformers' chat templates read them: content as a list of parts."""
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]}
+        for m in messages
+    ]
+
+
+def test_a_turn_without_an_image_equals_transformers_and_joins_a_running_image_answer(llava_server, llava_loaded):
+    """NAME_chat_text(_stream): the language model alone, tokens equal to transformers `generate`
+    on the same conversation; its rows share the decoder's steps with image turns (a short text
+    turn sent during a long image answer is answered first, with its own text)."""
+    import threading
+    import time
+
+    spec, loaded = llava_loaded
+    tokenizer = loaded.processor.tokenizer
+    wants = [
+        tokenizer.decode(spec.reference_tokens(loaded, None, as_parts(turn), NEW_TOKENS), skip_special_tokens=True)
+        for turn in TEXT_TURNS
+    ]
+    assert len(set(wants)) == len(wants)
+    question = "What is the capital of France?"
+    want_prompt = tokenizer.decode(spec.reference_tokens(loaded, None, question, NEW_TOKENS), skip_special_tokens=True)
+    with TritonkitClient(llava_server.grpc_url) as client:
+        for turn, want in zip(TEXT_TURNS, wants):
+            assert client.chat(None, turn, max_new_tokens=NEW_TOKENS) == want
+        assert "".join(client.chat_stream(None, TEXT_TURNS[0], max_new_tokens=NEW_TOKENS)) == wants[0]
+        assert client.chat(None, question, max_new_tokens=NEW_TOKENS) == want_prompt
+        with pytest.raises(InferenceError, match=re.escape("MESSAGES: no {type: image} part")):
+            client.chat(None, [{"role": "user", "content": [{"type": "image"}]}])
+        long_alone = client.chat(image(1), "Tell me a long story about this picture.", max_new_tokens=256)
+    finished: dict[str, tuple[float, str]] = {}
+    first_piece = threading.Event()
+
+    def long_answer():
+        with TritonkitClient(llava_server.grpc_url) as client:
+            pieces = []
+            for piece in client.chat_stream(image(1), "Tell me a long story about this picture.", max_new_tokens=256):
+                pieces.append(piece)
+                first_piece.set()
+            finished["long"] = (time.perf_counter(), "".join(pieces))
+
+    runner = threading.Thread(target=long_answer)
+    runner.start()
+    assert first_piece.wait(60)
+    with TritonkitClient(llava_server.grpc_url) as client, ThreadPoolExecutor(3) as pool:
+        texts = list(pool.map(lambda turn: client.chat(None, turn, max_new_tokens=NEW_TOKENS), TEXT_TURNS))
+        finished["text"] = (time.perf_counter(), texts[0])
+    runner.join(120)
+    assert texts == wants and finished["long"][1] == long_alone
+    assert finished["text"][0] < finished["long"][0]
+
+
+def reference_logprobs(llava_loaded, pixels, prompt: str, top: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """transformers `generate(output_logits=True)`: each new token, its log-softmax and the `top` likeliest."""
+    import torch
+
+    _, loaded = llava_loaded
+    text = loaded.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], add_generation_prompt=True
+    )
+    ids = loaded.processor.tokenizer(text.replace("<image>", "<image>" * loaded.image_tokens), return_tensors="pt")
+    with torch.no_grad():
+        out = loaded.model.generate(
+            input_ids=ids["input_ids"],
+            attention_mask=torch.ones_like(ids["input_ids"]),
+            pixel_values=torch.from_numpy(pixels),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, ids["input_ids"].shape[1] :].tolist()
+    found = []
+    for token, logits in zip(tokens, out.logits):
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        values, best = logprobs.topk(top)
+        found.append((token, float(logprobs[token]), list(zip(best.tolist(), values.tolist()))))
+    return [entry for entry in found if entry[0] not in _eos_ids(loaded)]
+
+
+def _eos_ids(loaded) -> set[int]:
+    eos = loaded.model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def test_logprobs_equal_transformers_whole_and_streamed(llava_server, llava_loaded, llava_repository):
+    """TOP_LOGPROBS: each token's logprob and its 3 likeliest from the decoder's log-softmax, equal
+    to transformers' within 1e-4, whole and streamed (each piece carrying its own tokens')."""
+    import json
+
+    from tritonkit.client import chat_inputs
+
+    _, loaded = llava_loaded
+    tokenizer = loaded.processor.tokenizer
+    prompt = CASES[0][1]
+    pixels = preprocess(llava_repository, "llava_chat", [image(1)])["PIXEL_VALUES"]
+    want = reference_logprobs(llava_loaded, pixels, prompt, 3)
+    with TritonkitClient(llava_server.grpc_url) as client:
+        inputs = chat_inputs(image(1), prompt, max_new_tokens=NEW_TOKENS, top_logprobs=3)
+        outputs = client.infer("llava_chat", inputs)
+        plain = client.infer("llava_chat", chat_inputs(image(1), prompt, max_new_tokens=NEW_TOKENS))
+        streamed = stream_outputs(client, "llava_chat_stream", inputs)
+    assert plain["LOGPROBS"][0, 0] == b""  # not asked for: nothing
+    whole = json.loads(outputs["LOGPROBS"][0, 0])
+    pieces = [entry for response in streamed for entry in json.loads(response["LOGPROBS"][0, 0] or b"[]")]
+    for got in (whole, pieces):
+        assert len(got) == len(want) == int(outputs["COMPLETION_TOKENS"][0, 0])
+        for entry, (token, logprob, best) in zip(got, want):
+            assert entry["token"] == tokenizer.decode([token]) and entry["bytes"] == list(entry["token"].encode())
+            assert abs(entry["logprob"] - logprob) < 1e-4
+            assert [tokenizer.decode([t]) for t, _ in best] == [alt["token"] for alt in entry["top_logprobs"]]
+            assert np.allclose([lp for _, lp in best], [alt["logprob"] for alt in entry["top_logprobs"]], atol=1e-4)
+    assert "".join(tokenizer.decode([t]) for t, _, _ in want) == outputs["TEXT"][0, 0].decode()
+
+
+def stream_outputs(client, model: str, inputs: dict) -> list[dict]:
+    """Every response of one streamed request, as numpy outputs."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from tritonkit.dtypes import wire_datatype
+
+    tensors = []
+    for name, array in inputs.items():
+        tensors.append(grpcclient.InferInput(name, list(array.shape), wire_datatype(array)))
+        tensors[-1].set_data_from_numpy(array)
+    answers: queue.Queue = queue.Queue()
+    grpc = grpcclient.InferenceServerClient(client.url)
+    grpc.start_stream(callback=lambda result, error: answers.put((result, error)))
+    found = []
+    try:
+        grpc.async_stream_infer(model, tensors, enable_empty_final_response=True)
+        while True:
+            result, error = answers.get(timeout=120)
+            assert error is None, error
+            response = result.get_response(as_json=True)
+            names = [o["name"] for o in response.get("outputs", [])]
+            if names:
+                found.append({name: result.as_numpy(name) for name in names})
+            if response.get("parameters", {}).get("triton_final_response", {}).get("bool_param"):
+                return found
+    finally:
+        grpc.stop_stream()
+        grpc.close()
+
+
 def test_a_full_decoder_refuses_at_once_and_the_gateway_says_429_with_retry_after(llava_repository, tmp_path):
     """One answer in flight and one waiting at most: the rest of a burst is refused with
     UNAVAILABLE naming the wait, which the OpenAI gateway answers with 429 and Retry-After."""
@@ -377,7 +575,7 @@ def test_a_full_decoder_refuses_at_once_and_the_gateway_says_429_with_retry_afte
         assert refused and len(refused) < len(outcomes), outcomes
         assert all(BUSY_MARK in str(o) for o in refused), refused
         with standalone_gateway(server.grpc_url) as base:
-            sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+            sdk = conformance.sdk(base_url=f"{base}/v1", api_key="unused", max_retries=0)
             image_url = "data:image/jpeg;base64," + __import__("base64").b64encode(image(1)).decode()
 
             def chat(_):

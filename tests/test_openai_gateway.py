@@ -21,12 +21,14 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests import openai_conformance as conformance
 from tests.conftest import encode_image, free_port, random_image, serve_command
 from tritonkit.client import TritonkitClient, executed_batch_sizes
 
 pytestmark = pytest.mark.server
 openai = pytest.importorskip("openai")
 KEY = "test-key-not-secret"
+HTTP = conformance.client()  # raw HTTP requests, their answers checked against OpenAI's document
 
 
 def wait_until_healthy(base: str, timeout: float = 60) -> None:
@@ -68,7 +70,7 @@ def gateway(clip_repository, llava_repository, whisper_repository, tmp_path_fact
 
 @pytest.fixture(scope="module")
 def sdk(gateway):
-    return openai.OpenAI(base_url=f"{gateway[0]}/v1", api_key=KEY, max_retries=0)
+    return conformance.sdk(base_url=f"{gateway[0]}/v1", api_key=KEY, max_retries=0)
 
 
 def data_url(data: bytes, mime: str = "image/jpeg") -> str:
@@ -198,10 +200,11 @@ def test_chat_rejects_what_it_cannot_answer_with_a_400(sdk):
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]}
             ],
         )
-    with pytest.raises(openai.BadRequestError, match="exactly one image_url part"):
-        sdk.chat.completions.create(model="llava", messages=[{"role": "user", "content": "hello"}])
-    with pytest.raises(openai.BadRequestError, match="TEMPERATURE: must be between 0"):
-        image = data_url(encode_image(random_image(64, 64, seed=6), "JPEG"))
+    image = data_url(encode_image(random_image(64, 64, seed=6), "JPEG"))
+    two = [{"type": "image_url", "image_url": {"url": image}}] * 2
+    with pytest.raises(openai.BadRequestError, match="exactly one image_url part is needed, got 2"):
+        sdk.chat.completions.create(model="llava", messages=[{"role": "user", "content": two}])
+    with pytest.raises(openai.BadRequestError, match=r"temperature: 9.0 is greater than the maximum of 2") as raised:
         sdk.chat.completions.create(
             model="llava",
             temperature=9.0,
@@ -212,6 +215,148 @@ def test_chat_rejects_what_it_cannot_answer_with_a_400(sdk):
                 }
             ],
         )
+    assert raised.value.body["param"] == "temperature"
+
+
+def test_a_chat_turn_without_an_image_equals_the_text_ensemble_whole_and_streamed(sdk, gateway):
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Write a short poem about the sea."},
+    ]
+    with TritonkitClient(gateway[1]) as client:
+        want = client.chat(None, messages, model="llava_chat", max_new_tokens=10)
+    whole = sdk.chat.completions.create(model="llava", messages=messages, max_tokens=10)
+    assert whole.choices[0].message.content == want and whole.usage.completion_tokens <= 10
+    streamed = sdk.chat.completions.create(model="llava", messages=messages, max_tokens=10, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == want
+
+
+def test_logprobs_are_the_ensembles_whole_and_streamed(sdk, gateway):
+    import json
+
+    from tritonkit.client import chat_inputs
+
+    messages = [{"role": "user", "content": "Name three colours."}]
+    with TritonkitClient(gateway[1]) as client:
+        outputs = client.infer("llava_chat_text", chat_inputs(None, messages, max_new_tokens=6, top_logprobs=2))
+    want = json.loads(outputs["LOGPROBS"][0, 0])
+    whole = sdk.chat.completions.create(model="llava", messages=messages, max_tokens=6, logprobs=True, top_logprobs=2)
+    got = [entry.model_dump() for entry in whole.choices[0].logprobs.content]
+    assert len(got) == len(want) == whole.usage.completion_tokens
+    assert [(e["token"], e["bytes"]) for e in got] == [(e["token"], e["bytes"]) for e in want]
+    assert np.allclose([e["logprob"] for e in got], [e["logprob"] for e in want], atol=1e-6)
+    assert all(len(e["top_logprobs"]) == 2 for e in got)
+    streamed = sdk.chat.completions.create(
+        model="llava", messages=messages, max_tokens=6, logprobs=True, top_logprobs=2, stream=True
+    )
+    pieces = [e.token for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert pieces == [e["token"] for e in want]
+    plain = sdk.chat.completions.create(model="llava", messages=messages, max_tokens=6)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs: needs logprobs: true"):
+        sdk.chat.completions.create(model="llava", messages=messages, max_tokens=2, top_logprobs=2)
+
+
+SCENE = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "colour": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        "outdoor": {"type": "boolean"},
+    },
+    "required": ["name", "colour", "count", "outdoor"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs_answer_valid_json_of_the_schema_beside_free_requests(sdk):
+    """response_format json_schema (strict) on the random tiny LLaVA: every answer parses and
+    validates, alone, streamed, and sent together with unconstrained requests; a schema the
+    grammar library cannot use is a 400 naming response_format."""
+    import json
+
+    import jsonschema
+
+    response_format = {"type": "json_schema", "json_schema": {"name": "scene", "schema": SCENE, "strict": True}}
+    image = data_url(encode_image(random_image(64, 64, seed=4), "JPEG"))
+
+    def ask(k: int):
+        content = [{"type": "text", "text": f"Describe scene {k}."}]
+        if k % 2:
+            content.append({"type": "image_url", "image_url": {"url": image}})
+        extra = {"response_format": response_format} if k < 4 else {}
+        return sdk.chat.completions.create(
+            model="llava", messages=[{"role": "user", "content": content}], max_tokens=120, **extra
+        )
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, range(6)))
+    for answer in answers[:4]:
+        jsonschema.validate(json.loads(answer.choices[0].message.content), SCENE)
+        assert answer.choices[0].finish_reason == "stop"
+    free = [a.choices[0].message.content for a in answers[4:]]
+    assert all(not text.startswith('{"') for text in free), free
+    streamed = sdk.chat.completions.create(
+        model="llava",
+        messages=[{"role": "user", "content": "Describe scene 0."}],
+        max_tokens=120,
+        response_format=response_format,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == answers[0].choices[0].message.content
+    bad = {"type": "json_schema", "json_schema": {"name": "broken", "schema": {"type": "strin"}}}
+    with pytest.raises(openai.BadRequestError, match="broken cannot constrain decoding") as raised:
+        sdk.chat.completions.create(model="llava", messages=[{"role": "user", "content": "x"}], response_format=bad)
+    assert raised.value.body["param"] == "response_format"
+
+
+@pytest.mark.parametrize(
+    "body, param, message",
+    [
+        ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream", "expected boolean or null"),
+        ({"messages": [{"role": "usr", "content": "x"}]}, "messages[0].role", 'expected one of "assistant"'),
+        ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content[0].type", "file"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}, "max_tokens", "expected integer"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21}, "top_logprobs", "maximum of 20"),
+        ({"messages": []}, "messages", "should be non-empty"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0].image_url",
+            "missing required url",
+        ),
+    ],
+)
+def test_a_chat_request_outside_openais_schema_is_a_400_naming_the_param(gateway, body, param, message):
+    answer = HTTP.post(
+        f"{gateway[0]}/v1/chat/completions",
+        json={"model": "llava", **body},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["param"] == param and error["type"] == "invalid_request_error", error
+    assert message in error["message"] and error["message"].startswith(f"{param}: "), error
+
+
+def test_an_embedding_request_outside_openais_schema_is_a_400_and_extensions_are_taken(sdk, gateway):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    refused = HTTP.post(
+        f"{gateway[0]}/v1/embeddings", json={"model": "clip", "input": "a", "user": 5}, headers=headers, timeout=60
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "user", refused.text
+    unknown = HTTP.post(
+        f"{gateway[0]}/v1/embeddings", json={"model": "clip", "input": "a", "colour": 1}, headers=headers, timeout=60
+    )
+    assert unknown.status_code == 400 and "unknown field colour" in unknown.json()["error"]["message"]
+    taken = HTTP.post(  # the gateway's own fields beside OpenAI's
+        f"{gateway[0]}/v1/embeddings",
+        json={"model": "clip", "input": "a", "modality": "text", "normalize": False},
+        headers=headers,
+        timeout=60,
+    )
+    assert taken.status_code == 200, taken.text
 
 
 def test_transcriptions_equal_the_ensemble_and_bad_audio_is_a_400(sdk, gateway, speech_files, tmp_path):
@@ -232,8 +377,8 @@ def test_transcriptions_equal_the_ensemble_and_bad_audio_is_a_400(sdk, gateway, 
 def test_auth_unknown_models_and_oversized_bodies(gateway):
     base = gateway[0]
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
-    good = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+        conformance.sdk(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+    good = conformance.sdk(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
     with pytest.raises(openai.NotFoundError, match="model 'nope' is not a served embeddings model"):
         good.embeddings.create(model="nope", input="x")
     with pytest.raises(openai.APIStatusError) as caught:
@@ -323,7 +468,7 @@ def test_the_redis_cache_answers_repeats_and_a_stopped_redis_degrades_to_uncache
     with standalone_gateway(
         gateway[1], "--cache-url", f"redis://127.0.0.1:{redis_port}/0", "--cache-ttl", "60"
     ) as base:
-        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        sdk = conformance.sdk(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         with TritonkitClient(gateway[1]) as client:
 
             def encoder_runs() -> int:
@@ -385,12 +530,12 @@ def image_host():
 def test_url_fetch_is_off_by_default_and_bounded_when_allowed(gateway, image_host):
     host, photo = image_host
     with pytest.raises(openai.BadRequestError, match="start it with --allow-url-fetch"):
-        openai.OpenAI(base_url=f"{gateway[0]}/v1", api_key=KEY, max_retries=0).embeddings.create(
+        conformance.sdk(base_url=f"{gateway[0]}/v1", api_key=KEY, max_retries=0).embeddings.create(
             model="clip", input=f"{host}/photo.jpg", extra_body={"modality": "image"}
         )
     options = ("--allow-url-fetch", "--url-fetch-host", "127.0.0.1", "--max-fetch-mb", "1", "--fetch-timeout", "1")
     with standalone_gateway(gateway[1], *options) as base:
-        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        sdk = conformance.sdk(base_url=f"{base}/v1", api_key="unused", max_retries=0)
 
         def embed(url: str):
             return sdk.embeddings.create(model="clip", input=url, extra_body={"modality": "image"}).data[0].embedding
@@ -535,7 +680,7 @@ def test_translation_on_the_multilingual_whisper_equals_the_ensembles(multilingu
         # temperature 0 at the gateway is OpenAI's fallback schedule; a random model falls back, so seed it
         want = client.transcribe([speech_files[1]], task="translate", fallback=True, seed=3)[0].text
     with standalone_gateway(multilingual_whisper_server.grpc_url) as base:
-        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        sdk = conformance.sdk(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         translated = sdk.audio.translations.create(
             model="whisper", file=("speech.wav", speech_files[1]), extra_body={"seed": "3"}
         )
@@ -548,8 +693,6 @@ def test_openai_schema_deviations_of_wave_2_are_gone(sdk, gateway, speech_files,
     """Issue 37's items 1-5: logprobs and refusal present (null), a streamed bad image is a 400
     (not a 500 the SDK retries twice), "stream": "false" a 400, GET /v1/models/{model}, and
     text/plain for text, srt and vtt."""
-    import httpx
-
     base = gateway[0]
     headers = {"Authorization": f"Bearer {KEY}"}
     image = data_url(encode_image(random_image(64, 80, seed=9), "JPEG"))
@@ -560,14 +703,14 @@ def test_openai_schema_deviations_of_wave_2_are_gone(sdk, gateway, speech_files,
         }
     ]
     body = {"model": "llava", "messages": messages, "max_tokens": 3}
-    whole = httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=120).json()
+    whole = HTTP.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=120).json()
     choice = whole["choices"][0]
     assert "logprobs" in choice and choice["logprobs"] is None
     assert "refusal" in choice["message"] and choice["message"]["refusal"] is None
-    streamed = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": True}, headers=headers, timeout=120)
+    streamed = HTTP.post(f"{base}/v1/chat/completions", json={**body, "stream": True}, headers=headers, timeout=120)
     chunks = [json_line for json_line in streamed.text.splitlines() if json_line.startswith("data: {")]
     assert chunks and all('"logprobs": null' in c for c in chunks if '"choices": [{' in c)
-    refused = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": "false"}, headers=headers, timeout=60)
+    refused = HTTP.post(f"{base}/v1/chat/completions", json={**body, "stream": "false"}, headers=headers, timeout=60)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
     bad = [
         {
@@ -586,7 +729,7 @@ def test_openai_schema_deviations_of_wave_2_are_gone(sdk, gateway, speech_files,
     (tmp_path / "a.wav").write_bytes(speech_files[0])
     for response_format in ("text", "srt", "vtt"):
         with open(tmp_path / "a.wav", "rb") as audio:
-            answer = httpx.post(
+            answer = HTTP.post(
                 f"{base}/v1/audio/transcriptions",
                 data={"model": "whisper", "response_format": response_format},
                 files={"file": ("a.wav", audio)},

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import openai_conformance as conformance
 from tests.conftest import encode_image, random_image, runs_until_batched, start_server
 from tests.test_llava import metric
 from tritonkit.build import build
@@ -372,23 +373,52 @@ def test_image_and_images_together_are_refused(qwen):
         client.infer(f"{family}_chat", inputs)
 
 
-@pytest.mark.parametrize("ensemble", ["chat", "chat_stream"])
-def test_a_turn_without_an_image_fails_with_one_line_naming_the_inputs(qwen, ensemble):
+def test_a_turn_without_an_image_sent_to_the_image_ensemble_fails_with_one_line_naming_the_inputs(qwen):
+    from tritonkit.client import chat_inputs
+
     family, _, _, server = qwen
-    model = f"{family}_{ensemble}"
     with TritonkitClient(server.grpc_url) as client:
-        try:
-            if ensemble == "chat":
-                client.chat(None, "Hello, who are you?", model=model)
-            else:
-                list(client.chat_stream(None, "Hello, who are you?", model=model))
-        except InferenceError as exc:
-            message = str(exc)
-        else:
-            raise AssertionError("a turn without an image was answered")
+        with pytest.raises(InferenceError) as raised:
+            client.infer(f"{family}_chat", chat_inputs(None, "Hello, who are you?"))
+        message = str(raised.value)
         assert "IMAGE or IMAGES: none given; every turn to this ensemble needs an image" in message, message
-        assert "out of bounds" not in message and "\n" not in message.strip()
+        assert "NAME_chat_text" in message and "out of bounds" not in message and "\n" not in message.strip()
         assert client.chat(image(1), "Fine?", model=f"{family}_chat", max_new_tokens=2)  # the server is fine
+
+
+TEXT_TURN = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Spain?"},
+]
+
+
+def test_a_turn_without_an_image_equals_transformers_alone_and_beside_image_turns(qwen):
+    """NAME_chat_text(_stream): the language model alone (M-RoPE positions of text only), equal to
+    transformers `generate`; sent together with image turns, each answer is still its own."""
+    family, _, _, server = qwen
+    as_parts = [
+        {**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]}
+        for m in TEXT_TURN
+    ]
+    want = reference(qwen, [], as_parts)
+    files = [image(31, (90, 60)), image(32, (64, 128))]
+    with_image = reference(qwen, files[:1], user(1, "Describe."))
+    with TritonkitClient(server.grpc_url) as client:
+        assert client.chat(None, TEXT_TURN, model=f"{family}_chat", max_new_tokens=NEW_TOKENS) == want
+        streamed = client.chat_stream(None, TEXT_TURN, model=f"{family}_chat_stream", max_new_tokens=NEW_TOKENS)
+        assert "".join(streamed) == want
+
+        def ask(k: int) -> str:
+            with TritonkitClient(server.grpc_url) as own:
+                if k % 2:
+                    return own.chat(files[:1], user(1, "Describe."), model=f"{family}_chat", max_new_tokens=NEW_TOKENS)
+                return own.chat(None, TEXT_TURN, model=f"{family}_chat", max_new_tokens=NEW_TOKENS)
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, range(6)))
+    assert answers == [want, with_image] * 3
 
 
 def test_the_openai_gateway_serves_several_images_as_the_ensemble_does(qwen):
@@ -414,7 +444,7 @@ def test_the_openai_gateway_serves_several_images_as_the_ensemble_does(qwen):
     try:
         assert serve.stdout.readline().startswith("tritonkit: ready:")
         wait_until_healthy(f"http://127.0.0.1:{openai_port}")
-        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{openai_port}/v1", api_key="unused", max_retries=0)
+        sdk = conformance.sdk(base_url=f"http://127.0.0.1:{openai_port}/v1", api_key="unused", max_retries=0)
         parts = [
             {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{base64.b64encode(f).decode()}"}}
             for f in files

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests import openai_conformance as conformance
 from tests.conftest import copy_with_parameters, executions_since, runs_until_batched, start_server
 from tritonkit.build import build
 from tritonkit.client import TritonkitClient, executed_batch_sizes, pack_byte_rows, transcript
@@ -212,7 +213,7 @@ def test_a_full_whisper_decoder_refuses_with_a_retry_message_and_the_gateway_ans
         assert refused and len(refused) < len(outcomes), outcomes
         assert all(BUSY_MARK in str(o) for o in refused), refused
         with standalone_gateway(server.grpc_url) as base:
-            sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+            sdk = conformance.sdk(base_url=f"{base}/v1", api_key="unused", max_retries=0)
 
             def post(_):
                 try:

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -590,8 +590,12 @@ def transcribe(
 
 @app.command()
 def chat(
-    image: Annotated[Path, typer.Argument(help="An image file.")],
-    prompt: Annotated[str, typer.Argument(help="The question about it.")],
+    image_or_prompt: Annotated[
+        str, typer.Argument(metavar="[IMAGE] PROMPT", help="An image file, then the question about it.")
+    ],
+    prompt: Annotated[
+        str | None, typer.Argument(show_default=False, help="The question (with no image: a text-only turn).")
+    ] = None,
     model: Annotated[
         str, typer.Option(help="Chat ensemble name (NAME_chat; streaming uses NAME_chat_stream).")
     ] = "llava_chat",
@@ -604,16 +608,57 @@ def chat(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling: the same seed gives the same answer.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop before this string (repeatable).")] = None,
+    json_schema: Annotated[
+        Path | None, typer.Option(help="Answer JSON valid against this JSON schema file (structured output).")
+    ] = None,
+    json_object: Annotated[bool, typer.Option(help="Answer a JSON object.")] = False,
+    top_logprobs: Annotated[
+        int | None,
+        typer.Option(help="Print each token's log-probability and this many alternatives (0-20) after the answer."),
+    ] = None,
 ):
-    """Ask a LLaVA repository a question about an image."""
+    """Ask a LLaVA or Qwen-VL repository a question about an image, or without one (a text-only turn).
+
+    tritonkit chat cat.jpg "What is in the picture?"
+    tritonkit chat "Write a haiku about the sea."
+    """
     from tritonkit.client import TritonkitClient
 
-    if not image.is_file():
-        raise InputError(f"{image}: no such file")
-    options = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop or ())
+    image: Path | None = Path(image_or_prompt) if prompt is not None else None
+    if prompt is None:
+        prompt = image_or_prompt
+    if image is not None and not image.is_file():
+        raise InputError(f"{image}: no such file (give an image file, then the question; or the question alone)")
+    response_format: dict | None = {"type": "json_object"} if json_object else None
+    if json_schema is not None:
+        if json_object:
+            raise InputError("--json-schema and --json-object: give one")
+        try:
+            schema = json.loads(json_schema.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--json-schema {json_schema}: not a readable JSON file ({exc})") from None
+        response_format = {"type": "json_schema", "json_schema": {"name": json_schema.stem, "schema": schema}}
+    options: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=tuple(stop or ()),
+        response_format=response_format,
     )
     with TritonkitClient(url, timeout_s=600) as client:
+        if top_logprobs is not None:  # the whole answer, then its tokens' figures
+            from tritonkit.client import chat_images, chat_inputs, text_turn_ensemble
+
+            images = chat_images(image)
+            outputs = client.infer(
+                text_turn_ensemble(model, images), chat_inputs(images, prompt, top_logprobs=top_logprobs, **options)
+            )
+            print(outputs["TEXT"][0, 0].decode("utf-8"))
+            for entry in json.loads(outputs["LOGPROBS"][0, 0] or b"[]"):
+                others = ", ".join(f"{a['token']!r} {a['logprob']:.3f}" for a in entry["top_logprobs"])
+                print(f"{entry['token']!r}\t{entry['logprob']:.4f}" + (f"\t{others}" if others else ""))
+            return
         if stream:
             for piece in client.chat_stream(image, prompt, model=f"{model}_stream", **options):
                 sys.stdout.write(piece)

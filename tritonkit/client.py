@@ -164,6 +164,8 @@ def chat_inputs(
     top_p: float | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    top_logprobs: int | None = None,
+    response_format: Mapping | None = None,
 ) -> dict[str, np.ndarray]:
     """An image (or a list of them: IMAGES, for Qwen-VL), a prompt (or a conversation: messages
     with one {"type": "image"} part per image, sent as MESSAGES) and its options as the chat
@@ -187,6 +189,10 @@ def chat_inputs(
         inputs["SEED"] = np.array([[seed]], dtype=np.int64)
     if stop:
         inputs["STOP"] = np.array([[s.encode() for s in stop]], dtype=object)
+    if top_logprobs is not None:
+        inputs["TOP_LOGPROBS"] = np.array([[top_logprobs]], dtype=np.int32)
+    if response_format is not None:  # OpenAI's object: {"type": "json_schema", "json_schema": {"name", "schema"}}
+        inputs["RESPONSE_FORMAT"] = np.array([[json.dumps(dict(response_format)).encode()]], dtype=object)
     return inputs
 
 
@@ -320,7 +326,10 @@ class TritonkitClient:
     ) -> str:
         """The answer to `prompt` (or to a conversation) about `image` (or a list of images, for
         models that take several), whole (options: max_new_tokens, temperature, top_p, seed, stop)."""
-        return self.infer(model, chat_inputs(_chat_images(image), prompt, **options))["TEXT"][0, 0].decode("utf-8")
+        images = chat_images(image)
+        return self.infer(text_turn_ensemble(model, images), chat_inputs(images, prompt, **options))["TEXT"][
+            0, 0
+        ].decode("utf-8")
 
     def chat_stream(
         self, image: ChatImages | None, prompt: str | Sequence[Mapping], model: str = "llava_chat_stream", **options
@@ -328,9 +337,11 @@ class TritonkitClient:
         """Yield the answer's text piece by piece as the server generates it (gRPC streaming)."""
         import queue
 
+        images = chat_images(image)
+        model = text_turn_ensemble(model, images)
         self.model_io(model)  # an unknown model fails here with its name, not inside the stream
         tensors = []
-        for name, array in chat_inputs(_chat_images(image), prompt, **options).items():
+        for name, array in chat_inputs(images, prompt, **options).items():
             tensors.append(self._grpc.InferInput(name, list(array.shape), wire_datatype(array)))
             tensors[-1].set_data_from_numpy(array)
         answers: queue.Queue = queue.Queue()
@@ -360,7 +371,18 @@ class TritonkitClient:
 ChatImages = bytes | str | Path | Sequence[bytes | str | Path]
 
 
-def _chat_images(image: ChatImages | None) -> bytes | list[bytes] | None:
+def text_turn_ensemble(model: str, images: object) -> str:
+    """The ensemble that answers a turn: NAME_chat(_stream) itself, or for a turn without images
+    NAME_chat_text(_stream), which skips the vision stages."""
+    if images is not None:
+        return model
+    for suffix, text_suffix in (("_chat_stream", "_chat_text_stream"), ("_chat", "_chat_text")):
+        if model.endswith(suffix):
+            return model[: -len(suffix)] + text_suffix
+    return model
+
+
+def chat_images(image: ChatImages | None) -> bytes | list[bytes] | None:
     """One image's bytes, or a list of images' (sent as IMAGES), or None (no image)."""
     if image is None:
         return None

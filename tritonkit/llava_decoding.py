@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,14 @@ from tritonkit.errors import InputError
 MAX_STOP_STRINGS = 16
 # The whole-answer ensemble's outputs beside TEXT (OpenAI's usage and finish_reason).
 PROMPT_TOKENS, COMPLETION_TOKENS, FINISH_REASON = "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON"
+# OpenAI's logprobs: TOP_LOGPROBS in (absent: none; 0: each token's own; up to 20 alternatives),
+# LOGPROBS out (JSON: OpenAI's `logprobs.content` list for the tokens of that response).
+TOP_LOGPROBS, LOGPROBS = "TOP_LOGPROBS", "LOGPROBS"
+MAX_TOP_LOGPROBS = 20
+# Structured outputs: OpenAI's `response_format` object as JSON; json_object and json_schema
+# constrain each step to the tokens the schema allows (llguidance).
+RESPONSE_FORMAT = "RESPONSE_FORMAT"
+MAX_RESPONSE_FORMAT_BYTES = 64 * 1024
 DEFAULT_MAX_PROMPT_BYTES = 64 * 1024  # checked before tokenizing; the token count is checked after
 MAX_STOP_CHARS = 256
 # Sampling temperatures: below the floor the logits divided by it overflow float32 (1e-40 gave
@@ -39,6 +48,8 @@ class ChatOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
+    top_logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k likeliest
+    grammar: str | None = None  # an llguidance grammar (`response_grammar`): the answer must match it
 
     def validate(self, limit: int) -> ChatOptions:
         """These options checked against the decoder's limits; a temperature below MIN_TEMPERATURE is greedy."""
@@ -58,14 +69,91 @@ class ChatOptions:
                 f"STOP: up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters",
                 reason="bad_option",
             )
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InputError(
+                f"TOP_LOGPROBS: must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}", reason="bad_option"
+            )
         if 0 < self.temperature < MIN_TEMPERATURE:
             return replace(self, temperature=0.0)
         return self
 
 
+def response_grammar(raw: str, tensor: str = RESPONSE_FORMAT) -> str | None:
+    """OpenAI's `response_format` (JSON) as the llguidance grammar that constrains the answer:
+    None for `text`; any JSON object for `json_object`; for `json_schema`, its `schema` (strict or
+    not, every answer matches it). JSON is written compactly unless the schema's own `x-guidance`
+    says otherwise, so a model cannot spend its tokens on whitespace. InputError names what is
+    wrong, a schema the library cannot use included."""
+    if len(raw) > MAX_RESPONSE_FORMAT_BYTES:
+        raise InputError(f"{tensor}: {len(raw)} bytes exceeds {MAX_RESPONSE_FORMAT_BYTES}", reason="too_long")
+    try:
+        response_format = json.loads(raw)
+    except ValueError:
+        raise InputError(f"{tensor}: not JSON; send OpenAI's response_format object", reason="bad_option") from None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    schema: dict
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = {"type": "object"}
+    elif kind == "json_schema":
+        described = response_format.get("json_schema")
+        given = described.get("schema", {}) if isinstance(described, dict) else None
+        if not isinstance(given, dict):
+            raise InputError(f"{tensor}: json_schema.schema must be a JSON schema object", reason="bad_option")
+        schema = given
+    else:
+        raise InputError(f"{tensor}: type must be text, json_object or json_schema", reason="bad_option")
+    import llguidance
+
+    schema = {"x-guidance": {"whitespace_flexible": False}, **schema}
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+    problem = llguidance.LLMatcher.validate_grammar(grammar)
+    if problem:
+        name = (response_format.get("json_schema") or {}).get("name", "the schema")
+        raise InputError(f"{tensor}: {name} cannot constrain decoding: {problem}", reason="bad_option")
+    return grammar
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (the log-softmax of its logits, before
+    temperature and top-p, as OpenAI and vLLM report them) and the `top` likeliest tokens'."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits, token: int, top: int) -> TokenLogprob:
+    """`token`'s entry from one row's logits (a float32 torch vector)."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        values, ids = logprobs.topk(top)
+        best = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), best)
+
+
+def logprobs_json(tokenizer, entries: Sequence[TokenLogprob]) -> str:
+    """Entries as OpenAI's `choices[].logprobs.content`: each token's text, logprob, UTF-8 bytes
+    and its top alternatives likewise."""
+
+    def described(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return json.dumps(
+        [{**described(e.token, e.logprob), "top_logprobs": [described(t, lp) for t, lp in e.top]} for e in entries]
+    )
+
+
 @dataclass
 class Generated:
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with ChatOptions.top_logprobs
     text: str = ""
     steps: int = 0
     finished: bool = False
@@ -130,6 +218,8 @@ def conversation(raw: str, tensor: str = "MESSAGES", images: int = 1, placeholde
         wanted = (
             "exactly one {type: image} part (it stands for IMAGE)"
             if images == 1
+            else "no {type: image} part: this turn sends no image (send IMAGE through NAME_chat)"
+            if images == 0
             else f"{images} {{type: image}} parts (one per image sent)"
         )
         raise InputError(f"{tensor}: {wanted}, got {found}", reason="bad_text")
@@ -181,6 +271,31 @@ class ChatGenerator:
         self.embed = lm.get_input_embeddings()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         self.mrope_merge_size = mrope_merge_size
+        self.vocab_size = int(getattr(lm.config, "vocab_size", 0) or len(tokenizer))  # the logits' width
+        self._grammar_tokenizer: Any = None  # llguidance's view of the tokenizer, made on first use
+        self._grammar_executor: Any = None
+
+    def matcher(self, grammar: str):
+        """An llguidance matcher of `grammar` over this model's vocabulary (made on first use)."""
+        import llguidance
+        import llguidance.hf
+
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size)
+            self._grammar_executor = llguidance.LLExecutor()
+        return llguidance.LLMatcher(self._grammar_tokenizer, grammar)
+
+    def constrain(self, logits, matchers: Sequence) -> None:
+        """Each row's logits masked in place to what its matcher allows (None: a free row); the
+        masks of all constrained rows are computed at once, in parallel."""
+        import llguidance.torch
+
+        constrained = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
+        if not constrained:
+            return
+        bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), logits.shape[-1])  # all allowed
+        llguidance.torch.fill_next_token_bitmask_par(self._grammar_executor, constrained, bitmask)
+        llguidance.torch.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
 
     def prompt_ids(self, prompt_text: str, image_tokens: int | Sequence[int]) -> list[int]:
         """Token ids of a chat-templated prompt with each image's placeholder token expanded to one
@@ -253,6 +368,9 @@ class ChatGenerator:
                         result.finished, result.reason = True, "stop"
                     else:
                         result.tokens.append(token)
+                        top = options[i].top_logprobs
+                        if top is not None:
+                            result.logprobs.append(token_logprob(row_logits, token, top))
                         text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
                         result.text, stopped = cut_at_stop(text, options[i].stop)
                         if stopped or len(result.tokens) >= limits[i]:

@@ -112,6 +112,7 @@ def plan_models(
     server_memory = (memory or {}).get(SERVER_MEMORY_ROLE)
     for index, pipeline in enumerate(pipelines):
         steps, max_batch = [], None
+        wired = {t.name for t in pipeline.inputs}  # what the ensemble has to give its next step
         for stage in pipeline.stages:
             stage_name = model_name(name, stage.role)
             batching = overrides.apply(stage.batching)
@@ -120,10 +121,11 @@ def plan_models(
             steps.append(
                 EnsembleStep(
                     stage_name,
-                    input_map={t.name: t.name for t in stage.inputs},
+                    input_map={t.name: t.name for t in stage.inputs if t.name in wired},
                     output_map={t.name: t.name for t in stage.outputs},
                 )
             )
+            wired |= {t.name for t in stage.outputs}
         ensemble = ensemble_config(
             model_name(name, pipeline.role),
             pipeline.inputs,

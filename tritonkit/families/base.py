@@ -198,6 +198,8 @@ class Pipeline:
         for stage in self.stages:
             for tensor in stage.inputs:
                 source = available.get(tensor.name)
+                if source is None and tensor.optional:  # left out by this ensemble (a chat turn without images)
+                    continue
                 if source is None:
                     raise ConfigError(
                         f"pipeline {self.role!r}: {stage.role} needs {tensor.name}, which nothing produces"

@@ -28,7 +28,15 @@ from tritonkit.families.base import (
     register,
     saved_pretrained,
 )
-from tritonkit.llava_decoding import COMPLETION_TOKENS, DEFAULT_MAX_PROMPT_BYTES, FINISH_REASON, PROMPT_TOKENS
+from tritonkit.llava_decoding import (
+    COMPLETION_TOKENS,
+    DEFAULT_MAX_PROMPT_BYTES,
+    FINISH_REASON,
+    LOGPROBS,
+    PROMPT_TOKENS,
+    RESPONSE_FORMAT,
+    TOP_LOGPROBS,
+)
 from tritonkit.triton_config import Batching, Tensor
 
 # Public contract: ensemble tensors (see README).
@@ -41,6 +49,7 @@ TEMPERATURE = "TEMPERATURE"
 TOP_P = "TOP_P"
 SEED = "SEED"
 STOP = "STOP"
+IMAGE_INPUTS = (IMAGE, "IMAGES")  # what a text-only turn's ensemble leaves out (Qwen-VL takes IMAGES)
 # Between composing models.
 PIXEL_VALUES = "PIXEL_VALUES"
 CHECKED_IMAGE = "CHECKED_IMAGE"
@@ -115,7 +124,7 @@ class LlavaSpec(FamilySpec):
     model_types = ("llava",)
     description = (
         "LLaVA image question answering -> ensembles NAME_chat and NAME_chat_stream "
-        "(IMAGE + PROMPT or MESSAGES in, TEXT out)"
+        "(IMAGE + PROMPT or MESSAGES in, TEXT out), NAME_chat_text and NAME_chat_text_stream (no image)"
     )
     model_class = "LlavaForConditionalGeneration"
     processor_classes: ClassVar[Mapping[str, str]] = {"processor": "AutoProcessor"}
@@ -167,6 +176,9 @@ class LlavaSpec(FamilySpec):
             PROMPT_TOKENS: Tensor(PROMPT_TOKENS, "int32", (1,)),
             COMPLETION_TOKENS: Tensor(COMPLETION_TOKENS, "int32", (1,)),
             FINISH_REASON: Tensor(FINISH_REASON, "string", (1,)),
+            TOP_LOGPROBS: Tensor(TOP_LOGPROBS, "int32", (1,), optional=True),
+            RESPONSE_FORMAT: Tensor(RESPONSE_FORMAT, "string", (1,), optional=True),
+            LOGPROBS: Tensor(LOGPROBS, "string", (1,)),
         }
 
     def exports(self, loaded: LoadedLlava) -> list[OnnxExport]:
@@ -258,28 +270,31 @@ class LlavaSpec(FamilySpec):
 
     # -- reference (tests) -----------------------------------------------------------------
     def reference_tokens(
-        self, loaded: LoadedLlava, pixel_values: np.ndarray, prompt: str | list[dict], max_new_tokens: int
+        self, loaded: LoadedLlava, pixel_values: np.ndarray | None, prompt: str | list[dict], max_new_tokens: int
     ) -> list[int]:
         """transformers `generate` (greedy) on these pixels: the tokens the chat ensemble must return
-        for a prompt, or for a conversation (messages with one {"type": "image"} part)."""
+        for a prompt, or for a conversation (messages with one {"type": "image"} part); without
+        pixels, a text-only turn (what NAME_chat_text must return)."""
         import torch
 
+        image = [{"type": "image"}] if pixel_values is not None else []
         if isinstance(prompt, str):
             text = loaded.processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+                [{"role": "user", "content": [*image, {"type": "text", "text": prompt}]}],
                 add_generation_prompt=True,
             )
         else:
             text = loaded.processor.apply_chat_template(prompt, add_generation_prompt=True)
         image_tokens = "<image>" * loaded.image_tokens
         ids = loaded.processor.tokenizer(text.replace("<image>", image_tokens), return_tensors="pt")["input_ids"]
+        pixels = {"pixel_values": torch.from_numpy(pixel_values)} if pixel_values is not None else {}
         with torch.no_grad():
             out = loaded.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                pixel_values=torch.from_numpy(pixel_values),
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
+                **pixels,
             )
         return out[0, ids.shape[1] :].tolist()
 
@@ -305,13 +320,20 @@ def chat_decoders(
     }
     if options.gpu:
         shared["device"] = "cuda"
-    usage = (t[PROMPT_TOKENS], t[COMPLETION_TOKENS], t[FINISH_REASON])
+    usage = (t[PROMPT_TOKENS], t[COMPLETION_TOKENS], t[FINISH_REASON], t[LOGPROBS])
 
     def decoder(role: str, stream: bool) -> Stage:
         return Stage(
             role=role,
             template="llava_decoder",
-            inputs=(t[IMAGE_FEATURES], t[PROMPT], *options_in),
+            # no image features: a text-only turn (the NAME_chat_text ensembles)
+            inputs=(
+                replace(t[IMAGE_FEATURES], optional=True),
+                t[PROMPT],
+                *options_in,
+                t[TOP_LOGPROBS],
+                t[RESPONSE_FORMAT],
+            ),
             outputs=(t[TEXT], *usage),
             batching=spec.stage_batching(role),
             parameters=shared,
@@ -324,12 +346,18 @@ def chat_decoders(
 
 
 def chat_pipelines(t: Mapping[str, Tensor], inputs: tuple[Tensor, ...], front: tuple[Stage, ...], decoders):
-    """NAME_chat and NAME_chat_stream: the image stages, then the whole-answer or streaming decoder."""
-    outputs = (t[TEXT], t[PROMPT_TOKENS], t[COMPLETION_TOKENS], t[FINISH_REASON])
+    """NAME_chat and NAME_chat_stream: the image stages, then the whole-answer or streaming decoder;
+    NAME_chat_text and NAME_chat_text_stream: a turn without images, straight to the same decoders
+    (its rows share their steps with the image turns')."""
+    outputs = (t[TEXT], t[PROMPT_TOKENS], t[COMPLETION_TOKENS], t[FINISH_REASON], t[LOGPROBS])
+    inputs = (*inputs, t[TOP_LOGPROBS], t[RESPONSE_FORMAT])
+    text_inputs = tuple(tensor for tensor in inputs if tensor.name not in IMAGE_INPUTS)
     whole, stream = decoders
     return [
         Pipeline("chat", inputs, outputs, (*front, whole)),
         Pipeline("chat_stream", inputs, outputs, (*front, stream)),
+        Pipeline("chat_text", text_inputs, outputs, (whole,)),
+        Pipeline("chat_text_stream", text_inputs, outputs, (stream,)),
     ]
 
 

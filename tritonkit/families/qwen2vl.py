@@ -15,7 +15,7 @@ import io
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,7 +53,14 @@ from tritonkit.families.llava import (
     chat_decoders,
     chat_pipelines,
 )
-from tritonkit.llava_decoding import COMPLETION_TOKENS, FINISH_REASON, PROMPT_TOKENS
+from tritonkit.llava_decoding import (
+    COMPLETION_TOKENS,
+    FINISH_REASON,
+    LOGPROBS,
+    PROMPT_TOKENS,
+    RESPONSE_FORMAT,
+    TOP_LOGPROBS,
+)
 from tritonkit.qwen_vl import VisionLayout, image_tokens, pixel_budget, vision_inputs
 from tritonkit.triton_config import Batching, Tensor
 
@@ -205,7 +212,8 @@ class Qwen2VLSpec(FamilySpec):
     model_types = ("qwen2_vl",)
     description = (
         "Qwen2-VL / Qwen2.5-VL image chat at each image's own resolution -> ensembles NAME_chat and "
-        "NAME_chat_stream (IMAGE or IMAGES (1-4) + PROMPT or MESSAGES in, TEXT out)"
+        "NAME_chat_stream (IMAGE or IMAGES (1-4) + PROMPT or MESSAGES in, TEXT out), NAME_chat_text and "
+        "NAME_chat_text_stream (no image)"
     )
     model_class = "Qwen2VLForConditionalGeneration"
     processor_classes: ClassVar[Mapping[str, str]] = {
@@ -265,6 +273,9 @@ class Qwen2VLSpec(FamilySpec):
             PROMPT_TOKENS: Tensor(PROMPT_TOKENS, "int32", (1,)),
             COMPLETION_TOKENS: Tensor(COMPLETION_TOKENS, "int32", (1,)),
             FINISH_REASON: Tensor(FINISH_REASON, "string", (1,)),
+            TOP_LOGPROBS: Tensor(TOP_LOGPROBS, "int32", (1,), optional=True),
+            RESPONSE_FORMAT: Tensor(RESPONSE_FORMAT, "string", (1,), optional=True),
+            LOGPROBS: Tensor(LOGPROBS, "string", (1,)),
         }
 
     def graph_tensors(self, loaded: LoadedQwenVL) -> tuple[tuple[Tensor, ...], Tensor]:
@@ -356,7 +367,9 @@ class Qwen2VLSpec(FamilySpec):
             kind="KIND_GPU" if options.gpu else "KIND_CPU",
             graphs={graph_name(graph, "model"): "vision_encoder"},
         )
-        options_in = (t[MAX_NEW_TOKENS], t[TEMPERATURE], t[TOP_P], t[SEED], t[STOP], t[MESSAGES], t[GRID_THW])
+        # GRID_THW: absent in a text-only turn (NAME_chat_text), as the image features are
+        grids = replace(t[GRID_THW], optional=True)
+        options_in = (t[MAX_NEW_TOKENS], t[TEMPERATURE], t[TOP_P], t[SEED], t[STOP], t[MESSAGES], grids)
         decoders = chat_decoders(
             self,
             loaded,

@@ -19,11 +19,15 @@ from typing import Any
 import numpy as np
 
 from tritonkit import subtitles
+from tritonkit.gateway import openapi
 from tritonkit.gateway.fetch import FetchPolicy, fetch
 from tritonkit.gateway.triton import ApiError, ServedModel, Triton
 
 DEFAULT_MAX_BODY_MB = 100  # as the Ingress's proxy-body-size
 AUDIO_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+# Request fields beyond OpenAI's schemas that the gateway takes (the schema refuses unknown fields
+# of an embedding request): which input an embedding request's strings are, and raw vectors.
+EXTENSIONS = {"CreateEmbeddingRequest": frozenset({"modality", "normalize"})}
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,9 @@ def create_app(options: GatewayOptions):
             key.strip().encode(), (options.api_key or "").encode()
         )
 
-    async def json_body(request: Request) -> dict:
+    async def json_body(request: Request, schema: str) -> dict:
+        """The request's JSON object, checked against OpenAI's request schema `schema` (the
+        gateway's own extensions, EXTENSIONS, aside)."""
         raw = await request.body()
         if len(raw) > options.max_body_bytes:
             raise ApiError(
@@ -194,6 +200,11 @@ def create_app(options: GatewayOptions):
             raise ApiError(400, "the request body is not JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        extensions = EXTENSIONS.get(schema, frozenset())
+        error = openapi.first_error(schema, {k: v for k, v in body.items() if k not in extensions})
+        if error is not None:
+            where = error.param or "request"
+            raise ApiError(400, f"{where}: {error.message}", param=error.param, code="invalid_value")
         return body
 
     @app.get("/health")
@@ -235,7 +246,7 @@ def create_app(options: GatewayOptions):
     async def embeddings(request: Request):
         import asyncio
 
-        body = await json_body(request)
+        body = await json_body(request, "CreateEmbeddingRequest")
         model = await triton().model(body.get("model"), "embeddings")
         request.state.model = model.name
         items = body.get("input")
@@ -312,9 +323,10 @@ def create_app(options: GatewayOptions):
         )
 
     # -- chat -------------------------------------------------------------------------------------
-    async def conversation(messages: object, several: bool) -> tuple[list[dict], list[bytes]]:
+    async def conversation(messages: object, several: bool, text_only: bool) -> tuple[list[dict], list[bytes]]:
         """OpenAI's messages as the decoder's MESSAGES (each image part as {"type": "image"}) and the
-        images' bytes in order: exactly one, or with `several` (models that take IMAGES) one or more."""
+        images' bytes in order: none (with `text_only`, a model that takes turns without images),
+        exactly one, or with `several` (models that take IMAGES) one or more."""
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages: a non-empty list", param="messages")
         rendered, images = [], []
@@ -346,18 +358,29 @@ def create_app(options: GatewayOptions):
                         400, f"{param}: a text part (or, in a user message, an image_url part)", param="messages"
                     )
             rendered.append({"role": role, "content": kept})
-        if several and not images:
-            raise ApiError(400, "messages: at least one image_url part is needed", param="messages")
-        if not several and len(images) != 1:
+        if not images and not text_only:
+            raise ApiError(
+                400,
+                "messages: at least one image_url part is needed (this build has no text-only chat; rebuild it)",
+                param="messages",
+            )
+        if not several and len(images) > 1:
             raise ApiError(400, f"messages: exactly one image_url part is needed, got {len(images)}", param="messages")
         return rendered, images
 
-    async def chat_inputs(body: dict, model: ServedModel) -> dict[str, np.ndarray]:
+    async def chat_inputs(body: dict, model: ServedModel) -> tuple[dict[str, np.ndarray], bool]:
+        """The chat ensemble's inputs for the request, and whether it is a turn without images
+        (answered by the NAME_chat_text ensembles)."""
         if body.get("n", 1) != 1:
             raise ApiError(400, "n: only 1 is supported", param="n")
         several = "IMAGES" in model.inputs
-        rendered, images = await conversation(body.get("messages"), several)
-        inputs = {"IMAGES": np.array([images], dtype=object)} if several else {"IMAGE": byte_row(images[0])}
+        rendered, images = await conversation(body.get("messages"), several, "text" in model.ensembles)
+        if not images:
+            inputs = {}
+        elif several:
+            inputs = {"IMAGES": np.array([images], dtype=object)}
+        else:
+            inputs = {"IMAGE": byte_row(images[0])}
         if "MESSAGES" in model.inputs:
             inputs["MESSAGES"] = string_array([json.dumps(rendered)])
         elif len(rendered) == 1:  # a build from before conversations: one user message as PROMPT
@@ -388,7 +411,28 @@ def create_app(options: GatewayOptions):
             if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
                 raise ApiError(400, "stop: a string or a list of strings", param="stop")
             inputs["STOP"] = np.array([[s.encode() for s in stops]], dtype=object)
-        return inputs
+        top_logprobs = body.get("top_logprobs")
+        if top_logprobs is not None and not body.get("logprobs"):
+            raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        if body.get("logprobs"):
+            if "TOP_LOGPROBS" not in model.inputs:
+                raise ApiError(400, f"logprobs: {model.name} was built before logprobs; rebuild it", param="logprobs")
+            inputs["TOP_LOGPROBS"] = np.array([[top_logprobs or 0]], dtype=np.int32)
+        response_format = body.get("response_format")
+        if response_format is not None and response_format.get("type") != "text":
+            if "RESPONSE_FORMAT" not in model.inputs:
+                raise ApiError(
+                    400,
+                    f"response_format: {model.name} was built before structured outputs; rebuild it",
+                    param="response_format",
+                )
+            inputs["RESPONSE_FORMAT"] = string_array([json.dumps(response_format)])
+        return inputs, not images
+
+    def logprobs_of(outputs: Mapping[str, np.ndarray] | None) -> dict | None:
+        """OpenAI's `choices[].logprobs` of a response (None when it was not asked for)."""
+        raw = outputs["LOGPROBS"].reshape(-1)[0] if outputs is not None and "LOGPROBS" in outputs else b""
+        return {"content": json.loads(raw), "refusal": None} if raw else None
 
     def usage_of(outputs: Mapping[str, np.ndarray]) -> dict | None:
         if "PROMPT_TOKENS" not in outputs:  # builds from before these outputs
@@ -399,7 +443,7 @@ def create_app(options: GatewayOptions):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await json_body(request)
+        body = await json_body(request, "CreateChatCompletionRequest")
         model = await triton().model(body.get("model"), "chat")
         request.state.model = model.name
         stream_options = body.get("stream_options") or {}
@@ -407,21 +451,22 @@ def create_app(options: GatewayOptions):
             raise ApiError(400, "stream_options: an object", param="stream_options")
         if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
             raise ApiError(400, f"stream: a boolean, got {json.dumps(body.get('stream'))[:40]}", param="stream")
-        inputs = await chat_inputs(body, model)
+        inputs, text_only = await chat_inputs(body, model)
+        whole_role, stream_role = ("text", "text_stream") if text_only else ("chat", "stream")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.get("stream"):
-            if "stream" not in model.ensembles:
+            if stream_role not in model.ensembles:
                 raise ApiError(400, f"stream: {model.name} has no streaming ensemble", param="stream")
-            stream = triton().stream(model.ensembles["stream"], inputs, "messages")
+            stream = triton().stream(model.ensembles[stream_role], inputs, "messages")
             try:
                 first = await anext_or_none(stream)  # errors before the first chunk are still a 400/429/503
             except ApiError as exc:
                 # tritonclient's stream errors carry no status code: a failure Triton did not classify is
                 # asked again of the whole-answer ensemble, whose error does (a bad image is a 400 there)
-                if exc.status != 500 or "chat" not in model.ensembles:
+                if exc.status != 500 or whole_role not in model.ensembles:
                     raise
-                await triton().infer(model.ensembles["chat"], inputs, "messages")
+                await triton().infer(model.ensembles[whole_role], inputs, "messages")
                 raise
 
             def chunk(choices: list[dict], **extra) -> str:
@@ -450,9 +495,10 @@ def create_app(options: GatewayOptions):
                 while outputs is not None:
                     last = outputs
                     piece = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
-                    if piece:
+                    logprobs = logprobs_of(outputs)
+                    if piece or (logprobs and logprobs["content"]):
                         yield chunk(
-                            [{"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}]
+                            [{"index": 0, "delta": {"content": piece}, "logprobs": logprobs, "finish_reason": None}]
                         )
                     try:
                         outputs = await anext_or_none(stream)
@@ -469,7 +515,7 @@ def create_app(options: GatewayOptions):
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        outputs = await triton().infer(model.ensembles["chat"], inputs, "messages")
+        outputs = await triton().infer(model.ensembles[whole_role], inputs, "messages")
         text = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
         answer: dict[str, Any] = {
             "id": completion_id,
@@ -480,7 +526,7 @@ def create_app(options: GatewayOptions):
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None,
+                    "logprobs": logprobs_of(outputs),
                     "finish_reason": "stop",
                 }
             ],

@@ -15,6 +15,17 @@ from tritonkit.dtypes import wire_datatype
 # A composing model's message as an ensemble passes it on: "in ensemble 'clip_image', IMAGE: ..."
 RETRY_AFTER_S = 1  # what a 429 asks a client to wait: a decoder's queue moves on within a second or two
 _ENSEMBLE_PREFIX = re.compile(r"^(?:in ensemble '[^']*', )+")
+# A served model's message names the tensor it refuses ("TEMPERATURE: must be ..."): the request
+# field that became that tensor is the error's `param`.
+TENSOR_PARAMS = {
+    "MAX_NEW_TOKENS": "max_tokens",
+    "TEMPERATURE": "temperature",
+    "TOP_P": "top_p",
+    "SEED": "seed",
+    "STOP": "stop",
+    "TOP_LOGPROBS": "top_logprobs",
+    "RESPONSE_FORMAT": "response_format",
+}
 
 
 class ApiError(Exception):
@@ -53,7 +64,8 @@ class ServedModel:
 
     name: str
     kind: str  # "embeddings", "transcription" or "chat"
-    ensembles: dict[str, str] = field(default_factory=dict)  # role -> ensemble (image, text, speech, chat, stream)
+    # role -> ensemble: image, text (embeddings); speech; chat, stream, and text, text_stream (chat without images)
+    ensembles: dict[str, str] = field(default_factory=dict)
     tokenizer: str | None = None  # the text tokenizer model (token counts for `usage`)
     inputs: set[str] = field(default_factory=set)  # the ensembles' input names (optional ones tell what a build can do)
 
@@ -81,6 +93,11 @@ def classify(configs: Mapping[str, dict], names: set[str]) -> dict[str, ServedMo
                 models[name].tokenizer = f"{ensemble}_tokenizer"
         elif "AUDIO" in inputs and "TEXT" in outputs:
             add(ensemble, "transcription", "speech", ensemble)
+        elif "PROMPT" in inputs and "IMAGE" not in inputs and "TEXT" in outputs:  # a chat turn without images
+            if ensemble.endswith("_chat_text_stream"):
+                add(ensemble[: -len("_chat_text_stream")], "chat", "text_stream", ensemble)
+            elif ensemble.endswith("_chat_text"):
+                add(ensemble[: -len("_chat_text")], "chat", "text", ensemble)
         elif {"IMAGE", "PROMPT"} <= inputs and "TEXT" in outputs:
             if ensemble.endswith("_chat_stream"):
                 add(ensemble[: -len("_chat_stream")], "chat", "stream", ensemble)
@@ -106,6 +123,7 @@ def api_error(exc: Exception, param: str | None = None) -> ApiError:
     message = (message_of() if callable(message_of) else None) or str(exc)
     message = _ENSEMBLE_PREFIX.sub("", message.strip())
     if status == "StatusCode.INVALID_ARGUMENT":
+        param = TENSOR_PARAMS.get(message.split(":", 1)[0].strip(), param)
         return ApiError(400, message, param=param, code="invalid_value")
     if (
         BUSY_MARK in message
