@@ -371,8 +371,8 @@ class TritonPythonModel(BatchedModel):
             sender.send(pb_utils.InferenceResponse(error=rows.error()), flags=final)
             return
         answer = StreamedAnswer(self, sender, rows) if self.decoupled else WholeAnswer(self, sender, rows)
-        for i in range(answer.count):
-            job = ChatJob(
+        jobs = [
+            ChatJob(
                 features=rows[self.features_input][i],
                 prompt_ids=list(rows["prompt_ids"][i]),
                 options=rows["options"][i],
@@ -382,10 +382,12 @@ class TritonPythonModel(BatchedModel):
                 cancelled=getattr(request, "is_cancelled", lambda: False),
                 grid=rows["grids"][i] if "grids" in rows else None,
             )
-            try:
-                self.loop.submit(job)
-            except QueueFull as exc:
-                answer.failed(i, exc)
+            for i in range(answer.count)
+        ]
+        try:  # a request's rows are taken together: the choices of one prompt (OpenAI's n) share its prefill
+            self.loop.submit_all(jobs)
+        except QueueFull as exc:
+            answer.failed(0, exc)
 
 
 class WholeAnswer:

@@ -6,7 +6,8 @@ to the tokens its grammar allows: one mask per constrained row per step, compute
 model's forward pass. This times, for llguidance, xgrammar and outlines-core on the tiny LLaVA's
 tokenizer (GPT-2's BPE, 50k tokens): compiling the schema, then each step's masks for 1 and 8 rows
 walking the tokens of a valid document (every row in a different place of it), applied to the
-logits, and advancing each matcher by its token. Figures are per step, medians over the document,
+logits (the same code for all three: the decoder's `apply_bitmask`; the libraries' own CPU
+kernels go through torch.compile), and advancing each matcher by its token. Figures are per step, medians over the document,
 measured side by side in one run.
 
     python scripts/bench_grammar.py [--rows 1 8] [--json out.json]
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tritonkit.llava_decoding import apply_bitmask  # the decoder's own, the same for every library
 
 SCHEMA = {
     "type": "object",
@@ -53,9 +56,9 @@ class Llguidance:
     def __init__(self, tokenizer, vocab: int):
         import llguidance
         import llguidance.hf
-        import llguidance.torch
+        import llguidance.numpy
 
-        self.llg, self.torch_ops = llguidance, llguidance.torch
+        self.llg, self.ops = llguidance, llguidance.numpy
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
         self.executor = llguidance.LLExecutor()
         self.vocab = vocab
@@ -67,13 +70,15 @@ class Llguidance:
         return [self.llg.LLMatcher(self.tokenizer, grammar) for _ in range(rows)]
 
     def masks(self, matchers, bitmask) -> None:
-        self.torch_ops.fill_next_token_bitmask_par(self.executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
+        self.ops.fill_next_token_bitmask_par(self.executor, [(m, i) for i, m in enumerate(matchers)], bitmask.numpy())
 
     def bitmask(self, rows: int):
-        return self.torch_ops.allocate_token_bitmask(rows, self.vocab)
+        import torch
+
+        return torch.from_numpy(self.ops.allocate_token_bitmask(rows, self.vocab))
 
     def apply(self, logits, bitmask) -> None:
-        self.torch_ops.apply_token_bitmask_inplace(logits, bitmask)
+        apply_bitmask(logits, bitmask)
 
     def advance(self, matcher, token: int) -> None:
         assert matcher.consume_token(token), matcher.get_error()
@@ -108,7 +113,7 @@ class Xgrammar:
         return self.xgr.allocate_token_bitmask(rows, self.vocab)
 
     def apply(self, logits, bitmask) -> None:
-        self.xgr.apply_token_bitmask_inplace(logits, bitmask)
+        apply_bitmask(logits, bitmask)
 
     def advance(self, matcher, token: int) -> None:
         assert matcher.accept_token(token)
@@ -155,9 +160,7 @@ class OutlinesCore:
         return torch.zeros((rows, (self.vocab + 31) // 32), dtype=torch.int32)
 
     def apply(self, logits, bitmask) -> None:
-        import llguidance.torch  # the same unpacking of a 32-bit bitmask
-
-        llguidance.torch.apply_token_bitmask_inplace(logits, bitmask)
+        apply_bitmask(logits, bitmask)
 
     def advance(self, matcher, token: int) -> None:
         matcher.advance(token)

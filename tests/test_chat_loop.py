@@ -269,3 +269,34 @@ def test_a_response_format_that_cannot_constrain_is_a_clear_input_error(response
 
     with pytest.raises(InputError, match=message):
         response_grammar(response_format)
+
+
+def test_choices_of_one_prompt_share_one_prefill_and_answer_as_alone(generator, jobs, alone, monkeypatch):
+    """OpenAI's `n`: rows of the same prompt and image admitted together are prefilled once, and
+    each answers as it does alone (greedy, and sampled with its own seed)."""
+    prefilled: list[int] = []
+    original = generator.prefill
+
+    def counting(features, prompts, grids=None):
+        prefilled.append(len(prompts))
+        return original(features, prompts, grids)
+
+    monkeypatch.setattr(generator, "prefill", counting)
+    sampled = [
+        {
+            **jobs[2],
+            "features": jobs[2]["features"].copy(),
+            "options": ChatOptions(max_new_tokens=24, temperature=0.9, seed=s),
+        }
+        for s in (11, 12, 13)
+    ]
+    loop = ChatLoop(generator, 256, max_rows=8)
+    try:
+        answers = wait_answers(loop, [jobs[0], jobs[0], *sampled], together=True)
+    finally:
+        loop.stop()
+    assert sum(prefilled) == 2, prefilled  # two distinct prompts among five rows
+    monkeypatch.setattr(generator, "prefill", original)
+    assert answers[0].text == answers[1].text == alone[0].text
+    each = [generator.generate([j["features"]], [j["prompt_ids"]], [j["options"]], 256)[0].text for j in sampled]
+    assert [a.text for a in answers[2:]] == each and len(set(each)) > 1

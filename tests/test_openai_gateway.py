@@ -257,6 +257,34 @@ def test_logprobs_are_the_ensembles_whole_and_streamed(sdk, gateway):
         sdk.chat.completions.create(model="llava", messages=messages, max_tokens=2, top_logprobs=2)
 
 
+def test_n_choices_are_each_the_ensembles_answer_whole_and_streamed(sdk, gateway):
+    """n: greedy choices are the one answer; sampled choices use seed + k (each reproducible);
+    streamed choices arrive under their own index; usage counts the prompt once."""
+    from tritonkit.client import chat_inputs
+
+    messages = [{"role": "user", "content": "Name an animal."}]
+    with TritonkitClient(gateway[1]) as client:
+        greedy = client.chat(None, messages, max_new_tokens=6)
+        sampled = [client.chat(None, messages, max_new_tokens=6, temperature=1.0, seed=40 + k) for k in range(3)]
+        one = client.infer("llava_chat_text", chat_inputs(None, messages, max_new_tokens=6))
+    whole = sdk.chat.completions.create(model="llava", messages=messages, max_tokens=6, n=2)
+    assert [c.index for c in whole.choices] == [0, 1] and all(c.message.content == greedy for c in whole.choices)
+    assert whole.usage.prompt_tokens == int(one["PROMPT_TOKENS"][0, 0])
+    assert whole.usage.completion_tokens == 2 * int(one["COMPLETION_TOKENS"][0, 0])
+    drawn = sdk.chat.completions.create(model="llava", messages=messages, max_tokens=6, n=3, temperature=1.0, seed=40)
+    assert [c.message.content for c in drawn.choices] == sampled and len(set(sampled)) > 1
+    streamed = sdk.chat.completions.create(
+        model="llava", messages=messages, max_tokens=6, n=3, temperature=1.0, seed=40, stream=True
+    )
+    texts = ["", "", ""]
+    for c in streamed:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == sampled
+    with pytest.raises(openai.BadRequestError, match="n: 1 to 4 choices"):
+        sdk.chat.completions.create(model="llava", messages=messages, max_tokens=2, n=5)
+
+
 SCENE = {
     "type": "object",
     "properties": {

@@ -173,9 +173,10 @@ class KVSlots:
     def advance(self) -> None:
         self.length += 1
 
-    def admit(self, prefill_cache, lengths: Sequence[int]) -> None:
+    def admit(self, prefill_cache, lengths: Sequence[int], sources: Sequence[int] | None = None) -> None:
         """Rows prefilled together (left-padded to the longest, `lengths` their own) joined to the
-        rows in flight, each ending at the shared column."""
+        rows in flight, each ending at the shared column; row j's keys and values are the prefill's
+        row `sources[j]` (rows of one prompt share one prefill row)."""
         layers = [(layer.keys, layer.values) for layer in prefill_cache.layers]
         count, padded = len(lengths), layers[0][0].shape[-2]
         if not self.keys:
@@ -198,10 +199,10 @@ class KVSlots:
         if self.rows + count > self.capacity:
             self._grow(rows=max(self.rows + count, 2 * self.capacity))
         for j, length in enumerate(lengths):
-            row = self.rows + j
+            row, source = self.rows + j, j if sources is None else sources[j]
             for layer, (keys, values) in enumerate(layers):
-                self.keys[layer][row, :, self.length - length : self.length] = keys[j, :, padded - length :]
-                self.values[layer][row, :, self.length - length : self.length] = values[j, :, padded - length :]
+                self.keys[layer][row, :, self.length - length : self.length] = keys[source, :, padded - length :]
+                self.values[layer][row, :, self.length - length : self.length] = values[source, :, padded - length :]
             self.mask[row] = 0
             self.mask[row, self.length - length : self.length] = 1
             self.starts.append(self.length - length)
@@ -321,11 +322,12 @@ class ChatLoop(StepLoop[ChatJob, ChatJob]):
                 live.append(job)
         if not live:
             return
+        distinct, sources = shared_prompts(live)
         try:
             cache, logits, positions = self.generator.prefill(
-                [job.features for job in live],
-                [job.prompt_ids for job in live],
-                [job.grid for job in live] if live[0].grid is not None else None,
+                [job.features for job in distinct],
+                [job.prompt_ids for job in distinct],
+                [job.grid for job in distinct] if distinct[0].grid is not None else None,
             )
         except Exception as exc:
             if len(live) == 1:
@@ -334,8 +336,12 @@ class ChatLoop(StepLoop[ChatJob, ChatJob]):
             for job in live:  # the culprit fails alone, with its own error
                 self._admit([job])
             return
-        self.slots.admit(cache, [len(job.prompt_ids) for job in live])
+        self.slots.admit(cache, [len(job.prompt_ids) for job in live], sources)
         del cache
+        if len(distinct) < len(live):  # choices of one prompt (OpenAI's n) start from its one prefill
+            index = self.torch.tensor(sources, device=logits.device)
+            logits = logits[index]
+            positions = positions[:, index] if positions.dim() == 3 else positions[index]
         torch = self.torch
         for j, job in enumerate(live):
             generator = torch.Generator().manual_seed(int(job.options.seed)) if job.options.seed is not None else None
@@ -441,11 +447,45 @@ class ChatLoop(StepLoop[ChatJob, ChatJob]):
             self._deliver(job.on_error, exc)
 
 
-def wait_answers(loop: ChatLoop, jobs: Sequence[dict], timeout_s: float = 600) -> list[Answer | Exception]:
+def shared_prompts(jobs: Sequence[ChatJob]) -> tuple[list[ChatJob], list[int]]:
+    """The jobs' distinct prompts (the same ids, image features and grids: OpenAI's `n` choices of
+    one request), and for each job the index of its prompt among them."""
+    distinct: list[ChatJob] = []
+    sources = []
+    for job in jobs:
+        for k, other in enumerate(distinct):
+            if (
+                job.prompt_ids == other.prompt_ids
+                and job.features.shape == other.features.shape
+                and np.array_equal(job.features, other.features)
+                and same_grid(job.grid, other.grid)
+            ):
+                sources.append(k)
+                break
+        else:
+            sources.append(len(distinct))
+            distinct.append(job)
+    return distinct, sources
+
+
+def same_grid(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
+def wait_answers(
+    loop: ChatLoop, jobs: Sequence[dict], timeout_s: float = 600, together: bool = False
+) -> list[Answer | Exception]:
     """Submit jobs (ChatJob fields without the callbacks) and wait for all their answers: the
-    loop used in process (tests, benchmarks)."""
+    loop used in process (tests, benchmarks). `together`: as one request's rows, taken in one turn."""
+    pending: list[ChatJob] = []
 
     def submit(fields, on_done, on_error):
-        loop.submit(ChatJob(on_done=on_done, on_error=on_error, **fields))
+        job = ChatJob(on_done=on_done, on_error=on_error, **fields)
+        if not together:
+            loop.submit(job)
+            return
+        pending.append(job)
+        if len(pending) == len(jobs):
+            loop.submit_all(pending)
 
     return wait_all(submit, jobs, timeout_s)

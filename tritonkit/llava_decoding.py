@@ -288,14 +288,14 @@ class ChatGenerator:
     def constrain(self, logits, matchers: Sequence) -> None:
         """Each row's logits masked in place to what its matcher allows (None: a free row); the
         masks of all constrained rows are computed at once, in parallel."""
-        import llguidance.torch
+        import llguidance.numpy  # not llguidance.torch: importing it compiles a kernel (see apply_bitmask)
 
         constrained = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
         if not constrained:
             return
-        bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), logits.shape[-1])  # all allowed
-        llguidance.torch.fill_next_token_bitmask_par(self._grammar_executor, constrained, bitmask)
-        llguidance.torch.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
+        bitmask = llguidance.numpy.allocate_token_bitmask(len(matchers), logits.shape[-1])  # all allowed
+        llguidance.numpy.fill_next_token_bitmask_par(self._grammar_executor, constrained, bitmask)
+        apply_bitmask(logits, self.torch.from_numpy(bitmask).to(logits.device))
 
     def prompt_ids(self, prompt_text: str, image_tokens: int | Sequence[int]) -> list[int]:
         """Token ids of a chat-templated prompt with each image's placeholder token expanded to one
@@ -452,3 +452,15 @@ class ChatGenerator:
             probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
             probs = probs / probs.sum()
         return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def apply_bitmask(logits, bitmask) -> None:
+    """Logits [rows, vocab] set to -inf where the packed bitmask [rows, vocab / 32] (int32, bit i
+    of word w allows token 32w + i) forbids. Plain tensor operations: llguidance.torch's kernel is
+    torch.compile'd at import, which needs a compiler at run time and fails outright in a
+    Python-backend stub, whose locale is C (inductor reads its templates as ASCII)."""
+    import torch
+
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().reshape(bitmask.shape[0], -1)[:, : logits.shape[-1]]
+    logits.masked_fill_(~allowed, float("-inf"))

@@ -61,6 +61,7 @@ class StepLoop(Generic[Job, Work]):
         self.queue: queue.Queue[Any] = queue.Queue()  # jobs; None stops the loop, _WAKE wakes it
         # work of requests already admitted (a long file's next window): taken before the queue
         self.continuing: collections.deque[Job] = collections.deque()
+        self._submitting = threading.Lock()
         self.steps = 0
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -103,8 +104,9 @@ class StepLoop(Generic[Job, Work]):
             return
         if self.queue.qsize() >= self.max_queued:
             raise QueueFull(f"{self.running} are in flight and {self.queue.qsize()} {BUSY_MARK}")
-        for job in jobs:
-            self.queue.put(job)
+        with self._submitting:  # the loop takes a request's jobs in one turn (its choices share a prefill)
+            for job in jobs:
+                self.queue.put(job)
         self._report()
 
     def submit(self, job: Job) -> None:
@@ -150,16 +152,17 @@ class StepLoop(Generic[Job, Work]):
             if job is _WAKE:  # work to continue arrived: taken at the next turn
                 return taken
             taken.append(self._taken(job))
-        while len(taken) < room:
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._stopped = True
-                break
-            if job is not _WAKE:
-                taken.append(self._taken(job))
+        with self._submitting:
+            while len(taken) < room:
+                try:
+                    job = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._stopped = True
+                    break
+                if job is not _WAKE:
+                    taken.append(self._taken(job))
         return taken
 
     def _cancel_check_due(self) -> bool:

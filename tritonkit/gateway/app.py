@@ -5,6 +5,7 @@ concurrent HTTP requests reach Triton together and its dynamic batcher merges th
 OpenAI's envelope; a request's bad input is a 400 carrying the served model's own message.
 """
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -25,6 +26,7 @@ from tritonkit.gateway.triton import ApiError, ServedModel, Triton
 
 DEFAULT_MAX_BODY_MB = 100  # as the Ingress's proxy-body-size
 AUDIO_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+MAX_CHOICES = 4  # a request's `n`: each choice is a row of the decoder
 # Request fields beyond OpenAI's schemas that the gateway takes (the schema refuses unknown fields
 # of an embedding request): which input an embedding request's strings are, and raw vectors.
 EXTENSIONS = {"CreateEmbeddingRequest": frozenset({"modality", "normalize"})}
@@ -244,8 +246,6 @@ def create_app(options: GatewayOptions):
     # -- embeddings ---------------------------------------------------------------------------------
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
-        import asyncio
-
         body = await json_body(request, "CreateEmbeddingRequest")
         model = await triton().model(body.get("model"), "embeddings")
         request.state.model = model.name
@@ -371,8 +371,8 @@ def create_app(options: GatewayOptions):
     async def chat_inputs(body: dict, model: ServedModel) -> tuple[dict[str, np.ndarray], bool]:
         """The chat ensemble's inputs for the request, and whether it is a turn without images
         (answered by the NAME_chat_text ensembles)."""
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "n: only 1 is supported", param="n")
+        if not 1 <= (body.get("n") or 1) <= MAX_CHOICES:
+            raise ApiError(400, f"n: 1 to {MAX_CHOICES} choices", param="n")
         several = "IMAGES" in model.inputs
         rendered, images = await conversation(body.get("messages"), several, "text" in model.ensembles)
         if not images:
@@ -453,14 +453,19 @@ def create_app(options: GatewayOptions):
             raise ApiError(400, f"stream: a boolean, got {json.dumps(body.get('stream'))[:40]}", param="stream")
         inputs, text_only = await chat_inputs(body, model)
         whole_role, stream_role = ("text", "text_stream") if text_only else ("chat", "stream")
+        choices = body.get("n") or 1
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.get("stream"):
             if stream_role not in model.ensembles:
                 raise ApiError(400, f"stream: {model.name} has no streaming ensemble", param="stream")
-            stream = triton().stream(model.ensembles[stream_role], inputs, "messages")
-            try:
-                first = await anext_or_none(stream)  # errors before the first chunk are still a 400/429/503
+            # a decoupled decoder streams one answer per request: one stream per choice
+            streams = [
+                triton().stream(model.ensembles[stream_role], choice_inputs(inputs, k), "messages")
+                for k in range(choices)
+            ]
+            try:  # errors before the first chunk are still a 400/429/503
+                firsts = list(await asyncio.gather(*(anext_or_none(stream) for stream in streams)))
             except ApiError as exc:
                 # tritonclient's stream errors carry no status code: a failure Triton did not classify is
                 # asked again of the whole-answer ensemble, whose error does (a bad image is a 400 there)
@@ -469,71 +474,110 @@ def create_app(options: GatewayOptions):
                 await triton().infer(model.ensembles[whole_role], inputs, "messages")
                 raise
 
-            def chunk(choices: list[dict], **extra) -> str:
+            def chunk(found: list[dict], **extra) -> str:
                 payload = {
                     "id": completion_id,
                     "object": "chat.completion.chunk",
                     "created": created,
                     "model": model.name,
-                    "choices": choices,
+                    "choices": found,
                     **extra,
                 }
                 return f"data: {json.dumps(payload)}\n\n"
 
             async def events():
-                yield chunk(
-                    [
-                        {
-                            "index": 0,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
-                outputs, last = first, first
-                while outputs is not None:
-                    last = outputs
-                    piece = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
-                    logprobs = logprobs_of(outputs)
-                    if piece or (logprobs and logprobs["content"]):
-                        yield chunk(
-                            [{"index": 0, "delta": {"content": piece}, "logprobs": logprobs, "finish_reason": None}]
-                        )
+                for k in range(choices):
+                    role = {"role": "assistant", "content": ""}
+                    yield chunk([{"index": k, "delta": role, "logprobs": None, "finish_reason": None}])
+                arrivals: asyncio.Queue = asyncio.Queue()
+
+                async def pump(k: int, stream, first) -> None:
+                    outputs, last = first, first
                     try:
-                        outputs = await anext_or_none(stream)
+                        while outputs is not None:
+                            last = outputs
+                            await arrivals.put(("piece", k, outputs))
+                            outputs = await anext_or_none(stream)
+                        await arrivals.put(("done", k, last))
                     except ApiError as exc:
-                        yield f"data: {json.dumps(exc.body())}\n\n"
-                        return
-                reason = "stop"
-                if last is not None and "FINISH_REASON" in last:
-                    reason = last["FINISH_REASON"].reshape(-1)[0].decode() or "stop"
-                yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
-                usage = usage_of(last) if last is not None else None
-                if stream_options.get("include_usage") and usage is not None:  # OpenAI: a last chunk, no choices
+                        await arrivals.put(("error", k, exc))
+
+                pumps = [asyncio.create_task(pump(k, st, first)) for k, (st, first) in enumerate(zip(streams, firsts))]
+                finished, prompt_tokens, completion_tokens = 0, 0, 0
+                try:
+                    while finished < choices:
+                        kind, k, value = await arrivals.get()
+                        if kind == "error":
+                            yield f"data: {json.dumps(value.body())}\n\n"
+                            return
+                        if kind == "piece":
+                            piece = value["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
+                            logprobs = logprobs_of(value)
+                            if piece or (logprobs and logprobs["content"]):
+                                delta = {"content": piece}
+                                yield chunk([{"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+                            continue
+                        finished += 1
+                        reason = "stop"
+                        if value is not None and "FINISH_REASON" in value:
+                            reason = value["FINISH_REASON"].reshape(-1)[0].decode() or "stop"
+                        yield chunk([{"index": k, "delta": {}, "logprobs": None, "finish_reason": reason}])
+                        if value is not None and (usage := usage_of(value)) is not None:
+                            prompt_tokens = usage["prompt_tokens"]  # the same prompt for every choice
+                            completion_tokens += usage["completion_tokens"]
+                finally:
+                    for task in pumps:
+                        task.cancel()
+                if stream_options.get("include_usage") and prompt_tokens:  # OpenAI: a last chunk, no choices
+                    total = prompt_tokens + completion_tokens
+                    usage = {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": total,
+                    }
                     yield chunk([], usage=usage)
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        outputs = await triton().infer(model.ensembles[whole_role], inputs, "messages")
-        text = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
+        ensemble = model.ensembles[whole_role]
+        if choices == 1 or "IMAGES" in inputs:
+            # Qwen-VL's image turns take one conversation per request: one request per choice
+            answers = await asyncio.gather(
+                *(triton().infer(ensemble, choice_inputs(inputs, k), "messages") for k in range(choices))
+            )
+            rows = [(outputs, 0) for outputs in answers]
+        else:  # the choices as rows of one request: the decoder prefills their prompt once
+            outputs = await triton().infer(ensemble, choice_rows(inputs, choices), "messages")
+            rows = [(outputs, k) for k in range(choices)]
+        found = []
+        for k, (outputs, row) in enumerate(rows):
+            text = outputs["TEXT"].reshape(-1)[row].decode("utf-8", errors="replace")
+            reason = outputs["FINISH_REASON"].reshape(-1)[row].decode() if "FINISH_REASON" in outputs else "stop"
+            raw = outputs["LOGPROBS"].reshape(-1)[row] if "LOGPROBS" in outputs else b""
+            found.append(
+                {
+                    "index": k,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": {"content": json.loads(raw), "refusal": None} if raw else None,
+                    "finish_reason": reason,
+                }
+            )
         answer: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
             "model": model.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": logprobs_of(outputs),
-                    "finish_reason": "stop",
-                }
-            ],
+            "choices": found,
         }
-        if (usage := usage_of(outputs)) is not None:  # repositories built before these outputs lack them
-            answer["choices"][0]["finish_reason"] = outputs["FINISH_REASON"].reshape(-1)[0].decode()
-            answer["usage"] = usage
+        first_outputs = rows[0][0]
+        if "PROMPT_TOKENS" in first_outputs:  # repositories built before these outputs lack them
+            prompt = int(first_outputs["PROMPT_TOKENS"].reshape(-1)[0])
+            completion = sum(int(outputs["COMPLETION_TOKENS"].reshape(-1)[row]) for outputs, row in rows)
+            answer["usage"] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
         return answer
 
     # -- audio ------------------------------------------------------------------------------------
@@ -679,6 +723,22 @@ def segments_of(outputs: Mapping[str, np.ndarray]) -> list[dict]:
             }
         )
     return found
+
+
+def choice_inputs(inputs: Mapping[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """The inputs of choice `k` of a request: its own seed (seed + k), so that sampled choices differ
+    and each is reproducible."""
+    if k == 0 or "SEED" not in inputs:
+        return dict(inputs)
+    return {**inputs, "SEED": inputs["SEED"] + k}
+
+
+def choice_rows(inputs: Mapping[str, np.ndarray], choices: int) -> dict[str, np.ndarray]:
+    """One request whose rows are the choices: every input repeated, each row its choice's seed."""
+    rows = {name: np.repeat(array, choices, axis=0) for name, array in inputs.items()}
+    if "SEED" in rows:
+        rows["SEED"] = rows["SEED"] + np.arange(choices, dtype=np.int64)[:, None]
+    return rows
 
 
 async def anext_or_none(iterator) -> Mapping | None:
