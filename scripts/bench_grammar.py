@@ -78,7 +78,8 @@ class Llguidance:
         return torch.from_numpy(self.ops.allocate_token_bitmask(rows, self.vocab))
 
     def apply(self, logits, bitmask) -> None:
-        apply_bitmask(logits, bitmask)
+        for row in range(len(logits)):
+            apply_bitmask(logits[row], bitmask[row].numpy())
 
     def advance(self, matcher, token: int) -> None:
         assert matcher.consume_token(token), matcher.get_error()
@@ -113,7 +114,8 @@ class Xgrammar:
         return self.xgr.allocate_token_bitmask(rows, self.vocab)
 
     def apply(self, logits, bitmask) -> None:
-        apply_bitmask(logits, bitmask)
+        for row in range(len(logits)):
+            apply_bitmask(logits[row], bitmask[row].numpy())
 
     def advance(self, matcher, token: int) -> None:
         assert matcher.accept_token(token)
@@ -160,7 +162,8 @@ class OutlinesCore:
         return torch.zeros((rows, (self.vocab + 31) // 32), dtype=torch.int32)
 
     def apply(self, logits, bitmask) -> None:
-        apply_bitmask(logits, bitmask)
+        for row in range(len(logits)):
+            apply_bitmask(logits[row], bitmask[row].numpy())
 
     def advance(self, matcher, token: int) -> None:
         matcher.advance(token)

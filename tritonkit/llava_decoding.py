@@ -293,9 +293,11 @@ class ChatGenerator:
         constrained = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
         if not constrained:
             return
-        bitmask = llguidance.numpy.allocate_token_bitmask(len(matchers), logits.shape[-1])  # all allowed
-        llguidance.numpy.fill_next_token_bitmask_par(self._grammar_executor, constrained, bitmask)
-        apply_bitmask(logits, self.torch.from_numpy(bitmask).to(logits.device))
+        bitmask = llguidance.numpy.allocate_token_bitmask(len(constrained), logits.shape[-1])
+        masks = [(matcher, k) for k, (matcher, _) in enumerate(constrained)]
+        llguidance.numpy.fill_next_token_bitmask_par(self._grammar_executor, masks, bitmask)
+        for k, (_, row) in enumerate(constrained):  # the free rows' logits are left alone
+            apply_bitmask(logits[row], bitmask[k])
 
     def prompt_ids(self, prompt_text: str, image_tokens: int | Sequence[int]) -> list[int]:
         """Token ids of a chat-templated prompt with each image's placeholder token expanded to one
@@ -454,13 +456,13 @@ class ChatGenerator:
         return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def apply_bitmask(logits, bitmask) -> None:
-    """Logits [rows, vocab] set to -inf where the packed bitmask [rows, vocab / 32] (int32, bit i
-    of word w allows token 32w + i) forbids. Plain tensor operations: llguidance.torch's kernel is
-    torch.compile'd at import, which needs a compiler at run time and fails outright in a
-    Python-backend stub, whose locale is C (inductor reads its templates as ASCII)."""
+def apply_bitmask(logits, bitmask: np.ndarray) -> None:
+    """One row's logits [vocab] set to -inf where its packed bitmask [vocab / 32] (int32, bit i of
+    word w allows token 32w + i, llguidance's layout) forbids. numpy and plain tensor operations:
+    llguidance.torch's kernel is torch.compile'd at import, which needs a compiler at run time and
+    fails outright in a Python-backend stub, whose locale is C (inductor reads its templates as
+    ASCII)."""
     import torch
 
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().reshape(bitmask.shape[0], -1)[:, : logits.shape[-1]]
-    logits.masked_fill_(~allowed, float("-inf"))
+    allowed = np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), bitorder="little")[: logits.shape[-1]]
+    logits.masked_fill_(torch.from_numpy(allowed.view(bool)).logical_not().to(logits.device), float("-inf"))
