@@ -82,7 +82,11 @@ def main() -> None:
                         for k in range(rows)
                     ]
                     began = time.perf_counter()
-                    answers = wait_answers(loop, jobs, together=True)
+                    answers = []
+                    for answer in wait_answers(loop, jobs, together=True):
+                        if isinstance(answer, Exception):
+                            raise answer
+                        answers.append(answer)
                     elapsed = time.perf_counter() - began
                     tokens = sum(len(a.tokens) for a in answers)
                     if kind == "json_schema":

@@ -257,6 +257,8 @@ def test_chat_command_asks_without_an_image_for_json_and_prints_logprobs(llava_s
     lines = figures.stdout.splitlines()
     assert figures.returncode == 0 and lines[0] == want, figures.stderr
     assert 1 <= len(lines) - 1 <= 5 and all(len(line.split("\t")) == 3 for line in lines[1:]), lines
+    two = subprocess.run([*base, "Name a colour.", "--max-new-tokens", "5", "--n", "2"], capture_output=True, text=True)
+    assert two.returncode == 0 and two.stdout.splitlines() == [f"[0] {want}", f"[1] {want}"], two.stderr
     missing = subprocess.run([*base, "nope.jpg", "Hi"], capture_output=True, text=True)
     assert missing.returncode != 0 and "nope.jpg: no such file" in missing.stderr
 

@@ -368,6 +368,40 @@ def test_a_chat_request_outside_openais_schema_is_a_400_naming_the_param(gateway
     assert message in error["message"] and error["message"].startswith(f"{param}: "), error
 
 
+@pytest.mark.parametrize(
+    "fields, param, message",
+    [
+        ({"temperature": "hot"}, "temperature", "expected number, got string"),
+        ({"response_format": "xml"}, "response_format", 'expected one of "json"'),
+        ({"timestamp_granularities[]": "words"}, "timestamp_granularities[0]", 'expected one of "word"'),
+        ({"colour": "red"}, None, "unknown field colour"),
+        ({"stream": "true"}, "stream", "streamed transcription is not available yet"),
+    ],
+)
+def test_a_transcription_form_outside_openais_schema_is_a_400_naming_the_field(
+    gateway, speech_files, fields, param, message
+):
+    answer = HTTP.post(
+        f"{gateway[0]}/v1/audio/transcriptions",
+        data={"model": "whisper", **fields},
+        files={"file": ("a.wav", speech_files[0])},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=120,
+    )
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["param"] == param and message in error["message"], error
+    if param is not None:
+        return
+    taken = HTTP.post(  # unknown fields are refused, but faster-whisper's and speaches' are taken
+        f"{gateway[0]}/v1/audio/transcriptions",
+        data={"model": "whisper", "beam_size": "1", "seed": "3", "vad_filter": "false", "temperature": "0"},
+        files={"file": ("a.wav", speech_files[0])},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=120,
+    )
+    assert taken.status_code == 200, taken.text
+
+
 def test_an_embedding_request_outside_openais_schema_is_a_400_and_extensions_are_taken(sdk, gateway):
     headers = {"Authorization": f"Bearer {KEY}"}
     refused = HTTP.post(

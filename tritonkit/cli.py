@@ -616,6 +616,9 @@ def chat(
         int | None,
         typer.Option(help="Print each token's log-probability and this many alternatives (0-20) after the answer."),
     ] = None,
+    choices: Annotated[
+        int, typer.Option("--n", help="Answer this many choices (1-4; the prompt prefilled once), whole.")
+    ] = 1,
 ):
     """Ask a LLaVA or Qwen-VL repository a question about an image, or without one (a text-only turn).
 
@@ -646,7 +649,18 @@ def chat(
         stop=tuple(stop or ()),
         response_format=response_format,
     )
+    if not 1 <= choices <= 4:
+        raise InputError(f"--n: 1 to 4 choices, got {choices}")
     with TritonkitClient(url, timeout_s=600) as client:
+        if choices > 1:  # one request whose rows are the choices (seed + k each)
+            from tritonkit.client import chat_images, chat_inputs, choice_rows, text_turn_ensemble
+
+            images = chat_images(image)
+            rows = choice_rows(chat_inputs(images, prompt, **options), choices)
+            texts = client.infer(text_turn_ensemble(model, images), rows)["TEXT"].reshape(-1)
+            for k, text in enumerate(texts):
+                print(f"[{k}] {text.decode('utf-8')}")
+            return
         if top_logprobs is not None:  # the whole answer, then its tokens' figures
             from tritonkit.client import chat_images, chat_inputs, text_turn_ensemble
 

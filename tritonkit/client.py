@@ -371,6 +371,14 @@ class TritonkitClient:
 ChatImages = bytes | str | Path | Sequence[bytes | str | Path]
 
 
+def choice_rows(inputs: Mapping[str, np.ndarray], choices: int) -> dict[str, np.ndarray]:
+    """One request whose rows are the choices: every input repeated, each row its choice's seed."""
+    rows = {name: np.repeat(array, choices, axis=0) for name, array in inputs.items()}
+    if "SEED" in rows:
+        rows["SEED"] = rows["SEED"] + np.arange(choices, dtype=np.int64)[:, None]
+    return rows
+
+
 def text_turn_ensemble(model: str, images: object) -> str:
     """The ensemble that answers a turn: NAME_chat(_stream) itself, or for a turn without images
     NAME_chat_text(_stream), which skips the vision stages."""

@@ -63,6 +63,10 @@ class StageMemory:
     # buffers. Measured with scripts/soak.py and `tritonkit plan REPO --measure REPORT`; None: the
     # template's default.
     fixed_mb: float | None = None
+    # How far apart soaks of the same repository measured this stage, as a fraction of its total
+    # (DALI's buffers grow with the images a run happened to batch): the CI memory gate allows a
+    # stage the larger of this and its usual 20%. 0: as steady as the gate assumes.
+    spread: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from tritonkit import subtitles
+from tritonkit.client import choice_rows
 from tritonkit.gateway import openapi
 from tritonkit.gateway.fetch import FetchPolicy, fetch
 from tritonkit.gateway.triton import ApiError, ServedModel, Triton
@@ -29,7 +30,12 @@ AUDIO_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 MAX_CHOICES = 4  # a request's `n`: each choice is a row of the decoder
 # Request fields beyond OpenAI's schemas that the gateway takes (the schema refuses unknown fields
 # of an embedding request): which input an embedding request's strings are, and raw vectors.
-EXTENSIONS = {"CreateEmbeddingRequest": frozenset({"modality", "normalize"})}
+AUDIO_EXTENSIONS = frozenset({"beam_size", "seed", "vad_filter"})  # faster-whisper's and speaches' fields
+EXTENSIONS = {
+    "CreateEmbeddingRequest": frozenset({"modality", "normalize"}),
+    "CreateTranscriptionRequest": AUDIO_EXTENSIONS,
+    "CreateTranslationRequest": AUDIO_EXTENSIONS,
+}
 
 
 @dataclass(frozen=True)
@@ -583,6 +589,15 @@ def create_app(options: GatewayOptions):
     # -- audio ------------------------------------------------------------------------------------
     async def audio(request: Request, task: str):
         form = await request.form()
+        schema = "CreateTranscriptionRequest" if task == "transcribe" else "CreateTranslationRequest"
+        extensions = EXTENSIONS[schema]
+        fields = [(key, value) for key, value in form.multi_items() if key.removesuffix("[]") not in extensions]
+        error = openapi.first_error(schema, openapi.form_instance(schema, fields))
+        if error is not None:
+            where = error.param or "request"
+            raise ApiError(400, f"{where}: {error.message}", param=error.param, code="invalid_value")
+        if form.get("stream") == "true":
+            raise ApiError(400, "stream: streamed transcription is not available yet; leave it out", param="stream")
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise ApiError(400, "file: required, the audio file (multipart/form-data)", param="file")
@@ -731,14 +746,6 @@ def choice_inputs(inputs: Mapping[str, np.ndarray], k: int) -> dict[str, np.ndar
     if k == 0 or "SEED" not in inputs:
         return dict(inputs)
     return {**inputs, "SEED": inputs["SEED"] + k}
-
-
-def choice_rows(inputs: Mapping[str, np.ndarray], choices: int) -> dict[str, np.ndarray]:
-    """One request whose rows are the choices: every input repeated, each row its choice's seed."""
-    rows = {name: np.repeat(array, choices, axis=0) for name, array in inputs.items()}
-    if "SEED" in rows:
-        rows["SEED"] = rows["SEED"] + np.arange(choices, dtype=np.int64)[:, None]
-    return rows
 
 
 async def anext_or_none(iterator) -> Mapping | None:

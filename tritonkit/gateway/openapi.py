@@ -169,3 +169,45 @@ def json_type(value: Any) -> str:
     if isinstance(value, str):
         return "string"
     return "array" if isinstance(value, list) else "object"
+
+
+def form_instance(name: str, fields: Iterable[tuple[str, Any]]) -> dict:
+    """A multipart form's fields as the JSON object request schema `name` describes, so it can be
+    validated like a JSON body: `key[]` fields (OpenAI's arrays) gathered into lists, each value
+    read as its property's type ("0.5" -> 0.5, "true" -> true; a value that does not read stays a
+    string, which validation then names), a file as a string (the schema's binary format)."""
+    properties = document()["components"]["schemas"][name].get("properties", {})
+    instance: dict[str, Any] = {}
+    for key, value in fields:
+        key = key.removesuffix("[]")
+        value = value if isinstance(value, str) else "<file>"
+        kinds = property_types(properties.get(key, {}))
+        if "array" in kinds:
+            instance.setdefault(key, []).append(value)
+        else:
+            instance[key] = typed(value, kinds)
+    return instance
+
+
+def property_types(schema: dict) -> set[str]:
+    schema = resolved(schema)
+    kinds = set(option_types(schema)) - {None}
+    for option in schema.get("anyOf", []) + schema.get("oneOf", []):
+        kinds |= property_types(option)
+    return {k for k in kinds if k in ("array", "number", "integer", "boolean", "string", "null")}
+
+
+def typed(value: str, kinds: set[str]) -> Any:
+    if "boolean" in kinds and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if "integer" in kinds:
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    if "number" in kinds:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
