@@ -171,16 +171,9 @@ class OutlinesCore:
 
 def bytes_of_gpt2_alphabet() -> dict[str, int]:
     """GPT-2's byte-to-unicode table, inverted (its BPE tokens spell bytes with these characters)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    characters = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            characters.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, characters)}
+    from tritonkit.tiny import bytes_to_unicode
+
+    return {character: byte for byte, character in bytes_to_unicode().items()}
 
 
 def measure(library, tokenizer, rows: int) -> dict:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -352,23 +354,15 @@ def test_the_decoder_gives_torch_its_share_of_the_cores_and_reports_it(llava_ser
     assert instance_threads({"intra_op_threads": "3"}, two) == 3
 
 
-def test_a_short_request_sent_during_a_long_answer_is_answered_before_it_with_its_own_text(llava_server):
-    """In-flight batching: the short request joins the running answer (the same streaming decoder)
-    at the next step instead of waiting for it (the static decoder answered it after the long one)."""
-    import threading
-    import time
-
-    long_prompt, short_prompt = "Tell me a long story about this picture.", CASES[1][1]
-    with TritonkitClient(llava_server.grpc_url) as client:
-        long_alone = client.chat(image(1), long_prompt, max_new_tokens=256)
-        short_alone = client.chat(image(2), short_prompt, max_new_tokens=8)
-    finished: dict[str, tuple[float, str]] = {}
+def long_answer_in_background(server, prompt: str, finished: dict) -> threading.Thread:
+    """A 256-token image answer streamed in a thread, started once its first piece has come:
+    `finished["long"]` is (when it ended, its text)."""
     first_piece = threading.Event()
 
     def long_answer():
-        with TritonkitClient(llava_server.grpc_url) as client:
+        with TritonkitClient(server.grpc_url) as client:
             pieces = []
-            for piece in client.chat_stream(image(1), long_prompt, model="llava_chat_stream", max_new_tokens=256):
+            for piece in client.chat_stream(image(1), prompt, model="llava_chat_stream", max_new_tokens=256):
                 pieces.append(piece)
                 first_piece.set()
             finished["long"] = (time.perf_counter(), "".join(pieces))
@@ -376,6 +370,18 @@ def test_a_short_request_sent_during_a_long_answer_is_answered_before_it_with_it
     runner = threading.Thread(target=long_answer)
     runner.start()
     assert first_piece.wait(60)
+    return runner
+
+
+def test_a_short_request_sent_during_a_long_answer_is_answered_before_it_with_its_own_text(llava_server):
+    """In-flight batching: the short request joins the running answer (the same streaming decoder)
+    at the next step instead of waiting for it (the static decoder answered it after the long one)."""
+    long_prompt, short_prompt = "Tell me a long story about this picture.", CASES[1][1]
+    with TritonkitClient(llava_server.grpc_url) as client:
+        long_alone = client.chat(image(1), long_prompt, max_new_tokens=256)
+        short_alone = client.chat(image(2), short_prompt, max_new_tokens=8)
+    finished: dict[str, tuple[float, str]] = {}
+    runner = long_answer_in_background(llava_server, long_prompt, finished)
     with TritonkitClient(llava_server.grpc_url) as client:
         text = "".join(client.chat_stream(image(2), short_prompt, model="llava_chat_stream", max_new_tokens=8))
         finished["short"] = (time.perf_counter(), text)
@@ -411,9 +417,6 @@ def test_a_turn_without_an_image_equals_transformers_and_joins_a_running_image_a
     """NAME_chat_text(_stream): the language model alone, tokens equal to transformers `generate`
     on the same conversation; its rows share the decoder's steps with image turns (a short text
     turn sent during a long image answer is answered first, with its own text)."""
-    import threading
-    import time
-
     spec, loaded = llava_loaded
     tokenizer = loaded.processor.tokenizer
     wants = [
@@ -432,19 +435,7 @@ def test_a_turn_without_an_image_equals_transformers_and_joins_a_running_image_a
             client.chat(None, [{"role": "user", "content": [{"type": "image"}]}])
         long_alone = client.chat(image(1), "Tell me a long story about this picture.", max_new_tokens=256)
     finished: dict[str, tuple[float, str]] = {}
-    first_piece = threading.Event()
-
-    def long_answer():
-        with TritonkitClient(llava_server.grpc_url) as client:
-            pieces = []
-            for piece in client.chat_stream(image(1), "Tell me a long story about this picture.", max_new_tokens=256):
-                pieces.append(piece)
-                first_piece.set()
-            finished["long"] = (time.perf_counter(), "".join(pieces))
-
-    runner = threading.Thread(target=long_answer)
-    runner.start()
-    assert first_piece.wait(60)
+    runner = long_answer_in_background(llava_server, "Tell me a long story about this picture.", finished)
     with TritonkitClient(llava_server.grpc_url) as client, ThreadPoolExecutor(3) as pool:
         texts = list(pool.map(lambda turn: client.chat(None, turn, max_new_tokens=NEW_TOKENS), TEXT_TURNS))
         finished["text"] = (time.perf_counter(), texts[0])

@@ -29,7 +29,7 @@ def clip_bpe_path() -> Path:
     return path
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable character table."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -49,7 +49,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
         lines = merges_file.read().split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     pairs = [tuple(m.split()) for m in merges]
-    vocab = list(_bytes_to_unicode().values())
+    vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]
     vocab += ["".join(p) for p in pairs]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
