@@ -115,7 +115,8 @@ class WhisperSpec(FamilySpec):
     # buffers for uploads of up to 600 s and the file features passed to the decoder.
     memory: ClassVar[Mapping[str, StageMemory]] = {
         "audio_preprocess": StageMemory(fixed_mb=66),  # 58-80 MB measured across soaks: a small, noisy stub
-        "log_mel": StageMemory(fixed_mb=131),
+        # DALI's buffers: 138-150 MB after soaks here, 192 MB after a CI soak beside the test run's other servers
+        "log_mel": StageMemory(fixed_mb=152, spread=0.3),
         "encoder": StageMemory(fixed_mb=113),
         "decoder": StageMemory(fixed_mb=726),
         "vad": StageMemory(fixed_mb=41),
