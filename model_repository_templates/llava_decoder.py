@@ -250,12 +250,15 @@ class TritonPythonModel(BatchedModel):
         )
 
     def run(self, batch):
-        results = self.generate(batch)
+        return self.answer_outputs(self.generate(batch), [len(ids) for ids in batch["prompt_ids"]])
+
+    def answer_outputs(self, results, prompt_tokens: list[int]) -> dict:
+        """What `finish` makes the responses of from the rows' answers (static or in-flight)."""
         return {
             self.text_output: np.array([[r.text.encode()] for r in results], dtype=object),
             "tokens": np.array([len(r.tokens) for r in results], dtype=np.int64),
             "steps": np.array([r.steps for r in results], dtype=np.int64),
-            "prompt_tokens": np.array([len(ids) for ids in batch["prompt_ids"]], dtype=np.int64),
+            "prompt_tokens": np.array(prompt_tokens, dtype=np.int64),
             "reasons": np.array([[r.reason.encode()] for r in results], dtype=object),
             "logprobs": object_rows([r.logprobs for r in results]),
         }
@@ -408,14 +411,7 @@ class WholeAnswer:
             self.answered = True
         import triton_python_backend_utils as pb_utils
 
-        outputs = {
-            self.model.text_output: np.array([[r.text.encode()] for r in self.results], dtype=object),
-            "tokens": np.array([len(r.tokens) for r in self.results], dtype=np.int64),
-            "steps": np.array([r.steps for r in self.results], dtype=np.int64),
-            "prompt_tokens": np.array([r.prompt_tokens for r in self.results], dtype=np.int64),
-            "reasons": np.array([[r.reason.encode()] for r in self.results], dtype=object),
-            "logprobs": object_rows([r.logprobs for r in self.results]),
-        }
+        outputs = self.model.answer_outputs(self.results, [r.prompt_tokens for r in self.results])
         self.sender.send(self.model.respond(outputs, self.rows), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def failed(self, i, exc) -> None:

@@ -653,21 +653,12 @@ def chat(
         raise InputError(f"--n: 1 to 4 choices, got {choices}")
     with TritonkitClient(url, timeout_s=600) as client:
         if choices > 1:  # one request whose rows are the choices (seed + k each)
-            from tritonkit.client import chat_images, chat_inputs, choice_rows, text_turn_ensemble
-
-            images = chat_images(image)
-            rows = choice_rows(chat_inputs(images, prompt, **options), choices)
-            texts = client.infer(text_turn_ensemble(model, images), rows)["TEXT"].reshape(-1)
+            texts = client.chat_outputs(image, prompt, model, choices, **options)["TEXT"].reshape(-1)
             for k, text in enumerate(texts):
                 print(f"[{k}] {text.decode('utf-8')}")
             return
         if top_logprobs is not None:  # the whole answer, then its tokens' figures
-            from tritonkit.client import chat_images, chat_inputs, text_turn_ensemble
-
-            images = chat_images(image)
-            outputs = client.infer(
-                text_turn_ensemble(model, images), chat_inputs(images, prompt, top_logprobs=top_logprobs, **options)
-            )
+            outputs = client.chat_outputs(image, prompt, model, top_logprobs=top_logprobs, **options)
             print(outputs["TEXT"][0, 0].decode("utf-8"))
             for entry in json.loads(outputs["LOGPROBS"][0, 0] or b"[]"):
                 others = ", ".join(f"{a['token']!r} {a['logprob']:.3f}" for a in entry["top_logprobs"])

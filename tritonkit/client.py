@@ -326,10 +326,21 @@ class TritonkitClient:
     ) -> str:
         """The answer to `prompt` (or to a conversation) about `image` (or a list of images, for
         models that take several), whole (options: max_new_tokens, temperature, top_p, seed, stop)."""
+        return self.chat_outputs(image, prompt, model, **options)["TEXT"][0, 0].decode("utf-8")
+
+    def chat_outputs(
+        self,
+        image: ChatImages | None,
+        prompt: str | Sequence[Mapping],
+        model: str = "llava_chat",
+        choices: int = 1,
+        **options,
+    ) -> dict[str, np.ndarray]:
+        """Every output of the whole answer (LOGPROBS with `top_logprobs`, the counts, the finish
+        reason); `choices` > 1: that many answers, the rows of one request (seed + k each)."""
         images = chat_images(image)
-        return self.infer(text_turn_ensemble(model, images), chat_inputs(images, prompt, **options))["TEXT"][
-            0, 0
-        ].decode("utf-8")
+        inputs = chat_inputs(images, prompt, **options)
+        return self.infer(text_turn_ensemble(model, images), choice_rows(inputs, choices) if choices > 1 else inputs)
 
     def chat_stream(
         self, image: ChatImages | None, prompt: str | Sequence[Mapping], model: str = "llava_chat_stream", **options
@@ -371,12 +382,18 @@ class TritonkitClient:
 ChatImages = bytes | str | Path | Sequence[bytes | str | Path]
 
 
+def choice_inputs(inputs: Mapping[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """The inputs of choice `k` of a request (OpenAI's `n`): its own seed, seed + k, so that
+    sampled choices differ and each is reproducible."""
+    if k == 0 or "SEED" not in inputs:
+        return dict(inputs)
+    return {**inputs, "SEED": inputs["SEED"] + k}
+
+
 def choice_rows(inputs: Mapping[str, np.ndarray], choices: int) -> dict[str, np.ndarray]:
-    """One request whose rows are the choices: every input repeated, each row its choice's seed."""
-    rows = {name: np.repeat(array, choices, axis=0) for name, array in inputs.items()}
-    if "SEED" in rows:
-        rows["SEED"] = rows["SEED"] + np.arange(choices, dtype=np.int64)[:, None]
-    return rows
+    """One request whose rows are the choices, each row `choice_inputs`' of its choice."""
+    each = [choice_inputs(inputs, k) for k in range(choices)]
+    return {name: np.concatenate([choice[name] for choice in each]) for name in inputs}
 
 
 def text_turn_ensemble(model: str, images: object) -> str:

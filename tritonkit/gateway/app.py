@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tritonkit import subtitles
-from tritonkit.client import choice_rows
+from tritonkit.client import choice_inputs, choice_rows
 from tritonkit.gateway import openapi
 from tritonkit.gateway.fetch import FetchPolicy, fetch
 from tritonkit.gateway.triton import ApiError, ServedModel, Triton
@@ -209,10 +209,7 @@ def create_app(options: GatewayOptions):
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         extensions = EXTENSIONS.get(schema, frozenset())
-        error = openapi.first_error(schema, {k: v for k, v in body.items() if k not in extensions})
-        if error is not None:
-            where = error.param or "request"
-            raise ApiError(400, f"{where}: {error.message}", param=error.param, code="invalid_value")
+        conform(schema, {k: v for k, v in body.items() if k not in extensions})
         return body
 
     @app.get("/health")
@@ -266,9 +263,7 @@ def create_app(options: GatewayOptions):
             raise ApiError(
                 400, f"dimensions: {model.name} has a fixed embedding size; leave dimensions out", param="dimensions"
             )
-        encoding_format = body.get("encoding_format") or "float"
-        if encoding_format not in ("float", "base64"):
-            raise ApiError(400, "encoding_format: float or base64", param="encoding_format")
+        encoding_format = body.get("encoding_format") or "float"  # float or base64, as the schema checked
         modality = body.get("modality")
         if modality not in (None, "text", "image"):
             raise ApiError(400, "modality: text or image", param="modality")
@@ -395,22 +390,17 @@ def create_app(options: GatewayOptions):
             raise ApiError(
                 400, f"messages: {model.name} was built before conversations; rebuild it or send one user message"
             )
+        # types and ranges were checked against OpenAI's request schema (json_body)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None:
-            if not isinstance(limit, int) or isinstance(limit, bool):
-                raise ApiError(400, "max_tokens: an integer", param="max_tokens")
             inputs["MAX_NEW_TOKENS"] = np.array([[limit]], dtype=np.int32)
         for key, tensor, dtype in (
             ("temperature", "TEMPERATURE", np.float32),
             ("top_p", "TOP_P", np.float32),
             ("seed", "SEED", np.int64),
         ):
-            value = body.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ApiError(400, f"{key}: a number", param=key)
-            inputs[tensor] = np.array([[value]], dtype=dtype)
+            if body.get(key) is not None:
+                inputs[tensor] = np.array([[body[key]]], dtype=dtype)
         stop = body.get("stop")
         if stop is not None:
             stops = [stop] if isinstance(stop, str) else stop
@@ -435,10 +425,16 @@ def create_app(options: GatewayOptions):
             inputs["RESPONSE_FORMAT"] = string_array([json.dumps(response_format)])
         return inputs, not images
 
-    def logprobs_of(outputs: Mapping[str, np.ndarray] | None) -> dict | None:
-        """OpenAI's `choices[].logprobs` of a response (None when it was not asked for)."""
-        raw = outputs["LOGPROBS"].reshape(-1)[0] if outputs is not None and "LOGPROBS" in outputs else b""
+    def logprobs_of(outputs: Mapping[str, np.ndarray], row: int = 0) -> dict | None:
+        """OpenAI's `choices[].logprobs` of a response's row (None when it was not asked for)."""
+        raw = outputs["LOGPROBS"].reshape(-1)[row] if "LOGPROBS" in outputs else b""
         return {"content": json.loads(raw), "refusal": None} if raw else None
+
+    def finish_reason_of(outputs: Mapping[str, np.ndarray] | None, row: int = 0) -> str:
+        """OpenAI's `finish_reason` of a response's row (builds from before FINISH_REASON: stop)."""
+        if outputs is None or "FINISH_REASON" not in outputs:
+            return "stop"
+        return outputs["FINISH_REASON"].reshape(-1)[row].decode() or "stop"
 
     def usage_of(outputs: Mapping[str, np.ndarray]) -> dict | None:
         if "PROMPT_TOKENS" not in outputs:  # builds from before these outputs
@@ -452,11 +448,7 @@ def create_app(options: GatewayOptions):
         body = await json_body(request, "CreateChatCompletionRequest")
         model = await triton().model(body.get("model"), "chat")
         request.state.model = model.name
-        stream_options = body.get("stream_options") or {}
-        if not isinstance(stream_options, dict):
-            raise ApiError(400, "stream_options: an object", param="stream_options")
-        if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
-            raise ApiError(400, f"stream: a boolean, got {json.dumps(body.get('stream'))[:40]}", param="stream")
+        stream_options = body.get("stream_options") or {}  # an object or null, as the schema checked
         inputs, text_only = await chat_inputs(body, model)
         whole_role, stream_role = ("text", "text_stream") if text_only else ("chat", "stream")
         choices = body.get("n") or 1
@@ -524,9 +516,7 @@ def create_app(options: GatewayOptions):
                                 yield chunk([{"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
                             continue
                         finished += 1
-                        reason = "stop"
-                        if value is not None and "FINISH_REASON" in value:
-                            reason = value["FINISH_REASON"].reshape(-1)[0].decode() or "stop"
+                        reason = finish_reason_of(value)
                         yield chunk([{"index": k, "delta": {}, "logprobs": None, "finish_reason": reason}])
                         if value is not None and (usage := usage_of(value)) is not None:
                             prompt_tokens = usage["prompt_tokens"]  # the same prompt for every choice
@@ -555,19 +545,19 @@ def create_app(options: GatewayOptions):
         else:  # the choices as rows of one request: the decoder prefills their prompt once
             outputs = await triton().infer(ensemble, choice_rows(inputs, choices), "messages")
             rows = [(outputs, k) for k in range(choices)]
-        found = []
-        for k, (outputs, row) in enumerate(rows):
-            text = outputs["TEXT"].reshape(-1)[row].decode("utf-8", errors="replace")
-            reason = outputs["FINISH_REASON"].reshape(-1)[row].decode() if "FINISH_REASON" in outputs else "stop"
-            raw = outputs["LOGPROBS"].reshape(-1)[row] if "LOGPROBS" in outputs else b""
-            found.append(
-                {
-                    "index": k,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": {"content": json.loads(raw), "refusal": None} if raw else None,
-                    "finish_reason": reason,
-                }
-            )
+        found = [
+            {
+                "index": k,
+                "message": {
+                    "role": "assistant",
+                    "content": outputs["TEXT"].reshape(-1)[row].decode("utf-8", errors="replace"),
+                    "refusal": None,
+                },
+                "logprobs": logprobs_of(outputs, row),
+                "finish_reason": finish_reason_of(outputs, row),
+            }
+            for k, (outputs, row) in enumerate(rows)
+        ]
         answer: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion",
@@ -592,10 +582,7 @@ def create_app(options: GatewayOptions):
         schema = "CreateTranscriptionRequest" if task == "transcribe" else "CreateTranslationRequest"
         extensions = EXTENSIONS[schema]
         fields = [(key, value) for key, value in form.multi_items() if key.removesuffix("[]") not in extensions]
-        error = openapi.first_error(schema, openapi.form_instance(schema, fields))
-        if error is not None:
-            where = error.param or "request"
-            raise ApiError(400, f"{where}: {error.message}", param=error.param, code="invalid_value")
+        conform(schema, openapi.form_instance(schema, fields))
         if form.get("stream") == "true":
             raise ApiError(400, "stream: streamed transcription is not available yet; leave it out", param="stream")
         upload = form.get("file")
@@ -740,12 +727,12 @@ def segments_of(outputs: Mapping[str, np.ndarray]) -> list[dict]:
     return found
 
 
-def choice_inputs(inputs: Mapping[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
-    """The inputs of choice `k` of a request: its own seed (seed + k), so that sampled choices differ
-    and each is reproducible."""
-    if k == 0 or "SEED" not in inputs:
-        return dict(inputs)
-    return {**inputs, "SEED": inputs["SEED"] + k}
+def conform(schema: str, instance: object) -> None:
+    """A request outside OpenAI's request schema `schema` is a 400 naming the offending field."""
+    error = openapi.first_error(schema, instance)
+    if error is not None:
+        where = error.param or "request"
+        raise ApiError(400, f"{where}: {error.message}", param=error.param, code="invalid_value")
 
 
 async def anext_or_none(iterator) -> Mapping | None:

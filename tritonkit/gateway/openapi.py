@@ -44,11 +44,6 @@ def document() -> dict:
     return json_schema(json.loads(DOCUMENT.read_text()))
 
 
-def source() -> dict:
-    """Where the vendored schemas come from (repository, commit, licence)."""
-    return json.loads(DOCUMENT.read_text())["x-source"]
-
-
 @cache
 def validator(name: str):
     """A Draft 2020-12 validator of the component schema `name`, its references resolved in the document."""
