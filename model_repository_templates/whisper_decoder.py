@@ -30,8 +30,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from tritonkit.errors import InputError
 from tritonkit.runtime import BatchedModel
 from tritonkit.whisper_decoding import (
+    SECONDS_PER_FRAME,
     DecodeOptions,
     DecodeSettings,
     LongForm,
@@ -40,6 +42,7 @@ from tritonkit.whisper_decoding import (
     WindowResult,
     segments,
 )
+from tritonkit.word_timing import TimedSegment, WordAligner
 
 
 class TritonPythonModel(BatchedModel):
@@ -68,8 +71,16 @@ class TritonPythonModel(BatchedModel):
         )
         self.hidden_input, self.row_input, self.options_input, *rest = self.input_names
         self.features_input = rest[0] if rest else None  # FILE_FEATURES (absent in older repositories)
-        self.text_output, self.tokens_output, self.language_output, *segment_outputs = self.output_dtypes
-        self.segment_outputs = segment_outputs  # SEGMENT_TIMES, SEGMENT_TEXTS (absent in older repositories)
+        self.text_output, self.tokens_output, self.language_output, *more = self.output_dtypes
+        self.segment_outputs = [n for n in more if n.startswith("SEGMENT_")]  # absent in older repositories
+        self.word_outputs = [n for n in more if n.startswith("WORD_")]  # WORD_TIMES, WORD_TEXTS, WORD_PROBS
+        self.aligner = None  # the word alignment graph (repositories built before word timestamps have none)
+        if "align_file" in self.parameters and self.word_outputs:
+            self.aligner = WordAligner(
+                session("align"),
+                self.settings,
+                lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+            )
         self.encoder_model = self.parameters.get("encoder_model")
         self.long_form = LongForm(self.decoder, self.encode)
         self.loop = None
@@ -131,6 +142,11 @@ class TritonPythonModel(BatchedModel):
     def prepare(self, inputs):
         options = np.empty(len(inputs[self.options_input]), dtype=object)
         options[:] = [DecodeOptions.from_json(raw) for raw in inputs[self.options_input].reshape(-1)]
+        if self.aligner is None and any(o.word_timestamps for o in options):
+            raise InputError(
+                "WORD_TIMESTAMPS: this repository has no word alignment graph; rebuild it with tritonkit build",
+                reason="bad_option",
+            )
         prepared = {**inputs, "options": options}
         if self.features_input in inputs:  # ragged across requests: one object per window row
             features = np.empty(len(options), dtype=object)
@@ -146,14 +162,20 @@ class TritonPythonModel(BatchedModel):
         short_rows = [i for i in range(count) if i not in set(long_rows)]
         ready = np.zeros(count, dtype=bool)
         outputs = row_outputs(count)
-        window_tokens, window_segments, languages, steps = (outputs[name] for name in ROW_OUTPUTS)
+        window_tokens, window_segments, languages, steps, window_words = (outputs[name] for name in ROW_OUTPUTS)
+        if any(options[i].word_timestamps for i in long_rows):
+            raise InputError(
+                "WORD_TIMESTAMPS: long-form files need the in-flight decoder (decoder_batching inflight, the default)",
+                reason="bad_option",
+            )
 
         def final(windows, tokens, decoded):
             """Short windows done: their rows' outputs, and the requests they complete answered now."""
             for k in windows:
                 i = short_rows[k]
                 result = WindowResult.of(self.decoder, k, tokens[k], decoded[k])
-                window_tokens[i], window_segments[i], languages[i], steps[i] = self.window_outputs(options[i], result)
+                row = self.window_outputs(options[i], result, batch[self.hidden_input][i])
+                window_tokens[i], window_segments[i], languages[i], steps[i], window_words[i] = row
                 ready[i] = True
             if windows:
                 self.release(outputs, ready)
@@ -171,28 +193,52 @@ class TritonPythonModel(BatchedModel):
                 first_hidden=batch[self.hidden_input][long_rows],
             )
             for i, result in zip(long_rows, files):
-                window_tokens[i], window_segments[i], languages[i], steps[i] = self.file_outputs(options[i], result)
+                row = self.file_outputs(options[i], result)
+                window_tokens[i], window_segments[i], languages[i], steps[i], window_words[i] = row
         return outputs
 
-    def window_outputs(self, options: DecodeOptions, result: WindowResult):
+    def window_outputs(self, options: DecodeOptions, result: WindowResult, hidden: np.ndarray):
         """A short window's row: its tokens, segments (times on the file; OpenAI's per-window
-        figures shared by its segments), language and steps."""
+        figures shared by its segments), language, steps and words (with WORD_TIMESTAMPS)."""
         kept = [] if result.skipped else result.tokens
         found = []
         begin = self.settings.timestamp_begin
+        timed = [(options.offset_s, options.offset_s + options.duration_s, kept)]
         if options.timestamps and begin is not None:
             stats = replace(result, tokens=kept).stats(self.text(kept).decode())
-            found = [
-                (*options.original_span(start, end), text, stats)
-                for start, end, text in segments(kept, begin, options.offset_s, options.duration_s)
-            ]
-        return kept, found, result.language, result.steps
+            timed = segments(kept, begin, options.offset_s, options.duration_s)
+            found = [(*options.original_span(start, end), text, stats) for start, end, text in timed]
+        words = []
+        if options.word_timestamps:
+            words, _ = self.window_words(hidden, timed, result.language, options, options.offset_s, 0.0)
+        return kept, found, result.language, result.steps, words
+
+    def window_words(self, hidden, timed, language, options: DecodeOptions, offset_s: float, last_speech: float):
+        """The words of one window's segments ((start, end, tokens) on the decoded timeline) as
+        (start, end, text, probability) on the original file, and the end of its last speech."""
+        audio_s = options.duration_s  # the window's audio, before the padding long-form decoding adds past the file
+        if options.file_s:
+            audio_s = min(audio_s, options.file_s - options.offset_s)
+        frames = max(2, round(audio_s / SECONDS_PER_FRAME))
+        per_segment, last_speech = self.aligner.words(
+            hidden,
+            [TimedSegment(start, end, list(tokens)) for start, end, tokens in timed],
+            language,
+            options.task,
+            frames,
+            offset_s,
+            last_speech,
+        )
+        words = [
+            (*options.original_span(w.start, w.end), w.word, w.probability) for found in per_segment for w in found
+        ]
+        return words, last_speech
 
     def file_outputs(self, options: DecodeOptions, transcript):
         """A long-form file's row, as `window_outputs`."""
         tokens = [t for _, _, piece, _ in transcript.segments for t in piece]
         found = [(*options.original_span(start, end), piece, stats) for start, end, piece, stats in transcript.segments]
-        return tokens, found, transcript.language, transcript.steps
+        return tokens, found, transcript.language, transcript.steps, transcript.words
 
     # -- in-flight batching ---------------------------------------------------------------
     def submit(self, request) -> None:
@@ -216,12 +262,13 @@ class TritonPythonModel(BatchedModel):
                 hidden = rows[self.hidden_input][i] if file.encoded else None
                 jobs.append(self.file_window(file, hidden, answer, i, cancelled))
             else:
+                hidden = rows[self.hidden_input][i]
                 jobs.append(
                     WindowJob(
-                        rows[self.hidden_input][i],
+                        hidden,
                         options,
-                        on_done=lambda result, i=i, options=options: answer.done(
-                            i, self.window_outputs(options, result)
+                        on_done=lambda result, i=i, options=options, hidden=hidden: self.answer_window(
+                            answer, i, options, result, hidden
                         ),
                         on_error=answer.failed,
                         cancelled=cancelled,
@@ -231,6 +278,20 @@ class TritonPythonModel(BatchedModel):
             self.loop.submit_all(jobs)
         except Exception as exc:
             answer.failed(exc)
+
+    def answer_window(self, answer, row: int, options: DecodeOptions, result, hidden) -> None:
+        """A short window is final: its row answered (its words timed off the loop's thread)."""
+
+        def outputs():
+            try:
+                answer.done(row, self.window_outputs(options, result, hidden))
+            except Exception as exc:  # the request fails, never hangs
+                answer.failed(exc)
+
+        if options.word_timestamps:
+            self.encoding.submit(outputs)
+        else:
+            outputs()
 
     def file_window(self, file, hidden, answer, row: int, cancelled):
         """The WindowJob of a long-form file's current window (`hidden`: its encoder output if
@@ -242,8 +303,21 @@ class TritonPythonModel(BatchedModel):
             hidden = self.encode(features[None])[0]
 
         def done(result):
+            if options.word_timestamps:  # timed off the loop's thread
+                self.encoding.submit(window_final, result)
+            else:
+                window_final(result)
+
+        def window_final(result):
             try:
+                before = len(file.transcript.segments)
                 file.window_done(result)
+                if options.word_timestamps and not result.skipped:
+                    timed = [(start, end, piece) for start, end, piece, _ in file.transcript.segments[before:]]
+                    words, file.transcript.last_speech = self.window_words(
+                        hidden, timed, file.transcript.language, options, options.offset_s, file.transcript.last_speech
+                    )
+                    file.transcript.words += words
                 if file.done:
                     answer.done(row, self.file_outputs(file.options, file.transcript))
                 else:
@@ -268,13 +342,21 @@ class TritonPythonModel(BatchedModel):
         count = int(owners.max()) + 1
         joined = [[] for _ in range(count)]
         found = [[] for _ in range(count)]
+        words = [[] for _ in range(count)]
         languages = [b""] * count
-        windows = zip(owners, outputs["window_tokens"], outputs["window_language"], outputs["window_segments"])
-        for owner, tokens, language, window_segments in windows:
+        windows = zip(
+            owners,
+            outputs["window_tokens"],
+            outputs["window_language"],
+            outputs["window_segments"],
+            outputs["window_words"],
+        )
+        for owner, tokens, language, window_segments, window_words in windows:
             if not languages[owner]:
                 languages[owner] = (language or "").encode()
             joined[owner].extend(tokens)
             found[owner] += window_segments
+            words[owner] += window_words or []
         width = max(1, max(len(t) for t in joined))
         token_array = np.full((count, width), -1, dtype=np.int64)
         for i, t in enumerate(joined):
@@ -300,6 +382,17 @@ class TritonPythonModel(BatchedModel):
             response[names["times"]], response[names["texts"]] = times, texts_array
             if "stats" in names:
                 response[names["stats"]] = stats_array
+        if self.word_outputs:
+            most = max(1, max(len(w) for w in words))
+            times = np.full((count, most, 2), -1.0, dtype=np.float32)
+            texts_array = np.full((count, most), b"", dtype=object)
+            probs = np.zeros((count, most), dtype=np.float32)
+            for i, row in enumerate(words):
+                for k, (start, end, text, probability) in enumerate(row):
+                    times[i, k] = (start, end)
+                    texts_array[i, k] = text.encode()
+                    probs[i, k] = probability
+            response.update(zip(self.word_outputs, (times, texts_array, probs)))
         return response
 
     def text(self, tokens) -> bytes:
@@ -310,7 +403,7 @@ class TritonPythonModel(BatchedModel):
 
 
 # what `run` gives each window row (`window_outputs`, `file_outputs`), which `finish` joins per request
-ROW_OUTPUTS = ("window_tokens", "window_segments", "window_language", "window_steps")
+ROW_OUTPUTS = ("window_tokens", "window_segments", "window_language", "window_steps", "window_words")
 
 
 def row_outputs(count: int) -> dict[str, np.ndarray]:

@@ -644,18 +644,59 @@ def test_subtitles_and_verbose_json_carry_the_served_segments(sdk, gateway, spee
     assert ends == sorted(ends) and ends[-1] <= verbose.duration + 0.02
 
 
-def test_word_timestamps_are_a_clear_400(sdk, speech_files):
-    with pytest.raises(openai.BadRequestError, match="word timestamps are not available yet"):
-        sdk.audio.transcriptions.create(
-            model="whisper",
-            file=("a.wav", speech_files[0]),
-            response_format="verbose_json",
-            timestamp_granularities=["word"],
-        )
+def test_word_granularity_gives_the_served_words(sdk, gateway, speech_files, tmp_path):
+    import srt
+
+    with TritonkitClient(gateway[1]) as client:
+        (want,) = client.transcribe([speech_files[1]], word_timestamps=True)
+    assert len(want.words) >= 4
+    verbose = sdk.audio.transcriptions.create(
+        model="whisper",
+        file=("a.wav", speech_files[1]),
+        response_format="verbose_json",
+        timestamp_granularities=["word"],
+    )
+    assert [(w.word, w.start, w.end) for w in verbose.words] == [
+        (w.word.strip(), round(w.start, 3), round(w.end, 3)) for w in want.words
+    ]
+    assert not verbose.segments  # words alone, as OpenAI answers them
+    both = sdk.audio.transcriptions.create(
+        model="whisper",
+        file=("a.wav", speech_files[1]),
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+    )
+    assert both.segments and [w.word for w in both.words] == [w.word for w in verbose.words]
     with pytest.raises(openai.BadRequestError, match="needs response_format verbose_json"):
         sdk.audio.transcriptions.create(
             model="whisper", file=("a.wav", speech_files[0]), timestamp_granularities=["segment"]
         )
+    # word-level cues through the CLI, read back by a SubRip parser
+    path = tmp_path / "speech.wav"
+    path.write_bytes(speech_files[1])
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "transcribe",
+            str(path),
+            "--format",
+            "srt",
+            "--max-words-per-cue",
+            "2",
+            "--url",
+            gateway[1],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    cues = list(srt.parse(run.stdout))
+    assert len(cues) == (len(want.words) + 1) // 2
+    assert " ".join(c.content for c in cues).split() == "".join(w.word for w in want.words).split()
+    assert all(c.start <= c.end for c in cues)
 
 
 def test_bench_drives_the_gateway_with_the_same_tool(gateway, speech_files, tmp_path):

@@ -190,6 +190,9 @@ def reduce_precision(
     for variant in precision.variants(options.engine):
         files[variant] = {}
         for role, fp32 in onnx_files.items():
+            if role in spec.full_precision_roles:
+                files[variant][role] = Path(fp32)
+                continue
             progress(f"converting {role} to {variant}")
             files[variant][role] = convert(
                 Path(fp32),
@@ -201,7 +204,8 @@ def reduce_precision(
                 reduce_range=spec.int8_reduce_range,
             )
         progress(f"measuring {variant} against FP32 on held-out data ({data.source})")
-        reports[variant] = evaluate(variant, exports, files[variant], data, thresholds, task_check, options.engine)
+        judged = {role: export for role, export in exports.items() if role not in spec.full_precision_roles}
+        reports[variant] = evaluate(variant, judged, files[variant], data, thresholds, task_check, options.engine)
         progress(reports[variant].summary())
     decision = choose(reports, precision.force, "openvino" if options.engine == "openvino" else options.target)
     chosen = decision.chosen

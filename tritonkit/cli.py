@@ -524,6 +524,15 @@ def transcribe(
     condition_on_previous: Annotated[
         bool, typer.Option(help="Long files: condition each 30 s window on the text before it (OpenAI's default).")
     ] = True,
+    word_timestamps: Annotated[
+        bool, typer.Option(help="Time every word (json and verbose_json list them; srt/vtt cues can use them).")
+    ] = False,
+    max_words_per_cue: Annotated[
+        int | None, typer.Option(help="srt/vtt: cues of at most this many words (implies --word-timestamps).")
+    ] = None,
+    highlight_words: Annotated[
+        bool, typer.Option(help="srt/vtt: a cue per word, its segment's text with the word underlined (karaoke).")
+    ] = False,
     show_language: Annotated[bool, typer.Option(help="Print the language before each text.")] = False,
     output_format: Annotated[
         str, typer.Option("--format", help="txt, json, srt, vtt or verbose_json (the last four decode timestamps).")
@@ -537,6 +546,7 @@ def transcribe(
 
     Example: tritonkit transcribe meeting.wav --language de --task translate
     Subtitles: tritonkit transcribe talk.wav --format srt --output-dir subs/
+    Word cues: tritonkit transcribe talk.wav --format vtt --max-words-per-cue 3
     """
     from dataclasses import asdict
 
@@ -547,6 +557,12 @@ def transcribe(
     if output_format not in formats:
         raise InputError(f"--format {output_format!r}: use one of {', '.join(formats)}")
     timed = output_format != "txt"
+    if max_words_per_cue is not None and max_words_per_cue < 1:
+        raise InputError(f"--max-words-per-cue {max_words_per_cue}: use 1 or more")
+    word_cued = max_words_per_cue is not None or highlight_words
+    if word_cued and output_format not in ("srt", "vtt"):
+        raise InputError("--max-words-per-cue and --highlight-words shape subtitles: use them with --format srt or vtt")
+    word_timestamps = word_timestamps or word_cued
     with TritonkitClient(url) as client:
         transcripts = client.transcribe(
             files,
@@ -562,9 +578,15 @@ def transcribe(
             vad=vad or None,
             beam_size=beam_size if beam_size != 1 else None,
             condition_on_previous=None if condition_on_previous else False,
+            word_timestamps=word_timestamps or None,
         )
     for path, transcript in zip(files, transcripts):
         segments = [asdict(s) for s in transcript.segments]
+        words = [asdict(w) | {"start": round(w.start, 3), "end": round(w.end, 3)} for w in transcript.words]
+        if highlight_words:
+            segments = subtitles.highlighted_cues(segments, words)
+        elif max_words_per_cue is not None:
+            segments = subtitles.word_cues(words, max_words_per_cue)
         if output_format == "txt":
             text = f"[{transcript.language}] {transcript.text}" if show_language else transcript.text
         elif output_format == "srt":
@@ -576,6 +598,8 @@ def transcribe(
             if output_format == "verbose_json":  # times to the millisecond, not float32's 5.440000057220459
                 rounded = [{**s, "start": round(s["start"], 3), "end": round(s["end"], 3)} for s in segments]
                 document |= {"duration": subtitles.duration(path.read_bytes()), "segments": rounded}
+            if word_timestamps:
+                document["words"] = words
             text = json.dumps(document, ensure_ascii=False)
         if output_dir is not None:
             output_dir.mkdir(parents=True, exist_ok=True)

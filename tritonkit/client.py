@@ -51,11 +51,20 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class TimedWord:
+    word: str  # with its leading space, as Whisper's tokens spell it
+    start: float  # seconds on the file's timeline
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True)
 class Transcript:
     text: str
     language: str  # the language asked for, or the one detected in the first 30 s window
     tokens: tuple[int, ...]
     segments: tuple[Segment, ...] = ()  # with timestamps=True
+    words: tuple[TimedWord, ...] = ()  # with word_timestamps=True
 
     def __str__(self) -> str:
         return self.text
@@ -101,6 +110,7 @@ class WhisperOptions:
     length_penalty: float | None = None
     patience: float | None = None
     condition_on_previous: bool | None = None
+    word_timestamps: bool | None = None
 
     TENSORS: ClassVar[dict[str, tuple[str, Any]]] = {  # field -> (input, dtype)
         "language": ("LANGUAGE", object),
@@ -116,6 +126,7 @@ class WhisperOptions:
         "length_penalty": ("LENGTH_PENALTY", np.float32),
         "patience": ("PATIENCE", np.float32),
         "condition_on_previous": ("CONDITION_ON_PREVIOUS", bool),
+        "word_timestamps": ("WORD_TIMESTAMPS", bool),
     }
 
     def tensors(self) -> dict[str, np.ndarray]:
@@ -148,11 +159,19 @@ def transcript(result: dict[str, np.ndarray], row: int = 0) -> Transcript:
             if start >= 0:
                 figures = [float(v) for v in stats[row, k]] if stats is not None else []
                 found.append(Segment(float(start), float(end), text.decode("utf-8"), *figures))
+    words = []
+    if "WORD_TIMES" in result:
+        for (start, end), text, probability in zip(
+            result["WORD_TIMES"][row], result["WORD_TEXTS"][row], result["WORD_PROBS"][row]
+        ):
+            if start >= 0:
+                words.append(TimedWord(text.decode("utf-8"), float(start), float(end), float(probability)))
     return Transcript(
         text=result["TEXT"][row, 0].decode("utf-8"),
         language=result["DECODED_LANGUAGE"][row, 0].decode(),
         tokens=tuple(int(t) for t in result["TOKENS"][row] if t >= 0),
         segments=tuple(found),
+        words=tuple(words),
     )
 
 
@@ -309,7 +328,8 @@ class TritonkitClient:
         decodes only the speech Silero VAD finds (times stay on the file's timeline); `beam_size` > 1
         searches that many beams (at temperature 0). With timestamps, a file longer than 30 s is
         decoded with OpenAI's sequential long-form algorithm (`condition_on_previous`, default on,
-        conditions each window on the text before it)."""
+        conditions each window on the text before it). `word_timestamps` times every word
+        (`Transcript.words`, openai-whisper's alignment of the decoded text)."""
         from concurrent.futures import ThreadPoolExecutor
 
         whisper_inputs(b"", **options)  # an unknown option fails here, before any request

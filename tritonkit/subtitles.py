@@ -1,5 +1,8 @@
 """Segments as SubRip and WebVTT subtitles (the CLI and the OpenAI gateway), and the few facts
-verbose_json adds. A segment is a mapping with `start`, `end` (seconds) and `text`."""
+verbose_json adds. A segment is a mapping with `start`, `end` (seconds) and `text`; a timed word
+one with `word`, `start`, `end`. Word-level cues are built from timed words: at most N words a
+cue, or a segment's text once per word with that word underlined (the karaoke style players show).
+"""
 
 import io
 
@@ -22,6 +25,38 @@ def srt(segments: list[dict]) -> str:
 def vtt(segments: list[dict]) -> str:
     blocks = [f"{_clock(s['start'], '.')} --> {_clock(s['end'], '.')}\n{s['text'].strip()}\n" for s in segments]
     return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def word_cues(words: list[dict], max_words: int) -> list[dict]:
+    """Cues of at most `max_words` consecutive words, each from its first word's start to its
+    last word's end."""
+    if max_words < 1:
+        raise ValueError("max_words must be at least 1")
+    cues = []
+    for first in range(0, len(words), max_words):
+        group = words[first : first + max_words]
+        text = "".join(w["word"] for w in group).strip()
+        cues.append({"start": group[0]["start"], "end": group[-1]["end"], "text": text})
+    return cues
+
+
+def highlighted_cues(segments: list[dict], words: list[dict]) -> list[dict]:
+    """One cue per word: its segment's words with this one underlined (<u>...</u>, which SubRip
+    and WebVTT players render), shown while it is spoken."""
+    cues = []
+    for segment in segments:
+        mine = [w for w in words if segment["start"] - 0.01 <= w["start"] < segment["end"] + 0.01] or []
+        for k, current in enumerate(mine):
+            text = "".join(
+                (
+                    f"{w['word'][: len(w['word']) - len(w['word'].lstrip())]}<u>{w['word'].strip()}</u>"
+                    if i == k
+                    else w["word"]
+                )
+                for i, w in enumerate(mine)
+            )
+            cues.append({"start": current["start"], "end": current["end"], "text": text.strip()})
+    return cues
 
 
 def language_name(code: str) -> str:

@@ -251,6 +251,7 @@ OPTION_INPUTS: dict[str, tuple[str, type]] = {
     "LENGTH_PENALTY": ("length_penalty", float),
     "PATIENCE": ("patience", float),
     "CONDITION_ON_PREVIOUS": ("condition", bool),
+    "WORD_TIMESTAMPS": ("word_timestamps", bool),
 }
 SECONDS_PER_FRAME = 0.01  # one mel frame (hop of 160 samples at 16 kHz)
 
@@ -284,6 +285,7 @@ class DecodeOptions:
     first_window_encoded: bool = False  # long-form: the ensemble's encoder output is the first window's
     condition: bool = True  # long-form: condition each window on the text before it (condition_on_previous_text)
     previous: tuple[int, ...] | None = None  # long-form: the tokens a window is conditioned on
+    word_timestamps: bool = False  # time each word (tritonkit.word_timing)
 
     def validate(self, settings: DecodeSettings) -> DecodeOptions:
         """The options with the language as a code ("French" -> "fr"); InputError if unusable."""
@@ -348,6 +350,7 @@ class DecodeOptions:
             patience=round(float(self.patience), 6),
             vad=bool(self.vad),
             condition=bool(self.condition),
+            word_timestamps=bool(self.word_timestamps),
         )
 
     def original_span(self, start_s: float, end_s: float) -> tuple[float, float]:
@@ -881,6 +884,8 @@ class FileTranscript:
     segments: list[tuple[float, float, list[int], tuple[float, float, float, float]]] = field(default_factory=list)
     language: str | None = None
     steps: int = 0
+    words: list[tuple[float, float, str, float]] = field(default_factory=list)  # with word timestamps
+    last_speech: float = 0.0  # the end of its last timed word's segment (faster-whisper's last_speech_timestamp)
 
 
 def window_segments(

@@ -330,6 +330,9 @@ class FamilySpec:
     int8_weights_only: ClassVar[frozenset[str]] = frozenset()
     # ONNX Runtime INT8 with 7-bit weights on CPUs without VNNI (tritonkit.precision.saturating_int8)
     int8_reduce_range: ClassVar[bool] = True
+    # Export roles kept in FP32 in every precision variant (not converted, not judged): graphs run
+    # once per answer whose outputs are searched, not sampled (Whisper's word alignment).
+    full_precision_roles: ClassVar[frozenset[str]] = frozenset()
 
     def precision_data(
         self,

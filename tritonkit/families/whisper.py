@@ -33,6 +33,7 @@ from tritonkit.families.base import (
 from tritonkit.preprocessing.audio import SAMPLE_RATE, WINDOW_SECONDS
 from tritonkit.triton_config import Batching, Tensor
 from tritonkit.whisper_decoding import OFFSETS, WindowDecoder, layer_names
+from tritonkit.word_timing import ALIGNMENT_SCORES, TOKEN_PROBS, alignment_heads
 
 # Public contract (see README).
 AUDIO = "AUDIO"
@@ -47,6 +48,9 @@ VAD_FILTER = "VAD_FILTER"  # optional: decode only the speech Silero VAD finds (
 SEGMENT_TIMES, SEGMENT_TEXTS = "SEGMENT_TIMES", "SEGMENT_TEXTS"  # per file: [segments, 2] seconds, [segments]
 # per segment: avg_logprob, compression_ratio, no_speech_prob, temperature (OpenAI's, per window)
 SEGMENT_STATS = "SEGMENT_STATS"
+WORD_TIMESTAMPS = "WORD_TIMESTAMPS"  # optional: time each word (openai-whisper's alignment; tritonkit.word_timing)
+# per file: [words, 2] seconds, [words] text (with its leading space), [words] probability
+WORD_TIMES, WORD_TEXTS, WORD_PROBS = "WORD_TIMES", "WORD_TEXTS", "WORD_PROBS"
 TEXT = "TEXT"
 TOKENS = "TOKENS"
 DECODED_LANGUAGE = "DECODED_LANGUAGE"  # the language given, or detected in the first window
@@ -92,6 +96,7 @@ class WhisperSpec(FamilySpec):
         "encoder": Tolerance(max_abs=2e-3, min_cosine=0.9999),
         "decoder_cross_kv": Tolerance(max_abs=5e-3, min_cosine=0.9999),
         "decoder_step": Tolerance(max_abs=5e-3, min_cosine=0.9999),
+        "decoder_alignment": Tolerance(max_abs=5e-3, min_cosine=0.9999),
     }
     max_request_bytes = 256 * 1024 * 1024  # one audio file may be 200 MiB (AudioRecipe.max_bytes)
     batching: ClassVar[Mapping[str, Batching]] = {
@@ -160,6 +165,14 @@ class WhisperSpec(FamilySpec):
             LENGTH_PENALTY: Tensor(LENGTH_PENALTY, "float32", (1,), optional=True),
             PATIENCE: Tensor(PATIENCE, "float32", (1,), optional=True),
             CONDITION_ON_PREVIOUS: Tensor(CONDITION_ON_PREVIOUS, "bool", (1,), optional=True),
+            WORD_TIMESTAMPS: Tensor(WORD_TIMESTAMPS, "bool", (1,), optional=True),
+            WORD_TIMES: Tensor(WORD_TIMES, "float32", (-1, 2)),
+            WORD_TEXTS: Tensor(WORD_TEXTS, "string", (-1,)),
+            WORD_PROBS: Tensor(WORD_PROBS, "float32", (-1,)),
+            ALIGNMENT_SCORES: Tensor(
+                ALIGNMENT_SCORES, "float32", (len(self.alignment_heads(loaded)), -1, c.max_source_positions)
+            ),
+            TOKEN_PROBS: Tensor(TOKEN_PROBS, "float32", (-1,)),
             FILE_FEATURES: Tensor(FILE_FEATURES, "float32", (c.num_mel_bins, -1), ragged=True),
             VAD_SAMPLES: Tensor(VAD_SAMPLES, "float32", (-1,), ragged=True),
             SPEECH_PROBS: Tensor(SPEECH_PROBS, "float32", (-1,)),
@@ -181,10 +194,16 @@ class WhisperSpec(FamilySpec):
             TOKENS: Tensor(TOKENS, "int64", (-1,)),
         }
 
+    @staticmethod
+    def alignment_heads(loaded: LoadedWhisper) -> list[tuple[int, int]]:
+        c = loaded.config
+        return alignment_heads(loaded.model.generation_config, c.decoder_layers, c.decoder_attention_heads)
+
     def exports(self, loaded: LoadedWhisper) -> list[OnnxExport]:
         import torch
 
         from tritonkit.whisper_decoding import cross_kv_module, decoder_step_module
+        from tritonkit.word_timing import alignment_module
 
         t = self.tensors(loaded)
         c = loaded.config
@@ -226,6 +245,15 @@ class WhisperSpec(FamilySpec):
         hidden_samples = [
             {ENCODER_HIDDEN: torch.randn((b, c.max_source_positions, c.d_model), generator=g)} for b in (2, 1)
         ]
+        end_token = int(loaded.model.generation_config.eos_token_id)
+        alignment = alignment_module(loaded.model, self.alignment_heads(loaded), end_token)
+        alignment_samples = [
+            {
+                ENCODER_HIDDEN: torch.randn((windows, c.max_source_positions, c.d_model), generator=g),
+                INPUT_IDS: torch.randint(0, c.vocab_size, (windows, length), generator=g),
+            }
+            for windows, length in ((2, 7), (1, 12))
+        ]
         return [
             OnnxExport(
                 "encoder", encoder, (t[INPUT_FEATURES],), (t[ENCODER_HIDDEN],), features, self.tolerance("encoder")
@@ -247,6 +275,14 @@ class WhisperSpec(FamilySpec):
                 self.tolerance("decoder_step"),
                 first_axis=dict.fromkeys(cross_names, "windows"),  # rows are windows x beams
             ),
+            OnnxExport(
+                "decoder_alignment",
+                alignment,
+                (t[ENCODER_HIDDEN], t[INPUT_IDS]),
+                (t[ALIGNMENT_SCORES], t[TOKEN_PROBS]),
+                alignment_samples,
+                self.tolerance("decoder_alignment"),
+            ),
         ]
 
     # -- reduced precision -----------------------------------------------------------------
@@ -260,6 +296,8 @@ class WhisperSpec(FamilySpec):
     # Zen 3 (no VNNI), static INT8 on the built-in varied audio: WER +0.119 with 7-bit weights
     # (failed), within 0.02 with full-range weights (passed)
     int8_reduce_range: ClassVar[bool] = False
+    # word timing searches the alignment heads' attention for its peaks: kept exact, run once per window
+    full_precision_roles: ClassVar[frozenset[str]] = frozenset({"decoder_alignment"})
 
     def precision_data(self, loaded: LoadedWhisper, exports, onnx_files, calibration_dir):
         """Audio files (wav, flac, ogg, mp3; a same-named .txt holds the transcript, used for WER)
@@ -442,7 +480,17 @@ class WhisperSpec(FamilySpec):
         from tritonkit.whisper_decoding import OPTION_INPUTS
 
         request_options = tuple(t[name] for name in OPTION_INPUTS)  # the order the preprocessing's config lists
-        outputs = (t[TEXT], t[TOKENS], t[DECODED_LANGUAGE], t[SEGMENT_TIMES], t[SEGMENT_TEXTS], t[SEGMENT_STATS])
+        outputs = (
+            t[TEXT],
+            t[TOKENS],
+            t[DECODED_LANGUAGE],
+            t[SEGMENT_TIMES],
+            t[SEGMENT_TEXTS],
+            t[SEGMENT_STATS],
+            t[WORD_TIMES],
+            t[WORD_TEXTS],
+            t[WORD_PROBS],
+        )
         # DALI computes log-mel in its own stage (GPU operators on a GPU); the python engine
         # computes it with numpy in the decoding stage.
         windows = t[WINDOW_SAMPLES] if options.preprocessing == "dali" else t[INPUT_FEATURES]
@@ -502,6 +550,7 @@ class WhisperSpec(FamilySpec):
             )
         decoder_parameters.update(engine_parameters(onnx_files["decoder_cross_kv"], "cross_kv", options))
         decoder_parameters.update(engine_parameters(onnx_files["decoder_step"], "step", options))
+        decoder_parameters.update(engine_parameters(onnx_files["decoder_alignment"], "align", options))
         encoder = encoder_stage(
             "encoder",
             (t[INPUT_FEATURES],),
@@ -525,10 +574,12 @@ class WhisperSpec(FamilySpec):
                 files={
                     **graph_files(onnx_files["decoder_cross_kv"], "cross_kv"),
                     **graph_files(onnx_files["decoder_step"], "step"),
+                    **graph_files(onnx_files["decoder_alignment"], "align"),
                 },
                 graphs={
                     graph_name(onnx_files["decoder_cross_kv"], "cross_kv"): "decoder_cross_kv",
                     graph_name(onnx_files["decoder_step"], "step"): "decoder_step",
+                    graph_name(onnx_files["decoder_alignment"], "align"): "decoder_alignment",
                 },
                 artefacts=(saved_pretrained("tokenizer", "tokenizer", loaded.processor.tokenizer.save_pretrained),),
                 kind="KIND_GPU" if options.gpu else "KIND_CPU",

@@ -602,10 +602,11 @@ def create_app(options: GatewayOptions):
             raise ApiError(
                 400, f"timestamp_granularities: segment or word, got {unknown[0]!r}", param="timestamp_granularities"
             )
-        if "word" in granularities:
+        words_asked = "word" in granularities
+        if words_asked and "WORD_TIMESTAMPS" not in model.inputs:
             raise ApiError(
                 400,
-                "timestamp_granularities: word timestamps are not available yet; ask for segment",
+                f"timestamp_granularities: {model.name} was built before word timestamps; rebuild it",
                 param="timestamp_granularities",
             )
         if granularities and response_format != "verbose_json":  # as OpenAI answers
@@ -661,6 +662,8 @@ def create_app(options: GatewayOptions):
                     param="response_format",
                 )
             inputs["TIMESTAMPS"] = np.array([[True]], dtype=bool)
+        if words_asked:
+            inputs["WORD_TIMESTAMPS"] = np.array([[True]], dtype=bool)
         outputs = await triton().infer(model.ensembles["speech"], inputs, "file")
         text = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
         if response_format == "text":
@@ -672,11 +675,19 @@ def create_app(options: GatewayOptions):
             return PlainTextResponse(subtitles.srt(found))  # text/plain, as OpenAI answers srt and vtt
         if response_format == "vtt":
             return PlainTextResponse(subtitles.vtt(found))
-        return {
+        answer = {
             "task": task,
             "language": subtitles.language_name(outputs["DECODED_LANGUAGE"].reshape(-1)[0].decode()),
             "duration": subtitles.duration(data),
             "text": text,
+        }
+        if words_asked:  # OpenAI's words: trimmed text, times in seconds
+            answer["words"] = [
+                {"word": w["word"].strip(), "start": w["start"], "end": w["end"]} for w in words_of(outputs)
+            ]
+        if words_asked and "segment" not in granularities:
+            return answer
+        return answer | {
             "segments": [
                 {
                     "id": i,
@@ -703,6 +714,23 @@ def create_app(options: GatewayOptions):
         return await audio(request, "translate")
 
     return app
+
+
+def words_of(outputs: Mapping[str, np.ndarray]) -> list[dict]:
+    """The timed words of one transcription's outputs (padding dropped): word (with its leading
+    space), start, end, probability."""
+    return [
+        {
+            "word": raw.decode("utf-8", errors="replace"),
+            "start": round(float(start), 3),
+            "end": round(float(end), 3),
+            "probability": round(float(probability), 4),
+        }
+        for (start, end), raw, probability in zip(
+            outputs["WORD_TIMES"][0], outputs["WORD_TEXTS"][0], outputs["WORD_PROBS"][0]
+        )
+        if start >= 0
+    ]
 
 
 def segments_of(outputs: Mapping[str, np.ndarray]) -> list[dict]:
