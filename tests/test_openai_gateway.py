@@ -648,7 +648,7 @@ def test_word_granularity_gives_the_served_words(sdk, gateway, speech_files, tmp
     import srt
 
     with TritonkitClient(gateway[1]) as client:
-        (want,) = client.transcribe([speech_files[1]], word_timestamps=True)
+        (want,) = client.transcribe([speech_files[1]], word_timestamps=True, timestamps=True)
     assert len(want.words) >= 4
     verbose = sdk.audio.transcriptions.create(
         model="whisper",
