@@ -82,6 +82,8 @@ class TritonPythonModel(BatchedModel):
                 lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
             )
         self.encoder_model = self.parameters.get("encoder_model")
+        # decoupled (the NAME_stream ensemble's decoder): a request's text is sent as it becomes final
+        self.streaming = bool(self.model_config.get("model_transaction_policy", {}).get("decoupled"))
         self.long_form = LongForm(self.decoder, self.encode)
         self.loop = None
         if self.parameters.get("decoder_batching", "inflight") == "inflight" and self.decoder.takes_offsets:
@@ -100,6 +102,8 @@ class TritonPythonModel(BatchedModel):
             # long-form files' next windows are encoded here (Triton's BLS), never on the loop's thread;
             # concurrent calls meet in the encoder's dynamic batcher
             self.encoding = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tritonkit-encode")
+        elif self.streaming:
+            raise RuntimeError(f"{self.model_name}: streaming needs the in-flight decoder (decoder_batching inflight)")
 
     def finalize(self):
         if self.loop is not None:
@@ -247,6 +251,10 @@ class TritonPythonModel(BatchedModel):
         from tritonkit.whisper_loop import WindowJob
 
         rows = self.prepare_request(request)
+        if isinstance(rows, dict) and self.streaming and int(rows[self.row_input].max()) > 0:
+            rows = self.failure(
+                InputError("AUDIO: the streaming ensemble takes one file per request", reason="bad_option"), ""
+            )
         if not isinstance(rows, dict):
             send_failure(request, rows)
             return
@@ -318,6 +326,8 @@ class TritonPythonModel(BatchedModel):
                         hidden, timed, file.transcript.language, options, options.offset_s, file.transcript.last_speech
                     )
                     file.transcript.words += words
+                if self.streaming and not file.done:
+                    answer.advanced(row, file.transcript)
                 if file.done:
                     answer.done(row, self.file_outputs(file.options, file.transcript))
                 else:
@@ -361,7 +371,9 @@ class TritonPythonModel(BatchedModel):
         token_array = np.full((count, width), -1, dtype=np.int64)
         for i, t in enumerate(joined):
             token_array[i, : len(t)] = t
-        texts = [self.text(t) for t in joined]
+        # a streamed piece's TEXT: the new end of the text so far (its leading space kept)
+        piece = outputs.get("text_piece")
+        texts = [self.text(t) for t in joined] if piece is None else [piece.encode()]
         self.metrics.decoded(tokens=sum(len(t) for t in joined), steps=int(outputs["window_steps"].sum()))
         response = {
             self.text_output: np.array(texts, dtype=object)[:, None],
@@ -428,9 +440,13 @@ class RequestAnswer:
         count = len(rows["options"])
         self.model, self.request, self.rows = model, request, rows
         self.outputs = row_outputs(count)
+        self.finished = np.zeros(count, dtype=bool)
         self.left = count
         self.answered = False
         self.lock = threading.Lock()
+        # streaming: a long-form row's transcript so far, and how much of the file was sent
+        self.partial: dict[int, object] = {}
+        self.sent_text, self.sent_tokens, self.sent_segments, self.sent_words = "", 0, 0, 0
 
     def done(self, row: int, outputs) -> None:
         with self.lock:
@@ -438,13 +454,69 @@ class RequestAnswer:
                 return
             for name, value in zip(ROW_OUTPUTS, outputs):
                 self.outputs[name][row] = value
+            self.finished[row] = True
             self.left -= 1
+            if self.model.streaming:
+                self.answered = not self.left
+                self.stream(final=not self.left)
+                return
             if self.left:
                 return
             self.answered = True
         from tritonkit.runtime import send_final
 
         send_final(self.request, self.model.respond(dict(self.outputs), self.rows))
+
+    def advanced(self, row: int, transcript) -> None:
+        """A long-form row's window is final (streaming): its text so far is sent."""
+        with self.lock:
+            if not self.answered:
+                self.partial[row] = transcript
+                self.stream(final=False)
+
+    def stream(self, final: bool) -> None:
+        """Send what became final since the last response: the windows final from the file's
+        start on (a long-form file: its segments so far). The text piece is the new end of the
+        whole text decoded so far, so the pieces join into exactly the whole-answer text."""
+        tokens, found, words, language = [], [], [], None
+        for row in range(len(self.finished)):
+            if self.finished[row]:
+                window_tokens, window_segments, window_language, _, window_words = (
+                    self.outputs[name][row] for name in ROW_OUTPUTS
+                )
+            elif row in self.partial:
+                window_tokens, window_segments, window_language, _, window_words = self.model.file_outputs(
+                    self.rows["options"][row], self.partial[row]
+                )
+            else:
+                break
+            tokens += window_tokens
+            found += window_segments
+            words += window_words or []
+            language = language or window_language
+            if not self.finished[row]:
+                break
+        text = self.model.text(tokens).decode("utf-8", errors="replace")
+        piece = text[len(self.sent_text) :] if text.startswith(self.sent_text) else text
+        if not piece and not final:
+            return
+        outputs = row_outputs(1)
+        outputs["window_tokens"][0] = tokens[self.sent_tokens :]
+        outputs["window_segments"][0] = found[self.sent_segments :]
+        outputs["window_language"][0] = language
+        outputs["window_words"][0] = words[self.sent_words :]
+        self.sent_text, self.sent_tokens, self.sent_segments, self.sent_words = (
+            text,
+            len(tokens),
+            len(found),
+            len(words),
+        )
+        rows = {**self.rows, self.model.row_input: np.zeros((1, 1), dtype=np.int32)}
+        response = self.model.respond({**outputs, "text_piece": piece}, rows)
+        import triton_python_backend_utils as pb_utils
+
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        self.request.get_response_sender().send(response, flags=flags)
 
     def failed(self, exc: Exception) -> None:
         with self.lock:

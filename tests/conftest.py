@@ -265,6 +265,21 @@ def speech_files(tmp_path_factory) -> list[bytes]:
 
 
 @pytest.fixture(scope="session")
+def long_speech(speech_files) -> bytes:
+    """A WAV file of 40-50 s: the sample sentences with 2 s of silence after each (long-form)."""
+    import soundfile
+
+    from tritonkit.preprocessing.audio import AudioRecipe, decode_audio
+
+    pieces = []
+    for clip in speech_files[:8]:
+        pieces += [decode_audio(clip, AudioRecipe()), np.zeros(2 * 16000, dtype=np.float32)]
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.concatenate(pieces), 16000, format="WAV")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
 def whisper_dir(tmp_path_factory) -> Path:
     from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper
 

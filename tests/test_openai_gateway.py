@@ -375,7 +375,7 @@ def test_a_chat_request_outside_openais_schema_is_a_400_naming_the_param(gateway
         ({"response_format": "xml"}, "response_format", 'expected one of "json"'),
         ({"timestamp_granularities[]": "words"}, "timestamp_granularities[0]", 'expected one of "word"'),
         ({"colour": "red"}, None, "unknown field colour"),
-        ({"stream": "true"}, "stream", "streamed transcription is not available yet"),
+        ({"stream": "true", "response_format": "srt"}, "stream", "with response_format json or text"),
     ],
 )
 def test_a_transcription_form_outside_openais_schema_is_a_400_naming_the_field(
@@ -697,6 +697,17 @@ def test_word_granularity_gives_the_served_words(sdk, gateway, speech_files, tmp
     assert len(cues) == (len(want.words) + 1) // 2
     assert " ".join(c.content for c in cues).split() == "".join(w.word for w in want.words).split()
     assert all(c.start <= c.end for c in cues)
+
+
+def test_streamed_transcription_is_read_by_the_sdk_and_joins_into_the_whole_text(sdk, gateway, long_speech):
+    with TritonkitClient(gateway[1]) as client:
+        (whole,) = client.transcribe([long_speech])
+    events = list(sdk.audio.transcriptions.create(model="whisper", file=("long.wav", long_speech), stream=True))
+    deltas = [e for e in events if e.type == "transcript.text.delta"]
+    done = events[-1]
+    assert len(deltas) >= 1 and done.type == "transcript.text.done" and len(events) == len(deltas) + 1
+    assert "".join(d.delta for d in deltas) == done.text == whole.text
+    assert done.usage.output_tokens == len(whole.tokens) and done.usage.input_tokens == 1500 * 2  # two windows
 
 
 def test_bench_drives_the_gateway_with_the_same_tool(gateway, speech_files, tmp_path):

@@ -534,6 +534,9 @@ def transcribe(
         bool, typer.Option(help="srt/vtt: a cue per word, its segment's text with the word underlined (karaoke).")
     ] = False,
     show_language: Annotated[bool, typer.Option(help="Print the language before each text.")] = False,
+    stream: Annotated[
+        bool, typer.Option(help="Print each file's text as it becomes final, window by window (NAME_stream).")
+    ] = False,
     output_format: Annotated[
         str, typer.Option("--format", help="txt, json, srt, vtt or verbose_json (the last four decode timestamps).")
     ] = "txt",
@@ -563,7 +566,25 @@ def transcribe(
     if word_cued and output_format not in ("srt", "vtt"):
         raise InputError("--max-words-per-cue and --highlight-words shape subtitles: use them with --format srt or vtt")
     word_timestamps = word_timestamps or word_cued
+    if stream and (output_format != "txt" or output_dir is not None):
+        raise InputError("--stream prints text as it comes: use it with --format txt and no --output-dir")
     with TritonkitClient(url) as client:
+        if stream:
+            for path in files:
+                if len(files) > 1:
+                    print(f"{path}: ", end="", flush=True)
+                for piece in client.transcribe_stream(
+                    path,
+                    model=f"{model}_stream",
+                    language=language,
+                    task=task,
+                    vad=vad or None,
+                    beam_size=beam_size if beam_size != 1 else None,
+                    timestamps=timestamps or None,
+                ):
+                    print(piece.text, end="", flush=True)
+                print()
+            return
         transcripts = client.transcribe(
             files,
             model=model,

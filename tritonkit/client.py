@@ -366,13 +366,30 @@ class TritonkitClient:
         self, image: ChatImages | None, prompt: str | Sequence[Mapping], model: str = "llava_chat_stream", **options
     ):
         """Yield the answer's text piece by piece as the server generates it (gRPC streaming)."""
-        import queue
-
         images = chat_images(image)
         model = text_turn_ensemble(model, images)
-        self.model_io(model)  # an unknown model fails here with its name, not inside the stream
+        for result in self._stream(model, chat_inputs(images, prompt, **options)):
+            piece = result.get("TEXT")
+            if piece is not None and piece.size and piece.reshape(-1)[0]:
+                yield piece.reshape(-1)[0].decode("utf-8")
+
+    def transcribe_stream(self, audio: bytes | str | Path, model: str = "whisper_stream", **options):
+        """Yield one file's transcript as it becomes final, window by window (a long file's first
+        text after its first 30 s window): each piece a Transcript whose text is the new end of the
+        text (the pieces join into the whole text) with the segments and words finished since the
+        last piece. `options` as `transcribe`'s."""
+        (data,) = read_inputs([audio])
+        for result in self._stream(model, whisper_inputs(data, **options)):
+            yield transcript(result)
+
+    def _stream(self, model: str, inputs: Mapping[str, np.ndarray]):
+        """The responses of one request to a decoupled model (gRPC streaming), each as its outputs
+        by name, until the final one."""
+        import queue
+
+        _, declared, _ = self.model_io(model)  # an unknown model fails here with its name, not inside the stream
         tensors = []
-        for name, array in chat_inputs(images, prompt, **options).items():
+        for name, array in inputs.items():
             tensors.append(self._grpc.InferInput(name, list(array.shape), wire_datatype(array)))
             tensors[-1].set_data_from_numpy(array)
         answers: queue.Queue = queue.Queue()
@@ -386,9 +403,10 @@ class TritonkitClient:
                     raise InferenceError(f"{model}: no answer within {self.timeout_s:g} s") from None
                 if error is not None:
                     raise InferenceError(f"{model}: {_message(error)}")
-                piece = result.as_numpy("TEXT")
-                if piece is not None and piece.size and piece.reshape(-1)[0]:
-                    yield piece.reshape(-1)[0].decode("utf-8")
+                outputs = {o["name"]: result.as_numpy(o["name"]) for o in declared}
+                outputs = {name: value for name, value in outputs.items() if value is not None}
+                if outputs:  # the empty final response carries none
+                    yield outputs
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
                     return

@@ -106,6 +106,7 @@ class WhisperSpec(FamilySpec):
             max_batch_size=32, preferred_batch_sizes=(4, 8, 16), max_queue_delay_us=2000, rows_per_run=1
         ),
         "decoder": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16, 32), max_queue_delay_us=5000),
+        "decoder_stream": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16, 32), max_queue_delay_us=5000),
         "vad": Batching(max_batch_size=8, preferred_batch_sizes=(), max_queue_delay_us=0),
     }
 
@@ -124,6 +125,7 @@ class WhisperSpec(FamilySpec):
         "log_mel": StageMemory(fixed_mb=152, spread=0.3),
         "encoder": StageMemory(fixed_mb=113),
         "decoder": StageMemory(fixed_mb=726),
+        "decoder_stream": StageMemory(fixed_mb=400),  # placeholder, measured below
         "vad": StageMemory(fixed_mb=41),
         SERVER_MEMORY_ROLE: StageMemory(fixed_mb=296),
     }
@@ -561,15 +563,15 @@ class WhisperSpec(FamilySpec):
         )
         # long-form windows are encoded by the decoder itself (BLS), in batches the encoder takes
         decoder_parameters["encoder_max_batch_size"] = str(encoder.batching.max_batch_size)
-        stages += [
-            encoder,
-            Stage(
-                role="decoder",
+
+        def decoder(role: str, stream: bool) -> Stage:
+            return Stage(
+                role=role,
                 template="whisper_decoder",
                 callees=(encoder,),
                 inputs=(t[ENCODER_HIDDEN], t[WINDOW_ROW], t[DECODE_OPTIONS], t[FILE_FEATURES]),
                 outputs=outputs,
-                batching=self.stage_batching("decoder"),
+                batching=self.stage_batching(role),
                 parameters=decoder_parameters,
                 files={
                     **graph_files(onnx_files["decoder_cross_kv"], "cross_kv"),
@@ -581,17 +583,18 @@ class WhisperSpec(FamilySpec):
                     graph_name(onnx_files["decoder_step"], "step"): "decoder_step",
                     graph_name(onnx_files["decoder_alignment"], "align"): "decoder_alignment",
                 },
-                artefacts=(saved_pretrained("tokenizer", "tokenizer", loaded.processor.tokenizer.save_pretrained),),
+                artefacts=(tokenizer,),
                 kind="KIND_GPU" if options.gpu else "KIND_CPU",
-            ),
-        ]
-        return [
-            Pipeline(
-                role="",
-                inputs=(t[AUDIO], *request_options),
-                outputs=outputs,
-                stages=tuple(stages),
+                config_extra={"model_transaction_policy": {"decoupled": True}} if stream else {},
             )
+
+        tokenizer = saved_pretrained("tokenizer", "tokenizer", loaded.processor.tokenizer.save_pretrained)
+        front = (*stages, encoder)
+        inputs = (t[AUDIO], *request_options)
+        # NAME answers once; NAME_stream sends each window's text as soon as it is final
+        return [
+            Pipeline(role="", inputs=inputs, outputs=outputs, stages=(*front, decoder("decoder", False))),
+            Pipeline(role="stream", inputs=inputs, outputs=outputs, stages=(*front, decoder("decoder_stream", True))),
         ]
 
 

@@ -10,6 +10,7 @@ import base64
 import binascii
 import hmac
 import json
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ import numpy as np
 
 from tritonkit import subtitles
 from tritonkit.client import choice_inputs, choice_rows
-from tritonkit.gateway import openapi
+from tritonkit.gateway import openapi, realtime
 from tritonkit.gateway.fetch import FetchPolicy, fetch
 from tritonkit.gateway.triton import ApiError, ServedModel, Triton
 
@@ -46,6 +47,7 @@ class GatewayOptions:
     cache_url: str | None = None  # redis://host:port/db: embeddings shared by replicas
     cache_ttl_s: int = 3600
     fetch: FetchPolicy = field(default_factory=FetchPolicy)  # remote image URLs: off unless --allow-url-fetch
+    realtime: realtime.RealtimeLimits = field(default_factory=realtime.RealtimeLimits)  # live transcription
 
 
 def string_array(values: list[str]) -> np.ndarray:
@@ -86,7 +88,7 @@ def encoded(vector: np.ndarray, encoding_format: str) -> Any:
 
 
 def create_app(options: GatewayOptions):
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -583,14 +585,20 @@ def create_app(options: GatewayOptions):
         extensions = EXTENSIONS[schema]
         fields = [(key, value) for key, value in form.multi_items() if key.removesuffix("[]") not in extensions]
         conform(schema, openapi.form_instance(schema, fields))
-        if form.get("stream") == "true":
-            raise ApiError(400, "stream: streamed transcription is not available yet; leave it out", param="stream")
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise ApiError(400, "file: required, the audio file (multipart/form-data)", param="file")
         data = await upload.read()
         model = await triton().model(form.get("model"), "transcription")
         request.state.model = model.name
+        streamed = str(form.get("stream") or "").lower() in ("true", "1")
+        if streamed:
+            if "speech_stream" not in model.ensembles:
+                raise ApiError(
+                    400, f"stream: {model.name} was built before streamed transcription; rebuild it", param="stream"
+                )
+            if task != "transcribe":
+                raise ApiError(400, "stream: translations are answered whole; leave stream out", param="stream")
         response_format = str(form.get("response_format") or "json")
         if response_format not in AUDIO_FORMATS:
             raise ApiError(400, f"response_format: one of {', '.join(AUDIO_FORMATS)}", param="response_format")
@@ -664,6 +672,11 @@ def create_app(options: GatewayOptions):
             inputs["TIMESTAMPS"] = np.array([[True]], dtype=bool)
         if words_asked:
             inputs["WORD_TIMESTAMPS"] = np.array([[True]], dtype=bool)
+        if streamed:
+            if response_format not in ("json", "text"):
+                raise ApiError(400, "stream: with response_format json or text", param="stream")
+            windows = max(1, math.ceil(subtitles.duration(data) / 30))
+            return await transcript_events(model.ensembles["speech_stream"], inputs, AUDIO_TOKENS_PER_WINDOW * windows)
         outputs = await triton().infer(model.ensembles["speech"], inputs, "file")
         text = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
         if response_format == "text":
@@ -705,6 +718,127 @@ def create_app(options: GatewayOptions):
             ],
         }
 
+    async def transcript_events(ensemble: str, inputs: dict, audio_tokens: int) -> StreamingResponse:
+        """OpenAI's streamed transcription: a transcript.text.delta event as each window's text is
+        final, then transcript.text.done with the whole text and the token usage (input: the
+        encoder's 1,500 audio tokens a 30 s window; output: the decoded tokens)."""
+        stream = triton().stream(ensemble, inputs, "file")
+        first = await anext_or_none(stream)  # errors before the first event are still a 400/429/503
+
+        def event(payload: dict) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        async def events():
+            text, output_tokens, outputs = "", 0, first
+            try:
+                while outputs is not None:
+                    piece = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
+                    output_tokens += int((outputs["TOKENS"] >= 0).sum())
+                    if piece:
+                        text += piece
+                        yield event({"type": "transcript.text.delta", "delta": piece})
+                    outputs = await anext_or_none(stream)
+            except ApiError as exc:
+                yield event(exc.body())
+                return
+            usage = {
+                "type": "tokens",
+                "input_tokens": audio_tokens,
+                "input_token_details": {"audio_tokens": audio_tokens, "text_tokens": 0},
+                "output_tokens": output_tokens,
+                "total_tokens": audio_tokens + output_tokens,
+            }
+            yield event({"type": "transcript.text.done", "text": text, "usage": usage})
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    live_sessions = 0
+    realtime_limits = options.realtime
+
+    @app.websocket("/v1/realtime")
+    async def realtime_endpoint(websocket: WebSocket):
+        """OpenAI's Realtime API, transcription sessions (tritonkit.gateway.realtime)."""
+        nonlocal live_sessions
+        if options.api_key and not authorized(websocket.headers.get("authorization")):
+            await websocket.close(code=1008, reason="missing or wrong API key (Authorization: Bearer KEY)")
+            return
+        await websocket.accept()
+        sending = asyncio.Lock()
+
+        async def send(event: dict) -> None:
+            async with sending:
+                await websocket.send_text(json.dumps(event))
+
+        async def refuse(message: str, code: str) -> None:
+            await send(
+                {
+                    "type": "error",
+                    "event_id": realtime.new_id("event"),
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": code,
+                        "message": message,
+                        "param": None,
+                        "event_id": None,
+                    },
+                }
+            )
+            await websocket.close(code=1008)
+
+        if websocket.query_params.get("intent") != "transcription":
+            await refuse("intent: this gateway serves transcription sessions (?intent=transcription)", "invalid_intent")
+            return
+        served = sorted(
+            (m for m in (await triton().models()).values() if m.kind == "transcription" and m.vad),
+            key=lambda m: m.name,
+        )
+        if not served:
+            await refuse(
+                "no served Whisper build has a VAD model for live transcription; rebuild one", "model_not_found"
+            )
+            return
+        if live_sessions >= realtime_limits.max_sessions:
+            await refuse(
+                f"{realtime_limits.max_sessions} live sessions are open, the limit; retry later",
+                "session_limit_reached",
+            )
+            return
+        model = served[0]
+        vad_model = str(model.vad)
+
+        async def transcribe(wav: bytes, config: realtime.SessionConfig) -> tuple[str, int, int]:
+            chosen = await triton().model(config.model, "transcription")
+            inputs = {"AUDIO": byte_row(wav)}
+            if config.language:
+                inputs["LANGUAGE"] = string_array([config.language])
+            if config.prompt and "PROMPT" in chosen.inputs:
+                inputs["PROMPT"] = string_array([config.prompt])
+            outputs = await triton().infer(chosen.ensembles["speech"], inputs, "audio")
+            text = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
+            windows = max(1, math.ceil(subtitles.duration(wav) / 30))
+            return text, int((outputs["TOKENS"] >= 0).sum()), AUDIO_TOKENS_PER_WINDOW * windows
+
+        async def speech_probs(samples: np.ndarray) -> np.ndarray:
+            outputs = await triton().infer(vad_model, {"VAD_SAMPLES": samples[None, :]})
+            return outputs["SPEECH_PROBS"].reshape(-1)
+
+        session = realtime.TranscriptionSession(
+            realtime.SessionConfig(model.name), send, transcribe, speech_probs, realtime_limits
+        )
+        live_sessions += 1
+        try:
+            await session.start()
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                await session.handle(message.get("text") or message.get("bytes") or b"")
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            live_sessions -= 1
+            await session.finish()
+
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
         return await audio(request, "transcribe")
@@ -714,6 +848,9 @@ def create_app(options: GatewayOptions):
         return await audio(request, "translate")
 
     return app
+
+
+AUDIO_TOKENS_PER_WINDOW = 1500  # Whisper's encoder: 1,500 positions a 30 s window
 
 
 def words_of(outputs: Mapping[str, np.ndarray]) -> list[dict]:

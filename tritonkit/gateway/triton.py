@@ -68,6 +68,7 @@ class ServedModel:
     ensembles: dict[str, str] = field(default_factory=dict)
     tokenizer: str | None = None  # the text tokenizer model (token counts for `usage`)
     inputs: set[str] = field(default_factory=set)  # the ensembles' input names (optional ones tell what a build can do)
+    vad: str | None = None  # transcription: the build's Silero VAD model (the Realtime API's server VAD)
 
 
 def classify(configs: Mapping[str, dict], names: set[str]) -> dict[str, ServedModel]:
@@ -92,7 +93,13 @@ def classify(configs: Mapping[str, dict], names: set[str]) -> dict[str, ServedMo
             if f"{ensemble}_tokenizer" in names:
                 models[name].tokenizer = f"{ensemble}_tokenizer"
         elif "AUDIO" in inputs and "TEXT" in outputs:
-            add(ensemble, "transcription", "speech", ensemble)
+            base = ensemble.removesuffix("_stream")
+            if base != ensemble and configs.get(base, {}).get("platform") == "ensemble":
+                add(base, "transcription", "speech_stream", ensemble)  # NAME_stream beside NAME
+            else:
+                add(ensemble, "transcription", "speech", ensemble)
+                if f"{ensemble}_vad" in names:
+                    models[ensemble].vad = f"{ensemble}_vad"
         elif "PROMPT" in inputs and "IMAGE" not in inputs and "TEXT" in outputs:  # a chat turn without images
             if ensemble.endswith("_chat_text_stream"):
                 add(ensemble[: -len("_chat_text_stream")], "chat", "text_stream", ensemble)
