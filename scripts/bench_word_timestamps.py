@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,9 +51,9 @@ def faster_whisper_alignment(model, audio: np.ndarray, tokens: list[int]) -> lis
     frames = min(3000, features.shape[-1] - 1)
     encoder_output = model.encode(pad_or_trim(features[:, :3000]))
     tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language="en")
-    segments = [[{"seek": 0, "start": 0.0, "end": len(audio) / SAMPLE_RATE, "tokens": tokens}]]
-    model.add_word_timestamps(segments, tokenizer, encoder_output, frames, PREPEND, APPEND, 0.0)
-    return [(w["word"], w["start"], w["end"]) for w in segments[0][0]["words"]]
+    segment: dict[str, Any] = {"seek": 0, "start": 0.0, "end": len(audio) / SAMPLE_RATE, "tokens": tokens}
+    model.add_word_timestamps([[segment]], tokenizer, encoder_output, frames, PREPEND, APPEND, 0.0)
+    return [(w["word"], w["start"], w["end"]) for w in segment["words"]]
 
 
 def differences(ours, theirs) -> list[float]:
@@ -154,7 +155,7 @@ def main() -> None:
                     if index == 0:
                         first.append(time.perf_counter() - began)
     plain, timed = float(np.median(rates[False])), float(np.median(rates[True]))
-    rows = [
+    rows: list[list[Any]] = [
         [
             f"transformers' ASR pipeline, return_timestamps='word' ({hf_matched} of {len(clips)} clips with the same text)",
             "",
