@@ -23,6 +23,7 @@ import numpy as np
 from tritonkit import subtitles
 from tritonkit.client import choice_inputs, choice_rows
 from tritonkit.gateway import openapi, realtime
+from tritonkit.gateway.realtime import RealtimeLimits
 from tritonkit.gateway.fetch import FetchPolicy, fetch
 from tritonkit.gateway.triton import ApiError, ServedModel, Triton
 
@@ -47,7 +48,7 @@ class GatewayOptions:
     cache_url: str | None = None  # redis://host:port/db: embeddings shared by replicas
     cache_ttl_s: int = 3600
     fetch: FetchPolicy = field(default_factory=FetchPolicy)  # remote image URLs: off unless --allow-url-fetch
-    realtime: realtime.RealtimeLimits = field(default_factory=realtime.RealtimeLimits)  # live transcription
+    realtime_limits: RealtimeLimits = field(default_factory=RealtimeLimits)  # live transcription sessions
 
 
 def string_array(values: list[str]) -> np.ndarray:
@@ -753,7 +754,7 @@ def create_app(options: GatewayOptions):
         return StreamingResponse(events(), media_type="text/event-stream")
 
     live_sessions = 0
-    realtime_limits = options.realtime
+    realtime_limits = options.realtime_limits
 
     @app.websocket("/v1/realtime")
     async def realtime_endpoint(websocket: WebSocket):
