@@ -475,9 +475,18 @@ class RequestAnswer:
                 self.stream(final=False)
 
     def stream(self, final: bool) -> None:
-        """Send what became final since the last response: the windows final from the file's
-        start on (a long-form file: its segments so far). The text piece is the new end of the
-        whole text decoded so far, so the pieces join into exactly the whole-answer text."""
+        """Send what became final since the last response (see `piece`); a failure to make it
+        ends the stream with the request's error, never leaves it open."""
+        try:
+            self.piece(final)
+        except Exception as exc:
+            self.answered = True
+            send_failure(self.request, self.model.failure(exc, "streaming a request"))
+
+    def piece(self, final: bool) -> None:
+        """The windows final from the file's start on (a long-form file: its segments so far),
+        past what was sent. The text piece is the new end of the whole text decoded so far, so
+        the pieces join into exactly the whole-answer text."""
         tokens, found, words, language = [], [], [], None
         for row in range(len(self.finished)):
             if self.finished[row]:

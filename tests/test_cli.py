@@ -248,6 +248,9 @@ def test_infer_calls_every_family_shows_every_output_and_fails_a_bad_file_alone(
         "SEGMENT_TIMES",
         "SEGMENT_TEXTS",
         "SEGMENT_STATS",
+        "WORD_TIMES",
+        "WORD_TEXTS",
+        "WORD_PROBS",
     }
     assert "test" in record["outputs"]["TEXT"] and record["outputs"]["SEGMENT_TIMES"][0][0] >= 0
 

@@ -170,9 +170,14 @@ def test_words_with_beam_search_vad_and_long_form_files(whisper_server, speech_f
     assert vad_words.words[-1].end > 30
 
 
-def test_a_repository_without_the_alignment_graph_refuses_words_clearly(whisper_server):
-    """Asked of an encoder-only contract, the option is unknown: one clear line."""
-    from tritonkit.errors import InputError
+def test_a_bad_file_fails_alone_beside_requests_with_words(whisper_server, speech_files):
+    from tritonkit.errors import InferenceError
 
-    with TritonkitClient(whisper_server.grpc_url) as client, pytest.raises(InputError, match="not a Whisper option"):
-        client.transcribe([b"RIFF"], word_timing=True)
+    with TritonkitClient(whisper_server.grpc_url) as client, ThreadPoolExecutor(3) as pool:
+        good = [pool.submit(client.transcribe, [clip], word_timestamps=True) for clip in speech_files[:2]]
+        bad = pool.submit(client.transcribe, [b"RIFF not really a wav"], word_timestamps=True)
+        with pytest.raises(InferenceError, match="AUDIO"):
+            bad.result(timeout=120)
+        for job in good:
+            (transcript,) = job.result(timeout=120)
+            assert transcript.words and "".join(w.word for w in transcript.words).split() == transcript.text.split()

@@ -369,6 +369,10 @@ def openai_gateway(
     ] = None,
     max_fetch_mb: Annotated[int, typer.Option(help="Largest fetched image.")] = 20,
     fetch_timeout: Annotated[float, typer.Option(help="Seconds a fetch may take, redirects included.")] = 10.0,
+    max_live_sessions: Annotated[
+        int, typer.Option(help="Realtime API: live transcription sessions at once (one more is refused).")
+    ] = 32,
+    max_session_minutes: Annotated[float, typer.Option(help="Realtime API: the audio one session may send.")] = 60.0,
 ):
     """Serve the OpenAI API (embeddings, chat with images, audio) in front of a running tritonserver.
 
@@ -377,6 +381,7 @@ def openai_gateway(
     """
     from tritonkit.gateway import GatewayOptions, run_gateway
     from tritonkit.gateway.fetch import FetchPolicy
+    from tritonkit.gateway.realtime import RealtimeLimits
 
     if max_fetch_mb < 1 or fetch_timeout <= 0:
         raise InputError("--max-fetch-mb must be >= 1 and --fetch-timeout > 0")
@@ -384,6 +389,8 @@ def openai_gateway(
         raise InputError("--url-fetch-host needs --allow-url-fetch")
     if max_body_mb < 1:
         raise InputError(f"--max-body-mb must be >= 1, got {max_body_mb}")
+    if max_live_sessions < 1 or max_session_minutes <= 0:
+        raise InputError("--max-live-sessions must be >= 1 and --max-session-minutes > 0")
     if cache_ttl < 1:
         raise InputError(f"--cache-ttl must be >= 1 s, got {cache_ttl}")
     options = GatewayOptions(
@@ -398,6 +405,7 @@ def openai_gateway(
             timeout_s=fetch_timeout,
             allowed_hosts=frozenset(url_fetch_host or ()),
         ),
+        realtime_limits=RealtimeLimits(max_sessions=max_live_sessions, max_session_s=max_session_minutes * 60),
     )
     print(f"tritonkit: OpenAI API on http://{host}:{port}/v1 in front of {triton}", flush=True)
     run_gateway(options, host=host, port=port)

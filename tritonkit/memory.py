@@ -190,14 +190,15 @@ _COUNTER = re.compile(
 
 def average_batches(text: str) -> dict[str, float]:
     """Rows per execution of each model from a /metrics page (inferences / executions): the batch
-    sizes a load reached, which `tritonkit plan` sizes buffers and workspaces by."""
+    sizes a load reached, which `tritonkit plan` sizes buffers and workspaces by. A model the load
+    never ran (Whisper's streaming decoder under a whole-answer soak) reached 0: it grew no arena."""
     counts: dict[str, dict[str, float]] = {}
     for match in _COUNTER.finditer(text):
         model = dict(_LABEL.findall(match["labels"])).get("model", "?")
         entry = counts.setdefault(model, {})
         entry[match["name"]] = entry.get(match["name"], 0.0) + float(match["value"])
     return {
-        model: entry["nv_inference_count"] / entry["nv_inference_exec_count"]
+        model: entry["nv_inference_count"] / entry["nv_inference_exec_count"] if entry["nv_inference_exec_count"] else 0.0
         for model, entry in counts.items()
-        if entry.get("nv_inference_exec_count")
+        if "nv_inference_exec_count" in entry
     }

@@ -125,7 +125,10 @@ class WhisperSpec(FamilySpec):
         "log_mel": StageMemory(fixed_mb=152, spread=0.3),
         "encoder": StageMemory(fixed_mb=113),
         "decoder": StageMemory(fixed_mb=726),
-        "decoder_stream": StageMemory(fixed_mb=400),  # placeholder, measured below
+        # NAME_stream's decoder beside a whole-answer soak (it ran nothing): 650 MB resident = its
+        # graphs' weights (381), one row's workspace (40), buffers (2) and this; streamed load grows
+        # its ONNX Runtime arenas as the decoder's grow
+        "decoder_stream": StageMemory(fixed_mb=227),
         "vad": StageMemory(fixed_mb=41),
         SERVER_MEMORY_ROLE: StageMemory(fixed_mb=296),
     }
