@@ -164,7 +164,7 @@ def test_a_schema_violation_is_caught(demo_repository):
 
 def test_deployment_follows_the_repository_and_options(demo_repository):
     facts = RepositoryFacts.read(demo_repository)
-    assert facts.ensembles == ("clip_image", "clip_text", "whisper")
+    assert facts.ensembles == ("clip_image", "clip_text", "whisper", "whisper_stream")
     assert not facts.needs_gpu and facts.python_instances == 9  # Whisper: 5 models and its VAD
 
     def deployment(**options):
@@ -204,7 +204,13 @@ def test_deployment_follows_the_repository_and_options(demo_repository):
 def test_ingress_routes_each_ensemble_and_allows_large_slow_requests(demo_repository):
     http, grpc = [d for d in documents(manifests(demo_repository)) if d["kind"] == "Ingress"]
     paths = [p["path"] for p in http["spec"]["rules"][0]["http"]["paths"]]
-    assert paths == ["/v2/models/clip_image", "/v2/models/clip_text", "/v2/models/whisper", "/v2/health"]
+    assert paths == [
+        "/v2/models/clip_image",
+        "/v2/models/clip_text",
+        "/v2/models/whisper",
+        "/v2/models/whisper_stream",
+        "/v2/health",
+    ]
     for ingress in (http, grpc):
         annotations = ingress["metadata"]["annotations"]
         assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == "100m"

@@ -644,8 +644,12 @@ def test_subtitles_and_verbose_json_carry_the_served_segments(sdk, gateway, spee
     assert ends == sorted(ends) and ends[-1] <= verbose.duration + 0.02
 
 
+TRANSCRIBE = [sys.executable, "-m", "tritonkit.cli", "transcribe"]
+
+
 def test_word_granularity_gives_the_served_words(sdk, gateway, speech_files, tmp_path):
     import srt
+    import webvtt
 
     with TritonkitClient(gateway[1]) as client:
         (want,) = client.transcribe([speech_files[1]], word_timestamps=True, timestamps=True)
@@ -676,10 +680,7 @@ def test_word_granularity_gives_the_served_words(sdk, gateway, speech_files, tmp
     path.write_bytes(speech_files[1])
     run = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "tritonkit.cli",
-            "transcribe",
+            *TRANSCRIBE,
             str(path),
             "--format",
             "srt",
@@ -697,6 +698,17 @@ def test_word_granularity_gives_the_served_words(sdk, gateway, speech_files, tmp
     assert len(cues) == (len(want.words) + 1) // 2
     assert " ".join(c.content for c in cues).split() == "".join(w.word for w in want.words).split()
     assert all(c.start <= c.end for c in cues)
+    karaoke = subprocess.run(
+        [*TRANSCRIBE, str(path), "--format", "vtt", "--highlight-words", "--url", gateway[1]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert karaoke.returncode == 0, karaoke.stderr
+    captions = webvtt.from_buffer(io.StringIO(karaoke.stdout))
+    assert len(captions) == len(want.words)  # a cue per word, its word underlined
+    for caption, word in zip(captions, want.words):
+        assert f"<u>{word.word.strip()}</u>" in caption.raw_text and abs(caption.start_in_seconds - word.start) < 0.002
 
 
 def test_streamed_transcription_is_read_by_the_sdk_and_joins_into_the_whole_text(sdk, gateway, long_speech):

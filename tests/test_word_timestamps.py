@@ -16,10 +16,11 @@ from tritonkit.word_timing import alignment_module, dtw, median_filter
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def test_alignment_graph_equals_transformers_cross_attention(whisper_loaded):
+@pytest.mark.parametrize("which", ["whisper_loaded", "multilingual_whisper_loaded"])
+def test_alignment_graph_equals_transformers_cross_attention(which, request):
     import torch
 
-    spec, loaded = whisper_loaded
+    spec, loaded = request.getfixturevalue(which)
     model = loaded.model
     heads = spec.alignment_heads(loaded)
     end = int(model.generation_config.eos_token_id)
@@ -181,3 +182,18 @@ def test_a_bad_file_fails_alone_beside_requests_with_words(whisper_server, speec
         for job in good:
             (transcript,) = job.result(timeout=120)
             assert transcript.words and "".join(w.word for w in transcript.words).split() == transcript.text.split()
+
+
+def test_words_on_the_multilingual_model_alone_and_batched(multilingual_whisper_server, speech_files):
+    """A random multilingual model (its prompt carries the detected language and the task): words
+    come alike alone and batched, in order and inside the audio."""
+    clips = speech_files[:4]
+    with TritonkitClient(multilingual_whisper_server.grpc_url) as client:
+        alone = [client.transcribe([clip], word_timestamps=True, max_new_tokens=24)[0] for clip in clips[:2]]
+        batched = client.transcribe(clips, word_timestamps=True, max_new_tokens=24, concurrency=4)
+    assert [t.words for t in alone] == [t.words for t in batched[:2]]
+    for clip, transcript in zip(clips, batched):
+        duration = len(_audio(clip)) / 16000
+        assert bool(transcript.words) == bool(transcript.text.strip())
+        starts = [w.start for w in transcript.words]
+        assert starts == sorted(starts) and all(0 <= w.start <= w.end <= duration + 0.01 for w in transcript.words)

@@ -42,21 +42,29 @@ def word_cues(words: list[dict], max_words: int) -> list[dict]:
 
 def highlighted_cues(segments: list[dict], words: list[dict]) -> list[dict]:
     """One cue per word: its segment's words with this one underlined (<u>...</u>, which SubRip
-    and WebVTT players render), shown while it is spoken."""
+    and WebVTT players render), shown while it is spoken. A word belongs to the segment nearest
+    its middle (word times may run a little past their segment's, as faster-whisper's do)."""
+
+    def distance(segment: dict, word: dict) -> float:
+        middle = (word["start"] + word["end"]) / 2
+        return max(segment["start"] - middle, middle - segment["end"], 0.0)
+
+    groups: list[list[dict]] = [[] for _ in segments]
+    for word in words:
+        if segments:
+            groups[min(range(len(segments)), key=lambda k: distance(segments[k], word))].append(word)
     cues = []
-    for segment in segments:
-        mine = [w for w in words if segment["start"] - 0.01 <= w["start"] < segment["end"] + 0.01] or []
+    for mine in groups:
         for k, current in enumerate(mine):
-            text = "".join(
-                (
-                    f"{w['word'][: len(w['word']) - len(w['word'].lstrip())]}<u>{w['word'].strip()}</u>"
-                    if i == k
-                    else w["word"]
-                )
-                for i, w in enumerate(mine)
-            )
+            text = "".join(underlined(w["word"]) if i == k else w["word"] for i, w in enumerate(mine))
             cues.append({"start": current["start"], "end": current["end"], "text": text.strip()})
     return cues
+
+
+def underlined(word: str) -> str:
+    """The word underlined, its leading space kept outside the mark."""
+    stripped = word.lstrip()
+    return f"{word[: len(word) - len(stripped)]}<u>{stripped}</u>"
 
 
 def language_name(code: str) -> str:
