@@ -165,7 +165,7 @@ def test_a_schema_violation_is_caught(demo_repository):
 def test_deployment_follows_the_repository_and_options(demo_repository):
     facts = RepositoryFacts.read(demo_repository)
     assert facts.ensembles == ("clip_image", "clip_text", "whisper", "whisper_stream")
-    assert not facts.needs_gpu and facts.python_instances == 9  # Whisper: 5 models and its VAD
+    assert not facts.needs_gpu and facts.python_instances == 10  # Whisper: 6 models (two decoders) and its VAD
 
     def deployment(**options):
         return next(
@@ -181,7 +181,7 @@ def test_deployment_follows_the_repository_and_options(demo_repository):
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"] == {
         "medium": "Memory",
-        "sizeLimit": f"{9 * 256}Mi",  # 256 MiB per Python-backend instance
+        "sizeLimit": f"{10 * 256}Mi",  # 256 MiB per Python-backend instance
     }
     assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
