@@ -424,12 +424,23 @@ def row_outputs(count: int) -> dict[str, np.ndarray]:
     return outputs
 
 
+# Responses leave this stub from the step loop's thread and the worker threads that time words;
+# the Python backend's response path is taken by one of them at a time.
+SENDING = threading.Lock()
+
+
+def send(request, response, final: bool = True) -> None:
+    import triton_python_backend_utils as pb_utils
+
+    flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+    with SENDING:
+        request.get_response_sender().send(response, flags=flags)
+
+
 def send_failure(request, failure) -> None:
     import triton_python_backend_utils as pb_utils
 
-    from tritonkit.runtime import send_final
-
-    send_final(request, pb_utils.InferenceResponse(error=failure.error()))
+    send(request, pb_utils.InferenceResponse(error=failure.error()))
 
 
 class RequestAnswer:
@@ -463,9 +474,7 @@ class RequestAnswer:
             if self.left:
                 return
             self.answered = True
-        from tritonkit.runtime import send_final
-
-        send_final(self.request, self.model.respond(dict(self.outputs), self.rows))
+        send(self.request, self.model.respond(dict(self.outputs), self.rows))
 
     def advanced(self, row: int, transcript) -> None:
         """A long-form row's window is final (streaming): its text so far is sent."""
@@ -522,10 +531,7 @@ class RequestAnswer:
         )
         rows = {**self.rows, self.model.row_input: np.zeros((1, 1), dtype=np.int32)}
         response = self.model.respond({**outputs, "text_piece": piece}, rows)
-        import triton_python_backend_utils as pb_utils
-
-        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-        self.request.get_response_sender().send(response, flags=flags)
+        send(self.request, response, final)
 
     def failed(self, exc: Exception) -> None:
         with self.lock:

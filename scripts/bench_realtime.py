@@ -140,7 +140,7 @@ def main() -> None:
                 gateway.wait(timeout=30)
     lines = [
         "Whisper tiny.en served with the gateway; each session streams 24 kHz PCM16 in real time (100 ms every 100 ms) "
-        f"with server VAD (silence_duration_ms 500), two sentences each. Machine: {machine()}. Command: "
+        f"with server VAD (silence_duration_ms 500), two sentences each. Machine: {machine()['processor']}, {machine()['cpus']} cores. Command: "
         "`python scripts/bench_realtime.py --markdown docs/BENCHMARKS.md`.",
         "",
         *markdown_table(

@@ -170,7 +170,7 @@ def main() -> None:
     ]
     lines = [
         f"Whisper tiny.en served (FP32), {len(clips)} clips of the built-in varied audio (espeak-ng, three voices, every fourth "
-        f"with noise); faster-whisper {__import__('faster_whisper').__version__} FP32 on the same model. Machine: {machine()}. "
+        f"with noise); faster-whisper {__import__('faster_whisper').__version__} FP32 on the same model. Machine: {machine()['processor']}, {machine()['cpus']} cores. "
         "Command: `python scripts/bench_word_timestamps.py --markdown docs/BENCHMARKS.md`.",
         "",
         *markdown_table(["word times against", "words", "|difference| s: median / p95 / max"], rows),

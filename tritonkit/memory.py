@@ -198,7 +198,9 @@ def average_batches(text: str) -> dict[str, float]:
         entry = counts.setdefault(model, {})
         entry[match["name"]] = entry.get(match["name"], 0.0) + float(match["value"])
     return {
-        model: entry["nv_inference_count"] / entry["nv_inference_exec_count"] if entry["nv_inference_exec_count"] else 0.0
+        model: entry["nv_inference_count"] / entry["nv_inference_exec_count"]
+        if entry["nv_inference_exec_count"]
+        else 0.0
         for model, entry in counts.items()
         if "nv_inference_exec_count" in entry
     }

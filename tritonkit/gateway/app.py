@@ -23,8 +23,8 @@ import numpy as np
 from tritonkit import subtitles
 from tritonkit.client import choice_inputs, choice_rows
 from tritonkit.gateway import openapi, realtime
-from tritonkit.gateway.realtime import RealtimeLimits
 from tritonkit.gateway.fetch import FetchPolicy, fetch
+from tritonkit.gateway.realtime import RealtimeLimits
 from tritonkit.gateway.triton import ApiError, ServedModel, Triton
 
 DEFAULT_MAX_BODY_MB = 100  # as the Ingress's proxy-body-size
