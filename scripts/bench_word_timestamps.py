@@ -173,7 +173,7 @@ def main() -> None:
         f"with noise); faster-whisper {__import__('faster_whisper').__version__} FP32 on the same model. Machine: {machine()['processor']}, {machine()['cpus']} cores. "
         "Command: `python scripts/bench_word_timestamps.py --markdown docs/BENCHMARKS.md`.",
         "",
-        *markdown_table(["word times against", "words", "|difference| s: median / p95 / max"], rows),
+        *markdown_table(["word times against", "words", "absolute difference, s: median / p95 / max"], rows),
         "",
         f"The cost of words: {timed:.2f} clips/s with WORD_TIMESTAMPS against {plain:.2f} without at concurrency 8 "
         f"({timed / plain:.2f}x; median of three rounds).",
