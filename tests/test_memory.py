@@ -32,7 +32,7 @@ nv_inference_exec_count{model="dec",version="1"} 0
 
 def test_metrics_give_each_model_its_instances_and_tritonserver_once():
     assert resident_from_metrics(METRICS) == {"enc": 150_000_000, "dec": 70_000_000, SERVER: 31_000_000}
-    assert average_batches(METRICS) == {"enc": 4.0}  # a model that never executed has no average
+    assert average_batches(METRICS) == {"enc": 4.0, "dec": 0.0}  # a model that never executed reached 0 rows
     assert resident_from_metrics("nv_inference_count 3\n") == {}
 
 

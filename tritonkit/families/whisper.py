@@ -120,7 +120,8 @@ class WhisperSpec(FamilySpec):
     # cache is not preallocated yet), DALI's log-mel buffers and libraries, and tritonserver's
     # buffers for uploads of up to 600 s and the file features passed to the decoder.
     memory: ClassVar[Mapping[str, StageMemory]] = {
-        "audio_preprocess": StageMemory(fixed_mb=66),  # 58-80 MB measured across soaks: a small, noisy stub
+        # 58-89 MB measured across soaks (89 in a CI soak beside the test run's other servers): a small, noisy stub
+        "audio_preprocess": StageMemory(fixed_mb=70, spread=0.25),
         # DALI's buffers: 138-150 MB after soaks here, 192 MB after a CI soak beside the test run's other servers
         "log_mel": StageMemory(fixed_mb=152, spread=0.3),
         "encoder": StageMemory(fixed_mb=113),
