@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -138,6 +140,46 @@ def copy_with_parameters(repository: Path, model: str, parameters: dict[str, str
         config.parameters[name].string_value = value
     path.write_text(text_format.MessageToString(config))
     return out
+
+
+def wait_until_healthy(base: str, timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def serve_with_gateway(repository: Path, api_key: str):
+    """`tritonkit serve REPO --openai-port` with an API key, as a user runs it: (the gateway's base
+    URL, tritonserver's gRPC address) once both answer; stopped with SIGTERM after."""
+    import signal
+    import subprocess
+
+    grpc_port, openai_port = free_port(), free_port()
+    serve = subprocess.Popen(
+        serve_command(repository, grpc_port, None, "--openai-port", str(openai_port), "--cache-mb", "0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TRITONKIT_API_KEY": api_key},
+    )
+    line = serve.stdout.readline()
+    assert line.startswith("tritonkit: ready:") and f"OpenAI API http://127.0.0.1:{openai_port}/v1" in line, line
+    base = f"http://127.0.0.1:{openai_port}"
+    wait_until_healthy(base)
+    try:
+        yield base, f"127.0.0.1:{grpc_port}"
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)
 
 
 def start_server(repository: Path, **kwargs) -> TritonServer:

@@ -9,7 +9,6 @@ import http.server
 import io
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -22,25 +21,13 @@ import pytest
 import soundfile
 
 from tests import openai_conformance as conformance
-from tests.conftest import encode_image, free_port, random_image, serve_command
+from tests.conftest import encode_image, free_port, random_image, serve_with_gateway
 from tritonkit.client import TritonkitClient, executed_batch_sizes
 
 pytestmark = pytest.mark.server
 openai = pytest.importorskip("openai")
 KEY = "test-key-not-secret"
 HTTP = conformance.client()  # raw HTTP requests, their answers checked against OpenAI's document
-
-
-def wait_until_healthy(base: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=2)
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +38,8 @@ def gateway(clip_repository, llava_repository, whisper_repository, tmp_path_fact
         for model in source.iterdir():
             if (model / "config.pbtxt").is_file():
                 shutil.copytree(model, repository / model.name, ignore=shutil.ignore_patterns("__pycache__"))
-    grpc_port, openai_port = free_port(), free_port()
-    serve = subprocess.Popen(
-        serve_command(repository, grpc_port, None, "--openai-port", str(openai_port), "--cache-mb", "0"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**__import__("os").environ, "TRITONKIT_API_KEY": KEY},
-    )
-    line = serve.stdout.readline()
-    assert line.startswith("tritonkit: ready:") and f"OpenAI API http://127.0.0.1:{openai_port}/v1" in line, line
-    base = f"http://127.0.0.1:{openai_port}"
-    wait_until_healthy(base)
-    yield base, f"127.0.0.1:{grpc_port}"
-    serve.send_signal(signal.SIGTERM)
-    serve.wait(timeout=60)
+    with serve_with_gateway(repository, KEY) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")

@@ -427,8 +427,7 @@ def test_the_openai_gateway_serves_several_images_as_the_ensemble_does(qwen):
     import subprocess
 
     openai = pytest.importorskip("openai")
-    from tests.conftest import free_port, serve_command
-    from tests.test_openai_gateway import wait_until_healthy
+    from tests.conftest import free_port, serve_command, wait_until_healthy
 
     family, _, _, server = qwen
     files = [image(21, (90, 60)), image(22, (64, 128))]

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from tests.conftest import free_port, serve_command
-from tests.test_openai_gateway import wait_until_healthy
+from tests.conftest import serve_with_gateway
 from tritonkit.client import TritonkitClient
 from tritonkit.gateway.realtime import REALTIME_RATE, wav_bytes
 
@@ -37,21 +33,8 @@ SESSION = {
 
 @pytest.fixture(scope="module")
 def live(whisper_repository):
-    grpc_port, openai_port = free_port(), free_port()
-    serve = subprocess.Popen(
-        serve_command(whisper_repository, grpc_port, None, "--openai-port", str(openai_port), "--cache-mb", "0"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "TRITONKIT_API_KEY": KEY},
-    )
-    line = serve.stdout.readline()
-    assert line.startswith("tritonkit: ready:"), line
-    base = f"http://127.0.0.1:{openai_port}"
-    wait_until_healthy(base)
-    yield base, f"127.0.0.1:{grpc_port}"
-    serve.send_signal(signal.SIGTERM)
-    serve.wait(timeout=60)
+    with serve_with_gateway(whisper_repository, KEY) as urls:
+        yield urls
 
 
 def pcm24k(clip: bytes) -> np.ndarray:

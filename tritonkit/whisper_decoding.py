@@ -37,6 +37,18 @@ def layer_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}_{i}" for i in range(layers)]
 
 
+def split_heads(x, heads: int):
+    """[B, T, heads x head_dim] -> [B, heads, T, head_dim] (torch)."""
+    batch, length, _ = x.shape
+    return x.view(batch, length, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x):
+    """[B, heads, T, head_dim] -> [B, T, heads x head_dim] (torch)."""
+    batch, _, length, _ = x.shape
+    return x.transpose(1, 2).reshape(batch, length, -1)
+
+
 def _modules():
     import torch
 
@@ -93,12 +105,9 @@ def _modules():
             return out.reshape(windows, heads, -1, new, head_dim).transpose(1, 2).reshape(-1, heads, new, head_dim)
 
         def split(self, x):
-            batch, length, _ = x.shape
-            return x.view(batch, length, self.heads, -1).transpose(1, 2)
+            return split_heads(x, self.heads)
 
-        def merge(self, x):
-            batch, _, length, _ = x.shape
-            return x.transpose(1, 2).reshape(batch, length, -1)
+        merge = staticmethod(merge_heads)
 
         def forward(self, input_ids, offsets, *caches):
             n = self.layers

@@ -51,6 +51,8 @@ def alignment_module(model, heads: Sequence[tuple[int, int]], end_token: int):
     Rows are padded on the right (the decoder is causal: padding changes no earlier position)."""
     import torch
 
+    from tritonkit.whisper_decoding import merge_heads, split_heads
+
     class Alignment(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -62,12 +64,9 @@ def alignment_module(model, heads: Sequence[tuple[int, int]], end_token: int):
             self.order = list(heads)
 
         def split(self, x):
-            batch, length, _ = x.shape
-            return x.view(batch, length, self.heads, -1).transpose(1, 2)
+            return split_heads(x, self.heads)
 
-        def merge(self, x):
-            batch, _, length, _ = x.shape
-            return x.transpose(1, 2).reshape(batch, length, -1)
+        merge = staticmethod(merge_heads)
 
         def forward(self, encoder_hidden, input_ids):
             length = input_ids.shape[1]
