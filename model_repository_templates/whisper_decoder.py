@@ -214,10 +214,10 @@ class TritonPythonModel(BatchedModel):
             found = [(*options.original_span(start, end), text, stats) for start, end, text in timed]
         words = []
         if options.word_timestamps:
-            words, _ = self.window_words(hidden, timed, result.language, options, options.offset_s, 0.0)
+            words, _ = self.window_words(hidden, timed, result.language, options, 0.0)
         return kept, found, result.language, result.steps, words
 
-    def window_words(self, hidden, timed, language, options: DecodeOptions, offset_s: float, last_speech: float):
+    def window_words(self, hidden, timed, language, options: DecodeOptions, last_speech: float):
         """The words of one window's segments ((start, end, tokens) on the decoded timeline) as
         (start, end, text, probability) on the original file, and the end of its last speech."""
         audio_s = options.duration_s  # the window's audio, before the padding long-form decoding adds past the file
@@ -230,7 +230,7 @@ class TritonPythonModel(BatchedModel):
             language,
             options.task,
             frames,
-            offset_s,
+            options.offset_s,
             last_speech,
         )
         words = [
@@ -323,7 +323,7 @@ class TritonPythonModel(BatchedModel):
                 if options.word_timestamps and not result.skipped:
                     timed = [(start, end, piece) for start, end, piece, _ in file.transcript.segments[before:]]
                     words, file.transcript.last_speech = self.window_words(
-                        hidden, timed, file.transcript.language, options, options.offset_s, file.transcript.last_speech
+                        hidden, timed, file.transcript.language, options, file.transcript.last_speech
                     )
                     file.transcript.words += words
                 if self.streaming and not file.done:
@@ -381,30 +381,13 @@ class TritonPythonModel(BatchedModel):
             self.language_output: np.array(languages, dtype=object)[:, None],
         }
         if self.segment_outputs:
-            most = max(1, max(len(f) for f in found))
-            times = np.full((count, most, 2), -1.0, dtype=np.float32)
-            texts_array = np.full((count, most), b"", dtype=object)
-            stats_array = np.zeros((count, most, 4), dtype=np.float32)
-            for i, row in enumerate(found):
-                for k, (start, end, text, stats) in enumerate(row):
-                    times[i, k] = (start, end)
-                    texts_array[i, k] = self.text(text)
-                    stats_array[i, k] = stats
+            times, texts_array, stats_array = padded(found, self.text, (4,))
             names = dict(zip(("times", "texts", "stats"), self.segment_outputs))
             response[names["times"]], response[names["texts"]] = times, texts_array
             if "stats" in names:
                 response[names["stats"]] = stats_array
         if self.word_outputs:
-            most = max(1, max(len(w) for w in words))
-            times = np.full((count, most, 2), -1.0, dtype=np.float32)
-            texts_array = np.full((count, most), b"", dtype=object)
-            probs = np.zeros((count, most), dtype=np.float32)
-            for i, row in enumerate(words):
-                for k, (start, end, text, probability) in enumerate(row):
-                    times[i, k] = (start, end)
-                    texts_array[i, k] = text.encode()
-                    probs[i, k] = probability
-            response.update(zip(self.word_outputs, (times, texts_array, probs)))
+            response.update(zip(self.word_outputs, padded(words, str.encode)))
         return response
 
     def text(self, tokens) -> bytes:
@@ -412,6 +395,21 @@ class TritonPythonModel(BatchedModel):
         begin = self.settings.timestamp_begin
         kept = [t for t in tokens if begin is None or t < begin]
         return self.tokenizer.decode(kept, skip_special_tokens=True).strip().encode()
+
+
+def padded(items: list[list[tuple]], text_of, figures: tuple[int, ...] = ()):
+    """Per request row, its (start, end, text, figures) items as padded arrays: times [rows,
+    most, 2] (-1 where none), texts [rows, most] (b"") and figures [rows, most, *figures] (0)."""
+    most = max(1, max(len(row) for row in items))
+    times = np.full((len(items), most, 2), -1.0, dtype=np.float32)
+    texts = np.full((len(items), most), b"", dtype=object)
+    values = np.zeros((len(items), most, *figures), dtype=np.float32)
+    for i, row in enumerate(items):
+        for k, (start, end, text, value) in enumerate(row):
+            times[i, k] = (start, end)
+            texts[i, k] = text_of(text)
+            values[i, k] = value
+    return times, texts, values
 
 
 # what `run` gives each window row (`window_outputs`, `file_outputs`), which `finish` joins per request

@@ -576,39 +576,30 @@ def transcribe(
     word_timestamps = word_timestamps or word_cued
     if stream and (output_format != "txt" or output_dir is not None):
         raise InputError("--stream prints text as it comes: use it with --format txt and no --output-dir")
+    options: dict[str, Any] = dict(
+        language=language,
+        task=task,
+        max_new_tokens=max_new_tokens,
+        timestamps=(timed or timestamps) or None,
+        prompt=prompt,
+        temperature=temperature or None,
+        fallback=fallback or None,
+        seed=seed,
+        vad=vad or None,
+        beam_size=beam_size if beam_size != 1 else None,
+        condition_on_previous=None if condition_on_previous else False,
+        word_timestamps=word_timestamps or None,
+    )
     with TritonkitClient(url) as client:
         if stream:
             for path in files:
                 if len(files) > 1:
                     print(f"{path}: ", end="", flush=True)
-                for piece in client.transcribe_stream(
-                    path,
-                    model=f"{model}_stream",
-                    language=language,
-                    task=task,
-                    vad=vad or None,
-                    beam_size=beam_size if beam_size != 1 else None,
-                    timestamps=timestamps or None,
-                ):
+                for piece in client.transcribe_stream(path, model=f"{model}_stream", **options):
                     print(piece.text, end="", flush=True)
                 print()
             return
-        transcripts = client.transcribe(
-            files,
-            model=model,
-            language=language,
-            task=task,
-            max_new_tokens=max_new_tokens,
-            timestamps=(timed or timestamps) or None,
-            prompt=prompt,
-            temperature=temperature or None,
-            fallback=fallback or None,
-            seed=seed,
-            vad=vad or None,
-            beam_size=beam_size if beam_size != 1 else None,
-            condition_on_previous=None if condition_on_previous else False,
-            word_timestamps=word_timestamps or None,
-        )
+        transcripts = client.transcribe(files, model=model, **options)
     for path, transcript in zip(files, transcripts):
         segments = [asdict(s) for s in transcript.segments]
         words = [asdict(w) | {"start": round(w.start, 3), "end": round(w.end, 3)} for w in transcript.words]

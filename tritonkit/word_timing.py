@@ -9,9 +9,9 @@ every token with the frame where the monotonic path first reaches it. Words are 
 (on spaces, or on characters for languages written without them), punctuation merged into its
 word, and faster-whisper's clamps for words that run across pauses at segment boundaries.
 
-The search is batched over windows (one alignment run for every window that asks), and the DTW
-runs along anti-diagonals so each step is one vectorised update (the recurrence's arithmetic,
-cell for cell, is openai-whisper's).
+Each window that asks is aligned by one run of the graph when it is final, and the DTW runs
+along anti-diagonals so each step is one vectorised update (the recurrence's arithmetic, cell
+for cell, is openai-whisper's).
 """
 
 from __future__ import annotations
@@ -264,8 +264,8 @@ def merge_punctuations(words: list[Word], prepended: str = PREPEND_PUNCTUATIONS,
 
 @dataclass
 class TimedSegment:
-    """A segment of one window as the decoder found it: times (seconds, on the window's timeline
-    offset `offset_s`) and its text tokens."""
+    """A segment of one window as the decoder found it: its times (seconds on the file's
+    timeline) and tokens."""
 
     start: float
     end: float
@@ -364,8 +364,9 @@ class WordAligner:
         and the end of the last speech (faster-whisper's last_speech_timestamp, carried from one
         window of a file to the next)."""
         s = self.settings
-        begin = s.timestamp_begin if s.timestamp_begin is not None else s.end_token + 1
-        text = [t for segment in segments for t in segment.tokens if t < s.end_token and t < begin]
+        # text tokens: ids below the end token (timestamps and the other special tokens come after it)
+        timed = [TimedSegment(seg.start, seg.end, [t for t in seg.tokens if t < s.end_token]) for seg in segments]
+        text = [t for segment in timed for t in segment.tokens]
         if not text:
             return [[] for _ in segments], last_speech
         prompt = self.sot_sequence(language, task)
@@ -377,5 +378,4 @@ class WordAligner:
             [ALIGNMENT_SCORES, TOKEN_PROBS], {"ENCODER_HIDDEN": hidden[None], "INPUT_IDS": ids}
         )
         found = find_words(scores[0], probs[0], text, len(prompt), frames, s.end_token, self.decode, language)
-        timed = [TimedSegment(seg.start, seg.end, [t for t in seg.tokens if t < begin]) for seg in segments]
         return window_words(found, timed, offset_s, last_speech)

@@ -676,8 +676,7 @@ def create_app(options: GatewayOptions):
         if streamed:
             if response_format not in ("json", "text"):
                 raise ApiError(400, "stream: with response_format json or text", param="stream")
-            windows = max(1, math.ceil(subtitles.duration(data) / 30))
-            return await transcript_events(model.ensembles["speech_stream"], inputs, AUDIO_TOKENS_PER_WINDOW * windows)
+            return await transcript_events(model.ensembles["speech_stream"], inputs, audio_tokens(data))
         outputs = await triton().infer(model.ensembles["speech"], inputs, "file")
         text = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
         if response_format == "text":
@@ -719,7 +718,7 @@ def create_app(options: GatewayOptions):
             ],
         }
 
-    async def transcript_events(ensemble: str, inputs: dict, audio_tokens: int) -> StreamingResponse:
+    async def transcript_events(ensemble: str, inputs: dict, input_tokens: int) -> StreamingResponse:
         """OpenAI's streamed transcription: a transcript.text.delta event as each window's text is
         final, then transcript.text.done with the whole text and the token usage (input: the
         encoder's 1,500 audio tokens a 30 s window; output: the decoded tokens)."""
@@ -742,13 +741,7 @@ def create_app(options: GatewayOptions):
             except ApiError as exc:
                 yield event(exc.body())
                 return
-            usage = {
-                "type": "tokens",
-                "input_tokens": audio_tokens,
-                "input_token_details": {"audio_tokens": audio_tokens, "text_tokens": 0},
-                "output_tokens": output_tokens,
-                "total_tokens": audio_tokens + output_tokens,
-            }
+            usage = realtime.token_usage(input_tokens, output_tokens)
             yield event({"type": "transcript.text.done", "text": text, "usage": usage})
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -771,19 +764,7 @@ def create_app(options: GatewayOptions):
                 await websocket.send_text(json.dumps(event))
 
         async def refuse(message: str, code: str) -> None:
-            await send(
-                {
-                    "type": "error",
-                    "event_id": realtime.new_id("event"),
-                    "error": {
-                        "type": "invalid_request_error",
-                        "code": code,
-                        "message": message,
-                        "param": None,
-                        "event_id": None,
-                    },
-                }
-            )
+            await send({"event_id": realtime.new_id("event"), **realtime.error_event(message, code)})
             await websocket.close(code=1008)
 
         if websocket.query_params.get("intent") != "transcription":
@@ -816,8 +797,7 @@ def create_app(options: GatewayOptions):
                 inputs["PROMPT"] = string_array([config.prompt])
             outputs = await triton().infer(chosen.ensembles["speech"], inputs, "audio")
             text = outputs["TEXT"].reshape(-1)[0].decode("utf-8", errors="replace")
-            windows = max(1, math.ceil(subtitles.duration(wav) / 30))
-            return text, int((outputs["TOKENS"] >= 0).sum()), AUDIO_TOKENS_PER_WINDOW * windows
+            return text, int((outputs["TOKENS"] >= 0).sum()), audio_tokens(wav)
 
         async def speech_probs(samples: np.ndarray) -> np.ndarray:
             outputs = await triton().infer(vad_model, {"VAD_SAMPLES": samples[None, :]})
@@ -852,6 +832,11 @@ def create_app(options: GatewayOptions):
 
 
 AUDIO_TOKENS_PER_WINDOW = 1500  # Whisper's encoder: 1,500 positions a 30 s window
+
+
+def audio_tokens(data: bytes) -> int:
+    """The audio tokens of a file for OpenAI's `usage`: the encoder's positions of each 30 s window."""
+    return AUDIO_TOKENS_PER_WINDOW * max(1, math.ceil(subtitles.duration(data) / 30))
 
 
 def words_of(outputs: Mapping[str, np.ndarray]) -> list[dict]:

@@ -101,6 +101,32 @@ def wav_bytes(pcm16: bytes, rate: int = REALTIME_RATE) -> bytes:
     return buffer.getvalue()
 
 
+def error_event(message: str, code: str, param: str | None = None, event_id: Any = None) -> dict:
+    """The Realtime API's `error` event (its own event_id added when sent); `event_id`: the
+    client event it answers, when the client named one."""
+    return {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "code": code,
+            "message": message,
+            "param": param,
+            "event_id": event_id if isinstance(event_id, str) else None,
+        },
+    }
+
+
+def token_usage(audio_tokens: int, output_tokens: int) -> dict:
+    """OpenAI's token usage of a transcription: audio tokens in, decoded tokens out."""
+    return {
+        "type": "tokens",
+        "input_tokens": audio_tokens,
+        "input_token_details": {"audio_tokens": audio_tokens, "text_tokens": 0},
+        "output_tokens": output_tokens,
+        "total_tokens": audio_tokens + output_tokens,
+    }
+
+
 class TranscriptionSession:
     """One live session. `send(event)` writes a server event; `transcribe(wav, config)` answers
     an utterance's (text, output tokens, audio tokens); `speech_probs(samples_16k)` the VAD's
@@ -386,13 +412,7 @@ class TranscriptionSession:
                 "item_id": item,
                 "content_index": 0,
                 "transcript": text,
-                "usage": {
-                    "type": "tokens",
-                    "input_tokens": audio_tokens,
-                    "input_token_details": {"audio_tokens": audio_tokens, "text_tokens": 0},
-                    "output_tokens": output_tokens,
-                    "total_tokens": audio_tokens + output_tokens,
-                },
+                "usage": token_usage(audio_tokens, output_tokens),
             }
         )
 
@@ -408,15 +428,4 @@ class TranscriptionSession:
             await self._send({"event_id": new_id("event"), **event})
 
     async def error(self, message: str, code: str, param: str | None = None, event_id: Any = None) -> None:
-        await self.send(
-            {
-                "type": "error",
-                "error": {
-                    "type": "invalid_request_error",
-                    "code": code,
-                    "message": message,
-                    "param": param,
-                    "event_id": event_id if isinstance(event_id, str) else None,
-                },
-            }
-        )
+        await self.send(error_event(message, code, param, event_id))
