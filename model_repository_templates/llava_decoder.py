@@ -23,7 +23,6 @@ earlier scheduler (a dynamic batch generated to its longest answer), for compari
 """
 
 import json
-import threading
 import time
 
 import numpy as np
@@ -46,6 +45,7 @@ from tritonkit.llava_decoding import (
     response_grammar,
 )
 from tritonkit.runtime import BatchedModel, Failure, concat_rows, object_rows, string_rows
+from tritonkit.step_loop import Answer
 
 
 class TritonPythonModel(BatchedModel):
@@ -373,7 +373,7 @@ class TritonPythonModel(BatchedModel):
         if isinstance(rows, Failure):
             sender.send(pb_utils.InferenceResponse(error=rows.error()), flags=final)
             return
-        answer = StreamedAnswer(self, sender, rows) if self.decoupled else WholeAnswer(self, sender, rows)
+        answer = StreamedAnswer(self, request, rows) if self.decoupled else WholeAnswer(self, request, rows)
         jobs = [
             ChatJob(
                 features=rows[self.features_input][i],
@@ -382,7 +382,7 @@ class TritonPythonModel(BatchedModel):
                 on_done=lambda result, i=i: answer.done(i, result),
                 on_error=lambda exc, i=i: answer.failed(i, exc),
                 on_text=answer.text if self.decoupled else None,
-                cancelled=getattr(request, "is_cancelled", lambda: False),
+                cancelled=answer.cancelled,
                 grid=rows["grids"][i] if "grids" in rows else None,
             )
             for i in range(answer.count)
@@ -393,15 +393,15 @@ class TritonPythonModel(BatchedModel):
             answer.failed(0, exc)
 
 
-class WholeAnswer:
-    """A request to the whole-answer model: answered once all its rows are done."""
+class WholeAnswer(Answer):
+    """A request to the whole-answer model: answered once all its rows are done (the choices of
+    OpenAI's n), or failed at its first failed row."""
 
-    def __init__(self, model, sender, rows):
-        self.model, self.sender, self.rows = model, sender, rows
+    def __init__(self, model, request, rows):
+        super().__init__(request)
+        self.model, self.sender, self.rows = model, request.get_response_sender(), rows
         self.count = len(rows["prompt_ids"])
         self.results = [None] * self.count
-        self.lock = threading.Lock()
-        self.answered = False
 
     def done(self, i, result) -> None:
         with self.lock:
@@ -422,14 +422,15 @@ class WholeAnswer:
         send_error(self.model, self.sender, exc)
 
 
-class StreamedAnswer:
+class StreamedAnswer(Answer):
     """A request to the streaming model: its text in pieces, at most every `stream_interval_ms`
     unless `stream_tokens` tokens wait, then a final response with the counts and the reason."""
 
     count = 1
 
-    def __init__(self, model, sender, rows):
-        self.model, self.sender = model, sender
+    def __init__(self, model, request, rows):
+        super().__init__(request)
+        self.model, self.sender = model, request.get_response_sender()
         self.pending = ""
         self.waiting = 0  # tokens whose text is pending
         self.sent_at = 0.0
@@ -458,6 +459,8 @@ class StreamedAnswer:
     def done(self, i, result) -> None:
         import triton_python_backend_utils as pb_utils
 
+        with self.lock:
+            self.answered = True
         self.model.metrics.decoded(tokens=len(result.tokens), steps=result.steps)
         self.flush(result)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -467,6 +470,8 @@ class StreamedAnswer:
             self.sender.send(flags=final)
 
     def failed(self, i, exc) -> None:
+        with self.lock:
+            self.answered = True
         send_error(self.model, self.sender, exc)
 
 

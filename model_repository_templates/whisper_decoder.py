@@ -32,6 +32,7 @@ import numpy as np
 
 from tritonkit.errors import InputError
 from tritonkit.runtime import BatchedModel
+from tritonkit.step_loop import Answer
 from tritonkit.whisper_decoding import (
     SECONDS_PER_FRAME,
     DecodeOptions,
@@ -259,7 +260,7 @@ class TritonPythonModel(BatchedModel):
             send_failure(request, rows)
             return
         answer = RequestAnswer(self, request, rows)
-        cancelled = getattr(request, "is_cancelled", lambda: False)
+        cancelled = answer.cancelled
         jobs = []
         for i, options in enumerate(rows["options"]):
             if options.long_form:
@@ -441,18 +442,17 @@ def send_failure(request, failure) -> None:
     send(request, pb_utils.InferenceResponse(error=failure.error()))
 
 
-class RequestAnswer:
+class RequestAnswer(Answer):
     """A request's rows (short windows or long-form files): answered once every row is final, or
     failed at its first error."""
 
     def __init__(self, model, request, rows):
+        super().__init__(request)
         count = len(rows["options"])
         self.model, self.request, self.rows = model, request, rows
         self.outputs = row_outputs(count)
         self.finished = np.zeros(count, dtype=bool)
         self.left = count
-        self.answered = False
-        self.lock = threading.Lock()
         # streaming: a long-form row's transcript so far, and how much of the file was sent
         self.partial: dict[int, object] = {}
         self.sent_text, self.sent_tokens, self.sent_segments, self.sent_words = "", 0, 0, 0

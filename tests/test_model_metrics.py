@@ -120,3 +120,39 @@ def test_tracemalloc_attributes_each_stubs_python_allocations(clip_repository, m
         samples, "tritonkit_python_traced_bytes", model="clip_image_encoder", instance="clip_image_encoder_0_0"
     )
     assert 0 < traced < stub
+
+
+def test_metrics_reported_from_many_threads_at_once_all_count_and_the_server_lives(tmp_path):
+    """The decoders report from their step loop's thread and worker threads at once; the Python
+    backend's metrics are not thread-safe (2.51 segfaulted under concurrent word-timestamp
+    requests), so every report of a stub takes one lock."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from tests.triton_models.metrics_threads import THREADS
+    from tritonkit.triton_config import Batching, Tensor, model_config, write_config
+
+    name = "metrics_threads"
+    config = model_config(
+        name, (Tensor("VALUE", "int32", (1,)),), (Tensor("DOUBLED", "int32", (1,)),), Batching(max_batch_size=4)
+    )
+    (tmp_path / name / "1").mkdir(parents=True)
+    write_config(config, tmp_path / name)
+    shutil.copy(Path(__file__).parent / "triton_models" / f"{name}.py", tmp_path / name / "1" / "model.py")
+    server = start_server(tmp_path)
+    reports, requests = 400, 6
+    try:
+        with TritonkitClient(server.grpc_url) as client, ThreadPoolExecutor(requests) as pool:
+            answers = list(
+                pool.map(
+                    lambda _: client.infer(name, {"VALUE": np.array([[reports]], dtype=np.int32)}), range(requests)
+                )
+            )
+        samples = scrape(server)
+    finally:
+        server.stop()
+    assert [int(a["DOUBLED"][0, 0]) for a in answers] == [2 * reports] * requests
+    assert server.process.returncode in (0, None) and not server.error_lines()
+    assert value(samples, "tritonkit_generated_tokens_total", model=name) == THREADS * reports * requests
+    assert value(samples, "tritonkit_decode_steps_count", model=name) == THREADS * reports * requests

@@ -54,6 +54,15 @@ DESCRIPTIONS = {
 }
 
 
+# Every metric operation of a stub, whatever its thread. The decoders answer from their step loop's
+# thread and from worker threads (word timing, long-form encoding), and the Python backend's
+# Metric is not thread-safe: each operation rewrites the metric's one shared-memory message and
+# frees the one before, which tritonserver may still be reading (2.51 segfaulted in
+# Metric::LoadFromSharedMemory under concurrent word-timestamp requests); a family created twice
+# at once deletes the first, and the backend crashes on the metrics made from it.
+REPORTING = threading.Lock()
+
+
 class ModelMetrics:
     """The metrics one model instance reports; a no-op outside the stub (pb_utils missing)."""
 
@@ -65,9 +74,6 @@ class ModelMetrics:
         self._traced_at = 0.0
         self._families: dict = {}
         self._metrics: dict = {}
-        # the decoder loops report from their own threads: a family created twice at once would
-        # delete the first, and the backend crashes on the metrics made from it
-        self._creating = threading.Lock()
         try:
             import triton_python_backend_utils as pb_utils
         except ImportError:
@@ -85,13 +91,21 @@ class ModelMetrics:
 
         restarts = os.environ.get(RESTARTS_ENV)
         if self._pb is not None and restarts is not None:
-            self._metric(SERVER_RESTARTS, "GAUGE").set(float(restarts))
+            self._record(SERVER_RESTARTS, "GAUGE", float(restarts))
 
-    def _metric(self, name: str, kind: str, buckets: Sequence[float] | None = None, **labels: str):
-        """The metric `name` with these labels, created on first use (callers check `self._pb`)."""
+    def _record(self, name: str, kind: str, value: float, buckets: Sequence[float] | None = None, **labels: str):
+        """Set (GAUGE), add to (COUNTER) or observe (HISTOGRAM) the metric `name` with these
+        labels, created on first use (callers check `self._pb`). One at a time in a stub: see
+        `REPORTING`."""
         key = (name, tuple(sorted(labels.items())))
-        with self._creating:
-            return self._metrics[key] if key in self._metrics else self._created(key, name, kind, buckets, labels)
+        with REPORTING:
+            metric = self._metrics[key] if key in self._metrics else self._created(key, name, kind, buckets, labels)
+            if kind == "GAUGE":
+                metric.set(value)
+            elif kind == "COUNTER":
+                metric.increment(value)
+            else:
+                metric.observe(value)
 
     def _created(self, key, name: str, kind: str, buckets: Sequence[float] | None, labels: dict[str, str]):
         pb = self._pb
@@ -108,39 +122,39 @@ class ModelMetrics:
 
     def received(self, tensor: str, size: int) -> None:
         if self._pb is not None and self.role == "preprocess":
-            self._metric(INPUT_BYTES, "HISTOGRAM", BYTES_BUCKETS, input=tensor).observe(float(size))
+            self._record(INPUT_BYTES, "HISTOGRAM", float(size), BYTES_BUCKETS, input=tensor)
 
     def preprocessed(self, seconds: float) -> None:
         if self._pb is not None and self.role == "preprocess":
-            self._metric(PREPROCESS_SECONDS, "HISTOGRAM", SECONDS_BUCKETS).observe(seconds)
+            self._record(PREPROCESS_SECONDS, "HISTOGRAM", seconds, SECONDS_BUCKETS)
 
     def rejected(self, reason: str) -> None:
         if self._pb is not None:
-            self._metric(REJECTED_INPUTS, "COUNTER", reason=reason).increment(1)
+            self._record(REJECTED_INPUTS, "COUNTER", 1.0, reason=reason)
 
     def decoded(self, tokens: int, steps: int) -> None:
         if self._pb is None or self.role != "decoder":
             return
-        self._metric(GENERATED_TOKENS, "COUNTER").increment(float(tokens))
-        self._metric(DECODE_STEPS, "HISTOGRAM", STEPS_BUCKETS).observe(float(steps))
+        self._record(GENERATED_TOKENS, "COUNTER", float(tokens))
+        self._record(DECODE_STEPS, "HISTOGRAM", float(steps), STEPS_BUCKETS)
 
     def decoder_rows(self, running: int, queued: int) -> None:
         if self._pb is None:
             return
-        self._metric(DECODER_ROWS, "GAUGE", state="running", instance=self.instance).set(float(running))
-        self._metric(DECODER_ROWS, "GAUGE", state="queued", instance=self.instance).set(float(queued))
+        self._record(DECODER_ROWS, "GAUGE", float(running), state="running", instance=self.instance)
+        self._record(DECODER_ROWS, "GAUGE", float(queued), state="queued", instance=self.instance)
 
     def compute_threads(self, library: str, threads: int) -> None:
         if self._pb is not None:
-            self._metric(COMPUTE_THREADS, "GAUGE", library=library, instance=self.instance).set(float(threads))
+            self._record(COMPUTE_THREADS, "GAUGE", float(threads), library=library, instance=self.instance)
 
     def cache_lookups(self, hits: int, misses: int) -> None:
         if self._pb is None:
             return
         if hits:
-            self._metric(CACHE_HITS, "COUNTER").increment(float(hits))
+            self._record(CACHE_HITS, "COUNTER", float(hits))
         if misses:
-            self._metric(CACHE_MISSES, "COUNTER").increment(float(misses))
+            self._record(CACHE_MISSES, "COUNTER", float(misses))
 
     def _start_tracing(self) -> None:
         import os
@@ -167,10 +181,10 @@ class ModelMetrics:
         for process, pid in (("stub", os.getpid()), (SERVER, os.getppid())):
             size = resident_bytes(pid)
             if size is not None:
-                self._metric(RESIDENT_BYTES, "GAUGE", process=process, instance=self.instance).set(float(size))
+                self._record(RESIDENT_BYTES, "GAUGE", float(size), process=process, instance=self.instance)
         if not tracemalloc.is_tracing():
             return
-        self._metric(TRACED_BYTES, "GAUGE", instance=self.instance).set(float(tracemalloc.get_traced_memory()[0]))
+        self._record(TRACED_BYTES, "GAUGE", float(tracemalloc.get_traced_memory()[0]), instance=self.instance)
         if now - self._traced_at >= TRACE_REPORT_EVERY_S:
             self._traced_at = now
             top = tracemalloc.take_snapshot().statistics("lineno")[:10]
@@ -184,6 +198,6 @@ class ModelMetrics:
 
     def close(self) -> None:
         """Drop the families before the stub exits (the backend requires them gone at finalize)."""
-        with self._creating:
+        with REPORTING:
             self._metrics.clear()
             self._families.clear()

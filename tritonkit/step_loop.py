@@ -32,6 +32,27 @@ class CancelledError(TritonkitError):
     """The client cancelled the request (or went away) before its answer was complete."""
 
 
+class Answer:
+    """The answer to one Triton request whose rows finish in a loop: `answered` (set holding
+    `lock`, before the final response is sent) at most once, and its rows' work moot once it is
+    (`cancelled`).
+
+    Once answered, Triton is never asked about the request again: the Python backend of 2.51 asks
+    through the request's response factory, which the final response frees (asking after it is a
+    use after free in tritonserver). A request fails at its first failed row, so its other rows
+    are still in the loop when that happens. The question and the claim share `lock`, so the
+    final response is sent only once any question in flight has been answered."""
+
+    def __init__(self, request):
+        self._asked = getattr(request, "is_cancelled", lambda: False)
+        self.lock = threading.Lock()
+        self.answered = False
+
+    def cancelled(self) -> bool:
+        with self.lock:
+            return self.answered or bool(self._asked())
+
+
 _WAKE = object()  # queued to wake an idle loop when work to continue arrives
 Job = TypeVar("Job")
 Work = TypeVar("Work")  # what a queued job becomes once taken (the loop's own record of it)
