@@ -125,7 +125,7 @@ def in_process_ceiling(repository: Path, files: list[bytes]) -> float:
     runner = DaliRunner((preprocess / VERSION / "model.dali").read_bytes(), BATCH)
     encoder = read_config(repository / "clip_image_encoder")
     parameters = {key: value.string_value for key, value in encoder.parameters.items()}
-    graph = parameters.get("model_file") or parameters.get("onnx_file", "model.onnx")
+    graph = parameters.get("model_file", "model.onnx")
     config = {"instance_group": [{"count": g.count} for g in encoder.instance_group]}
     session = session_from_parameters(repository / "clip_image_encoder" / VERSION / graph, parameters, config)
 

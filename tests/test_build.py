@@ -164,3 +164,76 @@ def test_a_hub_id_without_a_reachable_hub_fails_at_once_naming_both_readings(tmp
     )
     assert "fix the path" in result.stderr and "Retrying" not in result.stderr and "Traceback" not in result.stderr
     assert seconds < 20, seconds  # the import of torch and transformers, then one refused connection
+
+
+def test_a_repository_says_its_format_and_its_model_py_files_bind_the_installed_stages(clip_repository):
+    from tritonkit.repository_format import FORMAT, FORMAT_PARAMETER
+    from tritonkit.stages import stage_names
+    from tritonkit.triton_config import parameter
+
+    for name, config in read_repository(clip_repository).items():
+        assert parameter(config, FORMAT_PARAMETER) == str(FORMAT), name
+        source = clip_repository / name / "1" / "model.py"
+        if config.backend == "python":
+            stage = parameter(config, "tritonkit_template")
+            assert stage in stage_names(), name
+            text = source.read_text()
+            assert f"from tritonkit.stages.{stage} import TritonPythonModel" in text and len(text.splitlines()) <= 5
+
+
+def test_a_repository_of_another_format_is_refused_naming_the_models_and_the_fix(clip_repository, tmp_path):
+    """Where it would be served: `tritonkit serve` and `check` before any server starts, a stage at
+    load (a server started some other way), the OpenAI gateway for its ensembles."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tritonkit.check import check_repository
+    from tritonkit.errors import TritonkitError
+    from tritonkit.gateway.triton import classify
+    from tritonkit.repository_format import FORMAT_PARAMETER
+    from tritonkit.server import TritonServer
+    from tritonkit.triton_config import read_config, write_config
+
+    copy = tmp_path / "repository"
+    shutil.copytree(clip_repository, copy)
+    for stale in ("clip_image_encoder", "clip_image"):
+        config = read_config(copy / stale)
+        config.parameters[FORMAT_PARAMETER].string_value = "1"
+        write_config(config, copy / stale)
+    fix = "rebuild it with tritonkit build"
+    expected = (
+        "clip_image, clip_image_encoder: written in tritonkit repository format 1, and this tritonkit serves format"
+    )
+    with pytest.raises(TritonkitError, match=expected) as refused:
+        TritonServer(copy).start()
+    assert fix in str(refused.value)
+    served = subprocess.run(
+        [sys.executable, "-m", "tritonkit.cli", "serve", str(copy)], capture_output=True, text=True, timeout=120
+    )
+    assert served.returncode == 2 and expected in served.stderr and fix in served.stderr
+    assert "Traceback" not in served.stderr and len(served.stderr.strip().splitlines()) == 1
+    errors = check_repository(copy).errors
+    assert sum("written in tritonkit repository format 1" in e for e in errors) == 2
+
+    from tritonkit.stages.onnx_encoder import TritonPythonModel
+
+    args = {
+        "model_config": json.dumps(_as_json(copy / "clip_image_encoder")),
+        "model_name": "clip_image_encoder",
+        "model_repository": str(copy / "clip_image_encoder"),
+        "model_version": "1",
+    }
+    with pytest.raises(TritonkitError, match=f"clip_image_encoder: written in .* format 1.*{fix}"):
+        TritonPythonModel().initialize(args)
+    models = classify({name: _as_json(copy / name) for name in ("clip_image", "clip_text")}, set())
+    assert "format 1" in (models["clip"].stale or "") and fix in (models["clip"].stale or "")
+
+
+def _as_json(model_dir) -> dict:
+    """A model's config as Triton gives it to a stub and to clients (JSON)."""
+    from google.protobuf.json_format import MessageToDict
+
+    from tritonkit.triton_config import read_config
+
+    return MessageToDict(read_config(model_dir), preserving_proto_field_name=True)

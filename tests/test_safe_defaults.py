@@ -88,13 +88,13 @@ def test_a_models_own_code_runs_only_with_trust_remote_code(tiny_clip_dir, tmp_p
     assert marker.exists()  # the check above can see the code run
 
 
-# Modules that turn bytes into objects. Request data reaches only the templates and tritonkit's
+# Modules that turn bytes into objects. Request data reaches only tritonkit's
 # code, so neither they nor eval/exec/np.load(allow_pickle=True) may appear there at all.
 UNSAFE_MODULES = {"pickle", "cPickle", "dill", "marshal", "shelve", "cloudpickle", "joblib"}
 
 
 def served_sources() -> list[Path]:
-    return sorted((ROOT / "model_repository_templates").glob("*.py")) + sorted((ROOT / "tritonkit").rglob("*.py"))
+    return sorted((ROOT / "tritonkit").rglob("*.py"))
 
 
 @pytest.mark.parametrize("path", served_sources(), ids=lambda p: str(p.relative_to(ROOT)))

@@ -1,26 +1,24 @@
-"""The model.py templates are importable modules whose models share the batched runtime."""
+"""The stages (what a repository's model.py files bind) are importable modules whose models share
+the batched runtime; a repository's model.py is a binding of one, in the repository's format."""
 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import pytest
 
-import model_repository_templates
 from tritonkit.errors import InputError
 from tritonkit.families import registry
 from tritonkit.runtime import BatchedModel, concat_rows, split_rows, string_rows
+from tritonkit.stages import stage_names
 
-TEMPLATES = sorted(
-    p.stem for p in Path(model_repository_templates.__file__).parent.glob("*.py") if p.stem != "__init__"
-)
+TEMPLATES = stage_names()
 
 
 def test_every_template_defines_a_batched_triton_python_model():
     assert TEMPLATES
     for name in TEMPLATES:
-        module = importlib.import_module(f"model_repository_templates.{name}")
+        module = importlib.import_module(f"tritonkit.stages.{name}")
         assert issubclass(module.TritonPythonModel, BatchedModel), name
 
 

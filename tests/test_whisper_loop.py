@@ -162,22 +162,6 @@ def test_a_full_queue_refuses_a_request_with_a_retry_message(decoder, windows):
         loop.stop()
 
 
-def test_a_repository_built_before_in_flight_batching_is_refused_clearly(decoder):
-    class OldStep:  # the step graph's interface without OFFSETS
-        def __init__(self, step):
-            self.step = step
-
-        def get_inputs(self):
-            return [i for i in self.step.get_inputs() if i.name != "OFFSETS"]
-
-        def get_outputs(self):
-            return self.step.get_outputs()
-
-    old = WindowDecoder(decoder.cross_kv, OldStep(decoder.step), decoder.settings)
-    with pytest.raises(ValueError, match="rebuild the repository"):
-        WhisperLoop(old)
-
-
 def test_a_window_that_cannot_be_admitted_fails_alone(decoder, windows, alone):
     """A PROMPT of more tokens than half the context fails its window with its own message while
     the windows admitted with it decode as alone."""

@@ -15,6 +15,7 @@ from tritonclient.grpc import model_config_pb2
 
 from tritonkit.errors import ConfigError
 from tritonkit.repository import TEMPLATE_PARAMETER, VERSION, list_models
+from tritonkit.repository_format import FORMAT_PARAMETER, REBUILD_HINT, format_error
 from tritonkit.triton_config import parameter, read_config
 
 REQUIRED_FILES = {
@@ -83,6 +84,9 @@ def check_repository(repository: Path, target: str | None = None) -> CheckReport
     if not configs and not report.errors:
         report.errors.append(f"{repository}: no models (no */config.pbtxt)")
     for name, config in configs.items():
+        stale = format_error(name, parameter(config, FORMAT_PARAMETER))
+        if stale is not None:
+            report.error(stale.message, fix=REBUILD_HINT)
         if config.platform == "ensemble":
             _check_ensemble(name, config, configs, report)
             continue

@@ -530,7 +530,6 @@ def dockerfile(options: K8sOptions, facts: RepositoryFacts) -> str:
         f"FROM nvcr.io/nvidia/tritonserver:{options.triton_release}-py3\n"
         "COPY pyproject.toml README.md /opt/tritonkit/\n"
         "COPY tritonkit /opt/tritonkit/tritonkit\n"
-        "COPY model_repository_templates /opt/tritonkit/model_repository_templates\n"
         f'RUN pip install --no-cache-dir "/opt/tritonkit[{extra}]"\n'
         f"USER {TRITON_UID}\n"
     )

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_repository_templates import template_path
 from tritonkit.engines import threads_per_instance
 from tritonkit.errors import ConfigError, TritonkitError
 from tritonkit.families.base import (
@@ -24,6 +23,8 @@ from tritonkit.families.base import (
     Pipeline,
     StageMemory,
 )
+from tritonkit.repository_format import FORMAT, FORMAT_PARAMETER, format_error
+from tritonkit.stages import stage_source
 from tritonkit.triton_config import (
     Batching,
     EnsembleStep,
@@ -35,7 +36,7 @@ from tritonkit.triton_config import (
 )
 
 VERSION = "1"
-TEMPLATE_PARAMETER = "tritonkit_template"  # which model_repository_templates source a model.py is
+TEMPLATE_PARAMETER = "tritonkit_template"  # which tritonkit.stages module a model.py binds
 REQUEST_BYTES_PARAMETER = "max_request_bytes"
 
 
@@ -106,7 +107,7 @@ def plan_models(
         )
         files: dict[str, Path | bytes] = dict(stage.files)
         if stage.template is not None:
-            files["model.py"] = template_path(stage.template)
+            files["model.py"] = stage_source(stage.template, FORMAT)
         composing[stage_name] = ModelFiles(config, files)
 
     server_memory = (memory or {}).get(SERVER_MEMORY_ROLE)
@@ -257,3 +258,14 @@ def list_models(repo: Path) -> list[str]:
 def read_repository(repo: Path) -> dict:
     """Parse every config.pbtxt of a repository (raises ConfigError on the first bad one)."""
     return {name: read_config(Path(repo) / name) for name in list_models(repo)}
+
+
+def check_format(repo: Path) -> None:
+    """Refuse a repository holding models of another format (`tritonkit.repository_format`)."""
+    from tritonkit.triton_config import parameter
+
+    found = {name: parameter(config, FORMAT_PARAMETER) for name, config in read_repository(repo).items()}
+    stale = sorted(name for name, value in found.items() if format_error(name, value) is not None)
+    if stale:
+        named = ", ".join(stale[:4]) + (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
+        raise format_error(f"{repo}: {named}", found[stale[0]])  # type: ignore[misc]

@@ -24,6 +24,7 @@ import numpy as np
 from tritonkit.dtypes import numpy_dtype
 from tritonkit.errors import InputError, bounded
 from tritonkit.model_metrics import ModelMetrics
+from tritonkit.repository_format import FORMAT_PARAMETER, format_error
 
 LOGGER = logging.getLogger("tritonkit.runtime")
 # `run` may return this key: an object array with one entry per row, None or the message of a row
@@ -133,6 +134,9 @@ class BatchedModel:
         self.model_name = args.get("model_name", self.model_config.get("name", "?"))
         self.version_dir = Path(args["model_repository"]) / args["model_version"]
         self.parameters = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
+        stale = format_error(self.model_name, self.parameters.get(FORMAT_PARAMETER))
+        if stale is not None:  # the load fails with it (tritonkit serve prints it)
+            raise stale
         self.input_names = [i["name"] for i in self.model_config["input"]]
         self.output_dtypes = {o["name"]: numpy_dtype(o["data_type"]) for o in self.model_config["output"]}
         self.metrics = ModelMetrics(self.model_name, self.metrics_role, args.get("model_instance_name", ""))

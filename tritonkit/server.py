@@ -301,6 +301,9 @@ class TritonServer:
         repository = Path(self.repository)
         if not repository.is_dir():
             raise ServerError(f"{repository}: no such model repository directory")
+        from tritonkit.repository import check_format
+
+        check_format(repository)  # a model of another format would fail to load, one log line among many
         ports = (("grpc", self.grpc_port), ("http", self.http_port), ("metrics", self.metrics_port))
         busy = [(name, port) for name, port in ports if check_ports and not port_is_free(self.host, port)]
         if busy:  # all of them at once, not one per attempt

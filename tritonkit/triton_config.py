@@ -17,6 +17,7 @@ from tritonclient.grpc import model_config_pb2
 
 from tritonkit.dtypes import TRITON_DTYPES
 from tritonkit.errors import ConfigError
+from tritonkit.repository_format import FORMAT, FORMAT_PARAMETER
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def model_config(
             "max_queue_delay_microseconds": str(batching.max_queue_delay_us),
         },
         "instance_group": [{"count": batching.instances, "kind": kind}],
-        "parameters": {k: {"string_value": str(v)} for k, v in (parameters or {}).items()},
+        "parameters": {k: {"string_value": str(v)} for k, v in stamped(parameters).items()},
         **(extra or {}),  # other ModelConfig fields (optimization, model_warmup), checked by the schema
     }
     return _parse(config)
@@ -189,9 +190,13 @@ def ensemble_config(
     }
     if response_cache:  # served from Triton's response cache when the server has one
         config["response_cache"] = {"enable": True}
-    if parameters:
-        config["parameters"] = {k: {"string_value": v} for k, v in parameters.items()}
+    config["parameters"] = {k: {"string_value": v} for k, v in stamped(parameters).items()}
     return _parse(config)
+
+
+def stamped(parameters: Mapping[str, str] | None) -> dict[str, str]:
+    """A model's parameters with the repository format it is written in (`tritonkit.repository_format`)."""
+    return {FORMAT_PARAMETER: str(FORMAT), **(parameters or {})}
 
 
 def to_text(config: model_config_pb2.ModelConfig) -> str:

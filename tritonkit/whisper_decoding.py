@@ -4,8 +4,7 @@
 takes new tokens plus the self-attention cache and returns the last position's logits and the
 grown cache. Every cache is one batch-first tensor per layer ([B, heads, length, head_dim]; cross
 keys pre-transposed), so a step reads the caller's arrays in place. The decoder loop is generic
-over the graphs' tensor names (repositories built before the per-layer layout, with one stacked
-CROSS_KEYS / PAST_KEYS tensor each, decode with the same code).
+over the graphs' tensor names.
 
 `WindowDecoder` decodes a whole dynamic batch together with the model's generation config
 (suppress tokens, begin-suppress tokens, the no-timestamps prompt, language detection and the
@@ -498,8 +497,6 @@ class WindowDecoder:
         # inputs), the self-attention cache (PAST_* in, PRESENT_* out); fixed dims of an empty cache
         self.cross_names = [o.name for o in cross_kv_session.get_outputs()]
         self.past_names = [i.name for i in step_session.get_inputs() if i.name.startswith("PAST_")]
-        # OFFSETS: rows left-padded in one cache (the in-flight loop); absent in repositories built before it
-        self.takes_offsets = any(i.name == OFFSETS for i in step_session.get_inputs())
         self.present_names = [o.name.replace("PRESENT_", "PAST_", 1) for o in step_session.get_outputs()[1:]]
         self.empty_shapes = {
             i.name: tuple(d if isinstance(d, int) else 0 for d in i.shape[1:])
@@ -530,12 +527,9 @@ class WindowDecoder:
         self, ids: np.ndarray, past: Cache, cross: Cache, offsets: np.ndarray | None = None
     ) -> tuple[np.ndarray, Cache]:
         """One decoder step: the last position's logits and the grown self-attention cache.
-        `offsets`: each row's left padding (graphs with OFFSETS; none: no row is padded)."""
+        `offsets`: each row's left padding (rows left-padded in one cache; none: no row is padded)."""
         feed = {"INPUT_IDS": ids, **past, **cross}
-        if self.takes_offsets:
-            feed[OFFSETS] = offsets if offsets is not None else np.zeros((len(ids), 1), dtype=np.int64)
-        elif offsets is not None and offsets.any():
-            raise ValueError("this repository's decoder step takes no OFFSETS (built before in-flight batching)")
+        feed[OFFSETS] = offsets if offsets is not None else np.zeros((len(ids), 1), dtype=np.int64)
         logits, *present = self.step.run(None, feed)
         return logits, dict(zip(self.present_names, present))
 
@@ -881,9 +875,6 @@ class WindowDecoder:
             windows = still
             past = taken(past, np.array([parent for w in windows for parent in chosen[w.row][0]]))
             ids = np.array([token for w in windows for token in chosen[w.row][1]], dtype=np.int64)[:, None]
-
-
-GreedyDecoder = WindowDecoder  # the name repositories built before sampling import
 
 
 @dataclass

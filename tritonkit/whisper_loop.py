@@ -189,8 +189,6 @@ class WhisperLoop(StepLoop[WindowJob, _Window]):
         on_rows: Callable[[int, int], None] | None = None,
         cancel_check_s: float = 0.1,
     ):
-        if not decoder.takes_offsets:
-            raise ValueError("the decoder step graph takes no OFFSETS: rebuild the repository for in-flight batching")
         super().__init__(max_rows, max_queued, on_rows, cancel_check_s)
         self.decoder = decoder
         self.retries: list[_Window] = []  # windows falling back, admitted again before new ones

@@ -80,13 +80,13 @@ class StageMemory:
 class Stage:
     """One Triton model in an ensemble chain; its name is `<NAME>_<role>`.
 
-    A Python-backend stage names its `model.py` source in model_repository_templates
+    A Python-backend stage names the `tritonkit.stages` module its `model.py` binds
     (`template`); other backends (dali, onnxruntime) bring their model file in `files` or make it
     in an artefact. `graphs` names the export role of each graph file it ships, so that graph's
     export and accuracy reports go beside it."""
 
     role: str
-    template: str | None  # module name in model_repository_templates (Python backend only)
+    template: str | None  # module name in tritonkit.stages (Python backend only)
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
     batching: Batching

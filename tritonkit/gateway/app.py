@@ -385,14 +385,7 @@ def create_app(options: GatewayOptions):
             inputs = {"IMAGES": np.array([images], dtype=object)}
         else:
             inputs = {"IMAGE": byte_row(images[0])}
-        if "MESSAGES" in model.inputs:
-            inputs["MESSAGES"] = string_array([json.dumps(rendered)])
-        elif len(rendered) == 1:  # a build from before conversations: one user message as PROMPT
-            inputs["PROMPT"] = string_array([" ".join(p["text"] for p in rendered[0]["content"] if "text" in p)])
-        else:
-            raise ApiError(
-                400, f"messages: {model.name} was built before conversations; rebuild it or send one user message"
-            )
+        inputs["MESSAGES"] = string_array([json.dumps(rendered)])
         # types and ranges were checked against OpenAI's request schema (json_body)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None:
@@ -414,17 +407,9 @@ def create_app(options: GatewayOptions):
         if top_logprobs is not None and not body.get("logprobs"):
             raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
         if body.get("logprobs"):
-            if "TOP_LOGPROBS" not in model.inputs:
-                raise ApiError(400, f"logprobs: {model.name} was built before logprobs; rebuild it", param="logprobs")
             inputs["TOP_LOGPROBS"] = np.array([[top_logprobs or 0]], dtype=np.int32)
         response_format = body.get("response_format")
         if response_format is not None and response_format.get("type") != "text":
-            if "RESPONSE_FORMAT" not in model.inputs:
-                raise ApiError(
-                    400,
-                    f"response_format: {model.name} was built before structured outputs; rebuild it",
-                    param="response_format",
-                )
             inputs["RESPONSE_FORMAT"] = string_array([json.dumps(response_format)])
         return inputs, not images
 
@@ -568,15 +553,13 @@ def create_app(options: GatewayOptions):
             "model": model.name,
             "choices": found,
         }
-        first_outputs = rows[0][0]
-        if "PROMPT_TOKENS" in first_outputs:  # repositories built before these outputs lack them
-            prompt = int(first_outputs["PROMPT_TOKENS"].reshape(-1)[0])
-            completion = sum(int(outputs["COMPLETION_TOKENS"].reshape(-1)[row]) for outputs, row in rows)
-            answer["usage"] = {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            }
+        prompt = int(rows[0][0]["PROMPT_TOKENS"].reshape(-1)[0])
+        completion = sum(int(outputs["COMPLETION_TOKENS"].reshape(-1)[row]) for outputs, row in rows)
+        answer["usage"] = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
         return answer
 
     # -- audio ------------------------------------------------------------------------------------
@@ -593,13 +576,8 @@ def create_app(options: GatewayOptions):
         model = await triton().model(form.get("model"), "transcription")
         request.state.model = model.name
         streamed = str(form.get("stream") or "").lower() in ("true", "1")
-        if streamed:
-            if "speech_stream" not in model.ensembles:
-                raise ApiError(
-                    400, f"stream: {model.name} was built before streamed transcription; rebuild it", param="stream"
-                )
-            if task != "transcribe":
-                raise ApiError(400, "stream: translations are answered whole; leave stream out", param="stream")
+        if streamed and task != "transcribe":
+            raise ApiError(400, "stream: translations are answered whole; leave stream out", param="stream")
         response_format = str(form.get("response_format") or "json")
         if response_format not in AUDIO_FORMATS:
             raise ApiError(400, f"response_format: one of {', '.join(AUDIO_FORMATS)}", param="response_format")
@@ -612,12 +590,6 @@ def create_app(options: GatewayOptions):
                 400, f"timestamp_granularities: segment or word, got {unknown[0]!r}", param="timestamp_granularities"
             )
         words_asked = "word" in granularities
-        if words_asked and "WORD_TIMESTAMPS" not in model.inputs:
-            raise ApiError(
-                400,
-                f"timestamp_granularities: {model.name} was built before word timestamps; rebuild it",
-                param="timestamp_granularities",
-            )
         if granularities and response_format != "verbose_json":  # as OpenAI answers
             raise ApiError(
                 400, "timestamp_granularities: needs response_format verbose_json", param="timestamp_granularities"
@@ -628,7 +600,7 @@ def create_app(options: GatewayOptions):
         if isinstance(language, str) and language:
             inputs["LANGUAGE"] = string_array([language])
 
-        def form_option(field: str, tensor: str, convert, dtype, expected: str, built_before: str) -> None:
+        def form_option(field: str, tensor: str, convert, dtype, expected: str) -> None:
             """A form field as the tensor the model takes (convert -> None: leave it out)."""
             raw = form.get(field)
             if not isinstance(raw, str) or not raw.strip():
@@ -639,8 +611,6 @@ def create_app(options: GatewayOptions):
                 raise ApiError(400, f"{field}: {expected}", param=field) from None
             if value is None:
                 return
-            if tensor not in model.inputs:
-                raise ApiError(400, f"{field}: {model.name} was built before {built_before}; rebuild it", param=field)
             inputs[tensor] = np.array([[value]], dtype=dtype)
 
         def flag(raw: str) -> bool | None:
@@ -648,28 +618,20 @@ def create_app(options: GatewayOptions):
                 raise ValueError(raw)
             return True if raw.lower() in ("true", "1") else None
 
-        form_option("prompt", "PROMPT", str.encode, object, "text", "prompts")
+        form_option("prompt", "PROMPT", str.encode, object, "text")
         raw_temperature = form.get("temperature")
         try:
             temperature = float(raw_temperature) if isinstance(raw_temperature, str) and raw_temperature else 0.0
         except ValueError:
             raise ApiError(400, "temperature: a number between 0 and 1", param="temperature") from None
-        if "FALLBACK" in model.inputs:  # OpenAI: 0 raises the temperature as its thresholds ask; above 0 samples
-            inputs["TEMPERATURE"] = np.array([[temperature]], dtype=np.float32)
-            inputs["FALLBACK"] = np.array([[temperature == 0.0]], dtype=bool)
-        elif temperature:
-            raise ApiError(400, f"temperature: {model.name} was built before sampling; rebuild it", param="temperature")
+        # OpenAI: 0 raises the temperature as its thresholds ask; above 0 samples
+        inputs["TEMPERATURE"] = np.array([[temperature]], dtype=np.float32)
+        inputs["FALLBACK"] = np.array([[temperature == 0.0]], dtype=bool)
         # beyond OpenAI's audio API: a seed as chat's, faster-whisper's beam_size, speaches' vad_filter
-        form_option("seed", "SEED", int, np.int64, "an integer", "sampling")
-        form_option("beam_size", "BEAM_SIZE", int, np.int32, "an integer from 1 to 5", "beam search")
-        form_option("vad_filter", "VAD_FILTER", flag, bool, "true or false", "VAD")
+        form_option("seed", "SEED", int, np.int64, "an integer")
+        form_option("beam_size", "BEAM_SIZE", int, np.int32, "an integer from 1 to 5")
+        form_option("vad_filter", "VAD_FILTER", flag, bool, "true or false")
         if timed:
-            if "TIMESTAMPS" not in model.inputs:
-                raise ApiError(
-                    400,
-                    f"response_format: {model.name} was built before timestamps; rebuild it for {response_format}",
-                    param="response_format",
-                )
             inputs["TIMESTAMPS"] = np.array([[True]], dtype=bool)
         if words_asked:
             inputs["WORD_TIMESTAMPS"] = np.array([[True]], dtype=bool)

@@ -11,6 +11,7 @@ import numpy as np
 
 from tritonkit.chat_loop import BUSY_MARK
 from tritonkit.dtypes import wire_datatype
+from tritonkit.repository_format import FORMAT_PARAMETER, format_error
 
 # A composing model's message as an ensemble passes it on: "in ensemble 'clip_image', IMAGE: ..."
 RETRY_AFTER_S = 1  # what a 429 asks a client to wait: a decoder's queue moves on within a second or two
@@ -69,6 +70,7 @@ class ServedModel:
     tokenizer: str | None = None  # the text tokenizer model (token counts for `usage`)
     inputs: set[str] = field(default_factory=set)  # the ensembles' input names (optional ones tell what a build can do)
     vad: str | None = None  # transcription: the build's Silero VAD model (the Realtime API's server VAD)
+    stale: str | None = None  # why it cannot be served: written in another repository format
 
 
 def classify(configs: Mapping[str, dict], names: set[str]) -> dict[str, ServedModel]:
@@ -79,6 +81,10 @@ def classify(configs: Mapping[str, dict], names: set[str]) -> dict[str, ServedMo
         model = models.setdefault(name, ServedModel(name, kind))
         model.ensembles[role] = ensemble
         model.inputs |= {i["name"] for i in configs[ensemble].get("input", [])}
+        found = configs[ensemble].get("parameters", {}).get(FORMAT_PARAMETER, {}).get("string_value")
+        stale = format_error(f"model {name!r}", found)
+        if stale is not None:
+            model.stale = str(stale)
 
     for ensemble, config in sorted(configs.items()):
         if config.get("platform") != "ensemble":
@@ -194,6 +200,9 @@ class Triton:
                 param="model",
                 code="model_not_found",
             )
+        stale = models[name].stale
+        if stale:
+            raise ApiError(400, stale, param="model")
         return models[name]
 
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray], param: str | None = None) -> dict:

@@ -22,6 +22,7 @@ a request fails at once with UNAVAILABLE (retry later). A cancelled request free
 earlier scheduler (a dynamic batch generated to its longest answer), for comparison.
 """
 
+import functools
 import json
 import time
 
@@ -95,12 +96,13 @@ class TritonPythonModel(BatchedModel):
             self.stop_input,
             *_,
         ) = self.input_names
-        # later inputs, each absent from builds before it: conversations; Qwen-VL's patch grids of
-        # each request's images (its features are ragged: [tokens of all its images, hidden]); logprobs
-        self.messages_input = "MESSAGES" if "MESSAGES" in self.input_names else None
+        self.messages_input, self.top_logprobs_input, self.response_format_input = (
+            "MESSAGES",
+            TOP_LOGPROBS,
+            RESPONSE_FORMAT,
+        )
+        # Qwen-VL's patch grids of each request's images (its features are ragged: [tokens of all its images, hidden])
         self.grid_input = "GRID_THW" if "GRID_THW" in self.input_names else None
-        self.top_logprobs_input = TOP_LOGPROBS if TOP_LOGPROBS in self.input_names else None
-        self.response_format_input = RESPONSE_FORMAT if RESPONSE_FORMAT in self.input_names else None
         self.text_output = next(iter(self.output_dtypes))
         self.loop = None
         if self.parameters.get("decoder_batching", "inflight") == "inflight":
@@ -174,7 +176,7 @@ class TritonPythonModel(BatchedModel):
             features = inputs[self.features_input]
             tokens_per_image = [[features.shape[1]] for _ in range(len(features))]
             grid_rows = None
-        given = [name for name in (self.prompt_input, self.messages_input) if name is not None and name in inputs]
+        given = [name for name in (self.prompt_input, self.messages_input) if name in inputs]
         if len(given) != 1:
             raise InputError(
                 f"{self.prompt_input} or {self.messages_input}: give exactly one "
@@ -265,8 +267,8 @@ class TritonPythonModel(BatchedModel):
 
     def finish(self, outputs, rows):
         self.metrics.decoded(tokens=int(outputs["tokens"].sum()), steps=int(outputs["steps"].sum()))
-        response = {self.text_output: outputs[self.text_output]}
-        usage = {  # the optional outputs the config declares (the whole-answer decoder's, for `usage`)
+        return {  # the text, and what OpenAI's usage, finish_reason and logprobs report
+            self.text_output: outputs[self.text_output],
             PROMPT_TOKENS: outputs["prompt_tokens"][:, None],
             COMPLETION_TOKENS: outputs["tokens"][:, None],
             FINISH_REASON: outputs["reasons"],
@@ -278,8 +280,6 @@ class TritonPythonModel(BatchedModel):
                 dtype=object,
             ),
         }
-        response.update({name: value for name, value in usage.items() if name in self.output_dtypes})
-        return response
 
     def logprobs_text(self, entries, options: ChatOptions) -> bytes:
         """LOGPROBS of a response: OpenAI's `logprobs.content` for its tokens as JSON; empty when
@@ -355,10 +355,7 @@ class TritonPythonModel(BatchedModel):
             return
         for row, (sender, result) in enumerate(zip(senders, results)):
             self.metrics.decoded(tokens=len(result.tokens), steps=result.steps)
-            if len(self.output_dtypes) > 1:
-                sender.send(response(row, "", result, result.reason), flags=final)
-            else:
-                sender.send(flags=final)
+            sender.send(response(row, "", result, result.reason), flags=final)
 
     # -- in-flight batching ---------------------------------------------------------------
     def submit(self, request) -> None:
@@ -379,9 +376,9 @@ class TritonPythonModel(BatchedModel):
                 features=rows[self.features_input][i],
                 prompt_ids=list(rows["prompt_ids"][i]),
                 options=rows["options"][i],
-                on_done=lambda result, i=i: answer.done(i, result),
-                on_error=lambda exc, i=i: answer.failed(i, exc),
-                on_text=answer.text if self.decoupled else None,
+                on_done=functools.partial(answer.done, i),
+                on_error=functools.partial(answer.failed, i),
+                on_text=answer.text if isinstance(answer, StreamedAnswer) else None,
                 cancelled=answer.cancelled,
                 grid=rows["grids"][i] if "grids" in rows else None,
             )
@@ -464,10 +461,7 @@ class StreamedAnswer(Answer):
         self.model.metrics.decoded(tokens=len(result.tokens), steps=result.steps)
         self.flush(result)
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        if len(self.model.output_dtypes) > 1:
-            self.sender.send(self.response("", result, result.reason), flags=final)
-        else:
-            self.sender.send(flags=final)
+        self.sender.send(self.response("", result, result.reason), flags=final)
 
     def failed(self, i, exc) -> None:
         with self.lock:
@@ -482,7 +476,8 @@ def send_error(model, sender, exc: Exception) -> None:
     from tritonkit.chat_loop import CancelledError, QueueFull
 
     final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-    code = {QueueFull: "UNAVAILABLE", CancelledError: "CANCELLED"}.get(type(exc))
+    codes: dict[type[Exception], str] = {QueueFull: "UNAVAILABLE", CancelledError: "CANCELLED"}
+    code = codes.get(type(exc))
     if code is None:
         error = model.failure(exc, "a request").error()
     else:
@@ -503,6 +498,4 @@ def stream_response(model, piece: str, prompt_tokens: int, completion_tokens: in
         FINISH_REASON: np.array([[reason.encode()]], dtype=object),
         LOGPROBS: np.array([[logprobs]], dtype=object),
     }
-    return pb_utils.InferenceResponse(  # the outputs this build declares (older ones: TEXT alone)
-        output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items() if k in model.output_dtypes]
-    )
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])

@@ -15,9 +15,7 @@ from tritonkit.runtime import BatchedModel, run_in_slices
 
 class TritonPythonModel(BatchedModel):
     def setup(self):
-        # `onnx_file`: repositories built before OpenVINO
-        graph = self.parameters.get("model_file") or self.parameters.get("onnx_file", "model.onnx")
-        self.session = self.open_session(self.version_dir / graph)
+        self.session = self.open_session(self.version_dir / self.parameters.get("model_file", "model.onnx"))
         self.session_inputs = [i.name for i in self.session.get_inputs()]
         self.session_outputs = [o.name for o in self.session.get_outputs() if o.name in self.output_dtypes]
         self.rows_per_run = int(self.parameters.get("rows_per_run", "0"))

@@ -25,6 +25,7 @@ UNAVAILABLE (retry later). A cancelled request frees its rows within `cancel_che
 keeps the earlier scheduler (the whole dynamic batch decoded together, as described above).
 """
 
+import functools
 import threading
 from dataclasses import replace
 
@@ -57,9 +58,8 @@ class TritonPythonModel(BatchedModel):
 
         providers = onnxruntime_providers(self.parameters, self.model_name)
 
-        def session(stem):  # `STEM_file`: the graph (absent in repositories built before OpenVINO)
-            path = self.version_dir / self.parameters.get(f"{stem}_file", f"{stem}.onnx")
-            return self.open_session(path, providers=providers)
+        def session(stem):  # `STEM_file`: the graph (ONNX, or OpenVINO's IR)
+            return self.open_session(self.version_dir / self.parameters[f"{stem}_file"], providers=providers)
 
         self.settings = DecodeSettings.from_json(self.parameters["decode_settings"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.version_dir / self.parameters["tokenizer_dir"]))
@@ -70,24 +70,21 @@ class TritonPythonModel(BatchedModel):
             prompt_ids=lambda text: [int(t) for t in self.tokenizer.get_prompt_ids(text)],
             text_of=lambda tokens: self.text(tokens).decode(),
         )
-        self.hidden_input, self.row_input, self.options_input, *rest = self.input_names
-        self.features_input = rest[0] if rest else None  # FILE_FEATURES (absent in older repositories)
+        self.hidden_input, self.row_input, self.options_input, self.features_input = self.input_names
         self.text_output, self.tokens_output, self.language_output, *more = self.output_dtypes
-        self.segment_outputs = [n for n in more if n.startswith("SEGMENT_")]  # absent in older repositories
+        self.segment_outputs = [n for n in more if n.startswith("SEGMENT_")]  # SEGMENT_TIMES, _TEXTS, _STATS
         self.word_outputs = [n for n in more if n.startswith("WORD_")]  # WORD_TIMES, WORD_TEXTS, WORD_PROBS
-        self.aligner = None  # the word alignment graph (repositories built before word timestamps have none)
-        if "align_file" in self.parameters and self.word_outputs:
-            self.aligner = WordAligner(
-                session("align"),
-                self.settings,
-                lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
-            )
+        self.aligner = WordAligner(
+            session("align"),
+            self.settings,
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+        )
         self.encoder_model = self.parameters.get("encoder_model")
         # decoupled (the NAME_stream ensemble's decoder): a request's text is sent as it becomes final
         self.streaming = bool(self.model_config.get("model_transaction_policy", {}).get("decoupled"))
         self.long_form = LongForm(self.decoder, self.encode)
         self.loop = None
-        if self.parameters.get("decoder_batching", "inflight") == "inflight" and self.decoder.takes_offsets:
+        if self.parameters.get("decoder_batching", "inflight") == "inflight":
             from concurrent.futures import ThreadPoolExecutor
 
             from tritonkit.whisper_loop import WhisperLoop
@@ -147,17 +144,10 @@ class TritonPythonModel(BatchedModel):
     def prepare(self, inputs):
         options = np.empty(len(inputs[self.options_input]), dtype=object)
         options[:] = [DecodeOptions.from_json(raw) for raw in inputs[self.options_input].reshape(-1)]
-        if self.aligner is None and any(o.word_timestamps for o in options):
-            raise InputError(
-                "WORD_TIMESTAMPS: this repository has no word alignment graph; rebuild it with tritonkit build",
-                reason="bad_option",
-            )
-        prepared = {**inputs, "options": options}
-        if self.features_input in inputs:  # ragged across requests: one object per window row
-            features = np.empty(len(options), dtype=object)
-            features[:] = [f[:, : o.total_frames] for f, o in zip(inputs[self.features_input], options)]
-            prepared[self.features_input] = features
-        return prepared
+        # ragged across requests: one object per window row
+        features = np.empty(len(options), dtype=object)
+        features[:] = [f[:, : o.total_frames] for f, o in zip(inputs[self.features_input], options)]
+        return {**inputs, "options": options, self.features_input: features}
 
     def run(self, batch):
         """Every window's tokens and segments (times on its file's timeline, OpenAI's figures)."""
@@ -276,9 +266,7 @@ class TritonPythonModel(BatchedModel):
                     WindowJob(
                         hidden,
                         options,
-                        on_done=lambda result, i=i, options=options, hidden=hidden: self.answer_window(
-                            answer, i, options, result, hidden
-                        ),
+                        on_done=functools.partial(self.answer_window, answer, i, options, hidden=hidden),
                         on_error=answer.failed,
                         cancelled=cancelled,
                     )
@@ -381,14 +369,8 @@ class TritonPythonModel(BatchedModel):
             self.tokens_output: token_array,
             self.language_output: np.array(languages, dtype=object)[:, None],
         }
-        if self.segment_outputs:
-            times, texts_array, stats_array = padded(found, self.text, (4,))
-            names = dict(zip(("times", "texts", "stats"), self.segment_outputs))
-            response[names["times"]], response[names["texts"]] = times, texts_array
-            if "stats" in names:
-                response[names["stats"]] = stats_array
-        if self.word_outputs:
-            response.update(zip(self.word_outputs, padded(words, str.encode)))
+        response.update(zip(self.segment_outputs, padded(found, self.text, (4,))))
+        response.update(zip(self.word_outputs, padded(words, str.encode)))
         return response
 
     def text(self, tokens) -> bytes:
@@ -494,7 +476,10 @@ class RequestAnswer(Answer):
         """The windows final from the file's start on (a long-form file: its segments so far),
         past what was sent. The text piece is the new end of the whole text decoded so far, so
         the pieces join into exactly the whole-answer text."""
-        tokens, found, words, language = [], [], [], None
+        tokens: list[int] = []
+        found: list[tuple] = []
+        words: list[tuple] = []
+        language: str | None = None
         for row in range(len(self.finished)):
             if self.finished[row]:
                 window_tokens, window_segments, window_language, _, window_words = (
