@@ -67,16 +67,20 @@ def test_the_demo_prints_its_steps_something_to_judge_and_what_to_try_next(demo)
     assert "Traceback" not in out and "Warning" not in out and "warn" not in out.lower()
 
 
-def readme_examples() -> list[tuple[str, str]]:
-    """(language, code) of each block of the README's "One example per contract" section."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## One example per contract", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```(bash|python)\n(.*?)```", section, flags=re.S)
+def examples(page: str, section: str | None = None) -> list[tuple[str, str]]:
+    """(language, code) of each bash and python block of a page (or of one of its sections)."""
+    text = (ROOT / page).read_text()
+    if section is not None:
+        text = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(bash|python)\n(.*?)```", text, flags=re.S)
 
 
-def test_the_readmes_examples_run_as_written_against_the_demos_repository(demo, llava_repository, tmp_path):
-    """Every block of the README's examples, with the demo's folder for `demo/` and free ports
-    for the default ones; a LLaVA build added to the repository, as the README says to."""
+def test_the_docs_examples_run_as_written_against_the_demos_repository(
+    demo, llava_repository, qwen2vl_repository, tmp_path
+):
+    """Every block of the README's examples and of the pages that call a served repository
+    (docs/FAMILIES.md, docs/OPENAI.md), with the demo's folder for `demo/` and free ports for the
+    default ones; LLaVA and Qwen2-VL builds added to the repository, as the docs say to."""
     import shutil
     import signal
     import sys
@@ -86,8 +90,9 @@ def test_the_readmes_examples_run_as_written_against_the_demos_repository(demo, 
 
     result, folder = demo
     assert result.returncode == 0, result.stdout + result.stderr
-    for model in llava_repository.iterdir():
-        shutil.copytree(model, folder / "model_repository" / model.name, dirs_exist_ok=True)
+    for built in (llava_repository, qwen2vl_repository):
+        for model in built.iterdir():
+            shutil.copytree(model, folder / "model_repository" / model.name, dirs_exist_ok=True)
     grpc, openai = free_port(), free_port()
 
     def as_here(code: str) -> str:
@@ -98,27 +103,30 @@ def test_the_readmes_examples_run_as_written_against_the_demos_repository(demo, 
             f"--grpc-port {grpc} --http-port {free_port()} --metrics-port {free_port()} --openai-port {openai}",
         )
 
-    (serve_block, *calls) = readme_examples()
+    (serve_block, *readme) = examples("README.md", "One example per contract")
     assert serve_block[0] == "bash" and serve_block[1].startswith("tritonkit serve "), serve_block
-    assert len(calls) == 4, calls
+    pages = {"README.md": readme, "docs/FAMILIES.md": examples("docs/FAMILIES.md")}
+    pages["docs/OPENAI.md"] = examples("docs/OPENAI.md")
+    assert [len(blocks) for blocks in pages.values()] == [4, 3, 2], pages
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     serve = subprocess.Popen(["bash", "-c", "exec " + as_here(serve_block[1])], env=env, cwd=tmp_path)
+    outputs: dict[str, list[str]] = {}
     try:
         wait_until_healthy(f"http://127.0.0.1:{openai}", timeout=300)
-        outputs = []
-        for language, code in calls:
-            command = ["bash", "-euo", "pipefail", "-c"] if language == "bash" else [sys.executable, "-c"]
-            ran = subprocess.run(
-                [*command, as_here(code)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
-            )
-            assert ran.returncode == 0, f"{code}\n{ran.stdout}\n{ran.stderr}"
-            outputs.append(ran.stdout)
+        for page, blocks in pages.items():
+            for language, code in blocks:
+                command = ["bash", "-euo", "pipefail", "-c"] if language == "bash" else [sys.executable, "-c"]
+                ran = subprocess.run(
+                    [*command, as_here(code)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+                )
+                assert ran.returncode == 0, f"{page}:\n{code}\n{ran.stdout}\n{ran.stderr}"
+                outputs.setdefault(page, []).append(ran.stdout)
         models = urllib.request.urlopen(f"http://127.0.0.1:{openai}/v1/models", timeout=10).read().decode()
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=120)
-    assert all(f'"{m}"' in models for m in ("clip", "whisper", "llava"))
-    curls, sdk, client, cli = outputs
+    assert all(f'"{m}"' in models for m in ("clip", "whisper", "llava", "qwen2vl"))
+    curls, sdk, client, cli = outputs["README.md"]
     decoder = json.JSONDecoder()
     embeddings, end = decoder.raw_decode(curls)
     transcription, _ = decoder.raw_decode(curls[end:].lstrip())
@@ -127,3 +135,16 @@ def test_the_readmes_examples_run_as_written_against_the_demos_repository(demo, 
     assert sdk.strip()  # the streamed haiku of a random model: some text
     assert "Hello" in client and "(' Hello'," in client
     assert "00:00:00,000 -->" in cli and cli.count("-->") >= 3
+    options, two_images, clip = outputs["docs/FAMILIES.md"]
+    assert "Hello" in options and " en\n" in options and "[[0." in options  # text, language, segment times
+    assert two_images.strip() and "(2, " in clip
+    listed, sdk = outputs["docs/OPENAI.md"]
+    answers = []
+    rest = listed.strip()
+    while rest:
+        answer, end = decoder.raw_decode(rest)
+        answers.append(answer)
+        rest = rest[end:].lstrip()
+    assert [a.get("object") for a in answers] == ["list", "list", None, "chat.completion"], answers
+    assert "Hello" in answers[2]["text"] and answers[3]["choices"][0]["message"]["content"]
+    assert sdk.strip()
