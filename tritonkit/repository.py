@@ -266,6 +266,7 @@ def check_format(repo: Path) -> None:
 
     found = {name: parameter(config, FORMAT_PARAMETER) for name, config in read_repository(repo).items()}
     stale = sorted(name for name, value in found.items() if format_error(name, value) is not None)
-    if stale:
-        named = ", ".join(stale[:4]) + (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
-        raise format_error(f"{repo}: {named}", found[stale[0]])  # type: ignore[misc]
+    named = ", ".join(stale[:4]) + (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
+    error = format_error(f"{repo}: {named}", found[stale[0]]) if stale else None
+    if error is not None:
+        raise error
