@@ -30,8 +30,15 @@ SOAK_LABELS = {  # (family, through the gateway) -> (a valid case, an invalid ca
 }
 
 
+# The Whisper and LLaVA soaks take 2-4 minutes each (Whisper drains its 150 s long-form files after every
+# phase, and its plan gate needs full batches): scripts/heavy_tests.sh runs them, the test command runs CLIP's.
+HEAVY_SOAKS = {("whisper", False), ("llava", False)}
+
+
 @pytest.mark.parametrize(
-    "family, gateway", sorted(SOAK_LABELS), ids=lambda v: {True: "gateway", False: "grpc"}.get(v, v)
+    "family, gateway",
+    [pytest.param(*key, marks=pytest.mark.heavy) if key in HEAVY_SOAKS else key for key in sorted(SOAK_LABELS)],
+    ids=lambda v: {True: "gateway", False: "grpc"}.get(v, v),
 )
 def test_soak_with_mixed_valid_and_invalid_requests(family, gateway, request, tmp_path):
     """The CI-length soak (30-60 s at concurrency 16); scripts/soak.py defaults to 10 minutes.
