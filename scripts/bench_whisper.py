@@ -158,6 +158,42 @@ def bench_faster_whisper_defaults(
         return timed(lambda: list(pool.map(one, samples)))
 
 
+def build_repositories(args, model_dir: Path, work: Path) -> tuple[str, dict[str, Path]]:
+    """The served builds the run compares: the default one, then INT8 (--defaults-only) or feature
+    padding and the OpenVINO ones. Returns the INT8 build's note and the OpenVINO repositories."""
+    from tritonkit.families.base import BuildOptions
+    from tritonkit.precision import PrecisionOptions
+
+    build("whisper", str(model_dir), work / "repo")
+    int8_note = ""
+    if args.defaults_only:
+        built = build(
+            "whisper",
+            str(model_dir),
+            work / "repo-int8",
+            precision=PrecisionOptions("int8", args.int8, force=args.force_int8),
+        )
+        report = built.accuracy.get(built.precision_variant)
+        int8_note = f"served INT8 build: {built.precision_variant}" + (
+            f"; its accuracy report: {report.summary()}" if report is not None else ""
+        )
+        print(int8_note, flush=True)
+    else:
+        build("whisper", str(model_dir), work / "repo-features", options=BuildOptions(audio_padding="features"))
+    openvino_builds = {}
+    if "openvino" in args.engines.split(",") and not args.defaults_only:
+        for precision in ("fp32", "int8"):
+            built = build(
+                "whisper",
+                str(model_dir),
+                work / f"repo-openvino-{precision}",
+                options=BuildOptions(engine="openvino"),
+                precision=PrecisionOptions(precision),
+            )
+            openvino_builds[f"openvino {built.precision_variant}"] = built.out
+    return int8_note, openvino_builds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=16)
@@ -188,40 +224,12 @@ def main() -> None:
         help="Serve the INT8 build even if its accuracy report fails (the report is printed and recorded)",
     )
     args = parser.parse_args()
-    from tritonkit.families.base import BuildOptions
-    from tritonkit.precision import PrecisionOptions
 
     work = Path(tempfile.mkdtemp(prefix="bench-whisper-"))
     source = BUNDLED_SOURCES[args.model]()
     model_dir = convert_ct2_whisper(source, work / args.model)
     english = {"LANGUAGE": np.array([[b"en"]], dtype=object)} if args.model != "tiny.en" else {}
-    build("whisper", str(model_dir), work / "repo")
-    int8_note = ""
-    if args.defaults_only:
-        built = build(
-            "whisper",
-            str(model_dir),
-            work / "repo-int8",
-            precision=PrecisionOptions("int8", args.int8, force=args.force_int8),
-        )
-        report = built.accuracy.get(built.precision_variant)
-        int8_note = f"served INT8 build: {built.precision_variant}" + (
-            f"; its accuracy report: {report.summary()}" if report is not None else ""
-        )
-        print(int8_note, flush=True)
-    else:
-        build("whisper", str(model_dir), work / "repo-features", options=BuildOptions(audio_padding="features"))
-    openvino_builds = {}
-    if "openvino" in args.engines.split(",") and not args.defaults_only:
-        for precision in ("fp32", "int8"):
-            built = build(
-                "whisper",
-                str(model_dir),
-                work / f"repo-openvino-{precision}",
-                options=BuildOptions(engine="openvino"),
-                precision=PrecisionOptions(precision),
-            )
-            openvino_builds[f"openvino {built.precision_variant}"] = built.out
+    int8_note, openvino_builds = build_repositories(args, model_dir, work)
     clips, references = make_clips(work, args.clips)
     samples = [decode_audio(c, AudioRecipe()) for c in clips]
     audio_seconds = sum(len(s) for s in samples) / SAMPLE_RATE

@@ -90,46 +90,53 @@ def check_repository(repository: Path, target: str | None = None) -> CheckReport
         if config.platform == "ensemble":
             _check_ensemble(name, config, configs, report)
             continue
-        backend = config.backend or config.platform
-        required = REQUIRED_FILES.get(config.backend)
-        if required is None and config.platform != "tensorrt_plan":
-            report.warnings.append(
-                f"{name}: backend {backend!r} is not one tritonkit writes; its files are not checked"
-            )
-        elif required and not (repository / name / VERSION / required).exists():
-            report.errors.append(f"{name}: the {config.backend} backend needs {VERSION}/{required}, which is missing")
-        elif config.backend == "openvino" and not (repository / name / VERSION / "model.bin").exists():
-            report.errors.append(f"{name}: {VERSION}/model.xml has no weights beside it ({VERSION}/model.bin)")
-        kinds = {_kind(g) for g in config.instance_group}
-        if target in ("cpu", "cpu-native"):
-            if "KIND_GPU" in kinds:
-                report.error(
-                    f"{name}: KIND_GPU instances in a CPU repository",
-                    fix="the repository was built for a GPU: rebuild it with --target cpu for a CPU server",
-                )
-            if target == "cpu" and config.backend not in CPU_BACKENDS:
-                report.error(
-                    f"{name}: the {config.backend} backend is not in the CPU server bundled here (Python backend only)",
-                    fix="check it with --target cpu-native for a server that has Triton's CPU backends",
-                )
-            if target == "cpu-native" and config.backend not in NATIVE_CPU_BACKENDS:
-                report.errors.append(f"{name}: the {config.backend} backend is not a CPU backend")
-        if config.backend == "openvino" and parameter(config, "HINT_BF16") is None:
-            report.warnings.append(
-                f"{name}: Triton's openvino backend has no FP32 precision hint, so on a CPU with native BF16 "
-                "OpenVINO computes this graph's float parts in BF16 (its default there); for FP32 there, build with "
-                "--engine onnxruntime --native-backends"
-            )
-        if target == "gpu" and config.backend in ("dali", "onnxruntime", "tensorrt") and "KIND_GPU" not in kinds:
-            report.warnings.append(f"{name}: a {config.backend} model without KIND_GPU instances runs on CPU")
-        template = parameter(config, TEMPLATE_PARAMETER)
-        if target == "gpu" and template in CPU_ONLY_TEMPLATES and "KIND_GPU" not in kinds:
-            report.error(
-                f"{name}: runs {CPU_ONLY_TEMPLATES[template]} in the Python backend on CPU, which a GPU server "
-                "does on its GPU backends",
-                fix="the repository was built for CPU: rebuild it with --target gpu for a GPU server",
-            )
+        _check_files(repository, name, config, report)
+        _check_target(name, config, target, report)
     return report
+
+
+def _check_files(repository: Path, name: str, config, report: CheckReport) -> None:
+    """The files a model's backend loads are in its version directory."""
+    backend = config.backend or config.platform
+    required = REQUIRED_FILES.get(config.backend)
+    if required is None and config.platform != "tensorrt_plan":
+        report.warnings.append(f"{name}: backend {backend!r} is not one tritonkit writes; its files are not checked")
+    elif required and not (repository / name / VERSION / required).exists():
+        report.errors.append(f"{name}: the {config.backend} backend needs {VERSION}/{required}, which is missing")
+    elif config.backend == "openvino" and not (repository / name / VERSION / "model.bin").exists():
+        report.errors.append(f"{name}: {VERSION}/model.xml has no weights beside it ({VERSION}/model.bin)")
+
+
+def _check_target(name: str, config, target: str | None, report: CheckReport) -> None:
+    """A model's instance kinds and backend suit the server it is checked for."""
+    kinds = {_kind(g) for g in config.instance_group}
+    if target in ("cpu", "cpu-native") and "KIND_GPU" in kinds:
+        report.error(
+            f"{name}: KIND_GPU instances in a CPU repository",
+            fix="the repository was built for a GPU: rebuild it with --target cpu for a CPU server",
+        )
+    if target == "cpu" and config.backend not in CPU_BACKENDS:
+        report.error(
+            f"{name}: the {config.backend} backend is not in the CPU server bundled here (Python backend only)",
+            fix="check it with --target cpu-native for a server that has Triton's CPU backends",
+        )
+    if target == "cpu-native" and config.backend not in NATIVE_CPU_BACKENDS:
+        report.errors.append(f"{name}: the {config.backend} backend is not a CPU backend")
+    if config.backend == "openvino" and parameter(config, "HINT_BF16") is None:
+        report.warnings.append(
+            f"{name}: Triton's openvino backend has no FP32 precision hint, so on a CPU with native BF16 "
+            "OpenVINO computes this graph's float parts in BF16 (its default there); for FP32 there, build with "
+            "--engine onnxruntime --native-backends"
+        )
+    if target == "gpu" and config.backend in ("dali", "onnxruntime", "tensorrt") and "KIND_GPU" not in kinds:
+        report.warnings.append(f"{name}: a {config.backend} model without KIND_GPU instances runs on CPU")
+    template = parameter(config, TEMPLATE_PARAMETER)
+    if target == "gpu" and template in CPU_ONLY_TEMPLATES and "KIND_GPU" not in kinds:
+        report.error(
+            f"{name}: runs {CPU_ONLY_TEMPLATES[template]} in the Python backend on CPU, which a GPU server "
+            "does on its GPU backends",
+            fix="the repository was built for CPU: rebuild it with --target gpu for a GPU server",
+        )
 
 
 def _check_ensemble(name: str, config, configs: dict, report: CheckReport) -> None:
@@ -141,24 +148,7 @@ def _check_ensemble(name: str, config, configs: dict, report: CheckReport) -> No
         if model is None:
             report.errors.append(f"{where}: no such model in the repository")
             continue
-        inputs = {t.name: t for t in model.input}
-        for model_input, tensor in step.input_map.items():
-            if model_input not in inputs:
-                report.errors.append(f"{where}: {step.model_name} has no input {model_input!r}")
-            elif tensor not in available:
-                report.errors.append(
-                    f"{where}: {tensor!r} is produced by no earlier step nor given as an ensemble input"
-                )
-            elif available[tensor] != _signature(inputs[model_input]):
-                report.errors.append(
-                    f"{where}: {tensor} is {_describe(available[tensor])} but "
-                    f"{step.model_name}.{model_input} expects {_describe(_signature(inputs[model_input]))}"
-                )
-            elif tensor in optional and not inputs[model_input].optional:
-                report.errors.append(f"{where}: {tensor} is optional in the ensemble but required by {step.model_name}")
-        for required in (t.name for t in model.input if not t.optional):
-            if required not in step.input_map:
-                report.errors.append(f"{where}: required input {required!r} is not mapped")
+        _check_step_inputs(where, step, model, available, optional, report)
         outputs = {t.name: t for t in model.output}
         for model_output, tensor in step.output_map.items():
             if model_output not in outputs:
@@ -177,6 +167,27 @@ def _check_ensemble(name: str, config, configs: dict, report: CheckReport) -> No
                 f"{name}: output {output.name} is {_describe(available[output.name])} where it is made "
                 f"but declared {_describe(_signature(output))}"
             )
+
+
+def _check_step_inputs(where: str, step, model, available: dict, optional: set[str], report: CheckReport) -> None:
+    """An ensemble step's input map: every tensor exists by then, matches, and covers the model's
+    required inputs."""
+    inputs = {t.name: t for t in model.input}
+    for model_input, tensor in step.input_map.items():
+        if model_input not in inputs:
+            report.errors.append(f"{where}: {step.model_name} has no input {model_input!r}")
+        elif tensor not in available:
+            report.errors.append(f"{where}: {tensor!r} is produced by no earlier step nor given as an ensemble input")
+        elif available[tensor] != _signature(inputs[model_input]):
+            report.errors.append(
+                f"{where}: {tensor} is {_describe(available[tensor])} but "
+                f"{step.model_name}.{model_input} expects {_describe(_signature(inputs[model_input]))}"
+            )
+        elif tensor in optional and not inputs[model_input].optional:
+            report.errors.append(f"{where}: {tensor} is optional in the ensemble but required by {step.model_name}")
+    for required in (t.name for t in model.input if not t.optional):
+        if required not in step.input_map:
+            report.errors.append(f"{where}: required input {required!r} is not mapped")
 
 
 def _describe(signature: tuple[int, tuple[int, ...]]) -> str:

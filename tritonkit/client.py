@@ -6,10 +6,11 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
+from tritonkit import contracts as c
 from tritonkit.dtypes import wire_datatype
 from tritonkit.errors import InferenceError, InputError, TritonkitError
 
@@ -112,30 +113,26 @@ class WhisperOptions:
     condition_on_previous: bool | None = None
     word_timestamps: bool | None = None
 
-    TENSORS: ClassVar[dict[str, tuple[str, Any]]] = {  # field -> (input, dtype)
-        "language": ("LANGUAGE", object),
-        "task": ("TASK", object),
-        "max_new_tokens": ("MAX_NEW_TOKENS", np.int32),
-        "timestamps": ("TIMESTAMPS", bool),
-        "prompt": ("PROMPT", object),
-        "temperature": ("TEMPERATURE", np.float32),
-        "fallback": ("FALLBACK", bool),
-        "seed": ("SEED", np.int64),
-        "vad": ("VAD_FILTER", bool),
-        "beam_size": ("BEAM_SIZE", np.int32),
-        "length_penalty": ("LENGTH_PENALTY", np.float32),
-        "patience": ("PATIENCE", np.float32),
-        "condition_on_previous": ("CONDITION_ON_PREVIOUS", bool),
-        "word_timestamps": ("WORD_TIMESTAMPS", bool),
+    TENSORS: ClassVar[dict[str, str]] = {  # field -> the transcription contract's input
+        "language": c.LANGUAGE,
+        "task": c.TASK,
+        "max_new_tokens": c.MAX_NEW_TOKENS,
+        "timestamps": c.TIMESTAMPS,
+        "prompt": c.PROMPT,
+        "temperature": c.TEMPERATURE,
+        "fallback": c.FALLBACK,
+        "seed": c.SEED,
+        "vad": c.VAD_FILTER,
+        "beam_size": c.BEAM_SIZE,
+        "length_penalty": c.LENGTH_PENALTY,
+        "patience": c.PATIENCE,
+        "condition_on_previous": c.CONDITION_ON_PREVIOUS,
+        "word_timestamps": c.WORD_TIMESTAMPS,
     }
 
     def tensors(self) -> dict[str, np.ndarray]:
-        out = {}
-        for field_name, (name, dtype) in self.TENSORS.items():
-            value = getattr(self, field_name)
-            if value is not None:
-                out[name] = np.array([[value.encode() if dtype is object else value]], dtype=dtype)
-        return out
+        chosen = {name: getattr(self, field_name) for field_name, name in self.TENSORS.items()}
+        return {name: c.request_row(name, value) for name, value in chosen.items() if value is not None}
 
 
 def whisper_inputs(data: bytes, **options) -> dict[str, np.ndarray]:
@@ -147,29 +144,29 @@ def whisper_inputs(data: bytes, **options) -> dict[str, np.ndarray]:
         raise InputError(
             f"{', '.join(unknown)}: not a Whisper option (they are {', '.join(WhisperOptions.TENSORS)})"
         ) from None
-    return {"AUDIO": pack_byte_rows([data]), **chosen.tensors()}
+    return {c.AUDIO: pack_byte_rows([data]), **chosen.tensors()}
 
 
 def transcript(result: dict[str, np.ndarray], row: int = 0) -> Transcript:
     """One row of the Whisper ensemble's outputs as a Transcript."""
     found = []
-    if "SEGMENT_TIMES" in result:
-        stats = result.get("SEGMENT_STATS")
-        for k, ((start, end), text) in enumerate(zip(result["SEGMENT_TIMES"][row], result["SEGMENT_TEXTS"][row])):
+    if c.SEGMENT_TIMES in result:
+        stats = result.get(c.SEGMENT_STATS)
+        for k, ((start, end), text) in enumerate(zip(result[c.SEGMENT_TIMES][row], result[c.SEGMENT_TEXTS][row])):
             if start >= 0:
                 figures = [float(v) for v in stats[row, k]] if stats is not None else []
                 found.append(Segment(float(start), float(end), text.decode("utf-8"), *figures))
     words = []
-    if "WORD_TIMES" in result:
+    if c.WORD_TIMES in result:
         for (start, end), text, probability in zip(
-            result["WORD_TIMES"][row], result["WORD_TEXTS"][row], result["WORD_PROBS"][row]
+            result[c.WORD_TIMES][row], result[c.WORD_TEXTS][row], result[c.WORD_PROBS][row]
         ):
             if start >= 0:
                 words.append(TimedWord(text.decode("utf-8"), float(start), float(end), float(probability)))
     return Transcript(
-        text=result["TEXT"][row, 0].decode("utf-8"),
-        language=result["DECODED_LANGUAGE"][row, 0].decode(),
-        tokens=tuple(int(t) for t in result["TOKENS"][row] if t >= 0),
+        text=result[c.TEXT][row, 0].decode("utf-8"),
+        language=result[c.DECODED_LANGUAGE][row, 0].decode(),
+        tokens=tuple(int(t) for t in result[c.TOKENS][row] if t >= 0),
         segments=tuple(found),
         words=tuple(words),
     )
@@ -191,27 +188,24 @@ def chat_inputs(
     ensembles' inputs (None left out)."""
     inputs: dict[str, np.ndarray] = {}
     if isinstance(image, bytes):
-        inputs["IMAGE"] = pack_byte_rows([image])
+        inputs[c.IMAGE] = pack_byte_rows([image])
     elif image is not None:  # None: a turn without an image
-        inputs["IMAGES"] = np.array([list(image)], dtype=object)
+        inputs[c.IMAGES] = c.request_row(c.IMAGES, list(image))
     if isinstance(prompt, str):
-        inputs["PROMPT"] = np.array([[prompt.encode()]], dtype=object)
+        inputs[c.PROMPT] = c.request_row(c.PROMPT, prompt)
     else:
-        inputs["MESSAGES"] = np.array([[json.dumps(list(prompt)).encode()]], dtype=object)
-    if max_new_tokens is not None:
-        inputs["MAX_NEW_TOKENS"] = np.array([[max_new_tokens]], dtype=np.int32)
-    if temperature is not None:
-        inputs["TEMPERATURE"] = np.array([[temperature]], dtype=np.float32)
-    if top_p is not None:
-        inputs["TOP_P"] = np.array([[top_p]], dtype=np.float32)
-    if seed is not None:
-        inputs["SEED"] = np.array([[seed]], dtype=np.int64)
-    if stop:
-        inputs["STOP"] = np.array([[s.encode() for s in stop]], dtype=object)
-    if top_logprobs is not None:
-        inputs["TOP_LOGPROBS"] = np.array([[top_logprobs]], dtype=np.int32)
-    if response_format is not None:  # OpenAI's object: {"type": "json_schema", "json_schema": {"name", "schema"}}
-        inputs["RESPONSE_FORMAT"] = np.array([[json.dumps(dict(response_format)).encode()]], dtype=object)
+        inputs[c.MESSAGES] = c.request_row(c.MESSAGES, json.dumps(list(prompt)))
+    options = {
+        c.MAX_NEW_TOKENS: max_new_tokens,
+        c.TEMPERATURE: temperature,
+        c.TOP_P: top_p,
+        c.SEED: seed,
+        c.STOP: list(stop) or None,
+        c.TOP_LOGPROBS: top_logprobs,
+        # OpenAI's object: {"type": "json_schema", "json_schema": {"name", "schema"}}
+        c.RESPONSE_FORMAT: json.dumps(dict(response_format)) if response_format is not None else None,
+    }
+    inputs.update({name: c.request_row(name, value) for name, value in options.items() if value is not None})
     return inputs
 
 
@@ -346,7 +340,7 @@ class TritonkitClient:
     ) -> str:
         """The answer to `prompt` (or to a conversation) about `image` (or a list of images, for
         models that take several), whole (options: max_new_tokens, temperature, top_p, seed, stop)."""
-        return self.chat_outputs(image, prompt, model, **options)["TEXT"][0, 0].decode("utf-8")
+        return self.chat_outputs(image, prompt, model, **options)[c.TEXT][0, 0].decode("utf-8")
 
     def chat_outputs(
         self,
@@ -369,7 +363,7 @@ class TritonkitClient:
         images = chat_images(image)
         model = text_turn_ensemble(model, images)
         for result in self._stream(model, chat_inputs(images, prompt, **options)):
-            piece = result.get("TEXT")
+            piece = result.get(c.TEXT)
             if piece is not None and piece.size and piece.reshape(-1)[0]:
                 yield piece.reshape(-1)[0].decode("utf-8")
 
@@ -423,9 +417,9 @@ ChatImages = bytes | str | Path | Sequence[bytes | str | Path]
 def choice_inputs(inputs: Mapping[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
     """The inputs of choice `k` of a request (OpenAI's `n`): its own seed, seed + k, so that
     sampled choices differ and each is reproducible."""
-    if k == 0 or "SEED" not in inputs:
+    if k == 0 or c.SEED not in inputs:
         return dict(inputs)
-    return {**inputs, "SEED": inputs["SEED"] + k}
+    return {**inputs, c.SEED: inputs[c.SEED] + k}
 
 
 def choice_rows(inputs: Mapping[str, np.ndarray], choices: int) -> dict[str, np.ndarray]:

@@ -19,18 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from tritonkit.contracts import RESPONSE_FORMAT
 from tritonkit.errors import InputError
 
 MAX_STOP_STRINGS = 16
-# The whole-answer ensemble's outputs beside TEXT (OpenAI's usage and finish_reason).
-PROMPT_TOKENS, COMPLETION_TOKENS, FINISH_REASON = "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON"
 # OpenAI's logprobs: TOP_LOGPROBS in (absent: none; 0: each token's own; up to 20 alternatives),
 # LOGPROBS out (JSON: OpenAI's `logprobs.content` list for the tokens of that response).
-TOP_LOGPROBS, LOGPROBS = "TOP_LOGPROBS", "LOGPROBS"
 MAX_TOP_LOGPROBS = 20
-# Structured outputs: OpenAI's `response_format` object as JSON; json_object and json_schema
-# constrain each step to the tokens the schema allows (llguidance).
-RESPONSE_FORMAT = "RESPONSE_FORMAT"
+# Structured outputs: RESPONSE_FORMAT, OpenAI's `response_format` object as JSON; json_object and
+# json_schema constrain each step to the tokens the schema allows (llguidance).
 MAX_RESPONSE_FORMAT_BYTES = 64 * 1024
 DEFAULT_MAX_PROMPT_BYTES = 64 * 1024  # checked before tokenizing; the token count is checked after
 MAX_STOP_CHARS = 256

@@ -100,27 +100,12 @@ def _initializer_bytes(tensor) -> int:
 def graph_memory(path: Path, dims: dict[str, int]) -> GraphMemory:
     """Weights and the peak activation bytes of an ONNX graph with `dims` bound (a dim given as a
     shell pattern, e.g. PAST_*_dim2, binds every dim it matches)."""
-    from fnmatch import fnmatchcase
-
     import onnx
 
     model = onnx.load(str(path))
     weights = sum(_initializer_bytes(t) for t in model.graph.initializer)
-    assumed = set()
     initializer_names = {t.name for t in model.graph.initializer}
-    for value in model.graph.input:
-        if value.name in initializer_names:
-            continue
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param:
-                size = dims.get(dim.dim_param)
-                if size is None:
-                    size = next((v for k, v in dims.items() if fnmatchcase(dim.dim_param, k)), None)
-                if size is None:
-                    assumed.add(dim.dim_param)
-                    size = 1
-                dim.ClearField("dim_param")
-                dim.dim_value = size
+    assumed = _bind_input_dims(model, dims, initializer_names)
     for value in model.graph.output:  # let inference fill the outputs from the bound inputs
         value.type.tensor_type.ClearField("shape")
     try:  # ONNX Runtime's symbolic inference resolves far more than onnx's (Reshape of computed shapes)
@@ -129,8 +114,42 @@ def graph_memory(path: Path, dims: dict[str, int]) -> GraphMemory:
         inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
     except Exception:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    sizes = _tensor_bytes(inferred.graph)
+    inputs = {v.name for v in inferred.graph.input if v.name not in initializer_names}
+    peak, made_peak, unsized = _peak_live_bytes(inferred.graph, sizes, inputs)
+    input_bytes = sum(sizes.get(name) or 0 for name in inputs)
+    return GraphMemory(
+        path.name, weights, peak, len(unsized), tuple(sorted(assumed)), input_bytes, made_peak, tuple(sorted(inputs))
+    )
+
+
+def _bind_input_dims(model, dims: dict[str, int], initializer_names: set[str]) -> set[str]:
+    """Give the graph's symbolic input dims their sizes (1 where none is known); returns the dims
+    that had none."""
+    from fnmatch import fnmatchcase
+
+    assumed = set()
+    for value in model.graph.input:
+        if value.name in initializer_names:
+            continue
+        for dim in value.type.tensor_type.shape.dim:
+            if not dim.dim_param:
+                continue
+            size = dims.get(dim.dim_param)
+            if size is None:
+                size = next((v for k, v in dims.items() if fnmatchcase(dim.dim_param, k)), None)
+            if size is None:
+                assumed.add(dim.dim_param)
+                size = 1
+            dim.ClearField("dim_param")
+            dim.dim_value = size
+    return assumed
+
+
+def _tensor_bytes(graph) -> dict[str, int | None]:
+    """Each inferred tensor's bytes (None where its shape is not fully known)."""
     sizes: dict[str, int | None] = {}
-    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+    for value in [*graph.input, *graph.value_info, *graph.output]:
         shape = value.type.tensor_type.shape
         known = value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in shape.dim)
         sizes[value.name] = (
@@ -139,18 +158,21 @@ def graph_memory(path: Path, dims: dict[str, int]) -> GraphMemory:
             if known
             else None
         )
-    nodes = list(inferred.graph.node)
+    return sizes
+
+
+def _peak_live_bytes(graph, sizes: dict[str, int | None], inputs: set[str]) -> tuple[int, int, set[str]]:
+    """Walk the nodes in order, each tensor freed after its last use: the peak bytes alive at once
+    (inputs included), the peak of the runtime's own allocations, and the tensors of unknown size."""
+    nodes = list(graph.node)
     last_use: dict[str, int] = {}
     for index, node in enumerate(nodes):
         for name in node.input:
             last_use[name] = index
-    outputs = {o.name for o in inferred.graph.output}
-    live = {v.name for v in inferred.graph.input if v.name not in initializer_names}
+    outputs = {o.name for o in graph.output}
+    live = set(inputs)
     unsized = {name for name in live if sizes.get(name) is None}
-
-    inputs = set(live)
-    input_bytes = sum(sizes.get(name) or 0 for name in inputs)
-    live_bytes = input_bytes
+    live_bytes = sum(sizes.get(name) or 0 for name in inputs)
     peak = live_bytes
     made, made_peak = 0, 0  # the runtime's own allocations (inputs excluded)
     for index, node in enumerate(nodes):
@@ -169,9 +191,7 @@ def graph_memory(path: Path, dims: dict[str, int]) -> GraphMemory:
                 live_bytes -= sizes.get(name) or 0
                 if name not in inputs:
                     made -= sizes.get(name) or 0
-    return GraphMemory(
-        path.name, weights, peak, len(unsized), tuple(sorted(assumed)), input_bytes, made_peak, tuple(sorted(inputs))
-    )
+    return peak, made_peak, unsized
 
 
 @dataclass(frozen=True)

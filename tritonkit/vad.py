@@ -133,6 +133,12 @@ def speech_chunks(probs: np.ndarray, audio_samples: int, options: VadOptions = V
     if current and audio_samples - current["start"] > min_speech:
         current["end"] = audio_samples
         speeches.append(current)
+    return _padded(speeches, audio_samples, pad)
+
+
+def _padded(speeches: list[dict], audio_samples: int, pad: float) -> list[dict]:
+    """Each chunk widened by `pad` samples on both sides, or by half the silence to its neighbour
+    where that is shorter than two pads (faster-whisper's last step)."""
     for i, speech in enumerate(speeches):
         if i == 0:
             speech["start"] = int(max(0, speech["start"] - pad))

@@ -582,14 +582,7 @@ class WindowDecoder:
         count = len(encoder_hidden)
         cross: Cache | None = self._cross_attention(encoder_hidden)
         assert cross is not None
-        languages: list[str | None] = [o.language or None for o in options]
-        if not self.settings.multilingual:
-            languages = ["en"] * count
-        else:
-            undetected = [i for i, lang in enumerate(languages) if lang is None]
-            if undetected:
-                for i, code in zip(undetected, self.detect_languages(taken(cross, undetected))):
-                    languages[i] = code
+        languages = self._languages(cross, options)
         prompts = [self.prompt(o, lang) for o, lang in zip(options, languages)]
         limits = [
             min(o.max_new_tokens or self.settings.max_length, self.settings.max_target_positions - len(p))
@@ -636,17 +629,7 @@ class WindowDecoder:
                     self._decode_rows(rows, prompts, limits, owned, results, options, generators)
                 del owned
             attempt += 1
-            again = []
-            for i in pending:
-                if not options[i].fallback:
-                    continue
-                too_unlikely, too_repetitive = self._judge(i, results[i])
-                silent = self.no_speech_probs[i] > NO_SPEECH_THRESHOLD
-                if (too_unlikely or too_repetitive) and not silent and attempt < len(schedules[i]):
-                    self.temperatures[i] = schedules[i][attempt]
-                    again.append(i)
-                else:
-                    self.skipped[i] = silent and too_unlikely
+            again = self._fall_back(pending, attempt, options, schedules, results)
             if on_final is not None:
                 final = set(again)
                 done = [i for i in pending if i not in final]
@@ -655,6 +638,41 @@ class WindowDecoder:
                 on_final(done, results, languages)
             pending = again
         return results, languages
+
+    def _languages(self, cross: Cache, options: list[DecodeOptions]) -> list[str | None]:
+        """Each window's language: given, or (a multilingual model) detected from its audio."""
+        if not self.settings.multilingual:
+            return ["en"] * len(options)
+        languages: list[str | None] = [o.language or None for o in options]
+        undetected = [i for i, lang in enumerate(languages) if lang is None]
+        if undetected:
+            for i, code in zip(undetected, self.detect_languages(taken(cross, undetected))):
+                languages[i] = code
+        return languages
+
+    def _fall_back(
+        self,
+        pending: list[int],
+        attempt: int,
+        options: list[DecodeOptions],
+        schedules: list[tuple[float, ...]],
+        results: list[list[int]],
+    ) -> list[int]:
+        """OpenAI's fallback after a pass: the windows to decode again at their next temperature
+        (too unlikely or repetitive, not silent, temperatures left); a silent unlikely window is
+        skipped."""
+        again = []
+        for i in pending:
+            if not options[i].fallback:
+                continue
+            too_unlikely, too_repetitive = self._judge(i, results[i])
+            silent = self.no_speech_probs[i] > NO_SPEECH_THRESHOLD
+            if (too_unlikely or too_repetitive) and not silent and attempt < len(schedules[i]):
+                self.temperatures[i] = schedules[i][attempt]
+                again.append(i)
+            else:
+                self.skipped[i] = silent and too_unlikely
+        return again
 
     def _judge(self, row: int, tokens: list[int]) -> tuple[bool, bool]:
         return self.judge(self.sum_logprobs[row], tokens)
@@ -806,19 +824,9 @@ class WindowDecoder:
                 starts_now = list(np.cumsum([0] + [len(w.live) for w in windows[:-1]]))
             sizes = {len(w.live) for w in windows}
             logits, past = self._run(ids, past, beam_cross)
-            logprobs = log_softmax32(logits)  # the processors mask log-probabilities (float32, as transformers)
-            opening, going = list[int](), list[int]()  # rows choosing their window's first token, and later ones
-            for window, start in zip(windows, starts_now):
+            for window in windows:
                 self.steps_per_window[window.row] += len(window.live)
-                if not window.in_prompt:
-                    first = not window.live[0][1]
-                    (opening if first else going).extend(range(start, start + len(window.live)))
-            logprobs[np.array(opening, dtype=np.int64)[:, None], self.begin_suppress_ids] = -np.inf
-            logprobs[np.array(going, dtype=np.int64)[:, None], self.suppress_ids] = -np.inf
-            for window, start in zip(windows, starts_now):
-                if options[window.row].timestamps and not window.in_prompt:
-                    for b, (_, tokens) in enumerate(window.live):
-                        self.apply_timestamp_rules(logprobs[start + b], tokens, not tokens)
+            logprobs = self._beam_logprobs(logits, windows, starts_now, options)
             # each beam's best 2 x beams tokens (unordered): a window's best candidates are among its beams'
             widest = 2 * max(w.beams.width for w in windows)
             best_tokens = top_indices(logprobs, widest)
@@ -875,6 +883,23 @@ class WindowDecoder:
             windows = still
             past = taken(past, np.array([parent for w in windows for parent in chosen[w.row][0]]))
             ids = np.array([token for w in windows for token in chosen[w.row][1]], dtype=np.int64)[:, None]
+
+    def _beam_logprobs(self, logits: np.ndarray, windows: list, starts: list[int], options) -> np.ndarray:
+        """A beam step's log-probabilities with the processors' masks (float32, as transformers):
+        suppressed tokens (at a window's first token, its own list), and the timestamp rules."""
+        logprobs = log_softmax32(logits)
+        opening, going = list[int](), list[int]()  # rows choosing their window's first token, and later ones
+        for window, start in zip(windows, starts):
+            if not window.in_prompt:
+                first = not window.live[0][1]
+                (opening if first else going).extend(range(start, start + len(window.live)))
+        logprobs[np.array(opening, dtype=np.int64)[:, None], self.begin_suppress_ids] = -np.inf
+        logprobs[np.array(going, dtype=np.int64)[:, None], self.suppress_ids] = -np.inf
+        for window, start in zip(windows, starts):
+            if options[window.row].timestamps and not window.in_prompt:
+                for b, (_, tokens) in enumerate(window.live):
+                    self.apply_timestamp_rules(logprobs[start + b], tokens, not tokens)
+        return logprobs
 
 
 @dataclass

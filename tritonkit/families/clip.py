@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from tritonkit.calibration import BUILTIN_NOTE
+from tritonkit.contracts import EMBEDDINGS, IMAGE, IMAGE_EMBEDS, TEXT, TEXT_EMBEDS
 from tritonkit.families.base import (
     SERVER_MEMORY_ROLE,
     BuildOptions,
@@ -27,12 +28,7 @@ from tritonkit.families.base import (
 )
 from tritonkit.triton_config import Batching, Tensor
 
-# Public contract: ensemble tensors (see README).
-IMAGE = "IMAGE"
-IMAGE_EMBEDS = "IMAGE_EMBEDS"
-TEXT = "TEXT"
-TEXT_EMBEDS = "TEXT_EMBEDS"
-# Between composing models.
+# Between composing models (the public tensors are the embeddings contract's).
 PIXEL_VALUES = "PIXEL_VALUES"
 CHECKED_IMAGE = "CHECKED_IMAGE"  # GPU repositories: IMAGE after the per-request checks
 INPUT_IDS = "INPUT_IDS"
@@ -190,15 +186,13 @@ class ClipSpec(FamilySpec):
     def tensors(self, loaded: LoadedClip) -> dict[str, Tensor]:
         height, width = self.image_recipe(loaded).output_hw
         length = loaded.max_text_length
+        vector = (loaded.embedding_dim,)
         return {
-            IMAGE: Tensor(IMAGE, "uint8", (-1,), ragged=True),
+            **EMBEDDINGS.tensors(dims={IMAGE_EMBEDS: vector, TEXT_EMBEDS: vector}),
             CHECKED_IMAGE: Tensor(CHECKED_IMAGE, "uint8", (-1,), ragged=True),
             PIXEL_VALUES: Tensor(PIXEL_VALUES, "float32", (3, height, width)),
-            IMAGE_EMBEDS: Tensor(IMAGE_EMBEDS, "float32", (loaded.embedding_dim,)),
-            TEXT: Tensor(TEXT, "string", (1,)),
             INPUT_IDS: Tensor(INPUT_IDS, "int64", (length,)),
             ATTENTION_MASK: Tensor(ATTENTION_MASK, "int64", (length,)),
-            TEXT_EMBEDS: Tensor(TEXT_EMBEDS, "float32", (loaded.embedding_dim,)),
         }
 
     # -- exports ---------------------------------------------------------------------------

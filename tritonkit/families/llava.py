@@ -13,6 +13,25 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tritonkit.contracts import (
+    CHAT,
+    COMPLETION_TOKENS,
+    FINISH_REASON,
+    IMAGE,
+    IMAGES,
+    LOGPROBS,
+    MAX_NEW_TOKENS,
+    MESSAGES,
+    PROMPT,
+    PROMPT_TOKENS,
+    RESPONSE_FORMAT,
+    SEED,
+    STOP,
+    TEMPERATURE,
+    TEXT,
+    TOP_LOGPROBS,
+    TOP_P,
+)
 from tritonkit.families.base import (
     SERVER_MEMORY_ROLE,
     BuildOptions,
@@ -28,28 +47,10 @@ from tritonkit.families.base import (
     register,
     saved_pretrained,
 )
-from tritonkit.llava_decoding import (
-    COMPLETION_TOKENS,
-    DEFAULT_MAX_PROMPT_BYTES,
-    FINISH_REASON,
-    LOGPROBS,
-    PROMPT_TOKENS,
-    RESPONSE_FORMAT,
-    TOP_LOGPROBS,
-)
+from tritonkit.llava_decoding import DEFAULT_MAX_PROMPT_BYTES
 from tritonkit.triton_config import Batching, Tensor
 
-# Public contract: ensemble tensors (see README).
-IMAGE = "IMAGE"
-PROMPT = "PROMPT"
-MESSAGES = "MESSAGES"  # instead of PROMPT: a JSON conversation (system, earlier turns) around the one image
-TEXT = "TEXT"
-MAX_NEW_TOKENS = "MAX_NEW_TOKENS"
-TEMPERATURE = "TEMPERATURE"
-TOP_P = "TOP_P"
-SEED = "SEED"
-STOP = "STOP"
-IMAGE_INPUTS = (IMAGE, "IMAGES")  # what a text-only turn's ensemble leaves out (Qwen-VL takes IMAGES)
+IMAGE_INPUTS = (IMAGE, IMAGES)  # what a text-only turn's ensemble leaves out (Qwen-VL takes IMAGES)
 # Between composing models.
 PIXEL_VALUES = "PIXEL_VALUES"
 CHECKED_IMAGE = "CHECKED_IMAGE"
@@ -161,24 +162,10 @@ class LlavaSpec(FamilySpec):
     def tensors(self, loaded: LoadedLlava) -> dict[str, Tensor]:
         height, width = image_recipe_for(loaded.processor.image_processor, BuildOptions()).output_hw
         return {
-            IMAGE: Tensor(IMAGE, "uint8", (-1,), ragged=True),
+            **CHAT.tensors(without=(IMAGES,)),  # one image a request
             CHECKED_IMAGE: Tensor(CHECKED_IMAGE, "uint8", (-1,), ragged=True),
-            PROMPT: Tensor(PROMPT, "string", (1,), optional=True),
-            MESSAGES: Tensor(MESSAGES, "string", (1,), optional=True),
-            MAX_NEW_TOKENS: Tensor(MAX_NEW_TOKENS, "int32", (1,), optional=True),
-            TEMPERATURE: Tensor(TEMPERATURE, "float32", (1,), optional=True),
-            TOP_P: Tensor(TOP_P, "float32", (1,), optional=True),
-            SEED: Tensor(SEED, "int64", (1,), optional=True),
-            STOP: Tensor(STOP, "string", (-1,), ragged=True, optional=True),
             PIXEL_VALUES: Tensor(PIXEL_VALUES, "float32", (3, height, width)),
             IMAGE_FEATURES: Tensor(IMAGE_FEATURES, "float32", (loaded.image_tokens, loaded.text_hidden)),
-            TEXT: Tensor(TEXT, "string", (1,)),
-            PROMPT_TOKENS: Tensor(PROMPT_TOKENS, "int32", (1,)),
-            COMPLETION_TOKENS: Tensor(COMPLETION_TOKENS, "int32", (1,)),
-            FINISH_REASON: Tensor(FINISH_REASON, "string", (1,)),
-            TOP_LOGPROBS: Tensor(TOP_LOGPROBS, "int32", (1,), optional=True),
-            RESPONSE_FORMAT: Tensor(RESPONSE_FORMAT, "string", (1,), optional=True),
-            LOGPROBS: Tensor(LOGPROBS, "string", (1,)),
         }
 
     def exports(self, loaded: LoadedLlava) -> list[OnnxExport]:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tritonkit.contracts import CHAT, IMAGE, IMAGES, MAX_NEW_TOKENS, MESSAGES, PROMPT, SEED, STOP, TEMPERATURE, TOP_P
 from tritonkit.errors import InputError
 from tritonkit.families.base import (
     PLAN_DIMS_PARAMETER,
@@ -38,34 +39,11 @@ from tritonkit.families.base import (
     register,
     saved_pretrained,
 )
-from tritonkit.families.llava import (
-    FEATURE_CACHE_ENTRIES,
-    IMAGE,
-    IMAGE_FEATURES,
-    MAX_NEW_TOKENS,
-    MESSAGES,
-    PROMPT,
-    SEED,
-    STOP,
-    TEMPERATURE,
-    TEXT,
-    TOP_P,
-    chat_decoders,
-    chat_pipelines,
-)
-from tritonkit.llava_decoding import (
-    COMPLETION_TOKENS,
-    FINISH_REASON,
-    LOGPROBS,
-    PROMPT_TOKENS,
-    RESPONSE_FORMAT,
-    TOP_LOGPROBS,
-)
+from tritonkit.families.llava import FEATURE_CACHE_ENTRIES, IMAGE_FEATURES, chat_decoders, chat_pipelines
 from tritonkit.qwen_vl import VisionLayout, image_tokens, pixel_budget, vision_inputs
 from tritonkit.triton_config import Batching, Tensor
 
-# Public contract beside LLaVA's: several images in one request (BYTES, one encoded image each).
-IMAGES = "IMAGES"
+# The chat contract's IMAGES: several images in one request (BYTES, one encoded image each).
 MAX_IMAGES = 4
 # Between composing models.
 PATCHES = "PATCHES"
@@ -133,8 +111,6 @@ class LoadedQwenVL:
     def bound_image_tokens(self, tokens: int | None) -> str | None:
         """Lower the image processor's max_pixels to `tokens` visual tokens per image (None: to what a
         vision run holds, if the checkpoint allows more); returns what changed, or None."""
-        from tritonkit.errors import InputError
-
         low, high = pixel_budget(self.image_processor)
         fits = self.attention_patches // self.layout.merge_size**2
         if tokens is not None and not (low <= tokens * self.pixels_per_token and tokens <= fits):
@@ -257,25 +233,10 @@ class Qwen2VLSpec(FamilySpec):
 
     def tensors(self, loaded: LoadedQwenVL) -> dict[str, Tensor]:
         return {
-            IMAGE: Tensor(IMAGE, "uint8", (-1,), ragged=True, optional=True),
-            IMAGES: Tensor(IMAGES, "string", (-1,), ragged=True, optional=True),
-            PROMPT: Tensor(PROMPT, "string", (1,), optional=True),
-            MESSAGES: Tensor(MESSAGES, "string", (1,), optional=True),
-            MAX_NEW_TOKENS: Tensor(MAX_NEW_TOKENS, "int32", (1,), optional=True),
-            TEMPERATURE: Tensor(TEMPERATURE, "float32", (1,), optional=True),
-            TOP_P: Tensor(TOP_P, "float32", (1,), optional=True),
-            SEED: Tensor(SEED, "int64", (1,), optional=True),
-            STOP: Tensor(STOP, "string", (-1,), ragged=True, optional=True),
+            **CHAT.tensors(optional=(IMAGE,)),  # IMAGE or IMAGES
             PATCHES: Tensor(PATCHES, "float32", (-1, loaded.patch_values), ragged=True),
             GRID_THW: Tensor(GRID_THW, "int64", (-1, 3), ragged=True),
             IMAGE_FEATURES: Tensor(IMAGE_FEATURES, "float32", (-1, loaded.text_hidden), ragged=True),
-            TEXT: Tensor(TEXT, "string", (1,)),
-            PROMPT_TOKENS: Tensor(PROMPT_TOKENS, "int32", (1,)),
-            COMPLETION_TOKENS: Tensor(COMPLETION_TOKENS, "int32", (1,)),
-            FINISH_REASON: Tensor(FINISH_REASON, "string", (1,)),
-            TOP_LOGPROBS: Tensor(TOP_LOGPROBS, "int32", (1,), optional=True),
-            RESPONSE_FORMAT: Tensor(RESPONSE_FORMAT, "string", (1,), optional=True),
-            LOGPROBS: Tensor(LOGPROBS, "string", (1,)),
         }
 
     def graph_tensors(self, loaded: LoadedQwenVL) -> tuple[tuple[Tensor, ...], Tensor]:

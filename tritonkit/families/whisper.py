@@ -10,6 +10,19 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tritonkit.contracts import (
+    AUDIO,
+    DECODED_LANGUAGE,
+    SEGMENT_STATS,
+    SEGMENT_TEXTS,
+    SEGMENT_TIMES,
+    TEXT,
+    TOKENS,
+    TRANSCRIPTION,
+    WORD_PROBS,
+    WORD_TEXTS,
+    WORD_TIMES,
+)
 from tritonkit.engines import graph_files, graph_name
 from tritonkit.errors import ExportError
 from tritonkit.families.base import (
@@ -35,25 +48,6 @@ from tritonkit.triton_config import Batching, Tensor
 from tritonkit.whisper_decoding import OFFSETS, WindowDecoder, layer_names
 from tritonkit.word_timing import ALIGNMENT_SCORES, TOKEN_PROBS, alignment_heads
 
-# Public contract (see README).
-AUDIO = "AUDIO"
-LANGUAGE, TASK, MAX_NEW_TOKENS = "LANGUAGE", "TASK", "MAX_NEW_TOKENS"  # optional per-request options
-TIMESTAMPS = "TIMESTAMPS"  # optional: decode timestamps and return segments
-PROMPT = "PROMPT"  # optional: text that conditions the transcript (OpenAI's prompt / initial_prompt)
-TEMPERATURE, SEED = "TEMPERATURE", "SEED"  # optional: sample at this temperature, from this seed
-FALLBACK = "FALLBACK"  # optional: OpenAI's temperature fallback and no-speech skip
-BEAM_SIZE, LENGTH_PENALTY, PATIENCE = "BEAM_SIZE", "LENGTH_PENALTY", "PATIENCE"  # optional: beam search
-CONDITION_ON_PREVIOUS = "CONDITION_ON_PREVIOUS"  # optional, long-form: condition windows on the text before
-VAD_FILTER = "VAD_FILTER"  # optional: decode only the speech Silero VAD finds (faster-whisper's vad_filter)
-SEGMENT_TIMES, SEGMENT_TEXTS = "SEGMENT_TIMES", "SEGMENT_TEXTS"  # per file: [segments, 2] seconds, [segments]
-# per segment: avg_logprob, compression_ratio, no_speech_prob, temperature (OpenAI's, per window)
-SEGMENT_STATS = "SEGMENT_STATS"
-WORD_TIMESTAMPS = "WORD_TIMESTAMPS"  # optional: time each word (openai-whisper's alignment; tritonkit.word_timing)
-# per file: [words, 2] seconds, [words] text (with its leading space), [words] probability
-WORD_TIMES, WORD_TEXTS, WORD_PROBS = "WORD_TIMES", "WORD_TEXTS", "WORD_PROBS"
-TEXT = "TEXT"
-TOKENS = "TOKENS"
-DECODED_LANGUAGE = "DECODED_LANGUAGE"  # the language given, or detected in the first window
 # Between composing models and inside the decoder's graphs.
 INPUT_FEATURES = "INPUT_FEATURES"
 WINDOW_SAMPLES = "WINDOW_SAMPLES"  # one 30 s window of 16 kHz samples, zero-padded (DALI log-mel input)
@@ -157,24 +151,7 @@ class WhisperSpec(FamilySpec):
             },
         }
         return {
-            AUDIO: Tensor(AUDIO, "uint8", (-1,), ragged=True),
-            LANGUAGE: Tensor(LANGUAGE, "string", (1,), optional=True),
-            TASK: Tensor(TASK, "string", (1,), optional=True),
-            MAX_NEW_TOKENS: Tensor(MAX_NEW_TOKENS, "int32", (1,), optional=True),
-            TIMESTAMPS: Tensor(TIMESTAMPS, "bool", (1,), optional=True),
-            PROMPT: Tensor(PROMPT, "string", (1,), optional=True),
-            TEMPERATURE: Tensor(TEMPERATURE, "float32", (1,), optional=True),
-            FALLBACK: Tensor(FALLBACK, "bool", (1,), optional=True),
-            SEED: Tensor(SEED, "int64", (1,), optional=True),
-            VAD_FILTER: Tensor(VAD_FILTER, "bool", (1,), optional=True),
-            BEAM_SIZE: Tensor(BEAM_SIZE, "int32", (1,), optional=True),
-            LENGTH_PENALTY: Tensor(LENGTH_PENALTY, "float32", (1,), optional=True),
-            PATIENCE: Tensor(PATIENCE, "float32", (1,), optional=True),
-            CONDITION_ON_PREVIOUS: Tensor(CONDITION_ON_PREVIOUS, "bool", (1,), optional=True),
-            WORD_TIMESTAMPS: Tensor(WORD_TIMESTAMPS, "bool", (1,), optional=True),
-            WORD_TIMES: Tensor(WORD_TIMES, "float32", (-1, 2)),
-            WORD_TEXTS: Tensor(WORD_TEXTS, "string", (-1,)),
-            WORD_PROBS: Tensor(WORD_PROBS, "float32", (-1,)),
+            **TRANSCRIPTION.tensors(),
             ALIGNMENT_SCORES: Tensor(
                 ALIGNMENT_SCORES, "float32", (len(self.alignment_heads(loaded)), -1, c.max_source_positions)
             ),
@@ -182,11 +159,7 @@ class WhisperSpec(FamilySpec):
             FILE_FEATURES: Tensor(FILE_FEATURES, "float32", (c.num_mel_bins, -1), ragged=True),
             VAD_SAMPLES: Tensor(VAD_SAMPLES, "float32", (-1,), ragged=True),
             SPEECH_PROBS: Tensor(SPEECH_PROBS, "float32", (-1,)),
-            SEGMENT_TIMES: Tensor(SEGMENT_TIMES, "float32", (-1, 2)),
-            SEGMENT_TEXTS: Tensor(SEGMENT_TEXTS, "string", (-1,)),
-            SEGMENT_STATS: Tensor(SEGMENT_STATS, "float32", (-1, 4)),
             DECODE_OPTIONS: Tensor(DECODE_OPTIONS, "string", (1,)),
-            DECODED_LANGUAGE: Tensor(DECODED_LANGUAGE, "string", (1,)),
             INPUT_FEATURES: Tensor(INPUT_FEATURES, "float32", (c.num_mel_bins, frames)),
             WINDOW_SAMPLES: Tensor(WINDOW_SAMPLES, "float32", (WINDOW_SECONDS * SAMPLE_RATE,)),
             WINDOW_ROW: Tensor(WINDOW_ROW, "int32", (1,)),
@@ -196,8 +169,6 @@ class WhisperSpec(FamilySpec):
             INPUT_IDS: Tensor(INPUT_IDS, "int64", (-1,)),
             OFFSETS: Tensor(OFFSETS, "int64", (1,)),
             LOGITS: Tensor(LOGITS, "float32", (c.vocab_size,)),
-            TEXT: Tensor(TEXT, "string", (1,)),
-            TOKENS: Tensor(TOKENS, "int64", (-1,)),
         }
 
     @staticmethod

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tritonkit.chat_loop import BUSY_MARK
+from tritonkit.contracts import CONTRACTS
 from tritonkit.dtypes import wire_datatype
 from tritonkit.repository_format import FORMAT_PARAMETER, format_error
 
@@ -74,48 +75,27 @@ class ServedModel:
 
 
 def classify(configs: Mapping[str, dict], names: set[str]) -> dict[str, ServedModel]:
-    """The OpenAI models a repository serves, from its ensembles' configs (as JSON)."""
+    """The OpenAI models a repository serves, from its ensembles' configs (as JSON), by the
+    contracts' roles (tritonkit.contracts)."""
+    ensembles = {name: config for name, config in sorted(configs.items()) if config.get("platform") == "ensemble"}
     models: dict[str, ServedModel] = {}
-
-    def add(name: str, kind: str, role: str, ensemble: str) -> None:
-        model = models.setdefault(name, ServedModel(name, kind))
-        model.ensembles[role] = ensemble
-        model.inputs |= {i["name"] for i in configs[ensemble].get("input", [])}
-        found = configs[ensemble].get("parameters", {}).get(FORMAT_PARAMETER, {}).get("string_value")
-        stale = format_error(f"model {name!r}", found)
-        if stale is not None:
-            model.stale = str(stale)
-
-    for ensemble, config in sorted(configs.items()):
-        if config.get("platform") != "ensemble":
-            continue
+    for ensemble, config in ensembles.items():
         inputs = {i["name"] for i in config.get("input", [])}
         outputs = {o["name"] for o in config.get("output", [])}
-        if inputs == {"IMAGE"} and "IMAGE_EMBEDS" in outputs and ensemble.endswith("_image"):
-            add(ensemble[: -len("_image")], "embeddings", "image", ensemble)
-        elif inputs == {"TEXT"} and "TEXT_EMBEDS" in outputs and ensemble.endswith("_text"):
-            name = ensemble[: -len("_text")]
-            add(name, "embeddings", "text", ensemble)
-            if f"{ensemble}_tokenizer" in names:
-                models[name].tokenizer = f"{ensemble}_tokenizer"
-        elif "AUDIO" in inputs and "TEXT" in outputs:
-            base = ensemble.removesuffix("_stream")
-            if base != ensemble and configs.get(base, {}).get("platform") == "ensemble":
-                add(base, "transcription", "speech_stream", ensemble)  # NAME_stream beside NAME
-            else:
-                add(ensemble, "transcription", "speech", ensemble)
-                if f"{ensemble}_vad" in names:
-                    models[ensemble].vad = f"{ensemble}_vad"
-        elif "PROMPT" in inputs and "IMAGE" not in inputs and "TEXT" in outputs:  # a chat turn without images
-            if ensemble.endswith("_chat_text_stream"):
-                add(ensemble[: -len("_chat_text_stream")], "chat", "text_stream", ensemble)
-            elif ensemble.endswith("_chat_text"):
-                add(ensemble[: -len("_chat_text")], "chat", "text", ensemble)
-        elif {"IMAGE", "PROMPT"} <= inputs and "TEXT" in outputs:
-            if ensemble.endswith("_chat_stream"):
-                add(ensemble[: -len("_chat_stream")], "chat", "stream", ensemble)
-            elif ensemble.endswith("_chat"):
-                add(ensemble[: -len("_chat")], "chat", "chat", ensemble)
+        for contract, role in ((c, r) for c in CONTRACTS for r in c.roles):
+            name = role.plays(ensemble, inputs, outputs, ensembles)
+            if name is None:
+                continue
+            model = models.setdefault(name, ServedModel(name, contract.kind))
+            model.ensembles[role.name] = ensemble
+            model.inputs |= inputs
+            if role.companion is not None and ensemble + role.companion[1] in names:
+                setattr(model, role.companion[0], ensemble + role.companion[1])
+            found = config.get("parameters", {}).get(FORMAT_PARAMETER, {}).get("string_value")
+            stale = format_error(f"model {name!r}", found)
+            if stale is not None:
+                model.stale = str(stale)
+            break
     return models
 
 

@@ -28,15 +28,10 @@ import time
 
 import numpy as np
 
+from tritonkit.contracts import COMPLETION_TOKENS, FINISH_REASON, LOGPROBS, PROMPT_TOKENS, RESPONSE_FORMAT, TOP_LOGPROBS
 from tritonkit.errors import InputError
 from tritonkit.llava_decoding import (
-    COMPLETION_TOKENS,
     DEFAULT_MAX_PROMPT_BYTES,
-    FINISH_REASON,
-    LOGPROBS,
-    PROMPT_TOKENS,
-    RESPONSE_FORMAT,
-    TOP_LOGPROBS,
     ChatGenerator,
     ChatOptions,
     chat_prompt,
