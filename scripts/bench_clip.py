@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonkit.bench import run_bench
 from tritonkit.build import build
-from tritonkit.families.clip import synthetic_photo
+from tritonkit.calibration import synthetic_photo
+from tritonkit.families.clip import make_vit_b32_clip
 from tritonkit.precision import PrecisionOptions
 from tritonkit.preprocessing.dali import DaliRunner
 from tritonkit.preprocessing.image import ImageRecipe, checked_image_bytes
 from tritonkit.reporting import best_seconds, machine, markdown_table, replace_section
 from tritonkit.repository import VERSION
 from tritonkit.server import TritonServer, free_port
-from tritonkit.tiny import make_vit_b32_clip
 from tritonkit.triton_config import parameter, read_config
 
 BATCH = 16

@@ -27,13 +27,13 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from tritonkit.build import build
+from tritonkit.calibration import synthetic_photo
 from tritonkit.client import TritonkitClient, chat_inputs
 from tritonkit.engines import usable_cores
-from tritonkit.families.clip import synthetic_photo
+from tritonkit.families.llava import make_tiny_llava
 from tritonkit.reporting import machine, markdown_table, replace_section
 from tritonkit.repository import BatchingOverrides
 from tritonkit.server import TritonServer, free_port
-from tritonkit.tiny import make_tiny_llava
 
 QUESTIONS = ["What is in the picture?", "Describe the colours.", "Write a long story about this image."]
 

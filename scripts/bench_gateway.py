@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonkit.bench import run_bench
 from tritonkit.build import build
-from tritonkit.families.clip import synthetic_photo
+from tritonkit.calibration import synthetic_photo
+from tritonkit.families.clip import make_vit_b32_clip
 from tritonkit.gateway import spawn_gateway
 from tritonkit.reporting import machine, markdown_table, replace_section
 from tritonkit.server import TritonServer, free_port
-from tritonkit.tiny import make_vit_b32_clip
 
 CONCURRENCY = 16
 

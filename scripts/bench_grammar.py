@@ -225,7 +225,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from tritonkit.tiny import make_tiny_llava
+    from tritonkit.families.llava import make_tiny_llava
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:

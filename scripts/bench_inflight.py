@@ -39,13 +39,13 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from tritonkit.build import build
+from tritonkit.calibration import synthetic_photo
 from tritonkit.client import chat_inputs
 from tritonkit.dtypes import wire_datatype
 from tritonkit.engines import usable_cores
-from tritonkit.families.clip import synthetic_photo
+from tritonkit.families.llava import make_tiny_llava
 from tritonkit.reporting import machine, markdown_table, replace_section
 from tritonkit.server import TritonServer, free_port
-from tritonkit.tiny import make_tiny_llava
 
 LENGTHS = (8, 32, 128, 256)
 QUESTIONS = ("What is in the picture?", "Describe the colours.", "Tell me a story about it.", "What happens next?")

@@ -25,10 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonkit.calibration import IMAGE_KINDS
-from tritonkit.families.clip import LoadedClip
+from tritonkit.families.clip import LoadedClip, make_vit_b32_clip
 from tritonkit.preprocessing.image import PIL_FORMATS, ImageRecipe, image_bytes_to_pixels
 from tritonkit.reporting import best_seconds, machine, markdown_table, replace_section
-from tritonkit.tiny import make_vit_b32_clip
 
 SIZES = [(3000, 4000), (2000, 3000), (3508, 2480), (1080, 1920)]  # 12 MP photo, 6 MP, A4 at 300 dpi, full HD
 

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonkit.export import export_onnx
 from tritonkit.families import get_family
+from tritonkit.families.clip import make_vit_b32_clip
 from tritonkit.precision import convert, evaluate
 from tritonkit.reporting import machine, markdown_table, replace_section
-from tritonkit.tiny import make_vit_b32_clip
 
 VARIANTS = ["fp32", "int8-static", "int8-dynamic", "fp16"]
 

@@ -32,12 +32,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonkit.build import build
+from tritonkit.calibration import synthetic_photo
 from tritonkit.client import TritonkitClient
 from tritonkit.families import get_family
-from tritonkit.families.clip import synthetic_photo
+from tritonkit.families.qwen2vl import make_tiny_qwen_vl
 from tritonkit.reporting import machine, markdown_table, replace_section
 from tritonkit.server import TritonServer, free_port
-from tritonkit.tiny import make_tiny_qwen_vl
 
 PROMPTS = ["What is in the picture?", "Describe the colours.", "How many objects are there?", "Write a caption."]
 SIZES = [(336, 448), (448, 336), (280, 280), (224, 392)]

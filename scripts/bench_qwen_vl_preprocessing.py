@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     from tritonkit.families import get_family
-    from tritonkit.tiny import make_tiny_qwen_vl
+    from tritonkit.families.qwen2vl import make_tiny_qwen_vl
 
     images = [(kind, data) for kind, data in varied_images(40)] + photos()
     files = [data for _, data in images]

@@ -47,9 +47,8 @@ def main() -> None:
 
     from tritonkit.chat_loop import ChatLoop, wait_answers
     from tritonkit.families import get_family
-    from tritonkit.families.llava import language_model
+    from tritonkit.families.llava import language_model, make_tiny_llava
     from tritonkit.llava_decoding import ChatGenerator, ChatOptions, chat_prompt, response_grammar
-    from tritonkit.tiny import make_tiny_llava
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:

@@ -162,6 +162,7 @@ def build_repositories(args, model_dir: Path, work: Path) -> tuple[str, dict[str
     """The served builds the run compares: the default one, then INT8 (--defaults-only) or feature
     padding and the OpenVINO ones. Returns the INT8 build's note and the OpenVINO repositories."""
     from tritonkit.families.base import BuildOptions
+    from tritonkit.families.whisper import WhisperBuildOptions
     from tritonkit.precision import PrecisionOptions
 
     build("whisper", str(model_dir), work / "repo")
@@ -179,7 +180,12 @@ def build_repositories(args, model_dir: Path, work: Path) -> tuple[str, dict[str
         )
         print(int8_note, flush=True)
     else:
-        build("whisper", str(model_dir), work / "repo-features", options=BuildOptions(audio_padding="features"))
+        build(
+            "whisper",
+            str(model_dir),
+            work / "repo-features",
+            options=BuildOptions(family=WhisperBuildOptions(audio_padding="features")),
+        )
     openvino_builds = {}
     if "openvino" in args.engines.split(",") and not args.defaults_only:
         for precision in ("fp32", "int8"):

@@ -61,7 +61,7 @@ def main() -> None:
     for model, values in sorted(differences.items()):
         role = SERVER_MEMORY_ROLE if model == SERVER else model.removeprefix(f"{args.family}_")
         now = spec.memory[role].fixed_mb if role in spec.memory else None
-        if now is None:  # the template's default figure (TEMPLATE_RUNTIME_MB), not the family's
+        if now is None:  # no figure of the family's (the plan's default)
             continue
         suggested[role] = {
             "fixed_mb_now": now,

@@ -78,7 +78,7 @@ def clip_cases() -> list[Case]:
 
     from PIL import Image
 
-    from tritonkit.families.clip import synthetic_photo
+    from tritonkit.calibration import synthetic_photo
 
     def image(data: bytes) -> dict[str, np.ndarray]:
         return {"IMAGE": byte_row(data)}
@@ -171,8 +171,8 @@ def elongated_png() -> bytes:
 
 def llava_cases() -> list[Case]:
     """What clients of the LLaVA chat ensemble send, good and bad."""
+    from tritonkit.calibration import synthetic_photo
     from tritonkit.client import chat_inputs
-    from tritonkit.families.clip import synthetic_photo
 
     photo = synthetic_photo(5, 120, 160)
 
@@ -286,7 +286,7 @@ def gateway_cases(family: str) -> list[HttpCase]:
             HttpCase("audio no file", "/v1/audio/transcriptions", False, form={"model": "whisper"}),
         ]
     if family in ("llava", "all"):
-        from tritonkit.families.clip import synthetic_photo
+        from tritonkit.calibration import synthetic_photo
 
         photo = data_url(synthetic_photo(5, 120, 160))
 
@@ -562,11 +562,11 @@ def tiny_repository(family: str, folder: Path) -> Path:
                 model.rename(repository / model.name)
         return repository
     if family == "clip":
-        from tritonkit.tiny import make_tiny_clip
+        from tritonkit.families.clip import make_tiny_clip
 
         build("clip", str(make_tiny_clip(folder / "clip")), repository)
     elif family == "llava":
-        from tritonkit.tiny import make_tiny_llava
+        from tritonkit.families.llava import make_tiny_llava
 
         build("llava", str(make_tiny_llava(folder / "llava")), repository)
     else:

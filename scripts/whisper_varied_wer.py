@@ -122,12 +122,18 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="write the results into this file")
     args = parser.parse_args()
     from tritonkit.families.base import BuildOptions
+    from tritonkit.families.whisper import WhisperBuildOptions
 
     work = Path(tempfile.mkdtemp(prefix="whisper-varied-"))
     model_dir = convert_ct2_whisper(bundled_tiny_en(), work / "tiny.en")
     builds = {"default build": work / "repo", "--audio-padding features": work / "repo-features"}
     build("whisper", str(model_dir), builds["default build"])
-    build("whisper", str(model_dir), builds["--audio-padding features"], options=BuildOptions(audio_padding="features"))
+    build(
+        "whisper",
+        str(model_dir),
+        builds["--audio-padding features"],
+        options=BuildOptions(family=WhisperBuildOptions(audio_padding="features")),
+    )
     clips = varied_clips(work)
     kinds = list(dict.fromkeys(kind for kind, _, _ in clips))
     samples = [a for _, a, _ in clips]

@@ -17,8 +17,8 @@ from PIL import Image
 
 from tritonkit import samples
 from tritonkit.build import build
+from tritonkit.contracts import EMBEDDINGS
 from tritonkit.families import get_family, registry
-from tritonkit.families.clip import ClipSpec
 from tritonkit.samples import SENTENCES
 from tritonkit.server import TritonServer, free_port
 
@@ -189,7 +189,7 @@ def start_server(repository: Path, **kwargs) -> TritonServer:
 
 # Families whose ensembles are NAME_image and NAME_text (CLIP and its variants): the embedding
 # tests run once per family, derived from the registry.
-EMBEDDING_FAMILIES = sorted(name for name, spec in registry().items() if issubclass(spec, ClipSpec))
+EMBEDDING_FAMILIES = sorted(name for name, spec in registry().items() if spec.contract is EMBEDDINGS)
 
 
 @pytest.fixture(scope="session")

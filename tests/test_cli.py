@@ -34,6 +34,28 @@ def test_cli_prints_one_line_without_traceback_when_family_is_unknown():
     assert "Traceback" not in result.stderr
 
 
+def test_build_flags_come_from_the_families_options_and_another_familys_flag_is_refused(tmp_path):
+    """Each family's options class (FamilySpec.options_class) gives `build` its flags, their help
+    naming the families that take them; a flag of another family fails in one line naming the
+    flags this one takes, before any work."""
+    import dataclasses
+
+    from tritonkit.families import registry
+
+    shown = " ".join(run("build", "--help", env={**os.environ, "COLUMNS": "400"}).stdout.split())
+    for spec in registry().values():
+        for option in dataclasses.fields(spec.options_class):
+            assert f"--{option.name.replace('_', '-')}" in shown, option.name
+    assert "(qwen2_5vl, qwen2vl)" in shown and "(whisper)" in shown
+    result = run("build", "whisper", "--model", str(tmp_path / "nothing"), "--max-image-tokens", "4")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "error: --max-image-tokens is not an option of whisper (whisper takes --audio-padding, --max-audio-seconds)"
+    )
+    refused = run("build", "clip", "--model", str(tmp_path / "nothing"), "--max-prompt-bytes", "10")
+    assert refused.returncode == 2 and "--max-prompt-bytes is not an option of clip" in refused.stderr
+
+
 def test_cli_shows_the_traceback_when_debugging(tmp_path):
     result = run("build", "nosuchfamily", "--model", "x", env={**os.environ, "TRITONKIT_DEBUG": "1"})
     assert result.returncode != 0 and "Traceback" in result.stderr

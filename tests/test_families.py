@@ -6,7 +6,7 @@ import pytest
 
 from tritonkit.errors import ConfigError, UnknownFamilyError
 from tritonkit.families import family_names, get_family, registry
-from tritonkit.families.base import FamilySpec, Pipeline, Stage, register
+from tritonkit.families.base import BuildOptions, FamilySpec, Pipeline, Stage, register
 from tritonkit.triton_config import Batching, Tensor
 
 # Every registered family needs a row: the ensemble roles it serves. The other tests take their
@@ -45,6 +45,45 @@ def test_family_serves_its_ensembles_when_built(family, tiny_loaded, tmp_path):
     assert {e.role for e in spec.exports(loaded)} == set(spec.tolerances)  # one tolerance per export
     pipelines = spec.pipelines(loaded, onnx_files)
     assert {p.role for p in pipelines} == FAMILY_ROWS[spec.name]
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_every_ensemble_speaks_its_familys_contract(family, tiny_loaded, tmp_path):
+    """An ensemble takes and gives only its contract's tensors, in the contract's dtypes, and the
+    gateway finds each of them in the role its name says."""
+    from tritonkit.contracts import TENSORS
+    from tritonkit.gateway.triton import classify
+
+    spec, loaded = tiny_loaded(family)
+    onnx_files = {e.role: tmp_path / f"{e.role}.onnx" for e in spec.exports(loaded)}
+    contract, configs = spec.contract, {}
+    for pipeline in spec.pipelines(loaded, onnx_files):
+        for tensor, declared in [(t, contract.inputs) for t in pipeline.inputs] + [
+            (t, contract.outputs) for t in pipeline.outputs
+        ]:
+            assert tensor.name in declared and tensor.dtype == TENSORS[tensor.name].dtype, (pipeline.role, tensor)
+        name = "m" + (f"_{pipeline.role}" if pipeline.role else "")
+        configs[name] = {
+            "platform": "ensemble",
+            "input": [{"name": t.name} for t in pipeline.inputs],
+            "output": [{"name": t.name} for t in pipeline.outputs],
+        }
+    (served,) = classify(configs, set(configs)).values()
+    assert served.kind == contract.kind and set(served.ensembles.values()) == set(configs)
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_every_python_stage_has_its_familys_memory_figure(family, tiny_loaded, tmp_path):
+    """`tritonkit plan` charges a Python-backend stub its family's measured fixed memory: every
+    stage a build can write has one (CPU with DALI or Python preprocessing, GPU)."""
+    spec, loaded = tiny_loaded(family)
+    onnx_files = {e.role: tmp_path / f"{e.role}.onnx" for e in spec.exports(loaded)}
+    for options in (BuildOptions(), BuildOptions(preprocessing="python"), BuildOptions(target="gpu")):
+        memory = spec.memory_for(options)
+        stages = [s for p in spec.pipelines(loaded, onnx_files, options) for s in p.stages]
+        stages += [callee for s in stages for callee in s.callees]
+        unmeasured = {s.role for s in stages if s.template is not None and s.role not in memory}
+        assert not unmeasured, (options.target, options.preprocessing, unmeasured)
 
 
 @pytest.mark.parametrize("family", family_names())

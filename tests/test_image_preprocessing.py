@@ -87,7 +87,7 @@ def test_jpeg_draft_decodes_large_jpegs_at_a_reduced_scale_with_the_same_output(
     import dataclasses
 
     from tritonkit.build import build
-    from tritonkit.families.base import BuildOptions
+    from tritonkit.families.base import BuildOptions, ImageOptions
     from tritonkit.preprocessing.image import PIL_FORMATS, decode_image
 
     _, loaded = clip_loaded
@@ -102,4 +102,4 @@ def test_jpeg_draft_decodes_large_jpegs_at_a_reduced_scale_with_the_same_output(
     small = encode_image(random_image(240, 320, seed=4), "JPEG")  # no smaller scale covers 2x the resize
     assert np.array_equal(image_bytes_to_pixels(small, recipe), image_bytes_to_pixels(small, drafted))
     with pytest.raises(InputError, match="--jpeg-draft decodes with PIL: add --preprocessing python"):
-        build("clip", str(tiny_clip_dir), tmp_path / "repo", options=BuildOptions(image={"jpeg_draft": True}))
+        build("clip", str(tiny_clip_dir), tmp_path / "repo", options=BuildOptions(family=ImageOptions(jpeg_draft=True)))

@@ -19,7 +19,7 @@ from tritonkit.build import build
 from tritonkit.client import TritonkitClient, pack_byte_rows
 from tritonkit.errors import InferenceError, InputError
 from tritonkit.families import get_family
-from tritonkit.families.qwen2vl import image_inputs
+from tritonkit.families.qwen2vl import QwenVLBuildOptions, image_inputs
 from tritonkit.qwen_vl import PatchRecipe, image_tokens
 
 pytestmark = pytest.mark.server
@@ -279,11 +279,11 @@ def test_an_images_visual_tokens_are_bounded_by_what_a_vision_run_holds(tiny_mod
     assert loaded.attention_patches == 16384  # 2 heads: 4 x 2 x 16384² bytes = 2 GiB
     assert spec.fit(loaded, BuildOptions()) == []  # the tiny processor's 64 tokens fit
     with pytest.raises(InputError, match=re.escape("--max-image-tokens 5000: use 4 to 4096")):
-        spec.fit(loaded, BuildOptions(max_image_tokens=5000))
+        spec.fit(loaded, BuildOptions(family=QwenVLBuildOptions(max_image_tokens=5000)))
     with pytest.raises(InputError, match=re.escape("--max-image-tokens 3: use 4 to 4096")):
-        spec.fit(loaded, BuildOptions(max_image_tokens=3))
-    with pytest.raises(InputError, match="--max-image-tokens is for Qwen-VL"):
-        get_family("clip").fit(None, BuildOptions(max_image_tokens=16))
+        spec.fit(loaded, BuildOptions(family=QwenVLBuildOptions(max_image_tokens=3)))
+    with pytest.raises(InputError, match="QwenVLBuildOptions are not clip's options: build it with ImageOptions"):
+        get_family("clip").family_options(BuildOptions(family=QwenVLBuildOptions(max_image_tokens=16)))
 
     loaded.model.config.vision_config.num_heads = 16  # as Qwen2-VL-7B's tower
     loaded.image_processor = type(loaded.image_processor)(min_pixels=3136, max_pixels=12845056)
@@ -307,7 +307,7 @@ def test_max_image_tokens_resizes_large_images_down_as_the_processor_does(tiny_m
 
     model_dir = tiny_model_dir("qwen2vl")
     said: list[str] = []
-    options = BuildOptions(preprocessing="python", max_image_tokens=16)
+    options = BuildOptions(preprocessing="python", family=QwenVLBuildOptions(max_image_tokens=16))
     build("qwen2vl", str(model_dir), tmp_path / "repo", options=options, progress=said.append)
     assert "image processor: max_pixels 50176 -> 12544 (16 visual tokens an image; --max-image-tokens)" in said
     spec = get_family("qwen2vl")

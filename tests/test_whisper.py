@@ -333,18 +333,19 @@ def test_feature_padding_matches_faster_whisper_in_numpy_and_dali(case, speech_f
 
 def test_an_unknown_audio_padding_fails_before_any_build_work():
     from tritonkit.errors import InputError
-    from tritonkit.families.base import BuildOptions
+    from tritonkit.families.whisper import WhisperBuildOptions
 
     with pytest.raises(InputError, match="--audio-padding 'zeros': use one of audio, features"):
-        BuildOptions(audio_padding="zeros")
+        WhisperBuildOptions(audio_padding="zeros")
 
 
 @pytest.fixture(scope="module")
 def feature_padded_whisper_server(whisper_dir, tmp_path_factory):
     from tritonkit.families.base import BuildOptions
+    from tritonkit.families.whisper import WhisperBuildOptions
 
     out = tmp_path_factory.mktemp("whisper_feature_padding") / "model_repository"
-    build("whisper", str(whisper_dir), out, options=BuildOptions(audio_padding="features"))
+    build("whisper", str(whisper_dir), out, options=BuildOptions(family=WhisperBuildOptions(audio_padding="features")))
     server = start_server(out)
     yield server
     server.stop()

@@ -41,6 +41,7 @@ def build(
     progress: Progress = lambda message: None,
 ) -> BuildResult:
     spec = get_family(family)
+    spec.family_options(options)  # another family's options fail here, before any slow work
     if options.engine == "tensorrt":
         from tritonkit.tensorrt import require_gpu
 

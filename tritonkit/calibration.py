@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -175,3 +176,49 @@ def varied_speech(sentences: list[str], folder) -> list[tuple[str, bytes, str]]:
         soundfile.write(buffer, samples, 16000, format="WAV")
         clips.append((kind, buffer.getvalue(), ""))
     return clips
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# 40 built-in images, every 5th held out: 5 is coprime with the 8 kinds of IMAGE_KINDS, so the
+# held-out 8 are one of each kind
+BUILTIN_IMAGES = 40
+BUILTIN_HELDOUT_SHARE = 0.2
+USER_HELDOUT_SHARE = 0.25  # of the user's own files (--calibration-data)
+
+
+def image_files(directory: Path) -> list[Path]:
+    suffixes = set(IMAGE_SUFFIXES)
+    return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def builtin_images() -> tuple[list[bytes], str]:
+    """The built-in varied images and how a report names them."""
+    images = [data for _, data in varied_images(BUILTIN_IMAGES)]
+    kinds = ", ".join(kind for kind, _, _ in IMAGE_KINDS)
+    return images, f"{len(images)} built-in varied images ({kinds}; colour, grayscale and RGBA PNG)"
+
+
+def calibration_images(calibration_dir: Path | None) -> tuple[list[bytes], str, float]:
+    """The images an image tower is calibrated and judged on: the user's (`--calibration-data`) or
+    the built-in varied ones; with how the report names them and the share to hold out."""
+    from tritonkit.errors import InputError
+
+    if calibration_dir is None:
+        images, source = builtin_images()
+        return images, f"{source}: {BUILTIN_NOTE}", BUILTIN_HELDOUT_SHARE
+    images = [p.read_bytes() for p in image_files(calibration_dir)]
+    if not images:
+        raise InputError(f"--calibration-data {calibration_dir}: needs images (jpg, png, ...)")
+    return images, f"{len(images)} images from {calibration_dir}", USER_HELDOUT_SHARE
+
+
+def synthetic_photo(seed: int, height: int = 360, width: int = 480) -> bytes:
+    """A smooth random JPEG: a stand-in photo for benchmarks and soaks."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1000 + seed)
+    coarse = rng.integers(0, 256, (height // 24, width // 24, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

@@ -43,22 +43,9 @@ from tritonkit.triton_config import instance_count, parameter
 
 MIB = 2**20
 GPU_OVERHEAD_MB = 300.0  # a Python-backend stub and a CUDA context per GPU instance
-# Resident memory (PSS) of a CPU stub of each template before its model's own weights and
-# buffers: the interpreter, numpy and the libraries the template imports, measured on served
-# repositories (scripts/soak.py, tritonkit plan --measure). The libraries are the same wheels
-# wherever tritonkit runs, so these carry over between machines.
-TEMPLATE_RUNTIME_MB = {
-    "onnx_encoder": 40.0,
-    "dali_pipeline": 200.0,
-    "audio_preprocess": 70.0,
-    "silero_vad": 45.0,
-    "whisper_decoder": 250.0,
-    "text_tokenizer": 250.0,
-    "image_preprocess": 60.0,
-    "image_check": 40.0,
-    "llava_decoder": 330.0,
-}
-DEFAULT_RUNTIME_MB = 60.0  # a template not measured yet
+# A Python-backend stage's fixed memory comes from its family (`FamilySpec.memory`, written into
+# its config); a config without one (written by hand) is charged this.
+DEFAULT_RUNTIME_MB = 60.0
 # ONNX Runtime's CPU arena grows in powers of two and keeps its high-water mark: measured
 # resident workspace over the ideal peak of `graph_memory`.
 ARENA_FACTOR = 2.0
@@ -355,9 +342,7 @@ def model_plans(
                 weights += path.stat().st_size
         instances = instance_count(config)
         template = parameter(config, "tritonkit_template") or ""
-        runtime = stage_memory.fixed_mb
-        if runtime is None:
-            runtime = TEMPLATE_RUNTIME_MB.get(template, DEFAULT_RUNTIME_MB)
+        runtime = stage_memory.fixed_mb if stage_memory.fixed_mb is not None else DEFAULT_RUNTIME_MB
         fields: dict[str, Any]
         if gpu:
             # a Python-backend stub on a GPU still holds its runtime in host memory; the ONNX

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,9 +17,9 @@ from tritonkit.cli.common import (
 )
 from tritonkit.errors import InputError
 from tritonkit.families import family_names
+from tritonkit.families.base import FamilyOptions
 
 
-@app.command()
 def build(
     family: Annotated[
         str, typer.Argument(help=f"Model family: {', '.join(family_names())} (see `tritonkit families`).")
@@ -38,61 +41,9 @@ def build(
     preprocessing: Annotated[
         str, typer.Option(help="dali (the DALI pipelines), or python (PIL/numpy, exact transformers parity; cpu only).")
     ] = "dali",
-    resize_mode: Annotated[
-        str | None, typer.Option(help="Images: crop (as CLIP), fit (stretch) or pad (letterbox).")
-    ] = None,
-    image_formats: Annotated[
-        str | None, typer.Option(help="Accepted image formats, e.g. jpeg,png,webp,bmp,tiff (gif: python only).")
-    ] = None,
-    max_image_bytes: Annotated[int | None, typer.Option(help="Largest accepted encoded image.")] = None,
-    max_image_pixels: Annotated[
-        int | None, typer.Option(help="Largest accepted image area (decompression bombs fail).")
-    ] = None,
-    max_resize_pixels: Annotated[
-        int | None,
-        typer.Option(
-            help="Largest image area after the resize before the crop (very elongated images fail; default 16000000)."
-        ),
-    ] = None,
     max_request_bytes: Annotated[
         int | None,
         typer.Option(help="Largest request in all (its files and strings; default 64 MiB, Whisper 256 MiB)."),
-    ] = None,
-    max_prompt_bytes: Annotated[
-        int | None,
-        typer.Option(
-            help="Chat: largest prompt, checked before tokenizing (default 65536); its tokens must also fit the context."
-        ),
-    ] = None,
-    max_image_tokens: Annotated[
-        int | None,
-        typer.Option(
-            help="Qwen-VL: visual tokens per image (its max_pixels / 28²); larger images are resized down as the "
-            "processor does. Default: the checkpoint's, lowered to what one vision run's attention holds in 2 GiB."
-        ),
-    ] = None,
-    exif_orientation: Annotated[
-        bool | None,
-        typer.Option(
-            "--exif-orientation/--ignore-exif-orientation",
-            help="Turn images upright by their EXIF orientation (default: yes).",
-        ),
-    ] = None,
-    jpeg_draft: Annotated[
-        bool | None,
-        typer.Option(
-            "--jpeg-draft/--no-jpeg-draft",
-            help="--preprocessing python: decode large JPEGs at a reduced DCT scale (see docs/BENCHMARKS.md).",
-        ),
-    ] = None,
-    max_audio_seconds: Annotated[float | None, typer.Option(help="Longest accepted audio file (default 600).")] = None,
-    audio_padding: Annotated[
-        str | None,
-        typer.Option(
-            help="Whisper: audio (pad with silence to 30 s, then log-mel: OpenAI and transformers, the default) or "
-            "features (zero frames after the log-mel, and timestamped files decoded sequentially: faster-whisper's "
-            "transcripts; docs/BENCHMARKS.md compares their WER)."
-        ),
     ] = None,
     dali_threads: Annotated[int, typer.Option(help="CPU threads of each DALI pipeline.")] = 1,
     engine: Annotated[
@@ -129,6 +80,7 @@ def build(
     ] = None,
     force: Annotated[bool, typer.Option(help="Build even when the accuracy report fails.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code from the Hub to run.")] = False,
+    **family_flags: Any,
 ):
     """Export, validate and write a Triton model repository.
 
@@ -148,24 +100,11 @@ def build(
         min_cosine=min_cosine,
         max_wer_increase=max_wer_increase,
     )
-    image_options = {
-        "resize_mode": resize_mode,
-        "formats": tuple(f.strip() for f in image_formats.split(",") if f.strip()) if image_formats else None,
-        "max_bytes": max_image_bytes,
-        "max_pixels": max_image_pixels,
-        "max_resize_pixels": max_resize_pixels,
-        "exif_orientation": exif_orientation,
-        "jpeg_draft": jpeg_draft,
-    }
     options = BuildOptions(
         target=target,
         preprocessing=preprocessing,
-        image={k: v for k, v in image_options.items() if v is not None},
-        max_audio_seconds=max_audio_seconds,
-        audio_padding=audio_padding,
+        family=family_options(family, family_flags),
         max_request_bytes=max_request_bytes,
-        max_prompt_bytes=max_prompt_bytes,
-        max_image_tokens=max_image_tokens,
         dali_threads=dali_threads,
         engine=engine,
         native_backends=native_backends,
@@ -194,6 +133,53 @@ def build(
             progress=progress,
         )
     console.print(f"[green]wrote[/green] {', '.join(result.models)} to {result.out}")
+
+
+def family_options(family: str, given: dict[str, Any]) -> FamilyOptions | None:
+    """The flags of the family's own options (`FamilySpec.options_class`) that were given, as that
+    class; a flag of another family's options fails naming the ones this family takes."""
+    from tritonkit.families import get_family
+
+    chosen = {name: value for name, value in given.items() if value is not None}
+    if not chosen:
+        return None
+    spec = get_family(family)
+    own = {f.name for f in dataclasses.fields(spec.options_class)}
+    foreign = sorted(set(chosen) - own)
+    if foreign:
+        takes = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(own)) or "none of its own"
+        raise InputError(
+            f"--{foreign[0].replace('_', '-')} is not an option of {family}",
+            hint=f"{family} takes {takes}",
+        )
+    return spec.options_class(**chosen)
+
+
+def family_flags() -> list[inspect.Parameter]:
+    """A flag for every field of every registered family's options (tritonkit.families.base.flag),
+    its help naming the families that take it."""
+    from tritonkit.families import registry
+
+    found: dict[str, tuple[dataclasses.Field, Any, list[str]]] = {}
+    for name, spec in sorted(registry().items()):
+        hints = typing.get_type_hints(spec.options_class)
+        for option in dataclasses.fields(spec.options_class):
+            found.setdefault(option.name, (option, hints[option.name], []))[2].append(name)
+    flags = []
+    for name, (option, hint, families) in found.items():
+        help_text = f"{option.metadata['help']} ({', '.join(families)})"
+        annotated: Any = Annotated  # the hint is a value here, not a type mypy can check
+        annotation = annotated[hint, typer.Option(*option.metadata["declarations"], help=help_text)]
+        flags.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+    return flags
+
+
+# `build` takes its own flags and those of every family's options (typer reads the signature)
+_own = [p for p in inspect.signature(build, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+build.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.default is not p.empty else p for p in _own] + family_flags()
+)
+app.command()(build)
 
 
 @app.command()

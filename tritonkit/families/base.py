@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tritonkit.contracts import Contract
 from tritonkit.engines import graph_files, graph_name
 from tritonkit.errors import ConfigError
 from tritonkit.triton_config import Batching, Tensor
@@ -125,6 +126,56 @@ GPU_ENGINES = ("onnxruntime-trt", "tensorrt")
 NATIVE_THREAD_PARAMETERS = {"openvino": "INFERENCE_NUM_THREADS", "onnxruntime": "intra_op_thread_count"}
 
 
+def flag(help: str, *declarations: str, default: Any = None) -> Any:
+    """A field of a family's options: `tritonkit build` gives it a flag (`declarations`, else
+    --field-name) with this help."""
+    return field(default=default, metadata={"help": help, "declarations": declarations})
+
+
+@dataclass(frozen=True)
+class FamilyOptions:
+    """The build options only some families take. A family's `options_class` is its own subclass;
+    `tritonkit build` derives a flag from every field of every family's class (`flag`) and refuses a
+    flag the family being built does not take. None leaves a field to the model's defaults."""
+
+    def given(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class ImageOptions(FamilyOptions):
+    """How a family that takes images decodes and checks them (tritonkit.preprocessing.image)."""
+
+    resize_mode: str | None = flag("Images: crop (as CLIP), fit (stretch) or pad (letterbox).")
+    image_formats: str | None = flag("Accepted image formats, e.g. jpeg,png,webp,bmp,tiff (gif: python only).")
+    max_image_bytes: int | None = flag("Largest accepted encoded image.")
+    max_image_pixels: int | None = flag("Largest accepted image area (decompression bombs fail).")
+    max_resize_pixels: int | None = flag(
+        "Largest image area after the resize before the crop (very elongated images fail; default 16000000)."
+    )
+    exif_orientation: bool | None = flag(
+        "Turn images upright by their EXIF orientation (default: yes).",
+        "--exif-orientation/--ignore-exif-orientation",
+    )
+    jpeg_draft: bool | None = flag(
+        "--preprocessing python: decode large JPEGs at a reduced DCT scale (see docs/BENCHMARKS.md).",
+        "--jpeg-draft/--no-jpeg-draft",
+    )
+
+    def recipe_options(self) -> dict[str, Any]:
+        """As `ImageRecipe.with_options` takes them (None keeps the model's own)."""
+        formats = tuple(f.strip() for f in self.image_formats.split(",") if f.strip()) if self.image_formats else None
+        return {
+            "resize_mode": self.resize_mode,
+            "formats": formats,
+            "max_bytes": self.max_image_bytes,
+            "max_pixels": self.max_image_pixels,
+            "max_resize_pixels": self.max_resize_pixels,
+            "exif_orientation": self.exif_orientation,
+            "jpeg_draft": self.jpeg_draft,
+        }
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     """What a build may choose beyond the model: where it runs and how inputs are handled.
@@ -132,16 +183,13 @@ class BuildOptions:
     `target` cpu writes Python-backend models only (what runs here); gpu writes DALI-backend
     preprocessing and ONNX Runtime-backend encoders on KIND_GPU instances. `preprocessing` dali
     runs the DALI pipeline definitions (on CPU inside Python-backend models for target cpu);
-    python runs PIL and numpy instead (exact transformers parity, CPU only)."""
+    python runs PIL and numpy instead (exact transformers parity, CPU only). `family` holds the
+    options of the family being built (its `options_class`)."""
 
     target: str = "cpu"
     preprocessing: str = "dali"
-    image: Mapping[str, Any] = field(default_factory=dict)  # ImageRecipe options: resize_mode, formats, ...
-    max_audio_seconds: float | None = None
-    audio_padding: str | None = None  # Whisper: "audio" (OpenAI, transformers) or "features" (faster-whisper)
+    family: FamilyOptions | None = None
     max_request_bytes: int | None = None  # all encoded inputs of one request; None: the family's default
-    max_prompt_bytes: int | None = None  # one text prompt (chat), checked before tokenizing
-    max_image_tokens: int | None = None  # Qwen-VL: visual tokens per image (None: the checkpoint's, within memory)
     dali_threads: int = 1
     # how the graphs run: ONNX Runtime or OpenVINO (cpu); ONNX Runtime, its TensorRT provider, or TensorRT plans (gpu)
     engine: str = "onnxruntime"
@@ -161,17 +209,8 @@ class BuildOptions:
             raise InputError("--target gpu preprocesses with DALI; leave out --preprocessing python")
         if self.dali_threads < 1:
             raise InputError("--dali-threads must be >= 1")
-        from tritonkit.preprocessing.audio import PADDINGS
-
-        if self.audio_padding is not None and self.audio_padding not in PADDINGS:
-            raise InputError(f"--audio-padding {self.audio_padding!r}: use one of {', '.join(PADDINGS)}")
-        for flag, value in (
-            ("--max-request-bytes", self.max_request_bytes),
-            ("--max-prompt-bytes", self.max_prompt_bytes),
-            ("--max-image-tokens", self.max_image_tokens),
-        ):
-            if value is not None and value < 1:
-                raise InputError(f"{flag} must be >= 1, got {value}")
+        if self.max_request_bytes is not None and self.max_request_bytes < 1:
+            raise InputError(f"--max-request-bytes must be >= 1, got {self.max_request_bytes}")
         if self.engine not in ENGINES:
             raise InputError(f"--engine {self.engine!r}: use one of {', '.join(ENGINES)}")
         if self.engine in GPU_ENGINES and not self.gpu:
@@ -184,6 +223,11 @@ class BuildOptions:
     @property
     def gpu(self) -> bool:
         return self.target == "gpu"
+
+    @property
+    def image(self) -> ImageOptions:
+        """The image options of a family that takes images (defaults for any other)."""
+        return self.family if isinstance(self.family, ImageOptions) else ImageOptions()
 
 
 @dataclass(frozen=True)
@@ -230,6 +274,8 @@ class FamilySpec:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # What its repositories serve (tritonkit.contracts): the tensors clients send and receive.
+    contract: ClassVar[Contract]
     # transformers `model_type`s this family builds (config.json); another fails before loading.
     model_types: ClassVar[tuple[str, ...]] = ()
     # What `load` reads: the transformers model class, and per field of `loaded_class` the
@@ -243,6 +289,8 @@ class FamilySpec:
     batching: ClassVar[Mapping[str, Batching]] = {}
     # What one request may send in all (its encoded files and strings); --max-request-bytes overrides.
     max_request_bytes: ClassVar[int] = 64 * 1024 * 1024
+    # The build options only this family takes (`tritonkit build` derives their flags).
+    options_class: ClassVar[type[FamilyOptions]] = FamilyOptions
 
     def load(self, source: str, *, trust_remote_code: bool = False) -> Any:
         """The PyTorch model and its processors from a Hub id or a local save_pretrained directory."""
@@ -293,11 +341,19 @@ class FamilySpec:
     def fit(self, loaded: Any, options: BuildOptions) -> list[str]:
         """Adapt the loaded processors to the build's options before anything is exported or written;
         returns what changed, one line each, for the build's progress."""
+        return []
+
+    def family_options(self, options: BuildOptions) -> Any:
+        """The build's options of this family (`options_class`'s defaults when none were given)."""
         from tritonkit.errors import InputError
 
-        if options.max_image_tokens is not None:
-            raise InputError(f"--max-image-tokens is for Qwen-VL's images; leave it out for {self.name}")
-        return []
+        if options.family is None:
+            return self.options_class()
+        if type(options.family) is not self.options_class:
+            raise InputError(
+                f"{type(options.family).__name__} are not {self.name}'s options: build it with {self.options_class.__name__}"
+            )
+        return options.family
 
     def exports(self, loaded: Any) -> list[OnnxExport]:
         raise NotImplementedError
@@ -316,8 +372,9 @@ class FamilySpec:
 
     def memory_for(self, options: BuildOptions) -> Mapping[str, StageMemory]:
         """The stages' measured fixed memory for a build with `options` (a family whose stage
-        differs by option, such as its preprocessing engine, overrides it)."""
-        return self.memory
+        differs by option, such as its preprocessing engine, overrides it); the stages every
+        family shares (`SHARED_STAGE_MEMORY`) unless the family measured its own."""
+        return {**SHARED_STAGE_MEMORY, **self.memory}
 
     def stage_batching(self, role: str) -> Batching:
         return self.batching.get(role, Batching())
@@ -428,7 +485,7 @@ def image_recipe_for(image_processor, options: BuildOptions):
     from tritonkit.errors import InputError
     from tritonkit.preprocessing.image import DALI_FORMATS, ImageRecipe
 
-    recipe = ImageRecipe.from_processor(image_processor).with_options(**options.image)
+    recipe = ImageRecipe.from_processor(image_processor).with_options(**options.image.recipe_options())
     undecodable = sorted(set(recipe.formats) - set(DALI_FORMATS))
     if options.preprocessing == "dali" and recipe.jpeg_draft:
         raise InputError("--jpeg-draft decodes with PIL: add --preprocessing python (DALI has no scaled JPEG decode)")
@@ -438,6 +495,11 @@ def image_recipe_for(image_processor, options: BuildOptions):
             hint="leave them out of --image-formats, or use --preprocessing python (CPU only)",
         )
     return recipe
+
+
+# The fixed memory of stages that families take from here rather than define (the GPU's per-request
+# image checks: a small stub with PIL, as measured for the CPU templates).
+SHARED_STAGE_MEMORY: Mapping[str, StageMemory] = {"image_check": StageMemory(fixed_mb=40)}
 
 
 def image_preprocess_stages(

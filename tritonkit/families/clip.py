@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from tritonkit.calibration import BUILTIN_NOTE
+from tritonkit.calibration import BUILTIN_NOTE, calibration_images
 from tritonkit.contracts import EMBEDDINGS, IMAGE, IMAGE_EMBEDS, TEXT, TEXT_EMBEDS
+from tritonkit.errors import TritonkitError
 from tritonkit.families.base import (
     SERVER_MEMORY_ROLE,
     BuildOptions,
     FamilySpec,
+    ImageOptions,
     OnnxExport,
     Pipeline,
     Stage,
@@ -62,7 +66,6 @@ CALIBRATION_CAPTIONS = [
     "a street market with vegetables",
     "a close-up photo of a watch",
 ]
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 CALIBRATION_BATCH = 4
 
 
@@ -124,6 +127,8 @@ TOKENIZER_OUTPUTS = {INPUT_IDS: "input_ids", ATTENTION_MASK: "attention_mask"}
 @register
 class ClipSpec(FamilySpec):
     name = "clip"
+    contract = EMBEDDINGS
+    options_class = ImageOptions
     model_types = ("clip",)
     description = "CLIP image and text towers -> ensembles NAME_image and NAME_text"
     model_class = "CLIPModel"
@@ -163,8 +168,6 @@ class ClipSpec(FamilySpec):
 
     @staticmethod
     def make_tiny(directory: Path) -> Path:
-        from tritonkit.tiny import make_tiny_clip
-
         return make_tiny_clip(directory)
 
     def encode_texts(self, loaded: LoadedClip, texts: list[str], return_tensors: str = "np") -> dict[str, Any]:
@@ -294,21 +297,20 @@ class ClipSpec(FamilySpec):
         from tritonkit.errors import InputError
         from tritonkit.precision import PrecisionData, data_files, image_feeds, split_files
 
+        images, image_source, heldout_share = calibration_images(calibration_dir)
         if calibration_dir is not None:
-            images = [p.read_bytes() for p in data_files(calibration_dir, IMAGE_SUFFIXES)]
             texts = [
                 line.strip() for p in data_files(calibration_dir, (".txt",)) for line in p.read_text().splitlines()
             ]
             texts = [t for t in texts if t]
-            if not images or not texts:
-                raise InputError(
-                    f"--calibration-data {calibration_dir}: needs images (jpg, png, ...) and captions (*.txt, one per line)"
-                )
-            source = f"{len(images)} images and {len(texts)} captions from {calibration_dir}"
+            if not texts:
+                raise InputError(f"--calibration-data {calibration_dir}: needs captions too (*.txt, one per line)")
+            source = f"{image_source} and {len(texts)} captions"
         else:
-            images, source = builtin_images()
             texts = list(CALIBRATION_CAPTIONS)
-            source += f" and {len(texts)} built-in captions: {BUILTIN_NOTE}"
+            source = (
+                f"{image_source.removesuffix(': ' + BUILTIN_NOTE)} and {len(texts)} built-in captions: {BUILTIN_NOTE}"
+            )
 
         def pixel_feeds(files):
             return image_feeds(files, loaded.image_processor, PIXEL_VALUES, CALIBRATION_BATCH)
@@ -322,9 +324,7 @@ class ClipSpec(FamilySpec):
                 for i in range(0, len(captions), CALIBRATION_BATCH)
             ]
 
-        image_calibration, image_heldout = split_files(
-            images, BUILTIN_HELDOUT_SHARE if calibration_dir is None else 0.25
-        )
+        image_calibration, image_heldout = split_files(images, heldout_share)
         text_calibration, text_heldout = split_files(texts)
         return PrecisionData(
             calibration={"image_encoder": pixel_feeds(image_calibration), "text_encoder": text_feeds(text_calibration)},
@@ -352,30 +352,102 @@ class ClipSpec(FamilySpec):
             ).numpy()
 
 
-# 40 built-in images, every 5th held out: 5 is coprime with the 8 kinds of tritonkit.calibration,
-# so the held-out 8 are one of each kind
-BUILTIN_IMAGES = 40
-BUILTIN_HELDOUT_SHARE = 0.2
+# -- the tiny model (tests, the demo): random weights, a real architecture and tokenizer --------
+CLIP_BPE_FILE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 
 
-def builtin_images() -> tuple[list[bytes], str]:
-    """The built-in varied images and how a report names them."""
-    from tritonkit.calibration import IMAGE_KINDS, varied_images
+def clip_bpe_path() -> Path:
+    import importlib.metadata
 
-    images = [data for _, data in varied_images(BUILTIN_IMAGES)]
-    kinds = ", ".join(kind for kind, _, _ in IMAGE_KINDS)
-    return images, f"{len(images)} built-in varied images ({kinds}; colour, grayscale and RGBA PNG)"
+    try:
+        path = Path(str(importlib.metadata.distribution("open_clip_torch").locate_file(CLIP_BPE_FILE)))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise TritonkitError("the CLIP BPE merges file is not installed", hint="pip install --no-deps open_clip_torch")
+    return path
 
 
-def synthetic_photo(seed: int, height: int = 360, width: int = 480) -> bytes:
-    """A smooth random JPEG: a stand-in photo for calibration when the user gives none."""
-    import io
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """The 49408-token OpenAI CLIP vocabulary, built the way CLIP's SimpleTokenizer builds it."""
+    with gzip.open(clip_bpe_path(), "rt", encoding="utf-8") as merges_file:
+        lines = merges_file.read().split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    pairs = [tuple(m.split()) for m in merges]
+    from tritonkit.tiny import bytes_to_unicode
 
-    from PIL import Image
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(p) for p in pairs]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(vocab)}, merges
 
-    rng = np.random.default_rng(1000 + seed)
-    coarse = rng.integers(0, 256, (height // 24, width // 24, 3), dtype=np.uint8)
-    image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+
+def write_clip_tokenizer(directory: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
+    pairs = [tuple(m.split()) for m in merges]  # what the tokenizers backend takes (its stub says list[str])
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=77)  # type: ignore[arg-type]
+    tokenizer.save_pretrained(str(directory))
+
+
+def make_tiny_clip(
+    directory: Path,
+    *,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    projection_dim: int = 32,
+    image_size: int = 224,
+    patch_size: int = 32,
+    seed: int = 0,
+) -> Path:
+    """A random CLIPModel + real tokenizer + CLIPImageProcessor, saved with save_pretrained."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    common = dict(
+        hidden_size=hidden_size, intermediate_size=hidden_size * 4, num_hidden_layers=layers, num_attention_heads=heads
+    )
+    config = CLIPConfig(
+        text_config=dict(common, vocab_size=49408, max_position_embeddings=77),
+        vision_config=dict(common, image_size=image_size, patch_size=patch_size),
+        projection_dim=projection_dim,
+    )
+    CLIPModel(config).eval().save_pretrained(str(directory))
+    write_clip_tokenizer(directory)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(str(directory))
+    return directory
+
+
+def make_vit_b32_clip(directory: Path, seed: int = 0) -> Path:
+    """A random-initialised CLIP with openai/clip-vit-base-patch32's architecture, for speed figures."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+        vision_config={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": 224,
+            "patch_size": 32,
+        },
+        projection_dim=512,
+    )
+    CLIPModel(config).eval().save_pretrained(str(directory))
+    write_clip_tokenizer(directory)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
+        str(directory)
+    )
+    return directory

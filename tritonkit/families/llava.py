@@ -32,16 +32,19 @@ from tritonkit.contracts import (
     TOP_LOGPROBS,
     TOP_P,
 )
+from tritonkit.errors import InputError
 from tritonkit.families.base import (
     SERVER_MEMORY_ROLE,
     BuildOptions,
     FamilySpec,
+    ImageOptions,
     OnnxExport,
     Pipeline,
     Stage,
     StageMemory,
     Tolerance,
     encoder_stage,
+    flag,
     image_preprocess_stages,
     image_recipe_for,
     register,
@@ -59,6 +62,19 @@ IMAGE_FEATURES = "IMAGE_FEATURES"
 DEFAULT_MAX_NEW_TOKENS = 256
 # Repeated images skip the encoder: it keeps this many images' features (keyed by their pixels).
 FEATURE_CACHE_ENTRIES = 256
+
+
+@dataclass(frozen=True)
+class ChatBuildOptions(ImageOptions):
+    """A chat family's build options: its images', and the prompt limit."""
+
+    max_prompt_bytes: int | None = flag(
+        "Largest prompt, checked before tokenizing (default 65536); its tokens must also fit the context."
+    )
+
+    def __post_init__(self):
+        if self.max_prompt_bytes is not None and self.max_prompt_bytes < 1:
+            raise InputError(f"--max-prompt-bytes must be >= 1, got {self.max_prompt_bytes}")
 
 
 @dataclass
@@ -122,6 +138,8 @@ def language_model(model):
 @register
 class LlavaSpec(FamilySpec):
     name = "llava"
+    contract = CHAT
+    options_class = ChatBuildOptions
     model_types = ("llava",)
     description = (
         "LLaVA image question answering -> ensembles NAME_chat and NAME_chat_stream "
@@ -155,8 +173,6 @@ class LlavaSpec(FamilySpec):
     @staticmethod
     def make_tiny(directory: Path) -> Path:
         """A small random LLaVA: CLIP vision tower, small Llama, GPT-2 BPE with LLaVA's <image> token."""
-        from tritonkit.tiny import make_tiny_llava
-
         return make_tiny_llava(directory)
 
     def tensors(self, loaded: LoadedLlava) -> dict[str, Tensor]:
@@ -230,24 +246,15 @@ class LlavaSpec(FamilySpec):
     def precision_data(self, loaded: LoadedLlava, exports, onnx_files, calibration_dir):
         """Images (*.jpg, *.png, ...) from `calibration_dir` (a quarter held out), or the built-in
         varied images (`tritonkit.calibration`; one of each kind held out)."""
-        from tritonkit.calibration import BUILTIN_NOTE
-        from tritonkit.errors import InputError
-        from tritonkit.families.clip import BUILTIN_HELDOUT_SHARE, IMAGE_SUFFIXES, builtin_images
-        from tritonkit.precision import PrecisionData, data_files, image_feeds, split_files
+        from tritonkit.calibration import calibration_images
+        from tritonkit.precision import PrecisionData, image_feeds, split_files
 
-        if calibration_dir is not None:
-            images = [p.read_bytes() for p in data_files(calibration_dir, IMAGE_SUFFIXES)]
-            if not images:
-                raise InputError(f"--calibration-data {calibration_dir}: needs images (jpg, png, ...)")
-            source = f"{len(images)} images from {calibration_dir}"
-        else:
-            images, source = builtin_images()
-            source += f": {BUILTIN_NOTE}"
+        images, source, heldout_share = calibration_images(calibration_dir)
 
         def feeds(files):
             return image_feeds(files, loaded.processor.image_processor, PIXEL_VALUES)
 
-        calibration, heldout = split_files(images, BUILTIN_HELDOUT_SHARE if calibration_dir is None else 0.25)
+        calibration, heldout = split_files(images, heldout_share)
         return PrecisionData(
             calibration={"vision_encoder": feeds(calibration)},
             heldout={"vision_encoder": feeds(heldout)},
@@ -303,7 +310,7 @@ def chat_decoders(
         "max_new_tokens": str(DEFAULT_MAX_NEW_TOKENS),
         "image_token_id": str(loaded.model.config.image_token_id),
         "eos_token_ids": json.dumps(_eos_ids(loaded.model)),
-        "max_prompt_bytes": str(options.max_prompt_bytes or DEFAULT_MAX_PROMPT_BYTES),
+        "max_prompt_bytes": str(spec.family_options(options).max_prompt_bytes or DEFAULT_MAX_PROMPT_BYTES),
     }
     if options.gpu:
         shared["device"] = "cuda"
@@ -353,3 +360,118 @@ def _eos_ids(model) -> list[int]:
     if eos is None:
         eos = model.config.text_config.eos_token_id
     return sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
+
+
+# -- the tiny model (tests, the demo): random weights, a real architecture and tokenizer --------
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), as llava-hf's chat template.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{ item['text'] + ' '}}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def make_tiny_llava(
+    directory: Path,
+    *,
+    image_size: int = 64,
+    patch_size: int = 16,
+    vision_hidden: int = 32,
+    text_hidden: int = 64,
+    layers: int = 2,
+    init_std: float = 0.2,
+    seed: int = 0,
+) -> Path:
+    """A random LlavaForConditionalGeneration: a CLIP vision tower and a small Llama, with a real
+    BPE tokenizer (GPT-2's, from the bundled Whisper tiny.en) plus LLaVA's `<image>` token and
+    chat template, and a CLIPImageProcessor; saved with save_pretrained.
+
+    `init_std` above the usual 0.02 makes the generated tokens depend on the image and prompt."""
+    import json
+
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    from tritonkit.tiny import gpt2_bpe
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    from tokenizers import processors
+
+    bpe = gpt2_bpe()
+    bos = bpe.token_to_id("<|endoftext|>")
+    # Whisper's post-processor adds its task tokens; a causal LM's adds just BOS (as Llama's does).
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<pad>",
+        model_max_length=2048,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=4 * text_hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_std,
+    )
+    # image_token_id and initializer_range are read by transformers 5 but not in LlavaConfig's signature
+    extra: dict[str, Any] = {"image_token_id": image_token_id, "initializer_range": init_std}
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(image_size // patch_size) ** 2,
+        **extra,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(directory))
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(str(directory))
+    (directory / "tritonkit_tiny.json").write_text(json.dumps({"made_by": "tritonkit.families.llava.make_tiny_llava"}))
+    return directory

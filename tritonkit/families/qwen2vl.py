@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from tritonkit.contracts import CHAT, IMAGE, IMAGES, MAX_NEW_TOKENS, MESSAGES, PROMPT, SEED, STOP, TEMPERATURE, TOP_P
-from tritonkit.errors import InputError
+from tritonkit.errors import InputError, TritonkitError
 from tritonkit.families.base import (
     PLAN_DIMS_PARAMETER,
     ROWS_PER_RUN_PARAMETER,
@@ -36,10 +36,17 @@ from tritonkit.families.base import (
     Tolerance,
     dali_artefact,
     engine_parameters,
+    flag,
     register,
     saved_pretrained,
 )
-from tritonkit.families.llava import FEATURE_CACHE_ENTRIES, IMAGE_FEATURES, chat_decoders, chat_pipelines
+from tritonkit.families.llava import (
+    FEATURE_CACHE_ENTRIES,
+    IMAGE_FEATURES,
+    ChatBuildOptions,
+    chat_decoders,
+    chat_pipelines,
+)
 from tritonkit.qwen_vl import VisionLayout, image_tokens, pixel_budget, vision_inputs
 from tritonkit.triton_config import Batching, Tensor
 
@@ -66,6 +73,21 @@ SAMPLE_GRIDS = ([[1, 8, 8], [1, 4, 6], [1, 6, 4], [1, 14, 14]], [[1, 4, 4]], [[1
 # The DALI preprocessing stub's fixed memory (no transformers or torch: DALI and PIL), measured as
 # the family's `memory` (scripts/bench_qwen2vl.py, `tritonkit plan --measure` after its runs).
 DALI_PREPROCESS_MEMORY = StageMemory(fixed_mb=190)
+
+
+@dataclass(frozen=True)
+class QwenVLBuildOptions(ChatBuildOptions):
+    """Qwen-VL's build options: a chat family's, and the visual tokens per image."""
+
+    max_image_tokens: int | None = flag(
+        "Visual tokens per image (its max_pixels / 28²); larger images are resized down as the "
+        "processor does. Default: the checkpoint's, lowered to what one vision run's attention holds in 2 GiB."
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_image_tokens is not None and self.max_image_tokens < 1:
+            raise InputError(f"--max-image-tokens must be >= 1, got {self.max_image_tokens}")
 
 
 @dataclass
@@ -185,6 +207,8 @@ def tensorrt_options(loaded: LoadedQwenVL, precision: str) -> dict[str, Any]:
 @register
 class Qwen2VLSpec(FamilySpec):
     name = "qwen2vl"
+    contract = CHAT
+    options_class = QwenVLBuildOptions
     model_types = ("qwen2_vl",)
     description = (
         "Qwen2-VL / Qwen2.5-VL image chat at each image's own resolution -> ensembles NAME_chat and "
@@ -212,23 +236,26 @@ class Qwen2VLSpec(FamilySpec):
     memory: ClassVar[Mapping[str, StageMemory]] = {
         "image_preprocess": StageMemory(fixed_mb=300),  # --preprocessing python (DALI's below)
         "vision_encoder": StageMemory(fixed_mb=260),
+        # LLaVA's decoder stubs' figures (the same llava_decoder stage and libraries): not measured
+        # on Qwen-VL's own soak yet
+        "decoder": StageMemory(fixed_mb=362),
+        "decoder_stream": StageMemory(fixed_mb=334),
         SERVER_MEMORY_ROLE: StageMemory(fixed_mb=45),
     }
 
     def fit(self, loaded: LoadedQwenVL, options: BuildOptions) -> list[str]:
-        change = loaded.bound_image_tokens(options.max_image_tokens)
+        change = loaded.bound_image_tokens(self.family_options(options).max_image_tokens)
         return [change] if change else []
 
     def memory_for(self, options: BuildOptions) -> Mapping[str, StageMemory]:
+        shared = super().memory_for(options)
         if options.preprocessing != "dali":
-            return self.memory
-        return {**self.memory, "image_preprocess": DALI_PREPROCESS_MEMORY}
+            return shared
+        return {**shared, "image_preprocess": DALI_PREPROCESS_MEMORY}
 
     @staticmethod
     def make_tiny(directory: Path) -> Path:
         """A small random Qwen2-VL with GPT-2's BPE plus Qwen's special tokens and chat template."""
-        from tritonkit.tiny import make_tiny_qwen_vl
-
         return make_tiny_qwen_vl(directory, variant="qwen2_vl")
 
     def tensors(self, loaded: LoadedQwenVL) -> dict[str, Tensor]:
@@ -351,7 +378,7 @@ class Qwen2VLSpec(FamilySpec):
         from tritonkit.qwen_vl import RESIZED_SIZE, PatchRecipe
 
         dali = options.preprocessing == "dali"
-        limits = image_limits(DALI_FORMATS if dali else PIL_FORMATS).with_options(**options.image)
+        limits = image_limits(DALI_FORMATS if dali else PIL_FORMATS).with_options(**options.image.recipe_options())
         undecodable = sorted(set(limits.formats) - set(DALI_FORMATS))
         if dali and undecodable:
             raise InputError(
@@ -397,19 +424,11 @@ class Qwen2VLSpec(FamilySpec):
         """Images (*.jpg, *.png, ...) from `calibration_dir` (a quarter held out), or the built-in
         varied images (`tritonkit.calibration`; one of each kind held out), each at its own
         resolution as the processor sizes it, four images a run."""
-        from tritonkit.calibration import BUILTIN_NOTE
-        from tritonkit.families.clip import BUILTIN_HELDOUT_SHARE, IMAGE_SUFFIXES, builtin_images
-        from tritonkit.precision import PrecisionData, data_files, split_files
+        from tritonkit.calibration import calibration_images
+        from tritonkit.precision import PrecisionData, split_files
         from tritonkit.preprocessing.image import to_rgb
 
-        if calibration_dir is not None:
-            images = [p.read_bytes() for p in data_files(calibration_dir, IMAGE_SUFFIXES)]
-            if not images:
-                raise InputError(f"--calibration-data {calibration_dir}: needs images (jpg, png, ...)")
-            source = f"{len(images)} images from {calibration_dir}"
-        else:
-            images, source = builtin_images()
-            source += f": {BUILTIN_NOTE}"
+        images, source, heldout_share = calibration_images(calibration_dir)
 
         def feeds(files: list[bytes]) -> list[dict[str, np.ndarray]]:
             from PIL import Image
@@ -421,7 +440,7 @@ class Qwen2VLSpec(FamilySpec):
                 runs.append({PATCHES: pixels, **vision_inputs(grids, loaded.layout)})
             return runs
 
-        calibration, heldout = split_files(images, BUILTIN_HELDOUT_SHARE if calibration_dir is None else 0.25)
+        calibration, heldout = split_files(images, heldout_share)
         return PrecisionData(
             calibration={"vision_encoder": feeds(calibration)},
             heldout={"vision_encoder": feeds(heldout)},
@@ -483,6 +502,151 @@ class Qwen25VLSpec(Qwen2VLSpec):
     @staticmethod
     def make_tiny(directory: Path) -> Path:
         """A small random Qwen2.5-VL (window attention in all but the last vision block)."""
-        from tritonkit.tiny import make_tiny_qwen_vl
-
         return make_tiny_qwen_vl(directory, variant="qwen2_5_vl")
+
+
+# -- the tiny model (tests, the demo): random weights, a real architecture and tokenizer --------
+# Qwen2-VL-Instruct's chat template (images as <|vision_start|><|image_pad|><|vision_end|>).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+QWEN_VL_SPECIALS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def make_tiny_qwen_vl(
+    directory: Path,
+    *,
+    variant: str = "qwen2_vl",
+    text_hidden: int = 64,
+    vision_hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    vision_layers: int | None = None,
+    max_image_tokens: int = 64,
+    init_std: float = 0.2,
+    seed: int = 0,
+) -> Path:
+    """A random Qwen2-VL (`variant` qwen2_vl) or Qwen2.5-VL (qwen2_5_vl): the real vision tower
+    (Qwen2.5-VL's with window attention in all but its last block) and language model with M-RoPE,
+    GPT-2's BPE (from the bundled Whisper tiny.en) with Qwen's special tokens and chat template, and
+    the Qwen2-VL image processor with a small pixel budget (4 to `max_image_tokens` visual tokens
+    per image). The sizes are arguments so that benchmarks can make a larger one.
+
+    The tokenizer and image processor are saved on their own: transformers' Qwen2-VL processor
+    needs its video processor, which needs torchvision (not installable beside this torch)."""
+    import json
+
+    import torch
+    import transformers
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from tritonkit.tiny import gpt2_bpe
+
+    if variant not in ("qwen2_vl", "qwen2_5_vl"):
+        raise TritonkitError(f"Qwen-VL variant {variant!r}: use qwen2_vl or qwen2_5_vl")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = gpt2_bpe()
+    bpe.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])  # Qwen adds no BOS
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=4096,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_VL_SPECIALS)})
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+
+    def token(text: str) -> int:
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        assert isinstance(token_id, int)
+        return token_id
+
+    torch.manual_seed(seed)
+    head_dim = text_hidden // heads
+    text: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": text_hidden,
+        "intermediate_size": 4 * text_hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        # M-RoPE: the rotary half-dims split over (temporal, height, width) as Qwen's 2:3:3
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16],
+            "rope_theta": 10000.0,
+        },
+        "initializer_range": init_std,
+        "eos_token_id": token("<|im_end|>"),
+        "pad_token_id": token("<|endoftext|>"),
+        "bos_token_id": token("<|endoftext|>"),
+    }
+    common: dict[str, Any] = {
+        "depth": layers,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    config_class: Any
+    model_class: Any
+    if variant == "qwen2_vl":
+        vision = {**common, "embed_dim": vision_hidden, "hidden_size": text_hidden, "mlp_ratio": 2}
+        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    else:
+        vision = {
+            **common,
+            "hidden_size": vision_hidden,
+            "out_hidden_size": text_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "window_size": 56,  # 2x2 merged patches per window
+            "fullatt_block_indexes": [(vision_layers or layers) - 1],
+        }
+        config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    vision["initializer_range"] = init_std
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=token("<|image_pad|>"),
+        video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
+        tie_word_embeddings=False,
+        initializer_range=init_std,
+    )
+    model = model_class(config).eval()
+    model.generation_config.eos_token_id = token("<|im_end|>")
+    model.generation_config.pad_token_id = token("<|endoftext|>")
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * max_image_tokens).save_pretrained(
+        str(directory)
+    )
+    (directory / "tritonkit_tiny.json").write_text(
+        json.dumps({"made_by": f"tritonkit.families.qwen2vl.make_tiny_qwen_vl({variant})"})
+    )
+    return directory

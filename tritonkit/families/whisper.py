@@ -31,6 +31,7 @@ from tritonkit.families.base import (
     SERVER_MEMORY_ROLE,
     Artefact,
     BuildOptions,
+    FamilyOptions,
     FamilySpec,
     OnnxExport,
     Pipeline,
@@ -40,6 +41,7 @@ from tritonkit.families.base import (
     dali_stage,
     encoder_stage,
     engine_parameters,
+    flag,
     register,
     saved_pretrained,
 )
@@ -63,6 +65,27 @@ DECODER_ROWS_IN_FLIGHT = 16
 LOGITS, PRESENT_KEYS, PRESENT_VALUES = "LOGITS", "PRESENT_KEYS", "PRESENT_VALUES"
 
 
+@dataclass(frozen=True)
+class WhisperBuildOptions(FamilyOptions):
+    """Whisper's build options: the longest file, and how a short window is padded."""
+
+    max_audio_seconds: float | None = flag("Longest accepted audio file (default 600).")
+    audio_padding: str | None = flag(
+        "audio (pad with silence to 30 s, then log-mel: OpenAI and transformers, the default) or "
+        "features (zero frames after the log-mel, and timestamped files decoded sequentially: faster-whisper's "
+        "transcripts; docs/BENCHMARKS.md compares their WER)."
+    )
+
+    def __post_init__(self):
+        from tritonkit.errors import InputError
+        from tritonkit.preprocessing.audio import PADDINGS
+
+        if self.audio_padding is not None and self.audio_padding not in PADDINGS:
+            raise InputError(f"--audio-padding {self.audio_padding!r}: use one of {', '.join(PADDINGS)}")
+        if self.max_audio_seconds is not None and self.max_audio_seconds <= 0:
+            raise InputError(f"--max-audio-seconds must be > 0, got {self.max_audio_seconds}")
+
+
 @dataclass
 class LoadedWhisper:
     model: Any
@@ -81,6 +104,8 @@ class LoadedWhisper:
 @register
 class WhisperSpec(FamilySpec):
     name = "whisper"
+    contract = TRANSCRIPTION
+    options_class = WhisperBuildOptions
     model_types = ("whisper",)
     description = "Whisper speech recognition -> ensemble NAME (AUDIO bytes in, TEXT out)"
     model_class = "WhisperForConditionalGeneration"
@@ -131,8 +156,6 @@ class WhisperSpec(FamilySpec):
     @staticmethod
     def make_tiny(directory: Path) -> Path:
         """A small random multilingual Whisper (Whisper's real 51865-id token layout)."""
-        from tritonkit.tiny import make_tiny_whisper
-
         return make_tiny_whisper(directory)
 
     def tensors(self, loaded: LoadedWhisper) -> dict[str, Tensor]:
@@ -451,7 +474,8 @@ class WhisperSpec(FamilySpec):
             return {"mel_filters.npy": folder / "mel_filters.npy"}
 
         recipe = AudioRecipe(n_mels=loaded.config.num_mel_bins)
-        recipe = recipe.with_options(max_seconds=options.max_audio_seconds, padding=options.audio_padding)
+        own = self.family_options(options)
+        recipe = recipe.with_options(max_seconds=own.max_audio_seconds, padding=own.audio_padding)
         counted = options.preprocessing == "dali" and recipe.padding == "features"  # the log-mel needs WINDOW_FRAMES
         settings = self.decode_settings(loaded).to_json()
         from tritonkit.whisper_decoding import OPTION_INPUTS
@@ -613,3 +637,114 @@ def check_decoder_step(model, step, sample: dict, inputs: list[str], tolerance: 
     if error > tolerance.max_abs:
         raise ExportError(f"decoder_step: differs from transformers by {error:.3g} (limit {tolerance.max_abs:g})")
     return error
+
+
+# -- the tiny model (tests, the demo): random weights, a real architecture and tokenizer --------
+WHISPER_SPECIALS = (
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
+)
+
+
+def multilingual_whisper_tokenizer_json() -> dict:
+    """Whisper's multilingual token layout (51865 ids) on the English BPE of the bundled tiny.en.
+
+    Multilingual Whisper has one more ordinary token than English Whisper, so every special token
+    sits one id higher (<|endoftext|> 50257, <|startoftranscript|> 50258, languages from 50259).
+    The extra ordinary token at 50256 is a placeholder no merge produces; random weights make the
+    exact BPE irrelevant, the id layout is what decoding depends on.
+    """
+    import copy
+    import json
+
+    from tritonkit.convert_ct2 import bundled_tiny_en
+
+    english = json.loads((bundled_tiny_en() / "tokenizer.json").read_text())
+    data = copy.deepcopy(english)
+    vocab = data["model"]["vocab"]
+    end_of_text = vocab.pop("<|endoftext|>")
+    vocab["<|tritonkit-placeholder|>"] = end_of_text
+    shift = {t["id"]: t["id"] + 1 for t in data["added_tokens"]}
+    for token in data["added_tokens"]:
+        token["id"] = shift[token["id"]]
+    for special in data["post_processor"]["special_tokens"].values():
+        special["ids"] = [shift.get(i, i) for i in special["ids"]]
+    return data
+
+
+def make_tiny_whisper(
+    directory: Path,
+    *,
+    d_model: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    max_length: int = 48,
+    init_std: float = 0.5,
+    seed: int = 0,
+) -> Path:
+    """A random multilingual WhisperForConditionalGeneration with Whisper's real token layout.
+
+    Decoding stops after `max_length` tokens (the generation config's max_length): random weights
+    seldom choose the end token, so this keeps tests quick. With the usual init (std 0.02) every
+    input decodes to the same tokens; `init_std` 0.5 makes tokens and detected languages depend
+    on the audio, which is what the tests need to tell inputs and options apart.
+    """
+    import torch
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    from tritonkit.convert_ct2 import save_whisper_processor
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer_json = multilingual_whisper_tokenizer_json()
+    ids = {t["content"]: t["id"] for t in tokenizer_json["added_tokens"]}
+    languages = {f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in ids}
+    end, start = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    # Whisper suppresses a fixed list of punctuation-like ordinary tokens plus the special ones.
+    suppress = [1, 2, 7, 8, 9, 10, 14, 25, 26, 27, 28, 29, 31, 58, 59, 60, 61, 62, 63, 90, 91, 92, 93]
+    suppress += [ids[s] for s in WHISPER_SPECIALS[:-1]]
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        vocab_size=51865,
+        num_mel_bins=80,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=4 * d_model,
+        decoder_ffn_dim=4 * d_model,
+        max_source_positions=1500,
+        max_target_positions=448,
+        pad_token_id=end,
+        bos_token_id=end,
+        eos_token_id=end,
+        decoder_start_token_id=start,
+        suppress_tokens=suppress,
+        begin_suppress_tokens=[220, end],
+        init_std=init_std,
+    )
+    model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=start,
+        bos_token_id=end,
+        eos_token_id=end,
+        pad_token_id=end,
+        max_length=max_length,
+        suppress_tokens=suppress,
+        begin_suppress_tokens=[220, end],
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        max_initial_timestamp_index=50,
+        is_multilingual=True,
+        lang_to_id=languages,
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        return_timestamps=False,
+    )
+    model.save_pretrained(str(directory))
+    save_whisper_processor(directory, tokenizer_json, config)
+    return directory
