@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tritonkit.llava_decoding import apply_bitmask  # the decoder's own, the same for every library
+from tritonkit.chat_decoding import apply_bitmask  # the decoder's own, the same for every library
 
 SCHEMA = {
     "type": "object",

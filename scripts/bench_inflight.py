@@ -344,8 +344,8 @@ def main() -> None:
         for row in rows:
             row["system"] = row["system"].replace("inflight", "in-flight")
         head = {mode.replace("inflight", "in-flight"): h for mode, h in head.items()}
+        from tritonkit.chat_decoding import ChatGenerator, chat_prompt
         from tritonkit.families import get_family
-        from tritonkit.llava_decoding import ChatGenerator, chat_prompt
 
         loaded = get_family("llava").load(str(model))
         tokenizer = loaded.processor.tokenizer

@@ -97,8 +97,8 @@ def bench_clip(folder: Path) -> list[dict]:
 
 
 def bench_whisper(folder: Path) -> list[dict]:
+    from tritonkit.accuracy import wer
     from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper
-    from tritonkit.metrics import wer
     from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio
     from tritonkit.samples import SENTENCES, speak
 

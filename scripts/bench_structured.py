@@ -45,10 +45,10 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    from tritonkit.chat_decoding import ChatGenerator, ChatOptions, chat_prompt, response_grammar
     from tritonkit.chat_loop import ChatLoop, wait_answers
     from tritonkit.families import get_family
     from tritonkit.families.llava import language_model, make_tiny_llava
-    from tritonkit.llava_decoding import ChatGenerator, ChatOptions, chat_prompt, response_grammar
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:

@@ -30,10 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tritonkit.accuracy import wer
 from tritonkit.build import build
 from tritonkit.client import TritonkitClient, pack_byte_rows
 from tritonkit.convert_ct2 import BUNDLED_SOURCES, convert_ct2_whisper
-from tritonkit.metrics import wer
 from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio
 from tritonkit.reporting import machine, markdown_table, replace_section
 from tritonkit.samples import SENTENCES, speak

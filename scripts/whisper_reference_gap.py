@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_whisper import make_clips
 
+from tritonkit.accuracy import wer
 from tritonkit.calibration import varied_speech
 from tritonkit.convert_ct2 import bundled_tiny_en
-from tritonkit.metrics import wer
 from tritonkit.preprocessing.audio import FRAMES, HOP, SAMPLE_RATE, AudioRecipe, decode_audio
 from tritonkit.samples import SENTENCES
 

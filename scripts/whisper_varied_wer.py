@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_whisper import FASTER_WHISPER_DEFAULTS
 
+from tritonkit.accuracy import wer
 from tritonkit.build import build
 from tritonkit.calibration import VOICES
 from tritonkit.client import TritonkitClient, pack_byte_rows
 from tritonkit.convert_ct2 import bundled_tiny_en, convert_ct2_whisper
-from tritonkit.metrics import wer
 from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio
 from tritonkit.reporting import machine, markdown_table, replace_section
 from tritonkit.samples import SENTENCES

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tritonkit import chat_loop
+from tritonkit.chat_decoding import ChatGenerator, ChatOptions, chat_prompt
 from tritonkit.chat_loop import BUSY_MARK, CancelledError, ChatJob, ChatLoop, IncrementalText, QueueFull, wait_answers
-from tritonkit.llava_decoding import ChatGenerator, ChatOptions, chat_prompt
 
 QUESTIONS = ["What is in the picture?", "Describe the colours.", "How many people? Answer briefly.", "A long story."]
 LIMITS = [8, 48, 24, 96]
@@ -224,7 +224,7 @@ def test_structured_rows_answer_valid_json_of_their_schema_beside_free_rows(gene
 
     import jsonschema
 
-    from tritonkit.llava_decoding import response_grammar
+    from tritonkit.chat_decoding import response_grammar
 
     schema_format = json.dumps({"type": "json_schema", "json_schema": {"name": "scene", "schema": SCHEMA}})
     grammar = response_grammar(schema_format)
@@ -264,8 +264,8 @@ def test_structured_rows_answer_valid_json_of_their_schema_beside_free_rows(gene
     ],
 )
 def test_a_response_format_that_cannot_constrain_is_a_clear_input_error(response_format, message):
+    from tritonkit.chat_decoding import response_grammar
     from tritonkit.errors import InputError
-    from tritonkit.llava_decoding import response_grammar
 
     with pytest.raises(InputError, match=message):
         response_grammar(response_format)

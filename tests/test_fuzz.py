@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import encode_image, random_image
+from tritonkit.batched_model import string_rows
 from tritonkit.errors import InputError
 from tritonkit.preprocessing.audio import AudioRecipe, decode_audio, split_windows
 from tritonkit.preprocessing.image import ImageRecipe, checked_image_bytes, image_bytes_to_pixels
-from tritonkit.runtime import string_rows
 from tritonkit.whisper_decoding import DecodeOptions, DecodeSettings
 
 RECIPE = ImageRecipe(

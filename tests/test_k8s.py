@@ -274,8 +274,8 @@ def test_every_promql_expression_parses_with_promtool(demo_repository, tmp_path)
 def test_memory_comes_from_the_plan_or_from_a_measurement_with_its_margin(demo_repository, tmp_path):
     """Without --memory: the plan's host memory (fitted to measurements) + 25%, or what a served
     copy measured (--memory-from a soak report), each rounded up to 256 MiB and named in an annotation."""
+    from tritonkit.capacity import make_plan
     from tritonkit.k8s import MEMORY_ANNOTATION
-    from tritonkit.plan import make_plan
 
     def deployment(**options):
         return next(

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import encode_image, random_image
+from tritonkit.chat_decoding import DEFAULT_MAX_PROMPT_BYTES, chat_prompt
 from tritonkit.client import TritonkitClient, whisper_inputs
 from tritonkit.errors import MAX_MESSAGE_CHARS, InferenceError, bounded, shown
-from tritonkit.llava_decoding import DEFAULT_MAX_PROMPT_BYTES, chat_prompt
 
 pytestmark = pytest.mark.server
 

@@ -130,8 +130,8 @@ def test_soak_plot_draws_every_model(tmp_path):
 @pytest.mark.parametrize("family", family_names())
 def test_every_measured_stage_memory_reaches_the_plan(family, family_repository):
     """What a family measured of its stages (FamilySpec.memory) is what `tritonkit plan` adds."""
+    from tritonkit.capacity import make_plan
     from tritonkit.families.base import SERVER_MEMORY_ROLE
-    from tritonkit.plan import make_plan
 
     spec = get_family(family)
     plan = make_plan(family_repository(family))

@@ -11,13 +11,13 @@ import openvino as ov
 import pytest
 
 from tests.conftest import encode_image, random_image, start_server
+from tritonkit.accuracy import wer
 from tritonkit.build import build
 from tritonkit.check import check_repository
 from tritonkit.client import TritonkitClient
 from tritonkit.engines import OpenVinoSession, cpu_capabilities
 from tritonkit.errors import InputError, ServerError
 from tritonkit.families.base import BuildOptions
-from tritonkit.metrics import wer
 from tritonkit.precision import PrecisionOptions
 from tritonkit.samples import SENTENCES
 from tritonkit.server import TritonServer, free_port

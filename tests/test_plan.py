@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tritonkit.capacity import ARENA_FACTOR, graph_memory, make_plan
 from tritonkit.errors import InputError
 from tritonkit.families import family_names
-from tritonkit.plan import ARENA_FACTOR, graph_memory, make_plan
 from tritonkit.server import free_port
 from tritonkit.triton_config import Batching, Tensor, model_config, write_config
 
@@ -153,7 +153,7 @@ def test_plan_rejects_bad_requests_clearly(hand_repository, tmp_path):
 
 @pytest.mark.parametrize("family", family_names())
 def test_every_family_repository_is_planned_from_its_graphs(family, family_repository):
-    from tritonkit.plan import model_plans
+    from tritonkit.capacity import model_plans
 
     repository = family_repository(family)
     plans = {p.name: p for p in model_plans(repository)}
@@ -167,7 +167,7 @@ def test_every_family_repository_is_planned_from_its_graphs(family, family_repos
 def test_whisper_decoders_cross_kv_is_sized_for_a_window_per_row(whisper_repository):
     """Beam search shares one cross-KV row per window, but greedy rows are each a window: the
     step graph's `windows` dim is planned at the batch's rows, not left at 1."""
-    from tritonkit.plan import model_plans
+    from tritonkit.capacity import model_plans
 
     def decoder(dims=None):
         return next(p for p in model_plans(whisper_repository, dims=dims) if p.name == "whisper_decoder")
@@ -224,7 +224,7 @@ def test_plan_measures_a_served_repository_through_its_metrics(clip_repository, 
 
 
 def test_plan_measure_names_a_bad_source(hand_repository, tmp_path):
-    from tritonkit.plan import measured_memory
+    from tritonkit.capacity import measured_memory
 
     with pytest.raises(InputError, match="cannot read"):
         measured_memory(f"127.0.0.1:{free_port()}")

@@ -9,10 +9,10 @@ import onnx
 import pytest
 
 from tests.conftest import EMBEDDING_FAMILIES, encode_image, random_image, start_server
+from tritonkit.accuracy import wer
 from tritonkit.build import build
 from tritonkit.client import TritonkitClient
 from tritonkit.errors import ExportError
-from tritonkit.metrics import wer
 from tritonkit.precision import PrecisionOptions, nodes_kept_in_float
 from tritonkit.samples import SENTENCES
 

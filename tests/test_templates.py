@@ -7,9 +7,9 @@ import importlib
 
 import pytest
 
+from tritonkit.batched_model import BatchedModel, concat_rows, split_rows, string_rows
 from tritonkit.errors import InputError
 from tritonkit.families import registry
-from tritonkit.runtime import BatchedModel, concat_rows, split_rows, string_rows
 from tritonkit.stages import stage_names
 
 TEMPLATES = stage_names()

@@ -13,10 +13,10 @@ import soundfile
 
 from tests import openai_conformance as conformance
 from tests.conftest import copy_with_parameters, executions_since, runs_until_batched, start_server
+from tritonkit.accuracy import wer
 from tritonkit.build import build
 from tritonkit.client import TritonkitClient, executed_batch_sizes, pack_byte_rows, transcript
 from tritonkit.errors import InferenceError
-from tritonkit.metrics import wer
 from tritonkit.preprocessing.audio import SAMPLE_RATE, AudioRecipe, decode_audio
 from tritonkit.samples import SENTENCES
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from tritonkit.llava_decoding import ChatGenerator, ChatOptions, TokenLogprob, cut_at_stop, streamable, token_logprob
+from tritonkit.chat_decoding import ChatGenerator, ChatOptions, TokenLogprob, cut_at_stop, streamable, token_logprob
 from tritonkit.step_loop import BUSY_MARK, CancelledError, QueueFull, StepLoop, wait_all
 
 __all__ = ["BUSY_MARK", "Answer", "CancelledError", "ChatJob", "ChatLoop", "QueueFull", "wait_answers"]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tritonkit.accuracy import cosines
 from tritonkit.engines import ONNX_RUNTIME, Runtime
 from tritonkit.errors import ExportError
 from tritonkit.families.base import OnnxExport
-from tritonkit.metrics import cosines
 
 
 @dataclass

@@ -45,7 +45,7 @@ class K8sOptions:
     model_store: str = "pvc"  # "pvc" or an s3:// gs:// as:// URL Triton reads itself
     storage_size: str = "20Gi"
     cpu: str = "4"
-    memory: str | None = None  # default: tritonkit.plan.replica_memory_limit (measured or predicted + 25%)
+    memory: str | None = None  # default: tritonkit.capacity.replica_memory_limit (measured or predicted + 25%)
     memory_from: str | None = None  # a served copy's memory: Triton's metrics URL or a soak report
     shm_size: str | None = None  # default: from the number of Python-backend instances
     host: str | None = None  # Ingress host; None: any host
@@ -557,7 +557,7 @@ def manifests(repository: Path, options: K8sOptions = K8sOptions()) -> list[Gene
     options = options.check()
     facts = RepositoryFacts.read(Path(repository))
     if options.memory is None:
-        from tritonkit.plan import replica_memory_limit
+        from tritonkit.capacity import replica_memory_limit
 
         limit, basis = replica_memory_limit(Path(repository), options.memory_from)
         options = replace(options, memory=f"{limit // 2**20}Mi")

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
+from tritonkit.accuracy import cosines
 from tritonkit.engines import IR_SUFFIX, ONNX_RUNTIME, Runtime
 from tritonkit.errors import ExportError, InputError
-from tritonkit.metrics import cosines
 
 if TYPE_CHECKING:
     from tritonkit.families.base import OnnxExport

@@ -72,7 +72,7 @@ def plan_models(
     """Configs and files of every model (composing models first, then ensembles).
 
     `max_request_bytes` goes to every Python-backend model that reads a client's tensors, which
-    rejects a larger request before any work (`tritonkit.runtime.BatchedModel.request_bytes`)."""
+    rejects a larger request before any work (`tritonkit.batched_model.BatchedModel.request_bytes`)."""
     composing: dict[str, ModelFiles] = {}
     ensembles: list[ModelFiles] = []
 

@@ -2,15 +2,17 @@
 that serves it (its models' inputs, outputs and parameters, and the `tritonkit.stages` classes their
 model.py files bind). Every model's config carries it; a model of another format is refused where it
 would be served (the repository by `tritonkit serve` and `check`, the model by its stage at load, an
-ensemble by the OpenAI gateway) with the one fix: rebuilding it. Format 1 is every repository written
-before formats were recorded.
+ensemble by the OpenAI gateway) with the one fix: rebuilding it.
+
+Formats: 1, every repository written before formats were recorded; 2, model.py binds a class of
+`tritonkit.stages`; 3, the chat decoders' stage is `chat_decoder` (it serves LLaVA and Qwen-VL).
 """
 
 from __future__ import annotations
 
 from tritonkit.errors import TritonkitError
 
-FORMAT = 2
+FORMAT = 3
 FORMAT_PARAMETER = "tritonkit_format"
 REBUILD_HINT = "rebuild it with tritonkit build (the same family, --name and options)"
 

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from tritonkit.batched_model import run_in_slices
 from tritonkit.errors import InputError, shown
-from tritonkit.runtime import run_in_slices
 
 OFFSETS = "OFFSETS"  # the decoder step's input: each row's left padding in the shared cache
 

@@ -7,8 +7,8 @@ a value that cannot be cast to the output's dtype; a -3 raises an InputError fro
 
 import numpy as np
 
+from tritonkit.batched_model import BatchedModel
 from tritonkit.errors import InputError
-from tritonkit.runtime import BatchedModel
 
 
 class TritonPythonModel(BatchedModel):

@@ -7,7 +7,7 @@ VALUE (INT32 [1]) -> DOUBLED (INT32 [1]); each of THREADS threads reports VALUE 
 
 from concurrent.futures import ThreadPoolExecutor
 
-from tritonkit.runtime import BatchedModel
+from tritonkit.batched_model import BatchedModel
 
 THREADS = 4
 

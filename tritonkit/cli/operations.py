@@ -179,7 +179,7 @@ def plan(
     """Memory per model instance, GPUs per replica, replicas for --qps and the monthly cost."""
     from rich.table import Table
 
-    from tritonkit.plan import check_memory, make_plan, measured_memory, mib
+    from tritonkit.capacity import check_memory, make_plan, measured_memory, mib
 
     dims = {}
     for item in dim or []:

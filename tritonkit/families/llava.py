@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tritonkit.chat_decoding import DEFAULT_MAX_PROMPT_BYTES
 from tritonkit.contracts import (
     CHAT,
     COMPLETION_TOKENS,
@@ -50,7 +51,6 @@ from tritonkit.families.base import (
     register,
     saved_pretrained,
 )
-from tritonkit.llava_decoding import DEFAULT_MAX_PROMPT_BYTES
 from tritonkit.triton_config import Batching, Tensor
 
 IMAGE_INPUTS = (IMAGE, IMAGES)  # what a text-only turn's ensemble leaves out (Qwen-VL takes IMAGES)
@@ -302,7 +302,7 @@ def chat_decoders(
     artefacts: tuple,
     parameters: Mapping[str, str],
 ) -> tuple[Stage, Stage]:
-    """A chat family's whole-answer and streaming decoders (the llava_decoder template), with the
+    """A chat family's whole-answer and streaming decoders (the chat_decoder template), with the
     family's own `parameters` (its processor folder, Qwen-VL's M-RoPE) beside the shared ones."""
     shared = {
         "language_model_dir": "language_model",
@@ -319,7 +319,7 @@ def chat_decoders(
     def decoder(role: str, stream: bool) -> Stage:
         return Stage(
             role=role,
-            template="llava_decoder",
+            template="chat_decoder",
             # no image features: a text-only turn (the NAME_chat_text ensembles)
             inputs=(
                 replace(t[IMAGE_FEATURES], optional=True),

@@ -236,7 +236,7 @@ class Qwen2VLSpec(FamilySpec):
     memory: ClassVar[Mapping[str, StageMemory]] = {
         "image_preprocess": StageMemory(fixed_mb=300),  # --preprocessing python (DALI's below)
         "vision_encoder": StageMemory(fixed_mb=260),
-        # LLaVA's decoder stubs' figures (the same llava_decoder stage and libraries): not measured
+        # LLaVA's decoder stubs' figures (the same chat_decoder stage and libraries): not measured
         # on Qwen-VL's own soak yet
         "decoder": StageMemory(fixed_mb=362),
         "decoder_stream": StageMemory(fixed_mb=334),

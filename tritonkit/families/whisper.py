@@ -391,7 +391,7 @@ class WhisperSpec(FamilySpec):
 
     def task_check(self, loaded: LoadedWhisper, data, onnx_files):
         """WER and token agreement of a variant's whole pipeline against FP32's on held-out audio."""
-        from tritonkit.metrics import wer
+        from tritonkit.accuracy import wer
 
         reference_tokens, reference_texts = self._transcribe(loaded, onnx_files, data.task)
         truths = data.task["texts"]

@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from tritonkit import vad
+from tritonkit.batched_model import BatchedModel, string_rows
 from tritonkit.errors import InputError
 from tritonkit.preprocessing.audio import (
     SAMPLE_RATE,
@@ -30,7 +31,6 @@ from tritonkit.preprocessing.audio import (
     pad_window,
     split_windows,
 )
-from tritonkit.runtime import BatchedModel, string_rows
 from tritonkit.whisper_decoding import OPTION_INPUTS, DecodeOptions, DecodeSettings
 
 

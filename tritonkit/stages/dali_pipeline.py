@@ -17,11 +17,11 @@ import json
 
 import numpy as np
 
+from tritonkit.batched_model import ROW_ERRORS, BatchedModel
 from tritonkit.dtypes import numpy_dtype
 from tritonkit.errors import InputError
 from tritonkit.preprocessing.dali import DaliRunner, RowFailed
 from tritonkit.preprocessing.image import ImageRecipe, checked_image_bytes
-from tritonkit.runtime import ROW_ERRORS, BatchedModel
 
 
 class TritonPythonModel(BatchedModel):

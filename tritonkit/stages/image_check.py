@@ -9,9 +9,9 @@ otherwise. Parameter `image_recipe`: JSON of `tritonkit.preprocessing.image.Imag
 
 import numpy as np
 
+from tritonkit.batched_model import BatchedModel
 from tritonkit.errors import InputError
 from tritonkit.preprocessing.image import ImageRecipe, checked_image_bytes
-from tritonkit.runtime import BatchedModel
 
 
 class TritonPythonModel(BatchedModel):

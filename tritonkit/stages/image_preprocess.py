@@ -6,9 +6,9 @@ zero-padded at the end; image decoders ignore bytes after the end of the image.
 
 import numpy as np
 
+from tritonkit.batched_model import BatchedModel
 from tritonkit.errors import InputError
 from tritonkit.preprocessing.image import ImageRecipe, image_bytes_to_pixels
-from tritonkit.runtime import BatchedModel
 
 
 class TritonPythonModel(BatchedModel):

@@ -9,8 +9,8 @@ rows seen before are answered from `tritonkit.row_cache` without running the gra
 ONNX Runtime's arena by the slice instead of the largest batch ever seen).
 """
 
+from tritonkit.batched_model import BatchedModel, run_in_slices
 from tritonkit.row_cache import RowCache
-from tritonkit.runtime import BatchedModel, run_in_slices
 
 
 class TritonPythonModel(BatchedModel):

@@ -17,9 +17,9 @@ fails its own request with a message naming it (IMAGES[k]). Then either
 
 import numpy as np
 
+from tritonkit.batched_model import ROW_ERRORS, BatchedModel, object_rows
 from tritonkit.errors import InputError
 from tritonkit.preprocessing.image import ImageRecipe, decode_image
-from tritonkit.runtime import ROW_ERRORS, BatchedModel, object_rows
 
 DEFAULT_IMAGES_PER_RUN = 8
 

@@ -17,8 +17,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from tritonkit.batched_model import BatchedModel, object_rows
 from tritonkit.qwen_vl import VisionLayout, image_tokens, vision_inputs
-from tritonkit.runtime import BatchedModel, object_rows
 
 
 class TritonPythonModel(BatchedModel):

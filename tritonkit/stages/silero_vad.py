@@ -8,7 +8,7 @@ silero_vad.onnx, from the faster-whisper wheel (MIT).
 import numpy as np
 
 from tritonkit import vad
-from tritonkit.runtime import BatchedModel
+from tritonkit.batched_model import BatchedModel
 
 
 class TritonPythonModel(BatchedModel):

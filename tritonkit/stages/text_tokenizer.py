@@ -7,7 +7,7 @@ config has a second output (CLIP; SigLIP's text tower takes none).
 
 import numpy as np
 
-from tritonkit.runtime import BatchedModel, string_rows
+from tritonkit.batched_model import BatchedModel, string_rows
 
 
 class TritonPythonModel(BatchedModel):

@@ -31,8 +31,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from tritonkit.batched_model import BatchedModel
 from tritonkit.errors import InputError
-from tritonkit.runtime import BatchedModel
 from tritonkit.step_loop import Answer
 from tritonkit.whisper_decoding import (
     SECONDS_PER_FRAME,

@@ -1,7 +1,7 @@
 """LLaVA's language model (PyTorch) generating answers for a dynamic batch of image features + prompts.
 
 Inputs: IMAGE_FEATURES [tokens, hidden] (the vision encoder's; absent in a text-only turn), PROMPT (STRING [1]) or MESSAGES
-(a JSON conversation, `tritonkit.llava_decoding.conversation`), and the optional MAX_NEW_TOKENS,
+(a JSON conversation, `tritonkit.chat_decoding.conversation`), and the optional MAX_NEW_TOKENS,
 TEMPERATURE, TOP_P, SEED, STOP, TOP_LOGPROBS, RESPONSE_FORMAT (OpenAI's `response_format` as JSON:
 json_object or json_schema constrain every step of the row to what the schema allows). Outputs: TEXT, PROMPT_TOKENS, COMPLETION_TOKENS and
 FINISH_REASON (what OpenAI's `usage` and `finish_reason` report), LOGPROBS (with TOP_LOGPROBS: the
@@ -10,7 +10,7 @@ response's tokens as OpenAI's `logprobs.content`, JSON; empty without). In a dec
 its text piece by piece as tokens are generated (with the token counts so far and an empty
 FINISH_REASON), then a final response with empty TEXT, the counts and the FINISH_REASON. Parameters:
 `language_model_dir`, `processor_dir`, `max_new_tokens` (default and limit), `image_token_id`,
-`eos_token_ids` (JSON), `device` (cpu or cuda), `max_prompt_bytes`. See `tritonkit.llava_decoding`.
+`eos_token_ids` (JSON), `device` (cpu or cuda), `max_prompt_bytes`. See `tritonkit.chat_decoding`.
 
 Batching (`decoder_batching`): `inflight` (the default) hands each request to the instance's step
 loop (`tritonkit.chat_loop.ChatLoop`) and returns: requests join the running answers between
@@ -28,9 +28,8 @@ import time
 
 import numpy as np
 
-from tritonkit.contracts import COMPLETION_TOKENS, FINISH_REASON, LOGPROBS, PROMPT_TOKENS, RESPONSE_FORMAT, TOP_LOGPROBS
-from tritonkit.errors import InputError
-from tritonkit.llava_decoding import (
+from tritonkit.batched_model import BatchedModel, Failure, concat_rows, object_rows, string_rows
+from tritonkit.chat_decoding import (
     DEFAULT_MAX_PROMPT_BYTES,
     ChatGenerator,
     ChatOptions,
@@ -40,7 +39,8 @@ from tritonkit.llava_decoding import (
     logprobs_json,
     response_grammar,
 )
-from tritonkit.runtime import BatchedModel, Failure, concat_rows, object_rows, string_rows
+from tritonkit.contracts import COMPLETION_TOKENS, FINISH_REASON, LOGPROBS, PROMPT_TOKENS, RESPONSE_FORMAT, TOP_LOGPROBS
+from tritonkit.errors import InputError
 from tritonkit.step_loop import Answer
 
 

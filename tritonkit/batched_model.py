@@ -26,7 +26,7 @@ from tritonkit.errors import InputError, bounded
 from tritonkit.model_metrics import ModelMetrics
 from tritonkit.repository_format import FORMAT_PARAMETER, format_error
 
-LOGGER = logging.getLogger("tritonkit.runtime")
+LOGGER = logging.getLogger("tritonkit.batched_model")
 # `run` may return this key: an object array with one entry per row, None or the message of a row
 # that failed; a request with a failed row gets that message as its error response.
 ROW_ERRORS = "__row_errors__"
