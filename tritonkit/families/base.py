@@ -372,9 +372,9 @@ class FamilySpec:
 
     def memory_for(self, options: BuildOptions) -> Mapping[str, StageMemory]:
         """The stages' measured fixed memory for a build with `options` (a family whose stage
-        differs by option, such as its preprocessing engine, overrides it); the stages every
-        family shares (`SHARED_STAGE_MEMORY`) unless the family measured its own."""
-        return {**SHARED_STAGE_MEMORY, **self.memory}
+        differs by option, such as its preprocessing engine, overrides it); on a GPU, the stages
+        every image family shares (`GPU_SHARED_STAGE_MEMORY`) unless the family measured its own."""
+        return {**(GPU_SHARED_STAGE_MEMORY if options.gpu else {}), **self.memory}
 
     def stage_batching(self, role: str) -> Batching:
         return self.batching.get(role, Batching())
@@ -497,9 +497,9 @@ def image_recipe_for(image_processor, options: BuildOptions):
     return recipe
 
 
-# The fixed memory of stages that families take from here rather than define (the GPU's per-request
-# image checks: a small stub with PIL, as measured for the CPU templates).
-SHARED_STAGE_MEMORY: Mapping[str, StageMemory] = {"image_check": StageMemory(fixed_mb=40)}
+# The fixed memory of the stages GPU builds of image families take from here rather than define
+# (the per-request image checks before DALI: a small stub with PIL, as measured on CPU stubs).
+GPU_SHARED_STAGE_MEMORY: Mapping[str, StageMemory] = {"image_check": StageMemory(fixed_mb=40)}
 
 
 def image_preprocess_stages(
