@@ -14,6 +14,7 @@ from tritonkit.triton_config import Batching, Tensor
 FAMILY_ROWS = {
     "clip": {"image", "text"},
     "llava": {"chat", "chat_stream", "chat_text", "chat_text_stream"},
+    "metaclip2": {"image", "text"},
     "qwen2vl": {"chat", "chat_stream", "chat_text", "chat_text_stream"},
     "qwen2_5vl": {"chat", "chat_stream", "chat_text", "chat_text_stream"},
     "siglip": {"image", "text"},
