@@ -56,6 +56,46 @@ def test_build_flags_come_from_the_families_options_and_another_familys_flag_is_
     assert refused.returncode == 2 and "--max-prompt-bytes is not an option of clip" in refused.stderr
 
 
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(page, subcommand, flags) of every `tritonkit SUBCOMMAND ...` line in the README's and the
+    docs' code blocks (synopses included, continuation lines joined)."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for block in re.findall(r"```[a-z]*\n(.*?)```", page.read_text(), flags=re.S):
+            joined = re.sub(r"\\\n\s*", " ", block)
+            joined = re.sub(r"\n\s+\[", " [", joined)  # a synopsis's wrapped option lines
+            for line in joined.splitlines():
+                match = re.match(r"\s*(?:\$ )?tritonkit ([a-z][a-z0-9-]*)(.*)", line)
+                if match:
+                    command, rest = match.groups()
+                    rest = rest.split("  #", 1)[0]
+                    found.append((page.name, command, re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest)))
+    return found
+
+
+def test_every_tritonkit_command_in_the_docs_is_a_command_with_those_flags():
+    """The docs' command lines (examples and synopses, those that need a GPU or a cluster too) name
+    commands and flags the CLI has: a renamed flag cannot leave a page behind."""
+    import typer.main
+
+    from tritonkit.cli import app
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    documented = documented_commands()
+    assert len(documented) > 40 and {page for page, _, _ in documented} >= {"README.md", "CLI.md", "DEPLOY.md"}
+    wrong = []
+    for page, command, flags in documented:
+        if command not in commands:
+            wrong.append((page, command))
+            continue
+        known = {opt for param in commands[command].params for opt in [*param.opts, *param.secondary_opts]}
+        wrong += [(page, command, flag) for flag in flags if flag not in known | {"--help"}]
+    assert not wrong, wrong
+
+
 def test_cli_shows_the_traceback_when_debugging(tmp_path):
     result = run("build", "nosuchfamily", "--model", "x", env={**os.environ, "TRITONKIT_DEBUG": "1"})
     assert result.returncode != 0 and "Traceback" in result.stderr
