@@ -8,7 +8,7 @@ MODE=${1:-test}
 # espeak-ng speaks the test and demo sentences for Whisper. For the tests only: prometheus brings
 # promtool and a real Prometheus for the generated alerts and dashboard (tritonkit k8s; on a
 # systemd host the package also starts a Prometheus daemon), redis-server a real Redis for the
-# gateway's embedding cache. libjemalloc2: the allocator `tritonkit serve` preloads into tritonserver
+# gateway's embedding cache, haproxy the balancer in front of replicas (tritonkit.replicas). libjemalloc2: the allocator `tritonkit serve` preloads into tritonserver
 # (glibc's malloc lets a long-running server's memory creep up; docs/RELIABILITY.md).
 missing=()
 command -v espeak-ng > /dev/null || missing+=(espeak-ng)
@@ -16,6 +16,7 @@ command -v espeak-ng > /dev/null || missing+=(espeak-ng)
 if [ "$MODE" = test ]; then
   command -v promtool > /dev/null || missing+=(prometheus)
   command -v redis-server > /dev/null || missing+=(redis-server)
+  command -v haproxy > /dev/null || missing+=(haproxy)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then

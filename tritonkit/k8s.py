@@ -20,6 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonkit import promql
 from tritonkit.errors import InputError
 from tritonkit.repository import read_repository
+from tritonkit.termination import DRAIN_S, EXIT_TIMEOUT_S, GATEWAY_GRACE_S, TERMINATION_GRACE_S, TRITON_PRESTOP_S
 from tritonkit.triton_config import instance_count
 
 # NGC release 24.10 ships tritonserver 2.51, the version tritonkit is tested against.
@@ -30,7 +31,6 @@ NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MEMORY_ANNOTATION = "tritonkit.io/memory-basis"  # what the memory request and limit rest on
 # The Triton image's unprivileged user (triton-server).
 TRITON_UID = 1000
-EXIT_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -243,6 +243,9 @@ def deployment(options: K8sOptions, facts: RepositoryFacts) -> dict:
         container["envFrom"] = env_from
     containers = [container]
     if options.openai_port is not None:
+        # tritonserver outlives the gateway's drain, so the requests it still accepts are answered
+        # (tritonkit.termination)
+        container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(TRITON_PRESTOP_S)]}}}
         containers.append(gateway_container(options))
     selector = _selector(options)
     pod_spec = {
@@ -253,7 +256,7 @@ def deployment(options: K8sOptions, facts: RepositoryFacts) -> dict:
             "fsGroup": TRITON_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "terminationGracePeriodSeconds": EXIT_TIMEOUT_S + 15,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "topologySpreadConstraints": [
             {
                 "maxSkew": 1,
@@ -288,6 +291,7 @@ def gateway_container(options: K8sOptions) -> dict:
     readiness follows Triton's (/health), its liveness only its own process (a TCP check)."""
     port = options.openai_port
     args = ["tritonkit", "openai", "--triton", f"127.0.0.1:{PORTS['grpc']}", "--host", "0.0.0.0", "--port", str(port)]
+    args += ["--drain-seconds", str(DRAIN_S), "--grace-seconds", str(GATEWAY_GRACE_S)]
     if options.cache_url:
         args += ["--cache-url", options.cache_url]
     return {

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tritonkit.errors import ServerError
+from tritonkit.termination import EXIT_TIMEOUT_S
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}
-EXIT_TIMEOUT_S = 30
 # After a stub died the server is broken anyway: in-flight requests get this long, then it is killed.
 RESTART_GRACE_S = 5
 SUPERVISE_POLL_S = 1.0

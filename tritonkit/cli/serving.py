@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,7 @@ from tritonkit.cli.common import (
     app,
 )
 from tritonkit.errors import InputError, TritonkitError
+from tritonkit.termination import DRAIN_S, GATEWAY_GRACE_S, TRITON_PRESTOP_S
 
 
 @app.command()
@@ -65,11 +67,20 @@ def serve(
         response_cache_bytes=max(cache_mb, 0) * 1024 * 1024,
         allocator=allocator,
     )
-    stopping = []
+    stopping: list[int] = []
+    gateways: list[subprocess.Popen] = []
 
     def forward(signum, _frame):
+        """A pod's termination (tritonkit.termination): the gateway drains first, and tritonserver
+        stops once the gateway no longer accepts requests."""
         stopping.append(signum)
-        server.terminate()
+        if not gateways or len(stopping) > 1:
+            server.terminate()
+            return
+        gateways[0].send_signal(signal.SIGTERM)
+        later = threading.Timer(TRITON_PRESTOP_S, server.terminate)
+        later.daemon = True
+        later.start()
 
     server.start()
     signal.signal(signal.SIGINT, forward)
@@ -82,7 +93,6 @@ def serve(
             raise typer.Exit(0) from None
         raise
     models = list_models(repository)
-    gateway = None
     if openai_port is not None:  # beside the server, on the same host; it reconnects across restarts
         gateway = subprocess.Popen(
             [
@@ -99,6 +109,7 @@ def serve(
             ],
             stdout=subprocess.DEVNULL,
         )
+        gateways.append(gateway)
     print(
         f"tritonkit: ready: {len(models)} models on grpc {server.grpc_url}, http {server.http_url}, "
         f"metrics {server.metrics_url} (log: {server.log_file})"
@@ -115,9 +126,12 @@ def serve(
             restart_window_s=restart_window,
         )
     finally:
-        if gateway is not None:
+        for gateway in gateways:  # draining already after a SIGTERM; told now after a crash loop
             gateway.terminate()
-            gateway.wait(timeout=30)
+            try:
+                gateway.wait(timeout=DRAIN_S + GATEWAY_GRACE_S + 5)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
     server.stop()
     if stopping:
         raise typer.Exit(0)
@@ -151,6 +165,15 @@ def openai_gateway(
         int, typer.Option(help="Realtime API: live transcription sessions at once (one more is refused).")
     ] = 32,
     max_session_minutes: Annotated[float, typer.Option(help="Realtime API: the audio one session may send.")] = 60.0,
+    drain_seconds: Annotated[
+        float,
+        typer.Option(
+            help="On SIGTERM: /health answers 503 this long while requests are still served (0: stop at once)."
+        ),
+    ] = DRAIN_S,
+    grace_seconds: Annotated[
+        float, typer.Option(help="Then: how long accepted requests (streams included) may take to finish.")
+    ] = GATEWAY_GRACE_S,
 ):
     """Serve the OpenAI API (embeddings, chat with images, audio) in front of a running tritonserver.
 
@@ -171,6 +194,8 @@ def openai_gateway(
         raise InputError("--max-live-sessions must be >= 1 and --max-session-minutes > 0")
     if cache_ttl < 1:
         raise InputError(f"--cache-ttl must be >= 1 s, got {cache_ttl}")
+    if drain_seconds < 0 or grace_seconds < 1:
+        raise InputError("--drain-seconds must be >= 0 and --grace-seconds >= 1")
     options = GatewayOptions(
         triton_url=triton,
         api_key=api_key,
@@ -184,6 +209,8 @@ def openai_gateway(
             allowed_hosts=frozenset(url_fetch_host or ()),
         ),
         realtime_limits=RealtimeLimits(max_sessions=max_live_sessions, max_session_s=max_session_minutes * 60),
+        drain_s=drain_seconds,
+        grace_s=grace_seconds,
     )
     print(f"tritonkit: OpenAI API on http://{host}:{port}/v1 in front of {triton}", flush=True)
     run_gateway(options, host=host, port=port)

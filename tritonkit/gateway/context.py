@@ -18,6 +18,7 @@ from tritonkit.gateway import openapi
 from tritonkit.gateway.fetch import FetchPolicy, fetch
 from tritonkit.gateway.realtime import RealtimeLimits
 from tritonkit.gateway.triton import ApiError, Triton
+from tritonkit.termination import DRAIN_S, GATEWAY_GRACE_S
 
 if TYPE_CHECKING:
     from tritonkit.gateway.cache import EmbeddingCache
@@ -42,6 +43,10 @@ class GatewayOptions:
     cache_ttl_s: int = 3600
     fetch: FetchPolicy = field(default_factory=FetchPolicy)  # remote image URLs: off unless --allow-url-fetch
     realtime_limits: RealtimeLimits = field(default_factory=RealtimeLimits)  # live transcription sessions
+    # on SIGTERM: /health answers 503 this long while requests are still served, then accepted
+    # requests get this long to finish (tritonkit.termination)
+    drain_s: float = DRAIN_S
+    grace_s: float = GATEWAY_GRACE_S
 
 
 class GatewayMetrics:
@@ -90,6 +95,7 @@ class Gateway:
         self._triton: Triton | None = None
         self.cache: EmbeddingCache | None = None  # with --cache-url
         self.live_sessions = 0  # open Realtime API sessions
+        self.draining = False  # SIGTERM came: /health answers 503 so that the balancer takes this replica out
 
     @property
     def triton(self) -> Triton:

@@ -13,6 +13,8 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request):
     gateway = gateway_of(request)
+    if gateway.draining:
+        raise ApiError(503, "this replica is shutting down (draining); retry on another", code="draining")
     if not await gateway.triton.ready():
         raise ApiError(503, f"the inference server at {gateway.options.triton_url} is not ready", code="unavailable")
     return {"status": "ok"}

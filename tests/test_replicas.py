@@ -1,0 +1,157 @@
+"""Two replicas behind a real haproxy with a real Redis (tritonkit.replicas): a rolling restart, a
+replica killed with SIGKILL and a Redis outage, under a steady mixed load of raw HTTP requests
+(embeddings, chat, streamed chat) that are never retried by the client."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tritonkit.replicas import ReplicaSet, summary
+from tritonkit.server import free_port
+
+pytestmark = pytest.mark.server
+
+
+def counter(gateway_url: str, name: str) -> float:
+    with urllib.request.urlopen(f"{gateway_url}/metrics", timeout=5) as answer:
+        found = re.search(rf"^{name} (\S+)$", answer.read().decode(), flags=re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def embed(base_url: str, text: str) -> int:
+    import json
+
+    body = json.dumps({"model": "clip", "input": text}).encode()
+    request = urllib.request.Request(
+        f"{base_url}/v1/embeddings", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        return answer.status
+
+
+@pytest.fixture(scope="module")
+def chat_and_embeddings_repository(clip_repository, llava_repository, tmp_path_factory):
+    merged = tmp_path_factory.mktemp("replicas") / "model_repository"
+    for built in (clip_repository, llava_repository):
+        for model in built.iterdir():
+            shutil.copytree(model, merged / model.name)
+    return merged
+
+
+def test_replicas_lose_no_request_through_a_rolling_restart_a_killed_replica_and_a_redis_outage(
+    chat_and_embeddings_repository, tmp_path
+):
+    from tritonkit.replicas import MixedLoad
+
+    with ReplicaSet(chat_and_embeddings_repository, replicas=2, workdir=tmp_path / "replicas") as replicas:
+        # the cache is shared: what replica A computed is a hit through replica B
+        first, second = (replicas.running[i].slot.gateway_url for i in sorted(replicas.running))
+        hits = "tritonkit_gateway_embedding_cache_hits_total"
+        before = counter(second, hits)
+        assert embed(first, "computed by the first replica") == 200
+        assert embed(second, "computed by the first replica") == 200
+        assert counter(second, hits) == before + 1
+
+        load = MixedLoad(replicas.url, clients=3).start()
+        assert set(load.kinds) == {"embeddings", "chat", "chat stream"}
+        time.sleep(5)
+        rolling = time.monotonic()
+        replicas.rolling_restart()  # every replica replaced, the new one ready before the old one goes
+        killed = time.monotonic()
+        victim = min(replicas.running)
+        replicas.kill(victim)  # a lost node: nothing drained
+        time.sleep(5)
+        outage = time.monotonic()
+        errors_before = sum(
+            counter(r.slot.gateway_url, "tritonkit_gateway_embedding_cache_errors_total")
+            for r in replicas.running.values()
+        )
+        replicas.stop_cache()
+        time.sleep(4)
+        replicas.start_cache()
+        time.sleep(4)
+        survivors = list(replicas.running.values())
+        errors_after = sum(
+            counter(r.slot.gateway_url, "tritonkit_gateway_embedding_cache_errors_total") for r in survivors
+        )
+        hits_before = sum(counter(r.slot.gateway_url, hits) for r in survivors)
+        time.sleep(3)
+        hits_after = sum(counter(r.slot.gateway_url, hits) for r in survivors)
+        outcomes = load.stop()
+
+    steady, restarted = summary(outcomes, 0, rolling), summary(outcomes, rolling, killed)
+    assert steady["failed"] == 0 and restarted["failed"] == 0, (steady, restarted)
+    assert restarted["sent"] > 10 and {o.kind for o in outcomes if rolling <= o.began < killed} == set(load.kinds)
+    # the killed replica: only requests it held when it died may fail, each with the balancer's 502
+    # (retryable: the openai SDK retries it by itself); none that began after it died
+    after_kill = summary(outcomes, killed + 0.5, outage)
+    lost = [o for o in outcomes if killed <= o.ended and o.began < killed + 0.5 and not o.ok]
+    assert after_kill["failed"] == 0, after_kill
+    assert all(o.status in (502, 0) or "stream" in o.error for o in lost), lost
+    assert len(lost) <= 3  # the clients' requests in flight at most
+    # Redis stopped and started again: embeddings kept being answered (uncached, counted), and the
+    # cache resumed
+    during = summary(outcomes, outage)
+    assert during["failed"] == 0 and errors_after > errors_before and hits_after > hits_before, (
+        during,
+        errors_before,
+        errors_after,
+    )
+
+
+def test_a_draining_gateway_answers_not_ready_serves_what_arrives_and_exits_when_done(clip_repository):
+    """SIGTERM to `tritonkit serve --openai-port`: the gateway's /health answers 503 at once while
+    requests are still answered for its drain, then it stops accepting; serve exits 0 after
+    tritonserver, which it stops only after the gateway's drain."""
+    from tests.conftest import wait_until_healthy
+
+    port = free_port()
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "serve",
+            str(clip_repository),
+            "--grpc-port",
+            str(free_port()),
+            "--http-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+            "--openai-port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(base, timeout=300)
+        assert embed(base, "before") == 200
+        began = time.monotonic()
+        serve.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(f"{base}/health", timeout=5)
+        assert health.value.code == 503 and b"draining" in health.value.read()
+        answered = 0
+        while time.monotonic() - began < 4:  # within the drain (5 s): still answered
+            answered += embed(base, f"during the drain {answered}") == 200
+        assert answered > 3
+        assert serve.wait(timeout=60) == 0
+        assert time.monotonic() - began >= 5  # tritonserver was stopped after the drain, not before
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
