@@ -139,10 +139,18 @@ def test_the_openai_gateway_runs_beside_tritonserver_with_its_route_and_cache(de
         "0.0.0.0",
         "--port",
         "9000",
+        "--drain-seconds",
+        "5",
+        "--grace-seconds",
+        "30",
         "--cache-url",
         "redis://tk-redis:6379/0",
     ]
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}
+    # a pod's termination (tritonkit.termination): the gateway drains 5 s, tritonserver's SIGTERM
+    # comes 7 s in (its preStop), and the grace period covers both
+    assert server["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "7"]}}}
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 45
     key = next(e for e in gateway["env"] if e["name"] == "TRITONKIT_API_KEY")
     assert key["valueFrom"]["secretKeyRef"] == {"name": "tk-openai", "key": "api-key", "optional": True}
     service = next(d for d in resources if d["kind"] == "Service" and d["metadata"]["name"] == "tk")
