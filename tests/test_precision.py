@@ -127,7 +127,10 @@ def test_whisper_int8_keeps_wer_within_two_points_of_fp32_on_the_spoken_clips(
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("precision, quantization", [("fp16", "auto"), ("int8", "dynamic")])
+@pytest.mark.parametrize(
+    "precision, quantization",
+    [("fp16", "auto"), pytest.param("int8", "dynamic", marks=pytest.mark.heavy)],  # dynamic: scripts/heavy_tests.sh
+)
 def test_whisper_fp16_and_dynamic_int8_builds_report_and_serve(
     precision, quantization, whisper_dir, speech_files, tmp_path
 ):

@@ -466,7 +466,11 @@ NATIVE_BF16 = "BF16" in __import__("tritonkit.engines", fromlist=["cpu_capabilit
 
 
 @pytest.mark.parametrize(
-    "engine, precision", [("onnxruntime", "int8"), ("openvino", "bf16" if NATIVE_BF16 else "int8")]
+    "engine, precision",
+    [  # ONNX Runtime's INT8 (the tower's graph as the OpenVINO one) in scripts/heavy_tests.sh
+        pytest.param("onnxruntime", "int8", marks=pytest.mark.heavy),
+        ("openvino", "bf16" if NATIVE_BF16 else "int8"),
+    ],
 )
 def test_reduced_precision_vision_towers_report_their_accuracy_and_serve(tiny_model_dir, tmp_path, engine, precision):
     from tritonkit.families.base import BuildOptions
