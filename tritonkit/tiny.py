@@ -30,3 +30,22 @@ def gpt2_bpe():
     from tritonkit.convert_ct2 import bundled_tiny_en
 
     return Tokenizer.from_file(str(Path(bundled_tiny_en()) / "tokenizer.json"))
+
+
+def unigram_tokenizer(texts: list[str], specials: list[str], vocab_size: int, lowercase: bool = False):
+    """A SentencePiece-style Unigram tokenizer (a `tokenizers.Tokenizer`: NFKC, Metaspace) trained
+    on `texts`, its `specials` first (ids 0, 1, ...) and "<unk>" among them; the caller sets its
+    template (which specials wrap a text)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = (
+        normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()]) if lowercase else normalizers.NFKC()
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer

@@ -26,10 +26,11 @@ class MetaClip2Spec(ClipSpec):
         Spanish and Japanese captions (XLM-R's special tokens and template, as MetaCLIP 2's own)
         and a CLIPImageProcessor."""
         import torch
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+        from tokenizers import processors
         from transformers import CLIPImageProcessor, MetaClip2Config, MetaClip2Model, PreTrainedTokenizerFast
 
         from tritonkit.samples import SENTENCES
+        from tritonkit.tiny import unigram_tokenizer
 
         directory = Path(directory)
         worldwide = [
@@ -39,15 +40,8 @@ class MetaClip2Spec(ClipSpec):
             "猫の写真",
             "Ünïcødé text, numbers 1234 and #tags",
         ]
-        tokenizer = Tokenizer(models.Unigram())
-        tokenizer.normalizer = normalizers.NFKC()
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-        tokenizer.decoder = decoders.Metaspace()
-        specials = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0-3, as XLM-R's
-        trainer = trainers.UnigramTrainer(
-            vocab_size=300, special_tokens=specials, unk_token="<unk>", show_progress=False
-        )
-        tokenizer.train_from_iterator([*CALIBRATION_CAPTIONS, *SENTENCES, *SAMPLE_TEXTS, *worldwide], trainer)
+        texts = [*CALIBRATION_CAPTIONS, *SENTENCES, *SAMPLE_TEXTS, *worldwide]
+        tokenizer = unigram_tokenizer(texts, ["<s>", "<pad>", "</s>", "<unk>"], 300)  # ids 0-3, as XLM-R's
         bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
         tokenizer.post_processor = processors.TemplateProcessing(
             single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]

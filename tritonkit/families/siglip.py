@@ -36,20 +36,16 @@ class SiglipSpec(ClipSpec):
         """A random SiglipModel, a Unigram tokenizer trained here (SentencePiece-style, as SigLIP's
         own: lower-cased, `</s>` ends and pads, no attention mask) and a SiglipImageProcessor."""
         import torch
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+        from tokenizers import processors
         from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel
 
         from tritonkit.samples import SENTENCES
+        from tritonkit.tiny import unigram_tokenizer
 
         directory = Path(directory)
-        tokenizer = Tokenizer(models.Unigram())
-        tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-        tokenizer.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(
-            vocab_size=256, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+        tokenizer = unigram_tokenizer(
+            [*CALIBRATION_CAPTIONS, *SENTENCES, *SAMPLE_TEXTS], ["<pad>", "</s>", "<unk>"], 256, lowercase=True
         )
-        tokenizer.train_from_iterator([*CALIBRATION_CAPTIONS, *SENTENCES, *SAMPLE_TEXTS], trainer)
         eos = tokenizer.token_to_id("</s>")
         tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
         PreTrainedTokenizerFast(
