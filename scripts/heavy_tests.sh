@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The tests too long for the README's test command: the Whisper and LLaVA soaks with their plan
-# gates, replicas with chat behind haproxy, and the precision variants the CI keeps one of (Whisper's
-# dynamic INT8, Qwen-VL's ONNX Runtime INT8 tower). Run them before a release, or after touching a
+# gates, replicas with chat behind haproxy, Whisper tiny.en's INT8 WER gates (ONNX Runtime static
+# and dynamic, OpenVINO), Qwen-VL's ONNX Runtime INT8 tower and `tritonkit tune`'s search. Run them before a release, or after touching a
 # decoder's memory, termination or quantization.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -155,6 +155,7 @@ def test_whisper_and_llava_bf16_builds_report_and_serve(
 
 
 @pytest.mark.server
+@pytest.mark.heavy  # NNCF on tiny.en, 2.5 minutes: scripts/heavy_tests.sh
 def test_whisper_openvino_int8_keeps_wer_within_two_points_of_fp32(whisper_dir, whisper_server, speech_files, tmp_path):
     result = build("whisper", str(whisper_dir), tmp_path / "repo", options=OPENVINO, precision=PrecisionOptions("int8"))
     report = result.accuracy[result.precision_variant]

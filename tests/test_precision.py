@@ -109,6 +109,7 @@ def test_calibration_data_must_exist():
 
 
 @pytest.mark.server
+@pytest.mark.heavy  # tiny.en calibrated and served, 1.8 minutes: scripts/heavy_tests.sh
 def test_whisper_int8_keeps_wer_within_two_points_of_fp32_on_the_spoken_clips(
     whisper_int8, whisper_server, speech_files
 ):

@@ -20,6 +20,7 @@ from tritonkit.tune import TunePoint, grid
 pytestmark = pytest.mark.server
 
 
+@pytest.mark.heavy  # 70 s of measured points: scripts/heavy_tests.sh
 def test_tune_measures_every_point_and_writes_the_best_that_serves(clip_repository, tmp_path):
     repository = tmp_path / "repo"
     shutil.copytree(clip_repository, repository)
