@@ -90,7 +90,8 @@ def create_app(options: GatewayOptions) -> FastAPI:
 
 def spawn_gateway(triton_url: str, *options: str, timeout_s: float = 60):
     """`tritonkit openai` in front of `triton_url` as a child process (scripts, tests): the process
-    and its base URL, once /health answers."""
+    and its base URL, once /health answers. It stops at once on SIGTERM (no balancer to drain
+    from) unless `options` ask for a drain."""
     import subprocess
     import sys
     import urllib.request
@@ -99,8 +100,20 @@ def spawn_gateway(triton_url: str, *options: str, timeout_s: float = 60):
     from tritonkit.server import free_port
 
     port = free_port()
+    drain = () if "--drain-seconds" in options else ("--drain-seconds", "0")
     process = subprocess.Popen(
-        [sys.executable, "-m", "tritonkit.cli", "openai", "--triton", triton_url, "--port", str(port), *options],
+        [
+            sys.executable,
+            "-m",
+            "tritonkit.cli",
+            "openai",
+            "--triton",
+            triton_url,
+            "--port",
+            str(port),
+            *drain,
+            *options,
+        ],
         stdout=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
