@@ -4,7 +4,6 @@ replica killed with SIGKILL and a Redis outage, under a steady mixed load of raw
 
 from __future__ import annotations
 
-import re
 import shutil
 import signal
 import subprocess
@@ -15,16 +14,11 @@ import urllib.request
 
 import pytest
 
+from tests.test_openai_gateway import metric_value
 from tritonkit.replicas import ReplicaSet, summary
 from tritonkit.server import free_port
 
 pytestmark = pytest.mark.server
-
-
-def counter(gateway_url: str, name: str) -> float:
-    with urllib.request.urlopen(f"{gateway_url}/metrics", timeout=5) as answer:
-        found = re.search(rf"^{name} (\S+)$", answer.read().decode(), flags=re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 def embed(base_url: str, text: str) -> int:
@@ -75,10 +69,10 @@ def test_replicas_lose_no_request_through_a_rolling_restart_a_killed_replica_and
         # the cache is shared: what replica A computed is a hit through replica B
         first, second = (replicas.running[i].slot.gateway_url for i in sorted(replicas.running))
         hits = "tritonkit_gateway_embedding_cache_hits_total"
-        before = counter(second, hits)
+        before = metric_value(second, hits)
         assert embed(first, "computed by the first replica") == 200
         assert embed(second, "computed by the first replica") == 200
-        assert counter(second, hits) == before + 1
+        assert metric_value(second, hits) == before + 1
 
         load = MixedLoad(replicas.url, clients=3).start()
         assert set(load.kinds) == kinds
@@ -91,7 +85,7 @@ def test_replicas_lose_no_request_through_a_rolling_restart_a_killed_replica_and
         time.sleep(5)
         outage = time.monotonic()
         errors_before = sum(
-            counter(r.slot.gateway_url, "tritonkit_gateway_embedding_cache_errors_total")
+            metric_value(r.slot.gateway_url, "tritonkit_gateway_embedding_cache_errors_total")
             for r in replicas.running.values()
         )
         replicas.stop_cache()
@@ -100,11 +94,11 @@ def test_replicas_lose_no_request_through_a_rolling_restart_a_killed_replica_and
         time.sleep(4)
         survivors = list(replicas.running.values())
         errors_after = sum(
-            counter(r.slot.gateway_url, "tritonkit_gateway_embedding_cache_errors_total") for r in survivors
+            metric_value(r.slot.gateway_url, "tritonkit_gateway_embedding_cache_errors_total") for r in survivors
         )
-        hits_before = sum(counter(r.slot.gateway_url, hits) for r in survivors)
+        hits_before = sum(metric_value(r.slot.gateway_url, hits) for r in survivors)
         time.sleep(3)
-        hits_after = sum(counter(r.slot.gateway_url, hits) for r in survivors)
+        hits_after = sum(metric_value(r.slot.gateway_url, hits) for r in survivors)
         outcomes = load.stop()
 
     steady, restarted = summary(outcomes, 0, rolling), summary(outcomes, rolling, killed)

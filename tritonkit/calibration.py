@@ -186,11 +186,6 @@ BUILTIN_HELDOUT_SHARE = 0.2
 USER_HELDOUT_SHARE = 0.25  # of the user's own files (--calibration-data)
 
 
-def image_files(directory: Path) -> list[Path]:
-    suffixes = set(IMAGE_SUFFIXES)
-    return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-
-
 def builtin_images() -> tuple[list[bytes], str]:
     """The built-in varied images and how a report names them."""
     images = [data for _, data in varied_images(BUILTIN_IMAGES)]
@@ -202,11 +197,12 @@ def calibration_images(calibration_dir: Path | None) -> tuple[list[bytes], str, 
     """The images an image tower is calibrated and judged on: the user's (`--calibration-data`) or
     the built-in varied ones; with how the report names them and the share to hold out."""
     from tritonkit.errors import InputError
+    from tritonkit.precision import data_files
 
     if calibration_dir is None:
         images, source = builtin_images()
         return images, f"{source}: {BUILTIN_NOTE}", BUILTIN_HELDOUT_SHARE
-    images = [p.read_bytes() for p in image_files(calibration_dir)]
+    images = [p.read_bytes() for p in data_files(calibration_dir, IMAGE_SUFFIXES)]
     if not images:
         raise InputError(f"--calibration-data {calibration_dir}: needs images (jpg, png, ...)")
     return images, f"{len(images)} images from {calibration_dir}", USER_HELDOUT_SHARE
