@@ -839,3 +839,54 @@ def test_openai_schema_deviations_of_wave_2_are_gone(sdk, gateway, speech_files,
                 timeout=120,
             )
         assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain"), response_format
+
+
+def test_requests_still_running_when_the_grace_period_ends_get_a_clear_error(gateway):
+    """SIGTERM to a gateway with a 1 s grace period while long answers run (4 choices of 256 tokens
+    each, streamed and in three whole answers):
+    each gets `shutting_down` (a 503 in OpenAI's envelope; an error event that ends the stream),
+    never a cut connection, and the gateway exits."""
+    import json
+    import signal
+
+    import httpx
+
+    from tritonkit.gateway import spawn_gateway
+
+    process, base = spawn_gateway(gateway[1], "--grace-seconds", "1")
+    body = {"model": "llava", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 256, "n": 4}
+    streaming, answers = threading.Event(), {}
+
+    def stream() -> None:
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}) as answer:
+                lines = []
+                for line in answer.iter_lines():
+                    lines.append(line)
+                    if '"content"' in line and '"content": ""' not in line:
+                        streaming.set()
+                answers["stream"] = (answer.status_code, lines)
+
+    def whole(k: int) -> None:
+        answers[k] = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+
+    threads = [threading.Thread(target=stream)] + [threading.Thread(target=whole, args=(k,)) for k in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        assert streaming.wait(30), answers
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(30)
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn raises the signal again once stopped
+    finally:
+        if process.poll() is None:
+            process.kill()
+    for k in range(3):
+        assert answers[k].status_code == 503, answers[k].text
+        assert answers[k].json()["error"]["code"] == "shutting_down"
+        assert "send it again" in answers[k].json()["error"]["message"]
+    status, lines = answers["stream"]
+    events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert status == 200 and events[-1] != "[DONE]" and len(events) > 2
+    assert json.loads(events[-1])["error"]["code"] == "shutting_down"

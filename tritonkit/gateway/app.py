@@ -7,7 +7,6 @@ endpoints are routers by group (tritonkit.gateway.routes); this module assembles
 every request passes through: the body limit, the API key, the metrics and the error envelope.
 """
 
-import threading
 import time
 from contextlib import asynccontextmanager
 
@@ -18,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tritonkit.gateway.context import Gateway, GatewayOptions
+from tritonkit.gateway.draining import DrainingServer, GraceDeadline, uvicorn_grace_s
 from tritonkit.gateway.routes import ROUTERS
 from tritonkit.gateway.triton import ApiError
 
@@ -129,27 +129,13 @@ def spawn_gateway(triton_url: str, *options: str, timeout_s: float = 60):
             time.sleep(0.2)
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn that drains on its first SIGTERM or SIGINT (tritonkit.termination): /health answers
-    503 for the gateway's drain_s while requests are still served, then it stops accepting and
-    waits up to grace_s for the accepted ones. A second signal stops it at once."""
-
-    def __init__(self, config: uvicorn.Config, gateway: Gateway):
-        super().__init__(config)
-        self.gateway = gateway
-
-    def handle_exit(self, sig, frame) -> None:
-        if self.gateway.draining or self.gateway.options.drain_s <= 0:
-            super().handle_exit(sig, frame)
-            return
-        self.gateway.draining = True
-        timer = threading.Timer(self.gateway.options.drain_s, super().handle_exit, (sig, frame))
-        timer.daemon = True
-        timer.start()
-
-
 def run_gateway(options: GatewayOptions, host: str = "127.0.0.1", port: int = 9000) -> None:
     app = create_app(options)
-    grace = max(1, round(options.grace_s))
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace)
+    config = uvicorn.Config(
+        GraceDeadline(app, app.state.gateway),
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=uvicorn_grace_s(options.grace_s),
+    )
     DrainingServer(config, app.state.gateway).run()

@@ -3,6 +3,7 @@ embedding cache, its Prometheus metrics, and the request checks that come before
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -84,6 +85,11 @@ class GatewayMetrics:
             "Redis calls that failed (answered uncached)",
             registry=self.registry,
         )
+        self.cut_at_shutdown = Counter(
+            "tritonkit_gateway_requests_cut_at_shutdown_total",
+            "Requests still running when the shutdown's grace period ended (answered 503 shutting_down)",
+            registry=self.registry,
+        )
 
 
 class Gateway:
@@ -96,6 +102,8 @@ class Gateway:
         self.cache: EmbeddingCache | None = None  # with --cache-url
         self.live_sessions = 0  # open Realtime API sessions
         self.draining = False  # SIGTERM came: /health answers 503 so that the balancer takes this replica out
+        self._grace_over: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def triton(self) -> Triton:
@@ -103,7 +111,19 @@ class Gateway:
             raise ApiError(503, "the gateway is starting", code="unavailable")
         return self._triton
 
+    def grace_over(self) -> asyncio.Event:
+        """Set when a shutdown's grace period ends (tritonkit.gateway.draining)."""
+        if self._grace_over is None:
+            self._grace_over, self._loop = asyncio.Event(), asyncio.get_running_loop()
+        return self._grace_over
+
+    def end_grace(self) -> None:
+        """From any thread: the requests still running are answered with an error now."""
+        if self._loop is not None and self._grace_over is not None:
+            self._loop.call_soon_threadsafe(self._grace_over.set)
+
     async def open(self) -> None:
+        self.grace_over()
         self._triton = Triton(self.options.triton_url)
         if self.options.cache_url:
             from tritonkit.gateway.cache import EmbeddingCache
