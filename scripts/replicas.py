@@ -9,19 +9,18 @@ pod's termination timings; haproxy with health checks in front; one Redis as the
 sends embeddings, transcriptions, chat and streamed chat through the balancer with raw HTTP (no
 retries, so every failure counts), while it: waits (steady), restarts every replica one at a time
 (rolling, maxSurge 1), kills one with SIGKILL (a lost node) and starts it again, stops Redis and
-starts it again, each phase then given the rest of `--duration` evenly. Writes, per phase, the
-requests sent / succeeded / failed with their errors and the p99 latency, and the embedding cache's
-hit rate across replicas.
+starts it again, each phase then given the rest of `--duration` evenly. A real Prometheus scrapes
+every replica with the alert rules `tritonkit k8s` generates, their `for` shortened to
+`--alert-for` seconds. Writes, per phase, the requests sent / succeeded / failed with their errors,
+the p99 latency and the alerts that fired, and the embedding cache's hit rate across replicas.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,14 +31,10 @@ from tritonkit.reporting import machine, markdown_table, replace_section
 
 def cache_counts(replicas: ReplicaSet) -> dict[str, float]:
     """The embedding cache's hits, misses and errors summed over the running gateways."""
-    totals = {"hits": 0.0, "misses": 0.0, "errors": 0.0}
-    for replica in replicas.running.values():
-        with urllib.request.urlopen(f"{replica.slot.gateway_url}/metrics", timeout=5) as answer:
-            text = answer.read().decode()
-        for name in totals:
-            found = re.search(rf"^tritonkit_gateway_embedding_cache_{name}_total (\S+)$", text, flags=re.M)
-            totals[name] += float(found.group(1)) if found else 0.0
-    return totals
+    return {
+        name: replicas.gateway_total(f"tritonkit_gateway_embedding_cache_{name}_total")
+        for name in ("hits", "misses", "errors")
+    }
 
 
 def main() -> None:
@@ -48,12 +43,13 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--duration", type=float, default=600, help="seconds of load across the phases")
+    parser.add_argument("--alert-for", type=float, default=10, help="the alert rules' `for`, seconds")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path, help="write the table into this file's replicas section")
     args = parser.parse_args()
 
-    phases: list[tuple[str, float, float]] = []
-    with ReplicaSet(args.repository, replicas=args.replicas) as replicas:
+    phases: list[tuple[str, float, float, str]] = []
+    with ReplicaSet(args.repository, replicas=args.replicas, alert_for_s=args.alert_for) as replicas:
         load = MixedLoad(replicas.url, clients=args.clients).start()
         rest = args.duration / 5
 
@@ -61,7 +57,10 @@ def main() -> None:
             began = time.monotonic()
             action()
             time.sleep(rest)
-            phases.append((name, began, time.monotonic()))
+            fired = sorted(
+                {f"{a['alertname']}({a.get('pod') or a.get('model', '')})" for a in replicas.prometheus.fired(began)}
+            )
+            phases.append((name, began, time.monotonic(), ", ".join(fired) or "-"))
             print(f"{name}: {json.dumps(summary(load.outcomes, began))}", flush=True)
 
         def kill_and_restart() -> None:
@@ -83,7 +82,7 @@ def main() -> None:
         outcomes = load.stop()
 
     rows = []
-    for name, began, ended in phases:
+    for name, began, ended, fired in phases:
         figures = summary(outcomes, began, ended)
         rows.append(
             [
@@ -93,6 +92,7 @@ def main() -> None:
                 figures["failed"],
                 "; ".join(figures["errors"]) or "-",
                 figures["p99_s"],
+                fired,
             ]
         )
     lookups = cache["hits"] + cache["misses"]
@@ -105,9 +105,12 @@ def main() -> None:
         cpu = machine()
         lines = [
             f"`python scripts/replicas.py --replicas {args.replicas} --duration {args.duration:.0f}` on "
-            f"{cpu['processor']} ({cpu['cpus']} cores), {args.clients} clients of raw HTTP (no retries) through haproxy:",
+            f"{cpu['processor']} ({cpu['cpus']} cores), {args.clients} clients of raw HTTP (no retries) through haproxy; "
+            f"the generated alert rules with `for` {args.alert_for:g} s:",
             "",
-            *markdown_table(["phase", "sent", "succeeded", "failed", "errors", "p99 s"], rows, align_right_from=1),
+            *markdown_table(
+                ["phase", "sent", "succeeded", "failed", "errors", "p99 s", "alerts fired"], rows, align_right_from=1
+            ),
             "",
             f"Embedding cache across the replicas (the running gateways' counters at the end): {hit_rate:.0%} hits "
             f"({cache['hits']:.0f} hits, {cache['misses']:.0f} misses, {cache['errors']:.0f} Redis errors answered uncached).",

@@ -147,6 +147,10 @@ def test_the_openai_gateway_runs_beside_tritonserver_with_its_route_and_cache(de
         "redis://tk-redis:6379/0",
     ]
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}
+    # the draining gateway is out of the Service before its drain ends (the replicas harness's
+    # haproxy checks with the same period and failures)
+    readiness = gateway["readinessProbe"]
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] < 5
     # a pod's termination (tritonkit.termination): the gateway drains 5 s, tritonserver's SIGTERM
     # comes 7 s in (its preStop), and the grace period covers both
     assert server["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "7"]}}}
@@ -382,9 +386,7 @@ def test_a_real_prometheus_scraping_tritonserver_answers_the_dashboard_and_alert
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.fail("prometheus is missing: scripts/setup.sh installs it (apt-get install prometheus)")
-    server = start_server(
-        clip_repository, response_cache_bytes=16 * 2**20, extra_args=["--metrics-config=summary_latencies=true"]
-    )
+    server = start_server(clip_repository, response_cache_bytes=16 * 2**20)
     port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         yaml.safe_dump(
@@ -434,7 +436,10 @@ def test_a_real_prometheus_scraping_tritonserver_answers_the_dashboard_and_alert
         rules = {
             (r["alert"], r["labels"].get("model")): r["expr"]
             for r in promql.alert_group(
-                "tritonkit", (*facts.models, "not_served"), facts.steps, p99_ms=0, error_ratio_limit=0.01
+                "tritonkit",
+                (*facts.models, "not_served"),
+                facts.steps,
+                promql.AlertThresholds(p99_ms=0, error_ratio=0.01, queue_ms=60_000),
             )["rules"]
         }
         assert {r["metric"]["model"] for r in query(url, rules["TritonkitP99LatencyHigh", None])} == {
@@ -444,6 +449,9 @@ def test_a_real_prometheus_scraping_tritonserver_answers_the_dashboard_and_alert
         firing = {r["metric"]["model"] for r in query(url, rules["TritonkitErrorRatioHigh", None])}
         assert firing == {"clip_image"}  # the PDFs; clip_text has no failures
         assert not query(url, rules["TritonkitReplicaDown", None])
+        assert not query(url, rules["TritonkitQueueTimeHigh", None])  # a minute per request: never here
+        waits = {r["metric"]["model"]: float(r["value"][1]) for r in query(url, promql.queue_ms_per_request())}
+        assert {"clip_image_encoder", "clip_text_encoder"} <= set(waits) and all(np.isfinite(list(waits.values())))
         assert not query(url, rules["TritonkitModelNotReady", "clip_image"])
         assert query(url, rules["TritonkitModelNotReady", "not_served"])
         adapter = promql.adapter_values()["rules"]["custom"][0]["metricsQuery"]

@@ -854,18 +854,23 @@ def test_requests_still_running_when_the_grace_period_ends_get_a_clear_error(gat
     from tritonkit.gateway import spawn_gateway
 
     process, base = spawn_gateway(gateway[1], "--grace-seconds", "1")
-    body = {"model": "llava", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 256, "n": 4}
+    body = {
+        "model": "llava",
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": 256,
+        "n": 4,
+    }
     streaming, answers = threading.Event(), {}
 
     def stream() -> None:
-        with httpx.Client(timeout=60) as client:
-            with client.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}) as answer:
-                lines = []
-                for line in answer.iter_lines():
-                    lines.append(line)
-                    if '"content"' in line and '"content": ""' not in line:
-                        streaming.set()
-                answers["stream"] = (answer.status_code, lines)
+        url, streamed = f"{base}/v1/chat/completions", {**body, "stream": True}
+        with httpx.Client(timeout=60) as client, client.stream("POST", url, json=streamed) as answer:
+            lines = []
+            for line in answer.iter_lines():
+                lines.append(line)
+                if '"content"' in line and '"content": ""' not in line:
+                    streaming.set()
+            answers["stream"] = (answer.status_code, lines)
 
     def whole(k: int) -> None:
         answers[k] = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)

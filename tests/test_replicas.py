@@ -1,6 +1,7 @@
 """Two replicas behind a real haproxy with a real Redis (tritonkit.replicas): a rolling restart, a
 replica killed with SIGKILL and a Redis outage, under a steady mixed load of raw HTTP requests
-(embeddings, chat, streamed chat) that are never retried by the client."""
+(embeddings, chat, streamed chat) that are never retried by the client; a real Prometheus with the
+generated alert rules sees the killed replica and a replica's growing queue."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.test_openai_gateway import metric_value
-from tritonkit.replicas import ReplicaSet, summary
+from tritonkit.promql import AlertThresholds
+from tritonkit.replicas import ReplicaSet, metric_sum, summary
 from tritonkit.server import free_port
 
 pytestmark = pytest.mark.server
@@ -65,14 +67,25 @@ def test_replicas_lose_no_request_through_a_rolling_restart_a_killed_replica_and
     from tritonkit.replicas import MixedLoad
 
     repository, kinds = mixed_repository
-    with ReplicaSet(repository, replicas=2, workdir=tmp_path / "replicas") as replicas:
+    # the generated rules, their `for` shortened to 2 s; the queue alert at 4 ms per request (the
+    # tiny CLIP's text requests wait ~8 ms on average under 24 concurrent ones, ~1 ms under 3)
+    alerts = AlertThresholds(queue_ms=4)
+    with ReplicaSet(repository, 2, tmp_path / "replicas", alerts=alerts, alert_for_s=2) as replicas:
+        began = time.monotonic()
         # the cache is shared: what replica A computed is a hit through replica B
         first, second = (replicas.running[i].slot.gateway_url for i in sorted(replicas.running))
         hits = "tritonkit_gateway_embedding_cache_hits_total"
-        before = metric_value(second, hits)
+        before = metric_sum(f"{second}/metrics", hits)
         assert embed(first, "computed by the first replica") == 200
         assert embed(second, "computed by the first replica") == 200
-        assert metric_value(second, hits) == before + 1
+        assert metric_sum(f"{second}/metrics", hits) == before + 1
+
+        # a burst at replica A alone: its queue grows, and the queue alert names it
+        with ThreadPoolExecutor(24) as pool:
+            assert set(pool.map(lambda k: embed(first, f"burst {k}"), range(600))) == {200}
+        prometheus = replicas.prometheus
+        queued = prometheus.wait_firing("TritonkitQueueTimeHigh", 30)
+        assert queued["instance"] == f"127.0.0.1:{replicas.running[min(replicas.running)].slot.metrics}", queued
 
         load = MixedLoad(replicas.url, clients=3).start()
         assert set(load.kinds) == kinds
@@ -82,24 +95,22 @@ def test_replicas_lose_no_request_through_a_rolling_restart_a_killed_replica_and
         killed = time.monotonic()
         victim = min(replicas.running)
         replicas.kill(victim)  # a lost node: nothing drained
-        time.sleep(5)
+        prometheus.wait_firing("TritonkitReplicaDown", 30, pod=f"replica{victim}")
         outage = time.monotonic()
-        errors_before = sum(
-            metric_value(r.slot.gateway_url, "tritonkit_gateway_embedding_cache_errors_total")
-            for r in replicas.running.values()
-        )
+        errors = "tritonkit_gateway_embedding_cache_errors_total"
+        errors_before = replicas.gateway_total(errors)
         replicas.stop_cache()
         time.sleep(4)
         replicas.start_cache()
         time.sleep(4)
-        survivors = list(replicas.running.values())
-        errors_after = sum(
-            metric_value(r.slot.gateway_url, "tritonkit_gateway_embedding_cache_errors_total") for r in survivors
-        )
-        hits_before = sum(metric_value(r.slot.gateway_url, hits) for r in survivors)
+        errors_after = replicas.gateway_total(errors)
+        hits_before = replicas.gateway_total(hits)
         time.sleep(3)
-        hits_after = sum(metric_value(r.slot.gateway_url, hits) for r in survivors)
+        hits_after = replicas.gateway_total(hits)
         outcomes = load.stop()
+        # replicas that were terminated left the targets: only the lost one was ever down
+        down = {a["pod"] for a in prometheus.fired(began) if a["alertname"] == "TritonkitReplicaDown"}
+        assert down == {f"replica{victim}"}
 
     steady, restarted = summary(outcomes, 0, rolling), summary(outcomes, rolling, killed)
     assert steady["failed"] == 0 and restarted["failed"] == 0, (steady, restarted)

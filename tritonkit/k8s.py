@@ -20,7 +20,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonkit import promql
 from tritonkit.errors import InputError
 from tritonkit.repository import read_repository
-from tritonkit.termination import DRAIN_S, EXIT_TIMEOUT_S, GATEWAY_GRACE_S, TERMINATION_GRACE_S, TRITON_PRESTOP_S
+from tritonkit.termination import (
+    DRAIN_S,
+    EXIT_TIMEOUT_S,
+    GATEWAY_GRACE_S,
+    READINESS_FAILURES,
+    READINESS_PERIOD_S,
+    TERMINATION_GRACE_S,
+    TRITON_PRESTOP_S,
+)
 from tritonkit.triton_config import instance_count
 
 # NGC release 24.10 ships tritonserver 2.51, the version tritonkit is tested against.
@@ -51,8 +59,9 @@ class K8sOptions:
     host: str | None = None  # Ingress host; None: any host
     tls_secret: str | None = None
     target_queue_ms: float = 50.0  # the autoscaler's target: average queue time per request
-    p99_alert_ms: float = 1000.0
-    error_ratio_alert: float = 0.05
+    p99_alert_ms: float = promql.AlertThresholds.p99_ms
+    error_ratio_alert: float = promql.AlertThresholds.error_ratio
+    queue_alert_ms: float = promql.AlertThresholds.queue_ms
     cache_mb: int = 256
     openai_port: int | None = None  # the OpenAI gateway as a second container of the pod
     openai_cache_url: str | None = None  # the gateway's Redis embedding cache (an existing Redis)
@@ -71,7 +80,11 @@ class K8sOptions:
             raise InputError(
                 f"--model-store {self.model_store!r}: use 'pvc' or a URL starting with {', '.join(OBJECT_STORES)}"
             )
-        for what, value in (("--target-queue-ms", self.target_queue_ms), ("--p99-alert-ms", self.p99_alert_ms)):
+        for what, value in (
+            ("--target-queue-ms", self.target_queue_ms),
+            ("--p99-alert-ms", self.p99_alert_ms),
+            ("--queue-alert-ms", self.queue_alert_ms),
+        ):
             if value <= 0:
                 raise InputError(f"{what} must be > 0, got {value}")
         if not 0 < self.error_ratio_alert < 1:
@@ -87,6 +100,10 @@ class K8sOptions:
                 "--openai-redis deploys a Redis for the cache; leave out --openai-cache-url (or the other)"
             )
         return self
+
+    @property
+    def alert_thresholds(self) -> promql.AlertThresholds:
+        return promql.AlertThresholds(self.p99_alert_ms, self.error_ratio_alert, self.queue_alert_ms)
 
     @property
     def cache_url(self) -> str | None:
@@ -309,7 +326,11 @@ def gateway_container(options: K8sOptions) -> dict:
         ],
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-        "readinessProbe": {"httpGet": {"path": "/health", "port": "openai"}, "periodSeconds": 5, "failureThreshold": 3},
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": "openai"},
+            "periodSeconds": READINESS_PERIOD_S,
+            "failureThreshold": READINESS_FAILURES,
+        },
         "livenessProbe": {"tcpSocket": {"port": "openai"}, "periodSeconds": 10, "failureThreshold": 3},
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -468,13 +489,7 @@ def prometheus_rule(options: K8sOptions, facts: RepositoryFacts) -> dict:
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
         "metadata": _metadata(options),
-        "spec": {
-            "groups": [
-                promql.alert_group(
-                    options.name, facts.models, facts.steps, options.p99_alert_ms, options.error_ratio_alert
-                )
-            ]
-        },
+        "spec": {"groups": [promql.alert_group(options.name, facts.models, facts.steps, options.alert_thresholds)]},
     }
 
 

@@ -11,6 +11,7 @@ where it is used, so a test can parse each with a real PromQL parser.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from tritonkit import model_metrics
 
@@ -38,7 +39,22 @@ def error_ratio(selector: str) -> str:
     return f"{failures} / clamp_min({failures} + {successes}, 1e-9)"
 
 
-def alert_group(name: str, models, steps: dict[str, tuple[str, ...]], p99_ms: float, error_ratio_limit: float) -> dict:
+@dataclass(frozen=True)
+class AlertThresholds:
+    p99_ms: float = 1000.0  # an ensemble's p99 latency (the sum of its steps')
+    error_ratio: float = 0.05  # the share of an ensemble's requests that fail
+    queue_ms: float = 200.0  # a model's mean queue time per request on one replica (4x the autoscaler's target)
+
+
+def queue_ms_per_request(window: str = RATE_WINDOW) -> str:
+    """Per replica (label `instance`) and model: the mean time a request waited in its queue, ms."""
+    waited = f"sum by (instance, model) (rate(nv_inference_queue_duration_us[{window}]))"
+    answered = f"sum by (instance, model) (rate(nv_inference_request_success[{window}]))"
+    return f"{waited} / clamp_min({answered}, 1e-9) / 1000"
+
+
+def alert_group(name: str, models, steps: dict[str, tuple[str, ...]], thresholds: AlertThresholds) -> dict:
+    p99_ms, error_ratio_limit = thresholds.p99_ms, thresholds.error_ratio
     ensemble_selector = f'model=~"{_any(steps)}"'
     rules = [
         {
@@ -64,10 +80,25 @@ def alert_group(name: str, models, steps: dict[str, tuple[str, ...]], p99_ms: fl
         },
         {
             "alert": "TritonkitReplicaDown",
-            "expr": f'up{{job="{name}"}} == 0',
+            # down now after having been up: a pod still loading its models (minutes, under its
+            # startupProbe) is not down; one lost or crashed is
+            "expr": f'up{{job="{name}"}} == 0 and on (instance) max_over_time(up{{job="{name}"}}[15m]) == 1',
             "for": "2m",
             "labels": {"severity": "warning"},
             "annotations": {"summary": "tritonserver {{ $labels.pod }} does not answer /metrics"},
+        },
+        {
+            "alert": "TritonkitQueueTimeHigh",
+            "expr": f"{queue_ms_per_request()} > {thresholds.queue_ms:g}",
+            "for": "5m",
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": '{{ $labels.model }} on {{ $labels.instance }}: requests wait {{ $value | printf "%.0f" }} ms '
+                "in its queue",
+                "description": f"Above {thresholds.queue_ms:g} ms per request for 5 minutes: more arrives than the "
+                "replicas answer and the autoscaler has not caught up (at --max-replicas, or pods pending). "
+                "Add replicas or model instances.",
+            },
         },
     ]
     for model in models:  # a model's series exist only while some replica has it loaded
@@ -212,7 +243,7 @@ def expressions(name: str, models, steps: dict[str, tuple[str, ...]]) -> list[tu
     """(where, PromQL) for every expression a deployment uses."""
     found = [
         (f"alert {r['alert']} {r.get('labels', {}).get('model', '')}".strip(), r["expr"])
-        for r in alert_group(name, models, steps, 1000, 0.05)["rules"]
+        for r in alert_group(name, models, steps, AlertThresholds())["rules"]
     ]
     found += [(f"dashboard: {title}", expr) for title, expr, _, _ in dashboard_panels(models, steps)]
     found += [

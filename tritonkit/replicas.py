@@ -6,8 +6,10 @@ its health checks (a Service with readiness gating), and one Redis as their shar
 
 The faults a pod's life brings are methods: `rolling_restart` (maxSurge 1, maxUnavailable 0: the
 new replica first, ready, then the old one terminated), `kill` (a lost node: SIGKILL, no drain),
-`start`/`terminate` one replica, `stop_cache`/`start_cache`. `scripts/replicas.py` drives them under
-load and writes the figures; tests/test_replicas.py checks that no request is lost.
+`start`/`terminate` one replica, `stop_cache`/`start_cache`. A real Prometheus scrapes every
+replica's tritonserver with the alert rules `tritonkit k8s` generates for the repository
+(`Prometheus`), so a test sees them fire on the real series. `scripts/replicas.py` drives the faults
+under load and writes the figures; tests/test_replicas.py checks that no request is lost.
 """
 
 from __future__ import annotations
@@ -23,11 +25,19 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tritonkit import promql
 from tritonkit.errors import TritonkitError
 from tritonkit.server import free_port
-from tritonkit.termination import DRAIN_S, GATEWAY_GRACE_S, TERMINATION_GRACE_S, TRITON_PRESTOP_S
+from tritonkit.termination import (
+    DRAIN_S,
+    GATEWAY_GRACE_S,
+    READINESS_FAILURES,
+    READINESS_PERIOD_S,
+    TERMINATION_GRACE_S,
+    TRITON_PRESTOP_S,
+)
 
-HEALTH_INTERVAL_MS = 1000  # haproxy's checks: down after one failure, up after two passes
+DEFAULT_ALERTS = promql.AlertThresholds()
 READY_TIMEOUT_S = 600  # a replica loading every model on a busy 2-core machine
 
 
@@ -100,12 +110,27 @@ class ReplicaSet:
     """`replicas` replicas of `repository` behind haproxy with a shared Redis; a context manager
     that stops everything on exit. One slot more than the replicas is the rolling update's surge."""
 
-    def __init__(self, repository: Path, replicas: int = 2, workdir: Path | None = None, log=print):
+    def __init__(
+        self,
+        repository: Path,
+        replicas: int = 2,
+        workdir: Path | None = None,
+        log=print,
+        alerts: promql.AlertThresholds | None = DEFAULT_ALERTS,
+        alert_for_s: float | None = None,
+    ):
+        """`alerts`: the thresholds of the generated alert rules a Prometheus evaluates on the
+        replicas (None: no Prometheus); `alert_for_s`: their `for` shortened to this (None: as
+        generated, minutes), so that a short run sees them fire."""
         self.repository = Path(repository)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tritonkit-replicas-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.slots = [Slot(i) for i in range(replicas + 1)]
         self.running: dict[int, Replica] = {}
+        self.lost: set[int] = set()  # killed and not replaced: a pod on a lost node stays a scrape target
+        self.prometheus = (
+            None if alerts is None else Prometheus(self.workdir / "prometheus", self.repository, alerts, alert_for_s)
+        )
         self.redis_port, self.balancer_port = free_port(), free_port()
         self.redis: subprocess.Popen | None = None
         self.balancer: subprocess.Popen | None = None
@@ -125,6 +150,8 @@ class ReplicaSet:
         try:
             self.start_cache()
             self._start_balancer()
+            if self.prometheus is not None:
+                self.prometheus.start()
             for slot in self.slots[:-1]:
                 self.start(slot.index, wait=False)
             self.wait_ready(list(self.running))
@@ -144,6 +171,13 @@ class ReplicaSet:
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+        if self.prometheus is not None:
+            self.prometheus.close()
+
+    def _scraped(self) -> None:
+        if self.prometheus is not None:
+            slots = {i: self.slots[i] for i in (*self.running, *self.lost)}
+            self.prometheus.scrape(slots)
 
     # -- replicas ---------------------------------------------------------------------------
     def start(self, index: int, wait: bool = True) -> Replica:
@@ -195,6 +229,8 @@ class ReplicaSet:
         )
         replica = Replica(slot, server, gateway)
         self.running[index] = replica
+        self.lost.discard(index)
+        self._scraped()
         self.log(f"replica {index}: starting (gateway :{slot.openai}, grpc :{slot.grpc})")
         if wait:
             self.wait_ready([index])
@@ -215,16 +251,18 @@ class ReplicaSet:
             if time.monotonic() > deadline:
                 raise TritonkitError(f"replicas {sorted(waiting)} not ready within {timeout:.0f} s")
             time.sleep(0.5)
-        time.sleep(2 * HEALTH_INTERVAL_MS / 1000 + 0.5)  # the balancer's `rise 2`
+        time.sleep(READINESS_PERIOD_S + 0.5)  # the balancer's next check
 
     def terminate(self, index: int) -> float:
         replica = self.running.pop(index)
+        self._scraped()  # a deleted pod leaves the Service's endpoints, and so Prometheus' targets
         seconds = replica.terminate()
         self.log(f"replica {index}: terminated in {seconds:.1f} s")
         return seconds
 
     def kill(self, index: int) -> None:
         self.running.pop(index).kill()
+        self.lost.add(index)
         self.log(f"replica {index}: killed")
 
     def rolling_restart(self) -> None:
@@ -234,6 +272,11 @@ class ReplicaSet:
             free = next(s.index for s in self.slots if s.index not in self.running)
             self.start(free)
             self.terminate(index)
+
+    def gateway_total(self, name: str) -> float:
+        """A gateway metric's samples (`name` as exported, e.g. `..._total`) summed over the running
+        replicas."""
+        return sum(metric_sum(f"{r.slot.gateway_url}/metrics", name) for r in self.running.values())
 
     # -- the shared cache -------------------------------------------------------------------
     def start_cache(self) -> None:
@@ -262,14 +305,146 @@ class ReplicaSet:
         _wait_for_port(self.balancer_port, 30, "haproxy")
 
 
+class Prometheus:
+    """A real Prometheus scraping the replicas' tritonserver metrics every second, job `tritonkit`
+    (the manifests' ServiceMonitor's), one target per pod labelled `pod`, with the alert rules
+    `tritonkit k8s` writes for the repository loaded and evaluated every second."""
+
+    JOB = "tritonkit"
+
+    def __init__(
+        self, workdir: Path, repository: Path, thresholds: promql.AlertThresholds, alert_for_s: float | None = None
+    ):
+        import shutil
+
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise TritonkitError("prometheus is not installed: apt-get install prometheus (or pass alerts=None)")
+        self.binary = binary
+        self.workdir = Path(workdir)
+        self.repository = repository
+        self.thresholds = thresholds
+        self.alert_for_s = alert_for_s
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rules(self) -> dict:
+        from tritonkit.k8s import RepositoryFacts
+
+        facts = RepositoryFacts.read(self.repository)
+        group = promql.alert_group(self.JOB, facts.models, facts.steps, self.thresholds)
+        if self.alert_for_s is not None:
+            for rule in group["rules"]:
+                rule["for"] = f"{self.alert_for_s:g}s"
+        return {"groups": [group]}
+
+    def start(self) -> None:
+        import yaml
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "rules.yaml").write_text(yaml.safe_dump(self.rules(), sort_keys=False))
+        self.scrape({})
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(self.workdir / "rules.yaml")],
+            "scrape_configs": [
+                {
+                    "job_name": self.JOB,
+                    "file_sd_configs": [{"files": [str(self.workdir / "targets.json")], "refresh_interval": "1s"}],
+                }
+            ],
+        }
+        (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                f"--config.file={self.workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=(self.workdir / "prometheus.out").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        _wait_for_port(self.port, 60, "prometheus")
+
+    def scrape(self, slots: dict[int, Slot]) -> None:
+        """Scrape exactly these replicas' tritonservers (written atomically; Prometheus watches the file)."""
+        import json
+
+        targets = [
+            {"targets": [f"127.0.0.1:{slot.metrics}"], "labels": {"pod": f"replica{index}"}}
+            for index, slot in sorted(slots.items())
+        ]
+        staged = self.workdir / "targets.json.tmp"
+        staged.write_text(json.dumps(targets))
+        staged.replace(self.workdir / "targets.json")
+
+    def query(self, expr: str) -> list[dict]:
+        import json
+        import urllib.parse
+
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return json.loads(answer.read())["data"]["result"]
+
+    def firing(self) -> list[dict]:
+        """The labels of the alerts firing now (the alerts API)."""
+        import json
+
+        with urllib.request.urlopen(f"{self.url}/api/v1/alerts", timeout=10) as answer:
+            alerts = json.loads(answer.read())["data"]["alerts"]
+        return [a["labels"] for a in alerts if a["state"] == "firing"]
+
+    def fired(self, since: float) -> list[dict]:
+        """The labels of every alert that fired since `since` (time.monotonic()), from the ALERTS series."""
+        seconds = max(1, int(time.monotonic() - since) + 1)
+        found = self.query(f'max_over_time(ALERTS{{alertstate="firing"}}[{seconds}s])')
+        return [{k: v for k, v in r["metric"].items() if k not in ("__name__", "alertstate")} for r in found]
+
+    def wait_firing(self, alertname: str, timeout: float, **labels: str) -> dict:
+        """The first firing alert `alertname` whose labels include `labels`, within `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for alert in self.firing():
+                if alert.get("alertname") == alertname and all(alert.get(k) == v for k, v in labels.items()):
+                    return alert
+            time.sleep(0.5)
+        raise TritonkitError(f"{alertname} {labels} did not fire within {timeout:g} s (firing: {self.firing()})")
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def metric_sum(url: str, name: str) -> float:
+    """The sum of the samples named `name` at a Prometheus /metrics URL (0 if it has none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
 def haproxy_config(port: int, gateway_ports: list[int]) -> str:
     """haproxy in front of the gateways as a Service with readiness gating routes: only to those
     whose /health passes; a connection refused or closed before an answer is tried on another
     replica (the request never reached a model)."""
-    servers = "\n".join(
-        f"    server replica{i} 127.0.0.1:{p} check inter {HEALTH_INTERVAL_MS} fall 1 rise 2"
-        for i, p in enumerate(gateway_ports)
-    )
+    check = f"check inter {READINESS_PERIOD_S * 1000} fall {READINESS_FAILURES} rise 1"
+    servers = "\n".join(f"    server replica{i} 127.0.0.1:{p} {check}" for i, p in enumerate(gateway_ports))
     return f"""global
     maxconn 4096
 

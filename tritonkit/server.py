@@ -208,7 +208,10 @@ def exit_description(code: int) -> str:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on it: nothing listens there (connections a stopped server left
+    in TIME_WAIT, such as a scraper's, do not count: servers bind with SO_REUSEADDR)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -273,6 +276,7 @@ class TritonServer:
             "--strict-readiness=true",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             f"--log-verbose={self.log_verbose}",
+            "--metrics-config=summary_latencies=true",  # p50/p99 per model, as the manifests' pods export
         ]
         if installation.backend_source is not None:
             args.append(f"--backend-directory={_python_backend_dir(installation, workdir)}")

@@ -13,7 +13,11 @@ tritonserver plus the OpenAI gateway beside it; the gateway is what the balancer
    inferences it holds.
 """
 
-DRAIN_S = 5  # > the balancer's detection: haproxy checks every 1 s; kube-proxy endpoints lag a few seconds
+# The balancer's check of the gateway's /health (the gateway container's readinessProbe; haproxy's
+# `check inter fall` in tritonkit.replicas): a draining replica is out after PERIOD x FAILURES.
+READINESS_PERIOD_S = 1
+READINESS_FAILURES = 1
+DRAIN_S = 5  # > that detection, and kube-proxy's endpoint updates lag a few seconds more
 GATEWAY_GRACE_S = 30
 TRITON_PRESTOP_S = DRAIN_S + 2
 EXIT_TIMEOUT_S = 30  # tritonserver --exit-timeout-secs

@@ -100,6 +100,9 @@ def k8s(
     error_ratio_alert: Annotated[
         float, typer.Option(help="Alert when this share of an ensemble's requests fails.")
     ] = 0.05,
+    queue_alert_ms: Annotated[
+        float, typer.Option(help="Alert when a model's requests wait this long in its queue on a replica, ms.")
+    ] = 200.0,
     openai_port: Annotated[
         int | None, typer.Option(help="Add the OpenAI gateway to each pod on this port (Ingress route /v1).")
     ] = None,
@@ -130,6 +133,7 @@ def k8s(
         target_queue_ms=target_queue_ms,
         p99_alert_ms=p99_alert_ms,
         error_ratio_alert=error_ratio_alert,
+        queue_alert_ms=queue_alert_ms,
         openai_port=openai_port,
         openai_cache_url=openai_cache_url,
         openai_redis=openai_redis,
