@@ -50,6 +50,8 @@ def main() -> None:
 
     phases: list[tuple[str, float, float, str]] = []
     with ReplicaSet(args.repository, replicas=args.replicas, alert_for_s=args.alert_for) as replicas:
+        prometheus = replicas.prometheus
+        assert prometheus is not None  # the default thresholds start one
         load = MixedLoad(replicas.url, clients=args.clients).start()
         rest = args.duration / 5
 
@@ -57,9 +59,7 @@ def main() -> None:
             began = time.monotonic()
             action()
             time.sleep(rest)
-            fired = sorted(
-                {f"{a['alertname']}({a.get('pod') or a.get('model', '')})" for a in replicas.prometheus.fired(began)}
-            )
+            fired = sorted({f"{a['alertname']}({a.get('pod') or a.get('model', '')})" for a in prometheus.fired(began)})
             phases.append((name, began, time.monotonic(), ", ".join(fired) or "-"))
             print(f"{name}: {json.dumps(summary(load.outcomes, began))}", flush=True)
 
