@@ -273,6 +273,14 @@ def family_repository(request, embedding_repositories):
 
 
 @pytest.fixture(scope="session")
+def speaker_repository(tmp_path_factory) -> Path:
+    """The speaker family with resemblyzer's trained encoder (its package ships the weights)."""
+    out = tmp_path_factory.mktemp("speaker_repo") / "model_repository"
+    build("speaker", "resemblyzer", out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_dir(tiny_model_dir) -> Path:
     return tiny_model_dir("clip")
 

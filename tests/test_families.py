@@ -18,6 +18,7 @@ FAMILY_ROWS = {
     "qwen2vl": {"chat", "chat_stream", "chat_text", "chat_text_stream"},
     "qwen2_5vl": {"chat", "chat_stream", "chat_text", "chat_text_stream"},
     "siglip": {"image", "text"},
+    "speaker": {"audio"},
     "whisper": {"", "stream"},
 }
 

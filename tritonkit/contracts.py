@@ -1,4 +1,5 @@
-"""The three contracts a tritonkit repository serves: embeddings, transcription and chat.
+"""The contracts a tritonkit repository serves: embeddings (of images and texts, or of voices),
+transcription and chat.
 
 A contract is what a client may rely on whatever family built the repository: the tensors its
 ensembles take and give (name, dtype, shape per request row, which inputs may be left out) and the
@@ -22,6 +23,7 @@ from tritonkit.triton_config import Tensor
 # Embeddings: an image or a text in, one vector out (its length is the model's).
 IMAGE, TEXT = "IMAGE", "TEXT"
 IMAGE_EMBEDS, TEXT_EMBEDS = "IMAGE_EMBEDS", "TEXT_EMBEDS"
+AUDIO_EMBEDS = "AUDIO_EMBEDS"  # a speaker embedding of an audio file (AUDIO in)
 # Transcription: an audio file in, its text, tokens and language out; segments and words when asked.
 AUDIO = "AUDIO"
 LANGUAGE, TASK, MAX_NEW_TOKENS = "LANGUAGE", "TASK", "MAX_NEW_TOKENS"
@@ -59,6 +61,7 @@ TENSORS: dict[str, Tensor] = {
         Tensor(IMAGE_EMBEDS, "float32", (-1,)),
         Tensor(TEXT_EMBEDS, "float32", (-1,)),
         Tensor(AUDIO, "uint8", (-1,), ragged=True),
+        Tensor(AUDIO_EMBEDS, "float32", (-1,)),
         _option(LANGUAGE, "string"),
         _option(TASK, "string"),
         _option(MAX_NEW_TOKENS, "int32"),
@@ -231,7 +234,14 @@ CHAT = Contract(
         Role("chat", "_chat", needs=_TURN | {IMAGE}, gives=frozenset({TEXT})),
     ),
 )
-CONTRACTS = (EMBEDDINGS, TRANSCRIPTION, CHAT)
+# Who is speaking: an audio file in, its speaker's embedding out (OpenAI's embeddings endpoint).
+SPEAKER_EMBEDDINGS = Contract(
+    "embeddings",
+    inputs=(AUDIO,),
+    outputs=(AUDIO_EMBEDS,),
+    roles=(Role("audio", "_audio", needs=frozenset({AUDIO}), gives=frozenset({AUDIO_EMBEDS}), only=True),),
+)
+CONTRACTS = (EMBEDDINGS, SPEAKER_EMBEDDINGS, TRANSCRIPTION, CHAT)
 
 
 def request_row(name: str, value: object) -> np.ndarray:

@@ -93,4 +93,5 @@ REJECT_REASONS = (
     "decompression_bomb",
     "bad_text",
     "bad_option",
+    "no_voice",  # audio that holds no voice to embed (speaker embeddings)
 )

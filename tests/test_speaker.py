@@ -1,0 +1,152 @@
+"""The speaker family: resemblyzer's trained GE2E encoder, exported and served (NAME_audio).
+
+The reference is the package itself: `resemblyzer.preprocess_wav` and `VoiceEncoder.embed_utterance`
+on the same files. Voices: espeak-ng's, several of them, as WAV at 22.05 kHz and as stereo FLAC at
+44.1 kHz."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import start_server
+from tritonkit.client import TritonkitClient, pack_byte_rows
+from tritonkit.errors import InferenceError
+from tritonkit.samples import SENTENCES
+
+# (espeak-ng voice, speed): different speakers for the encoder
+VOICES = [("en-us", "150"), ("en+f3", "160"), ("en-gb-x-rp+m7", "140")]
+
+
+def voice_clip(text: str, voice: tuple[str, str], path: Path) -> bytes:
+    subprocess.run(["espeak-ng", "-v", voice[0], "-s", voice[1], "-w", str(path), text], check=True)
+    return path.read_bytes()
+
+
+def stereo_flac(wav: bytes) -> bytes:
+    """The same speech as 44.1 kHz stereo FLAC (resampled and downmixed by the server)."""
+    import soundfile
+    import soxr
+
+    samples, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
+    resampled = soxr.resample(samples, rate, 44100)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.stack([resampled, 0.5 * resampled], axis=1), 44100, format="FLAC")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[tuple[int, int], bytes]:
+    """(voice, sentence) -> WAV bytes."""
+    folder = tmp_path_factory.mktemp("voices")
+    return {
+        (v, s): voice_clip(SENTENCES[s] + " " + SENTENCES[s + 1], VOICES[v], folder / f"{v}_{s}.wav")
+        for v in range(len(VOICES))
+        for s in (0, 2, 4)
+    }
+
+
+@pytest.fixture(scope="module")
+def package_embedding():
+    from resemblyzer import VoiceEncoder, preprocess_wav
+
+    encoder = VoiceEncoder(device="cpu", verbose=False)
+
+    def embed(data: bytes, suffix: str = ".wav") -> np.ndarray:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=suffix) as file:
+            file.write(data)
+            file.flush()
+            return encoder.embed_utterance(preprocess_wav(file.name))
+
+    return embed
+
+
+@pytest.fixture(scope="module")
+def speaker_server(speaker_repository):
+    server = start_server(speaker_repository)
+    yield server
+    server.stop()
+
+
+def served(server, files: list[bytes]) -> list[np.ndarray | InferenceError]:
+    """One request per file, all at once (the stage batches them)."""
+
+    def one(data: bytes):
+        try:
+            with TritonkitClient(server.grpc_url) as client:
+                return client.infer("speaker_audio", {"AUDIO": pack_byte_rows([data])})["AUDIO_EMBEDS"][0]
+        except InferenceError as exc:
+            return exc
+
+    with ThreadPoolExecutor(len(files)) as pool:
+        return list(pool.map(one, files))
+
+
+def test_preprocessing_is_resemblyzers_step_for_step(clips):
+    from resemblyzer import VoiceEncoder, audio, preprocess_wav
+
+    from tritonkit.preprocessing import voice
+    from tritonkit.preprocessing.audio import AudioRecipe, decode_audio
+
+    data = clips[1, 2]
+    path = Path("/tmp") / "tritonkit-voice-check.wav"
+    path.write_bytes(data)
+    reference = preprocess_wav(path)
+    ours = voice.preprocess(decode_audio(data, AudioRecipe()))
+    assert len(ours) == len(reference) and np.abs(ours - reference).max() < 1e-6
+    mel = voice.mel_spectrogram(reference, voice.mel_filters())
+    expected = audio.wav_to_mel_spectrogram(reference)
+    assert mel.shape == expected.shape and np.abs(mel - expected).max() <= 1e-5 * expected.max()
+    encoder = VoiceEncoder(device="cpu", verbose=False)
+    for samples in (1, 16000, 25600, 26000, 41000, 48000, len(reference)):
+        _, slices = encoder.compute_partial_slices(samples, 1.3, 0.75)
+        assert [(s.start, s.stop) for s in slices] == voice.partial_slices(samples, voice.VoiceRecipe()), samples
+
+
+@pytest.mark.server
+def test_served_embeddings_equal_the_packages_and_tell_voices_apart(speaker_server, clips, package_embedding):
+    keys = sorted(clips)
+    files = [clips[k] for k in keys] + [stereo_flac(clips[keys[0]])]
+    answers = served(speaker_server, files)
+    for key, answer in zip(keys, answers):
+        assert not isinstance(answer, Exception), (key, answer)
+        reference = package_embedding(clips[key])
+        assert answer.shape == (256,) and abs(float(np.linalg.norm(answer)) - 1) < 1e-5
+        assert float(answer @ reference) >= 0.9999, key
+    flac = answers[-1]
+    assert float(flac @ package_embedding(files[-1], ".flac")) >= 0.9999
+    # the same voice's sentences are closer to each other than to any other voice's
+    embeds = dict(zip(keys, answers))
+    for v in range(len(VOICES)):
+        same = min(float(embeds[v, a] @ embeds[v, b]) for a in (0, 2, 4) for b in (0, 2, 4) if a < b)
+        other = max(
+            float(embeds[v, a] @ embeds[w, b]) for a in (0, 2, 4) for b in (0, 2, 4) for w in range(3) if w != v
+        )
+        assert same > other, (v, same, other)
+
+
+@pytest.mark.server
+def test_bad_audio_fails_alone_with_its_own_message(speaker_server, clips, package_embedding):
+    import soundfile
+
+    silent = io.BytesIO()
+    soundfile.write(silent, np.zeros(32000, dtype=np.float32), 16000, format="WAV")
+    hum = io.BytesIO()  # a quiet 50 Hz hum: sound, but no voice
+    soundfile.write(
+        hum, 0.01 * np.sin(np.arange(48000) * 2 * np.pi * 50 / 16000).astype(np.float32), 16000, format="WAV"
+    )
+    good = clips[0, 0]
+    answers = served(speaker_server, [good, b"%PDF-1.4 not audio", silent.getvalue(), b"", good, hum.getvalue()])
+    assert float(answers[0] @ package_embedding(good)) >= 0.9999
+    assert float(answers[4] @ answers[0]) >= 0.99999
+    assert "AUDIO: not a decodable audio file" in str(answers[1])
+    assert "AUDIO: every sample is zero: there is no voice to embed" in str(answers[2])
+    assert "AUDIO: " in str(answers[3])
+    assert "AUDIO: no voice found (webrtcvad): nothing to embed" in str(answers[5]), answers[5]
