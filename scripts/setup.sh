@@ -42,3 +42,7 @@ fi
 # Only for the real OpenAI CLIP BPE merges file of the tiny test/demo model; its dependencies
 # (torchvision among them) are not needed and would replace the CPU torch build.
 python -m pip install --quiet --no-deps open_clip_torch
+# resemblyzer's trained speaker encoder (Apache-2.0): `tritonkit build speaker --model resemblyzer`
+# reads its weights; the tests compare with the package itself. Its own requirement `webrtcvad`
+# needs a C compiler; tritonkit depends on webrtcvad-wheels, which provides the same module.
+python -m pip install --quiet --no-deps "resemblyzer==0.1.4"

@@ -150,3 +150,33 @@ def test_bad_audio_fails_alone_with_its_own_message(speaker_server, clips, packa
     assert "AUDIO: every sample is zero: there is no voice to embed" in str(answers[2])
     assert "AUDIO: " in str(answers[3])
     assert "AUDIO: no voice found (webrtcvad): nothing to embed" in str(answers[5]), answers[5]
+
+
+@pytest.mark.server
+def test_the_gateway_embeds_audio_data_urls_with_the_speaker_model(speaker_server, clips):
+    """/v1/embeddings through the official SDK: audio inputs as data URLs (data:audio/...) or with
+    `"modality": "audio"`; the vectors are the ensemble's; a text input is a 400 naming it."""
+    import base64
+
+    import openai
+
+    from tests.test_openai_gateway import standalone_gateway
+
+    wav = clips[2, 4]
+    url = "data:audio/wav;base64," + base64.b64encode(wav).decode()
+    (want,) = served(speaker_server, [wav])
+    with standalone_gateway(speaker_server.grpc_url) as base:
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in sdk.models.list().data] == ["speaker"]
+        answer = sdk.embeddings.create(model="speaker", input=[url, url])
+        assert len(answer.data) == 2 and answer.usage.prompt_tokens == 0
+        for item in answer.data:
+            assert np.allclose(item.embedding, want, atol=1e-6)
+        raw = sdk.embeddings.create(
+            model="speaker",
+            input=url.split(",", 1)[0].replace("audio/wav", "application/octet-stream") + "," + url.split(",", 1)[1],
+            extra_body={"modality": "audio"},
+        )
+        assert np.allclose(raw.data[0].embedding, want, atol=1e-6)
+        with pytest.raises(openai.BadRequestError, match=r"input\[0\]: speaker embeds no text"):
+            sdk.embeddings.create(model="speaker", input="hello")

@@ -40,26 +40,37 @@ def checked_items(body: dict, model: ServedModel) -> list[str]:
         raise ApiError(
             400, f"dimensions: {model.name} has a fixed embedding size; leave dimensions out", param="dimensions"
         )
-    if body.get("modality") not in (None, "text", "image"):
-        raise ApiError(400, "modality: text or image", param="modality")
+    if body.get("modality") not in (None, *MODALITIES):
+        raise ApiError(400, f"modality: {', '.join(MODALITIES)}", param="modality")
     if not isinstance(body.get("normalize", True), bool):
         raise ApiError(400, "normalize: true or false", param="normalize")
     return items
 
 
-def is_image(item: str, modality: str | None) -> bool:
-    return modality == "image" or (modality is None and item.startswith("data:image/"))
+MODALITIES = ("text", "image", "audio")
+
+
+def modality_of(item: str, modality: str | None) -> str:
+    """What an input is: as `modality` says, else a data URL's media type (data:image/...,
+    data:audio/...), else text."""
+    if modality is not None:
+        return modality
+    for kind in ("image", "audio"):
+        if item.startswith(f"data:{kind}/"):
+            return kind
+    return "text"
 
 
 async def embedding(gateway: Gateway, model: ServedModel, index: int, item: str, modality: str | None) -> np.ndarray:
     """One item's vector, from the cache or its ensemble."""
     param = f"input[{index}]"
-    if is_image(item, modality):
-        if "image" not in model.ensembles:
-            raise ApiError(400, f"{param}: {model.name} embeds no images", param=param)
-        ensemble, output = model.ensembles["image"], c.IMAGE_EMBEDS
+    kind = modality_of(item, modality)
+    if kind in ("image", "audio"):
+        if kind not in model.ensembles:
+            raise ApiError(400, f"{param}: {model.name} embeds no {kind}", param=param)
+        ensemble, output = model.ensembles[kind], c.IMAGE_EMBEDS if kind == "image" else c.AUDIO_EMBEDS
         data = await gateway.image_bytes(item, param)
-        inputs = {c.IMAGE: byte_row(data)}
+        inputs = {c.IMAGE if kind == "image" else c.AUDIO: byte_row(data)}
     else:
         if "text" not in model.ensembles:
             raise ApiError(400, f"{param}: {model.name} embeds no text", param=param)
@@ -98,7 +109,7 @@ async def embeddings(request: Request):
     stacked = np.stack(vectors).astype(np.float32)
     if body.get("normalize", True):
         stacked = normalized(stacked)
-    tokens = await text_tokens(gateway, model, [item for item in items if not is_image(item, modality)])
+    tokens = await text_tokens(gateway, model, [item for item in items if modality_of(item, modality) == "text"])
     encoding_format = body.get("encoding_format") or "float"  # float or base64, as the schema checked
     return {
         "object": "list",
