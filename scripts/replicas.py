@@ -49,7 +49,13 @@ def main() -> None:
     args = parser.parse_args()
 
     phases: list[tuple[str, float, float, str]] = []
-    with ReplicaSet(args.repository, replicas=args.replicas, alert_for_s=args.alert_for) as replicas:
+    t0 = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"{time.monotonic() - t0:7.1f} s  {message}", flush=True)
+
+    with ReplicaSet(args.repository, replicas=args.replicas, alert_for_s=args.alert_for, log=log) as replicas:
+        print(f"logs: {replicas.workdir}", flush=True)
         prometheus = replicas.prometheus
         assert prometheus is not None  # the default thresholds start one
         load = MixedLoad(replicas.url, clients=args.clients).start()
@@ -97,7 +103,24 @@ def main() -> None:
         )
     lookups = cache["hits"] + cache["misses"]
     hit_rate = cache["hits"] / lookups if lookups else 0.0
-    result = {"machine": machine(), "phases": rows, "cache": cache, "cache_hit_rate": round(hit_rate, 3)}
+    failures = [
+        {
+            "kind": o.kind,
+            "began_s": round(o.began - t0, 1),
+            "ended_s": round(o.ended - t0, 1),
+            "status": o.status,
+            "error": o.error,
+        }
+        for o in outcomes
+        if not o.ok
+    ]
+    result = {
+        "machine": machine(),
+        "phases": rows,
+        "failures": failures,
+        "cache": cache,
+        "cache_hit_rate": round(hit_rate, 3),
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

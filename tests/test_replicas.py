@@ -85,7 +85,7 @@ def test_replicas_lose_no_request_through_a_rolling_restart_a_killed_replica_and
             assert set(pool.map(lambda k: embed(first, f"burst {k}"), range(600))) == {200}
         prometheus = replicas.prometheus
         queued = prometheus.wait_firing("TritonkitQueueTimeHigh", 30)
-        assert queued["instance"] == f"127.0.0.1:{replicas.running[min(replicas.running)].slot.metrics}", queued
+        assert queued["instance"] == replicas.running[min(replicas.running)].pod, queued
 
         load = MixedLoad(replicas.url, clients=3).start()
         assert set(load.kinds) == kinds
@@ -94,8 +94,9 @@ def test_replicas_lose_no_request_through_a_rolling_restart_a_killed_replica_and
         replicas.rolling_restart()  # every replica replaced, the new one ready before the old one goes
         killed = time.monotonic()
         victim = min(replicas.running)
+        lost_pod = replicas.running[victim].pod
         replicas.kill(victim)  # a lost node: nothing drained
-        prometheus.wait_firing("TritonkitReplicaDown", 30, pod=f"replica{victim}")
+        prometheus.wait_firing("TritonkitReplicaDown", 30, pod=lost_pod)
         outage = time.monotonic()
         errors = "tritonkit_gateway_embedding_cache_errors_total"
         errors_before = replicas.gateway_total(errors)
@@ -110,7 +111,7 @@ def test_replicas_lose_no_request_through_a_rolling_restart_a_killed_replica_and
         outcomes = load.stop()
         # replicas that were terminated left the targets: only the lost one was ever down
         down = {a["pod"] for a in prometheus.fired(began) if a["alertname"] == "TritonkitReplicaDown"}
-        assert down == {f"replica{victim}"}
+        assert down == {lost_pod}
 
     steady, restarted = summary(outcomes, 0, rolling), summary(outcomes, rolling, killed)
     assert steady["failed"] == 0 and restarted["failed"] == 0, (steady, restarted)

@@ -63,6 +63,7 @@ class Replica:
     slot: Slot
     server: subprocess.Popen
     gateway: subprocess.Popen
+    pod: str  # its name, as a pod's: Prometheus' `pod` and `instance` labels
     started: float = field(default_factory=time.monotonic)
 
     def alive(self) -> bool:
@@ -127,7 +128,8 @@ class ReplicaSet:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.slots = [Slot(i) for i in range(replicas + 1)]
         self.running: dict[int, Replica] = {}
-        self.lost: set[int] = set()  # killed and not replaced: a pod on a lost node stays a scrape target
+        self.lost: dict[int, Replica] = {}  # killed, not replaced: a pod on a lost node stays a scrape target
+        self.started = 0  # replicas started so far: each one's pod name
         self.prometheus = (
             None if alerts is None else Prometheus(self.workdir / "prometheus", self.repository, alerts, alert_for_s)
         )
@@ -176,8 +178,8 @@ class ReplicaSet:
 
     def _scraped(self) -> None:
         if self.prometheus is not None:
-            slots = {i: self.slots[i] for i in (*self.running, *self.lost)}
-            self.prometheus.scrape(slots)
+            pods = {**self.running, **self.lost}
+            self.prometheus.scrape({pods[i].pod: self.slots[i] for i in pods})
 
     # -- replicas ---------------------------------------------------------------------------
     def start(self, index: int, wait: bool = True) -> Replica:
@@ -227,9 +229,10 @@ class ReplicaSet:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        replica = Replica(slot, server, gateway)
+        self.started += 1
+        replica = Replica(slot, server, gateway, pod=f"replica{index}-{self.started}")
         self.running[index] = replica
-        self.lost.discard(index)
+        self.lost.pop(index, None)
         self._scraped()
         self.log(f"replica {index}: starting (gateway :{slot.openai}, grpc :{slot.grpc})")
         if wait:
@@ -261,8 +264,9 @@ class ReplicaSet:
         return seconds
 
     def kill(self, index: int) -> None:
-        self.running.pop(index).kill()
-        self.lost.add(index)
+        replica = self.running.pop(index)
+        replica.kill()
+        self.lost[index] = replica
         self.log(f"replica {index}: killed")
 
     def rolling_restart(self) -> None:
@@ -371,13 +375,15 @@ class Prometheus:
         )
         _wait_for_port(self.port, 60, "prometheus")
 
-    def scrape(self, slots: dict[int, Slot]) -> None:
-        """Scrape exactly these replicas' tritonservers (written atomically; Prometheus watches the file)."""
+    def scrape(self, slots: dict[str, Slot]) -> None:
+        """Scrape exactly these pods' tritonservers (written atomically; Prometheus watches the file).
+        Each is its own `instance`, as a new pod has a new address: a replica started again on a
+        slot's ports is not the one that was there."""
         import json
 
         targets = [
-            {"targets": [f"127.0.0.1:{slot.metrics}"], "labels": {"pod": f"replica{index}"}}
-            for index, slot in sorted(slots.items())
+            {"targets": [f"127.0.0.1:{slot.metrics}"], "labels": {"pod": pod, "instance": pod}}
+            for pod, slot in sorted(slots.items())
         ]
         staged = self.workdir / "targets.json.tmp"
         staged.write_text(json.dumps(targets))
@@ -446,10 +452,15 @@ def haproxy_config(port: int, gateway_ports: list[int]) -> str:
     check = f"check inter {READINESS_PERIOD_S * 1000} fall {READINESS_FAILURES} rise 1"
     servers = "\n".join(f"    server replica{i} 127.0.0.1:{p} {check}" for i, p in enumerate(gateway_ports))
     return f"""global
-    maxconn 4096
+    maxconn 1024
+    # a request is retried on another replica only if it fits the buffer (uploads included)
+    tune.bufsize 1048576
+    log stdout format raw local0 info
 
 defaults
     mode http
+    log global
+    option httplog
     timeout connect 2s
     timeout client 300s
     timeout server 300s

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 
 import uvicorn
@@ -21,6 +22,7 @@ from tritonkit.gateway.context import Gateway
 from tritonkit.gateway.triton import ApiError
 from tritonkit.gateway.wire import server_sent_event
 
+LOGGER = logging.getLogger("tritonkit.gateway")
 # uvicorn's own deadline comes this long after the gateway's, so that the gateway answers first
 UVICORN_MARGIN_S = 2
 
@@ -88,6 +90,11 @@ class GraceDeadline:
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
             await asyncio.wait_for(request, timeout=1)
         self.gateway.metrics.cut_at_shutdown.inc()
+        LOGGER.warning(
+            "%s %s still running when the grace period ended: answered 503 shutting_down",
+            scope.get("method"),
+            scope.get("path"),
+        )
         error = ApiError(
             503,
             f"the replica shut down before this request finished (its {self.gateway.options.grace_s:g} s grace "
