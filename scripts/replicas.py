@@ -11,7 +11,8 @@ retries, so every failure counts), while it: waits (steady), restarts every repl
 (rolling, maxSurge 1), kills one with SIGKILL (a lost node) and starts it again, stops Redis and
 starts it again, each phase then given the rest of `--duration` evenly. A real Prometheus scrapes
 every replica with the alert rules `tritonkit k8s` generates, their `for` shortened to
-`--alert-for` seconds. Writes, per phase, the requests sent / succeeded / failed with their errors,
+`--alert-for` seconds. Writes, per phase, the requests sent / succeeded / failed with their errors
+(a request counts in the phase it ended in: one in flight when a replica is killed is the kill's),
 the p99 latency and the alerts that fired, and the embedding cache's hit rate across replicas.
 """
 
@@ -88,8 +89,9 @@ def main() -> None:
         outcomes = load.stop()
 
     rows = []
-    for name, began, ended, fired in phases:
-        figures = summary(outcomes, began, ended)
+    for k, (name, began, ended, fired) in enumerate(phases):
+        last = k == len(phases) - 1  # its requests still running when the load stopped count too
+        figures = summary(outcomes, began, float("inf") if last else ended, by="ended")
         rows.append(
             [
                 name,

@@ -609,11 +609,13 @@ class MixedLoad:
             return Outcome(kind, began, time.monotonic(), 0, f"{type(exc).__name__}: {exc}"[:200])
 
 
-def summary(outcomes: list[Outcome], since: float = 0.0, until: float = float("inf")) -> dict:
-    """Requests sent, succeeded and failed (with their errors) between two moments, and the p99."""
+def summary(outcomes: list[Outcome], since: float = 0.0, until: float = float("inf"), by: str = "began") -> dict:
+    """Requests sent, succeeded and failed (with their errors) between two moments, and the p99.
+    `by` "ended" counts a request in the span it ended in: one in flight when a fault begins at
+    the span's start (a replica killed) is that fault's, not the span's before."""
     import numpy as np
 
-    chosen = [o for o in outcomes if since <= o.began < until]
+    chosen = [o for o in outcomes if since <= getattr(o, by) < until]
     latencies = [o.ended - o.began for o in chosen if o.ok]
     failed = [o for o in chosen if not o.ok]
     return {
