@@ -341,7 +341,8 @@ def preprocess(
         )
     if out is not None:
         if out.suffix == ".npz" or len(tensors) > 1:
-            np.savez(out.with_suffix(".npz"), **tensors)
+            save: Any = np.savez  # numpy 2's stubs read the names as its keyword arguments
+            save(out.with_suffix(".npz"), **tensors)
             console.print(f"saved {', '.join(tensors)} to {out.with_suffix('.npz')}")
         else:
             np.save(out, next(iter(tensors.values())))
