@@ -481,9 +481,9 @@ def redis_server(tmp_path):
 
 
 def metric_value(base: str, name: str) -> float:
-    text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
-    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
-    return values[0] if values else 0.0
+    from tritonkit.replicas import metric_sum
+
+    return metric_sum(f"{base}/metrics", name)
 
 
 @contextlib.contextmanager

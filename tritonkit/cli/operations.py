@@ -16,6 +16,7 @@ from tritonkit.cli.common import (
     labelled,
 )
 from tritonkit.errors import InputError
+from tritonkit.promql import AlertThresholds
 
 
 @app.command()
@@ -96,13 +97,13 @@ def k8s(
     ] = 50.0,
     p99_alert_ms: Annotated[
         float, typer.Option(help="Alert when an ensemble's p99 latency stays above this, ms.")
-    ] = 1000.0,
+    ] = AlertThresholds.p99_ms,
     error_ratio_alert: Annotated[
         float, typer.Option(help="Alert when this share of an ensemble's requests fails.")
-    ] = 0.05,
+    ] = AlertThresholds.error_ratio,
     queue_alert_ms: Annotated[
         float, typer.Option(help="Alert when a model's requests wait this long in its queue on a replica, ms.")
-    ] = 200.0,
+    ] = AlertThresholds.queue_ms,
     openai_port: Annotated[
         int | None, typer.Option(help="Add the OpenAI gateway to each pod on this port (Ingress route /v1).")
     ] = None,

@@ -17,10 +17,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from tritonkit.errors import InputError
-from tritonkit.preprocessing.audio import SAMPLE_RATE
+from tritonkit.preprocessing.audio import (
+    HOP,
+    N_FFT,
+    SAMPLE_RATE,
+    hann_window,
+)  # 25 ms windows every 10 ms, as Whisper's
 
-N_FFT = 400  # 25 ms
-HOP = 160  # 10 ms
 N_MELS = 40
 PARTIAL_FRAMES = 160  # 1.6 s
 INT16_MAX = 2**15 - 1
@@ -106,12 +109,8 @@ def mel_spectrogram(wav: np.ndarray, filters: np.ndarray) -> np.ndarray:
     """librosa.feature.melspectrogram(y, sr=16000, n_fft=400, hop_length=160, n_mels=40).T: frames
     centred (zero padding), periodic Hann window, power spectrum, mel filters. [frames, 40]."""
     padded = np.pad(wav.astype(np.float32), (N_FFT // 2, N_FFT // 2))
-    count = 1 + (len(padded) - N_FFT) // HOP
-    frames = np.lib.stride_tricks.as_strided(
-        padded, shape=(count, N_FFT), strides=(padded.strides[0] * HOP, padded.strides[0])
-    )
-    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
-    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP]
+    power = np.abs(np.fft.rfft(frames * hann_window(), axis=1)) ** 2
     return (power.astype(np.float32) @ filters.T).astype(np.float32)
 
 

@@ -47,7 +47,9 @@ def checked_items(body: dict, model: ServedModel) -> list[str]:
     return items
 
 
-MODALITIES = ("text", "image", "audio")
+# Inputs sent as files (data URLs): the role of the model's ensemble -> its input and output tensors
+MEDIA = {"image": (c.IMAGE, c.IMAGE_EMBEDS), "audio": (c.AUDIO, c.AUDIO_EMBEDS)}
+MODALITIES = ("text", *MEDIA)
 
 
 def modality_of(item: str, modality: str | None) -> str:
@@ -55,22 +57,20 @@ def modality_of(item: str, modality: str | None) -> str:
     data:audio/...), else text."""
     if modality is not None:
         return modality
-    for kind in ("image", "audio"):
-        if item.startswith(f"data:{kind}/"):
-            return kind
-    return "text"
+    return next((kind for kind in MEDIA if item.startswith(f"data:{kind}/")), "text")
 
 
 async def embedding(gateway: Gateway, model: ServedModel, index: int, item: str, modality: str | None) -> np.ndarray:
     """One item's vector, from the cache or its ensemble."""
     param = f"input[{index}]"
     kind = modality_of(item, modality)
-    if kind in ("image", "audio"):
+    if kind in MEDIA:
         if kind not in model.ensembles:
             raise ApiError(400, f"{param}: {model.name} embeds no {kind}", param=param)
-        ensemble, output = model.ensembles[kind], c.IMAGE_EMBEDS if kind == "image" else c.AUDIO_EMBEDS
+        tensor, output = MEDIA[kind]
+        ensemble = model.ensembles[kind]
         data = await gateway.image_bytes(item, param)
-        inputs = {c.IMAGE if kind == "image" else c.AUDIO: byte_row(data)}
+        inputs = {tensor: byte_row(data)}
     else:
         if "text" not in model.ensembles:
             raise ApiError(400, f"{param}: {model.name} embeds no text", param=param)
