@@ -13,55 +13,16 @@ each threshold, turns. Scored with pyannote.metrics' DiarizationErrorRate, witho
     python scripts/diarization_calibrate.py [--conversations 6] [--first-seed 0]
 """
 
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-import numpy as np
-import soundfile
-import soxr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonkit import diarization as d
 from tritonkit import vad
 from tritonkit.preprocessing import voice
-from tritonkit.samples import SENTENCES
-
-VOICES = [("en-us", "150"), ("en+f3", "160"), ("en-gb-x-rp+m7", "140"), ("en+f5", "170"), ("en-us+m3", "135")]
-BACKCHANNEL = ["Yes.", "Okay.", "Right.", "I see."]
-
-
-def say(text, v, folder, k):
-    p = folder / f"{k}.wav"
-    subprocess.run(["espeak-ng", "-v", v[0], "-s", v[1], "-w", str(p), text], check=True)
-    s, r = soundfile.read(str(p), dtype="float32")
-    return soxr.resample(s, r, 16000).astype(np.float32)
-
-
-def conversation(seed, speakers, folder):
-    rng = np.random.default_rng(seed)
-    pieces, truth, t = [], [], 0.0
-    who = list(rng.choice(len(VOICES), speakers, replace=False))
-    last = None
-    for k, turn in enumerate(range(10)):
-        s = int(rng.integers(speakers))
-        if s == last:
-            s = (s + 1) % speakers
-        last = s
-        if turn > 0 and rng.random() < 0.2:
-            text = BACKCHANNEL[int(rng.integers(len(BACKCHANNEL)))]
-        else:
-            n = int(rng.integers(1, 4))
-            text = " ".join(SENTENCES[int(i)] for i in rng.integers(len(SENTENCES), size=n))
-        audio = say(text, VOICES[who[s]], folder, f"{seed}_{k}")
-        audio = audio[: (10 * 16000)]
-        pause = float(rng.uniform(0.2, 0.8))
-        pieces += [audio, np.zeros(int(pause * 16000), np.float32)]
-        truth.append((t, t + len(audio) / 16000, s))
-        t += len(audio) / 16000 + pause
-    return np.concatenate(pieces), truth
+from tritonkit.samples import conversation
 
 
 def main():
@@ -90,18 +51,11 @@ def main():
     scores = {th: (DiarizationErrorRate(), DiarizationErrorRate(collar=0.25)) for th in thresholds}
     counts_right = dict.fromkeys(thresholds, 0)
     for audio, truth in convs:
-        probs = vad.speech_probabilities(session, audio)
-        chunks = vad.speech_chunks(probs, len(audio), vad.VadOptions(min_silence_duration_ms=150, speech_pad_ms=30))
-        speech = [(c["start"] / 16000, c["end"] / 16000) for c in chunks]
+        speech = d.speech_regions(audio, session, d.SPEECH_VAD)
         spans = d.windows(speech)
-        mels = []
-        for a, b in spans:
-            piece = audio[int(a * 16000) : int(b * 16000)]
-            piece = np.pad(piece, (0, max(0, int(d.WINDOW_S * 16000) - len(piece))))
-            mel = voice.mel_spectrogram(piece, filters)[: voice.PARTIAL_FRAMES]
-            mels.append(np.pad(mel, ((0, voice.PARTIAL_FRAMES - len(mel)), (0, 0))))
+        mels = d.window_mels(audio, spans, filters)
         with torch.no_grad():
-            emb = encoder(torch.from_numpy(np.stack(mels))).numpy()
+            emb = encoder(torch.from_numpy(mels)).numpy()
         ref = Annotation()
         for a, b, s in truth:
             ref[Segment(a, b)] = f"S{s}"

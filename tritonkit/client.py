@@ -49,6 +49,7 @@ class Segment:
     compression_ratio: float = 0.0
     no_speech_prob: float = 0.0
     temperature: float = 0.0
+    speaker: str = ""  # NAME_diarize: who spoke it
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class TimedWord:
     start: float  # seconds on the file's timeline
     end: float
     probability: float
+    speaker: str = ""  # NAME_diarize: who spoke it
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Transcript:
     tokens: tuple[int, ...]
     segments: tuple[Segment, ...] = ()  # with timestamps=True
     words: tuple[TimedWord, ...] = ()  # with word_timestamps=True
+    turns: tuple[tuple[float, float, str], ...] = ()  # NAME_diarize: (start, end, speaker), who spoke when
 
     def __str__(self) -> str:
         return self.text
@@ -112,6 +115,14 @@ class WhisperOptions:
     patience: float | None = None
     condition_on_previous: bool | None = None
     word_timestamps: bool | None = None
+    # NAME_diarize only: the speaker count or its bounds, known speakers' names and clips, the
+    # speech detection (OpenAI's chunking_strategy: "auto" or server_vad JSON)
+    num_speakers: int | None = None
+    min_speakers: int | None = None
+    max_speakers: int | None = None
+    known_speaker_names: tuple[str, ...] | None = None
+    known_speaker_references: tuple[bytes, ...] | None = None
+    chunking: str | None = None
 
     TENSORS: ClassVar[dict[str, str]] = {  # field -> the transcription contract's input
         "language": c.LANGUAGE,
@@ -128,6 +139,12 @@ class WhisperOptions:
         "patience": c.PATIENCE,
         "condition_on_previous": c.CONDITION_ON_PREVIOUS,
         "word_timestamps": c.WORD_TIMESTAMPS,
+        "num_speakers": c.NUM_SPEAKERS,
+        "min_speakers": c.MIN_SPEAKERS,
+        "max_speakers": c.MAX_SPEAKERS,
+        "known_speaker_names": c.KNOWN_SPEAKER_NAMES,
+        "known_speaker_references": c.KNOWN_SPEAKER_REFERENCES,
+        "chunking": c.CHUNKING,
     }
 
     def tensors(self) -> dict[str, np.ndarray]:
@@ -149,26 +166,47 @@ def whisper_inputs(data: bytes, **options) -> dict[str, np.ndarray]:
 
 def transcript(result: dict[str, np.ndarray], row: int = 0) -> Transcript:
     """One row of the Whisper ensemble's outputs as a Transcript."""
+
+    def speakers(name: str, count: int) -> list[str]:
+        named = result.get(name)
+        return [s.decode("utf-8") for s in named[row]] if named is not None else [""] * count
+
     found = []
     if c.SEGMENT_TIMES in result:
         stats = result.get(c.SEGMENT_STATS)
-        for k, ((start, end), text) in enumerate(zip(result[c.SEGMENT_TIMES][row], result[c.SEGMENT_TEXTS][row])):
-            if start >= 0:
-                figures = [float(v) for v in stats[row, k]] if stats is not None else []
-                found.append(Segment(float(start), float(end), text.decode("utf-8"), *figures))
-    words = []
-    if c.WORD_TIMES in result:
-        for (start, end), text, probability in zip(
-            result[c.WORD_TIMES][row], result[c.WORD_TEXTS][row], result[c.WORD_PROBS][row]
+        times = result[c.SEGMENT_TIMES][row]
+        for k, ((start, end), text, speaker) in enumerate(
+            zip(times, result[c.SEGMENT_TEXTS][row], speakers(c.SEGMENT_SPEAKERS, len(times)))
         ):
             if start >= 0:
-                words.append(TimedWord(text.decode("utf-8"), float(start), float(end), float(probability)))
+                logprob, ratio, no_speech, temperature = (
+                    (float(v) for v in stats[row, k]) if stats is not None else (0.0,) * 4
+                )
+                found.append(
+                    Segment(
+                        float(start), float(end), text.decode("utf-8"), logprob, ratio, no_speech, temperature, speaker
+                    )
+                )
+    words = []
+    if c.WORD_TIMES in result:
+        times = result[c.WORD_TIMES][row]
+        for (start, end), text, probability, speaker in zip(
+            times, result[c.WORD_TEXTS][row], result[c.WORD_PROBS][row], speakers(c.WORD_SPEAKERS, len(times))
+        ):
+            if start >= 0:
+                words.append(TimedWord(text.decode("utf-8"), float(start), float(end), float(probability), speaker))
+    turns = []
+    if c.TURN_TIMES in result:
+        for (start, end), speaker in zip(result[c.TURN_TIMES][row], result[c.TURN_SPEAKERS][row]):
+            if start >= 0:
+                turns.append((float(start), float(end), speaker.decode("utf-8")))
     return Transcript(
         text=result[c.TEXT][row, 0].decode("utf-8"),
         language=result[c.DECODED_LANGUAGE][row, 0].decode(),
         tokens=tuple(int(t) for t in result[c.TOKENS][row] if t >= 0),
         segments=tuple(found),
         words=tuple(words),
+        turns=tuple(turns),
     )
 
 

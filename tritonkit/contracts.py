@@ -39,6 +39,13 @@ TOKENS, DECODED_LANGUAGE = "TOKENS", "DECODED_LANGUAGE"  # the language given, o
 SEGMENT_TIMES, SEGMENT_TEXTS = "SEGMENT_TIMES", "SEGMENT_TEXTS"  # [segments, 2] seconds, [segments]
 SEGMENT_STATS = "SEGMENT_STATS"  # per segment: avg_logprob, compression_ratio, no_speech_prob, temperature
 WORD_TIMES, WORD_TEXTS, WORD_PROBS = "WORD_TIMES", "WORD_TEXTS", "WORD_PROBS"  # word text with its leading space
+# Who spoke when (NAME_diarize): the speaker count or its bounds, known speakers' names and clips,
+# OpenAI's chunking_strategy ("auto" or server_vad JSON); a speaker per segment and per word, the turns
+NUM_SPEAKERS, MIN_SPEAKERS, MAX_SPEAKERS = "NUM_SPEAKERS", "MIN_SPEAKERS", "MAX_SPEAKERS"
+KNOWN_SPEAKER_NAMES, KNOWN_SPEAKER_REFERENCES = "KNOWN_SPEAKER_NAMES", "KNOWN_SPEAKER_REFERENCES"
+CHUNKING = "CHUNKING"
+SEGMENT_SPEAKERS, WORD_SPEAKERS = "SEGMENT_SPEAKERS", "WORD_SPEAKERS"  # "" for padding rows
+TURN_TIMES, TURN_SPEAKERS = "TURN_TIMES", "TURN_SPEAKERS"  # [turns, 2] seconds, [turns]
 # Chat: a conversation (and its images) in, the answer out, whole or streamed.
 IMAGES = "IMAGES"  # several encoded images (Qwen-VL), instead of IMAGE
 MESSAGES = "MESSAGES"  # instead of PROMPT: a JSON conversation with one {"type": "image"} part per image
@@ -84,6 +91,16 @@ TENSORS: dict[str, Tensor] = {
         Tensor(WORD_TIMES, "float32", (-1, 2)),
         Tensor(WORD_TEXTS, "string", (-1,)),
         Tensor(WORD_PROBS, "float32", (-1,)),
+        _option(NUM_SPEAKERS, "int32"),
+        _option(MIN_SPEAKERS, "int32"),
+        _option(MAX_SPEAKERS, "int32"),
+        _option(KNOWN_SPEAKER_NAMES, "string", (-1,), ragged=True),
+        _option(KNOWN_SPEAKER_REFERENCES, "string", (-1,), ragged=True),  # encoded audio files
+        _option(CHUNKING, "string"),
+        Tensor(SEGMENT_SPEAKERS, "string", (-1,)),
+        Tensor(WORD_SPEAKERS, "string", (-1,)),
+        Tensor(TURN_TIMES, "float32", (-1, 2)),
+        Tensor(TURN_SPEAKERS, "string", (-1,)),
         _option(IMAGES, "string", (-1,), ragged=True),
         _option(MESSAGES, "string"),
         _option(TOP_P, "float32"),
@@ -191,6 +208,12 @@ TRANSCRIPTION = Contract(
         PATIENCE,
         CONDITION_ON_PREVIOUS,
         WORD_TIMESTAMPS,
+        NUM_SPEAKERS,
+        MIN_SPEAKERS,
+        MAX_SPEAKERS,
+        KNOWN_SPEAKER_NAMES,
+        KNOWN_SPEAKER_REFERENCES,
+        CHUNKING,
     ),
     outputs=(
         TEXT,
@@ -202,10 +225,22 @@ TRANSCRIPTION = Contract(
         WORD_TIMES,
         WORD_TEXTS,
         WORD_PROBS,
+        SEGMENT_SPEAKERS,
+        WORD_SPEAKERS,
+        TURN_TIMES,
+        TURN_SPEAKERS,
     ),
     roles=(
         # NAME_stream beside NAME: the transcript window by window
         Role("speech_stream", "_stream", needs=frozenset({AUDIO}), gives=frozenset({TEXT}), beside="speech"),
+        # NAME_diarize beside NAME: the transcript with who spoke when (a build with --diarize)
+        Role(
+            "speech_diarized",
+            "_diarize",
+            needs=frozenset({AUDIO}),
+            gives=frozenset({SEGMENT_SPEAKERS}),
+            beside="speech",
+        ),
         Role("speech", "", needs=frozenset({AUDIO}), gives=frozenset({TEXT}), companion=("vad", "_vad")),
     ),
 )

@@ -35,3 +35,50 @@ def speak(text: str, path: Path) -> Path:
         raise TritonkitError("espeak-ng is not installed", hint="apt-get install espeak-ng")
     subprocess.run(["espeak-ng", *ESPEAK_VOICE, "-w", str(path), text], check=True, capture_output=True)
     return Path(path)
+
+
+# Speakers for diarization: espeak-ng voices and speeds that a speaker encoder tells apart
+VOICES = [("en-us", "150"), ("en+f3", "160"), ("en-gb-x-rp+m7", "140"), ("en+f5", "170"), ("en-us+m3", "135")]
+BACKCHANNEL = ["Yes.", "Okay.", "Right.", "I see."]
+
+
+def voice_samples(text: str, voice: tuple[str, str], path: Path):
+    """espeak-ng speech of `text` in `voice` (name, words per minute) as 16 kHz float32 samples."""
+    import numpy as np
+    import soundfile
+    import soxr
+
+    if not espeak_available():
+        raise TritonkitError("espeak-ng is not installed", hint="apt-get install espeak-ng")
+    subprocess.run(["espeak-ng", "-v", voice[0], "-s", voice[1], "-w", str(path), text], check=True)
+    samples, rate = soundfile.read(str(path), dtype="float32")
+    return soxr.resample(samples, rate, 16000).astype(np.float32)
+
+
+def conversation(seed: int, speakers: int, folder: Path, turns: int = 10):
+    """An assembled conversation with known turns: `turns` turns of `speakers` voices (of VOICES),
+    never two in a row by one voice, 1 to 3 sample sentences each (cut at 10 s), one turn in five
+    (not the first) a short back-channel, pauses of 0.2-0.8 s. Returns the 16 kHz samples and the
+    true turns [(start s, end s, the speaker's index in VOICES)]."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pieces, truth, t = [], [], 0.0
+    who = list(rng.choice(len(VOICES), speakers, replace=False))
+    last = None
+    for k in range(turns):
+        s = int(rng.integers(speakers))
+        if s == last:
+            s = (s + 1) % speakers
+        last = s
+        if k > 0 and rng.random() < 0.2:
+            text = BACKCHANNEL[int(rng.integers(len(BACKCHANNEL)))]
+        else:
+            n = int(rng.integers(1, 4))
+            text = " ".join(SENTENCES[int(i)] for i in rng.integers(len(SENTENCES), size=n))
+        audio = voice_samples(text, VOICES[who[s]], Path(folder) / f"{seed}_{k}.wav")[: 10 * 16000]
+        pause = float(rng.uniform(0.2, 0.8))
+        pieces += [audio, np.zeros(int(pause * 16000), np.float32)]
+        truth.append((t, t + len(audio) / 16000, int(who[s])))
+        t += len(audio) / 16000 + pause
+    return np.concatenate(pieces), truth

@@ -15,15 +15,24 @@ def _clock(seconds: float, separator: str) -> str:
 
 
 def srt(segments: list[dict]) -> str:
+    """SubRip cues; a segment's `speaker` (diarized) leads its text: "A: ..."."""
+
+    def text(s: dict) -> str:
+        return f"{s['speaker']}: {s['text'].strip()}" if s.get("speaker") else s["text"].strip()
+
     blocks = [
-        f"{i}\n{_clock(s['start'], ',')} --> {_clock(s['end'], ',')}\n{s['text'].strip()}\n"
-        for i, s in enumerate(segments, 1)
+        f"{i}\n{_clock(s['start'], ',')} --> {_clock(s['end'], ',')}\n{text(s)}\n" for i, s in enumerate(segments, 1)
     ]
     return "\n".join(blocks)
 
 
 def vtt(segments: list[dict]) -> str:
-    blocks = [f"{_clock(s['start'], '.')} --> {_clock(s['end'], '.')}\n{s['text'].strip()}\n" for s in segments]
+    """WebVTT cues; a segment's `speaker` (diarized) is the cue's voice: "<v A>..."."""
+
+    def text(s: dict) -> str:
+        return f"<v {s['speaker']}>{s['text'].strip()}" if s.get("speaker") else s["text"].strip()
+
+    blocks = [f"{_clock(s['start'], '.')} --> {_clock(s['end'], '.')}\n{text(s)}\n" for s in segments]
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 

@@ -124,8 +124,23 @@ def transcribe(
     stream: Annotated[
         bool, typer.Option(help="Print each file's text as it becomes final, window by window (NAME_stream).")
     ] = False,
+    diarize: Annotated[
+        bool,
+        typer.Option(help="Who spoke when (NAME_diarize; build with --diarize): a speaker per segment and word."),
+    ] = False,
+    num_speakers: Annotated[int | None, typer.Option(help="--diarize: exactly this many speakers.")] = None,
+    min_speakers: Annotated[int | None, typer.Option(help="--diarize: at least this many speakers.")] = None,
+    max_speakers: Annotated[int | None, typer.Option(help="--diarize: at most this many speakers.")] = None,
+    known_speaker: Annotated[
+        list[str] | None,
+        typer.Option(help="--diarize: NAME=CLIP, a 2-10 s clip of a speaker to call NAME (repeatable, up to 4)."),
+    ] = None,
     output_format: Annotated[
-        str, typer.Option("--format", help="txt, json, srt, vtt or verbose_json (the last four decode timestamps).")
+        str,
+        typer.Option(
+            "--format",
+            help="txt, json, srt, vtt, verbose_json (these four decode timestamps) or rttm (speaker turns, --diarize).",
+        ),
     ] = "txt",
     output_dir: Annotated[
         Path | None, typer.Option(help="Write FILE.<format> here for each file instead of printing.")
@@ -137,14 +152,20 @@ def transcribe(
     Example: tritonkit transcribe meeting.wav --language de --task translate
     Subtitles: tritonkit transcribe talk.wav --format srt --output-dir subs/
     Word cues: tritonkit transcribe talk.wav --format vtt --max-words-per-cue 3
+    Speakers: tritonkit transcribe meeting.wav --diarize --format rttm --known-speaker ann=ann.wav
     """
 
     from tritonkit.client import TritonkitClient
 
-    formats = ("txt", "json", "srt", "vtt", "verbose_json")
+    formats = ("txt", "json", "srt", "vtt", "verbose_json", "rttm")
     if output_format not in formats:
         raise InputError(f"--format {output_format!r}: use one of {', '.join(formats)}")
-    timed = output_format != "txt"
+    speaker_flags = (num_speakers, min_speakers, max_speakers, known_speaker)
+    if not diarize and (output_format == "rttm" or any(v is not None for v in speaker_flags)):
+        raise InputError("--format rttm and the speaker options need --diarize (and a build with --diarize)")
+    if diarize and stream:
+        raise InputError("--diarize answers whole files: leave out --stream")
+    timed = output_format != "txt" or diarize
     if max_words_per_cue is not None and max_words_per_cue < 1:
         raise InputError(f"--max-words-per-cue {max_words_per_cue}: use 1 or more")
     word_cued = max_words_per_cue is not None or highlight_words
@@ -168,6 +189,9 @@ def transcribe(
         condition_on_previous=None if condition_on_previous else False,
         word_timestamps=word_timestamps or None,
     )
+    if diarize:
+        options |= speaker_options(num_speakers, min_speakers, max_speakers, known_speaker or [])
+        model = f"{model}_diarize"
     with TritonkitClient(url) as client:
         if stream:
             for path in files:
@@ -183,12 +207,35 @@ def transcribe(
         if output_dir is not None:
             output_dir.mkdir(parents=True, exist_ok=True)
             written = output_dir / f"{path.stem}.{output_format.replace('verbose_', '')}"
+            text = text.removesuffix("\n") if output_format == "rttm" else text
             written.write_text(text if text.endswith("\n") else text + "\n")
             print(written)
         elif output_format == "txt":
             print(f"{path}: {text}" if len(files) > 1 else text)
         else:
             print(text)
+
+
+def speaker_options(
+    num_speakers: int | None, min_speakers: int | None, max_speakers: int | None, known: list[str]
+) -> dict[str, Any]:
+    """NAME_diarize's options from the command line (--known-speaker NAME=CLIP read here)."""
+    names, clips = [], []
+    for given in known:
+        name, _, clip = given.partition("=")
+        if not name or not clip:
+            raise InputError(f"--known-speaker {given!r}: give NAME=CLIP, e.g. ann=ann.wav")
+        if not Path(clip).is_file():
+            raise InputError(f"--known-speaker {given!r}: no such file {clip}")
+        names.append(name)
+        clips.append(Path(clip).read_bytes())
+    return dict(
+        num_speakers=num_speakers,
+        min_speakers=min_speakers,
+        max_speakers=max_speakers,
+        known_speaker_names=tuple(names) or None,
+        known_speaker_references=tuple(clips) or None,
+    )
 
 
 @dataclass(frozen=True)
@@ -211,13 +258,23 @@ class SubtitleCues:
 def rendered_transcript(
     path: Path, transcript, output_format: str, word_timestamps: bool, show_language: bool, cues: SubtitleCues
 ) -> str:
-    """One file's transcript in `output_format` (txt, json, srt, vtt or verbose_json)."""
-    from tritonkit import subtitles
+    """One file's transcript in `output_format` (txt, json, srt, vtt, verbose_json or rttm);
+    diarized, each segment and word carries its speaker (txt: a line per segment, "A: ...")."""
+    from tritonkit import diarization, subtitles
 
-    segments = [asdict(s) for s in transcript.segments]
-    words = [asdict(w) | {"start": round(w.start, 3), "end": round(w.end, 3)} for w in transcript.words]
+    def fields(item) -> dict:  # a speaker only where there is one (NAME_diarize)
+        return {k: v for k, v in asdict(item).items() if k != "speaker" or v}
+
+    segments = [fields(s) for s in transcript.segments]
+    words = [fields(w) | {"start": round(w.start, 3), "end": round(w.end, 3)} for w in transcript.words]
     segments = cues.of(segments, words)
+    if output_format == "rttm":
+        names = list(dict.fromkeys(name for _, _, name in transcript.turns))
+        turns = [diarization.Turn(a, b, names.index(name)) for a, b, name in transcript.turns]
+        return diarization.rttm(turns, path.stem, names)
     if output_format == "txt":
+        if transcript.turns:
+            return "\n".join(f"{s['speaker']}: {s['text'].strip()}" for s in segments)
         return f"[{transcript.language}] {transcript.text}" if show_language else transcript.text
     if output_format == "srt":
         return subtitles.srt(segments)

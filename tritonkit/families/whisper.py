@@ -12,14 +12,24 @@ import numpy as np
 
 from tritonkit.contracts import (
     AUDIO,
+    CHUNKING,
     DECODED_LANGUAGE,
+    KNOWN_SPEAKER_NAMES,
+    KNOWN_SPEAKER_REFERENCES,
+    MAX_SPEAKERS,
+    MIN_SPEAKERS,
+    NUM_SPEAKERS,
+    SEGMENT_SPEAKERS,
     SEGMENT_STATS,
     SEGMENT_TEXTS,
     SEGMENT_TIMES,
     TEXT,
     TOKENS,
     TRANSCRIPTION,
+    TURN_SPEAKERS,
+    TURN_TIMES,
     WORD_PROBS,
+    WORD_SPEAKERS,
     WORD_TEXTS,
     WORD_TIMES,
 )
@@ -63,6 +73,8 @@ CROSS_KEYS, CROSS_VALUES = "CROSS_KEYS", "CROSS_VALUES"
 INPUT_IDS, PAST_KEYS, PAST_VALUES = "INPUT_IDS", "PAST_KEYS", "PAST_VALUES"
 DECODER_ROWS_IN_FLIGHT = 16
 LOGITS, PRESENT_KEYS, PRESENT_VALUES = "LOGITS", "PRESENT_KEYS", "PRESENT_VALUES"
+# NAME_diarize's inputs beyond NAME's
+DIARIZE_INPUTS = (NUM_SPEAKERS, MIN_SPEAKERS, MAX_SPEAKERS, KNOWN_SPEAKER_NAMES, KNOWN_SPEAKER_REFERENCES, CHUNKING)
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,10 @@ class WhisperBuildOptions(FamilyOptions):
         "features (zero frames after the log-mel, and timestamped files decoded sequentially: faster-whisper's "
         "transcripts; docs/BENCHMARKS.md compares their WER)."
     )
+    diarize: str | None = flag(
+        "Also write NAME_diarize (who spoke when: a speaker per segment and word) with this speaker encoder: "
+        "resemblyzer (the package's trained weights) or a directory holding a resemblyzer pretrained.pt."
+    )
 
     def __post_init__(self):
         from tritonkit.errors import InputError
@@ -84,6 +100,10 @@ class WhisperBuildOptions(FamilyOptions):
             raise InputError(f"--audio-padding {self.audio_padding!r}: use one of {', '.join(PADDINGS)}")
         if self.max_audio_seconds is not None and self.max_audio_seconds <= 0:
             raise InputError(f"--max-audio-seconds must be > 0, got {self.max_audio_seconds}")
+        if self.diarize is not None:
+            from tritonkit.families.speaker import weights_path
+
+            weights_path(self.diarize)  # a wrong source fails here, before any slow work
 
 
 @dataclass
@@ -127,6 +147,8 @@ class WhisperSpec(FamilySpec):
         "decoder": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16, 32), max_queue_delay_us=5000),
         "decoder_stream": Batching(max_batch_size=32, preferred_batch_sizes=(8, 16, 32), max_queue_delay_us=5000),
         "vad": Batching(max_batch_size=8, preferred_batch_sizes=(), max_queue_delay_us=0),
+        # one file a request; every request's windows through the speaker encoder 64 at a time
+        "speakers": Batching(max_batch_size=8, preferred_batch_sizes=(), max_queue_delay_us=1000, rows_per_run=64),
     }
 
     # Fixed resident memory per stage, measured with tiny.en under jemalloc (the default allocator)
@@ -150,6 +172,9 @@ class WhisperSpec(FamilySpec):
         # its ONNX Runtime arenas as the decoder's grow
         "decoder_stream": StageMemory(fixed_mb=227),
         "vad": StageMemory(fixed_mb=41),
+        # NAME_diarize's speaker stage: the speaker family's embedding stub (236 MB measured there)
+        # plus its Silero VAD session; not yet soaked with `tritonkit plan --measure`
+        "speakers": StageMemory(fixed_mb=250),
         SERVER_MEMORY_ROLE: StageMemory(fixed_mb=296),
     }
 
@@ -590,11 +615,64 @@ class WhisperSpec(FamilySpec):
         tokenizer = saved_pretrained("tokenizer", "tokenizer", loaded.processor.tokenizer.save_pretrained)
         front = (*stages, encoder)
         inputs = (t[AUDIO], *request_options)
+        whole = decoder("decoder", False)
         # NAME answers once; NAME_stream sends each window's text as soon as it is final
-        return [
-            Pipeline(role="", inputs=inputs, outputs=outputs, stages=(*front, decoder("decoder", False))),
+        pipelines = [
+            Pipeline(role="", inputs=inputs, outputs=outputs, stages=(*front, whole)),
             Pipeline(role="stream", inputs=inputs, outputs=outputs, stages=(*front, decoder("decoder_stream", True))),
         ]
+        if own.diarize is not None:  # NAME_diarize: NAME's stages, then who spoke when
+            speakers = self.diarize_stage(t, own.diarize, recipe.max_seconds, options)
+            pipelines.append(
+                Pipeline(
+                    role="diarize",
+                    inputs=inputs + tuple(t[name] for name in DIARIZE_INPUTS),
+                    outputs=outputs + speakers.outputs,
+                    stages=(*front, whole, speakers),
+                )
+            )
+        return pipelines
+
+    def diarize_stage(self, t: Mapping[str, Tensor], source: str, max_seconds: float, options: BuildOptions) -> Stage:
+        """NAME_diarize's speaker stage (tritonkit.stages.speaker_turns): the speaker family's
+        encoder, exported and checked against PyTorch as `tritonkit build speaker` does it, and
+        faster-whisper's Silero VAD."""
+        from tritonkit.preprocessing.voice import VoiceRecipe
+
+        vad_file = _silero_vad_file()
+        if vad_file is None:
+            raise ExportError(
+                "--diarize finds speech with faster-whisper's Silero VAD: pip install faster-whisper, then rebuild"
+            )
+
+        def export_speaker_encoder(folder: Path) -> Mapping[str, Path]:
+            from tritonkit.export import export_onnx, validate_onnx
+            from tritonkit.families.speaker import SpeakerSpec
+
+            spec = SpeakerSpec()
+            (export,) = spec.exports(spec.load(source))
+            path = export_onnx(export, folder / "speaker.onnx")
+            report = validate_onnx(export, path)
+            if not report.passed:
+                raise ExportError(f"{report.summary()}: the speaker encoder's ONNX export does not match PyTorch")
+            return {"speaker.onnx": path}
+
+        batching = self.stage_batching("speakers")
+        parameters = {
+            "recipe": VoiceRecipe(max_seconds=max_seconds).to_json(),
+            "rows_per_run": str(batching.rows_per_run),
+        }
+        return Stage(
+            role="speakers",
+            template="speaker_turns",
+            inputs=(t[AUDIO], t[SEGMENT_TIMES], t[WORD_TIMES], *(t[name] for name in DIARIZE_INPUTS)),
+            outputs=(t[SEGMENT_SPEAKERS], t[WORD_SPEAKERS], t[TURN_TIMES], t[TURN_SPEAKERS]),
+            batching=batching,
+            parameters=parameters,
+            files={"silero_vad.onnx": vad_file},
+            artefacts=(Artefact(f"export the speaker encoder ({source}) for diarization", export_speaker_encoder),),
+            kind="KIND_CPU",  # LSTM windows of a few files: the CPU's work even in a GPU repository
+        )
 
 
 def _silero_vad_file() -> Path | None:

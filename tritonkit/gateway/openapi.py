@@ -168,7 +168,8 @@ def json_type(value: Any) -> str:
 
 def form_instance(name: str, fields: Iterable[tuple[str, Any]]) -> dict:
     """A multipart form's fields as the JSON object request schema `name` describes, so it can be
-    validated like a JSON body: `key[]` fields (OpenAI's arrays) gathered into lists, each value
+    validated like a JSON body: `key[]` fields (OpenAI's arrays) gathered into lists, `key[field]`
+    fields into objects, each value
     read as its property's type ("0.5" -> 0.5, "true" -> true; a value that does not read stays a
     string, which validation then names), a file as a string (the schema's binary format)."""
     properties = document()["components"]["schemas"][name].get("properties", {})
@@ -176,6 +177,12 @@ def form_instance(name: str, fields: Iterable[tuple[str, Any]]) -> dict:
     for key, value in fields:
         key = key.removesuffix("[]")
         value = value if isinstance(value, str) else "<file>"
+        if key.endswith("]") and "[" in key:  # an object's field, as the SDK sends one: chunking_strategy[type]
+            parent, field_name = key[:-1].split("[", 1)
+            nested = instance.setdefault(parent, {})
+            if isinstance(nested, dict):
+                nested[field_name] = typed(value, {"integer", "number", "string"})
+            continue
         kinds = property_types(properties.get(key, {}))
         if "array" in kinds:
             instance.setdefault(key, []).append(value)

@@ -1,7 +1,9 @@
 """POST /v1/audio/transcriptions and /v1/audio/translations: an uploaded file through a
 transcription build's ensemble, answered in OpenAI's formats (json, text, srt, vtt, verbose_json
-with segments and words), or streamed as transcript.text events."""
+with segments and words, diarized_json with speakers through NAME_diarize), or streamed as
+transcript.text events."""
 
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,13 +16,13 @@ from starlette.datastructures import FormData
 from tritonkit import contracts as c
 from tritonkit import subtitles
 from tritonkit.gateway import realtime
-from tritonkit.gateway.context import EXTENSIONS, Gateway, conform, gateway_of
+from tritonkit.gateway.context import EXTENSIONS, Gateway, conform, data_url_bytes, gateway_of
 from tritonkit.gateway.openapi import form_instance
 from tritonkit.gateway.triton import ApiError
 from tritonkit.gateway.wire import anext_or_none, byte_row, first_text, server_sent_event
 
 router = APIRouter()
-AUDIO_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+AUDIO_FORMATS = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
 AUDIO_TOKENS_PER_WINDOW = 1500  # Whisper's encoder: 1,500 positions a 30 s window
 
 
@@ -45,7 +47,11 @@ class AudioAnswer:
 
     @property
     def timed(self) -> bool:
-        return self.response_format in ("srt", "vtt", "verbose_json")
+        return self.response_format in ("srt", "vtt", "verbose_json", "diarized_json")
+
+    @property
+    def diarized(self) -> bool:
+        return self.response_format == "diarized_json"
 
     @property
     def words(self) -> bool:
@@ -68,7 +74,18 @@ async def audio(request: Request, task: str):
     inputs = audio_inputs(form, data, wanted)
     if wanted.streamed:
         return await transcript_events(gateway, model.ensembles["speech_stream"], inputs, audio_tokens(data))
-    outputs = await gateway.triton.infer(model.ensembles["speech"], inputs, "file")
+    ensemble = model.ensembles["speech"]
+    if wanted.diarized:
+        if "speech_diarized" not in model.ensembles:
+            raise ApiError(
+                400,
+                f"response_format: model {model.name!r} was built without speakers; rebuild it with "
+                "`tritonkit build whisper --diarize resemblyzer` for diarized_json",
+                param="response_format",
+            )
+        ensemble = model.ensembles["speech_diarized"]
+        inputs |= speaker_inputs(form)
+    outputs = await gateway.triton.infer(ensemble, inputs, "file")
     return answer(outputs, data, wanted)
 
 
@@ -81,6 +98,8 @@ def answer_wanted(form: FormData, task: str) -> AudioAnswer:
         raise ApiError(400, f"response_format: one of {', '.join(AUDIO_FORMATS)}", param="response_format")
     if streamed and response_format not in ("json", "text"):
         raise ApiError(400, "stream: with response_format json or text", param="stream")
+    if response_format == "diarized_json" and task != "transcribe":
+        raise ApiError(400, "response_format: diarized_json is for transcriptions", param="response_format")
     granularities = tuple(
         str(g) for g in form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
     )
@@ -138,6 +157,45 @@ def audio_inputs(form: FormData, data: bytes, wanted: AudioAnswer) -> dict[str, 
     return {c.AUDIO: byte_row(data), **rows}
 
 
+def speaker_inputs(form: FormData) -> dict[str, np.ndarray]:
+    """NAME_diarize's inputs from OpenAI's fields: known_speaker_names[] with
+    known_speaker_references[] (data URLs of clips), chunking_strategy ("auto" or a server_vad
+    object: the speech that is diarized)."""
+    names = [str(n) for n in form.getlist("known_speaker_names[]") + form.getlist("known_speaker_names")]
+    urls = [str(u) for u in form.getlist("known_speaker_references[]") + form.getlist("known_speaker_references")]
+    if len(names) != len(urls):
+        raise ApiError(
+            400,
+            f"known_speaker_names: {len(names)} names for {len(urls)} known_speaker_references; give one clip per name",
+            param="known_speaker_names",
+        )
+    chosen: dict[str, np.ndarray] = {}
+    if names:
+        clips = [data_url_bytes(url, f"known_speaker_references[{k}]") for k, url in enumerate(urls)]
+        chosen[c.KNOWN_SPEAKER_NAMES] = c.request_row(c.KNOWN_SPEAKER_NAMES, names)
+        chosen[c.KNOWN_SPEAKER_REFERENCES] = c.request_row(c.KNOWN_SPEAKER_REFERENCES, clips)
+    strategy = form.get("chunking_strategy")
+    nested = {
+        key[len("chunking_strategy[") : -1]: value
+        for key, value in form.multi_items()
+        if key.startswith("chunking_strategy[")
+    }
+    if nested:
+        fields = {k: v if k == "type" else number_or_text(str(v)) for k, v in nested.items()}
+        chosen[c.CHUNKING] = c.request_row(c.CHUNKING, json.dumps(fields))
+    elif isinstance(strategy, str) and strategy:
+        chosen[c.CHUNKING] = c.request_row(c.CHUNKING, strategy)
+    return chosen
+
+
+def number_or_text(raw: str) -> object:
+    """A form field's number as a number (the model checks what it must be)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
 def answer(outputs: Mapping[str, np.ndarray], data: bytes, wanted: AudioAnswer):
     text = first_text(outputs)
     if wanted.response_format == "text":
@@ -145,6 +203,21 @@ def answer(outputs: Mapping[str, np.ndarray], data: bytes, wanted: AudioAnswer):
     if not wanted.timed:
         return {"text": text}
     found = segments_of(outputs)
+    if wanted.diarized:  # OpenAI's CreateTranscriptionResponseDiarizedJson
+        duration = subtitles.duration(data)
+        segments = [
+            {
+                "type": "transcript.text.segment",
+                "id": f"seg_{k:03d}",
+                "start": seg["start"],
+                "end": seg["end"],
+                "text": seg["text"].strip(),
+                "speaker": seg["speaker"],
+            }
+            for k, seg in enumerate(found)
+        ]
+        usage = {"type": "duration", "seconds": math.ceil(duration)}
+        return {"task": "transcribe", "duration": duration, "text": text, "segments": segments, "usage": usage}
     if wanted.response_format == "srt":
         return PlainTextResponse(subtitles.srt(found))  # text/plain, as OpenAI answers srt and vtt
     if wanted.response_format == "vtt":
@@ -231,6 +304,7 @@ def segments_of(outputs: Mapping[str, np.ndarray]) -> list[dict]:
     """The segments of one transcription's outputs (padding rows dropped)."""
     found = []
     stats = outputs.get(c.SEGMENT_STATS)
+    speakers = outputs.get(c.SEGMENT_SPEAKERS)
     for k, ((start, end), raw) in enumerate(zip(outputs[c.SEGMENT_TIMES][0], outputs[c.SEGMENT_TEXTS][0])):
         if start < 0:
             continue
@@ -245,5 +319,6 @@ def segments_of(outputs: Mapping[str, np.ndarray]) -> list[dict]:
                 "no_speech_prob": float(figures[2]),
                 "temperature": float(figures[3]),
             }
+            | ({"speaker": speakers[0, k].decode("utf-8", errors="replace")} if speakers is not None else {})
         )
     return found
