@@ -39,3 +39,24 @@ def cosines(a, b):
     b = np.asarray(b).reshape(len(b), -1).astype(np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+
+
+def equal_error_rate(embeddings, speakers) -> float:
+    """Speaker verification's equal error rate over every pair of utterances: the rate at the
+    cosine threshold where as many different-speaker pairs are accepted as same-speaker pairs are
+    rejected (the mean of the two where they cross between thresholds)."""
+    import numpy as np
+
+    unit = np.asarray(embeddings, dtype=np.float64)
+    unit = unit / np.linalg.norm(unit, axis=1, keepdims=True)
+    first, second = np.triu_indices(len(unit), k=1)
+    scores = (unit[first] * unit[second]).sum(axis=1)
+    same = np.asarray(speakers)[first] == np.asarray(speakers)[second]
+    if same.all() or not same.any():
+        raise ValueError("an equal error rate needs pairs of the same speaker and of different ones")
+    best = (2.0, 0.0)
+    for threshold in np.unique(scores):
+        false_accept = float((scores[~same] >= threshold).mean())
+        false_reject = float((scores[same] < threshold).mean())
+        best = min(best, (abs(false_accept - false_reject), (false_accept + false_reject) / 2))
+    return best[1]

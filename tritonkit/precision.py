@@ -471,6 +471,8 @@ def evaluate(
         if stats["min_cosine"] < thresholds["min_cosine"]:
             failures.append(f"{role} min cosine {stats['min_cosine']:.4f} < {thresholds['min_cosine']}")
     task = task_check(files, runtime) if task_check else {}
-    if "wer_increase" in task and task["wer_increase"] > thresholds.get("max_wer_increase", float("inf")):
-        failures.append(f"WER rises by {task['wer_increase']:.3f} > {thresholds['max_wer_increase']}")
+    for metric in ("wer", "eer"):  # a task metric's rise over FP32's, bounded by the family (word, equal error rate)
+        rise, bound = task.get(f"{metric}_increase"), thresholds.get(f"max_{metric}_increase")
+        if rise is not None and bound is not None and rise > bound:
+            failures.append(f"{metric.upper()} rises by {rise:.3f} > {bound}")
     return AccuracyReport(variant, data.source, graphs, task, thresholds, failures, latency)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from tritonkit.contracts import AUDIO, AUDIO_EMBEDS, SPEAKER_EMBEDDINGS
 from tritonkit.errors import ModelSourceError
 from tritonkit.families.base import (
@@ -34,6 +36,7 @@ from tritonkit.families.base import (
     register,
 )
 from tritonkit.preprocessing.voice import N_MELS, PARTIAL_FRAMES, VoiceRecipe
+from tritonkit.samples import SENTENCES, VOICES
 from tritonkit.triton_config import Batching, Tensor
 
 WEIGHTS = "pretrained.pt"
@@ -115,6 +118,15 @@ class SpeakerSpec(FamilySpec):
         SERVER_MEMORY_ROLE: StageMemory(fixed_mb=45),
     }
 
+    # INT8 and FP16 variants are judged by the encoder's cosine to FP32 PyTorch on held-out partial
+    # utterances and by speaker verification: the equal error rate over every pair of held-out
+    # utterances of the built-in voices (`task_check`) may rise by at most this much
+    precision_thresholds: ClassVar[Mapping[str, Mapping[str, float]]] = {
+        "fp16": {"min_cosine": 0.999, "max_eer_increase": 0.01},
+        "bf16": {"min_cosine": 0.995, "max_eer_increase": 0.02},
+        "int8": {"min_cosine": 0.99, "max_eer_increase": 0.02},
+    }
+
     def load(self, source: str, *, trust_remote_code: bool = False) -> LoadedSpeaker:
         import torch
 
@@ -193,3 +205,94 @@ class SpeakerSpec(FamilySpec):
             graphs={graph_name(graph, "model"): "encoder"},
         )
         return [Pipeline("audio", (t[AUDIO],), (t[AUDIO_EMBEDS],), (embed,), response_cache=True)]
+
+    # -- reduced precision -----------------------------------------------------------------
+    def precision_data(self, loaded: LoadedSpeaker, exports, onnx_files, calibration_dir):
+        """Partial utterances to calibrate on and to judge by: of the audio files in
+        `calibration_dir` (a quarter held out), or of the built-in voices (every espeak-ng voice of
+        `tritonkit.samples.VOICES` saying each sample sentence: the first seven sentences calibrate,
+        the last four are held out). The equal-error-rate check always uses the built-in voices'
+        held-out utterances, whose speakers are known."""
+        from tritonkit.precision import PrecisionData, data_files, split_files
+        from tritonkit.preprocessing.audio import AudioRecipe, decode_audio
+        from tritonkit.preprocessing.voice import mel_filters, partials, preprocess
+
+        filters, recipe = mel_filters(), VoiceRecipe()
+
+        def cut(data: bytes) -> np.ndarray:
+            return partials(preprocess(decode_audio(data, AudioRecipe())), filters, recipe)
+
+        def feeds(utterances: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+            joined = np.concatenate(utterances).astype(np.float32)
+            return [{PARTIAL_MELS: joined[i : i + 16]} for i in range(0, len(joined), 16)]
+
+        voices = builtin_voices()
+        heldout_voices = [(who, mels) for who, sentence, mels in voices if sentence >= CALIBRATION_SENTENCES]
+        if calibration_dir is not None:
+            files = data_files(calibration_dir, AUDIO_SUFFIXES)
+            calibration, heldout = split_files([cut(p.read_bytes()) for p in files])
+            source = f"{len(files)} audio files from {calibration_dir}"
+        else:
+            calibration = [mels for _, sentence, mels in voices if sentence < CALIBRATION_SENTENCES]
+            heldout = [mels for _, mels in heldout_voices]
+            source = f"{len(voices)} built-in clips: {len(VOICES)} espeak-ng voices x {len(SENTENCES)} sentences"
+        return PrecisionData(
+            calibration={"encoder": feeds(calibration)},
+            heldout={"encoder": feeds(heldout)},
+            source=source,
+            task={"utterances": heldout_voices},
+            builtin=calibration_dir is None,
+        )
+
+    def task_check(self, loaded: LoadedSpeaker, data, onnx_files):
+        """Speaker verification with a variant's encoder against FP32's graph: the equal error rate
+        over every pair of held-out utterances of the built-in voices, and each utterance
+        embedding's cosine to FP32's."""
+        from tritonkit.accuracy import cosines, equal_error_rate
+        from tritonkit.engines import ONNX_RUNTIME
+        from tritonkit.preprocessing.voice import average
+
+        utterances = data.task["utterances"]
+        speakers = [who for who, _ in utterances]
+
+        def embed(path, runtime) -> np.ndarray:
+            session = runtime.session(Path(path))
+            name = session.get_inputs()[0].name
+            return np.stack([average(session.run(None, {name: mels.astype(np.float32)})[0]) for _, mels in utterances])
+
+        reference = embed(onnx_files["encoder"], ONNX_RUNTIME)
+        reference_eer = equal_error_rate(reference, speakers)
+
+        def check(files, runtime) -> dict[str, float]:
+            found = embed(files["encoder"], runtime)
+            eer = equal_error_rate(found, speakers)
+            return {
+                "eer_fp32": reference_eer,
+                "eer": eer,
+                "eer_increase": eer - reference_eer,
+                "utterance_cosine_min": float(cosines(found, reference).min()),
+            }
+
+        return check
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+CALIBRATION_SENTENCES = 7  # of tritonkit.samples.SENTENCES; the rest are held out
+
+
+def builtin_voices() -> list[tuple[int, int, np.ndarray]]:
+    """(voice, sentence, partial utterances' mel frames) of every built-in voice saying every
+    sample sentence (espeak-ng)."""
+    import tempfile
+
+    from tritonkit.preprocessing.voice import mel_filters, partials, preprocess
+    from tritonkit.samples import voice_samples
+
+    filters, recipe = mel_filters(), VoiceRecipe()
+    found = []
+    with tempfile.TemporaryDirectory() as folder:
+        for who, voice in enumerate(VOICES):
+            for k, sentence in enumerate(SENTENCES):
+                samples = voice_samples(sentence, voice, Path(folder) / f"{who}_{k}.wav")
+                found.append((who, k, partials(preprocess(samples), filters, recipe)))
+    return found
