@@ -59,7 +59,8 @@ def conversation(seed: int, speakers: int, folder: Path, turns: int = 10):
     """An assembled conversation with known turns: `turns` turns of `speakers` voices (of VOICES),
     never two in a row by one voice, 1 to 3 sample sentences each (cut at 10 s), one turn in five
     (not the first) a short back-channel, pauses of 0.2-0.8 s. Returns the 16 kHz samples and the
-    true turns [(start s, end s, the speaker's index in VOICES)]."""
+    true speech [(start s, end s, the speaker's index in VOICES)]: each turn's speech, its pauses
+    of 0.2 s or more (between sentences) left out."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -79,6 +80,25 @@ def conversation(seed: int, speakers: int, folder: Path, turns: int = 10):
         audio = voice_samples(text, VOICES[who[s]], Path(folder) / f"{seed}_{k}.wav")[: 10 * 16000]
         pause = float(rng.uniform(0.2, 0.8))
         pieces += [audio, np.zeros(int(pause * 16000), np.float32)]
-        truth.append((t, t + len(audio) / 16000, int(who[s])))
+        truth += [(t + a, t + b, int(who[s])) for a, b in voiced_spans(audio)]
         t += len(audio) / 16000 + pause
     return np.concatenate(pieces), truth
+
+
+def voiced_spans(audio, silence_s: float = 0.2, level: float = 1e-3) -> list[tuple[float, float]]:
+    """(start, end) seconds of a synthesised clip's speech: its pauses of at least `silence_s`
+    (espeak-ng's silences are near-digital: below `level`) left out, as a reference turn marks only
+    speech."""
+    import numpy as np
+
+    frame = 160  # 10 ms
+    loud = np.abs(audio[: len(audio) // frame * frame]).reshape(-1, frame).max(axis=1) >= level
+    spans: list[tuple[float, float]] = []
+    quiet_frames = round(silence_s * 100)
+    for k in np.flatnonzero(loud):
+        start = k / 100
+        if spans and start - spans[-1][1] < quiet_frames / 100:
+            spans[-1] = (spans[-1][0], (k + 1) / 100)
+        else:
+            spans.append((start, (k + 1) / 100))
+    return spans
