@@ -50,7 +50,7 @@ def test_build_flags_come_from_the_families_options_and_another_familys_flag_is_
     result = run("build", "whisper", "--model", str(tmp_path / "nothing"), "--max-image-tokens", "4")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
-        "error: --max-image-tokens is not an option of whisper (whisper takes --audio-padding, --max-audio-seconds)"
+        "error: --max-image-tokens is not an option of whisper (whisper takes --audio-padding, --diarize, --max-audio-seconds)"
     )
     refused = run("build", "clip", "--model", str(tmp_path / "nothing"), "--max-prompt-bytes", "10")
     assert refused.returncode == 2 and "--max-prompt-bytes is not an option of clip" in refused.stderr
