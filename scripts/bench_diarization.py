@@ -115,7 +115,7 @@ def main() -> None:
             result = transcript(client.infer("whisper_diarize", inputs))
             score("served whisper_diarize (transcript + speakers)", truth, result.turns, time.perf_counter() - began)
 
-    rows, results = [], {"conversations": len(talks), "speech_s": speech_s, "systems": {}, "machine": machine()}
+    rows, measured = [], {}
     for name, entry in systems.items():
         detail = entry["der"][:]
         total = detail["total"] or 1.0
@@ -128,7 +128,7 @@ def main() -> None:
             "count_right": entry["count"],
             "seconds": entry["seconds"],
         }
-        results["systems"][name] = figures
+        measured[name] = figures
         rows.append(
             [
                 name,
@@ -141,7 +141,8 @@ def main() -> None:
                 f"{entry['seconds']:.1f}",
             ]
         )
-    served, reference = (results["systems"][name]["der"] for name in list(systems)[::-1])
+    served, reference = (measured[name]["der"] for name in list(systems)[::-1])
+    results = {"conversations": len(talks), "speech_s": speech_s, "systems": measured, "machine": machine()}
     summary = f"Served DER minus the in-process reference's: **{served - reference:+.3f}**."
     print(json.dumps(results, indent=2))
     print(summary)
