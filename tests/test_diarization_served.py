@@ -263,6 +263,10 @@ def test_diarized_json_through_the_sdk(served, talk):
             known_speaker_names=["ann", "bob"],
             known_speaker_references=urls[:1],
         )
+    with pytest.raises(openai.BadRequestError, match="needs response_format diarized_json"):
+        client.audio.transcriptions.create(
+            model="whisper", file=("talk.wav", data), known_speaker_names=["ann"], known_speaker_references=urls[:1]
+        )
     with pytest.raises(openai.BadRequestError, match="response_format"):  # OpenAI's translation schema has none
         client.audio.translations.create(model="whisper", file=("talk.wav", data), response_format="diarized_json")
 

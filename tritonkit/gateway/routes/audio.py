@@ -75,6 +75,11 @@ async def audio(request: Request, task: str):
     if wanted.streamed:
         return await transcript_events(gateway, model.ensembles["speech_stream"], inputs, audio_tokens(data))
     ensemble = model.ensembles["speech"]
+    speaker_fields = [
+        key for key in form if key.removesuffix("[]") in ("known_speaker_names", "known_speaker_references")
+    ]
+    if speaker_fields and not wanted.diarized:
+        raise ApiError(400, f"{speaker_fields[0]}: needs response_format diarized_json", param=speaker_fields[0])
     if wanted.diarized:
         if "speech_diarized" not in model.ensembles:
             raise ApiError(
