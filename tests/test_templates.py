@@ -3,6 +3,7 @@ the batched runtime; a repository's model.py is a binding of one, in the reposit
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
@@ -32,7 +33,10 @@ def test_every_template_is_used_by_a_registered_family(tiny_model_dir, tmp_path)
         spec = get_family(name)
         loaded = spec.load(str(tiny_model_dir(name)))
         onnx = {e.role: tmp_path / f"{e.role}.onnx" for e in spec.exports(loaded)}
-        for options in (BuildOptions(), BuildOptions(preprocessing="python"), BuildOptions(target="gpu")):
+        choices = [BuildOptions(), BuildOptions(preprocessing="python"), BuildOptions(target="gpu")]
+        if "diarize" in {f.name for f in dataclasses.fields(spec.options_class)}:  # Whisper's NAME_diarize
+            choices.append(BuildOptions(family=spec.options_class(diarize="resemblyzer")))
+        for options in choices:
             try:
                 pipelines = spec.pipelines(loaded, onnx, options)
             except InputError:  # a family that does not build for this target (Qwen-VL: CPU only)

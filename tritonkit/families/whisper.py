@@ -73,6 +73,9 @@ CROSS_KEYS, CROSS_VALUES = "CROSS_KEYS", "CROSS_VALUES"
 INPUT_IDS, PAST_KEYS, PAST_VALUES = "INPUT_IDS", "PAST_KEYS", "PAST_VALUES"
 DECODER_ROWS_IN_FLIGHT = 16
 LOGITS, PRESENT_KEYS, PRESENT_VALUES = "LOGITS", "PRESENT_KEYS", "PRESENT_VALUES"
+# NAME_diarize's speaker stage: the speaker family's embedding stub (236 MB measured there) plus
+# its Silero VAD session; not yet soaked with `tritonkit plan --measure`
+SPEAKERS_MEMORY = StageMemory(fixed_mb=250)
 # NAME_diarize's inputs beyond NAME's
 DIARIZE_INPUTS = (NUM_SPEAKERS, MIN_SPEAKERS, MAX_SPEAKERS, KNOWN_SPEAKER_NAMES, KNOWN_SPEAKER_REFERENCES, CHUNKING)
 
@@ -172,11 +175,14 @@ class WhisperSpec(FamilySpec):
         # its ONNX Runtime arenas as the decoder's grow
         "decoder_stream": StageMemory(fixed_mb=227),
         "vad": StageMemory(fixed_mb=41),
-        # NAME_diarize's speaker stage: the speaker family's embedding stub (236 MB measured there)
-        # plus its Silero VAD session; not yet soaked with `tritonkit plan --measure`
-        "speakers": StageMemory(fixed_mb=250),
         SERVER_MEMORY_ROLE: StageMemory(fixed_mb=296),
     }
+
+    def memory_for(self, options: BuildOptions) -> Mapping[str, StageMemory]:
+        found = super().memory_for(options)
+        if self.family_options(options).diarize is None:
+            return found
+        return {**found, "speakers": SPEAKERS_MEMORY}
 
     @staticmethod
     def make_tiny(directory: Path) -> Path:
