@@ -298,12 +298,23 @@ def write_markdown(path: Path, result: dict) -> None:
             2,
         ),
         "",
-        f"Highest completed req/s with p95 latency under 2 s: in-flight {inflight:.1f}, static {static:.1f} "
-        f"({inflight / static:.1f}x), transformers' continuous batching in process {reference:.1f} "
-        f"(in-flight served / in process: {inflight / reference:.2f}x; the served figures include the image "
-        "stages, gRPC and streaming, which the in-process one has not)."
-        if static and reference
-        else "",
+        f"Highest completed req/s with p95 latency under 2 s: in-flight {inflight:.1f}, "
+        + (
+            f"static {static:.1f} ({inflight / static:.1f}x)"
+            if static
+            else "static none (its p95 was "
+            + ", ".join(
+                f"{r['latency_p95_s']:.1f} s at {r['rate']:g}" for r in rows if r["system"] == "tritonkit static"
+            )
+            + " req/s)"
+        )
+        + (
+            f", transformers' continuous batching in process {reference:.1f} (in-flight served / in process: "
+            f"{inflight / reference:.2f}x; the served figures include the image stages, gRPC and streaming, which "
+            "the in-process one has not)."
+            if reference
+            else "."
+        ),
         "",
         f"Most completed req/s at any rate: in-flight {top['tritonkit in-flight']:.1f}, static "
         f"{top['tritonkit static']:.1f} ({top['tritonkit in-flight'] / top['tritonkit static']:.1f}x).",
