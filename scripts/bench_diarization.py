@@ -39,7 +39,7 @@ from tritonkit.families.base import BuildOptions
 from tritonkit.families.whisper import WhisperBuildOptions
 from tritonkit.preprocessing import voice
 from tritonkit.preprocessing.audio import AudioRecipe, decode_audio
-from tritonkit.reporting import machine, markdown_table, replace_section
+from tritonkit.reporting import machine, replace_table_section
 from tritonkit.server import TritonServer, free_port
 
 
@@ -150,17 +150,14 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2))
     if args.markdown:
         header = ["system", "DER", "DER, 0.25 s collar", "missed", "false alarm", "confusion", "speakers right", "s"]
-        lines = [
+        intro = (
             f"{len(talks)} assembled conversations (2, 3 and 4 espeak-ng voices in turn; {speech_s:.0f} s in all; "
             f"seeds {args.first_seed}-{args.first_seed + len(talks) - 1}, apart from the calibration's), "
             f"{machine()['processor']}, {machine()['cpus']} CPUs. Command: `python scripts/bench_diarization.py "
-            "--markdown docs/BENCHMARKS.md`.",
-            "",
-            *markdown_table(header, rows, align_right_from=1),
-            "",
-            summary,
-        ]
-        replace_section(args.markdown, "bench_diarization", "Diarization: served vs in process", lines)
+            "--markdown docs/BENCHMARKS.md`."
+        )
+        title = "Diarization: served vs in process"
+        replace_table_section(args.markdown, "bench_diarization", title, intro, header, rows, summary, 1)
 
 
 if __name__ == "__main__":

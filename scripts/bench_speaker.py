@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tritonkit.build import build
 from tritonkit.client import TritonkitClient, pack_byte_rows
-from tritonkit.reporting import machine, markdown_table, replace_section
+from tritonkit.reporting import machine, replace_table_section
 from tritonkit.samples import SENTENCES
 from tritonkit.server import TritonServer, free_port
 
@@ -114,15 +114,13 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.markdown:
-        lines = [
+        intro = (
             f"{len(files)} espeak-ng files ({audio_s:.0f} s of speech, three voices), {machine()['processor']}, "
-            f"{machine()['cpus']} CPUs. Command: `python scripts/bench_speaker.py --markdown docs/BENCHMARKS.md`.",
-            "",
-            *markdown_table(["system", "setting", "files/s", "audio s/s", "min cosine to resemblyzer"], rows),
-            "",
-            summary,
-        ]
-        replace_section(args.markdown, "bench_speaker", "Speaker embeddings (served vs resemblyzer)", lines)
+            f"{machine()['cpus']} CPUs. Command: `python scripts/bench_speaker.py --markdown docs/BENCHMARKS.md`."
+        )
+        header = ["system", "setting", "files/s", "audio s/s", "min cosine to resemblyzer"]
+        title = "Speaker embeddings (served vs resemblyzer)"
+        replace_table_section(args.markdown, "bench_speaker", title, intro, header, rows, summary)
 
 
 if __name__ == "__main__":

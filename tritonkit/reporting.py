@@ -47,6 +47,20 @@ def replace_section(path: Path, name: str, title: str, lines: list[str]) -> None
     path.write_text(text)
 
 
+def replace_table_section(
+    path: Path,
+    name: str,
+    title: str,
+    intro: str,
+    header: list[str],
+    rows: list[list],
+    summary: str,
+    align_right_from: int = 2,
+) -> None:
+    """A benchmark's section: its one-paragraph setup, its table, its one-line conclusion."""
+    replace_section(path, name, title, [intro, "", *markdown_table(header, rows, align_right_from), "", summary])
+
+
 def best_seconds(function, repeats: int = 3) -> float:
     """The fastest of `repeats` timed calls of `function`, after one untimed warm-up call."""
     function()
