@@ -19,9 +19,9 @@ from tests.conftest import start_server
 from tritonkit.client import TritonkitClient, pack_byte_rows
 from tritonkit.errors import InferenceError
 from tritonkit.samples import SENTENCES
+from tritonkit.samples import VOICES as SAMPLE_VOICES
 
-# (espeak-ng voice, speed): different speakers for the encoder
-VOICES = [("en-us", "150"), ("en+f3", "160"), ("en-gb-x-rp+m7", "140")]
+VOICES = SAMPLE_VOICES[:3]  # (espeak-ng voice, speed): different speakers for the encoder
 
 
 def voice_clip(text: str, voice: tuple[str, str], path: Path) -> bytes:

@@ -214,13 +214,9 @@ class SpeakerSpec(FamilySpec):
         the last four are held out). The equal-error-rate check always uses the built-in voices'
         held-out utterances, whose speakers are known."""
         from tritonkit.precision import PrecisionData, data_files, split_files
-        from tritonkit.preprocessing.audio import AudioRecipe, decode_audio
-        from tritonkit.preprocessing.voice import mel_filters, partials, preprocess
+        from tritonkit.preprocessing.voice import file_partials, mel_filters
 
         filters, recipe = mel_filters(), VoiceRecipe()
-
-        def cut(data: bytes) -> np.ndarray:
-            return partials(preprocess(decode_audio(data, AudioRecipe())), filters, recipe)
 
         def feeds(utterances: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
             joined = np.concatenate(utterances).astype(np.float32)
@@ -230,7 +226,7 @@ class SpeakerSpec(FamilySpec):
         heldout_voices = [(who, mels) for who, sentence, mels in voices if sentence >= CALIBRATION_SENTENCES]
         if calibration_dir is not None:
             files = data_files(calibration_dir, AUDIO_SUFFIXES)
-            calibration, heldout = split_files([cut(p.read_bytes()) for p in files])
+            calibration, heldout = split_files([file_partials(p.read_bytes(), filters, recipe) for p in files])
             source = f"{len(files)} audio files from {calibration_dir}"
         else:
             calibration = [mels for _, sentence, mels in voices if sentence < CALIBRATION_SENTENCES]

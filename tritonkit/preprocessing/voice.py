@@ -21,6 +21,8 @@ from tritonkit.preprocessing.audio import (
     HOP,
     N_FFT,
     SAMPLE_RATE,
+    AudioRecipe,
+    decode_audio,
     hann_window,
 )  # 25 ms windows every 10 ms, as Whisper's
 
@@ -46,6 +48,11 @@ class VoiceRecipe:
     @classmethod
     def from_json(cls, text: str) -> VoiceRecipe:
         return cls(**json.loads(text))
+
+    @property
+    def audio(self) -> AudioRecipe:
+        """How a file is decoded: within these limits, to 16 kHz mono."""
+        return AudioRecipe(max_seconds=self.max_seconds, max_bytes=self.max_bytes)
 
 
 def mel_filters() -> np.ndarray:
@@ -135,6 +142,11 @@ def partials(wav: np.ndarray, filters: np.ndarray, recipe: VoiceRecipe) -> np.nd
         wav = np.pad(wav, (0, needed - len(wav)))
     mel = mel_spectrogram(wav, filters)
     return np.stack([mel[start:stop] for start, stop in slices])
+
+
+def file_partials(data: bytes, filters: np.ndarray, recipe: VoiceRecipe) -> np.ndarray:
+    """An encoded audio file -> its partial utterances' mel frames: decoded, preprocessed, cut."""
+    return partials(preprocess(decode_audio(data, recipe.audio)), filters, recipe)
 
 
 def average(partial_embeddings: np.ndarray) -> np.ndarray:

@@ -16,8 +16,7 @@ import numpy as np
 
 from tritonkit.batched_model import BatchedModel, object_rows, run_in_slices
 from tritonkit.errors import InputError
-from tritonkit.preprocessing.audio import AudioRecipe, decode_audio
-from tritonkit.preprocessing.voice import VoiceRecipe, average, mel_filters, partials, preprocess
+from tritonkit.preprocessing.voice import VoiceRecipe, average, file_partials, mel_filters
 
 
 class TritonPythonModel(BatchedModel):
@@ -32,7 +31,6 @@ class TritonPythonModel(BatchedModel):
         self.graph_input = self.session.get_inputs()[0].name
         self.graph_output = self.session.get_outputs()[0].name
         self.recipe = VoiceRecipe.from_json(self.parameters["recipe"])
-        self.audio = AudioRecipe(max_seconds=self.recipe.max_seconds, max_bytes=self.recipe.max_bytes)
         self.filters = mel_filters()
         self.rows_per_run = int(self.parameters.get("rows_per_run", "0"))
         (self.audio_input,) = self.input_names
@@ -42,7 +40,7 @@ class TritonPythonModel(BatchedModel):
         rows = inputs[self.audio_input]
         if rows.ndim != 2 or rows.shape[1] == 0:
             raise InputError(f"{self.audio_input}: empty input (shape {list(rows.shape)})", reason="empty")
-        cut = [partials(preprocess(decode_audio(row.tobytes(), self.audio)), self.filters, self.recipe) for row in rows]
+        cut = [file_partials(row.tobytes(), self.filters, self.recipe) for row in rows]
         return {"partials": object_rows(cut)}
 
     def run(self, batch):

@@ -21,8 +21,8 @@ import numpy as np
 from tritonkit import diarization, vad
 from tritonkit.batched_model import BatchedModel, object_rows, run_in_slices, string_rows
 from tritonkit.errors import InputError
-from tritonkit.preprocessing.audio import AudioRecipe, decode_audio
-from tritonkit.preprocessing.voice import VoiceRecipe, average, mel_filters, partials, preprocess
+from tritonkit.preprocessing.audio import decode_audio
+from tritonkit.preprocessing.voice import VoiceRecipe, average, file_partials, mel_filters
 
 AUDIO, SEGMENT_TIMES, WORD_TIMES = "AUDIO", "SEGMENT_TIMES", "WORD_TIMES"
 NAMES, REFERENCES = "KNOWN_SPEAKER_NAMES", "KNOWN_SPEAKER_REFERENCES"
@@ -38,7 +38,6 @@ class TritonPythonModel(BatchedModel):
         self.graph_output = self.session.get_outputs()[0].name
         self.vad_session = vad.session(self.version_dir / "silero_vad.onnx")
         self.recipe = VoiceRecipe.from_json(self.parameters["recipe"])
-        self.audio = AudioRecipe(max_seconds=self.recipe.max_seconds, max_bytes=self.recipe.max_bytes)
         self.filters = mel_filters()
         self.rows_per_run = int(self.parameters.get("rows_per_run", "0"))
 
@@ -46,7 +45,7 @@ class TritonPythonModel(BatchedModel):
         audio = inputs[AUDIO]
         if audio.ndim != 2 or audio.shape[0] != 1:
             raise InputError(f"AUDIO: one file per request to the diarized ensemble (shape {list(audio.shape)})")
-        samples = decode_audio(audio.tobytes(), self.audio)
+        samples = decode_audio(audio.tobytes(), self.recipe.audio)
         options = diarization.DiarizeOptions(
             num_speakers=self.count(inputs, "NUM_SPEAKERS"),
             min_speakers=self.count(inputs, "MIN_SPEAKERS") or 1,
@@ -98,7 +97,7 @@ class TritonPythonModel(BatchedModel):
         found = []
         for k, clip in enumerate(clips):
             try:
-                found.append(partials(preprocess(decode_audio(clip, self.audio)), self.filters, self.recipe))
+                found.append(file_partials(clip, self.filters, self.recipe))
             except InputError as exc:
                 message = str(exc).split(": ", 1)[-1]
                 raise InputError(
